@@ -1,0 +1,43 @@
+//! `basalt`: the one binary. Each subcommand is a role (replica, controller,
+//! file-backed target) or a client of a running volume; each lives in its own
+//! module under `cli/`.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "basalt",
+    version,
+    about = "Basalt: replicated block storage served over iSCSI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one replica of a volume from a host directory.
+    Replica(cli::replica::Args),
+    /// Expose a plain file as an iSCSI LUN (for tests and benchmarks).
+    ServeFile(cli::serve_file::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    cli::init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Replica(args) => cli::replica::run(args),
+        Command::ServeFile(args) => cli::serve_file::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain: what failed and why.
+            eprintln!("basalt: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

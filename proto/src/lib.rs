@@ -1,0 +1,26 @@
+//! # basalt-proto: what crosses the wire
+//!
+//! Two wire formats live here, and nothing else:
+//!
+//! * [`frame`]: the controller <-> replica **data path**: length-prefixed,
+//!   CRC-protected binary frames carrying the sender's [`Epoch`], pipelined and
+//!   answered out of order.
+//! * [`pb`]: protobuf messages compiled from `protos/` with protox (no
+//!   `protoc` needed): the replica control payloads and the controller's gRPC
+//!   management API.
+//!
+//! The domain newtypes shared by every crate ([`Epoch`], [`Revision`],
+//! [`VolumeId`]) are defined here because this is the lowest crate in the
+//! dependency graph.
+
+pub mod types;
+
+pub use types::{Epoch, Revision, VolumeId};
+
+/// Protobuf messages and gRPC services generated from `protos/`.
+pub mod pb {
+    /// Replica control payloads (`basalt.replica.v1`).
+    pub mod replica {
+        tonic::include_proto!("basalt.replica.v1");
+    }
+}
