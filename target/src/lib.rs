@@ -5,3 +5,4 @@
 //! ([`file::FileDevice`]); the engine crate supplies the replicated volume.
 
 pub mod device;
+pub mod lu;
