@@ -13,6 +13,7 @@
 //! [`VolumeId`]) are defined here because this is the lowest crate in the
 //! dependency graph.
 
+pub mod frame;
 pub mod types;
 
 pub use types::{Epoch, Revision, VolumeId};

@@ -1,0 +1,466 @@
+//! # The controller <-> replica data-path protocol
+//!
+//! One TCP connection carries everything a controller says to a replica: the
+//! handshake, reads and writes, flushes, and the control operations (info,
+//! snapshots, epoch). Every frame is a fixed 52-byte header followed by an
+//! optional payload:
+//!
+//! ```text
+//!  0       4     6    7     8               16              24              32              40    42    44          48          52
+//!  +-------+-----+----+-----+---------------+---------------+---------------+---------------+-----+-----+-----------+-----------+------------
+//!  | magic | ver | op |flags| request id    | epoch         | offset|detail | length        |statu|rsvd | payload   | crc32     | payload ...
+//!  | BSLT  | u16 | u8 | u8  | u64           | u64           | u64           | u64           | u16 | u16 | len u32   |           |
+//!  +-------+-----+----+-----+---------------+---------------+---------------+---------------+-----+-----+-----------+-----------+------------
+//! ```
+//!
+//! All integers are little-endian. `payload len` is the length prefix: the
+//! decoder reads the header, rejects a bad magic, an unsupported version or a
+//! payload longer than [`MAX_PAYLOAD`] *before* it allocates anything, then
+//! waits for the payload and checks the CRC32 (IEEE) computed over header
+//! bytes `0..48` followed by the payload. A frame that fails any check closes
+//! the connection: after a corrupt header the stream cannot be re-synchronised.
+//!
+//! Requests have op codes `0x01..`; the reply to a request has the same code
+//! with the high bit set. A failed request is answered with the reply op code,
+//! a non-zero status code ([`ReplyError`]), its detail (e.g. the current epoch)
+//! in the `offset|detail` field and a human-readable UTF-8 message as payload.
+//!
+//! ## Why control operations travel on the data path
+//!
+//! Info, snapshot create/list/delete/revert and SetEpoch are ops of this same
+//! frame enum, with prost-encoded payloads from `protos/basalt/replica.proto`,
+//! rather than a separate gRPC service: one address to configure, one
+//! connection to authenticate and monitor, one epoch check for everything a
+//! controller does, and a snapshot is ordered *exactly* with respect to the
+//! writes sent before and after it on the same stream. A controller can drain
+//! and snapshot without a second channel racing the data path.
+//!
+//! ## Pipelining
+//!
+//! Requests are pipelined: a sender does not wait for a reply before sending
+//! the next request, and replies may come back in any order. They are matched
+//! by [`RequestId`], which the sender chooses and the replica echoes.
+//!
+//! ## Zero copy
+//!
+//! Payloads are [`Bytes`]. [`Frame::encode`] renders only the 52-byte header
+//! and keeps the payload as a reference-counted `Bytes`, so a controller can
+//! send one write buffer to three replicas without copying it; the
+//! [`FrameBatchWriter`] hands headers and payloads of many frames to one
+//! vectored `write`. The decoder splits payloads off its read buffer with
+//! [`bytes::BytesMut::split_to`], which does not copy either. For fan-out,
+//! [`payload_crc`] lets the sender checksum a payload once and reuse the CRC
+//! for every replica with [`Frame::encode_with_payload_crc`].
+
+mod codec;
+mod header;
+mod io;
+
+#[cfg(test)]
+mod tests;
+
+use bytes::Bytes;
+
+use crate::pb::replica as pb;
+use crate::{Epoch, Revision, VolumeId};
+
+pub use codec::{decode_all, DecodeError, EncodeError, FrameCodec};
+pub use header::{payload_crc, EncodedFrame, HEADER_LEN, MAGIC};
+pub use io::FrameBatchWriter;
+
+/// Largest payload one frame may carry: 16 MiB.
+///
+/// Large enough for the biggest I/O a SCSI initiator sends in one command
+/// (Linux caps `max_sectors_kb` at a few MiB; we offer bursts up to 16 MiB),
+/// small enough that a corrupt or hostile length field cannot make a peer
+/// allocate more than this per connection. Reads are limited to the same size.
+pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
+
+/// Largest error message a replica puts in a failed reply; longer ones are
+/// cut (at a character boundary). An error message is for a log line, not a
+/// transport for data.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Identifies one request on one connection. Chosen by the sender, echoed in
+/// the reply; the replica does not interpret it. A [`RequestId`] of zero is
+/// used by a replica for replies that answer no particular request (a frame
+/// it could not decode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request {}", self.0)
+    }
+}
+
+/// A protocol version. Every frame carries the version it is encoded in; the
+/// decoder accepts [`ProtocolVersion::MIN_SUPPORTED`]..=[`ProtocolVersion::CURRENT`],
+/// and the Hello exchange picks the highest version both sides speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProtocolVersion(pub u16);
+
+impl ProtocolVersion {
+    /// The version this build speaks best.
+    pub const CURRENT: ProtocolVersion = ProtocolVersion(1);
+    /// The oldest version this build still understands.
+    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(1);
+
+    /// Whether this build can decode frames of this version.
+    pub fn is_supported(self) -> bool {
+        (Self::MIN_SUPPORTED..=Self::CURRENT).contains(&self)
+    }
+
+    /// The highest version in both `[min, max]` and what this build supports.
+    pub fn negotiate(min: ProtocolVersion, max: ProtocolVersion) -> Option<ProtocolVersion> {
+        let best = max.min(Self::CURRENT);
+        (best >= min && best >= Self::MIN_SUPPORTED).then_some(best)
+    }
+}
+
+impl std::fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// Who a replica is and how far it has got: what a controller needs to
+/// choose its replicas (same volume, highest epoch, then highest revision).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaIdentity {
+    pub volume: VolumeId,
+    pub size_bytes: u64,
+    pub epoch: Epoch,
+    pub revision: Revision,
+}
+
+/// The operation of a request. A reply uses the same code with the high bit
+/// set (see [`REPLY_BIT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 0x01,
+    Read = 0x02,
+    Write = 0x03,
+    Flush = 0x04,
+    Unmap = 0x05,
+    Ping = 0x06,
+    Info = 0x07,
+    SnapshotCreate = 0x08,
+    SnapshotList = 0x09,
+    SnapshotDelete = 0x0a,
+    SnapshotRevert = 0x0b,
+    SetEpoch = 0x0c,
+}
+
+/// Set in the op byte of every reply.
+pub const REPLY_BIT: u8 = 0x80;
+
+impl Op {
+    /// All ops, in code order.
+    pub const ALL: [Op; 12] = [
+        Op::Hello,
+        Op::Read,
+        Op::Write,
+        Op::Flush,
+        Op::Unmap,
+        Op::Ping,
+        Op::Info,
+        Op::SnapshotCreate,
+        Op::SnapshotList,
+        Op::SnapshotDelete,
+        Op::SnapshotRevert,
+        Op::SetEpoch,
+    ];
+
+    /// The op with this request code (the reply bit cleared).
+    pub fn from_code(code: u8) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| *op as u8 == code)
+    }
+
+    /// A stable lower-case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Unmap => "unmap",
+            Op::Ping => "ping",
+            Op::Info => "info",
+            Op::SnapshotCreate => "snapshot_create",
+            Op::SnapshotList => "snapshot_list",
+            Op::SnapshotDelete => "snapshot_delete",
+            Op::SnapshotRevert => "snapshot_revert",
+            Op::SetEpoch => "set_epoch",
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a replica refused or failed a request. On the wire: a non-zero status
+/// code (0 means Ok and is implied by the `*Ok` messages) plus one `u64` of
+/// detail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("the data of block {lba} failed its checksum on the replica; read it from another replica")]
+    ChecksumMismatch { lba: u64 },
+    #[error("the request carries an older epoch than the replica's ({current}); a newer controller owns the volume")]
+    StaleEpoch { current: Epoch },
+    #[error(
+        "the request carries a newer epoch than the replica's ({current}); raise it with Hello or SetEpoch first"
+    )]
+    EpochNotRaised { current: Epoch },
+    #[error("the range is outside the volume (size {size_bytes} bytes)")]
+    OutOfRange { size_bytes: u64 },
+    #[error("offset and length must be multiples of {alignment} bytes")]
+    Unaligned { alignment: u64 },
+    #[error("no such snapshot")]
+    NoSuchSnapshot,
+    #[error("a snapshot with that name already exists")]
+    SnapshotExists,
+    #[error("the replica serves another volume")]
+    VolumeMismatch,
+    #[error("no common protocol version; the replica speaks up to v{newest}")]
+    VersionMismatch { newest: u16 },
+    #[error("the replica failed an I/O on its disk")]
+    Io,
+    #[error("the request is not valid here")]
+    BadRequest,
+    #[error("the replica is shutting down; reconnect later or use another replica")]
+    ShuttingDown,
+}
+
+impl ReplyError {
+    /// The status code on the wire.
+    pub fn code(&self) -> u16 {
+        match self {
+            ReplyError::ChecksumMismatch { .. } => 1,
+            ReplyError::StaleEpoch { .. } => 2,
+            ReplyError::EpochNotRaised { .. } => 3,
+            ReplyError::OutOfRange { .. } => 4,
+            ReplyError::Unaligned { .. } => 5,
+            ReplyError::NoSuchSnapshot => 6,
+            ReplyError::SnapshotExists => 7,
+            ReplyError::VolumeMismatch => 8,
+            ReplyError::VersionMismatch { .. } => 9,
+            ReplyError::Io => 10,
+            ReplyError::BadRequest => 11,
+            ReplyError::ShuttingDown => 12,
+        }
+    }
+
+    /// The `u64` detail carried next to the code.
+    pub fn detail(&self) -> u64 {
+        match *self {
+            ReplyError::ChecksumMismatch { lba } => lba,
+            ReplyError::StaleEpoch { current } | ReplyError::EpochNotRaised { current } => current.0,
+            ReplyError::OutOfRange { size_bytes } => size_bytes,
+            ReplyError::Unaligned { alignment } => alignment,
+            ReplyError::VersionMismatch { newest } => u64::from(newest),
+            _ => 0,
+        }
+    }
+
+    /// The error for a status code and its detail; `None` for 0 (Ok) and
+    /// codes this build does not know.
+    pub fn from_wire(code: u16, detail: u64) -> Option<ReplyError> {
+        Some(match code {
+            1 => ReplyError::ChecksumMismatch { lba: detail },
+            2 => ReplyError::StaleEpoch {
+                current: Epoch(detail),
+            },
+            3 => ReplyError::EpochNotRaised {
+                current: Epoch(detail),
+            },
+            4 => ReplyError::OutOfRange { size_bytes: detail },
+            5 => ReplyError::Unaligned { alignment: detail },
+            6 => ReplyError::NoSuchSnapshot,
+            7 => ReplyError::SnapshotExists,
+            8 => ReplyError::VolumeMismatch,
+            9 => ReplyError::VersionMismatch {
+                newest: u16::try_from(detail).unwrap_or(u16::MAX),
+            },
+            10 => ReplyError::Io,
+            11 => ReplyError::BadRequest,
+            12 => ReplyError::ShuttingDown,
+            _ => return None,
+        })
+    }
+
+    /// A short stable name, for metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReplyError::ChecksumMismatch { .. } => "checksum_mismatch",
+            ReplyError::StaleEpoch { .. } => "stale_epoch",
+            ReplyError::EpochNotRaised { .. } => "epoch_not_raised",
+            ReplyError::OutOfRange { .. } => "out_of_range",
+            ReplyError::Unaligned { .. } => "unaligned",
+            ReplyError::NoSuchSnapshot => "no_such_snapshot",
+            ReplyError::SnapshotExists => "snapshot_exists",
+            ReplyError::VolumeMismatch => "volume_mismatch",
+            ReplyError::VersionMismatch { .. } => "version_mismatch",
+            ReplyError::Io => "io",
+            ReplyError::BadRequest => "bad_request",
+            ReplyError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Everything the protocol can say, requests first, each followed by its
+/// successful reply. A failed request of any kind is answered by [`Message::Failed`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// Handshake; must be the first request on a connection. `volume` is the
+    /// volume the controller expects, or the nil UUID to ask "who are you?"
+    /// (discovery; nothing is checked). The frame's epoch, if higher than the
+    /// replica's, raises it durably (that is how a new controller fences the
+    /// old one); a lower epoch changes nothing and the reply reports the
+    /// replica's epoch, so a controller can survey replicas before choosing
+    /// its epoch.
+    Hello {
+        volume: VolumeId,
+        min_version: ProtocolVersion,
+        max_version: ProtocolVersion,
+    },
+    HelloOk {
+        version: ProtocolVersion,
+        replica: ReplicaIdentity,
+    },
+
+    /// Read `len` bytes at byte `offset`.
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    ReadOk {
+        data: Bytes,
+    },
+
+    /// Write `data` at byte `offset`. With `fua`, the reply means the data
+    /// is durable (write + flush).
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    WriteOk,
+
+    /// Make every write that arrived before this flush durable.
+    Flush,
+    FlushOk {
+        revision: Revision,
+    },
+
+    /// Deallocate `len` bytes at `offset`; they read back as zeros.
+    Unmap {
+        offset: u64,
+        len: u64,
+    },
+    UnmapOk,
+
+    /// Liveness probe; answered at once, without touching the disk.
+    Ping,
+    Pong,
+
+    Info,
+    InfoOk(pb::ReplicaInfo),
+
+    /// Freeze the current head as a named snapshot (ordered after the writes
+    /// sent before it on this connection).
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotCreateOk(pb::SnapshotInfo),
+    SnapshotList,
+    SnapshotListOk(Vec<pb::SnapshotInfo>),
+    SnapshotDelete {
+        name: String,
+    },
+    SnapshotDeleteOk,
+    SnapshotRevert {
+        name: String,
+    },
+    SnapshotRevertOk,
+
+    /// Raise the replica's epoch durably to the frame's epoch.
+    SetEpoch,
+    SetEpochOk,
+
+    /// The request `op` failed; `message` says why in words.
+    Failed {
+        op: Op,
+        error: ReplyError,
+        message: String,
+    },
+}
+
+impl Message {
+    /// The op this message is (or answers), and whether it is a reply.
+    pub fn op(&self) -> (Op, bool) {
+        use Message as M;
+        match self {
+            M::Hello { .. } => (Op::Hello, false),
+            M::HelloOk { .. } => (Op::Hello, true),
+            M::Read { .. } => (Op::Read, false),
+            M::ReadOk { .. } => (Op::Read, true),
+            M::Write { .. } => (Op::Write, false),
+            M::WriteOk => (Op::Write, true),
+            M::Flush => (Op::Flush, false),
+            M::FlushOk { .. } => (Op::Flush, true),
+            M::Unmap { .. } => (Op::Unmap, false),
+            M::UnmapOk => (Op::Unmap, true),
+            M::Ping => (Op::Ping, false),
+            M::Pong => (Op::Ping, true),
+            M::Info => (Op::Info, false),
+            M::InfoOk(_) => (Op::Info, true),
+            M::SnapshotCreate { .. } => (Op::SnapshotCreate, false),
+            M::SnapshotCreateOk(_) => (Op::SnapshotCreate, true),
+            M::SnapshotList => (Op::SnapshotList, false),
+            M::SnapshotListOk(_) => (Op::SnapshotList, true),
+            M::SnapshotDelete { .. } => (Op::SnapshotDelete, false),
+            M::SnapshotDeleteOk => (Op::SnapshotDelete, true),
+            M::SnapshotRevert { .. } => (Op::SnapshotRevert, false),
+            M::SnapshotRevertOk => (Op::SnapshotRevert, true),
+            M::SetEpoch => (Op::SetEpoch, false),
+            M::SetEpochOk => (Op::SetEpoch, true),
+            M::Failed { op, .. } => (*op, true),
+        }
+    }
+
+    /// Whether this is a reply (as opposed to a request).
+    pub fn is_reply(&self) -> bool {
+        self.op().1
+    }
+
+    /// A failed reply to `op`, with the error's own text as message.
+    pub fn failed(op: Op, error: ReplyError) -> Message {
+        Message::Failed {
+            op,
+            error,
+            message: error.to_string(),
+        }
+    }
+}
+
+/// One frame: a message plus the envelope every frame carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    /// Chosen by the requester, echoed by the reply.
+    pub id: RequestId,
+    /// In a request, the sender's epoch (checked by the replica); in a reply,
+    /// the replica's epoch when it answered.
+    pub epoch: Epoch,
+    pub message: Message,
+}
+
+impl Frame {
+    pub fn new(id: RequestId, epoch: Epoch, message: Message) -> Frame {
+        Frame { id, epoch, message }
+    }
+}

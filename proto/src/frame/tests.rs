@@ -1,0 +1,388 @@
+//! The codec's specification: every message survives a round trip, and no
+//! input makes the decoder panic or allocate past the limit.
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::header::{HEADER_LEN, MAGIC};
+use super::*;
+
+fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn arb_snapshot() -> impl Strategy<Value = pb::SnapshotInfo> {
+    (".{0,20}", any::<i64>(), ".{0,20}", any::<u64>()).prop_map(
+        |(name, created_unix, parent, allocated_bytes)| pb::SnapshotInfo {
+            name,
+            created_unix,
+            parent,
+            allocated_bytes,
+        },
+    )
+}
+
+fn arb_identity() -> impl Strategy<Value = ReplicaIdentity> {
+    (any::<u128>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+        |(uuid, size_bytes, epoch, revision)| ReplicaIdentity {
+            volume: VolumeId(uuid::Uuid::from_u128(uuid)),
+            size_bytes,
+            epoch: Epoch(epoch),
+            revision: Revision(revision),
+        },
+    )
+}
+
+fn arb_error() -> impl Strategy<Value = ReplyError> {
+    // Every status code, with any detail: from_wire defines the set.
+    (1u16..=12, any::<u16>(), any::<u64>()).prop_map(|(code, small, detail)| {
+        let detail = if code == 9 { u64::from(small) } else { detail };
+        ReplyError::from_wire(code, detail).expect("codes 1..=12 are defined")
+    })
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    use Message as M;
+    let version = any::<u16>().prop_map(ProtocolVersion);
+    prop_oneof![
+        (any::<u128>(), version.clone(), version.clone()).prop_map(|(u, min_version, max_version)| {
+            M::Hello {
+                volume: VolumeId(uuid::Uuid::from_u128(u)),
+                min_version,
+                max_version,
+            }
+        }),
+        (version, arb_identity()).prop_map(|(version, replica)| M::HelloOk { version, replica }),
+        (any::<u64>(), 0..=MAX_PAYLOAD).prop_map(|(offset, len)| M::Read { offset, len }),
+        arb_bytes(9000).prop_map(|data| M::ReadOk { data }),
+        (any::<u64>(), arb_bytes(9000), any::<bool>()).prop_map(|(offset, data, fua)| M::Write {
+            offset,
+            data,
+            fua
+        }),
+        Just(M::WriteOk),
+        Just(M::Flush),
+        any::<u64>().prop_map(|r| M::FlushOk {
+            revision: Revision(r)
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| M::Unmap { offset, len }),
+        Just(M::UnmapOk),
+        Just(M::Ping),
+        Just(M::Pong),
+        Just(M::Info),
+        (
+            arb_identity(),
+            proptest::collection::vec(arb_snapshot(), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(id, snapshots, head)| M::InfoOk(pb::ReplicaInfo {
+                volume_uuid: id.volume.0.as_bytes().to_vec(),
+                size_bytes: id.size_bytes,
+                epoch: id.epoch.0,
+                revision: id.revision.0,
+                snapshots,
+                head_allocated_bytes: head,
+            })),
+        ".{0,40}".prop_map(|name| M::SnapshotCreate { name }),
+        arb_snapshot().prop_map(M::SnapshotCreateOk),
+        Just(M::SnapshotList),
+        proptest::collection::vec(arb_snapshot(), 0..5).prop_map(M::SnapshotListOk),
+        ".{0,40}".prop_map(|name| M::SnapshotDelete { name }),
+        Just(M::SnapshotDeleteOk),
+        ".{0,40}".prop_map(|name| M::SnapshotRevert { name }),
+        Just(M::SnapshotRevertOk),
+        Just(M::SetEpoch),
+        Just(M::SetEpochOk),
+        (
+            proptest::sample::select(Op::ALL.to_vec()),
+            arb_error(),
+            ".{0,200}"
+        )
+            .prop_map(|(op, error, message)| M::Failed { op, error, message }),
+    ]
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    (any::<u64>(), any::<u64>(), arb_message()).prop_map(|(id, epoch, message)| Frame {
+        id: RequestId(id),
+        epoch: Epoch(epoch),
+        message,
+    })
+}
+
+fn wire(frame: &Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec
+        .encode(frame.clone(), &mut buf)
+        .expect("frame within limits encodes");
+    buf
+}
+
+proptest! {
+    #[test]
+    fn every_frame_survives_a_round_trip(frame in arb_frame()) {
+        let mut buf = wire(&frame);
+        let decoded = FrameCodec.decode(&mut buf).expect("valid frame decodes");
+        prop_assert_eq!(decoded, Some(frame));
+        prop_assert!(buf.is_empty(), "decoder consumed exactly one frame");
+    }
+
+    #[test]
+    fn frames_split_at_any_point_decode_once_complete(frame in arb_frame(), cut in any::<prop::sample::Index>()) {
+        let full = wire(&frame);
+        let cut = cut.index(full.len());
+        let mut buf = BytesMut::from(&full[..cut]);
+        prop_assert!(FrameCodec.decode(&mut buf).expect("a prefix is not an error").is_none());
+        buf.extend_from_slice(&full[cut..]);
+        prop_assert_eq!(FrameCodec.decode(&mut buf).expect("complete frame decodes"), Some(frame));
+    }
+
+    #[test]
+    fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_all(&bytes);
+    }
+
+    #[test]
+    fn decoder_never_panics_on_corrupted_valid_frames(
+        frame in arb_frame(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let mut bytes = wire(&frame).to_vec();
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= value.max(1);
+        }
+        // A corrupted frame must be rejected (the CRC catches payload and
+        // header damage alike) unless the decoder is still waiting for bytes.
+        let (frames, _err) = decode_all(&bytes);
+        prop_assert!(frames.is_empty());
+    }
+
+    #[test]
+    fn precomputed_payload_crc_encodes_identically(frame in arb_frame()) {
+        let plain = frame.encode().expect("encodes");
+        let crc = payload_crc(plain.payload());
+        let fast = frame.encode_with_payload_crc(crc).expect("encodes");
+        prop_assert_eq!(plain.header(), fast.header());
+    }
+}
+
+#[test]
+fn write_payload_is_not_copied_by_encode() {
+    let data = Bytes::from(vec![7u8; 4096]);
+    let frame = Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::Write {
+            offset: 0,
+            data: data.clone(),
+            fua: true,
+        },
+    );
+    let encoded = frame.encode().expect("encodes");
+    assert_eq!(
+        encoded.payload().as_ptr(),
+        data.as_ptr(),
+        "payload shares the caller's buffer"
+    );
+}
+
+#[test]
+fn decoded_payload_is_split_off_the_read_buffer_without_copy() {
+    let frame = Frame::new(
+        RequestId(9),
+        Epoch(2),
+        Message::ReadOk {
+            data: Bytes::from(vec![1u8; 8192]),
+        },
+    );
+    let mut buf = wire(&frame);
+    let payload_addr = buf[HEADER_LEN..].as_ptr();
+    let Some(Frame {
+        message: Message::ReadOk { data },
+        ..
+    }) = FrameCodec.decode(&mut buf).expect("decodes")
+    else {
+        panic!("expected ReadOk");
+    };
+    assert_eq!(data.as_ptr(), payload_addr);
+}
+
+#[test]
+fn bad_magic_is_rejected_from_the_first_byte() {
+    let mut buf = BytesMut::from(&b"G"[..]);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadMagic { .. })
+    ));
+    let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+    let err = FrameCodec.decode(&mut buf).unwrap_err();
+    assert!(err.to_string().contains("not a Basalt frame"), "{err}");
+}
+
+#[test]
+fn oversize_length_is_rejected_before_the_payload_arrives() {
+    let mut head = wire(&Frame::new(RequestId(1), Epoch(1), Message::Ping));
+    head[44..48].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+    // Only the header is there: the decoder must not wait for (or reserve)
+    // 16 MiB of payload before refusing.
+    let capacity_before = head.capacity();
+    assert!(matches!(
+        FrameCodec.decode(&mut head),
+        Err(DecodeError::Oversize { .. })
+    ));
+    assert_eq!(head.capacity(), capacity_before);
+}
+
+#[test]
+fn oversize_read_request_is_rejected_both_ways() {
+    let frame = Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::Read {
+            offset: 0,
+            len: MAX_PAYLOAD + 1,
+        },
+    );
+    assert!(matches!(frame.encode(), Err(EncodeError::Oversize { .. })));
+    let mut buf = wire(&Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::Read { offset: 0, len: 4096 },
+    ));
+    buf[32..40].copy_from_slice(&(u64::from(MAX_PAYLOAD) + 1).to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::Oversize { .. })
+    ));
+}
+
+#[test]
+fn unsupported_version_is_rejected() {
+    let mut buf = wire(&Frame::new(RequestId(1), Epoch(1), Message::Ping));
+    buf[4..6].copy_from_slice(&99u16.to_le_bytes());
+    let err = FrameCodec.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, DecodeError::UnsupportedVersion { found: 99 }),
+        "{err}"
+    );
+}
+
+#[test]
+fn flipped_payload_bit_fails_the_crc() {
+    let mut buf = wire(&Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::Write {
+            offset: 0,
+            data: Bytes::from(vec![0u8; 4096]),
+            fua: false,
+        },
+    ));
+    buf[HEADER_LEN + 100] ^= 0x10;
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::Crc { .. })
+    ));
+}
+
+#[test]
+fn fua_flag_is_only_valid_on_writes() {
+    let mut buf = wire(&Frame::new(RequestId(1), Epoch(1), Message::Flush));
+    buf[7] = 0x01;
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadFlags { op: Op::Flush, .. })
+    ));
+}
+
+#[test]
+fn unknown_op_is_rejected() {
+    let mut buf = wire(&Frame::new(RequestId(1), Epoch(1), Message::Ping));
+    buf[6] = 0x7f;
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::UnknownOp { code: 0x7f })
+    ));
+}
+
+#[test]
+fn failed_reply_message_is_capped() {
+    let long = "é".repeat(MAX_ERROR_MESSAGE);
+    let frame = Frame::new(
+        RequestId(3),
+        Epoch(4),
+        Message::Failed {
+            op: Op::Write,
+            error: ReplyError::Io,
+            message: long,
+        },
+    );
+    let mut buf = wire(&frame);
+    let Some(Frame {
+        message: Message::Failed { message, .. },
+        ..
+    }) = FrameCodec.decode(&mut buf).unwrap()
+    else {
+        panic!("expected Failed");
+    };
+    assert!(message.len() <= MAX_ERROR_MESSAGE && message.starts_with('é'));
+}
+
+#[test]
+fn version_negotiation_picks_the_highest_common_version() {
+    let v = ProtocolVersion;
+    assert_eq!(
+        ProtocolVersion::negotiate(v(1), v(7)),
+        Some(ProtocolVersion::CURRENT)
+    );
+    assert_eq!(ProtocolVersion::negotiate(v(1), v(1)), Some(v(1)));
+    // A peer that only speaks versions newer than ours.
+    let newer = v(ProtocolVersion::CURRENT.0 + 1);
+    assert_eq!(ProtocolVersion::negotiate(newer, v(u16::MAX)), None);
+    assert_eq!(ProtocolVersion::negotiate(v(0), v(0)), None);
+}
+
+#[tokio::test]
+async fn batch_writer_writes_many_frames_that_decode_in_order() {
+    let frames: Vec<Frame> = (0..100)
+        .map(|i| {
+            Frame::new(
+                RequestId(i),
+                Epoch(1),
+                Message::Write {
+                    offset: i * 4096,
+                    data: Bytes::from(vec![i as u8; 4096]),
+                    fua: false,
+                },
+            )
+        })
+        .collect();
+    let mut writer = FrameBatchWriter::new(Vec::new());
+    for f in &frames {
+        writer.push(f.encode().unwrap());
+    }
+    assert_eq!(writer.pending_bytes(), 100 * (HEADER_LEN + 4096));
+    writer.flush().await.unwrap();
+    assert_eq!(writer.pending_bytes(), 0);
+    let (decoded, err) = decode_all(writer.get_mut());
+    assert!(err.is_none());
+    assert_eq!(decoded, frames);
+}
+
+#[test]
+fn magic_is_ascii_bslt() {
+    assert_eq!(&MAGIC, b"BSLT");
+}
+
+/// Recomputes the CRC after a test edits header fields, so that the check
+/// under test is the one that fires.
+fn fix_crc(buf: &mut BytesMut) {
+    let payload = payload_crc(&buf[HEADER_LEN..]);
+    let crc = super::header::frame_crc(&buf[..HEADER_LEN], payload, (buf.len() - HEADER_LEN) as u64);
+    buf[48..52].copy_from_slice(&crc.to_le_bytes());
+}
