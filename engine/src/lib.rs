@@ -1,0 +1,12 @@
+//! # basalt-engine: the volume controller
+//!
+//! The controller serves one volume over iSCSI and replicates it: every write
+//! goes to all active replicas, every read to one. The write path, top-down:
+//!
+//! 1. `basalt_target::iscsi` — a SCSI Command PDU and its Data-Out arrive;
+//! 2. `basalt_target::scsi` — the CDB becomes a `BlockDevice::write`;
+//! 3. [`volume::core`] — the volume's state machine fans it out to replicas;
+//! 4. `basalt_proto::frame` — one frame per replica, sharing one buffer;
+//! 5. `basalt_replica::store` — each replica appends it to its head.
+
+pub mod volume;

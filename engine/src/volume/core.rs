@@ -1,0 +1,1031 @@
+//! The volume's one owner of state: a synchronous state machine fed by events.
+//!
+//! ```text
+//!  guest I/O ──► Event::Guest ──┐                  ┌──► Effect::Send(client, job, request) ──► replica task
+//!  replica reply ─► Event::Reply ─┼──► VolumeCore::apply ──┤
+//!  replica lost ──► Event::Lost ──┤                  └──► Effect::Complete(guest, result)     ──► initiator
+//!  100 ms tick ───► Event::Tick ──┘
+//! ```
+//!
+//! Nothing here touches a socket or a clock: the driver (`volume::driver`)
+//! owns the tasks and channels, feeds [`Event`]s in and carries [`Effect`]s
+//! out. That is what makes every transition (a replica timing out half-way
+//! through a write, a read retried after a checksum error, the volume falling
+//! below `min_healthy`) a plain unit test.
+//!
+//! Invariants the core keeps:
+//! * A write or flush completes successfully only when **every** replica that
+//!   was active when it was sent and is still active has acknowledged it, and
+//!   at least `min_healthy` of them did. A replica that fails is dropped from
+//!   the active set and from every job waiting on it.
+//! * Requests reach each replica in the order the core emits them, and the
+//!   driver keeps one FIFO connection per replica, so overlapping writes land
+//!   in the same order everywhere: replicas never diverge, and no lock is held
+//!   across a round trip.
+//! * Reads go to one read-write replica (the least busy), never to a
+//!   write-only (rebuilding) one. A failed read is retried on another replica;
+//!   a checksum mismatch is repaired by writing the good block back, unless a
+//!   newer write to that range was sent meanwhile (which already repaired it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// Index of a replica in the volume's configured replica list. Guaranteed by
+/// construction (see [`VolumeCore::new`]) to be a valid index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub usize);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "replica #{}", self.0 + 1)
+    }
+}
+
+/// One replica request issued by the core; the id matches its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
+/// Identifies an initiator request waiting for its completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestId(pub u64);
+
+/// The mode of one replica, as the volume sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaMode {
+    /// Holds every acknowledged write: serves reads and writes.
+    ReadWrite,
+    /// Being rebuilt: receives every new write but serves no reads.
+    WriteOnly,
+    /// Dropped from the active set; `cause` says why (logged once).
+    Error { cause: String },
+}
+
+impl ReplicaMode {
+    /// Part of the active set: receives writes and flushes.
+    pub fn is_active(&self) -> bool {
+        matches!(self, ReplicaMode::ReadWrite | ReplicaMode::WriteOnly)
+    }
+
+    /// Short name for `volume info` and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReplicaMode::ReadWrite => "RW",
+            ReplicaMode::WriteOnly => "WO",
+            ReplicaMode::Error { .. } => "ERR",
+        }
+    }
+}
+
+/// What the initiator asked of the volume.
+#[derive(Clone, Debug)]
+pub enum GuestOp {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Unmap { offset: u64, len: u64 },
+}
+
+/// What the core asks of one replica.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReplicaRequest {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    /// `data` is the guest's buffer, shared (not copied) between replicas.
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Flush,
+    Unmap {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A replica's answer to one request.
+#[derive(Clone, Debug)]
+pub enum ReplicaReply {
+    /// Read data, or an empty acknowledgement for the other requests.
+    Ok(Bytes),
+    /// The replica's store found a block whose checksum does not match: read
+    /// it elsewhere and write it back here.
+    ChecksumMismatch { lba: u64 },
+    /// Any other failure the replica reported for this request; the replica
+    /// can no longer be trusted to hold the volume's data.
+    Failed(String),
+}
+
+/// Why the volume failed an initiator request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeError {
+    /// Fewer than `min_healthy` replicas are active: refusing I/O rather than
+    /// risking divergence.
+    #[error("volume degraded: {active} of {configured} replicas active, {min_healthy} needed")]
+    Degraded {
+        active: usize,
+        configured: usize,
+        min_healthy: usize,
+    },
+    /// Every read-write replica failed to read the range.
+    #[error("unrecoverable read at byte offset {offset}: {reason}")]
+    Unreadable { offset: u64, reason: String },
+}
+
+/// Inputs to the core.
+#[derive(Debug)]
+pub enum Event {
+    /// A new initiator request.
+    Guest { id: GuestId, op: GuestOp },
+    /// A replica answered job `job`.
+    Reply {
+        client: ClientId,
+        job: JobId,
+        reply: ReplicaReply,
+    },
+    /// The connection to a replica is gone (closed, reset, or failed to
+    /// encode); it is dropped at once, without waiting for a timeout.
+    Lost { client: ClientId, cause: String },
+    /// Time passes: replicas with a request older than the timeout fail.
+    Tick,
+}
+
+/// Outputs of the core, carried out by the driver in order.
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    Send {
+        client: ClientId,
+        job: JobId,
+        request: ReplicaRequest,
+    },
+    Complete {
+        guest: GuestId,
+        result: Result<Bytes, VolumeError>,
+    },
+    /// A replica changed mode; the driver logs it (once) and updates metrics.
+    ModeChanged { client: ClientId, mode: ReplicaMode },
+    /// Close the connection to a replica that was dropped from the set.
+    Disconnect { client: ClientId },
+}
+
+/// Tunables of the core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// A replica that has not answered its oldest outstanding request within
+    /// this time is dropped. The default (5 s) is well above a loaded fsync
+    /// on a spinning disk and well below initiator SCSI timeouts (30 s on
+    /// Linux), so a hung replica costs at most this stall and never a SCSI
+    /// abort storm.
+    pub replica_timeout: Duration,
+    /// Fewest active replicas with which the volume accepts I/O.
+    pub min_healthy: usize,
+}
+
+impl CoreConfig {
+    pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Majority of `replicas`: with 3 replicas the volume survives one loss;
+    /// two partitions can never both hold a majority.
+    pub fn majority(replicas: usize) -> usize {
+        replicas / 2 + 1
+    }
+}
+
+/// Per-replica bookkeeping.
+#[derive(Debug)]
+struct Replica {
+    mode: ReplicaMode,
+    /// Jobs sent and not yet answered, with when they were sent (FIFO: the
+    /// first is the oldest, which is what the timeout looks at).
+    outstanding: BTreeMap<JobId, Instant>,
+}
+
+/// What a guest request is waiting for.
+#[derive(Debug)]
+enum Job {
+    /// A write/flush/unmap fanned out to `waiting`; `acked` counts the
+    /// read-write replicas that acknowledged it.
+    FanOut {
+        guest: GuestId,
+        waiting: Vec<ClientId>,
+        acked: usize,
+    },
+    /// A read sent to one replica; `tried` are replicas that already failed
+    /// it, `bad` those that reported a checksum mismatch (to be repaired).
+    Read {
+        guest: Option<GuestId>,
+        offset: u64,
+        len: u32,
+        at: ClientId,
+        tried: Vec<ClientId>,
+        bad: Vec<ClientId>,
+        /// A write overlapping this range was sent after the read started:
+        /// repairing with the read's data could undo it.
+        overtaken: bool,
+        last_error: String,
+    },
+    /// A repair write to one replica (no guest waiting).
+    Repair,
+}
+
+/// The volume state machine. See the module docs.
+pub struct VolumeCore {
+    config: CoreConfig,
+    replicas: Vec<Replica>,
+    jobs: HashMap<JobId, Job>,
+    next_job: u64,
+    /// Time of the latest event, as told by the driver.
+    now: Instant,
+}
+
+impl VolumeCore {
+    /// A core over replicas in the given initial modes (the driver has
+    /// already chosen them and raised their epoch).
+    pub fn new(config: CoreConfig, modes: Vec<ReplicaMode>, now: Instant) -> VolumeCore {
+        let replicas = modes
+            .into_iter()
+            .map(|mode| Replica {
+                mode,
+                outstanding: BTreeMap::new(),
+            })
+            .collect();
+        VolumeCore {
+            config,
+            replicas,
+            jobs: HashMap::new(),
+            next_job: 1,
+            now,
+        }
+    }
+
+    pub fn mode(&self, client: ClientId) -> &ReplicaMode {
+        &self.replicas[client.0].mode
+    }
+
+    pub fn modes(&self) -> impl Iterator<Item = (ClientId, &ReplicaMode)> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (ClientId(i), &r.mode))
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.replicas.iter().filter(|r| r.mode.is_active()).count()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Outstanding requests at one replica (for `volume info`).
+    pub fn outstanding(&self, client: ClientId) -> usize {
+        self.replicas[client.0].outstanding.len()
+    }
+
+    /// Bring a replica (back) into the active set, e.g. write-only while it
+    /// is rebuilt, then read-write when it holds everything.
+    pub fn set_mode(&mut self, client: ClientId, mode: ReplicaMode, out: &mut Vec<Effect>) {
+        if self.replicas[client.0].mode != mode {
+            self.replicas[client.0].mode = mode.clone();
+            out.push(Effect::ModeChanged { client, mode });
+        }
+    }
+
+    /// Apply one event at time `now`, appending what must happen to `out`.
+    pub fn apply(&mut self, now: Instant, event: Event, out: &mut Vec<Effect>) {
+        self.now = now;
+        match event {
+            Event::Guest { id, op } => self.guest(id, op, out),
+            Event::Reply { client, job, reply } => self.reply(client, job, reply, out),
+            Event::Lost { client, cause } => self.fail(client, cause, out),
+            Event::Tick => self.tick(out),
+        }
+    }
+
+    /// Read-write replicas: the ones that hold every acknowledged write. A
+    /// write-only replica being rebuilt receives writes but does not count
+    /// towards `min_healthy`: it does not yet hold the older data.
+    pub fn healthy_count(&self) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.mode == ReplicaMode::ReadWrite)
+            .count()
+    }
+
+    fn degraded(&self) -> Option<VolumeError> {
+        let active = self.healthy_count();
+        (active < self.config.min_healthy).then(|| VolumeError::Degraded {
+            active,
+            configured: self.replicas.len(),
+            min_healthy: self.config.min_healthy,
+        })
+    }
+
+    fn new_job(&mut self) -> JobId {
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        id
+    }
+
+    fn send(&mut self, client: ClientId, job: JobId, request: ReplicaRequest, out: &mut Vec<Effect>) {
+        self.replicas[client.0].outstanding.insert(job, self.now);
+        out.push(Effect::Send { client, job, request });
+    }
+
+    fn guest(&mut self, guest: GuestId, op: GuestOp, out: &mut Vec<Effect>) {
+        if let Some(err) = self.degraded() {
+            out.push(Effect::Complete {
+                guest,
+                result: Err(err),
+            });
+            return;
+        }
+        let request = match op {
+            GuestOp::Read { offset, len } => {
+                let job = self.new_job();
+                self.jobs.insert(
+                    job,
+                    Job::Read {
+                        guest: Some(guest),
+                        offset,
+                        len,
+                        at: ClientId(usize::MAX),
+                        tried: Vec::new(),
+                        bad: Vec::new(),
+                        overtaken: false,
+                        last_error: String::new(),
+                    },
+                );
+                self.dispatch_read(job, out);
+                return;
+            }
+            GuestOp::Write { offset, data, fua } => {
+                self.mark_reads_overtaken(offset, data.len() as u64);
+                ReplicaRequest::Write { offset, data, fua }
+            }
+            GuestOp::Unmap { offset, len } => {
+                self.mark_reads_overtaken(offset, len);
+                ReplicaRequest::Unmap { offset, len }
+            }
+            GuestOp::Flush => ReplicaRequest::Flush,
+        };
+        let job = self.new_job();
+        let targets: Vec<ClientId> = self
+            .modes()
+            .filter(|(_, m)| m.is_active())
+            .map(|(c, _)| c)
+            .collect();
+        for &client in &targets {
+            self.send(client, job, request.clone(), out);
+        }
+        self.jobs.insert(
+            job,
+            Job::FanOut {
+                guest,
+                waiting: targets,
+                acked: 0,
+            },
+        );
+    }
+
+    /// A write to `offset..offset+len` is being sent: any read of that range
+    /// still in flight must not use its data to repair a replica.
+    fn mark_reads_overtaken(&mut self, offset: u64, len: u64) {
+        for job in self.jobs.values_mut() {
+            if let Job::Read {
+                offset: r_off,
+                len: r_len,
+                overtaken,
+                bad,
+                ..
+            } = job
+            {
+                if !bad.is_empty() && offset < *r_off + u64::from(*r_len) && *r_off < offset + len {
+                    *overtaken = true;
+                }
+            }
+        }
+    }
+
+    /// Send (or re-send) a read to the least busy read-write replica not yet
+    /// tried; fail it if none is left.
+    fn dispatch_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
+        let Some(Job::Read { tried, .. }) = self.jobs.get(&job) else {
+            return;
+        };
+        let candidate = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r.mode == ReplicaMode::ReadWrite && !tried.contains(&ClientId(*i)))
+            .min_by_key(|(_, r)| r.outstanding.len())
+            .map(|(i, _)| ClientId(i));
+        let Some(Job::Read {
+            guest,
+            offset,
+            len,
+            at,
+            last_error,
+            ..
+        }) = self.jobs.get_mut(&job)
+        else {
+            return;
+        };
+        match candidate {
+            Some(client) => {
+                *at = client;
+                let request = ReplicaRequest::Read {
+                    offset: *offset,
+                    len: *len,
+                };
+                self.send(client, job, request, out);
+            }
+            None => {
+                let (guest, offset) = (*guest, *offset);
+                let reason = if last_error.is_empty() {
+                    "no read-write replica available".to_string()
+                } else {
+                    last_error.clone()
+                };
+                self.jobs.remove(&job);
+                if let Some(guest) = guest {
+                    out.push(Effect::Complete {
+                        guest,
+                        result: Err(VolumeError::Unreadable { offset, reason }),
+                    });
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, client: ClientId, job_id: JobId, reply: ReplicaReply, out: &mut Vec<Effect>) {
+        if self.replicas[client.0].outstanding.remove(&job_id).is_none() {
+            // A late answer from a replica already dropped from this job (it
+            // was failed meanwhile): nothing waits for it.
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        match job {
+            Job::FanOut { waiting, .. } => {
+                let cause = match reply {
+                    ReplicaReply::Ok(_) => return self.ack(job_id, client, out),
+                    ReplicaReply::ChecksumMismatch { lba } => {
+                        format!("checksum mismatch at block {lba} on a write")
+                    }
+                    ReplicaReply::Failed(e) => e,
+                };
+                // It answered, so it is no longer outstanding there and
+                // `fail` would not find it: stop waiting for it here.
+                waiting.retain(|c| *c != client);
+                self.fail(client, cause, out);
+                self.maybe_complete(job_id, out);
+            }
+            Job::Repair => {
+                self.jobs.remove(&job_id);
+                if let ReplicaReply::Failed(e) = reply {
+                    self.fail(client, format!("repair write failed: {e}"), out);
+                }
+            }
+            Job::Read {
+                guest,
+                offset,
+                len,
+                tried,
+                bad,
+                overtaken,
+                last_error,
+                ..
+            } => match reply {
+                ReplicaReply::Ok(data) => {
+                    let (offset, len, overtaken) = (*offset, *len, *overtaken);
+                    let bad = std::mem::take(bad);
+                    if let Some(guest) = guest.take() {
+                        out.push(Effect::Complete {
+                            guest,
+                            result: Ok(data.clone()),
+                        });
+                    }
+                    self.jobs.remove(&job_id);
+                    if !overtaken {
+                        for target in bad {
+                            if self.replicas[target.0].mode.is_active() {
+                                let repair = self.new_job();
+                                self.jobs.insert(repair, Job::Repair);
+                                let request = ReplicaRequest::Write {
+                                    offset,
+                                    data: data.clone(),
+                                    fua: false,
+                                };
+                                debug_assert_eq!(data.len(), len as usize);
+                                self.send(target, repair, request, out);
+                            }
+                        }
+                    }
+                }
+                ReplicaReply::ChecksumMismatch { lba } => {
+                    tried.push(client);
+                    bad.push(client);
+                    *last_error = format!("checksum mismatch at block {lba} on {client}");
+                    self.dispatch_read(job_id, out);
+                }
+                ReplicaReply::Failed(e) => {
+                    tried.push(client);
+                    *last_error = format!("{client}: {e}");
+                    self.fail(client, e, out);
+                    self.dispatch_read(job_id, out);
+                }
+            },
+        }
+    }
+
+    /// `client` acknowledged fan-out job `job`.
+    fn ack(&mut self, job_id: JobId, client: ClientId, out: &mut Vec<Effect>) {
+        if let Some(Job::FanOut { waiting, acked, .. }) = self.jobs.get_mut(&job_id) {
+            if let Some(pos) = waiting.iter().position(|c| *c == client) {
+                waiting.swap_remove(pos);
+                if self.replicas[client.0].mode == ReplicaMode::ReadWrite {
+                    *acked += 1;
+                }
+            }
+        }
+        self.maybe_complete(job_id, out);
+    }
+
+    /// Complete a fan-out job once nobody it waits for is left.
+    fn maybe_complete(&mut self, job_id: JobId, out: &mut Vec<Effect>) {
+        let Some(Job::FanOut {
+            guest,
+            waiting,
+            acked,
+        }) = self.jobs.get(&job_id)
+        else {
+            return;
+        };
+        if !waiting.is_empty() {
+            return;
+        }
+        let (guest, acked) = (*guest, *acked);
+        self.jobs.remove(&job_id);
+        // Every replica that was sent the request and is still active has
+        // it; the rest were dropped. Too few holders means the write may not
+        // survive a further failure: the initiator must not be told it did.
+        let result = if acked >= self.config.min_healthy {
+            Ok(Bytes::new())
+        } else {
+            Err(VolumeError::Degraded {
+                active: self.healthy_count(),
+                configured: self.replicas.len(),
+                min_healthy: self.config.min_healthy,
+            })
+        };
+        out.push(Effect::Complete { guest, result });
+    }
+
+    /// Drop `client` from the active set: every job stops waiting for it.
+    fn fail(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
+        let replica = &mut self.replicas[client.0];
+        if !replica.mode.is_active() {
+            return;
+        }
+        replica.mode = ReplicaMode::Error { cause: cause.clone() };
+        let orphaned: Vec<JobId> = std::mem::take(&mut replica.outstanding).into_keys().collect();
+        out.push(Effect::ModeChanged {
+            client,
+            mode: ReplicaMode::Error { cause },
+        });
+        out.push(Effect::Disconnect { client });
+        for job_id in orphaned {
+            match self.jobs.get_mut(&job_id) {
+                Some(Job::FanOut { waiting, .. }) => {
+                    waiting.retain(|c| *c != client);
+                    self.maybe_complete(job_id, out);
+                }
+                Some(Job::Read { tried, .. }) => {
+                    tried.push(client);
+                    self.dispatch_read(job_id, out);
+                }
+                Some(Job::Repair) => {
+                    self.jobs.remove(&job_id);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn tick(&mut self, out: &mut Vec<Effect>) {
+        let timeout = self.config.replica_timeout;
+        let now = self.now;
+        let late: Vec<(ClientId, Duration)> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let oldest = r.outstanding.values().min()?;
+                let age = now.saturating_duration_since(*oldest);
+                (age >= timeout).then_some((ClientId(i), age))
+            })
+            .collect();
+        for (client, age) in late {
+            self.fail(
+                client,
+                format!(
+                    "no reply for {} ms (timeout {} ms)",
+                    age.as_millis(),
+                    timeout.as_millis()
+                ),
+                out,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core driven by scripted replica replies: errors, timeouts,
+    //! reordering. No sockets, no sleeps.
+    use super::*;
+
+    struct Harness {
+        core: VolumeCore,
+        now: Instant,
+        out: Vec<Effect>,
+        next_guest: u64,
+    }
+
+    impl Harness {
+        fn new(replicas: usize) -> Harness {
+            let config = CoreConfig {
+                replica_timeout: Duration::from_secs(5),
+                min_healthy: CoreConfig::majority(replicas),
+            };
+            let now = Instant::now();
+            let core = VolumeCore::new(config, vec![ReplicaMode::ReadWrite; replicas], now);
+            Harness {
+                core,
+                now,
+                out: Vec::new(),
+                next_guest: 1,
+            }
+        }
+
+        fn guest(&mut self, op: GuestOp) -> GuestId {
+            let id = GuestId(self.next_guest);
+            self.next_guest += 1;
+            self.core.apply(self.now, Event::Guest { id, op }, &mut self.out);
+            id
+        }
+
+        fn reply(&mut self, client: usize, job: JobId, reply: ReplicaReply) {
+            self.core.apply(
+                self.now,
+                Event::Reply {
+                    client: ClientId(client),
+                    job,
+                    reply,
+                },
+                &mut self.out,
+            );
+        }
+
+        fn lost(&mut self, client: usize) {
+            let ev = Event::Lost {
+                client: ClientId(client),
+                cause: "connection closed".into(),
+            };
+            self.core.apply(self.now, ev, &mut self.out);
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.now += d;
+            self.core.apply(self.now, Event::Tick, &mut self.out);
+        }
+
+        fn take(&mut self) -> Vec<Effect> {
+            std::mem::take(&mut self.out)
+        }
+
+        /// The (client, job, request) of every Send in `effects`.
+        fn sends(effects: &[Effect]) -> Vec<(usize, JobId, ReplicaRequest)> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Send { client, job, request } => Some((client.0, *job, request.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn completions(effects: &[Effect]) -> Vec<(GuestId, Result<Bytes, VolumeError>)> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Complete { guest, result } => Some((*guest, result.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn write(offset: u64, byte: u8) -> GuestOp {
+        GuestOp::Write {
+            offset,
+            data: Bytes::from(vec![byte; 4096]),
+            fua: false,
+        }
+    }
+
+    #[test]
+    fn write_completes_only_when_every_replica_acknowledged() {
+        let mut h = Harness::new(3);
+        let g = h.guest(write(0, 1));
+        let sends = Harness::sends(&h.take());
+        assert_eq!(sends.len(), 3, "one send per replica");
+        let job = sends[0].1;
+        h.reply(2, job, ReplicaReply::Ok(Bytes::new()));
+        h.reply(0, job, ReplicaReply::Ok(Bytes::new()));
+        assert!(
+            Harness::completions(&h.take()).is_empty(),
+            "must wait for the third replica"
+        );
+        h.reply(1, job, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+    }
+
+    #[test]
+    fn write_payload_is_shared_not_copied_between_replicas() {
+        let mut h = Harness::new(3);
+        let data = Bytes::from(vec![7u8; 4096]);
+        h.guest(GuestOp::Write {
+            offset: 0,
+            data: data.clone(),
+            fua: true,
+        });
+        for (_, _, request) in Harness::sends(&h.take()) {
+            let ReplicaRequest::Write { data: sent, fua, .. } = request else {
+                panic!("not a write")
+            };
+            assert!(fua);
+            assert_eq!(sent.as_ptr(), data.as_ptr(), "same buffer for every replica");
+        }
+    }
+
+    #[test]
+    fn lost_replica_is_dropped_at_once_and_write_completes_on_the_others() {
+        let mut h = Harness::new(3);
+        let g = h.guest(write(0, 1));
+        let job = Harness::sends(&h.take())[0].1;
+        h.reply(0, job, ReplicaReply::Ok(Bytes::new()));
+        h.reply(1, job, ReplicaReply::Ok(Bytes::new()));
+        h.lost(2);
+        let effects = h.take();
+        assert!(effects.contains(&Effect::ModeChanged {
+            client: ClientId(2),
+            mode: ReplicaMode::Error {
+                cause: "connection closed".into()
+            }
+        }));
+        assert_eq!(Harness::completions(&effects), vec![(g, Ok(Bytes::new()))]);
+        // Later writes go to the survivors only.
+        h.guest(write(4096, 2));
+        let targets: Vec<usize> = Harness::sends(&h.take()).iter().map(|s| s.0).collect();
+        assert_eq!(targets, vec![0, 1]);
+    }
+
+    #[test]
+    fn hung_replica_fails_after_the_timeout_not_before() {
+        let mut h = Harness::new(3);
+        let g = h.guest(write(0, 1));
+        let job = Harness::sends(&h.take())[0].1;
+        h.reply(0, job, ReplicaReply::Ok(Bytes::new()));
+        h.reply(1, job, ReplicaReply::Ok(Bytes::new()));
+        h.advance(Duration::from_millis(4900));
+        assert!(Harness::completions(&h.take()).is_empty());
+        h.advance(Duration::from_millis(100));
+        let effects = h.take();
+        assert_eq!(Harness::completions(&effects), vec![(g, Ok(Bytes::new()))]);
+        assert_eq!(h.core.mode(ClientId(2)).label(), "ERR");
+        // Its answer arriving late changes nothing.
+        h.reply(2, job, ReplicaReply::Ok(Bytes::new()));
+        assert!(h.take().is_empty());
+    }
+
+    #[test]
+    fn write_fails_when_too_few_replicas_remain_to_hold_it() {
+        let mut h = Harness::new(3);
+        let g = h.guest(write(0, 1));
+        let job = Harness::sends(&h.take())[0].1;
+        h.reply(0, job, ReplicaReply::Ok(Bytes::new()));
+        h.lost(1);
+        h.lost(2);
+        let completions = Harness::completions(&h.take());
+        assert_eq!(completions.len(), 1);
+        assert!(matches!(
+            completions[0].1,
+            Err(VolumeError::Degraded {
+                active: 1,
+                min_healthy: 2,
+                ..
+            })
+        ));
+        // New I/O is refused outright, reads included: the survivor alone
+        // cannot prove it holds the latest data.
+        let g2 = h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        let effects = h.take();
+        assert!(Harness::sends(&effects).is_empty());
+        assert!(
+            matches!(Harness::completions(&effects)[0], (id, Err(VolumeError::Degraded { .. })) if id == g2)
+        );
+        let _ = g;
+    }
+
+    #[test]
+    fn replica_error_reply_drops_it_and_the_write_completes_on_the_others() {
+        let mut h = Harness::new(3);
+        let g = h.guest(write(0, 1));
+        let job = Harness::sends(&h.take())[0].1;
+        h.reply(1, job, ReplicaReply::Failed("disk full".into()));
+        h.reply(0, job, ReplicaReply::Ok(Bytes::new()));
+        h.reply(2, job, ReplicaReply::Ok(Bytes::new()));
+        let effects = h.take();
+        assert!(effects.contains(&Effect::Disconnect { client: ClientId(1) }));
+        assert_eq!(Harness::completions(&effects), vec![(g, Ok(Bytes::new()))]);
+    }
+
+    #[test]
+    fn replies_out_of_order_complete_the_right_guests() {
+        let mut h = Harness::new(2);
+        let g1 = h.guest(write(0, 1));
+        let g2 = h.guest(write(8192, 2));
+        let sends = Harness::sends(&h.take());
+        let (j1, j2) = (sends[0].1, sends[2].1);
+        assert_ne!(j1, j2);
+        h.reply(1, j2, ReplicaReply::Ok(Bytes::new()));
+        h.reply(0, j2, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g2, Ok(Bytes::new()))]);
+        h.reply(0, j1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(1, j1, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g1, Ok(Bytes::new()))]);
+    }
+
+    #[test]
+    fn overlapping_writes_are_sent_to_every_replica_in_the_same_order() {
+        let mut h = Harness::new(3);
+        h.guest(write(0, 1));
+        h.guest(write(0, 2));
+        h.guest(write(0, 3));
+        let sends = Harness::sends(&h.take());
+        for client in 0..3 {
+            let bytes: Vec<u8> = sends
+                .iter()
+                .filter(|s| s.0 == client)
+                .map(|s| match &s.2 {
+                    ReplicaRequest::Write { data, .. } => data[0],
+                    _ => panic!(),
+                })
+                .collect();
+            assert_eq!(
+                bytes,
+                vec![1, 2, 3],
+                "replica {client} sees the writes in submission order"
+            );
+        }
+    }
+
+    #[test]
+    fn read_goes_to_one_replica_the_least_busy() {
+        let mut h = Harness::new(3);
+        h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        let targets: Vec<usize> = Harness::sends(&h.take()).iter().map(|s| s.0).collect();
+        assert_eq!(targets.len(), 3);
+        let mut sorted = targets.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2], "spread over all replicas, one each");
+    }
+
+    #[test]
+    fn read_never_goes_to_a_write_only_replica() {
+        let mut h = Harness::new(3);
+        let mut effects = Vec::new();
+        h.core.set_mode(ClientId(0), ReplicaMode::WriteOnly, &mut effects);
+        for _ in 0..6 {
+            h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        }
+        assert!(Harness::sends(&h.take()).iter().all(|s| s.0 != 0));
+        // But it receives writes.
+        h.guest(write(0, 1));
+        assert!(Harness::sends(&h.take()).iter().any(|s| s.0 == 0));
+    }
+
+    #[test]
+    fn checksum_mismatch_is_read_elsewhere_and_repaired() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Read {
+            offset: 8192,
+            len: 4096,
+        });
+        let (first, job, _) = Harness::sends(&h.take())[0].clone();
+        h.reply(first, job, ReplicaReply::ChecksumMismatch { lba: 2 });
+        let retry = Harness::sends(&h.take());
+        assert_eq!(retry.len(), 1);
+        assert_ne!(retry[0].0, first, "retried on another replica");
+        let good = Bytes::from(vec![9u8; 4096]);
+        h.reply(retry[0].0, retry[0].1, ReplicaReply::Ok(good.clone()));
+        let effects = h.take();
+        assert_eq!(Harness::completions(&effects), vec![(g, Ok(good.clone()))]);
+        let repair = Harness::sends(&effects);
+        assert_eq!(
+            repair.iter().map(|s| (s.0, s.2.clone())).collect::<Vec<_>>(),
+            vec![(
+                first,
+                ReplicaRequest::Write {
+                    offset: 8192,
+                    data: good,
+                    fua: false
+                }
+            )],
+            "the good block is written back to the bad replica"
+        );
+        assert_eq!(
+            h.core.mode(ClientId(first)).label(),
+            "RW",
+            "a repairable replica stays in the set"
+        );
+    }
+
+    #[test]
+    fn repair_is_skipped_when_a_newer_write_overtook_the_read() {
+        let mut h = Harness::new(3);
+        h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        let (first, job, _) = Harness::sends(&h.take())[0].clone();
+        h.reply(first, job, ReplicaReply::ChecksumMismatch { lba: 0 });
+        let retry = Harness::sends(&h.take())[0].clone();
+        // A guest write to the same block is sent while the retry is in flight.
+        h.guest(write(0, 5));
+        h.take();
+        h.reply(retry.0, retry.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
+        let repairs: Vec<_> = Harness::sends(&h.take());
+        assert!(
+            repairs.is_empty(),
+            "writing the old data back would undo the newer write"
+        );
+    }
+
+    #[test]
+    fn read_fails_with_medium_error_when_every_replica_is_corrupt() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        for _ in 0..3 {
+            let (c, job, _) = Harness::sends(&h.take())[0].clone();
+            h.reply(c, job, ReplicaReply::ChecksumMismatch { lba: 0 });
+        }
+        let completions = Harness::completions(&h.take());
+        assert!(matches!(&completions[0], (id, Err(VolumeError::Unreadable { offset: 0, .. })) if *id == g));
+    }
+
+    #[test]
+    fn read_in_flight_on_a_lost_replica_is_resent_to_another() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        let (c, _, _) = Harness::sends(&h.take())[0].clone();
+        h.lost(c);
+        let resent = Harness::sends(&h.take());
+        assert_eq!(resent.len(), 1);
+        assert_ne!(resent[0].0, c);
+        h.reply(
+            resent[0].0,
+            resent[0].1,
+            ReplicaReply::Ok(Bytes::from_static(b"x")),
+        );
+        assert_eq!(
+            Harness::completions(&h.take()),
+            vec![(g, Ok(Bytes::from_static(b"x")))]
+        );
+    }
+
+    #[test]
+    fn flush_fans_out_and_waits_for_all() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Flush);
+        let sends = Harness::sends(&h.take());
+        assert!(sends.iter().all(|s| s.2 == ReplicaRequest::Flush));
+        for (c, job, _) in &sends[..2] {
+            h.reply(*c, *job, ReplicaReply::Ok(Bytes::new()));
+        }
+        assert!(Harness::completions(&h.take()).is_empty());
+        h.reply(sends[2].0, sends[2].1, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+    }
+}
