@@ -2,7 +2,7 @@
 //! needs no `protoc` to build Basalt.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["protos/basalt/replica.proto"];
+    let files = ["protos/basalt/replica.proto", "protos/basalt/controller.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -24,4 +24,8 @@ pub mod pb {
     pub mod replica {
         tonic::include_proto!("basalt.replica.v1");
     }
+    /// The controller's gRPC management API (`basalt.controller.v1`).
+    pub mod controller {
+        tonic::include_proto!("basalt.controller.v1");
+    }
 }
