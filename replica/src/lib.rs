@@ -4,3 +4,5 @@
 //!   immutable sparse snapshots, per-block CRC32, durable on flush.
 //! * [`server`]: serves one store over the data-path protocol of
 //!   `basalt-proto` on one TCP address.
+
+pub mod store;

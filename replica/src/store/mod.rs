@@ -1,0 +1,1341 @@
+//! # The replica store: a live head over a chain of immutable sparse snapshots
+//!
+//! ```text
+//!   volume view (what read() returns) = newest layer holding each block, zeros if none does
+//!
+//!   head  (id 9)  [ . D . . T . ]   writable; D = data, T = tombstone (discarded: reads zeros)
+//!   snap  (id 7)  [ D . . D D . ]   immutable
+//!   snap  (id 3)  [ D D . . . D ]   immutable (oldest)
+//!                   | | | | | '--- from id 3
+//!                   | | | | '----- zeros (tombstone in the head hides id 7)
+//!   VolumeMap: lba -> (newest layer, crc)   -- one lookup per read, whatever the depth
+//! ```
+//!
+//! Every layer is two backend objects: a sparse **data object** with block `lba` at byte `lba * 4096`,
+//! and an append-only **index log** ([`log`]) of `{lba, crc32, Data|Tombstone}` records and flush
+//! markers. `volume.meta` ([`meta`]) names the chain, the volume id, size and epoch; it is replaced
+//! atomically and only on rare events.
+//!
+//! ## Write, flush and what survives a crash
+//!
+//! A write of block `lba` appends its record (with the new CRC) to the head's log, then `pwrite`s the
+//! data; no fsync. `flush()` appends a flush marker carrying revision + 1 while no write is between
+//! its record and its data (it briefly takes the chain lock exclusively), then fdatasyncs the head's
+//! data and log. At open, records after the last marker are checked against the data on disk, so after
+//! `kill -9` at any instant:
+//!
+//! * every write completed before the last successful flush reads back intact;
+//! * a block written after it reads back old or new, with a valid CRC -- never a checksum error;
+//! * the chain is whatever the last committed `volume.meta` says, and each snapshot operation commits
+//!   with one atomic replace of it.
+//!
+//! **Power loss** is weaker for unflushed writes only: flushed data is intact (everything is synced
+//! before flush returns), but the kernel may write the log page holding a later flush marker before the
+//! data it vouches for, so an in-place overwrite that was never flushed can read back as
+//! [`StoreError::ChecksumMismatch`]. The controller treats that like any corrupt block: it reads the
+//! block from another replica and writes it here, which repairs it.
+//!
+//! The revision is carried by the flush markers, not by a per-write counter (Longhorn's per-write
+//! `revision.counter` halved its write IOPS); `volume.meta` copies it whenever it is rewritten.
+//!
+//! ## Concurrency
+//!
+//! `Store` is `Send + Sync` and every method takes `&self`:
+//!
+//! * `chain: RwLock<Chain>`: I/O holds it shared for the whole operation; flush holds it exclusively
+//!   only to append its marker; snapshot create/revert hold it exclusively.
+//! * `stripes`: 1,024 `RwLock`s, one per 64 KiB granule modulo 1,024. A read holds its blocks' stripes
+//!   shared, a write (and a sector write's read-modify-write, and a merge step) exclusively, so a block
+//!   is never read half-written and concurrent writes to one block are serialized.
+//! * `map`: held only for lookups and updates, never across I/O.
+//!
+//! Lock order: `ops` -> `chain` -> `stripes` (ascending) -> `map` -> a layer's log -> `meta`.
+//!
+//! ## Snapshots
+//!
+//! * **create**: flush, compact the head's log, then one atomic meta replace turns the head into a
+//!   snapshot and puts a fresh empty head on top.
+//! * **delete** merges the snapshot `S` into its child `C` (maybe the live head), online: the meta
+//!   journals "merging S into C"; every block of `S` that `C` does not hold (C's tombstones win) is
+//!   copied into `C` in batches under the stripe locks, so a concurrent newer write is never
+//!   overwritten; `C` is made durable; a meta replace drops `S`; `S`'s objects are removed (any
+//!   leftover is an orphan removed at open). A crash at any step re-runs the merge at open, and a re-run
+//!   is idempotent because blocks `C` already holds are skipped.
+//! * **revert(S)** puts a fresh empty head on top of `S`. The chain is a chain, not a tree, so the old
+//!   head and every snapshot newer than `S` are removed: keeping them would need branches.
+//!
+//! Indexes are per layer on disk but merged in memory: a read costs one map lookup at any depth, and a
+//! 1,000-snapshot chain costs one data file descriptor per layer (the soft `RLIMIT_NOFILE` is raised to
+//! the hard limit at open).
+
+pub mod backend;
+mod error;
+mod log;
+mod map;
+mod meta;
+pub mod types;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use basalt_proto::{Epoch, Revision, VolumeId};
+
+pub use backend::{Backend, DirBackend, Object};
+pub use error::StoreError;
+pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
+
+use log::{BlockState, LayerIndex, Record, RECORD_LEN};
+use map::{Entry, VolumeMap};
+use meta::{PendingMerge, SnapshotRecord, VolumeMeta};
+use types::BLOCK;
+
+/// Largest volume: 1 PiB. Far above the 64 TiB requirement; it bounds the per-layer segment table of
+/// the directory backend (1,024 slots of 1 TiB).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+
+/// Number of stripe locks. 1,024 makes two unrelated concurrent I/Os collide with probability ~0.1%.
+const STRIPES: usize = 1024;
+/// Blocks per stripe granule: 16 blocks = 64 KiB, so a 1 MiB I/O takes 16 locks, not 256.
+const STRIPE_GRANULE: u64 = 16;
+/// Most blocks handled under one set of stripe locks: bounds how long a large I/O holds other I/O
+/// off its blocks (1 MiB).
+const IO_CHUNK_BLOCKS: u64 = 256;
+/// Blocks copied per merge step; writes to those blocks wait for at most one step.
+const MERGE_BATCH_BLOCKS: usize = 256;
+/// A head log is compacted at flush once it has this many records and most are superseded: below it,
+/// replay at open is cheap anyway (64 Ki records = 1.5 MiB).
+const COMPACT_MIN_RECORDS: u64 = 1 << 16;
+
+/// One snapshot as listed by [`Store::snapshot_list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its unique name.
+    pub name: String,
+    /// When it was taken.
+    pub created: SystemTime,
+    /// The snapshot below it, `None` for the oldest.
+    pub parent: Option<String>,
+    /// Bytes of data it holds itself (4 KiB per block it holds; tombstones count nothing).
+    pub allocated_bytes: u64,
+}
+
+/// The open index log of a writable layer.
+struct LogAppender {
+    object: Arc<dyn Object>,
+    /// Where the next record goes.
+    len: u64,
+    /// Records in the log, for the compaction decision.
+    records: u64,
+}
+
+/// One layer of the chain: the head or a snapshot.
+struct Layer {
+    id: LayerId,
+    data: Box<dyn Object>,
+    /// `Some` while the layer is writable: the head, or a snapshot being merged into.
+    log: Mutex<Option<LogAppender>>,
+    /// Blocks this layer holds with data / with a tombstone.
+    data_blocks: AtomicU64,
+    tombstones: AtomicU64,
+}
+
+impl Layer {
+    fn append_log(&self, bytes: &[u8], records: u64) -> io::Result<()> {
+        let mut log = lock(&self.log);
+        let Some(app) = log.as_mut() else {
+            return Err(io::Error::other(format!("{} is not writable", self.id)));
+        };
+        app.object.write_at(bytes, app.len)?;
+        app.len += bytes.len() as u64;
+        app.records += records;
+        Ok(())
+    }
+
+    fn sync_log(&self) -> io::Result<()> {
+        // Clone the object out so appenders are not held off during the fsync.
+        let object = lock(&self.log).as_ref().map(|a| a.object.clone());
+        match object {
+            Some(object) => object.sync(),
+            None => Ok(()),
+        }
+    }
+
+    fn log_records(&self) -> u64 {
+        lock(&self.log).as_ref().map_or(0, |a| a.records)
+    }
+
+    /// Keeps the held-block counters right when the entry of a block goes from `prev` to `new` in this
+    /// layer. `prev` only counts if it was this layer's.
+    fn account(&self, prev: Option<Entry>, new: BlockState) {
+        match prev.filter(|e| e.layer == self.id).map(|e| e.state) {
+            Some(BlockState::Data { .. }) => self.data_blocks.fetch_sub(1, Ordering::Relaxed),
+            Some(BlockState::Tombstone) => self.tombstones.fetch_sub(1, Ordering::Relaxed),
+            None => 0,
+        };
+        match new {
+            BlockState::Data { .. } => self.data_blocks.fetch_add(1, Ordering::Relaxed),
+            BlockState::Tombstone => self.tombstones.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The layers, by id, and which one is the head.
+struct Chain {
+    layers: BTreeMap<LayerId, Arc<Layer>>,
+    head: Arc<Layer>,
+}
+
+impl Chain {
+    fn layer(&self, id: LayerId) -> Result<&Arc<Layer>, StoreError> {
+        self.layers.get(&id).ok_or_else(|| StoreError::Corrupt {
+            what: "the volume map".to_string(),
+            detail: format!("it points at {id}, which is not in the chain"),
+        })
+    }
+}
+
+/// A sub-block change applied by read-modify-write.
+enum Patch<'a> {
+    Data(&'a [u8]),
+    /// A sub-block discard: zero this many bytes.
+    Zeros(usize),
+}
+
+/// A replica's volume: see the module documentation.
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    volume: VolumeId,
+    size_bytes: u64,
+    chain: RwLock<Chain>,
+    map: RwLock<VolumeMap>,
+    stripes: Box<[RwLock<()>]>,
+    /// The persisted meta as last committed.
+    meta: Mutex<VolumeMeta>,
+    /// Serializes snapshot operations (a merge holds it throughout while writes go on).
+    ops: Mutex<()>,
+    epoch: AtomicU64,
+    /// Highest revision whose flush completed (durable).
+    revision: AtomicU64,
+    /// Highest revision handed to a flush marker.
+    next_revision: AtomicU64,
+    /// Set when an I/O failure left memory and disk possibly out of step (see [`StoreError::Failed`]).
+    failed: Mutex<Option<String>>,
+    failed_flag: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn rlock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wlock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Raises the soft open-file limit to the hard one: a 1,000-snapshot chain keeps 1,000+ files open.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn validate_snapshot_name(name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 255 {
+        Some("it is longer than 255 bytes")
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("it contains control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::InvalidSnapshotName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Replaces a layer's log with exactly `blocks` followed by a flush marker, after syncing its data (the
+/// new records are all trusted, so their data must be durable first). With `keep_open`, the layer's
+/// appender is reopened on the new log.
+fn install_log(
+    backend: &dyn Backend,
+    layer: &Layer,
+    blocks: impl Iterator<Item = (u64, BlockState)>,
+    revision: Revision,
+    keep_open: bool,
+) -> Result<(), StoreError> {
+    let name = layer.id.log_object();
+    layer
+        .data
+        .sync()
+        .map_err(StoreError::io(format!("syncing the data of {}", layer.id)))?;
+    let mut bytes = Vec::new();
+    let mut records = 0;
+    log::encode_into(
+        &mut bytes,
+        blocks.map(|(lba, state)| {
+            records += 1;
+            Record::Block { lba: Lba(lba), state }
+        }),
+    );
+    log::encode_into(&mut bytes, [Record::Flush { revision }]);
+    backend
+        .replace_blob(&name, &bytes)
+        .map_err(StoreError::io(format!("rewriting {name}")))?;
+    let mut log = lock(&layer.log);
+    *log = None;
+    if keep_open {
+        let object = backend
+            .open(&name, 0)
+            .map_err(StoreError::io(format!("opening {name}")))?;
+        *log = Some(LogAppender {
+            object: Arc::from(object),
+            len: bytes.len() as u64,
+            records: records + 1,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a layer's log and replays it against its data.
+fn load_index(backend: &dyn Backend, layer: &Layer, volume_blocks: u64) -> Result<LayerIndex, StoreError> {
+    let name = layer.id.log_object();
+    let what = format!("{}/{name}", backend.location());
+    let bytes = backend
+        .read_blob(&name)
+        .map_err(StoreError::io(format!("reading {what}")))?
+        .ok_or_else(|| StoreError::Corrupt {
+            what: what.clone(),
+            detail: "the index log is missing".into(),
+        })?;
+    let parsed = log::parse(&bytes, &what, volume_blocks)?;
+    log::resolve(parsed, &*layer.data, &what)
+}
+
+impl Store {
+    // ------------------------------------------------------------------------------------------------
+    // Opening
+    // ------------------------------------------------------------------------------------------------
+
+    /// Creates a new volume of `size_bytes` (a multiple of 4 KiB, at most [`MAX_VOLUME_BYTES`]) in
+    /// `dir` (created if missing). Refuses a directory that already holds a volume.
+    pub fn create(dir: &Path, volume: VolumeId, size_bytes: u64) -> Result<Store, StoreError> {
+        Store::create_with_backend(Self::dir_backend(dir)?, volume, size_bytes)
+    }
+
+    /// Opens the volume in `dir`, recovering from any crash (see the module documentation).
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_backend(Self::dir_backend(dir)?)
+    }
+
+    /// Opens the volume in `dir`, or creates it if there is none. An existing volume of another size,
+    /// or (when `volume` is given) of another id, is refused.
+    pub fn open_or_create(
+        dir: &Path,
+        size_bytes: u64,
+        volume: Option<VolumeId>,
+    ) -> Result<Store, StoreError> {
+        let backend = Self::dir_backend(dir)?;
+        match VolumeMeta::load(&*backend)? {
+            Some(meta) => {
+                if meta.size_bytes != size_bytes {
+                    return Err(StoreError::SizeMismatch {
+                        dir: backend.location(),
+                        on_disk: meta.size_bytes,
+                        requested: size_bytes,
+                    });
+                }
+                if let Some(v) = volume.filter(|&v| v != meta.volume) {
+                    return Err(StoreError::VolumeMismatch {
+                        dir: backend.location(),
+                        on_disk: meta.volume,
+                        requested: v,
+                    });
+                }
+                Store::open_with_backend(backend)
+            }
+            None => Store::create_with_backend(backend, volume.unwrap_or_else(VolumeId::random), size_bytes),
+        }
+    }
+
+    fn dir_backend(dir: &Path) -> Result<Arc<dyn Backend>, StoreError> {
+        let backend = DirBackend::new(dir).map_err(StoreError::io(format!("opening {}", dir.display())))?;
+        Ok(Arc::new(backend))
+    }
+
+    /// [`Store::create`] on any backend.
+    pub fn create_with_backend(
+        backend: Arc<dyn Backend>,
+        volume: VolumeId,
+        size_bytes: u64,
+    ) -> Result<Store, StoreError> {
+        let invalid = |reason| {
+            Err(StoreError::InvalidSize {
+                size: size_bytes,
+                reason,
+            })
+        };
+        if size_bytes == 0 {
+            return invalid("a volume cannot be empty");
+        }
+        if !size_bytes.is_multiple_of(BLOCK_SIZE) {
+            return invalid("it must be a multiple of 4096 bytes");
+        }
+        if size_bytes > MAX_VOLUME_BYTES {
+            return invalid("it is larger than the 1 PiB maximum");
+        }
+        if VolumeMeta::load(&*backend)?.is_some() {
+            return Err(StoreError::AlreadyExists {
+                dir: backend.location(),
+            });
+        }
+        let listing = backend
+            .list()
+            .map_err(StoreError::io(format!("listing {}", backend.location())))?;
+        for name in listing.iter().filter(|n| LayerId::of_object(n).is_some()) {
+            // Left by a create that crashed before its meta was written.
+            backend
+                .remove(name)
+                .map_err(StoreError::io(format!("removing stale {name}")))?;
+        }
+        let head = LayerId(1);
+        Self::create_layer_objects(&*backend, head, size_bytes)?;
+        let meta = VolumeMeta {
+            format: meta::FORMAT_VERSION,
+            volume,
+            size_bytes,
+            epoch: Epoch::default(),
+            revision: Revision::default(),
+            snapshots: Vec::new(),
+            head,
+            next_layer: head.0 + 1,
+            pending_merge: None,
+        };
+        meta.store(&*backend)?;
+        Store::open_with_backend(backend)
+    }
+
+    /// Creates a layer's empty data object and log, durably.
+    fn create_layer_objects(backend: &dyn Backend, id: LayerId, size_bytes: u64) -> Result<(), StoreError> {
+        for (name, capacity) in [(id.data_object(), size_bytes), (id.log_object(), 0)] {
+            let object = backend
+                .create(&name, capacity)
+                .map_err(StoreError::io(format!("creating {name}")))?;
+            object.sync().map_err(StoreError::io(format!("syncing {name}")))?;
+        }
+        backend
+            .sync_namespace()
+            .map_err(StoreError::io(format!("syncing {}", backend.location())))
+    }
+
+    fn open_layer(backend: &dyn Backend, id: LayerId, size_bytes: u64) -> Result<Layer, StoreError> {
+        let name = id.data_object();
+        let data = backend.open(&name, size_bytes).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::Corrupt {
+                what: format!("{}/{name}", backend.location()),
+                detail: "the data object of a layer in the chain is missing".into(),
+            },
+            _ => StoreError::Io {
+                context: format!("opening {name}"),
+                source: e,
+            },
+        })?;
+        Ok(Layer {
+            id,
+            data,
+            log: Mutex::new(None),
+            data_blocks: AtomicU64::new(0),
+            tombstones: AtomicU64::new(0),
+        })
+    }
+
+    /// [`Store::open`] on any backend.
+    pub fn open_with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
+        raise_open_file_limit();
+        let meta = VolumeMeta::load(&*backend)?.ok_or_else(|| StoreError::NotAVolume {
+            dir: backend.location(),
+        })?;
+        let volume_blocks = meta.size_bytes / BLOCK_SIZE;
+
+        // Objects of layers no longer in the chain: left by a delete, revert or snapshot create that
+        // crashed around its meta commit.
+        let live: HashSet<LayerId> = meta.layers().into_iter().collect();
+        let listing = backend
+            .list()
+            .map_err(StoreError::io(format!("listing {}", backend.location())))?;
+        for name in listing {
+            if LayerId::of_object(&name).is_some_and(|id| !live.contains(&id)) {
+                backend
+                    .remove(&name)
+                    .map_err(StoreError::io(format!("removing orphan {name}")))?;
+            }
+        }
+
+        let mut map = VolumeMap::default();
+        let mut layers = BTreeMap::new();
+        let mut revision = meta.revision;
+        for id in meta.layers() {
+            let layer = Self::open_layer(&*backend, id, meta.size_bytes)?;
+            let index = load_index(&*backend, &layer, volume_blocks)?;
+            if id == meta.head {
+                revision = revision.max(index.last_revision.unwrap_or_default());
+            }
+            let keep_open = id == meta.head;
+            if index.needs_rewrite {
+                // Make the recovered state the durable one before anything new is appended.
+                let at = revision.max(index.last_revision.unwrap_or_default());
+                install_log(
+                    &*backend,
+                    &layer,
+                    index.blocks.iter().map(|(&l, &s)| (l, s)),
+                    at,
+                    keep_open,
+                )?;
+            } else if keep_open {
+                let name = id.log_object();
+                let object = backend
+                    .open(&name, 0)
+                    .map_err(StoreError::io(format!("opening {name}")))?;
+                let len = object.len().map_err(StoreError::io(format!("sizing {name}")))?;
+                *lock(&layer.log) = Some(LogAppender {
+                    object: Arc::from(object),
+                    len,
+                    records: len / RECORD_LEN as u64,
+                });
+            }
+            layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
+            layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
+            map.overlay(id, &index.blocks);
+            layers.insert(id, Arc::new(layer));
+        }
+        let head = layers[&meta.head].clone();
+        let pending = meta.pending_merge;
+        let store = Store {
+            volume: meta.volume,
+            size_bytes: meta.size_bytes,
+            chain: RwLock::new(Chain { layers, head }),
+            map: RwLock::new(map),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            epoch: AtomicU64::new(meta.epoch.0),
+            revision: AtomicU64::new(revision.0),
+            next_revision: AtomicU64::new(revision.0),
+            meta: Mutex::new(meta),
+            ops: Mutex::new(()),
+            failed: Mutex::new(None),
+            failed_flag: AtomicBool::new(false),
+            backend,
+        };
+        if let Some(merge) = pending {
+            let _ops = lock(&store.ops);
+            store.run_merge(merge)?;
+        }
+        Ok(store)
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Identity and ordering
+    // ------------------------------------------------------------------------------------------------
+
+    /// The volume's id.
+    pub fn volume_id(&self) -> VolumeId {
+        self.volume
+    }
+
+    /// The volume's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// The highest epoch accepted (durable).
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// The revision of the last completed flush (durable).
+    pub fn revision(&self) -> Revision {
+        Revision(self.revision.load(Ordering::Acquire))
+    }
+
+    /// Raises the epoch, durably, before returning. Setting the current epoch again is a no-op; a
+    /// lower one is refused with [`StoreError::StaleEpoch`].
+    pub fn set_epoch(&self, epoch: Epoch) -> Result<(), StoreError> {
+        let mut meta = lock(&self.meta);
+        if epoch < meta.epoch {
+            return Err(StoreError::StaleEpoch {
+                current: meta.epoch,
+                requested: epoch,
+            });
+        }
+        if epoch == meta.epoch {
+            return Ok(());
+        }
+        let mut next = meta.clone();
+        next.epoch = epoch;
+        next.revision = next.revision.max(self.revision());
+        next.store(&*self.backend)?;
+        *meta = next;
+        self.epoch.store(epoch.0, Ordering::Release);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Data path
+    // ------------------------------------------------------------------------------------------------
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(StoreError::Unaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size_bytes) {
+            return Err(StoreError::OutOfRange {
+                offset,
+                len,
+                size: self.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_not_failed(&self) -> Result<(), StoreError> {
+        if self.failed_flag.load(Ordering::Acquire) {
+            let detail = lock(&self.failed).clone().unwrap_or_default();
+            return Err(StoreError::Failed { detail });
+        }
+        Ok(())
+    }
+
+    /// Records an I/O failure after which memory and disk may disagree: every later change is refused
+    /// until the store is reopened (and recovery re-verifies what was not flushed).
+    fn fail(&self, error: StoreError) -> StoreError {
+        lock(&self.failed).get_or_insert_with(|| error.to_string());
+        self.failed_flag.store(true, Ordering::Release);
+        error
+    }
+
+    /// Write-locks the stripes of the given blocks, in ascending order (no deadlock).
+    fn lock_stripes_write(&self, lbas: impl Iterator<Item = u64>) -> Vec<RwLockWriteGuard<'_, ()>> {
+        Self::stripe_ids(lbas)
+            .into_iter()
+            .map(|i| wlock(&self.stripes[i]))
+            .collect()
+    }
+
+    fn lock_stripes_read(&self, lbas: impl Iterator<Item = u64>) -> Vec<RwLockReadGuard<'_, ()>> {
+        Self::stripe_ids(lbas)
+            .into_iter()
+            .map(|i| rlock(&self.stripes[i]))
+            .collect()
+    }
+
+    fn stripe_ids(lbas: impl Iterator<Item = u64>) -> Vec<usize> {
+        let mut ids: Vec<usize> = lbas
+            .map(|l| ((l / STRIPE_GRANULE) % STRIPES as u64) as usize)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Splits a byte range into pieces that are either whole-block runs (at most [`IO_CHUNK_BLOCKS`])
+    /// or a part of one block: `(lba, offset in block, bytes)`.
+    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+        let mut at = offset;
+        let end = offset + len;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let lba = at / BLOCK_SIZE;
+            let within = (at % BLOCK_SIZE) as usize;
+            let n = if within != 0 || end - at < BLOCK_SIZE {
+                (BLOCK - within).min((end - at) as usize)
+            } else {
+                (((end - at) / BLOCK_SIZE).min(IO_CHUNK_BLOCKS) * BLOCK_SIZE) as usize
+            };
+            at += n as u64;
+            Some((lba, within, n))
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Every block is checked against its
+    /// CRC32; a mismatch is [`StoreError::ChecksumMismatch`] with the block's index.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let chain = rlock(&self.chain);
+        let mut done = 0;
+        for (lba, within, n) in Self::pieces(offset, buf.len() as u64) {
+            let out = &mut buf[done..done + n];
+            if within == 0 && n % BLOCK == 0 {
+                let _stripes = self.lock_stripes_read(lba..lba + (n / BLOCK) as u64);
+                self.read_blocks(&chain, lba, out)?;
+            } else {
+                let _stripes = self.lock_stripes_read(std::iter::once(lba));
+                let mut block = [0u8; BLOCK];
+                self.read_blocks(&chain, lba, &mut block)?;
+                out.copy_from_slice(&block[within..within + n]);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks from the merged view into `out`; the caller holds their stripes.
+    fn read_blocks(&self, chain: &Chain, first: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let n = out.len() / BLOCK;
+        let mut entries: Vec<Option<Entry>> = vec![None; n];
+        for (lba, entry) in rlock(&self.map).range(first..first + n as u64) {
+            entries[(lba - first) as usize] = Some(entry);
+        }
+        let mut i = 0;
+        while i < n {
+            let Some(Entry {
+                layer,
+                state: BlockState::Data { .. },
+            }) = entries[i]
+            else {
+                out[i * BLOCK..(i + 1) * BLOCK].fill(0);
+                i += 1;
+                continue;
+            };
+            // One pread for a run of blocks held by the same layer.
+            let mut j = i + 1;
+            while j < n
+                && matches!(entries[j], Some(Entry { layer: l, state: BlockState::Data { .. } }) if l == layer)
+            {
+                j += 1;
+            }
+            let source = chain.layer(layer)?;
+            let offset = Lba(first + i as u64).byte_offset();
+            source
+                .data
+                .read_at(&mut out[i * BLOCK..j * BLOCK], offset)
+                .map_err(|e| StoreError::Io {
+                    context: format!("reading {} of {layer}", Lba(first + i as u64)),
+                    source: e,
+                })?;
+            for k in i..j {
+                let Some(Entry {
+                    state: BlockState::Data { crc },
+                    ..
+                }) = entries[k]
+                else {
+                    continue;
+                };
+                if crc32fast::hash(&out[k * BLOCK..(k + 1) * BLOCK]) != crc {
+                    return Err(StoreError::ChecksumMismatch {
+                        lba: first + k as u64,
+                    });
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512) into the head. Volatile until [`Store::flush`].
+    /// A write of a whole block also repairs a block that failed its checksum.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.check_range(offset, data.len() as u64)?;
+        self.check_not_failed()?;
+        let chain = rlock(&self.chain);
+        let mut done = 0;
+        for (lba, within, n) in Self::pieces(offset, data.len() as u64) {
+            let piece = &data[done..done + n];
+            if within == 0 && n % BLOCK == 0 {
+                let _stripes = self.lock_stripes_write(lba..lba + (n / BLOCK) as u64);
+                self.write_locked(&chain, lba, piece)?;
+            } else {
+                self.patch_block(&chain, lba, within, Patch::Data(piece))?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks into the head; the caller holds their stripes. Record first, then data:
+    /// see [`log`] for why that order makes crashes safe.
+    fn write_locked(&self, chain: &Chain, first: u64, data: &[u8]) -> Result<(), StoreError> {
+        let head = &chain.head;
+        let crcs: Vec<u32> = data.chunks(BLOCK).map(crc32fast::hash).collect();
+        let mut records = Vec::with_capacity(crcs.len() * RECORD_LEN);
+        log::encode_into(
+            &mut records,
+            crcs.iter().enumerate().map(|(k, &crc)| Record::Block {
+                lba: Lba(first + k as u64),
+                state: BlockState::Data { crc },
+            }),
+        );
+        head.append_log(&records, crcs.len() as u64).map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("appending to the index log of {}", head.id),
+                source: e,
+            })
+        })?;
+        head.data.write_at(data, Lba(first).byte_offset()).map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("writing {} of {}", Lba(first), head.id),
+                source: e,
+            })
+        })?;
+        let mut map = wlock(&self.map);
+        for (k, &crc) in crcs.iter().enumerate() {
+            let state = BlockState::Data { crc };
+            let prev = map.insert(
+                first + k as u64,
+                Entry {
+                    layer: head.id,
+                    state,
+                },
+            );
+            head.account(prev, state);
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write of part of one block (a sector write or a sector discard).
+    fn patch_block(
+        &self,
+        chain: &Chain,
+        lba: u64,
+        within: usize,
+        patch: Patch<'_>,
+    ) -> Result<(), StoreError> {
+        let _stripe = self.lock_stripes_write(std::iter::once(lba));
+        let mut block = [0u8; BLOCK];
+        self.read_blocks(chain, lba, &mut block)?;
+        match patch {
+            Patch::Data(bytes) => block[within..within + bytes.len()].copy_from_slice(bytes),
+            Patch::Zeros(n) => {
+                block[within..within + n].fill(0);
+                if block.iter().all(|&b| b == 0) {
+                    // The whole block is now zeros: a tombstone gives its space back.
+                    return self.tombstone_locked(chain, &[lba]);
+                }
+            }
+        }
+        self.write_locked(chain, lba, &block)
+    }
+
+    /// Discards `len` bytes at `offset` (both multiples of 512): they read as zeros from now on, even
+    /// where an older snapshot holds data. Snapshots are never changed; the head gives the space of
+    /// whole discarded blocks back to the filesystem. Costs time in proportion to the blocks written
+    /// in the range, not to its size (mkfs discards a whole device).
+    pub fn unmap(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        self.check_not_failed()?;
+        let chain = rlock(&self.chain);
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_SIZE);
+        let end_full = end / BLOCK_SIZE;
+        if first_full > end_full {
+            // Inside one block.
+            return self.patch_block(
+                &chain,
+                offset / BLOCK_SIZE,
+                (offset % BLOCK_SIZE) as usize,
+                Patch::Zeros(len as usize),
+            );
+        }
+        if !offset.is_multiple_of(BLOCK_SIZE) {
+            let within = (offset % BLOCK_SIZE) as usize;
+            self.patch_block(&chain, offset / BLOCK_SIZE, within, Patch::Zeros(BLOCK - within))?;
+        }
+        if !end.is_multiple_of(BLOCK_SIZE) {
+            self.patch_block(&chain, end_full, 0, Patch::Zeros((end % BLOCK_SIZE) as usize))?;
+        }
+        let mut cursor = first_full;
+        while cursor < end_full {
+            let head = chain.head.id;
+            let lbas: Vec<u64> = rlock(&self.map)
+                .range(cursor..end_full)
+                .filter(|(_, e)| !(e.layer == head && e.state == BlockState::Tombstone))
+                .take(IO_CHUNK_BLOCKS as usize)
+                .map(|(lba, _)| lba)
+                .collect();
+            let Some(&last) = lbas.last() else { break };
+            cursor = last + 1;
+            let _stripes = self.lock_stripes_write(lbas.iter().copied());
+            self.tombstone_locked(&chain, &lbas)?;
+        }
+        Ok(())
+    }
+
+    /// Puts tombstones on `lbas` (sorted) in the head and punches the head's data there; the caller
+    /// holds their stripes. Blocks no layer holds already read as zeros and are skipped.
+    fn tombstone_locked(&self, chain: &Chain, lbas: &[u64]) -> Result<(), StoreError> {
+        let head = &chain.head;
+        let lbas: Vec<u64> = {
+            let map = rlock(&self.map);
+            lbas.iter()
+                .copied()
+                .filter(|&l| {
+                    map.get(l)
+                        .is_some_and(|e| !(e.layer == head.id && e.state == BlockState::Tombstone))
+                })
+                .collect()
+        };
+        if lbas.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(lbas.len() * RECORD_LEN);
+        log::encode_into(
+            &mut records,
+            lbas.iter().map(|&l| Record::Block {
+                lba: Lba(l),
+                state: BlockState::Tombstone,
+            }),
+        );
+        head.append_log(&records, lbas.len() as u64).map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("appending to the index log of {}", head.id),
+                source: e,
+            })
+        })?;
+        let mut punch: Vec<Range<u64>> = Vec::new();
+        {
+            let mut map = wlock(&self.map);
+            for &lba in &lbas {
+                let prev = map.insert(
+                    lba,
+                    Entry {
+                        layer: head.id,
+                        state: BlockState::Tombstone,
+                    },
+                );
+                head.account(prev, BlockState::Tombstone);
+                if prev.is_some_and(|e| e.layer == head.id) {
+                    match punch.last_mut() {
+                        Some(run) if run.end == lba => run.end += 1,
+                        _ => punch.push(lba..lba + 1),
+                    }
+                }
+            }
+        }
+        for run in punch {
+            head.data
+                .punch(Lba(run.start).byte_offset(), (run.end - run.start) * BLOCK_SIZE)
+                .map_err(|e| {
+                    self.fail(StoreError::Io {
+                        context: format!("punching {}..{} of {}", run.start, run.end, head.id),
+                        source: e,
+                    })
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable, and returns the new revision.
+    pub fn flush(&self) -> Result<Revision, StoreError> {
+        self.check_not_failed()?;
+        let (head, revision) = {
+            // Exclusive only while the marker is appended: no write is then between its record and
+            // its data, so every record before the marker has its data in the page cache.
+            let chain = wlock(&self.chain);
+            let revision = self.next_revision.fetch_add(1, Ordering::AcqRel) + 1;
+            let marker = Record::Flush {
+                revision: Revision(revision),
+            }
+            .encode();
+            chain.head.append_log(&marker, 1).map_err(|e| {
+                self.fail(StoreError::Io {
+                    context: format!("appending a flush marker to {}", chain.head.id),
+                    source: e,
+                })
+            })?;
+            (chain.head.clone(), revision)
+        };
+        head.data.sync().map_err(|e| {
+            // After a failed fsync the page cache state is unknown (fsyncgate): only a reopen is safe.
+            self.fail(StoreError::Io {
+                context: format!("syncing the data of {}", head.id),
+                source: e,
+            })
+        })?;
+        head.sync_log().map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("syncing the index log of {}", head.id),
+                source: e,
+            })
+        })?;
+        self.revision.fetch_max(revision, Ordering::AcqRel);
+        self.maybe_compact_head(&head)?;
+        Ok(Revision(revision))
+    }
+
+    /// Rewrites the head's log when most of its records are superseded, so replay at open stays
+    /// proportional to what the head holds.
+    fn maybe_compact_head(&self, head: &Arc<Layer>) -> Result<(), StoreError> {
+        let live = head.data_blocks.load(Ordering::Relaxed) + head.tombstones.load(Ordering::Relaxed);
+        let records = head.log_records();
+        if records < COMPACT_MIN_RECORDS || records < 2 * live + 1 {
+            return Ok(());
+        }
+        let chain = wlock(&self.chain);
+        if !Arc::ptr_eq(&chain.head, head) {
+            return Ok(());
+        }
+        let blocks: Vec<(u64, BlockState)> = rlock(&self.map).blocks_of(head.id).collect();
+        let revision = Revision(self.next_revision.load(Ordering::Acquire));
+        install_log(&*self.backend, head, blocks.into_iter(), revision, true).map_err(|e| self.fail(e))
+    }
+
+    /// Coalesced byte ranges of the volume that hold data (in the merged view): what a rebuild copies.
+    pub fn allocated_ranges(&self) -> Vec<Range<u64>> {
+        rlock(&self.map)
+            .allocated_blocks()
+            .into_iter()
+            .map(|r| r.start * BLOCK_SIZE..r.end * BLOCK_SIZE)
+            .collect()
+    }
+
+    /// Bytes of data the head holds itself (4 KiB per block written since the last snapshot).
+    pub fn head_allocated_bytes(&self) -> u64 {
+        rlock(&self.chain).head.data_blocks.load(Ordering::Relaxed) * BLOCK_SIZE
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Snapshots
+    // ------------------------------------------------------------------------------------------------
+
+    /// Takes a snapshot of the volume as it is now (after an implicit flush). Atomic: after a crash
+    /// either the snapshot exists or the volume is as if it was never asked for.
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo, StoreError> {
+        validate_snapshot_name(name)?;
+        let _ops = lock(&self.ops);
+        self.check_not_failed()?;
+        if lock(&self.meta).snapshot_index(name).is_some() {
+            return Err(StoreError::SnapshotExists(name.to_string()));
+        }
+        let mut chain = wlock(&self.chain);
+        let old = chain.head.clone();
+        // Freeze the head: a compacted log ending in a marker, data synced.
+        let revision = Revision(self.next_revision.fetch_add(1, Ordering::AcqRel) + 1);
+        let blocks: Vec<(u64, BlockState)> = rlock(&self.map).blocks_of(old.id).collect();
+        install_log(&*self.backend, &old, blocks.into_iter(), revision, true).map_err(|e| self.fail(e))?;
+        self.revision.fetch_max(revision.0, Ordering::AcqRel);
+
+        let mut meta = lock(&self.meta);
+        let new_id = LayerId(meta.next_layer);
+        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
+        let created_unix_ms = now_unix_ms();
+        let mut next = meta.clone();
+        next.snapshots.push(SnapshotRecord {
+            layer: old.id,
+            name: name.to_string(),
+            created_unix_ms,
+        });
+        next.head = new_id;
+        next.next_layer += 1;
+        next.revision = revision;
+        let parent = meta.snapshots.last().map(|s| s.name.clone());
+        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)
+            .and_then(|layer| {
+                let name = new_id.log_object();
+                let object = self
+                    .backend
+                    .open(&name, 0)
+                    .map_err(StoreError::io(format!("opening {name}")))?;
+                *lock(&layer.log) = Some(LogAppender {
+                    object: Arc::from(object),
+                    len: 0,
+                    records: 0,
+                });
+                Ok(layer)
+            })
+            .and_then(|layer| next.store(&*self.backend).map(|()| layer));
+        let new_head = match new_head {
+            Ok(layer) => Arc::new(layer),
+            Err(e) => {
+                // Not committed: the old head stays the head; the new objects are orphans.
+                let _ = self.backend.remove(&new_id.data_object());
+                let _ = self.backend.remove(&new_id.log_object());
+                return Err(e);
+            }
+        };
+        *meta = next;
+        *lock(&old.log) = None;
+        chain.layers.insert(new_id, new_head.clone());
+        chain.head = new_head;
+        Ok(SnapshotInfo {
+            name: name.to_string(),
+            created: UNIX_EPOCH + Duration::from_millis(created_unix_ms),
+            parent,
+            allocated_bytes: old.data_blocks.load(Ordering::Relaxed) * BLOCK_SIZE,
+        })
+    }
+
+    /// The snapshots, oldest first.
+    pub fn snapshot_list(&self) -> Vec<SnapshotInfo> {
+        let chain = rlock(&self.chain);
+        let meta = lock(&self.meta);
+        let mut parent = None;
+        meta.snapshots
+            .iter()
+            .map(|s| {
+                let held = chain
+                    .layers
+                    .get(&s.layer)
+                    .map_or(0, |l| l.data_blocks.load(Ordering::Relaxed));
+                SnapshotInfo {
+                    name: s.name.clone(),
+                    created: UNIX_EPOCH + Duration::from_millis(s.created_unix_ms),
+                    parent: parent.replace(s.name.clone()),
+                    allocated_bytes: held * BLOCK_SIZE,
+                }
+            })
+            .collect()
+    }
+
+    /// Deletes a snapshot by merging its blocks into its child (the next snapshot, or the head), online:
+    /// reads and writes go on between merge steps. Crash-safe at every step (re-run at open).
+    pub fn snapshot_delete(&self, name: &str) -> Result<(), StoreError> {
+        let _ops = lock(&self.ops);
+        self.check_not_failed()?;
+        let merge = {
+            let mut meta = lock(&self.meta);
+            let i = meta
+                .snapshot_index(name)
+                .ok_or_else(|| StoreError::NoSuchSnapshot(name.to_string()))?;
+            let merge = PendingMerge {
+                from: meta.snapshots[i].layer,
+                into: meta.snapshots.get(i + 1).map_or(meta.head, |s| s.layer),
+            };
+            let mut next = meta.clone();
+            next.pending_merge = Some(merge);
+            next.revision = next.revision.max(self.revision());
+            next.store(&*self.backend)?;
+            *meta = next;
+            merge
+        };
+        self.run_merge(merge)
+    }
+
+    /// Carries out a journaled merge (see the module documentation). The caller holds `ops`.
+    fn run_merge(&self, merge: PendingMerge) -> Result<(), StoreError> {
+        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let (from, into, into_is_head) = {
+            let chain = rlock(&self.chain);
+            (
+                chain.layer(merge.from)?.clone(),
+                chain.layer(merge.into)?.clone(),
+                chain.head.id == merge.into,
+            )
+        };
+        let from_blocks: Vec<(u64, BlockState)> = load_index(&*self.backend, &from, volume_blocks)?
+            .blocks
+            .into_iter()
+            .collect();
+        // What the child holds: for the head the map says it (the head is the newest layer); a snapshot
+        // child's own index is read from its log and kept up to date here.
+        let mut into_index = if into_is_head {
+            None
+        } else {
+            let index = load_index(&*self.backend, &into, volume_blocks)?;
+            let name = into.id.log_object();
+            let object = self
+                .backend
+                .open(&name, 0)
+                .map_err(StoreError::io(format!("opening {name}")))?;
+            let len = object.len().map_err(StoreError::io(format!("sizing {name}")))?;
+            *lock(&into.log) = Some(LogAppender {
+                object: Arc::from(object),
+                len,
+                records: 0,
+            });
+            Some(index.blocks)
+        };
+
+        let mut block = vec![0u8; BLOCK];
+        for batch in from_blocks.chunks(MERGE_BATCH_BLOCKS) {
+            let chain = rlock(&self.chain);
+            let _stripes = self.lock_stripes_write(batch.iter().map(|&(lba, _)| lba));
+            let copies: Vec<(u64, BlockState)> = {
+                let map = rlock(&self.map);
+                batch
+                    .iter()
+                    .copied()
+                    .filter(|&(lba, _)| match &into_index {
+                        Some(index) => !index.contains_key(&lba),
+                        None => map.get(lba).is_none_or(|e| e.layer != into.id),
+                    })
+                    .collect()
+            };
+            if copies.is_empty() {
+                continue;
+            }
+            let mut records = Vec::with_capacity(copies.len() * RECORD_LEN);
+            log::encode_into(
+                &mut records,
+                copies
+                    .iter()
+                    .map(|&(lba, state)| Record::Block { lba: Lba(lba), state }),
+            );
+            into.append_log(&records, copies.len() as u64).map_err(|e| {
+                self.fail(StoreError::Io {
+                    context: format!("appending to the index log of {}", into.id),
+                    source: e,
+                })
+            })?;
+            for &(lba, state) in &copies {
+                if let BlockState::Data { .. } = state {
+                    // Copied as stored, CRC included: a block that was corrupt in the snapshot stays
+                    // detectably corrupt rather than being silently blessed.
+                    let offset = Lba(lba).byte_offset();
+                    from.data
+                        .read_at(&mut block, offset)
+                        .map_err(StoreError::io(format!(
+                            "reading {} of {} to merge it",
+                            Lba(lba),
+                            from.id
+                        )))?;
+                    into.data.write_at(&block, offset).map_err(|e| {
+                        self.fail(StoreError::Io {
+                            context: format!("writing {} of {}", Lba(lba), into.id),
+                            source: e,
+                        })
+                    })?;
+                }
+            }
+            let mut map = wlock(&self.map);
+            for &(lba, state) in &copies {
+                into.account(None, state);
+                if map.get(lba).is_some_and(|e| e.layer == from.id) {
+                    map.insert(
+                        lba,
+                        Entry {
+                            layer: into.id,
+                            state,
+                        },
+                    );
+                }
+                if let Some(index) = into_index.as_mut() {
+                    index.insert(lba, state);
+                }
+            }
+            drop(chain);
+        }
+
+        // The child now holds everything the parent contributed: make it durable before the commit.
+        match into_index {
+            None => {
+                self.flush()?;
+            }
+            Some(index) => {
+                install_log(&*self.backend, &into, index.into_iter(), self.revision(), false)
+                    .map_err(|e| self.fail(e))?;
+            }
+        }
+        {
+            let mut chain = wlock(&self.chain);
+            let mut meta = lock(&self.meta);
+            let mut next = meta.clone();
+            next.snapshots.retain(|s| s.layer != from.id);
+            next.pending_merge = None;
+            next.revision = next.revision.max(self.revision());
+            next.store(&*self.backend)?;
+            *meta = next;
+            chain.layers.remove(&from.id);
+        }
+        for name in [from.id.data_object(), from.id.log_object()] {
+            if let Err(e) = self.backend.remove(&name) {
+                tracing::warn!(object = %name, error = %e, "could not remove a merged snapshot; it is removed at next open");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reverts the volume to a snapshot: a fresh empty head on top of it. The old head and every
+    /// snapshot newer than it are removed (the chain is a chain, not a tree). The revision is raised.
+    pub fn snapshot_revert(&self, name: &str) -> Result<(), StoreError> {
+        let _ops = lock(&self.ops);
+        self.check_not_failed()?;
+        let mut chain = wlock(&self.chain);
+        let mut meta = lock(&self.meta);
+        let i = meta
+            .snapshot_index(name)
+            .ok_or_else(|| StoreError::NoSuchSnapshot(name.to_string()))?;
+        let target = meta.snapshots[i].layer;
+        let new_id = LayerId(meta.next_layer);
+        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
+        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)?;
+        let log_name = new_id.log_object();
+        let object = self
+            .backend
+            .open(&log_name, 0)
+            .map_err(StoreError::io(format!("opening {log_name}")))?;
+        *lock(&new_head.log) = Some(LogAppender {
+            object: Arc::from(object),
+            len: 0,
+            records: 0,
+        });
+
+        let revision = Revision(self.next_revision.fetch_add(1, Ordering::AcqRel) + 1);
+        let mut next = meta.clone();
+        next.snapshots.truncate(i + 1);
+        next.head = new_id;
+        next.next_layer += 1;
+        next.revision = revision;
+        if let Err(e) = next.store(&*self.backend) {
+            let _ = self.backend.remove(&new_id.data_object());
+            let _ = self.backend.remove(&log_name);
+            return Err(e);
+        }
+        *meta = next;
+        drop(meta);
+        self.revision.fetch_max(revision.0, Ordering::AcqRel);
+        let dropped: Vec<LayerId> = chain.layers.keys().copied().filter(|&id| id > target).collect();
+        for id in &dropped {
+            chain.layers.remove(id);
+        }
+        let new_head = Arc::new(new_head);
+        chain.layers.insert(new_id, new_head.clone());
+        chain.head = new_head;
+
+        // Rebuild the merged view from the layers that remain.
+        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let mut map = VolumeMap::default();
+        for (&id, layer) in &chain.layers {
+            if id == new_id {
+                continue;
+            }
+            let index = load_index(&*self.backend, layer, volume_blocks).map_err(|e| self.fail(e))?;
+            map.overlay(id, &index.blocks);
+        }
+        *wlock(&self.map) = map;
+        drop(chain);
+        for id in dropped {
+            for name in [id.data_object(), id.log_object()] {
+                if let Err(e) = self.backend.remove(&name) {
+                    tracing::warn!(object = %name, error = %e, "could not remove a reverted layer; it is removed at next open");
+                }
+            }
+        }
+        Ok(())
+    }
+}
