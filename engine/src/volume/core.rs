@@ -323,7 +323,7 @@ impl VolumeCore {
 
     fn degraded(&self) -> Option<VolumeError> {
         let active = self.healthy_count();
-        (active < self.config.min_healthy).then(|| VolumeError::Degraded {
+        (active < self.config.min_healthy).then_some(VolumeError::Degraded {
             active,
             configured: self.replicas.len(),
             min_healthy: self.config.min_healthy,

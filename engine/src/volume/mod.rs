@@ -1,4 +1,10 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
-//! state, and the driver that connects it to replicas and to the initiator.
+//! state, the driver task that runs it ([`driver`]), one link per replica
+//! connection ([`link`]) and the volume's metrics.
 
 pub mod core;
+pub mod driver;
+pub mod link;
+pub mod metrics;
+
+pub use driver::{StartReplica, Volume, VolumeSpec, VolumeStatus};

@@ -1,0 +1,412 @@
+//! The owner task: runs the [`VolumeCore`] and carries out its effects.
+//!
+//! Crucible's select/apply loop: one task owns the core; `select!` waits for
+//! the next input (an initiator request, a replica event, the 100 ms tick);
+//! the core turns it into effects; the loop sends requests to replica links
+//! and completes initiator requests. No lock guards the volume state, and no
+//! lock is held across a replica round trip. [`Volume`] is the handle the
+//! iSCSI target uses: it implements `BlockDevice`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use basalt_proto::{Epoch, VolumeId};
+use basalt_target::device::{BlockDevice, DeviceError, Geometry, Provisioning};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot, RwLock};
+
+use super::core::{
+    ClientId, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, VolumeCore, VolumeError,
+};
+use super::link::{write_crc, Link, Outgoing};
+use super::metrics::VolumeMetrics;
+
+/// How often the core looks for replicas past their timeout. A hung replica
+/// is dropped at most this long after its timeout expires.
+const TICK: Duration = Duration::from_millis(100);
+
+/// WRITE SAME is carried out in chunks of this size so that a 1 GiB WRITE
+/// SAME never allocates 1 GiB.
+const WRITE_SAME_CHUNK: u64 = 1 << 20;
+
+/// A replica as the driver starts it: connected and raised to the volume's
+/// epoch, or not usable (with the reason).
+pub enum StartReplica {
+    Ready(super::link::Handshaken),
+    Unusable { cause: String },
+}
+
+/// Static facts about the volume.
+#[derive(Clone, Debug)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub volume: VolumeId,
+    pub size_bytes: u64,
+    pub epoch: Epoch,
+    pub addresses: Vec<String>,
+}
+
+/// A point-in-time view of the volume, for `volume info` and health checks.
+#[derive(Clone, Debug)]
+pub struct VolumeStatus {
+    pub replicas: Vec<ReplicaStatus>,
+    pub in_flight: usize,
+    pub healthy: usize,
+    pub min_healthy: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    pub address: String,
+    pub mode: ReplicaMode,
+    pub revision: u64,
+    pub outstanding: usize,
+}
+
+enum Command {
+    Io {
+        op: GuestOp,
+        reply: oneshot::Sender<Result<Bytes, VolumeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<VolumeStatus>,
+    },
+}
+
+/// The handle to a running volume. Cheap to clone.
+#[derive(Clone)]
+pub struct Volume {
+    spec: Arc<VolumeSpec>,
+    tx: mpsc::UnboundedSender<Command>,
+    /// COMPARE AND WRITE must be atomic against every other write: writes
+    /// take this shared, COMPARE AND WRITE exclusive. Uncontended, it costs a
+    /// few atomic operations per write.
+    caw: Arc<RwLock<()>>,
+    pub metrics: Arc<VolumeMetrics>,
+}
+
+impl Volume {
+    /// Start the owner task over the given replicas.
+    pub fn start(spec: VolumeSpec, replicas: Vec<StartReplica>, config: CoreConfig) -> Volume {
+        let metrics = Arc::new(VolumeMetrics::new(&spec.addresses));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut modes = Vec::new();
+        let mut links = Vec::new();
+        let mut revisions = Vec::new();
+        for (i, r) in replicas.into_iter().enumerate() {
+            let revision = Arc::new(AtomicU64::new(0));
+            match r {
+                StartReplica::Ready(h) => {
+                    tracing::info!(replica = %spec.addresses[i], "replica RW: chosen at start");
+                    modes.push(ReplicaMode::ReadWrite);
+                    links.push(Some(h.start(
+                        ClientId(i),
+                        spec.epoch,
+                        events_tx.clone(),
+                        revision.clone(),
+                    )));
+                }
+                StartReplica::Unusable { cause } => {
+                    tracing::warn!(replica = %spec.addresses[i], %cause, "replica ERR at start");
+                    modes.push(ReplicaMode::Error { cause });
+                    links.push(None);
+                }
+            }
+            revisions.push(revision);
+        }
+        for (i, m) in modes.iter().enumerate() {
+            metrics.set_mode(i, m);
+        }
+        let core = VolumeCore::new(config, modes, Instant::now());
+        let owner = Owner {
+            core,
+            spec: Arc::new(spec),
+            links,
+            revisions,
+            guests: HashMap::new(),
+            next_guest: 1,
+            metrics: metrics.clone(),
+            _events_tx: events_tx,
+        };
+        let spec = owner.spec.clone();
+        tokio::spawn(owner.run(rx, events_rx));
+        Volume {
+            spec,
+            tx,
+            caw: Arc::new(RwLock::new(())),
+            metrics,
+        }
+    }
+
+    pub fn spec(&self) -> &VolumeSpec {
+        &self.spec
+    }
+
+    /// A point-in-time status; `None` if the owner task has stopped.
+    pub async fn status(&self) -> Option<VolumeStatus> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Status { reply }).ok()?;
+        rx.await.ok()
+    }
+
+    async fn io(&self, op: GuestOp) -> Result<Bytes, DeviceError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Io { op, reply })
+            .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
+        let result = rx
+            .await
+            .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
+        result.map_err(|e| match e {
+            VolumeError::Degraded { .. } => DeviceError::Unavailable(e.to_string()),
+            VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
+        })
+    }
+
+    async fn write_unlocked(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        self.io(GuestOp::Write { offset, data, fua }).await.map(|_| ())
+    }
+}
+
+impl BlockDevice for Volume {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size_bytes: self.spec.size_bytes,
+            logical_block_size: 512,
+            // Replicas checksum and store 4 KiB blocks: tell initiators, so
+            // that they align I/O and avoid read-modify-write.
+            physical_block_exponent: 3,
+            thin: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
+        self.io(GuestOp::Read { offset, len }).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        let _shared = self.caw.read().await;
+        self.write_unlocked(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.io(GuestOp::Flush).await.map(|_| ())
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        let _shared = self.caw.read().await;
+        self.io(GuestOp::Unmap { offset, len }).await.map(|_| ())
+    }
+
+    async fn write_same(&self, offset: u64, len: u64, pattern: Bytes) -> Result<(), DeviceError> {
+        if pattern.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let _shared = self.caw.read().await;
+        let chunk_len = WRITE_SAME_CHUNK.min(len) / pattern.len() as u64 * pattern.len() as u64;
+        let chunk_len = chunk_len.max(pattern.len() as u64);
+        let mut buf = BytesMut::with_capacity(chunk_len as usize);
+        while (buf.len() as u64) < chunk_len {
+            buf.extend_from_slice(&pattern);
+        }
+        let chunk = buf.freeze();
+        let mut done = 0;
+        while done < len {
+            let n = chunk_len.min(len - done);
+            self.write_unlocked(offset + done, chunk.slice(..n as usize), false)
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn compare_and_write(&self, offset: u64, compare: Bytes, data: Bytes) -> Result<(), DeviceError> {
+        let _exclusive = self.caw.write().await;
+        let current = self
+            .io(GuestOp::Read {
+                offset,
+                len: compare.len() as u32,
+            })
+            .await?;
+        if let Some(pos) = current.iter().zip(compare.iter()).position(|(a, b)| a != b) {
+            return Err(DeviceError::Miscompare { offset: pos as u64 });
+        }
+        self.write_unlocked(offset, data, false).await
+    }
+
+    async fn provisioning(&self, offset: u64, max_len: u64) -> Result<(Provisioning, u64), DeviceError> {
+        // Replicas do not report their allocation maps to the controller:
+        // "mapped" is always a correct answer (an initiator may not rely on a
+        // deallocated report), just not the most informative one.
+        let len = max_len.min(self.spec.size_bytes.saturating_sub(offset));
+        Ok((Provisioning::Mapped, len))
+    }
+}
+
+/// The state owned by the driver task.
+struct Owner {
+    core: VolumeCore,
+    spec: Arc<VolumeSpec>,
+    links: Vec<Option<Link>>,
+    revisions: Vec<Arc<AtomicU64>>,
+    guests: HashMap<GuestId, Pending>,
+    next_guest: u64,
+    metrics: Arc<VolumeMetrics>,
+    /// Keeps the event channel open even with no replica connected.
+    _events_tx: mpsc::UnboundedSender<Event>,
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Bytes, VolumeError>>,
+    kind: &'static str,
+    bytes: u64,
+    started: Instant,
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut effects = Vec::new();
+        loop {
+            tokio::select! {
+                // Replica events first: completing work frees the initiator
+                // to send more, and a lost replica must be noticed before
+                // new I/O is sent to it.
+                biased;
+                Some(event) = events.recv() => {
+                    self.core.apply(Instant::now(), event, &mut effects);
+                    // Drain what else is ready before acting: one wake-up
+                    // handles a whole burst of replies.
+                    while let Ok(event) = events.try_recv() {
+                        self.core.apply(Instant::now(), event, &mut effects);
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => {
+                        self.command(cmd, &mut effects);
+                        while let Ok(cmd) = rx.try_recv() {
+                            self.command(cmd, &mut effects);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => self.core.apply(Instant::now(), Event::Tick, &mut effects),
+            }
+            self.carry_out(&mut effects);
+            self.metrics.in_flight.set(self.core.in_flight() as i64);
+        }
+    }
+
+    fn command(&mut self, cmd: Command, effects: &mut Vec<Effect>) {
+        match cmd {
+            Command::Io { op, reply } => {
+                let id = GuestId(self.next_guest);
+                self.next_guest += 1;
+                let (kind, bytes) = match &op {
+                    GuestOp::Read { len, .. } => ("read", u64::from(*len)),
+                    GuestOp::Write { data, .. } => ("write", data.len() as u64),
+                    GuestOp::Flush => ("flush", 0),
+                    GuestOp::Unmap { len, .. } => ("unmap", *len),
+                };
+                self.guests.insert(
+                    id,
+                    Pending {
+                        reply,
+                        kind,
+                        bytes,
+                        started: Instant::now(),
+                    },
+                );
+                self.core.apply(Instant::now(), Event::Guest { id, op }, effects);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&self) -> VolumeStatus {
+        let replicas = self
+            .core
+            .modes()
+            .map(|(c, mode)| ReplicaStatus {
+                address: self.spec.addresses[c.0].clone(),
+                mode: mode.clone(),
+                revision: self.revisions[c.0].load(Ordering::Relaxed),
+                outstanding: self.core.outstanding(c),
+            })
+            .collect();
+        VolumeStatus {
+            replicas,
+            in_flight: self.core.in_flight(),
+            healthy: self.core.healthy_count(),
+            min_healthy: self.core.config().min_healthy,
+        }
+    }
+
+    fn carry_out(&mut self, effects: &mut Vec<Effect>) {
+        // Consecutive sends of one write share one payload CRC.
+        let mut crc_for: Option<(super::core::JobId, Option<u32>)> = None;
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Send { client, job, request } => {
+                    let payload_crc = match crc_for {
+                        Some((j, crc)) if j == job => crc,
+                        _ => {
+                            let crc = write_crc(&request);
+                            crc_for = Some((job, crc));
+                            crc
+                        }
+                    };
+                    if let Some(link) = &self.links[client.0] {
+                        link.send(Outgoing {
+                            job,
+                            request,
+                            payload_crc,
+                        });
+                    }
+                }
+                Effect::Complete { guest, result } => {
+                    if let Some(p) = self.guests.remove(&guest) {
+                        self.metrics
+                            .observe(p.kind, p.bytes, p.started.elapsed(), result.is_ok());
+                        if let Err(e) = &result {
+                            tracing::warn!(op = p.kind, error = %e, "I/O failed");
+                        }
+                        let _ = p.reply.send(result);
+                    }
+                }
+                Effect::ModeChanged { client, mode } => {
+                    let addr = &self.spec.addresses[client.0];
+                    match &mode {
+                        ReplicaMode::Error { cause } => {
+                            tracing::warn!(replica = %addr, %cause, "replica ERR: dropped from the volume");
+                            self.metrics.replica_errors.with_label_values(&[addr]).inc();
+                        }
+                        m => tracing::info!(replica = %addr, mode = m.label(), "replica mode changed"),
+                    }
+                    self.metrics.set_mode(client.0, &mode);
+                    if self.core.healthy_count() < self.core.config().min_healthy {
+                        tracing::error!(
+                            healthy = self.core.healthy_count(),
+                            min_healthy = self.core.config().min_healthy,
+                            "volume degraded: fewer read-write replicas than --min-healthy; failing I/O"
+                        );
+                    }
+                }
+                Effect::Disconnect { client } => {
+                    self.links[client.0] = None;
+                }
+            }
+        }
+        self.metrics.healthy.set(self.core.healthy_count() as i64);
+    }
+}

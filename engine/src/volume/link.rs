@@ -1,0 +1,320 @@
+//! One replica connection: the handshake, then two tasks.
+//!
+//! ```text
+//!   driver ──(JobId, ReplicaRequest)──► writer task ──frames, batched writev──► replica
+//!   driver ◄──────── Event::Reply / Event::Lost ◄──── reader task ◄──frames──── replica
+//! ```
+//!
+//! The writer drains everything queued before each vectored write, so a burst
+//! of 32 writes costs one syscall; payloads are the guest's `Bytes`, never
+//! copied. The reader maps each reply to an [`Event`] for the volume core and
+//! reports [`Event::Lost`] the moment the connection breaks, so a dead replica
+//! is dropped at once rather than after a timeout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_proto::frame::{
+    payload_crc, Frame, FrameBatchWriter, FrameCodec, Message, ProtocolVersion, ReplicaIdentity, ReplyError,
+    RequestId,
+};
+use basalt_proto::{Epoch, VolumeId};
+use futures::StreamExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+
+use super::core::{ClientId, Event, JobId, ReplicaReply, ReplicaRequest};
+
+/// Stop batching and write once this much is queued (bounds the writer's
+/// memory; far above one burst of small writes).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Why a replica could not be connected.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to replica {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("replica {addr} did not answer the handshake within {0:?}", timeout)]
+    Timeout { addr: String, timeout: Duration },
+    #[error("replica {addr} refused the handshake: {message}")]
+    Refused {
+        addr: String,
+        error: ReplyError,
+        message: String,
+    },
+    #[error("replica {addr} broke the protocol during the handshake: {detail}")]
+    Protocol { addr: String, detail: String },
+}
+
+/// A connected replica whose identity is known, before its I/O tasks start.
+pub struct Handshaken {
+    pub identity: ReplicaIdentity,
+    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    writer: FrameBatchWriter<OwnedWriteHalf>,
+    next_id: u64,
+}
+
+impl Handshaken {
+    /// Connect to `addr` and say Hello. `volume` may be nil (survey: the
+    /// replica tells who it is); an `epoch` above the replica's raises it
+    /// durably, which is how a new controller fences older ones.
+    pub async fn connect(
+        addr: &str,
+        volume: VolumeId,
+        epoch: Epoch,
+        timeout: Duration,
+    ) -> Result<Handshaken, LinkError> {
+        let fut = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| LinkError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            let (r, w) = stream.into_split();
+            let mut conn = Handshaken {
+                identity: ReplicaIdentity {
+                    volume,
+                    size_bytes: 0,
+                    epoch,
+                    revision: Default::default(),
+                },
+                reader: FramedRead::new(r, FrameCodec),
+                writer: FrameBatchWriter::new(w),
+                next_id: 1,
+            };
+            let hello = Message::Hello {
+                volume,
+                min_version: ProtocolVersion::MIN_SUPPORTED,
+                max_version: ProtocolVersion::CURRENT,
+            };
+            match conn.call(addr, epoch, hello).await? {
+                Message::HelloOk { replica, .. } => conn.identity = replica,
+                other => return Err(unexpected(addr, &other)),
+            }
+            Ok(conn)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| LinkError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            })?
+    }
+
+    /// Raise the replica's epoch durably (the fence against older
+    /// controllers) and learn its identity again.
+    pub async fn raise_epoch(&mut self, addr: &str, epoch: Epoch) -> Result<(), LinkError> {
+        match self.call(addr, epoch, Message::SetEpoch).await? {
+            Message::SetEpochOk => {
+                self.identity.epoch = epoch;
+                Ok(())
+            }
+            other => Err(unexpected(addr, &other)),
+        }
+    }
+
+    /// One request, one reply, before the I/O tasks take over the socket.
+    async fn call(&mut self, addr: &str, epoch: Epoch, message: Message) -> Result<Message, LinkError> {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        let frame = Frame::new(id, epoch, message)
+            .encode()
+            .map_err(|e| LinkError::Protocol {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            })?;
+        self.writer.push(frame);
+        self.writer.flush().await.map_err(|source| LinkError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        match self.reader.next().await {
+            Some(Ok(reply)) if reply.id == id => match reply.message {
+                Message::Failed { error, message, .. } => Err(LinkError::Refused {
+                    addr: addr.to_string(),
+                    error,
+                    message,
+                }),
+                m => Ok(m),
+            },
+            Some(Ok(reply)) => Err(LinkError::Protocol {
+                addr: addr.to_string(),
+                detail: format!("reply to {} while waiting for {id}", reply.id),
+            }),
+            Some(Err(e)) => Err(LinkError::Protocol {
+                addr: addr.to_string(),
+                detail: e.to_string(),
+            }),
+            None => Err(LinkError::Protocol {
+                addr: addr.to_string(),
+                detail: "connection closed during the handshake".into(),
+            }),
+        }
+    }
+
+    /// Start the I/O tasks. Requests sent on the returned channel go out in
+    /// order; every reply, and the loss of the connection, arrive as events.
+    pub fn start(
+        self,
+        client: ClientId,
+        epoch: Epoch,
+        events: mpsc::UnboundedSender<Event>,
+        revision: Arc<AtomicU64>,
+    ) -> Link {
+        revision.store(self.identity.revision.0, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(client, epoch, self.writer, rx, events.clone()));
+        let reader = tokio::spawn(read_loop(client, self.reader, events, revision));
+        Link { tx, writer, reader }
+    }
+}
+
+fn unexpected(addr: &str, m: &Message) -> LinkError {
+    LinkError::Protocol {
+        addr: addr.to_string(),
+        detail: format!("unexpected reply {:?}", m.op()),
+    }
+}
+
+/// A request for the writer task, with the payload CRC when the driver has
+/// already computed it (one CRC for a write sent to three replicas).
+pub struct Outgoing {
+    pub job: JobId,
+    pub request: ReplicaRequest,
+    pub payload_crc: Option<u32>,
+}
+
+/// The running I/O tasks of one replica connection. Dropping it closes the
+/// connection.
+pub struct Link {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    writer: tokio::task::JoinHandle<()>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// Queue a request. If the writer is gone the connection is already
+    /// lost, and the reader or writer has reported it.
+    pub fn send(&self, out: Outgoing) {
+        let _ = self.tx.send(out);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.reader.abort();
+    }
+}
+
+/// CRC of a write payload, computed once and shared by every replica's frame.
+pub fn write_crc(request: &ReplicaRequest) -> Option<u32> {
+    match request {
+        ReplicaRequest::Write { data, .. } => Some(payload_crc(data)),
+        _ => None,
+    }
+}
+
+fn to_message(request: ReplicaRequest) -> Message {
+    match request {
+        ReplicaRequest::Read { offset, len } => Message::Read { offset, len },
+        ReplicaRequest::Write { offset, data, fua } => Message::Write { offset, data, fua },
+        ReplicaRequest::Flush => Message::Flush,
+        ReplicaRequest::Unmap { offset, len } => Message::Unmap { offset, len },
+    }
+}
+
+async fn write_loop(
+    client: ClientId,
+    epoch: Epoch,
+    mut writer: FrameBatchWriter<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let encode = |out: Outgoing| {
+        let frame = Frame::new(RequestId(out.job.0), epoch, to_message(out.request));
+        match out.payload_crc {
+            Some(crc) => frame.encode_with_payload_crc(crc),
+            None => frame.encode(),
+        }
+    };
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match encode(out) {
+                Ok(frame) => writer.push(frame),
+                Err(e) => {
+                    let _ = events.send(Event::Lost {
+                        client,
+                        cause: format!("cannot encode a request: {e}"),
+                    });
+                    return;
+                }
+            }
+            if writer.pending_bytes() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            let _ = events.send(Event::Lost {
+                client,
+                cause: format!("connection lost while sending: {e}"),
+            });
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    client: ClientId,
+    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    events: mpsc::UnboundedSender<Event>,
+    revision: Arc<AtomicU64>,
+) {
+    let cause = loop {
+        let frame = match reader.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => break format!("protocol error from replica: {e}"),
+            None => break "connection closed by the replica".to_string(),
+        };
+        let reply = match frame.message {
+            Message::ReadOk { data } => ReplicaReply::Ok(data),
+            Message::FlushOk { revision: r } => {
+                revision.fetch_max(r.0, Ordering::Relaxed);
+                ReplicaReply::Ok(Default::default())
+            }
+            Message::WriteOk | Message::UnmapOk | Message::Pong => ReplicaReply::Ok(Default::default()),
+            Message::Failed {
+                error: ReplyError::ChecksumMismatch { lba },
+                ..
+            } => ReplicaReply::ChecksumMismatch { lba },
+            Message::Failed {
+                error: ReplyError::StaleEpoch { current },
+                ..
+            } => {
+                // A newer controller owns this replica: we are fenced out.
+                break format!("fenced: the replica has accepted {current}, newer than ours");
+            }
+            Message::Failed { error, message, .. } => {
+                ReplicaReply::Failed(format!("{}: {message}", error.name()))
+            }
+            other => break format!("unexpected message from replica: {:?}", other.op()),
+        };
+        if events
+            .send(Event::Reply {
+                client,
+                job: JobId(frame.id.0),
+                reply,
+            })
+            .is_err()
+        {
+            return;
+        }
+    };
+    let _ = events.send(Event::Lost { client, cause });
+}

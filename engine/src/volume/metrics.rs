@@ -1,0 +1,140 @@
+//! The controller's Prometheus metrics, in their own registry (served at
+//! `/metrics` on `--metrics`). The same counters feed `basalt volume info`,
+//! so the CLI and the dashboards can never disagree.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use super::core::ReplicaMode;
+
+/// Latency buckets from 50 µs (a page-cache hit over loopback) to 10 s (past
+/// the replica timeout), so both fast paths and stalls are visible.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+pub struct VolumeMetrics {
+    pub registry: Registry,
+    pub ops: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub latency: HistogramVec,
+    pub in_flight: IntGauge,
+    pub healthy: IntGauge,
+    /// 1 for the replica's current mode, 0 for the others.
+    pub replica_mode: IntGaugeVec,
+    pub replica_errors: IntCounterVec,
+    addresses: Vec<String>,
+}
+
+impl VolumeMetrics {
+    pub fn new(addresses: &[String]) -> VolumeMetrics {
+        let registry = Registry::new();
+        let ops = IntCounterVec::new(
+            Opts::new("basalt_volume_ops_total", "Initiator I/Os completed, by op"),
+            &["op"],
+        )
+        .expect("valid metric");
+        let bytes = IntCounterVec::new(
+            Opts::new("basalt_volume_bytes_total", "Bytes read and written, by op"),
+            &["op"],
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new("basalt_volume_errors_total", "Initiator I/Os that failed, by op"),
+            &["op"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "basalt_volume_latency_seconds",
+                "Initiator I/O latency through the controller",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("valid metric");
+        let in_flight =
+            IntGauge::new("basalt_volume_in_flight", "I/Os in flight in the volume core").expect("valid");
+        let healthy = IntGauge::new("basalt_volume_healthy_replicas", "Read-write replicas").expect("valid");
+        let replica_mode = IntGaugeVec::new(
+            Opts::new(
+                "basalt_replica_mode",
+                "1 for the replica's current mode (RW, WO, ERR)",
+            ),
+            &["replica", "mode"],
+        )
+        .expect("valid metric");
+        let replica_errors = IntCounterVec::new(
+            Opts::new(
+                "basalt_replica_errors_total",
+                "Times a replica was dropped from the volume",
+            ),
+            &["replica"],
+        )
+        .expect("valid metric");
+        for c in [&ops, &bytes, &errors, &replica_errors] {
+            registry.register(Box::new(c.clone())).expect("unique metric");
+        }
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(healthy.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(replica_mode.clone()))
+            .expect("unique metric");
+        VolumeMetrics {
+            registry,
+            ops,
+            bytes,
+            errors,
+            latency,
+            in_flight,
+            healthy,
+            replica_mode,
+            replica_errors,
+            addresses: addresses.to_vec(),
+        }
+    }
+
+    /// Record one completed initiator I/O.
+    pub fn observe(&self, op: &str, bytes: u64, elapsed: Duration, ok: bool) {
+        if ok {
+            self.ops.with_label_values(&[op]).inc();
+            self.bytes.with_label_values(&[op]).inc_by(bytes);
+        } else {
+            self.errors.with_label_values(&[op]).inc();
+        }
+        let h: Histogram = self.latency.with_label_values(&[op]);
+        h.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_mode(&self, replica: usize, mode: &ReplicaMode) {
+        let addr = &self.addresses[replica];
+        for m in ["RW", "WO", "ERR"] {
+            self.replica_mode
+                .with_label_values(&[addr, m])
+                .set(i64::from(m == mode.label()));
+        }
+    }
+
+    pub fn counter(&self, c: &IntCounterVec, op: &str) -> u64 {
+        c.with_label_values(&[op]).get()
+    }
+
+    /// The text exposition format, for `/metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
