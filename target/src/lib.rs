@@ -5,4 +5,6 @@
 //! ([`file::FileDevice`]); the engine crate supplies the replicated volume.
 
 pub mod device;
+pub mod file;
 pub mod lu;
+pub mod scsi;
