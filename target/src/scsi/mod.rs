@@ -53,10 +53,11 @@ pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 16;
 /// so this only bounds the time one command takes (seconds on a disk).
 pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
 
-/// UNMAP limits (Block Limits VPD): descriptors per command, blocks per
-/// command. Hole punching is cheap, so they are generous.
+/// UNMAP limits (Block Limits VPD): descriptors per command, bytes per
+/// command. Hole punching is cheap, so they are generous, but the block count
+/// stays under 2^20 (libiscsi flags larger values as implausible).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-pub const MAX_UNMAP_BYTES: u64 = 1 << 30;
+pub const MAX_UNMAP_BYTES: u64 = 256 << 20;
 
 /// Unit attentions queued per nexus beyond this are dropped (SPC-4 lets a
 /// device server lose attentions when it runs out of space); a queue that

@@ -5,9 +5,10 @@
 //! Exceptions Control (0x1C). Each page is rendered from [`ModeState`] for
 //! the current and default values, and from a fixed mask for the changeable
 //! values. MODE SELECT accepts a page only if every bit outside the mask
-//! equals the current value; the single changeable bit is WCE (write cache
-//! enable): with it cleared every write is made durable before it completes
-//! (FUA), which is what an initiator turning the cache off expects. Saved
+//! equals the current value. Two bits are changeable: WCE (write cache
+//! enable), with which cleared every write is made durable before it
+//! completes (FUA), which is what an initiator turning the cache off expects;
+//! and SWP (software write protect), which makes the unit refuse writes. Saved
 //! values are not supported (no page survives a restart).
 
 use crate::scsi::sense::{Asc, Failure, SenseKey};
@@ -17,12 +18,16 @@ use crate::scsi::sense::{Asc, Failure, SenseKey};
 pub struct ModeState {
     /// Caching page WCE: writes may complete before they are durable.
     pub write_cache_enabled: bool,
+    /// Control page SWP: the initiator asked for the medium to be write
+    /// protected (writes fail with DATA PROTECT until it clears the bit).
+    pub software_write_protect: bool,
 }
 
 impl Default for ModeState {
     fn default() -> Self {
         ModeState {
             write_cache_enabled: true,
+            software_write_protect: false,
         }
     }
 }
@@ -44,6 +49,8 @@ pub const ALL_PAGES: u8 = 0x3F;
 pub const PAGES: [u8; 3] = [CACHING_PAGE, CONTROL_PAGE, INFORMATIONAL_EXCEPTIONS_PAGE];
 
 const WCE: u8 = 0x04;
+/// Control page byte 4.
+const SWP: u8 = 0x08;
 
 /// One page's bytes for the given page control.
 pub fn page(code: u8, pc: PageControl, state: ModeState) -> Option<Vec<u8>> {
@@ -64,6 +71,9 @@ pub fn page(code: u8, pc: PageControl, state: ModeState) -> Option<Vec<u8>> {
             // QUEUE ALGORITHM MODIFIER 1: commands may be reordered, which
             // is true (many run concurrently).
             p[3] = 0x10;
+            if state.software_write_protect {
+                p[4] |= SWP;
+            }
             // BUSY TIMEOUT PERIOD: unlimited.
             p[8] = 0xFF;
             p[9] = 0xFF;
@@ -84,8 +94,10 @@ pub fn page(code: u8, pc: PageControl, state: ModeState) -> Option<Vec<u8>> {
         for b in &mut p[2..] {
             *b = 0;
         }
-        if code == CACHING_PAGE {
-            p[2] = WCE;
+        match code {
+            CACHING_PAGE => p[2] = WCE,
+            CONTROL_PAGE => p[4] = SWP,
+            _ => {}
         }
     }
     Some(p)
@@ -123,8 +135,10 @@ pub fn select(pages: &[u8], offset: usize, state: ModeState) -> Result<ModeState
                 return Err(Failure::invalid_param_field((offset + at + i) as u16, None));
             }
         }
-        if code == CACHING_PAGE {
-            next.write_cache_enabled = given[2] & WCE != 0;
+        match code {
+            CACHING_PAGE => next.write_cache_enabled = given[2] & WCE != 0,
+            CONTROL_PAGE => next.software_write_protect = given[4] & SWP != 0,
+            _ => {}
         }
         at += len;
     }
@@ -149,12 +163,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_wce_is_changeable() {
+    fn only_wce_and_swp_are_changeable() {
         let ch = page(CACHING_PAGE, PageControl::Changeable, ModeState::default()).unwrap();
         assert_eq!(ch[2], WCE);
         assert!(ch[3..].iter().all(|b| *b == 0));
         let ctl = page(CONTROL_PAGE, PageControl::Changeable, ModeState::default()).unwrap();
-        assert!(ctl[2..].iter().all(|b| *b == 0));
+        assert_eq!(ctl[4], SWP);
+        assert!(ctl[2..].iter().enumerate().all(|(i, b)| i == 2 || *b == 0));
     }
 
     #[test]

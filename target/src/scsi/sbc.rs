@@ -80,9 +80,15 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<(), Failure> {
+    pub(super) fn check_writable(&self) -> Result<(), Failure> {
         if self.config.read_only {
             return Err(Failure::check(SenseKey::DataProtect, Asc::WRITE_PROTECTED));
+        }
+        if self.state().mode.software_write_protect {
+            return Err(Failure::check(
+                SenseKey::DataProtect,
+                Asc::SOFTWARE_WRITE_PROTECTED,
+            ));
         }
         Ok(())
     }

@@ -52,6 +52,7 @@ impl Asc {
     pub const INVALID_FIELD_IN_PARAMETER_LIST: Asc = Asc(0x26, 0x00);
     pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: Asc = Asc(0x26, 0x04);
     pub const WRITE_PROTECTED: Asc = Asc(0x27, 0x00);
+    pub const SOFTWARE_WRITE_PROTECTED: Asc = Asc(0x27, 0x02);
     pub const POWER_ON_RESET_OCCURRED: Asc = Asc(0x29, 0x00);
     pub const BUS_DEVICE_RESET_OCCURRED: Asc = Asc(0x29, 0x03);
     pub const MODE_PARAMETERS_CHANGED: Asc = Asc(0x2A, 0x01);

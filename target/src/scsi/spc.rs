@@ -182,6 +182,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
         let subpage = cdb[3];
         let alloc = if ten { be(cdb, 7, 2) } else { u64::from(cdb[4]) };
         let state = self.state().mode;
+        let write_protected = self.config.read_only || state.software_write_protect;
         let mut pages = Vec::new();
         match (page_code, subpage) {
             (mode::ALL_PAGES, 0x00 | 0xFF) => {
@@ -211,7 +212,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             d
         };
         // Device-specific parameter: WP, DPOFUA (DPO and FUA are honoured).
-        let device_specific = 0x10 | if self.config.read_only { 0x80 } else { 0 };
+        let device_specific = 0x10 | if write_protected { 0x80 } else { 0 };
         let mut d = if ten {
             let mut h = vec![0u8; 8];
             h[3] = device_specific;
