@@ -6,5 +6,6 @@
 
 pub mod device;
 pub mod file;
+pub mod iscsi;
 pub mod lu;
 pub mod scsi;
