@@ -71,7 +71,6 @@ impl Default for FileDeviceOptions {
         FileDeviceOptions {
             size: None,
             logical_block_size: 512,
-            physical_block_exponent: 3,
         }
     }
 }
