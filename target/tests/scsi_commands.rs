@@ -33,7 +33,6 @@ fn file_lu(config: LuConfig) -> Harness<FileDevice> {
     let opts = FileDeviceOptions {
         size: Some(BLOCKS * BS as u64),
         logical_block_size: BS as u32,
-        ..Default::default()
     };
     let dev = FileDevice::open(dir.path().join("lun0.img"), opts).unwrap();
     Harness {
