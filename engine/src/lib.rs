@@ -9,4 +9,7 @@
 //! 4. `basalt_proto::frame` — one frame per replica, sharing one buffer;
 //! 5. `basalt_replica::store` — each replica appends it to its head.
 
+pub mod api;
+pub mod controller;
+pub mod http;
 pub mod volume;

@@ -23,6 +23,10 @@ enum Command {
     Replica(cli::replica::Args),
     /// Expose a plain file as an iSCSI LUN (for tests and benchmarks).
     ServeFile(cli::serve_file::Args),
+    /// Serve one replicated volume over iSCSI (the target controller).
+    Controller(cli::controller::Args),
+    /// Run a whole volume locally, or look at a running one.
+    Volume(cli::volume::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +35,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Replica(args) => cli::replica::run(args),
         Command::ServeFile(args) => cli::serve_file::run(args),
+        Command::Controller(args) => cli::controller::run(args),
+        Command::Volume(args) => cli::volume::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -103,7 +103,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FileDeviceOptions {
             size: args.size,
             logical_block_size: args.block_size,
-            ..Default::default()
         },
     )
     .with_context(|| format!("opening {} for serve-file", args.file.display()))?;

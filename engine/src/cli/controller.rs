@@ -1,0 +1,153 @@
+//! `basalt controller`: serve one replicated volume over iSCSI.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use basalt_target::iscsi::portal::{target_iqn, Portal, PortalConfig, Target, TargetConfig};
+use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
+use tokio_util::sync::CancellationToken;
+
+use super::args::{parse_duration, parse_volume_size};
+use basalt_engine::controller::{assemble, ControllerConfig};
+use basalt_engine::volume::core::CoreConfig;
+
+/// Arguments of `basalt controller`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Volume name; the target is served as iqn.2026-11.io.basalt:NAME.
+    #[arg(long)]
+    pub name: String,
+    /// Volume size (e.g. 10G); must match every replica's.
+    #[arg(long, value_parser = parse_volume_size)]
+    pub size: u64,
+    /// A replica's address (host:port); repeat for each replica.
+    #[arg(long = "replica", required = true)]
+    pub replicas: Vec<String>,
+    /// iSCSI portal address.
+    #[arg(long, default_value = "0.0.0.0:3260")]
+    pub iscsi: SocketAddr,
+    /// Management API (gRPC ControllerService) address.
+    #[arg(long, default_value = "127.0.0.1:9600")]
+    pub api: SocketAddr,
+    /// Prometheus metrics address (serves /metrics).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// The volume's UUID; by default the one most replicas report.
+    #[arg(long)]
+    pub volume_id: Option<uuid::Uuid>,
+    /// Fewest read-write replicas with which the volume accepts I/O
+    /// (default: a majority of the replicas).
+    #[arg(long)]
+    pub min_healthy: Option<usize>,
+    /// Drop a replica that has not answered a request for this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub replica_timeout: Duration,
+    /// At start, wait this long for every replica to answer.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub startup_wait: Duration,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args, super::shutdown_signal()))
+}
+
+/// Run a controller until `shutdown` is cancelled.
+pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let replicas = args.replicas.len();
+    let min_healthy = args.min_healthy.unwrap_or(CoreConfig::majority(replicas));
+    if min_healthy == 0 || min_healthy > replicas {
+        anyhow::bail!(
+            "--min-healthy must be between 1 and the number of replicas ({replicas}); got {min_healthy}"
+        );
+    }
+    let config = ControllerConfig {
+        name: args.name.clone(),
+        size_bytes: args.size,
+        replicas: args.replicas.clone(),
+        volume_id: args.volume_id.map(basalt_proto::VolumeId),
+        min_healthy,
+        replica_timeout: args.replica_timeout,
+        startup_wait: args.startup_wait,
+    };
+    // Bind every listener before assembling, so a bad address fails fast.
+    let iscsi = tokio::net::TcpListener::bind(args.iscsi)
+        .await
+        .with_context(|| format!("cannot listen for iSCSI on {}", args.iscsi))?;
+    let api_listener = tokio::net::TcpListener::bind(args.api)
+        .await
+        .with_context(|| format!("cannot listen for the management API on {}", args.api))?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let volume = assemble(&config).await?;
+    let iqn = target_iqn(&args.name);
+    let lu = ScsiLogicalUnit::new(
+        Arc::new(volume.clone()),
+        LuConfig::new(volume.spec().volume.0.simple().to_string()),
+    );
+    let target = Target::new(TargetConfig::new(iqn.clone(), Arc::new(lu)))
+        .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
+    let portal = Portal::new(PortalConfig::default(), [target]);
+
+    let sessions_portal = portal.clone();
+    let api = basalt_engine::api::Api::new(
+        volume.clone(),
+        iqn.clone(),
+        Arc::new(move || sessions_portal.session_count()),
+    );
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(api)
+            .serve_with_incoming_shutdown(tokio_stream_listener(api_listener), async move {
+                api_shutdown.cancelled().await
+            })
+            .await
+    });
+    if let Some(listener) = metrics_listener {
+        let metrics = volume.metrics.clone();
+        tokio::spawn(basalt_engine::http::serve_metrics(
+            listener,
+            Arc::new(move || metrics.render()),
+            shutdown.clone(),
+        ));
+    }
+
+    tracing::info!(
+        url = %format!("iscsi://{}/{iqn}/0", args.iscsi), api = %args.api,
+        "serving volume {}", args.name
+    );
+    portal
+        .serve(iscsi, shutdown.clone())
+        .await
+        .context("iSCSI portal failed")?;
+    // Make everything acknowledged durable before exiting.
+    if let Err(e) = basalt_target::device::BlockDevice::flush(&volume).await {
+        tracing::warn!(error = %e, "final flush failed");
+    }
+    let _ = api_task.await;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// A tonic incoming-connection stream over a bound listener.
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let next = listener.accept().await.map(|(s, _)| s);
+        Some((next, listener))
+    })
+}

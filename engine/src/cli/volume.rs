@@ -1,0 +1,345 @@
+//! `basalt volume up|info`: run a whole volume locally, and look at one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
+use basalt_proto::pb::controller::VolumeInfoRequest;
+
+use super::args::parse_volume_size;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: VolumeCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Start a replicated volume on this machine: N replica processes (data
+    /// under DIR/NAME/r1..rN) and a controller, stopped cleanly on Ctrl-C.
+    Up(UpArgs),
+    /// Show a running volume: size, epoch, replicas and their modes, I/O.
+    Info(InfoArgs),
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Volume name (the target is iqn.2026-11.io.basalt:NAME).
+    #[arg(long)]
+    pub name: String,
+    /// Volume size, e.g. 10G (fixed at creation).
+    #[arg(long, value_parser = parse_volume_size)]
+    pub size: u64,
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
+    /// Directory holding the volumes' data.
+    #[arg(long, default_value = "./basalt-data")]
+    pub data: PathBuf,
+    /// iSCSI portal address.
+    #[arg(long, default_value = "127.0.0.1:3260")]
+    pub iscsi: SocketAddr,
+    /// Management API address.
+    #[arg(long, default_value = "127.0.0.1:9600")]
+    pub api: SocketAddr,
+    /// Prometheus metrics address of the controller.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Fewest read-write replicas with which the volume accepts I/O
+    /// (default: a majority).
+    #[arg(long)]
+    pub min_healthy: Option<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    /// The controller's management API address.
+    #[arg(long, default_value = "127.0.0.1:9600")]
+    pub api: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        VolumeCommand::Up(a) => up(a),
+        VolumeCommand::Info(a) => info(a),
+    }
+}
+
+/// What `volume up` remembers about a volume between runs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VolumeRecord {
+    uuid: uuid::Uuid,
+    size_bytes: u64,
+}
+
+fn load_or_create_record(dir: &Path, size: u64) -> anyhow::Result<VolumeRecord> {
+    let path = dir.join("volume.json");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let record: VolumeRecord = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a Basalt volume record; move it away", path.display()))?;
+        if record.size_bytes != size {
+            bail!(
+                "volume at {} is {} bytes, not {size}: a volume's size is fixed at creation (pass --size {})",
+                dir.display(),
+                record.size_bytes,
+                record.size_bytes
+            );
+        }
+        return Ok(record);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let record = VolumeRecord {
+        uuid: uuid::Uuid::new_v4(),
+        size_bytes: size,
+    };
+    let tmp = dir.join("volume.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(record)
+}
+
+/// A free port on 127.0.0.1 (the OS picks it; it stays free long enough for
+/// the child we start next to bind it).
+fn free_local_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Child processes, stopped with SIGTERM (then SIGKILL after a grace period)
+/// when dropped, in reverse order of start.
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn stop(&mut self) {
+        for (name, child) in self.0.iter_mut().rev() {
+            if let Ok(Some(_)) = child.try_wait() {
+                continue;
+            }
+            // SAFETY: plain kill(2) on a pid we own.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if std::time::Instant::now() >= deadline => {
+                        eprintln!("basalt: {name} did not stop within 20 s; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn(exe: &Path, args: &[String]) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        // Own process group: Ctrl-C reaches only `volume up`, which then
+        // stops the controller before the replicas (so it can flush).
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
+}
+
+fn up(a: UpArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the basalt binary")?;
+    let dir = a.data.join(&a.name);
+    let record = load_or_create_record(&dir, a.size)?;
+    let size = a.size.to_string();
+    let mut children = Children(Vec::new());
+    let mut replica_addrs = Vec::new();
+    for i in 1..=a.replicas {
+        let addr = format!("127.0.0.1:{}", free_local_port()?);
+        let rdir = dir.join(format!("r{i}"));
+        let args = vec![
+            "replica".into(),
+            "--dir".into(),
+            rdir.display().to_string(),
+            "--size".into(),
+            size.clone(),
+            "--listen".into(),
+            addr.clone(),
+            "--volume-id".into(),
+            record.uuid.to_string(),
+        ];
+        children.0.push((format!("replica r{i}"), spawn(&exe, &args)?));
+        replica_addrs.push(addr);
+    }
+    let mut args = vec![
+        "controller".into(),
+        "--name".into(),
+        a.name.clone(),
+        "--size".into(),
+        size,
+        "--iscsi".into(),
+        a.iscsi.to_string(),
+        "--api".into(),
+        a.api.to_string(),
+        "--volume-id".into(),
+        record.uuid.to_string(),
+    ];
+    for r in &replica_addrs {
+        args.push("--replica".into());
+        args.push(r.clone());
+    }
+    if let Some(m) = a.metrics {
+        args.push("--metrics".into());
+        args.push(m.to_string());
+    }
+    if let Some(m) = a.min_healthy {
+        args.push("--min-healthy".into());
+        args.push(m.to_string());
+    }
+    children.0.push(("controller".into(), spawn(&exe, &args)?));
+
+    println!(
+        "volume {} ({} bytes, {} replicas, data in {})",
+        a.name,
+        a.size,
+        a.replicas,
+        dir.display()
+    );
+    for (i, r) in replica_addrs.iter().enumerate() {
+        println!("  replica r{}: {r}", i + 1);
+    }
+    println!("iSCSI: iscsi://{}/iqn.2026-11.io.basalt:{}/0", a.iscsi, a.name);
+    println!("API:   {}   (basalt volume info --api {})", a.api, a.api);
+    println!("Ctrl-C stops the volume.");
+
+    // Wait for Ctrl-C / SIGTERM, or for the controller to exit.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        signal_flag(sig, stop.clone())?;
+    }
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("basalt: stopping volume {}", a.name);
+            children.stop();
+            return Ok(());
+        }
+        let controller = &mut children.0.last_mut().expect("controller started").1;
+        if let Some(status) = controller.try_wait()? {
+            children.0.pop();
+            children.stop();
+            bail!("the controller exited ({status}); the volume is stopped (see the log above for why)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Set `flag` when `sig` arrives.
+fn signal_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+    use std::sync::OnceLock;
+    static FLAG: OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _ = FLAG.set(flag);
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    let previous = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    if previous == libc::SIG_ERR {
+        bail!("cannot install a handler for signal {sig}");
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = runtime.block_on(async {
+        let url = if a.api.starts_with("http") {
+            a.api.clone()
+        } else {
+            format!("http://{}", a.api)
+        };
+        let mut client = tokio::time::timeout(Duration::from_secs(5), ControllerServiceClient::connect(url))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer from the controller at {} within 5 s", a.api))?
+            .with_context(|| {
+                format!(
+                    "cannot reach the controller's API at {} (is the volume running?)",
+                    a.api
+                )
+            })?;
+        let reply = client
+            .volume_info(VolumeInfoRequest {})
+            .await
+            .context("volume info failed")?;
+        anyhow::Ok(reply.into_inner())
+    })?;
+    let io = reply.io.unwrap_or_default();
+    let uuid = uuid::Uuid::from_slice(&reply.volume_uuid)
+        .map(|u| u.to_string())
+        .unwrap_or_default();
+    if a.json {
+        let replicas: Vec<_> = reply
+            .replicas
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "address": r.address, "mode": r.mode, "cause": r.cause, "revision": r.revision,
+                    "outstanding": r.outstanding, "errors": r.errors,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "name": reply.name, "iqn": reply.iqn, "volume_uuid": uuid, "size_bytes": reply.size_bytes,
+            "epoch": reply.epoch, "state": reply.state, "min_healthy": reply.min_healthy,
+            "sessions": reply.sessions, "replicas": replicas,
+            "io": {
+                "reads": io.reads, "writes": io.writes, "flushes": io.flushes, "unmaps": io.unmaps,
+                "bytes_read": io.bytes_read, "bytes_written": io.bytes_written, "errors": io.errors,
+                "in_flight": io.in_flight,
+            },
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("volume   {} ({})", reply.name, reply.iqn);
+    println!("uuid     {uuid}");
+    println!("size     {} bytes", reply.size_bytes);
+    println!("epoch    {}", reply.epoch);
+    println!("state    {} (min healthy {})", reply.state, reply.min_healthy);
+    println!("sessions {}", reply.sessions);
+    println!("replicas");
+    for r in &reply.replicas {
+        let cause = if r.cause.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", r.cause)
+        };
+        println!(
+            "  {:<22} {:<3} revision {:<8} outstanding {:<4} errors {}{cause}",
+            r.address, r.mode, r.revision, r.outstanding, r.errors
+        );
+    }
+    println!(
+        "io       reads {} ({} B), writes {} ({} B), flushes {}, unmaps {}, errors {}, in flight {}",
+        io.reads, io.bytes_read, io.writes, io.bytes_written, io.flushes, io.unmaps, io.errors, io.in_flight
+    );
+    Ok(())
+}
