@@ -32,6 +32,7 @@
 
 pub mod connection;
 pub mod digest;
+pub mod fuzz;
 pub mod login;
 pub mod pdu;
 pub mod portal;
