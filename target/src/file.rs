@@ -49,9 +49,6 @@ use crate::device::{BlockDevice, DeviceError, Geometry, Provisioning};
 /// not a noticeable allocation.
 const FILL_CHUNK: usize = 1 << 20;
 
-/// The physical block size reported for every file device.
-const PHYSICAL_BLOCK_SIZE: u32 = 4096;
-
 /// How to open a [`FileDevice`].
 #[derive(Clone, Debug)]
 pub struct FileDeviceOptions {
@@ -60,9 +57,11 @@ pub struct FileDeviceOptions {
     /// `None` uses the current length. Must be `None` or the device's size
     /// for a block device.
     pub size: Option<u64>,
-    /// 512 or 4096. The physical block reported is always 4 KiB: the page
-    /// size, and the block size of every filesystem a file lives on, so
-    /// that initiators align their I/O (and UNMAP) to what punches holes.
+    /// 512 or 4096. The physical block reported is the logical block: a
+    /// file has no physical sectors, and reporting 4 KiB "physical" blocks
+    /// under 512-byte logical blocks breaks libiscsi's
+    /// GetLBAStatus.UnmapSingle, which assumes one logical block per
+    /// physical block when it checks descriptor LBAs.
     pub logical_block_size: u32,
 }
 
@@ -164,7 +163,7 @@ impl FileDevice {
         let geometry = Geometry {
             size_bytes: size,
             logical_block_size: bs,
-            physical_block_exponent: (PHYSICAL_BLOCK_SIZE / bs).trailing_zeros() as u8,
+            physical_block_exponent: 0,
             thin,
         };
         Ok(FileDevice {

@@ -23,7 +23,7 @@ use crate::lu::ScsiCommand;
 use crate::scsi::sense::Failure;
 use crate::scsi::{
     be, truncate, ScsiLogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, MAX_UNMAP_BYTES,
-    MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BYTES,
+    MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
 };
 
 const SUPPORTED_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
@@ -142,7 +142,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             p[24..28].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
             p[28..32].copy_from_slice(&u32::from(granularity).to_be_bytes());
         }
-        p[36..44].copy_from_slice(&(MAX_WRITE_SAME_BYTES / bs).to_be_bytes());
+        p[36..44].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
         p
     }
 

@@ -49,9 +49,10 @@ pub const MAX_TRANSFER_BYTES: u32 = 8 << 20;
 /// compare runs under the device's exclusive write lock, so it is kept small.
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 16;
 
-/// The largest WRITE SAME, in bytes. Zero-filling is done in bounded chunks,
-/// so this only bounds the time one command takes (seconds on a disk).
-pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// The largest WRITE SAME, in blocks: the largest count WRITE SAME(10) can
+/// express. Filling is done in bounded chunks, so this only bounds the time
+/// one command takes (32 MiB to 256 MiB of writes).
+pub const MAX_WRITE_SAME_BLOCKS: u64 = 0xFFFF;
 
 /// UNMAP limits (Block Limits VPD): descriptors per command, bytes per
 /// command. Hole punching is cheap, so they are generous, but the block count
@@ -212,6 +213,12 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             // the full length so the transport reports the overflow.
             return Failure::illegal(Asc::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
                 .into_result(data_out_len);
+        }
+        if spec.transfer.is_exact() && cmd.expected_transfer_len != data_out_len {
+            // WRITE SAME and COMPARE AND WRITE carry a buffer whose size the
+            // CDB fixes; a different one means the CDB and the data disagree
+            // (e.g. a block count that wrapped around in its one-byte field).
+            return Failure::invalid_cdb_field(0, None).into_result(data_out_len);
         }
         let data = cmd
             .data_out

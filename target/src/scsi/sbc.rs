@@ -18,7 +18,7 @@ use crate::device::{BlockDevice, Provisioning};
 use crate::scsi::sense::{Asc, Failure, Sense, SenseKey};
 use crate::scsi::{
     be, device_failure, truncate, ScsiLogicalUnit, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES,
-    MAX_UNMAP_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BYTES,
+    MAX_UNMAP_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
 };
 
 /// A run of logical blocks named by a CDB.
@@ -265,14 +265,16 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
         }
         self.check_range(e)?;
         let bs = self.block_size();
-        if e.blocks * bs > MAX_WRITE_SAME_BYTES {
+        if e.blocks > MAX_WRITE_SAME_BLOCKS {
             return Err(Failure::invalid_cdb_field(length_byte(cdb), None));
         }
         self.check_writable()?;
         let offset = e.lba * bs;
         let len = e.blocks * bs;
-        let zeros = ndob || data.iter().all(|b| *b == 0);
-        if unmap && zeros && self.geometry.thin {
+        // With UNMAP on a thin device the blocks are deallocated whatever
+        // the data (as Linux LIO does): LBPRZ tells the initiator they now
+        // read as zeros, and libiscsi's WriteSame.UnmapUntilEnd expects it.
+        if unmap && self.geometry.thin {
             self.device.unmap(offset, len).await.map_err(self.fail())?;
         } else {
             let pattern = if ndob {

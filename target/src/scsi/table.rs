@@ -71,6 +71,12 @@ impl Transfer {
     pub fn is_data_out(self) -> bool {
         !matches!(self, Transfer::NoData | Transfer::In)
     }
+
+    /// The Data-Out must be exactly as long as the CDB says (a longer one
+    /// is an error, not a residual).
+    pub fn is_exact(self) -> bool {
+        matches!(self, Transfer::OutOneBlock | Transfer::OutCompareAndWrite)
+    }
 }
 
 /// How a command fares against another initiator's reservation. Which
