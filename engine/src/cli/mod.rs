@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod controller;
+pub mod health;
 pub mod replica;
 pub mod serve_file;
 pub mod volume;

@@ -27,7 +27,7 @@
 //!   a checksum mismatch is repaired by writing the good block back, unless a
 //!   newer write to that range was sent meanwhile (which already repaired it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -79,13 +79,34 @@ impl ReplicaMode {
     }
 }
 
-/// What the initiator asked of the volume.
+/// A snapshot operation, carried to every active replica on the data
+/// connection so that it is ordered exactly with the writes around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlOp {
+    SnapshotCreate(String),
+    SnapshotList,
+    SnapshotDelete(String),
+    SnapshotRevert(String),
+}
+
+impl ControlOp {
+    /// Create and revert are barriers: writes in flight drain first, and
+    /// new I/O waits until every replica has answered, so each replica
+    /// freezes (or rewinds) exactly the same history. List and delete are
+    /// not: a merge runs online while I/O goes on.
+    fn is_barrier(&self) -> bool {
+        matches!(self, ControlOp::SnapshotCreate(_) | ControlOp::SnapshotRevert(_))
+    }
+}
+
+/// What the initiator (or the management API) asked of the volume.
 #[derive(Clone, Debug)]
 pub enum GuestOp {
     Read { offset: u64, len: u32 },
     Write { offset: u64, data: Bytes, fua: bool },
     Flush,
     Unmap { offset: u64, len: u64 },
+    Control(ControlOp),
 }
 
 /// What the core asks of one replica.
@@ -106,6 +127,7 @@ pub enum ReplicaRequest {
         offset: u64,
         len: u64,
     },
+    Control(ControlOp),
 }
 
 /// A replica's answer to one request.
@@ -132,6 +154,9 @@ pub enum VolumeError {
         configured: usize,
         min_healthy: usize,
     },
+    /// The volume is stopping.
+    #[error("{0}")]
+    Unavailable(String),
     /// Every read-write replica failed to read the range.
     #[error("unrecoverable read at byte offset {offset}: {reason}")]
     Unreadable { offset: u64, reason: String },
@@ -167,6 +192,12 @@ pub enum Effect {
         guest: GuestId,
         result: Result<Bytes, VolumeError>,
     },
+    /// A control operation finished: every active replica's answer (the
+    /// payload of a successful one, or why it failed).
+    ControlDone {
+        guest: GuestId,
+        results: Vec<(ClientId, Result<Bytes, String>)>,
+    },
     /// A replica changed mode; the driver logs it (once) and updates metrics.
     ModeChanged { client: ClientId, mode: ReplicaMode },
     /// Close the connection to a replica that was dropped from the set.
@@ -188,6 +219,12 @@ pub struct CoreConfig {
 
 impl CoreConfig {
     pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+    /// A snapshot create is a flush plus a metadata update; I/O is paused
+    /// while it runs, so a replica that takes longer is dropped.
+    pub const SNAPSHOT_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Deleting a snapshot merges its blocks into its child, online; a big
+    /// snapshot on a slow disk can take minutes.
+    pub const SNAPSHOT_MERGE_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// Majority of `replicas`: with 3 replicas the volume survives one loss;
     /// two partitions can never both hold a majority.
@@ -202,7 +239,14 @@ struct Replica {
     mode: ReplicaMode,
     /// Jobs sent and not yet answered, with when they were sent (FIFO: the
     /// first is the oldest, which is what the timeout looks at).
-    outstanding: BTreeMap<JobId, Instant>,
+    outstanding: BTreeMap<JobId, Sent>,
+}
+
+/// When a request was sent, and by when its answer must arrive.
+#[derive(Debug)]
+struct Sent {
+    at: Instant,
+    deadline: Instant,
 }
 
 /// What a guest request is waiting for.
@@ -214,6 +258,14 @@ enum Job {
         guest: GuestId,
         waiting: Vec<ClientId>,
         acked: usize,
+    },
+    /// A control operation fanned out to `waiting`; answers are collected,
+    /// and a failed answer does not drop the replica.
+    Control {
+        guest: GuestId,
+        waiting: Vec<ClientId>,
+        results: Vec<(ClientId, Result<Bytes, String>)>,
+        barrier: bool,
     },
     /// A read sent to one replica; `tried` are replicas that already failed
     /// it, `bad` those that reported a checksum mismatch (to be repaired).
@@ -241,6 +293,10 @@ pub struct VolumeCore {
     next_job: u64,
     /// Time of the latest event, as told by the driver.
     now: Instant,
+    /// Guest requests held back behind a barrier (in arrival order).
+    queue: VecDeque<(GuestId, GuestOp)>,
+    /// A barrier control operation is in flight: nothing else is sent.
+    barrier_in_flight: bool,
 }
 
 impl VolumeCore {
@@ -260,6 +316,8 @@ impl VolumeCore {
             jobs: HashMap::new(),
             next_job: 1,
             now,
+            queue: VecDeque::new(),
+            barrier_in_flight: false,
         }
     }
 
@@ -309,6 +367,7 @@ impl VolumeCore {
             Event::Lost { client, cause } => self.fail(client, cause, out),
             Event::Tick => self.tick(out),
         }
+        self.pump(out);
     }
 
     /// Read-write replicas: the ones that hold every acknowledged write. A
@@ -337,11 +396,56 @@ impl VolumeCore {
     }
 
     fn send(&mut self, client: ClientId, job: JobId, request: ReplicaRequest, out: &mut Vec<Effect>) {
-        self.replicas[client.0].outstanding.insert(job, self.now);
+        let allowed = match &request {
+            ReplicaRequest::Control(ControlOp::SnapshotCreate(_)) => CoreConfig::SNAPSHOT_CREATE_TIMEOUT,
+            ReplicaRequest::Control(ControlOp::SnapshotDelete(_) | ControlOp::SnapshotRevert(_)) => {
+                CoreConfig::SNAPSHOT_MERGE_TIMEOUT
+            }
+            _ => self.config.replica_timeout,
+        };
+        self.replicas[client.0].outstanding.insert(
+            job,
+            Sent {
+                at: self.now,
+                deadline: self.now + allowed,
+            },
+        );
         out.push(Effect::Send { client, job, request });
     }
 
     fn guest(&mut self, guest: GuestId, op: GuestOp, out: &mut Vec<Effect>) {
+        if self.barrier_in_flight || !self.queue.is_empty() {
+            self.queue.push_back((guest, op));
+            return;
+        }
+        if matches!(&op, GuestOp::Control(c) if c.is_barrier()) && self.guest_jobs() > 0 {
+            // Drain first: `pump` sends it once the last job completes.
+            self.queue.push_back((guest, op));
+            return;
+        }
+        self.admit(guest, op, out);
+    }
+
+    /// Jobs an initiator waits for (repairs do not hold a barrier back: they
+    /// are ordered before it on each connection anyway).
+    fn guest_jobs(&self) -> usize {
+        self.jobs.values().filter(|j| !matches!(j, Job::Repair)).count()
+    }
+
+    /// Send what the queue holds, in order, up to the next barrier that
+    /// must wait for the volume to drain.
+    fn pump(&mut self, out: &mut Vec<Effect>) {
+        while !self.barrier_in_flight {
+            let Some((_, op)) = self.queue.front() else { return };
+            if matches!(op, GuestOp::Control(c) if c.is_barrier()) && self.guest_jobs() > 0 {
+                return;
+            }
+            let (guest, op) = self.queue.pop_front().expect("front exists");
+            self.admit(guest, op, out);
+        }
+    }
+
+    fn admit(&mut self, guest: GuestId, op: GuestOp, out: &mut Vec<Effect>) {
         if let Some(err) = self.degraded() {
             out.push(Effect::Complete {
                 guest,
@@ -377,6 +481,29 @@ impl VolumeCore {
                 ReplicaRequest::Unmap { offset, len }
             }
             GuestOp::Flush => ReplicaRequest::Flush,
+            GuestOp::Control(op) => {
+                let job = self.new_job();
+                let targets: Vec<ClientId> = self
+                    .modes()
+                    .filter(|(_, m)| m.is_active())
+                    .map(|(c, _)| c)
+                    .collect();
+                let barrier = op.is_barrier();
+                for &client in &targets {
+                    self.send(client, job, ReplicaRequest::Control(op.clone()), out);
+                }
+                self.barrier_in_flight = barrier;
+                self.jobs.insert(
+                    job,
+                    Job::Control {
+                        guest,
+                        waiting: targets,
+                        results: Vec::new(),
+                        barrier,
+                    },
+                );
+                return;
+            }
         };
         let job = self.new_job();
         let targets: Vec<ClientId> = self
@@ -491,6 +618,20 @@ impl VolumeCore {
                 self.fail(client, cause, out);
                 self.maybe_complete(job_id, out);
             }
+            Job::Control { waiting, results, .. } => {
+                waiting.retain(|c| *c != client);
+                results.push((
+                    client,
+                    match reply {
+                        ReplicaReply::Ok(data) => Ok(data),
+                        ReplicaReply::ChecksumMismatch { lba } => {
+                            Err(format!("checksum mismatch at block {lba}"))
+                        }
+                        ReplicaReply::Failed(e) => Err(e),
+                    },
+                ));
+                self.maybe_complete(job_id, out);
+            }
             Job::Repair => {
                 self.jobs.remove(&job_id);
                 if let ReplicaReply::Failed(e) = reply {
@@ -564,6 +705,23 @@ impl VolumeCore {
 
     /// Complete a fan-out job once nobody it waits for is left.
     fn maybe_complete(&mut self, job_id: JobId, out: &mut Vec<Effect>) {
+        if let Some(Job::Control { waiting, .. }) = self.jobs.get(&job_id) {
+            if waiting.is_empty() {
+                if let Some(Job::Control {
+                    guest,
+                    results,
+                    barrier,
+                    ..
+                }) = self.jobs.remove(&job_id)
+                {
+                    if barrier {
+                        self.barrier_in_flight = false;
+                    }
+                    out.push(Effect::ControlDone { guest, results });
+                }
+            }
+            return;
+        }
         let Some(Job::FanOut {
             guest,
             waiting,
@@ -611,6 +769,11 @@ impl VolumeCore {
                     waiting.retain(|c| *c != client);
                     self.maybe_complete(job_id, out);
                 }
+                Some(Job::Control { waiting, results, .. }) => {
+                    waiting.retain(|c| *c != client);
+                    results.push((client, Err("the replica was dropped from the volume".into())));
+                    self.maybe_complete(job_id, out);
+                }
                 Some(Job::Read { tried, .. }) => {
                     tried.push(client);
                     self.dispatch_read(job_id, out);
@@ -624,25 +787,27 @@ impl VolumeCore {
     }
 
     fn tick(&mut self, out: &mut Vec<Effect>) {
-        let timeout = self.config.replica_timeout;
         let now = self.now;
-        let late: Vec<(ClientId, Duration)> = self
+        let late: Vec<(ClientId, Duration, Duration)> = self
             .replicas
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let oldest = r.outstanding.values().min()?;
-                let age = now.saturating_duration_since(*oldest);
-                (age >= timeout).then_some((ClientId(i), age))
+                let late = r.outstanding.values().find(|s| now >= s.deadline)?;
+                Some((
+                    ClientId(i),
+                    now.saturating_duration_since(late.at),
+                    late.deadline - late.at,
+                ))
             })
             .collect();
-        for (client, age) in late {
+        for (client, age, allowed) in late {
             self.fail(
                 client,
                 format!(
                     "no reply for {} ms (timeout {} ms)",
                     age.as_millis(),
-                    timeout.as_millis()
+                    allowed.as_millis()
                 ),
                 out,
             );
@@ -1027,5 +1192,97 @@ mod tests {
         assert!(Harness::completions(&h.take()).is_empty());
         h.reply(sends[2].0, sends[2].1, ReplicaReply::Ok(Bytes::new()));
         assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+    }
+    #[test]
+    fn snapshot_create_drains_writes_in_flight_and_holds_new_io_until_done() {
+        let mut h = Harness::new(3);
+        h.guest(write(0, 1));
+        let w1 = Harness::sends(&h.take());
+        let snap = h.guest(GuestOp::Control(ControlOp::SnapshotCreate("s1".into())));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "the snapshot waits for the write in flight"
+        );
+        let later = h.guest(write(0, 2));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "new I/O waits behind the snapshot"
+        );
+        for (c, job, _) in &w1 {
+            h.reply(*c, *job, ReplicaReply::Ok(Bytes::new()));
+        }
+        let sends = Harness::sends(&h.take());
+        assert_eq!(
+            sends.len(),
+            3,
+            "the snapshot goes to every replica once the write drained"
+        );
+        assert!(sends
+            .iter()
+            .all(|s| s.2 == ReplicaRequest::Control(ControlOp::SnapshotCreate("s1".into()))));
+        for (c, job, _) in &sends {
+            h.reply(*c, *job, ReplicaReply::Ok(Bytes::from_static(b"info")));
+        }
+        let effects = h.take();
+        let done = effects.iter().find_map(|e| match e {
+            Effect::ControlDone { guest, results } if *guest == snap => Some(results.len()),
+            _ => None,
+        });
+        assert_eq!(done, Some(3), "every replica's answer is reported");
+        let resumed = Harness::sends(&effects);
+        assert_eq!(resumed.len(), 3, "the held write goes out after the snapshot");
+        assert!(matches!(&resumed[0].2, ReplicaRequest::Write { data, .. } if data[0] == 2));
+        let _ = later;
+    }
+
+    #[test]
+    fn snapshot_delete_is_not_a_barrier_and_a_failed_answer_keeps_the_replica() {
+        let mut h = Harness::new(3);
+        h.guest(write(0, 1));
+        h.take();
+        let del = h.guest(GuestOp::Control(ControlOp::SnapshotDelete("s1".into())));
+        let sends = Harness::sends(&h.take());
+        assert_eq!(
+            sends.len(),
+            3,
+            "sent at once, ordered after the write on each connection"
+        );
+        h.guest(write(4096, 2));
+        assert_eq!(Harness::sends(&h.take()).len(), 3, "I/O goes on during the merge");
+        h.reply(
+            sends[0].0,
+            sends[0].1,
+            ReplicaReply::Failed("no_such_snapshot: s1".into()),
+        );
+        h.reply(sends[1].0, sends[1].1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(sends[2].0, sends[2].1, ReplicaReply::Ok(Bytes::new()));
+        let effects = h.take();
+        let results = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if *guest == del => Some(results.clone()),
+                _ => None,
+            })
+            .expect("done");
+        assert_eq!(results.iter().filter(|(_, r)| r.is_err()).count(), 1);
+        assert_eq!(
+            h.core.mode(ClientId(sends[0].0)).label(),
+            "RW",
+            "the caller decides what a refusal means"
+        );
+    }
+
+    #[test]
+    fn a_long_merge_is_not_mistaken_for_a_hung_replica() {
+        let mut h = Harness::new(3);
+        h.guest(GuestOp::Control(ControlOp::SnapshotDelete("big".into())));
+        h.take();
+        h.advance(Duration::from_secs(60));
+        assert!(h.core.modes().all(|(_, m)| m.label() == "RW"));
+        h.advance(CoreConfig::SNAPSHOT_MERGE_TIMEOUT);
+        assert!(
+            h.core.modes().all(|(_, m)| m.label() == "ERR"),
+            "but a merge that never ends is"
+        );
     }
 }

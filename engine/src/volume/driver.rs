@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, RwLock};
 
 use super::core::{
-    ClientId, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, VolumeCore, VolumeError,
+    ClientId, ControlOp, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, VolumeCore, VolumeError,
 };
 use super::link::{write_crc, Link, Outgoing};
 use super::metrics::VolumeMetrics;
@@ -65,14 +65,17 @@ pub struct ReplicaStatus {
     pub outstanding: usize,
 }
 
+/// Every active replica's answer to a control operation, by replica index.
+pub type ControlResults = Vec<(usize, Result<Bytes, String>)>;
+
 enum Command {
-    Io {
-        op: GuestOp,
-        reply: oneshot::Sender<Result<Bytes, VolumeError>>,
-    },
-    Status {
-        reply: oneshot::Sender<VolumeStatus>,
-    },
+    Io { op: GuestOp, reply: Reply },
+    Status { reply: oneshot::Sender<VolumeStatus> },
+}
+
+enum Reply {
+    Io(oneshot::Sender<Result<Bytes, VolumeError>>),
+    Control(oneshot::Sender<Result<ControlResults, VolumeError>>),
 }
 
 /// The handle to a running volume. Cheap to clone.
@@ -152,8 +155,23 @@ impl Volume {
         rx.await.ok()
     }
 
+    /// Run a snapshot operation on every active replica, ordered with the
+    /// I/O around it.
+    pub async fn control(&self, op: ControlOp) -> Result<ControlResults, VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
+        self.tx
+            .send(Command::Io {
+                op: GuestOp::Control(op),
+                reply: Reply::Control(reply),
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     async fn io(&self, op: GuestOp) -> Result<Bytes, DeviceError> {
         let (reply, rx) = oneshot::channel();
+        let reply = Reply::Io(reply);
         self.tx
             .send(Command::Io { op, reply })
             .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
@@ -161,7 +179,9 @@ impl Volume {
             .await
             .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
         result.map_err(|e| match e {
-            VolumeError::Degraded { .. } => DeviceError::Unavailable(e.to_string()),
+            VolumeError::Degraded { .. } | VolumeError::Unavailable(_) => {
+                DeviceError::Unavailable(e.to_string())
+            }
             VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
         })
     }
@@ -260,7 +280,7 @@ struct Owner {
 }
 
 struct Pending {
-    reply: oneshot::Sender<Result<Bytes, VolumeError>>,
+    reply: Reply,
     kind: &'static str,
     bytes: u64,
     started: Instant,
@@ -315,6 +335,7 @@ impl Owner {
                     GuestOp::Write { data, .. } => ("write", data.len() as u64),
                     GuestOp::Flush => ("flush", 0),
                     GuestOp::Unmap { len, .. } => ("unmap", *len),
+                    GuestOp::Control(_) => ("control", 0),
                 };
                 self.guests.insert(
                     id,
@@ -381,7 +402,23 @@ impl Owner {
                         if let Err(e) = &result {
                             tracing::warn!(op = p.kind, error = %e, "I/O failed");
                         }
-                        let _ = p.reply.send(result);
+                        match p.reply {
+                            Reply::Io(tx) => {
+                                let _ = tx.send(result);
+                            }
+                            Reply::Control(tx) => {
+                                let _ = tx.send(result.map(|_| Vec::new()));
+                            }
+                        }
+                    }
+                }
+                Effect::ControlDone { guest, results } => {
+                    if let Some(Pending {
+                        reply: Reply::Control(tx),
+                        ..
+                    }) = self.guests.remove(&guest)
+                    {
+                        let _ = tx.send(Ok(results.into_iter().map(|(c, r)| (c.0, r)).collect()));
                     }
                 }
                 Effect::ModeChanged { client, mode } => {

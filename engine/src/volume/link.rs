@@ -26,7 +26,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
-use super::core::{ClientId, Event, JobId, ReplicaReply, ReplicaRequest};
+use basalt_proto::pb::replica as pb;
+use prost::Message as _;
+
+use super::core::{ClientId, ControlOp, Event, JobId, ReplicaReply, ReplicaRequest};
 
 /// Stop batching and write once this much is queued (bounds the writer's
 /// memory; far above one burst of small writes).
@@ -226,6 +229,10 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Write { offset, data, fua } => Message::Write { offset, data, fua },
         ReplicaRequest::Flush => Message::Flush,
         ReplicaRequest::Unmap { offset, len } => Message::Unmap { offset, len },
+        ReplicaRequest::Control(ControlOp::SnapshotCreate(name)) => Message::SnapshotCreate { name },
+        ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
+        ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
+        ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
     }
 }
 
@@ -288,7 +295,17 @@ async fn read_loop(
                 revision.fetch_max(r.0, Ordering::Relaxed);
                 ReplicaReply::Ok(Default::default())
             }
-            Message::WriteOk | Message::UnmapOk | Message::Pong => ReplicaReply::Ok(Default::default()),
+            Message::WriteOk
+            | Message::UnmapOk
+            | Message::Pong
+            | Message::SnapshotDeleteOk
+            | Message::SnapshotRevertOk => ReplicaReply::Ok(Default::default()),
+            // Control answers travel to the management API as their
+            // protobuf encoding.
+            Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
+            Message::SnapshotListOk(snapshots) => {
+                ReplicaReply::Ok(pb::SnapshotList { snapshots }.encode_to_vec().into())
+            }
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },
                 ..

@@ -1,0 +1,415 @@
+//! `basalt health`: is a controller or a replica alive? For container
+//! `HEALTHCHECK`s and Kubernetes probes.
+//!
+//! The probe is the binary itself: the images are `FROM scratch`, so there is
+//! no curl, no shell and no `grpc_health_probe` in them. It speaks each role's
+//! real protocol, so "healthy" means the role answers requests, not merely
+//! that something accepts TCP connections on its port:
+//!
+//! ```text
+//!   basalt health --api ADDR           controller: gRPC VolumeInfo answers        (liveness)
+//!   basalt health --api ADDR --ready   ... and the volume is serving I/O          (readiness)
+//!   basalt health --replica HOST:PORT  replica: data-path Hello, then Ping        (liveness and readiness)
+//! ```
+//!
+//! The replica probe says Hello with the nil volume ("who are you?", nothing
+//! is checked) and epoch 0: a Hello whose epoch is lower than the replica's
+//! changes nothing, so a probe can never raise an epoch and fence the real
+//! controller. Hello runs on the replica's store (it reports identity and
+//! revision from it), Ping is answered without touching the disk: together
+//! they show the store is open and the connection loop is not stuck.
+//!
+//! Exit status 0 with one line on stdout when healthy; 1 with one line on
+//! stderr saying what is wrong (from `main`) otherwise. Host names are
+//! resolved with the system resolver (getaddrinfo), which is what makes this
+//! command also the test that name resolution works inside the image.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use basalt_proto::frame::{Frame, FrameCodec, Message, ProtocolVersion, ReplyError, RequestId};
+use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
+use basalt_proto::pb::controller::VolumeInfoRequest;
+use basalt_proto::{Epoch, VolumeId};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use super::args::parse_duration;
+
+/// Arguments of `basalt health`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("role").required(true).args(["api", "replica"])))]
+pub struct Args {
+    /// Probe a controller through its management API (host:port or http://host:port).
+    /// The environment variable lets one image carry one HEALTHCHECK for every role.
+    #[arg(long, env = "BASALT_HEALTH_API")]
+    pub api: Option<String>,
+    /// Probe a replica on its data-path port (host:port).
+    #[arg(long, env = "BASALT_HEALTH_REPLICA", conflicts_with = "api")]
+    pub replica: Option<String>,
+    /// With --api: healthy only if the volume serves I/O (enough read-write
+    /// replicas), not merely if the controller answers. For readiness probes.
+    #[arg(long, requires = "api", env = "BASALT_HEALTH_READY")]
+    pub ready: bool,
+    /// Give up (unhealthy) after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Why a probe found its target unhealthy. Each message names the address and
+/// says what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    // `cause`, not `source`: the message already includes it, and a `source` would print it twice in the
+    // CLI's `{:#}` error chain.
+    #[error("cannot resolve {addr}: {cause} (is the host name right, and does the resolver work here?)")]
+    Resolve { addr: String, cause: std::io::Error },
+    #[error("{addr} resolves to no address")]
+    NoAddress { addr: String },
+    #[error("cannot connect to {addr}: {cause} (is the role running and listening there?)")]
+    Connect { addr: String, cause: std::io::Error },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("replica {addr} closed the connection before answering {what}")]
+    Closed { addr: String, what: &'static str },
+    #[error(
+        "replica {addr} sent an unreadable frame: {detail} (is that a Basalt replica's data-path port?)"
+    )]
+    Protocol { addr: String, detail: String },
+    #[error("replica {addr} refused {what}: {error}: {message}")]
+    Refused {
+        addr: String,
+        what: &'static str,
+        error: ReplyError,
+        message: String,
+    },
+    #[error("replica {addr} answered {what} with an unexpected {answer}")]
+    Unexpected {
+        addr: String,
+        what: &'static str,
+        answer: String,
+    },
+    #[error("controller API {addr} is unreachable: {detail} (is the controller running with --api {addr}?)")]
+    ApiUnreachable { addr: String, detail: String },
+    #[error("controller API {addr} failed VolumeInfo: {detail} (is {addr} the controller's --api address?)")]
+    ApiFailed { addr: String, detail: String },
+    #[error(
+        "volume {name} is {state}: {healthy} of {replicas} replicas read-write, {min_healthy} needed to \
+         serve I/O (see `basalt volume info --api {addr}`)"
+    )]
+    NotServing {
+        addr: String,
+        name: String,
+        state: String,
+        healthy: usize,
+        replicas: usize,
+        min_healthy: u32,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let line = runtime.block_on(async {
+        match (&args.api, &args.replica) {
+            (Some(api), _) => probe_controller(api, args.ready, args.timeout).await,
+            (None, Some(replica)) => probe_replica(replica, args.timeout).await,
+            // clap's required "role" group makes this unreachable from the command line.
+            (None, None) => anyhow::bail!("say what to probe: --api ADDR (controller) or --replica ADDR"),
+        }
+    })?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Hello then Ping on the replica's data-path port; the healthy line.
+pub async fn probe_replica(addr: &str, timeout: Duration) -> anyhow::Result<String> {
+    let probe = async {
+        // Resolve first, separately, so that a resolver failure (the static-glibc NSS
+        // trap, a wrong service name) is reported as such and not as "connection refused".
+        let resolved: Vec<_> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|cause| HealthError::Resolve {
+                addr: addr.to_string(),
+                cause,
+            })?
+            .collect();
+        if resolved.is_empty() {
+            return Err(HealthError::NoAddress {
+                addr: addr.to_string(),
+            });
+        }
+        let stream = TcpStream::connect(&resolved[..])
+            .await
+            .map_err(|cause| HealthError::Connect {
+                addr: addr.to_string(),
+                cause,
+            })?;
+        let mut conn = Framed::new(stream, FrameCodec);
+        let hello = Message::Hello {
+            volume: VolumeId(uuid::Uuid::nil()),
+            min_version: ProtocolVersion::MIN_SUPPORTED,
+            max_version: ProtocolVersion::CURRENT,
+        };
+        let identity = match call(&mut conn, addr, RequestId(1), hello, "Hello").await? {
+            Message::HelloOk { version, replica } => (version, replica),
+            other => return Err(unexpected(addr, "Hello", &other)),
+        };
+        match call(&mut conn, addr, RequestId(2), Message::Ping, "Ping").await? {
+            Message::Pong => {}
+            other => return Err(unexpected(addr, "Ping", &other)),
+        }
+        let (version, replica) = identity;
+        Ok(format!(
+            "healthy: replica {addr} ({}) serves volume {} ({} bytes), {}, {}, protocol {version}",
+            resolved[0], replica.volume, replica.size_bytes, replica.epoch, replica.revision
+        ))
+    };
+    let line = tokio::time::timeout(timeout, probe)
+        .await
+        .map_err(|_| HealthError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        })??;
+    Ok(line)
+}
+
+/// One request, one reply. Epoch 0: a probe never raises a replica's epoch.
+async fn call(
+    conn: &mut Framed<TcpStream, FrameCodec>,
+    addr: &str,
+    id: RequestId,
+    request: Message,
+    what: &'static str,
+) -> Result<Message, HealthError> {
+    conn.send(Frame::new(id, Epoch(0), request))
+        .await
+        .map_err(|e| HealthError::Protocol {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        })?;
+    match conn.next().await {
+        None => Err(HealthError::Closed {
+            addr: addr.to_string(),
+            what,
+        }),
+        Some(Err(e)) => Err(HealthError::Protocol {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        }),
+        Some(Ok(reply)) if reply.id != id => Err(HealthError::Protocol {
+            addr: addr.to_string(),
+            detail: format!("reply to {} while waiting for {id}", reply.id),
+        }),
+        Some(Ok(reply)) => match reply.message {
+            Message::Failed { error, message, .. } => Err(HealthError::Refused {
+                addr: addr.to_string(),
+                what,
+                error,
+                message,
+            }),
+            m => Ok(m),
+        },
+    }
+}
+
+fn unexpected(addr: &str, what: &'static str, m: &Message) -> HealthError {
+    let (op, reply) = m.op();
+    HealthError::Unexpected {
+        addr: addr.to_string(),
+        what,
+        answer: format!("{op} {}", if reply { "reply" } else { "request" }),
+    }
+}
+
+/// VolumeInfo through the controller's gRPC API; the healthy line.
+pub async fn probe_controller(api: &str, ready: bool, timeout: Duration) -> anyhow::Result<String> {
+    let url = if api.starts_with("http://") || api.starts_with("https://") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    };
+    let probe = async {
+        let mut client =
+            ControllerServiceClient::connect(url)
+                .await
+                .map_err(|e| HealthError::ApiUnreachable {
+                    addr: api.to_string(),
+                    detail: error_chain(&e),
+                })?;
+        let info = client
+            .volume_info(VolumeInfoRequest {})
+            .await
+            .map_err(|s| HealthError::ApiFailed {
+                addr: api.to_string(),
+                detail: format!("{}: {}", s.code(), s.message()),
+            })?
+            .into_inner();
+        let healthy = info.replicas.iter().filter(|r| r.mode == "RW").count();
+        if ready && info.state != "serving" {
+            return Err(HealthError::NotServing {
+                addr: api.to_string(),
+                name: info.name,
+                state: info.state,
+                healthy,
+                replicas: info.replicas.len(),
+                min_healthy: info.min_healthy,
+            });
+        }
+        Ok(format!(
+            "healthy: controller {api} volume {} is {}, epoch {}, {healthy} of {} replicas read-write \
+             (min {}), {} session(s)",
+            info.name,
+            info.state,
+            info.epoch,
+            info.replicas.len(),
+            info.min_healthy,
+            info.sessions
+        ))
+    };
+    let line = tokio::time::timeout(timeout, probe)
+        .await
+        .map_err(|_| HealthError::Timeout {
+            addr: api.to_string(),
+            timeout,
+        })??;
+    Ok(line)
+}
+
+/// tonic's transport errors hide the cause (e.g. "connection refused") in
+/// their source chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that accepts and answers nothing: a hung role.
+    async fn silent_listener() -> (tokio::net::TcpListener, String) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        (l, addr)
+    }
+
+    #[tokio::test]
+    async fn replica_probe_of_a_closed_port_says_connect_failed() {
+        let (l, addr) = silent_listener().await;
+        drop(l);
+        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        assert!(e.to_string().contains("cannot connect"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn replica_probe_of_an_unknown_host_says_resolve_failed() {
+        let e = probe_replica("no-such-host.invalid:9700", Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot resolve"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn replica_probe_of_a_hung_peer_times_out() {
+        let (l, addr) = silent_listener().await;
+        let _keep = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let e = probe_replica(&addr, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn replica_probe_of_a_non_basalt_peer_says_protocol() {
+        use tokio::io::AsyncWriteExt;
+        let (l, addr) = silent_listener().await;
+        let _peer = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(&[b'H'; 64]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        assert!(e.to_string().contains("unreadable frame"), "{e}");
+    }
+
+    /// A scripted replica: answers Hello and Ping like the real one.
+    #[tokio::test]
+    async fn replica_probe_says_hello_at_epoch_zero_then_ping() {
+        use basalt_proto::frame::ReplicaIdentity;
+        let (l, addr) = silent_listener().await;
+        let volume = VolumeId::random();
+        let peer = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = Framed::new(s, FrameCodec);
+            let mut seen = Vec::new();
+            while let Some(Ok(frame)) = conn.next().await {
+                seen.push((frame.epoch, frame.message.op().0));
+                let answer = match frame.message {
+                    Message::Hello { .. } => Message::HelloOk {
+                        version: ProtocolVersion::CURRENT,
+                        replica: ReplicaIdentity {
+                            volume,
+                            size_bytes: 1 << 20,
+                            epoch: Epoch(7),
+                            revision: basalt_proto::Revision(3),
+                        },
+                    },
+                    Message::Ping => Message::Pong,
+                    _ => break,
+                };
+                conn.send(Frame::new(frame.id, Epoch(7), answer)).await.unwrap();
+            }
+            seen
+        });
+        let line = probe_replica(&addr, Duration::from_secs(3)).await.unwrap();
+        assert!(
+            line.contains(&volume.to_string()) && line.contains("epoch 7"),
+            "{line}"
+        );
+        let seen = peer.await.unwrap();
+        use basalt_proto::frame::Op;
+        assert_eq!(seen, vec![(Epoch(0), Op::Hello), (Epoch(0), Op::Ping)]);
+    }
+
+    #[tokio::test]
+    async fn replica_refusing_hello_is_unhealthy_with_its_reason() {
+        let (l, addr) = silent_listener().await;
+        let _peer = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = Framed::new(s, FrameCodec);
+            if let Some(Ok(frame)) = conn.next().await {
+                let failed = Message::failed(basalt_proto::frame::Op::Hello, ReplyError::ShuttingDown);
+                conn.send(Frame::new(frame.id, Epoch(1), failed)).await.unwrap();
+            }
+        });
+        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        assert!(
+            e.to_string().contains("refused Hello") && e.to_string().contains("shutting down"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn controller_probe_of_a_closed_port_says_unreachable() {
+        let (l, addr) = silent_listener().await;
+        drop(l);
+        let e = probe_controller(&addr, false, Duration::from_secs(3))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unreachable"), "{e}");
+    }
+}
