@@ -7,7 +7,11 @@ use basalt_proto::pb::controller as pb;
 use basalt_proto::pb::controller::controller_service_server::{ControllerService, ControllerServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::volume::core::ReplicaMode;
+use basalt_proto::pb::replica as rpb;
+use prost::Message as _;
+
+use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
+use crate::volume::driver::ControlResults;
 use crate::volume::Volume;
 
 /// Reports sessions logged in to the volume's iSCSI target.
@@ -29,8 +33,197 @@ impl Api {
     }
 }
 
+/// Snapshot names travel to every replica and name files there: keep them
+/// to a safe, portable alphabet.
+fn check_snapshot_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "invalid snapshot name {name:?}: use 1-128 characters from A-Z a-z 0-9 - _ . (not starting with '.')"
+        )))
+    }
+}
+
+fn volume_status(e: VolumeError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+impl Api {
+    /// Apply a chain-changing operation everywhere. Replicas that failed it
+    /// no longer hold the same chain as the others: they are dropped (and
+    /// rebuilt later). If fewer than `min_healthy` succeeded the operation
+    /// failed as a whole.
+    async fn chain_op(&self, op: ControlOp, what: &str) -> Result<Response<pb::SnapshotReply>, Status> {
+        let results = self.volume.control(op).await.map_err(volume_status)?;
+        let spec = self.volume.spec();
+        let failures: Vec<(usize, String)> = results
+            .iter()
+            .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
+            .collect();
+        let succeeded = results.len() - failures.len();
+        let min_healthy = self
+            .volume
+            .status()
+            .await
+            .map(|s| s.min_healthy)
+            .unwrap_or(usize::MAX);
+        if succeeded == 0 || succeeded < min_healthy {
+            let why = failures
+                .iter()
+                .map(|(c, e)| format!("{}: {e}", spec.addresses[*c]))
+                .collect::<Vec<_>>();
+            return Err(Status::failed_precondition(format!(
+                "{what} failed: {}",
+                why.join("; ")
+            )));
+        }
+        let mut dropped = Vec::new();
+        for (c, e) in failures {
+            self.volume.drop_replica(
+                c,
+                format!("{what} failed there ({e}); its snapshot chain differs"),
+            );
+            dropped.push(spec.addresses[c].clone());
+        }
+        Ok(Response::new(pb::SnapshotReply { dropped }))
+    }
+
+    /// Every active replica's chain (decoded), by replica index.
+    async fn chains(&self) -> Result<Vec<(usize, Result<Vec<rpb::SnapshotInfo>, String>)>, Status> {
+        let results: ControlResults = self
+            .volume
+            .control(ControlOp::SnapshotList)
+            .await
+            .map_err(volume_status)?;
+        Ok(results
+            .into_iter()
+            .map(|(c, r)| {
+                let chain = r.and_then(|bytes| {
+                    rpb::SnapshotList::decode(bytes)
+                        .map(|l| l.snapshots)
+                        .map_err(|e| format!("undecodable snapshot list: {e}"))
+                });
+                (c, chain)
+            })
+            .collect())
+    }
+}
+
+/// A chain's shape, for comparing replicas: names and parents in order.
+fn shape(chain: &[rpb::SnapshotInfo]) -> Vec<(&str, &str)> {
+    chain
+        .iter()
+        .map(|s| (s.name.as_str(), s.parent.as_str()))
+        .collect()
+}
+
 #[tonic::async_trait]
 impl ControllerService for Api {
+    async fn snapshot_create(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let name = request.into_inner().name;
+        check_snapshot_name(&name)?;
+        let reply = self
+            .chain_op(ControlOp::SnapshotCreate(name.clone()), "snapshot create")
+            .await?;
+        tracing::info!(snapshot = %name, "snapshot created");
+        Ok(reply)
+    }
+
+    async fn snapshot_list(
+        &self,
+        _: Request<pb::SnapshotListRequest>,
+    ) -> Result<Response<pb::SnapshotListReply>, Status> {
+        let chains = self.chains().await?;
+        let spec = self.volume.spec();
+        let Some(reference) = chains.iter().find_map(|(_, c)| c.as_ref().ok()) else {
+            return Err(Status::unavailable("no replica answered the snapshot list"));
+        };
+        let mut divergent = Vec::new();
+        for (c, chain) in &chains {
+            match chain {
+                Ok(chain) if shape(chain) == shape(reference) => {}
+                Ok(chain) => divergent.push(format!(
+                    "{} holds a different chain: [{}]",
+                    spec.addresses[*c],
+                    chain
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                Err(e) => divergent.push(format!("{} did not list its snapshots: {e}", spec.addresses[*c])),
+            }
+        }
+        let snapshots = reference
+            .iter()
+            .map(|s| pb::Snapshot {
+                name: s.name.clone(),
+                created_unix: s.created_unix,
+                parent: s.parent.clone(),
+                allocated_bytes: s.allocated_bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::SnapshotListReply { snapshots, divergent }))
+    }
+
+    async fn snapshot_delete(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let name = request.into_inner().name;
+        check_snapshot_name(&name)?;
+        let reply = self
+            .chain_op(ControlOp::SnapshotDelete(name.clone()), "snapshot delete")
+            .await?;
+        tracing::info!(snapshot = %name, "snapshot deleted (merged into its child)");
+        Ok(reply)
+    }
+
+    async fn snapshot_revert(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let name = request.into_inner().name;
+        check_snapshot_name(&name)?;
+        let sessions = (self.sessions)();
+        if sessions > 0 {
+            return Err(Status::failed_precondition(format!(
+                "{sessions} initiator session(s) are logged in to {}: a revert changes the data under them. \
+                 Log them out (unmount and log out of the target) and try again",
+                self.iqn
+            )));
+        }
+        // All or none: check every replica holds the snapshot before any
+        // replica discards anything.
+        let spec = self.volume.spec();
+        for (c, chain) in self.chains().await? {
+            let chain = chain.map_err(|e| {
+                Status::unavailable(format!("{} did not list its snapshots: {e}", spec.addresses[c]))
+            })?;
+            if !chain.iter().any(|s| s.name == name) {
+                return Err(Status::not_found(format!(
+                    "no snapshot {name:?} on replica {}; nothing was reverted",
+                    spec.addresses[c]
+                )));
+            }
+        }
+        let reply = self
+            .chain_op(ControlOp::SnapshotRevert(name.clone()), "snapshot revert")
+            .await?;
+        tracing::warn!(snapshot = %name, "volume reverted: later snapshots and writes discarded");
+        Ok(reply)
+    }
+
     async fn volume_info(
         &self,
         _: Request<pb::VolumeInfoRequest>,

@@ -27,6 +27,8 @@ enum Command {
     Controller(cli::controller::Args),
     /// Run a whole volume locally, or look at a running one.
     Volume(cli::volume::Args),
+    /// Create, list, delete and revert a volume's snapshots.
+    Snapshot(cli::snapshot::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
     Health(cli::health::Args),
 }
@@ -39,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::ServeFile(args) => cli::serve_file::run(args),
         Command::Controller(args) => cli::controller::run(args),
         Command::Volume(args) => cli::volume::run(args),
+        Command::Snapshot(args) => cli::snapshot::run(args),
         Command::Health(args) => cli::health::run(args),
     };
     match result {

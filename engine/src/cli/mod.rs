@@ -1,10 +1,12 @@
 //! Subcommands of the `basalt` binary, one module each.
 
 pub mod args;
+pub mod client;
 pub mod controller;
 pub mod health;
 pub mod replica;
 pub mod serve_file;
+pub mod snapshot;
 pub mod volume;
 
 /// Structured logs to stderr; `RUST_LOG` selects the level (default `info`).

@@ -6,7 +6,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
 use basalt_proto::pb::controller::VolumeInfoRequest;
 
 use super::args::parse_volume_size;
@@ -267,28 +266,12 @@ fn signal_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicB
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let reply = runtime.block_on(async {
-        let url = if a.api.starts_with("http") {
-            a.api.clone()
-        } else {
-            format!("http://{}", a.api)
-        };
-        let mut client = tokio::time::timeout(Duration::from_secs(5), ControllerServiceClient::connect(url))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer from the controller at {} within 5 s", a.api))?
-            .with_context(|| {
-                format!(
-                    "cannot reach the controller's API at {} (is the volume running?)",
-                    a.api
-                )
-            })?;
+    let reply = super::client::block_on(async {
+        let mut client = super::client::connect(&a.api).await?;
         let reply = client
             .volume_info(VolumeInfoRequest {})
             .await
-            .context("volume info failed")?;
+            .map_err(super::client::status_message)?;
         anyhow::Ok(reply.into_inner())
     })?;
     let io = reply.io.unwrap_or_default();

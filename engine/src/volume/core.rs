@@ -751,6 +751,13 @@ impl VolumeCore {
     }
 
     /// Drop `client` from the active set: every job stops waiting for it.
+    /// Drop a replica on the caller's word (e.g. its snapshot chain no
+    /// longer matches the others').
+    pub fn drop_replica(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
+        self.fail(client, cause, out);
+        self.pump(out);
+    }
+
     fn fail(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
         let replica = &mut self.replicas[client.0];
         if !replica.mode.is_active() {

@@ -71,6 +71,7 @@ pub type ControlResults = Vec<(usize, Result<Bytes, String>)>;
 enum Command {
     Io { op: GuestOp, reply: Reply },
     Status { reply: oneshot::Sender<VolumeStatus> },
+    Drop { replica: usize, cause: String },
 }
 
 enum Reply {
@@ -167,6 +168,12 @@ impl Volume {
             })
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Drop replica `replica` (by index) from the volume, with the cause
+    /// logged once.
+    pub fn drop_replica(&self, replica: usize, cause: String) {
+        let _ = self.tx.send(Command::Drop { replica, cause });
     }
 
     async fn io(&self, op: GuestOp) -> Result<Bytes, DeviceError> {
@@ -350,6 +357,11 @@ impl Owner {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::Drop { replica, cause } => {
+                if replica < self.spec.addresses.len() {
+                    self.core.drop_replica(ClientId(replica), cause, effects);
+                }
             }
         }
     }
