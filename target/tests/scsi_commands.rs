@@ -169,19 +169,33 @@ async fn read16_and_write16_at_the_last_block_work_and_one_past_is_out_of_range(
 }
 
 #[tokio::test]
-async fn write_with_less_data_out_than_the_cdb_asks_for_changes_nothing() {
+async fn write_with_fewer_whole_blocks_than_the_cdb_asks_for_writes_only_those() {
     let h = lu();
     let a = nexus("iqn.a", 1);
     h.login(&a).await;
     good(&h.exec(&a, &write10(0, 2), &[b'a'; 2 * BS], 2 * BS as u32).await);
     let r = h.exec(&a, &write10(0, 2), &[b'b'; BS], BS as u32).await;
-    assert_eq!(sense_of(&r), (0x5, 0x0E, 0x03));
+    good(&r);
     assert_eq!(
         r.data_out_len,
         2 * BS as u32,
         "the transport reports the overflow from this"
     );
     let back = h.exec(&a, &read10(0, 2), &[], 2 * BS as u32).await;
+    assert!(back.data_in[..BS].iter().all(|b| *b == b'b'));
+    assert!(back.data_in[BS..].iter().all(|b| *b == b'a'));
+}
+
+#[tokio::test]
+async fn write_with_a_partial_block_of_data_out_is_refused_and_changes_nothing() {
+    let h = lu();
+    let a = nexus("iqn.a", 1);
+    h.login(&a).await;
+    good(&h.exec(&a, &write10(0, 1), &[b'a'; BS], BS as u32).await);
+    let r = h.exec(&a, &write10(0, 1), &[b'b'; 200], 200).await;
+    assert_eq!(sense_of(&r), (0x5, 0x0E, 0x03));
+    assert_eq!(r.data_out_len, BS as u32);
+    let back = h.exec(&a, &read10(0, 1), &[], BS as u32).await;
     assert!(back.data_in.iter().all(|b| *b == b'a'));
 }
 

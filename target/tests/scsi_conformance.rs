@@ -4,7 +4,9 @@
 //! pass. A missing tool is a failure with instructions, never a skip.
 //!
 //! Run it alone to see libiscsi's report:
-//! `cargo test -p basalt-target --test scsi_conformance -- --nocapture`.
+//! `cargo test -p basalt-target --test scsi_conformance -- --nocapture`;
+//! `BASALT_TEST_CU_FILTER=ALL` runs the whole suite, transport tests included
+//! (any `iscsi-test-cu -t` pattern works).
 
 mod iscsi_support;
 
@@ -36,10 +38,11 @@ async fn libiscsi_scsi_family_passes_with_zero_failures_on_a_thin_file_lun() {
         vec![target_with("conformance", file_lu(&dir, LUN_BYTES))],
     )
     .await;
+    let filter = std::env::var("BASALT_TEST_CU_FILTER").unwrap_or_else(|_| "SCSI".into());
     let url = format!("iscsi://{}/{}/0", tp.addr, target_iqn("conformance"));
     let run = tokio::task::spawn_blocking(move || {
         std::process::Command::new("iscsi-test-cu")
-            .args(["--dataloss", "-n", "-t", "SCSI", &url])
+            .args(["--dataloss", "-n", "-t", &filter, &url])
             .output()
     });
     let output = tokio::time::timeout(Duration::from_secs(600), run)

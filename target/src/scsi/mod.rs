@@ -206,13 +206,21 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             Ok(()) => {}
             Err(f) => return f.into_result(data_out_len),
         }
-        if spec.transfer.is_data_out() && (cmd.data_out.len() as u64) < u64::from(data_out_len) {
+        let received = cmd.data_out.len() as u64;
+        if spec.transfer.is_data_out() && received < u64::from(data_out_len) {
             // The initiator's Expected Data Transfer Length is shorter than
-            // the CDB asks for: refuse without touching the medium (FCP-4's
-            // choice (b), which libiscsi's residual tests accept), and report
-            // the full length so the transport reports the overflow.
-            return Failure::illegal(Asc::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
-                .into_result(data_out_len);
+            // the CDB asks for. For block writes, FCP-4's choice (a): process
+            // the command, but only with the whole blocks that came (libiscsi
+            // 1.19's residual tests require it). A partial block or a short
+            // parameter list: choice (b), refuse without touching anything.
+            // Either way the full length goes back so the transport reports
+            // the overflow.
+            let whole_blocks =
+                matches!(spec.transfer, Transfer::OutBlocks(_)) && received.is_multiple_of(self.block_size());
+            if !whole_blocks {
+                return Failure::illegal(Asc::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)
+                    .into_result(data_out_len);
+            }
         }
         if spec.transfer.is_exact() && cmd.expected_transfer_len != data_out_len {
             // WRITE SAME and COMPARE AND WRITE carry a buffer whose size the
