@@ -6,3 +6,4 @@
 //!   `basalt-proto` on one TCP address.
 
 pub mod store;
+pub mod server;

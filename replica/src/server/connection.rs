@@ -1,0 +1,444 @@
+//! One controller connection: the reader task, the ordered lane, the read
+//! workers and the writer task drawn in the parent module's diagram.
+//!
+//! Connection state is an enum: before Hello only Hello (and Ping) are
+//! accepted, so a controller cannot send I/O without having checked that it
+//! talks to the right volume in a protocol version both sides speak.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use basalt_proto::frame::{
+    DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion, ReplicaIdentity,
+    ReplyError, RequestId,
+};
+use basalt_proto::pb::replica as pb;
+use basalt_proto::Epoch;
+use bytes::BytesMut;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
+use crate::store::{SnapshotInfo, Store};
+
+/// Requests queued on the ordered lane. The byte budget is the real bound;
+/// this only has to be large enough never to be the one that stops a
+/// pipelined controller (a queue depth of 1,024 small writes).
+const ORDERED_QUEUE: usize = 1024;
+
+/// Replies waiting for the writer task; bounded so that a controller that
+/// stops reading stalls this connection instead of growing its memory.
+const REPLY_QUEUE: usize = 1024;
+
+/// The writer stops batching and writes once this much is queued: large
+/// enough to coalesce many small replies in one `writev`, small enough that
+/// the first reply of a batch is not held back long.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Session {
+    AwaitingHello,
+    Ready { version: ProtocolVersion },
+}
+
+/// A request accepted for execution, with what it costs and when it came.
+struct Job {
+    id: RequestId,
+    epoch: Epoch,
+    message: Message,
+    received: Instant,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Serves one connection until the peer leaves, a frame fails to decode, or
+/// `stop` is cancelled; in every case what was accepted is finished and
+/// answered before the socket closes.
+pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    // Replies are small and latency-bound; batching is done by the writer.
+    let _ = stream.set_nodelay(true);
+    shared.metrics.connection_opened();
+    tracing::info!(%peer, "controller connected");
+    let (rx, tx) = stream.into_split();
+    let (reply_tx, reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
+    let writer = tokio::spawn(write_replies(tx, reply_rx, peer));
+
+    let (lane_tx, lane_rx) = mpsc::channel::<Job>(ORDERED_QUEUE);
+    let lane = {
+        let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
+        tokio::task::spawn_blocking(move || run_ordered_lane(lane_rx, &shared, &reply_tx))
+    };
+    let reads = TaskTracker::new();
+
+    let outcome = read_requests(
+        FramedRead::new(rx, FrameCodec),
+        &Dispatch {
+            shared: &shared,
+            reply_tx: &reply_tx,
+            lane_tx: &lane_tx,
+            reads: &reads,
+        },
+        &stop,
+    )
+    .await;
+    match &outcome {
+        Ok(()) => tracing::info!(%peer, "controller disconnected"),
+        Err(e) => {
+            shared.metrics.protocol_error();
+            tracing::warn!(%peer, error = %e, "closing connection: frame did not decode");
+        }
+    }
+
+    // Drain: the lane finishes its queue once its sender is gone, reads
+    // finish on their own, and the writer ends when every reply sender is.
+    drop(lane_tx);
+    reads.close();
+    reads.wait().await;
+    if let Err(e) = lane.await {
+        tracing::error!(%peer, error = %e, "ordered lane of the connection panicked");
+    }
+    drop(reply_tx);
+    if let Err(e) = writer.await {
+        tracing::error!(%peer, error = %e, "reply writer of the connection panicked");
+    }
+    shared.metrics.connection_closed();
+}
+
+/// What the reader needs to hand requests on.
+struct Dispatch<'a> {
+    shared: &'a Arc<Shared>,
+    reply_tx: &'a mpsc::Sender<Frame>,
+    lane_tx: &'a mpsc::Sender<Job>,
+    reads: &'a TaskTracker,
+}
+
+/// Decodes requests and dispatches them; returns at EOF, on shutdown, or
+/// with the decode error that ends the connection.
+async fn read_requests(
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    dispatch: &Dispatch<'_>,
+    stop: &CancellationToken,
+) -> Result<(), DecodeError> {
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
+    let mut session = Session::AwaitingHello;
+    loop {
+        let frame = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            next = frames.next() => match next {
+                None => return Ok(()),
+                Some(frame) => frame?,
+            },
+        };
+        let received = Instant::now();
+        let Frame { id, epoch, message } = frame;
+        let (op, is_reply) = message.op();
+        dispatch.shared.metrics.request(op);
+        let refuse = |refusal: Refusal| dispatch.answer(id, op, received, Err(refusal));
+
+        if is_reply {
+            refuse(Refusal::bad_request(format!(
+                "a replica does not accept replies ({op} reply received)"
+            )))
+            .await;
+            continue;
+        }
+        match (session, message) {
+            (_, Message::Ping) => {
+                let result = dispatch.shared.check_epoch(epoch).map(|()| Message::Pong);
+                dispatch.answer(id, op, received, result).await;
+            }
+            (
+                Session::AwaitingHello,
+                Message::Hello {
+                    volume,
+                    min_version,
+                    max_version,
+                },
+            ) => {
+                let shared = dispatch.shared.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    hello(&shared, volume, epoch, min_version, max_version)
+                })
+                .await
+                .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("Hello task failed: {e}"))));
+                if let Ok(Message::HelloOk { version, .. }) = &result {
+                    session = Session::Ready { version: *version };
+                }
+                dispatch.answer(id, op, received, result).await;
+            }
+            (Session::AwaitingHello, _) => {
+                refuse(Refusal::bad_request(format!(
+                    "{op} before Hello: send Hello first"
+                )))
+                .await;
+            }
+            (Session::Ready { .. }, Message::Hello { .. }) => {
+                refuse(Refusal::bad_request(
+                    "Hello already done on this connection; use SetEpoch to raise the epoch",
+                ))
+                .await;
+            }
+            (Session::Ready { .. }, message) => {
+                let cost = match &message {
+                    Message::Read { len, .. } => *len as usize,
+                    Message::Write { data, .. } => data.len(),
+                    _ => 0,
+                };
+                let units = cost.div_ceil(BUDGET_UNIT).max(1) as u32;
+                // The semaphore is never closed, so acquiring only waits.
+                let Ok(permit) = budget.clone().acquire_many_owned(units).await else {
+                    return Ok(());
+                };
+                let job = Job {
+                    id,
+                    epoch,
+                    message,
+                    received,
+                    _budget: permit,
+                };
+                if let Message::Read { .. } = job.message {
+                    dispatch.spawn_read(job);
+                } else if let Err(mpsc::error::SendError(job)) = dispatch.lane_tx.send(job).await {
+                    // The lane only ends after this loop; answer anyway.
+                    let refusal = Refusal::new(ReplyError::ShuttingDown, "the connection is closing");
+                    dispatch.answer(job.id, op, job.received, Err(refusal)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Dispatch<'_> {
+    /// Queues the reply to request `id`.
+    async fn answer(&self, id: RequestId, op: Op, received: Instant, result: Result<Message, Refusal>) {
+        let frame = reply_frame(self.shared, id, op, received, result);
+        // Fails only when the writer is gone (the socket broke): then nobody
+        // can be told anything, and the reader will see EOF shortly.
+        let _ = self.reply_tx.send(frame).await;
+    }
+
+    fn spawn_read(&self, job: Job) {
+        let shared = self.shared.clone();
+        let reply_tx = self.reply_tx.clone();
+        self.reads.spawn(async move {
+            let Job {
+                id,
+                epoch,
+                message,
+                received,
+                _budget,
+            } = job;
+            let worker = shared.clone();
+            let result = tokio::task::spawn_blocking(move || execute(&worker, epoch, message))
+                .await
+                .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("read task failed: {e}"))));
+            let _ = reply_tx
+                .send(reply_frame(&shared, id, Op::Read, received, result))
+                .await;
+        });
+    }
+}
+
+/// The ordered lane: executes jobs one at a time, in arrival order.
+fn run_ordered_lane(mut jobs: mpsc::Receiver<Job>, shared: &Shared, reply_tx: &mpsc::Sender<Frame>) {
+    while let Some(Job {
+        id,
+        epoch,
+        message,
+        received,
+        _budget,
+    }) = jobs.blocking_recv()
+    {
+        let op = message.op().0;
+        let result = execute(shared, epoch, message);
+        if reply_tx
+            .blocking_send(reply_frame(shared, id, op, received, result))
+            .is_err()
+        {
+            // The socket is gone; keep executing what was accepted so that
+            // the store sees the same sequence it would have otherwise.
+            continue;
+        }
+    }
+}
+
+/// Executes one request (not Hello, not Ping) on a blocking thread.
+fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, Refusal> {
+    let metrics = &shared.metrics;
+    match message {
+        Message::SetEpoch => shared.raise_epoch(epoch).map(|()| Message::SetEpochOk),
+        Message::Read { offset, len } => shared.fenced(epoch, |store| {
+            let mut buf = BytesMut::zeroed(len as usize);
+            store.read(offset, &mut buf)?;
+            metrics.bytes_read(buf.len());
+            Ok(Message::ReadOk { data: buf.freeze() })
+        }),
+        Message::Write { offset, data, fua } => shared.fenced(epoch, |store| {
+            store.write(offset, &data)?;
+            metrics.bytes_written(data.len());
+            if fua {
+                store.flush()?;
+            }
+            Ok(Message::WriteOk)
+        }),
+        Message::Unmap { offset, len } => shared.fenced(epoch, |store| {
+            store.unmap(offset, len)?;
+            Ok(Message::UnmapOk)
+        }),
+        Message::Flush => shared.fenced(epoch, |store| {
+            Ok(Message::FlushOk {
+                revision: store.flush()?,
+            })
+        }),
+        Message::Info => shared.fenced(epoch, |store| Ok(Message::InfoOk(info(store)))),
+        Message::SnapshotCreate { name } => shared.fenced(epoch, |store| {
+            let snapshot = store.snapshot_create(&name)?;
+            tracing::info!(snapshot = %name, "snapshot created");
+            Ok(Message::SnapshotCreateOk(snapshot_pb(&snapshot)))
+        }),
+        Message::SnapshotList => shared.fenced(epoch, |store| {
+            Ok(Message::SnapshotListOk(
+                store.snapshot_list().iter().map(snapshot_pb).collect(),
+            ))
+        }),
+        Message::SnapshotDelete { name } => shared.fenced(epoch, |store| {
+            store.snapshot_delete(&name)?;
+            tracing::info!(snapshot = %name, "snapshot deleted");
+            Ok(Message::SnapshotDeleteOk)
+        }),
+        Message::SnapshotRevert { name } => shared.fenced(epoch, |store| {
+            store.snapshot_revert(&name)?;
+            tracing::info!(snapshot = %name, "volume reverted to snapshot");
+            Ok(Message::SnapshotRevertOk)
+        }),
+        other => {
+            let op = other.op().0;
+            Err(Refusal::bad_request(format!("{op} is not executed on this path")))
+        }
+    }
+}
+
+/// The handshake: check the volume, agree on a version, raise the epoch if
+/// the controller's is newer, and introduce the replica.
+fn hello(
+    shared: &Shared,
+    volume: basalt_proto::VolumeId,
+    epoch: Epoch,
+    min_version: ProtocolVersion,
+    max_version: ProtocolVersion,
+) -> Result<Message, Refusal> {
+    let store = &shared.store;
+    if !volume.0.is_nil() && volume != store.volume_id() {
+        return Err(Refusal::new(
+            ReplyError::VolumeMismatch,
+            format!(
+                "this replica serves volume {}, not {volume}; check the controller's replica list",
+                store.volume_id()
+            ),
+        ));
+    }
+    let version = ProtocolVersion::negotiate(min_version, max_version).ok_or_else(|| {
+        Refusal::new(
+            ReplyError::VersionMismatch {
+                newest: ProtocolVersion::CURRENT.0,
+            },
+            format!(
+                "controller speaks {min_version}..={max_version}, this replica {}..={}; upgrade one side",
+                ProtocolVersion::MIN_SUPPORTED,
+                ProtocolVersion::CURRENT
+            ),
+        )
+    })?;
+    // A lower epoch is a survey, not an operation: report, change nothing.
+    if epoch > store.epoch() {
+        shared.raise_epoch(epoch)?;
+    }
+    Ok(Message::HelloOk {
+        version,
+        replica: ReplicaIdentity {
+            volume: store.volume_id(),
+            size_bytes: store.size_bytes(),
+            epoch: store.epoch(),
+            revision: store.revision(),
+        },
+    })
+}
+
+fn info(store: &Store) -> pb::ReplicaInfo {
+    pb::ReplicaInfo {
+        volume_uuid: store.volume_id().0.as_bytes().to_vec(),
+        size_bytes: store.size_bytes(),
+        epoch: store.epoch().0,
+        revision: store.revision().0,
+        snapshots: store.snapshot_list().iter().map(snapshot_pb).collect(),
+        head_allocated_bytes: store.head_allocated_bytes(),
+    }
+}
+
+fn snapshot_pb(s: &SnapshotInfo) -> pb::SnapshotInfo {
+    let created_unix = match s.created.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    pb::SnapshotInfo {
+        name: s.name.clone(),
+        created_unix,
+        parent: s.parent.clone().unwrap_or_default(),
+        allocated_bytes: s.allocated_bytes,
+    }
+}
+
+/// The reply frame for a request, recorded in the metrics.
+fn reply_frame(
+    shared: &Shared,
+    id: RequestId,
+    op: Op,
+    received: Instant,
+    result: Result<Message, Refusal>,
+) -> Frame {
+    let message = match result {
+        Ok(message) => {
+            shared.metrics.completed(op, received.elapsed(), None);
+            message
+        }
+        Err(Refusal { error, message }) => {
+            shared.metrics.completed(op, received.elapsed(), Some(&error));
+            tracing::debug!(request = id.0, %op, status = error.name(), %message, "request failed");
+            Message::Failed { op, error, message }
+        }
+    };
+    Frame::new(id, shared.store.epoch(), message)
+}
+
+/// The writer task: batches queued replies into vectored writes.
+async fn write_replies(tx: OwnedWriteHalf, mut replies: mpsc::Receiver<Frame>, peer: SocketAddr) {
+    let mut writer = FrameBatchWriter::new(tx);
+    while let Some(first) = replies.recv().await {
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match frame.encode() {
+                Ok(encoded) => writer.push(encoded),
+                // Replies are built here and are within limits; if one is
+                // not, the controller will time the request out.
+                Err(e) => tracing::error!(%peer, request = frame.id.0, error = %e, "reply not encodable"),
+            }
+            if writer.pending_bytes() < WRITE_BATCH_BYTES {
+                next = replies.try_recv().ok();
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            tracing::info!(%peer, error = %e, "cannot send replies; the controller went away");
+            // Keep draining so that producers never block on a dead socket.
+            while replies.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = writer.get_mut().shutdown().await;
+}

@@ -1,0 +1,302 @@
+//! # The replica server: one store, one TCP address, the data-path protocol
+//!
+//! A controller connects, says Hello, and then pipelines requests; this
+//! module executes them against the [`Store`] and answers each by id.
+//!
+//! ```text
+//!                 +-------------------- one connection ------------------------+
+//!  socket rx ---> | reader task: decode, check Hello, take an in-flight budget |
+//!                 |   |-- Ping ------------------------------------------------+--> reply channel
+//!                 |   |-- Read  --> spawn_blocking (any number, concurrently) -+--> reply channel
+//!                 |   '-- Write/Unmap/Flush/Snapshot*/Info/SetEpoch            |
+//!                 |          --> ordered lane: ONE blocking thread, FIFO ------+--> reply channel
+//!                 |                                                            |
+//!  socket tx <--- | writer task: drain reply channel, one vectored write/batch |
+//!                 +------------------------------------------------------------+
+//! ```
+//!
+//! ## Why this shape
+//!
+//! * **Writes in arrival order.** Everything that changes the volume goes
+//!   through one FIFO thread per connection, so overlapping writes land in
+//!   the order the controller sent them, a Flush reply covers every write
+//!   that arrived before it, and a snapshot sits exactly between the writes
+//!   before and after it. A FUA write is a write plus a flush on that thread.
+//! * **Reads concurrently.** Reads go to `spawn_blocking` and may overtake
+//!   each other and queued writes: a controller only reads data whose write
+//!   it has seen acknowledged (a SCSI initiator does the same), so ordering
+//!   reads behind writes would only add latency.
+//! * **The runtime never blocks on the disk.** All store calls run on
+//!   blocking threads; the async tasks only move frames.
+//! * **Bounded memory.** The reader takes a budget of in-flight bytes
+//!   ([`MAX_IN_FLIGHT_BYTES`]) before dispatching a request and the budget is
+//!   returned when the reply is queued, so a fast sender is slowed down by
+//!   TCP instead of filling the replica's memory.
+//!
+//! ## Epoch fencing
+//!
+//! Every request but Hello must carry exactly the store's current epoch:
+//! a lower one is answered `StaleEpoch{current}` (a newer controller owns the
+//! volume; logged), a higher one `EpochNotRaised{current}` (only Hello and
+//! SetEpoch raise the epoch, durably, so that a replica never adopts an epoch
+//! by accident of a data request). The check runs when the request
+//! *executes*, under a fence lock that SetEpoch takes exclusively: once a
+//! SetEpoch(e) is acknowledged, no request of an older epoch is running or
+//! will run, even if it was queued earlier on another connection.
+//!
+//! ## Bad input
+//!
+//! A frame that does not decode (bad magic, CRC, length, version, op) closes
+//! its connection with a log line: after a corrupt header the stream cannot
+//! be trusted. Requests that decode but are wrong (out of range, unaligned,
+//! stale epoch, unknown snapshot, request before Hello) get a `Failed` reply
+//! with a status and a message, and are never executed. Other connections
+//! are not affected either way.
+//!
+//! ## Shutdown
+//!
+//! [`Server::run`] stops accepting when its token is cancelled; each
+//! connection stops reading, finishes what it has accepted, sends the
+//! replies, and closes; finally the store is flushed.
+
+mod connection;
+mod metrics;
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use basalt_proto::frame::ReplyError;
+use basalt_proto::Epoch;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::store::{Store, StoreError, SECTOR_SIZE};
+
+pub use client::{ClientError, ReplicaClient};
+pub use metrics::{bind_metrics, serve_metrics, Metrics};
+
+/// Budget of request bytes (payloads of writes, lengths of reads; at least
+/// [`BUDGET_UNIT`] per request) one connection may have accepted and not yet
+/// answered: 64 MiB is 4 maximum-size frames, or 16,384 4 KiB requests,
+/// which keeps a 10 GbE link busy at any queue depth a controller uses.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
+/// The budget is counted in 4 KiB units (a tokio semaphore counts permits).
+const BUDGET_UNIT: usize = 4096;
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}; is another replica already using that address?")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "final flush of the store at shutdown failed: {0}; data written since the last flush may be lost"
+    )]
+    FinalFlush(#[source] StoreError),
+    #[error("the final flush task did not complete: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A replica server bound to its address, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What every connection of a server shares.
+pub(crate) struct Shared {
+    pub store: Arc<Store>,
+    pub metrics: Metrics,
+    /// Taken shared by every request while it checks its epoch and executes,
+    /// exclusively by an epoch change: see "Epoch fencing" above.
+    fence: RwLock<()>,
+}
+
+impl Shared {
+    fn fence_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.fence.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fence_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.fence.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `op` if `epoch` is the store's current epoch, with no epoch
+    /// change possible until it returns.
+    pub(crate) fn fenced<T>(
+        &self,
+        epoch: Epoch,
+        op: impl FnOnce(&Store) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let _fence = self.fence_shared();
+        self.check_epoch(epoch)?;
+        op(&self.store)
+    }
+
+    /// Whether a request of `epoch` may run now.
+    pub(crate) fn check_epoch(&self, epoch: Epoch) -> Result<(), Refusal> {
+        let current = self.store.epoch();
+        if epoch < current {
+            tracing::warn!(
+                request_epoch = epoch.0,
+                current = current.0,
+                "refused a request of a stale epoch"
+            );
+            return Err(Refusal::new(
+                ReplyError::StaleEpoch { current },
+                format!(
+                    "request of {epoch} refused: this replica is at {current}; a newer controller owns it"
+                ),
+            ));
+        }
+        if epoch > current {
+            return Err(Refusal::new(
+                ReplyError::EpochNotRaised { current },
+                format!(
+                    "request of {epoch} refused: this replica is at {current}; raise it with Hello or \
+                     SetEpoch before sending I/O"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Raises the store's epoch to `epoch` (no-op if equal), after every
+    /// request of the old epoch has finished.
+    pub(crate) fn raise_epoch(&self, epoch: Epoch) -> Result<(), Refusal> {
+        let _fence = self.fence_exclusive();
+        let before = self.store.epoch();
+        self.store.set_epoch(epoch).map_err(Refusal::from)?;
+        if epoch > before {
+            tracing::info!(from = before.0, to = epoch.0, "epoch raised");
+        }
+        Ok(())
+    }
+}
+
+/// A request the replica did not carry out: the status and the words for it.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub error: ReplyError,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(error: ReplyError, message: impl Into<String>) -> Refusal {
+        Refusal {
+            error,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Refusal {
+        Refusal::new(ReplyError::BadRequest, message)
+    }
+}
+
+impl From<StoreError> for Refusal {
+    /// The store's message says what was wrong; the status says what kind of
+    /// wrong, so the controller can react without parsing text.
+    fn from(e: StoreError) -> Refusal {
+        let error = match &e {
+            StoreError::ChecksumMismatch { lba } => ReplyError::ChecksumMismatch { lba: *lba },
+            StoreError::OutOfRange { size, .. } => ReplyError::OutOfRange { size_bytes: *size },
+            StoreError::Unaligned { .. } => ReplyError::Unaligned {
+                alignment: SECTOR_SIZE,
+            },
+            StoreError::StaleEpoch { current, .. } => ReplyError::StaleEpoch { current: *current },
+            StoreError::NoSuchSnapshot(_) => ReplyError::NoSuchSnapshot,
+            StoreError::SnapshotExists(_) => ReplyError::SnapshotExists,
+            StoreError::InvalidSnapshotName { .. } => ReplyError::BadRequest,
+            StoreError::VolumeMismatch { .. } => ReplyError::VolumeMismatch,
+            StoreError::Io { .. }
+            | StoreError::Failed { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::InvalidSize { .. }
+            | StoreError::SizeMismatch { .. }
+            | StoreError::AlreadyExists { .. }
+            | StoreError::NotAVolume { .. } => ReplyError::Io,
+        };
+        if error == ReplyError::Io {
+            tracing::error!(error = %e, "store I/O failed");
+        }
+        Refusal {
+            error,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]).
+    pub async fn bind(addr: SocketAddr, store: Arc<Store>, metrics: Metrics) -> Result<Server, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Server {
+            listener,
+            shared: Arc::new(Shared {
+                store,
+                metrics,
+                fence: RwLock::new(()),
+            }),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address; fall back to
+        // unspecified rather than panic if the OS says otherwise.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains every connection
+    /// and flushes the store.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let connections = TaskTracker::new();
+        tracing::info!(
+            addr = %self.local_addr(),
+            volume = %self.shared.store.volume_id(),
+            size_bytes = self.shared.store.size_bytes(),
+            epoch = self.shared.store.epoch().0,
+            revision = self.shared.store.revision().0,
+            "replica serving"
+        );
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let shared = self.shared.clone();
+                        let stop = shutdown.child_token();
+                        connections.spawn(connection::serve(stream, peer, shared, stop));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        // EMFILE and friends: retrying at once would spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        tracing::info!("shutting down: draining connections");
+        connections.close();
+        connections.wait().await;
+        let store = self.shared.store.clone();
+        let revision = tokio::task::spawn_blocking(move || store.flush())
+            .await?
+            .map_err(ServerError::FinalFlush)?;
+        tracing::info!(revision = revision.0, "replica stopped cleanly");
+        Ok(())
+    }
+}

@@ -1,0 +1,682 @@
+//! The replica server, driven over TCP through the wire protocol: what a
+//! controller can rely on, and what a broken or stale controller cannot do.
+//!
+//! Every test runs its own in-process server on 127.0.0.1 port 0 over a
+//! fresh temporary store, so the tests run concurrently without colliding.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use basalt_proto::frame::{
+    Frame, FrameCodec, Message, Op, ProtocolVersion, ReplyError, RequestId, HEADER_LEN, MAX_PAYLOAD,
+};
+use basalt_proto::{Epoch, VolumeId};
+use basalt_replica::server::{ClientError, Metrics, ReplicaClient, Server};
+use basalt_replica::store::{Backend, DirBackend, Object, Store};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+/// A running in-process replica.
+struct Replica {
+    addr: SocketAddr,
+    volume: VolumeId,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), basalt_replica::server::ServerError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    async fn start() -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), VolumeId::random(), 64 * MIB).unwrap();
+        Replica::serve(Arc::new(store), dir).await
+    }
+
+    async fn serve(store: Arc<Store>, dir: tempfile::TempDir) -> Replica {
+        let volume = store.volume_id();
+        let server = Server::bind("127.0.0.1:0".parse().unwrap(), store, Metrics::new())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Replica {
+            addr,
+            volume,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self, epoch: u64) -> ReplicaClient {
+        ReplicaClient::connect(self.addr, self.volume, Epoch(epoch))
+            .await
+            .unwrap()
+    }
+
+    /// A raw framed connection, for sending what the client never would.
+    async fn raw(&self) -> Framed<TcpStream, FrameCodec> {
+        Framed::new(TcpStream::connect(self.addr).await.unwrap(), FrameCodec)
+    }
+
+    fn hello(&self, epoch: u64) -> Frame {
+        Frame::new(
+            RequestId(1),
+            Epoch(epoch),
+            Message::Hello {
+                volume: self.volume,
+                min_version: ProtocolVersion::MIN_SUPPORTED,
+                max_version: ProtocolVersion::CURRENT,
+            },
+        )
+    }
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; 4096])
+}
+
+fn refusal(result: Result<impl std::fmt::Debug, ClientError>) -> ReplyError {
+    match result {
+        Err(e) => e
+            .reply_error()
+            .unwrap_or_else(|| panic!("expected a replica refusal, got {e}")),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+    }
+}
+
+#[tokio::test]
+async fn writes_read_back_and_flush_raises_the_revision() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    let id = client.identity();
+    assert_eq!(
+        (id.volume, id.size_bytes, id.epoch),
+        (replica.volume, 64 * MIB, Epoch(1))
+    );
+
+    let writes: Vec<_> = (0..8u8)
+        .map(|i| client.write(u64::from(i) * 4096, block(i + 1), false))
+        .collect();
+    for w in writes {
+        w.await.unwrap();
+    }
+    let data = client.read(0, 8 * 4096).await.unwrap();
+    for i in 0..8 {
+        assert!(
+            data[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8 + 1),
+            "block {i}"
+        );
+    }
+    let before = client.info().await.unwrap().revision;
+    let revision = client.flush().await.unwrap();
+    assert!(
+        revision.0 > before,
+        "flush raised the revision from {before} to {revision}"
+    );
+
+    client.write(MIB, block(0xaa), true).await.unwrap();
+    assert_eq!(client.read(MIB, 4096).await.unwrap(), block(0xaa));
+
+    client.unmap(0, 2 * 4096).await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), block(0));
+    assert_eq!(client.read(2 * 4096, 4096).await.unwrap(), block(3));
+    client.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn overlapping_pipelined_writes_apply_in_arrival_order() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    // 64 writes to the same block, none awaited before the next is sent.
+    let writes: Vec<_> = (0..64u8).map(|i| client.write(0, block(i), false)).collect();
+    let flush = client.flush();
+    for w in writes {
+        w.await.unwrap();
+    }
+    flush.await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), block(63));
+}
+
+/// Data objects whose reads wait while the gate is closed: a read that is
+/// stuck for as long as the test wants, without timing luck.
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+    }
+}
+
+struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+struct GatedBackend {
+    inner: DirBackend,
+    gate: Arc<Gate>,
+}
+
+struct GatedObject {
+    inner: Box<dyn Object>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl Object for GatedObject {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(gate) = &self.gate {
+            gate.pass();
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(offset, len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+impl GatedBackend {
+    fn wrap(&self, name: &str, object: Box<dyn Object>) -> Box<dyn Object> {
+        let gate = name.ends_with(".data").then(|| self.gate.clone());
+        Box::new(GatedObject { inner: object, gate })
+    }
+}
+
+impl Backend for GatedBackend {
+    fn create(&self, name: &str, capacity: u64) -> io::Result<Box<dyn Object>> {
+        Ok(self.wrap(name, self.inner.create(name, capacity)?))
+    }
+    fn open(&self, name: &str, capacity: u64) -> io::Result<Box<dyn Object>> {
+        Ok(self.wrap(name, self.inner.open(name, capacity)?))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn read_blob(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        self.inner.read_blob(name)
+    }
+    fn replace_blob(&self, name: &str, content: &[u8]) -> io::Result<()> {
+        self.inner.replace_blob(name, content)
+    }
+    fn sync_namespace(&self) -> io::Result<()> {
+        self.inner.sync_namespace()
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+#[tokio::test]
+async fn replies_complete_out_of_order_a_stuck_read_does_not_hold_up_a_ping() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate {
+        closed: Mutex::new(false),
+        opened: Condvar::new(),
+    });
+    let backend = GatedBackend {
+        inner: DirBackend::new(dir.path()).unwrap(),
+        gate: gate.clone(),
+    };
+    let store = Store::create_with_backend(Arc::new(backend), VolumeId::random(), 16 * MIB).unwrap();
+    let replica = Replica::serve(Arc::new(store), dir).await;
+    let client = replica.client(1).await;
+    client.write(0, block(7), false).await.unwrap();
+
+    gate.set(true);
+    // Whatever happens below, never leave a blocking thread stuck.
+    let _reopen = OpenOnDrop(gate.clone());
+    let slow_read = tokio::spawn(client.read(0, 4096));
+    // Sent after the read, answered before it: replies are matched by id.
+    client.ping().await.unwrap();
+    // A write elsewhere (another stripe lock of the store than the read's)
+    // is not held up either.
+    client.write(8 * MIB, block(9), false).await.unwrap();
+    assert!(!slow_read.is_finished(), "the read is still held at the gate");
+    gate.set(false);
+    assert_eq!(slow_read.await.unwrap().unwrap(), block(7));
+}
+
+#[tokio::test]
+async fn stale_epoch_write_is_refused_and_never_applied() {
+    let replica = Replica::start().await;
+    let old = replica.client(1).await;
+    old.write(0, block(1), true).await.unwrap();
+
+    // A new controller takes over with a higher epoch.
+    let new = replica.client(2).await;
+    assert_eq!(new.identity().epoch, Epoch(2));
+
+    let refused = old.write(0, block(0xee), false).await;
+    assert_eq!(refusal(refused), ReplyError::StaleEpoch { current: Epoch(2) });
+    assert_eq!(
+        refusal(old.ping().await),
+        ReplyError::StaleEpoch { current: Epoch(2) }
+    );
+    assert_eq!(
+        refusal(old.flush().await),
+        ReplyError::StaleEpoch { current: Epoch(2) }
+    );
+    assert_eq!(
+        new.read(0, 4096).await.unwrap(),
+        block(1),
+        "the stale write did not happen"
+    );
+
+    // Data requests cannot raise the epoch: only Hello and SetEpoch do.
+    let raw = replica.raw().await;
+    let mut raw = raw;
+    raw.send(replica.hello(2)).await.unwrap();
+    assert!(matches!(
+        raw.next().await.unwrap().unwrap().message,
+        Message::HelloOk { .. }
+    ));
+    let ahead = Frame::new(
+        RequestId(2),
+        Epoch(3),
+        Message::Write {
+            offset: 0,
+            data: block(0xdd),
+            fua: false,
+        },
+    );
+    raw.send(ahead).await.unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Failed {
+                error: ReplyError::EpochNotRaised { current: Epoch(2) },
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(new.read(0, 4096).await.unwrap(), block(1));
+
+    // SetEpoch raises it; the client then speaks the new epoch.
+    new.set_epoch(Epoch(5)).await.unwrap();
+    assert_eq!(new.epoch(), Epoch(5));
+    new.write(0, block(5), false).await.unwrap();
+    assert_eq!(
+        refusal(new.set_epoch(Epoch(4)).await),
+        ReplyError::StaleEpoch { current: Epoch(5) }
+    );
+}
+
+#[tokio::test]
+async fn hello_checks_the_volume_and_a_nil_volume_discovers_it() {
+    let replica = Replica::start().await;
+    let wrong = ReplicaClient::connect(replica.addr, VolumeId::random(), Epoch(1)).await;
+    assert_eq!(refusal(wrong.map(|_| ())), ReplyError::VolumeMismatch);
+
+    let probe = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(0))
+        .await
+        .unwrap();
+    assert_eq!(probe.identity().volume, replica.volume);
+    assert_eq!(probe.identity().size_bytes, 64 * MIB);
+    // The probe's lower epoch changed nothing and is reported as such.
+    let controller = replica.client(3).await;
+    let probe2 = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(1))
+        .await
+        .unwrap();
+    assert_eq!(probe2.identity().epoch, Epoch(3));
+    controller.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_before_hello_and_unknown_versions_are_refused() {
+    let replica = Replica::start().await;
+    let mut raw = replica.raw().await;
+    raw.send(Frame::new(
+        RequestId(7),
+        Epoch(0),
+        Message::Write {
+            offset: 0,
+            data: block(1),
+            fua: false,
+        },
+    ))
+    .await
+    .unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert_eq!(reply.id, RequestId(7));
+    assert!(matches!(
+        reply.message,
+        Message::Failed {
+            op: Op::Write,
+            error: ReplyError::BadRequest,
+            ..
+        }
+    ));
+
+    let future_only = Frame::new(
+        RequestId(8),
+        Epoch(1),
+        Message::Hello {
+            volume: replica.volume,
+            min_version: ProtocolVersion(ProtocolVersion::CURRENT.0 + 1),
+            max_version: ProtocolVersion(u16::MAX),
+        },
+    );
+    raw.send(future_only).await.unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert!(matches!(
+        reply.message,
+        Message::Failed {
+            error: ReplyError::VersionMismatch { .. },
+            ..
+        }
+    ));
+
+    let client = replica.client(1).await;
+    assert_eq!(
+        client.read(0, 4096).await.unwrap(),
+        block(0),
+        "the refused write did not happen"
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_and_unaligned_requests_get_error_replies() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    assert_eq!(
+        refusal(client.read(64 * MIB, 4096).await),
+        ReplyError::OutOfRange { size_bytes: 64 * MIB }
+    );
+    assert_eq!(
+        refusal(
+            client
+                .write(64 * MIB - 4096, Bytes::from(vec![1; 8192]), false)
+                .await
+        ),
+        ReplyError::OutOfRange { size_bytes: 64 * MIB }
+    );
+    assert_eq!(
+        refusal(client.read(100, 512).await),
+        ReplyError::Unaligned { alignment: 512 }
+    );
+    assert_eq!(
+        refusal(client.unmap(0, 1000).await),
+        ReplyError::Unaligned { alignment: 512 }
+    );
+    // The connection is still in service after refusals.
+    client.write(0, block(3), false).await.unwrap();
+}
+
+/// Writes raw bytes on a fresh Hello'd connection and returns whether the
+/// server closed it (EOF) as it should.
+async fn server_closes_after(replica: &Replica, garbage: &[u8]) -> bool {
+    let mut raw = replica.raw().await;
+    raw.send(replica.hello(1)).await.unwrap();
+    raw.next().await.unwrap().unwrap();
+    let mut stream = raw.into_inner();
+    stream.write_all(garbage).await.unwrap();
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn encoded(frame: Frame) -> Vec<u8> {
+    let e = frame.encode().unwrap();
+    [e.header().as_slice(), e.payload()].concat()
+}
+
+#[tokio::test]
+async fn malformed_frames_close_their_connection_and_the_server_keeps_serving() {
+    let replica = Replica::start().await;
+    let survivor = replica.client(1).await;
+    survivor.write(0, block(1), true).await.unwrap();
+
+    let write = encoded(Frame::new(
+        RequestId(2),
+        Epoch(1),
+        Message::Write {
+            offset: 0,
+            data: block(0xee),
+            fua: true,
+        },
+    ));
+    let mut bad_magic = write.clone();
+    bad_magic[0] = b'X';
+    let mut bad_crc = write.clone();
+    bad_crc[HEADER_LEN + 10] ^= 0xff;
+    let mut bad_version = write.clone();
+    bad_version[4] = 0x42;
+    let mut oversize = write[..HEADER_LEN].to_vec();
+    oversize[44..48].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+    let http = b"GET /metrics HTTP/1.1\r\n\r\n".to_vec();
+
+    for (what, garbage) in [
+        ("bad magic", bad_magic),
+        ("bad crc", bad_crc),
+        ("bad version", bad_version),
+        ("oversize", oversize),
+        ("http", http),
+    ] {
+        assert!(
+            server_closes_after(&replica, &garbage).await,
+            "{what}: connection closed"
+        );
+        survivor
+            .ping()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: other connection still served: {e}"));
+    }
+    assert_eq!(
+        survivor.read(0, 4096).await.unwrap(),
+        block(1),
+        "no malformed write was applied"
+    );
+    let fresh = replica.client(1).await;
+    fresh.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_sent_to_the_replica_is_refused() {
+    let replica = Replica::start().await;
+    let mut raw = replica.raw().await;
+    raw.send(replica.hello(1)).await.unwrap();
+    raw.next().await.unwrap().unwrap();
+    raw.send(Frame::new(RequestId(5), Epoch(1), Message::WriteOk))
+        .await
+        .unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Failed {
+                error: ReplyError::BadRequest,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn snapshots_are_ordered_exactly_between_the_writes_around_them() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    // Pipelined, nothing awaited: the snapshot must see A and not B.
+    let a = client.write(0, block(0xa), false);
+    let snap = client.snapshot_create("before-b");
+    let b = client.write(0, block(0xb), false);
+    a.await.unwrap();
+    let info = snap.await.unwrap();
+    b.await.unwrap();
+    assert_eq!(info.name, "before-b");
+    assert_eq!(client.read(0, 4096).await.unwrap(), block(0xb));
+
+    let list = client.snapshot_list().await.unwrap();
+    assert_eq!(
+        list.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["before-b"]
+    );
+    assert_eq!(client.info().await.unwrap().snapshots, list);
+    assert_eq!(
+        refusal(client.snapshot_create("before-b").await),
+        ReplyError::SnapshotExists
+    );
+    assert_eq!(
+        refusal(client.snapshot_revert("nope").await),
+        ReplyError::NoSuchSnapshot
+    );
+
+    client.snapshot_revert("before-b").await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), block(0xa));
+    client.snapshot_delete("before-b").await.unwrap();
+    assert!(client.snapshot_list().await.unwrap().is_empty());
+    assert_eq!(
+        client.read(0, 4096).await.unwrap(),
+        block(0xa),
+        "delete merged the data into the head"
+    );
+    assert_eq!(
+        refusal(client.snapshot_delete("before-b").await),
+        ReplyError::NoSuchSnapshot
+    );
+}
+
+#[tokio::test]
+async fn shutdown_answers_accepted_writes_then_flushes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let store = Arc::new(Store::create(&path, VolumeId::random(), 16 * MIB).unwrap());
+    let revision_before = store.revision();
+    let replica = Replica::serve(store, dir).await;
+    let client = replica.client(1).await;
+    for i in 0..32u8 {
+        client.write(u64::from(i) * 4096, block(i), false).await.unwrap();
+    }
+    replica.shutdown.cancel();
+    replica.task.await.unwrap().unwrap();
+    // The server is gone: its connections are closed.
+    let after = client.ping().await;
+    assert!(
+        matches!(after, Err(ClientError::Disconnected { .. })),
+        "{after:?}"
+    );
+    drop(client);
+
+    let reopened = Store::open(Path::new(&path)).unwrap();
+    assert!(reopened.revision() > revision_before, "the shutdown flushed");
+    let mut buf = vec![0u8; 4096];
+    reopened.read(31 * 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 31));
+    drop(replica._dir);
+}
+
+#[tokio::test]
+async fn dropping_a_reply_forgets_it_and_the_connection_stays_usable() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    for i in 0..100u64 {
+        // Sent, never awaited.
+        drop(client.write(i * 4096, block(1), false));
+    }
+    client.flush().await.unwrap();
+    assert_eq!(
+        client.read(99 * 4096, 4096).await.unwrap(),
+        block(1),
+        "dropped writes were still sent"
+    );
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_counters_and_latency_histograms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::create(dir.path(), VolumeId::random(), 16 * MIB).unwrap());
+    let metrics = Metrics::new();
+    let server = Server::bind("127.0.0.1:0".parse().unwrap(), store.clone(), metrics.clone())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    let listener = basalt_replica::server::bind_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let metrics_addr = listener.local_addr().unwrap();
+    tokio::spawn(basalt_replica::server::serve_metrics(
+        listener,
+        metrics,
+        store.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(server.run(shutdown.clone()));
+
+    let client = ReplicaClient::connect(addr, store.volume_id(), Epoch(1))
+        .await
+        .unwrap();
+    client.write(0, block(1), false).await.unwrap();
+    let _ = client.read(16 * MIB, 4096).await;
+
+    let mut http = TcpStream::connect(metrics_addr).await.unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    http.read_to_string(&mut page).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("basalt_replica_requests_total{op=\"write\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("basalt_replica_bytes_total{direction=\"write\"} 4096"),
+        "{page}"
+    );
+    assert!(
+        page.contains("basalt_replica_request_errors_total{op=\"read\",status=\"out_of_range\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("basalt_replica_request_duration_seconds_bucket{op=\"write\""),
+        "{page}"
+    );
+    assert!(page.contains("basalt_replica_epoch 1"), "{page}");
+    shutdown.cancel();
+}
