@@ -102,11 +102,31 @@ impl ControlOp {
 /// What the initiator (or the management API) asked of the volume.
 #[derive(Clone, Debug)]
 pub enum GuestOp {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Unmap { offset: u64, len: u64 },
+    Unmap {
+        offset: u64,
+        len: u64,
+    },
     Control(ControlOp),
+    /// Rebuild: copy `len` bytes at `offset` from a read-write replica to
+    /// the write-only replica `to`. Ordered with guest writes like any
+    /// write, and re-read if a guest write to the range is sent while the
+    /// copy's read is in flight, so a copy never lands on top of newer data
+    /// (the bug class of Longhorn #4354).
+    Copy {
+        to: ClientId,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// What the core asks of one replica.
@@ -280,6 +300,18 @@ enum Job {
         /// repairing with the read's data could undo it.
         overtaken: bool,
         last_error: String,
+    },
+    /// A rebuild copy: reading from `at` (a read-write replica), then
+    /// writing to `to`.
+    Copy {
+        guest: GuestId,
+        to: ClientId,
+        offset: u64,
+        len: u32,
+        at: Option<ClientId>,
+        writing: bool,
+        overtaken: bool,
+        tried: Vec<ClientId>,
     },
     /// A repair write to one replica (no guest waiting).
     Repair,
@@ -481,6 +513,22 @@ impl VolumeCore {
                 ReplicaRequest::Unmap { offset, len }
             }
             GuestOp::Flush => ReplicaRequest::Flush,
+            GuestOp::Copy { to, offset, len } => {
+                let job = self.new_job();
+                let copy = Job::Copy {
+                    guest,
+                    to,
+                    offset,
+                    len,
+                    at: None,
+                    writing: false,
+                    overtaken: false,
+                    tried: vec![to],
+                };
+                self.jobs.insert(job, copy);
+                self.dispatch_copy_read(job, out);
+                return;
+            }
             GuestOp::Control(op) => {
                 let job = self.new_job();
                 let targets: Vec<ClientId> = self
@@ -539,6 +587,131 @@ impl VolumeCore {
                 if !bad.is_empty() && offset < *r_off + u64::from(*r_len) && *r_off < offset + len {
                     *overtaken = true;
                 }
+            } else if let Job::Copy {
+                offset: c_off,
+                len: c_len,
+                writing: false,
+                overtaken,
+                ..
+            } = job
+            {
+                if offset < *c_off + u64::from(*c_len) && *c_off < offset + len {
+                    *overtaken = true;
+                }
+            }
+        }
+    }
+
+    /// Send a rebuild copy's read to the least busy read-write replica not
+    /// yet tried; fail the copy if none is left.
+    fn dispatch_copy_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
+        let Some(Job::Copy { tried, .. }) = self.jobs.get(&job) else {
+            return;
+        };
+        let source = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r.mode == ReplicaMode::ReadWrite && !tried.contains(&ClientId(*i)))
+            .min_by_key(|(_, r)| r.outstanding.len())
+            .map(|(i, _)| ClientId(i));
+        let Some(Job::Copy {
+            guest,
+            offset,
+            len,
+            at,
+            overtaken,
+            ..
+        }) = self.jobs.get_mut(&job)
+        else {
+            return;
+        };
+        match source {
+            Some(client) => {
+                *at = Some(client);
+                *overtaken = false;
+                let request = ReplicaRequest::Read {
+                    offset: *offset,
+                    len: *len,
+                };
+                self.send(client, job, request, out);
+            }
+            None => {
+                let (guest, offset) = (*guest, *offset);
+                self.jobs.remove(&job);
+                let reason = "no read-write replica left to copy from".to_string();
+                out.push(Effect::Complete {
+                    guest,
+                    result: Err(VolumeError::Unreadable { offset, reason }),
+                });
+            }
+        }
+    }
+
+    fn copy_reply(&mut self, client: ClientId, job_id: JobId, reply: ReplicaReply, out: &mut Vec<Effect>) {
+        let Some(Job::Copy {
+            guest,
+            to,
+            offset,
+            writing,
+            overtaken,
+            tried,
+            ..
+        }) = self.jobs.get_mut(&job_id)
+        else {
+            return;
+        };
+        let (guest, to, offset) = (*guest, *to, *offset);
+        if *writing {
+            // The target answered the copy's write.
+            self.jobs.remove(&job_id);
+            let result = match reply {
+                ReplicaReply::Ok(_) => Ok(Bytes::new()),
+                other => {
+                    let why = format!("rebuild write failed: {other:?}");
+                    self.fail(to, why.clone(), out);
+                    Err(VolumeError::Unavailable(why))
+                }
+            };
+            out.push(Effect::Complete { guest, result });
+            return;
+        }
+        match reply {
+            ReplicaReply::Ok(_) if *overtaken => {
+                // A guest write to this range went out after our read: the
+                // data may be older than what the target already received.
+                self.dispatch_copy_read(job_id, out);
+            }
+            ReplicaReply::Ok(data) => {
+                if !self.replicas[to.0].mode.is_active() {
+                    self.jobs.remove(&job_id);
+                    let why = format!("{to} left the volume during its rebuild");
+                    out.push(Effect::Complete {
+                        guest,
+                        result: Err(VolumeError::Unavailable(why)),
+                    });
+                    return;
+                }
+                *writing = true;
+                self.send(
+                    to,
+                    job_id,
+                    ReplicaRequest::Write {
+                        offset,
+                        data,
+                        fua: false,
+                    },
+                    out,
+                );
+            }
+            ReplicaReply::ChecksumMismatch { .. } => {
+                tried.push(client);
+                self.dispatch_copy_read(job_id, out);
+            }
+            ReplicaReply::Failed(e) => {
+                tried.push(client);
+                self.fail(client, e, out);
+                self.dispatch_copy_read(job_id, out);
             }
         }
     }
@@ -595,6 +768,12 @@ impl VolumeCore {
     }
 
     fn reply(&mut self, client: ClientId, job_id: JobId, reply: ReplicaReply, out: &mut Vec<Effect>) {
+        if matches!(self.jobs.get(&job_id), Some(Job::Copy { .. })) {
+            if self.replicas[client.0].outstanding.remove(&job_id).is_some() {
+                self.copy_reply(client, job_id, reply, out);
+            }
+            return;
+        }
         if self.replicas[client.0].outstanding.remove(&job_id).is_none() {
             // A late answer from a replica already dropped from this job (it
             // was failed meanwhile): nothing waits for it.
@@ -604,6 +783,8 @@ impl VolumeCore {
             return;
         };
         match job {
+            // Routed to `copy_reply` above.
+            Job::Copy { .. } => {}
             Job::FanOut { waiting, .. } => {
                 let cause = match reply {
                     ReplicaReply::Ok(_) => return self.ack(job_id, client, out),
@@ -784,6 +965,26 @@ impl VolumeCore {
                 Some(Job::Read { tried, .. }) => {
                     tried.push(client);
                     self.dispatch_read(job_id, out);
+                }
+                Some(Job::Copy {
+                    guest,
+                    to,
+                    writing,
+                    tried,
+                    ..
+                }) => {
+                    if *to == client {
+                        let guest = *guest;
+                        self.jobs.remove(&job_id);
+                        let why = format!("{client} left the volume during its rebuild");
+                        out.push(Effect::Complete {
+                            guest,
+                            result: Err(VolumeError::Unavailable(why)),
+                        });
+                    } else if !*writing {
+                        tried.push(client);
+                        self.dispatch_copy_read(job_id, out);
+                    }
                 }
                 Some(Job::Repair) => {
                     self.jobs.remove(&job_id);
@@ -1291,5 +1492,90 @@ mod tests {
             h.core.modes().all(|(_, m)| m.label() == "ERR"),
             "but a merge that never ends is"
         );
+    }
+    fn rebuilding(h: &mut Harness, target: usize) {
+        let mut effects = Vec::new();
+        h.core
+            .set_mode(ClientId(target), ReplicaMode::WriteOnly, &mut effects);
+    }
+
+    #[test]
+    fn rebuild_copy_reads_a_read_write_replica_and_writes_the_target() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let g = h.guest(GuestOp::Copy {
+            to: ClientId(2),
+            offset: 4096,
+            len: 4096,
+        });
+        let read = Harness::sends(&h.take());
+        assert_eq!(read.len(), 1);
+        assert_ne!(read[0].0, 2, "never read from the replica being rebuilt");
+        let data = Bytes::from(vec![3u8; 4096]);
+        h.reply(read[0].0, read[0].1, ReplicaReply::Ok(data.clone()));
+        let write = Harness::sends(&h.take());
+        assert_eq!(
+            write,
+            vec![(
+                2,
+                read[0].1,
+                ReplicaRequest::Write {
+                    offset: 4096,
+                    data,
+                    fua: false
+                }
+            )]
+        );
+        h.reply(2, write[0].1, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+    }
+
+    #[test]
+    fn rebuild_copy_overtaken_by_a_sector_write_is_read_again() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        h.guest(GuestOp::Copy {
+            to: ClientId(2),
+            offset: 0,
+            len: 4096,
+        });
+        let read = Harness::sends(&h.take())[0].clone();
+        // A 512-byte guest write into the block goes to every replica,
+        // the target included, while the copy's read is in flight.
+        h.guest(GuestOp::Write {
+            offset: 512,
+            data: Bytes::from(vec![9u8; 512]),
+            fua: false,
+        });
+        let guest_write = Harness::sends(&h.take());
+        assert!(
+            guest_write.iter().any(|s| s.0 == 2),
+            "the target receives guest writes while rebuilt"
+        );
+        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
+        let again = Harness::sends(&h.take());
+        assert_eq!(again.len(), 1);
+        assert!(
+            matches!(again[0].2, ReplicaRequest::Read { offset: 0, len: 4096 }),
+            "the stale block is not written; it is read again, after the guest write"
+        );
+    }
+
+    #[test]
+    fn target_lost_during_a_copy_fails_the_copy_not_the_volume() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let g = h.guest(GuestOp::Copy {
+            to: ClientId(2),
+            offset: 0,
+            len: 4096,
+        });
+        let read = Harness::sends(&h.take())[0].clone();
+        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
+        h.take();
+        h.lost(2);
+        let completions = Harness::completions(&h.take());
+        assert!(matches!(&completions[0], (id, Err(VolumeError::Unavailable(_))) if *id == g));
+        assert_eq!(h.core.healthy_count(), 2);
     }
 }

@@ -343,6 +343,7 @@ impl Owner {
                     GuestOp::Flush => ("flush", 0),
                     GuestOp::Unmap { len, .. } => ("unmap", *len),
                     GuestOp::Control(_) => ("control", 0),
+                    GuestOp::Copy { len, .. } => ("rebuild", u64::from(*len)),
                 };
                 self.guests.insert(
                     id,
