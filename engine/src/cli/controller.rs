@@ -54,7 +54,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(args, super::shutdown_signal()))
+    // shutdown_signal() spawns its watcher task, so it must run inside the runtime.
+    runtime.block_on(async { serve(args, super::shutdown_signal()).await })
 }
 
 /// Run a controller until `shutdown` is cancelled.
