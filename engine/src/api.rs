@@ -62,7 +62,7 @@ impl Api {
     /// failed as a whole.
     async fn chain_op(&self, op: ControlOp, what: &str) -> Result<Response<pb::SnapshotReply>, Status> {
         let results = self.volume.control(op).await.map_err(volume_status)?;
-        let spec = self.volume.spec();
+        let addrs = self.addresses().await?;
         let failures: Vec<(usize, String)> = results
             .iter()
             .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
@@ -77,7 +77,7 @@ impl Api {
         if succeeded == 0 || succeeded < min_healthy {
             let why = failures
                 .iter()
-                .map(|(c, e)| format!("{}: {e}", spec.addresses[*c]))
+                .map(|(c, e)| format!("{}: {e}", addrs[*c]))
                 .collect::<Vec<_>>();
             return Err(Status::failed_precondition(format!(
                 "{what} failed: {}",
@@ -90,9 +90,15 @@ impl Api {
                 c,
                 format!("{what} failed there ({e}); its snapshot chain differs"),
             );
-            dropped.push(spec.addresses[c].clone());
+            dropped.push(addrs[c].clone());
         }
         Ok(Response::new(pb::SnapshotReply { dropped }))
+    }
+
+    /// Replica addresses by index (the list grows when replicas are added).
+    async fn addresses(&self) -> Result<Vec<String>, Status> {
+        let status = self.volume.status().await.ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        Ok(status.replicas.into_iter().map(|r| r.address).collect())
     }
 
     /// Every active replica's chain (decoded), by replica index.
@@ -144,7 +150,7 @@ impl ControllerService for Api {
         _: Request<pb::SnapshotListRequest>,
     ) -> Result<Response<pb::SnapshotListReply>, Status> {
         let chains = self.chains().await?;
-        let spec = self.volume.spec();
+        let addrs = self.addresses().await?;
         let Some(reference) = chains.iter().find_map(|(_, c)| c.as_ref().ok()) else {
             return Err(Status::unavailable("no replica answered the snapshot list"));
         };
@@ -154,14 +160,14 @@ impl ControllerService for Api {
                 Ok(chain) if shape(chain) == shape(reference) => {}
                 Ok(chain) => divergent.push(format!(
                     "{} holds a different chain: [{}]",
-                    spec.addresses[*c],
+                    addrs[*c],
                     chain
                         .iter()
                         .map(|s| s.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 )),
-                Err(e) => divergent.push(format!("{} did not list its snapshots: {e}", spec.addresses[*c])),
+                Err(e) => divergent.push(format!("{} did not list its snapshots: {e}", addrs[*c])),
             }
         }
         let snapshots = reference
@@ -205,15 +211,15 @@ impl ControllerService for Api {
         }
         // All or none: check every replica holds the snapshot before any
         // replica discards anything.
-        let spec = self.volume.spec();
+        let addrs = self.addresses().await?;
         for (c, chain) in self.chains().await? {
             let chain = chain.map_err(|e| {
-                Status::unavailable(format!("{} did not list its snapshots: {e}", spec.addresses[c]))
+                Status::unavailable(format!("{} did not list its snapshots: {e}", addrs[c]))
             })?;
             if !chain.iter().any(|s| s.name == name) {
                 return Err(Status::not_found(format!(
                     "no snapshot {name:?} on replica {}; nothing was reverted",
-                    spec.addresses[c]
+                    addrs[c]
                 )));
             }
         }

@@ -381,6 +381,12 @@ impl VolumeCore {
         self.replicas[client.0].outstanding.len()
     }
 
+    /// A new replica slot (e.g. `basalt replica add`), in the given mode.
+    pub fn add_replica(&mut self, mode: ReplicaMode) -> ClientId {
+        self.replicas.push(Replica { mode, outstanding: BTreeMap::new() });
+        ClientId(self.replicas.len() - 1)
+    }
+
     /// Bring a replica (back) into the active set, e.g. write-only while it
     /// is rebuilt, then read-write when it holds everything.
     pub fn set_mode(&mut self, client: ClientId, mode: ReplicaMode, out: &mut Vec<Effect>) {

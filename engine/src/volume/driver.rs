@@ -72,6 +72,13 @@ enum Command {
     Io { op: GuestOp, reply: Reply },
     Status { reply: oneshot::Sender<VolumeStatus> },
     Drop { replica: usize, cause: String },
+    /// Add a replica address to the volume (in ERR until it is rebuilt);
+    /// answers its index (the existing one if already known).
+    Add { address: String, reply: oneshot::Sender<usize> },
+    /// Start I/O to a connected replica as write-only (rebuild begins).
+    Attach { replica: usize, conn: Box<super::link::Handshaken>, reply: oneshot::Sender<()> },
+    /// Rebuild finished: the replica holds everything.
+    Promote { replica: usize },
 }
 
 enum Reply {
@@ -94,7 +101,7 @@ pub struct Volume {
 impl Volume {
     /// Start the owner task over the given replicas.
     pub fn start(spec: VolumeSpec, replicas: Vec<StartReplica>, config: CoreConfig) -> Volume {
-        let metrics = Arc::new(VolumeMetrics::new(&spec.addresses));
+        let metrics = Arc::new(VolumeMetrics::new());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut modes = Vec::new();
@@ -121,19 +128,20 @@ impl Volume {
             }
             revisions.push(revision);
         }
-        for (i, m) in modes.iter().enumerate() {
-            metrics.set_mode(i, m);
+        for (addr, m) in spec.addresses.iter().zip(&modes) {
+            metrics.set_mode(addr, m);
         }
         let core = VolumeCore::new(config, modes, Instant::now());
         let owner = Owner {
             core,
+            addresses: spec.addresses.clone(),
+            events_tx: events_tx.clone(),
             spec: Arc::new(spec),
             links,
             revisions,
             guests: HashMap::new(),
             next_guest: 1,
             metrics: metrics.clone(),
-            _events_tx: events_tx,
         };
         let spec = owner.spec.clone();
         tokio::spawn(owner.run(rx, events_rx));
@@ -174,6 +182,39 @@ impl Volume {
     /// logged once.
     pub fn drop_replica(&self, replica: usize, cause: String) {
         let _ = self.tx.send(Command::Drop { replica, cause });
+    }
+
+    /// The index of the replica at `address`, adding it (in ERR, until it
+    /// is rebuilt) if the volume does not know it yet.
+    pub async fn add_replica(&self, address: String) -> Result<usize, VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
+        self.tx.send(Command::Add { address, reply }).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Start sending every new write to replica `replica` (write-only mode):
+    /// the first step of its rebuild.
+    pub async fn attach(&self, replica: usize, conn: super::link::Handshaken) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
+        self.tx.send(Command::Attach { replica, conn: Box::new(conn), reply }).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// The rebuild of `replica` is complete: it serves reads again.
+    pub fn promote(&self, replica: usize) {
+        let _ = self.tx.send(Command::Promote { replica });
+    }
+
+    /// Copy a range from a read-write replica to write-only `replica`
+    /// (see [`GuestOp::Copy`]).
+    pub async fn copy(&self, replica: usize, offset: u64, len: u32) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
+        let op = GuestOp::Copy { to: ClientId(replica), offset, len };
+        self.tx.send(Command::Io { op, reply: Reply::Io(reply) }).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?.map(|_| ())
     }
 
     async fn io(&self, op: GuestOp) -> Result<Bytes, DeviceError> {
@@ -282,8 +323,11 @@ struct Owner {
     guests: HashMap<GuestId, Pending>,
     next_guest: u64,
     metrics: Arc<VolumeMetrics>,
-    /// Keeps the event channel open even with no replica connected.
-    _events_tx: mpsc::UnboundedSender<Event>,
+    /// Replica addresses by index: the configured ones, then any added.
+    addresses: Vec<String>,
+    /// For links started later (rebuilt replicas); also keeps the event
+    /// channel open with no replica connected.
+    events_tx: mpsc::UnboundedSender<Event>,
 }
 
 struct Pending {
@@ -360,8 +404,38 @@ impl Owner {
                 let _ = reply.send(self.status());
             }
             Command::Drop { replica, cause } => {
-                if replica < self.spec.addresses.len() {
+                if replica < self.addresses.len() {
                     self.core.drop_replica(ClientId(replica), cause, effects);
+                }
+            }
+            Command::Add { address, reply } => {
+                let index = match self.addresses.iter().position(|a| *a == address) {
+                    Some(i) => i,
+                    None => {
+                        let cause = "added; waiting for its rebuild".to_string();
+                        let client = self.core.add_replica(ReplicaMode::Error { cause: cause.clone() });
+                        self.metrics.set_mode(&address, &ReplicaMode::Error { cause });
+                        tracing::info!(replica = %address, "replica added to the volume");
+                        self.addresses.push(address);
+                        self.links.push(None);
+                        self.revisions.push(Arc::new(AtomicU64::new(0)));
+                        client.0
+                    }
+                };
+                let _ = reply.send(index);
+            }
+            Command::Attach { replica, conn, reply } => {
+                if replica < self.addresses.len() && !self.core.mode(ClientId(replica)).is_active() {
+                    let link =
+                        conn.start(ClientId(replica), self.spec.epoch, self.events_tx.clone(), self.revisions[replica].clone());
+                    self.links[replica] = Some(link);
+                    self.core.set_mode(ClientId(replica), ReplicaMode::WriteOnly, effects);
+                }
+                let _ = reply.send(());
+            }
+            Command::Promote { replica } => {
+                if replica < self.addresses.len() && *self.core.mode(ClientId(replica)) == ReplicaMode::WriteOnly {
+                    self.core.set_mode(ClientId(replica), ReplicaMode::ReadWrite, effects);
                 }
             }
         }
@@ -372,7 +446,7 @@ impl Owner {
             .core
             .modes()
             .map(|(c, mode)| ReplicaStatus {
-                address: self.spec.addresses[c.0].clone(),
+                address: self.addresses[c.0].clone(),
                 mode: mode.clone(),
                 revision: self.revisions[c.0].load(Ordering::Relaxed),
                 outstanding: self.core.outstanding(c),
@@ -435,7 +509,7 @@ impl Owner {
                     }
                 }
                 Effect::ModeChanged { client, mode } => {
-                    let addr = &self.spec.addresses[client.0];
+                    let addr = &self.addresses[client.0];
                     match &mode {
                         ReplicaMode::Error { cause } => {
                             tracing::warn!(replica = %addr, %cause, "replica ERR: dropped from the volume");
@@ -443,7 +517,7 @@ impl Owner {
                         }
                         m => tracing::info!(replica = %addr, mode = m.label(), "replica mode changed"),
                     }
-                    self.metrics.set_mode(client.0, &mode);
+                    self.metrics.set_mode(addr, &mode);
                     if self.core.healthy_count() < self.core.config().min_healthy {
                         tracing::error!(
                             healthy = self.core.healthy_count(),

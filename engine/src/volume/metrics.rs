@@ -28,11 +28,19 @@ pub struct VolumeMetrics {
     /// 1 for the replica's current mode, 0 for the others.
     pub replica_mode: IntGaugeVec,
     pub replica_errors: IntCounterVec,
-    addresses: Vec<String>,
+    /// Rebuild progress of the replica being rebuilt, in bytes.
+    pub rebuild_done: IntGaugeVec,
+    pub rebuild_total: IntGaugeVec,
+}
+
+impl Default for VolumeMetrics {
+    fn default() -> Self {
+        VolumeMetrics::new()
+    }
 }
 
 impl VolumeMetrics {
-    pub fn new(addresses: &[String]) -> VolumeMetrics {
+    pub fn new() -> VolumeMetrics {
         let registry = Registry::new();
         let ops = IntCounterVec::new(
             Opts::new("basalt_volume_ops_total", "Initiator I/Os completed, by op"),
@@ -77,6 +85,18 @@ impl VolumeMetrics {
             &["replica"],
         )
         .expect("valid metric");
+        let rebuild_done = IntGaugeVec::new(
+            Opts::new("basalt_rebuild_done_bytes", "Bytes copied so far by the replica's current rebuild"),
+            &["replica"],
+        )
+        .expect("valid metric");
+        let rebuild_total = IntGaugeVec::new(
+            Opts::new("basalt_rebuild_total_bytes", "Bytes the replica's current rebuild has to copy"),
+            &["replica"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(rebuild_done.clone())).expect("unique metric");
+        registry.register(Box::new(rebuild_total.clone())).expect("unique metric");
         for c in [&ops, &bytes, &errors, &replica_errors] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }
@@ -102,7 +122,8 @@ impl VolumeMetrics {
             healthy,
             replica_mode,
             replica_errors,
-            addresses: addresses.to_vec(),
+            rebuild_done,
+            rebuild_total,
         }
     }
 
@@ -118,8 +139,7 @@ impl VolumeMetrics {
         h.observe(elapsed.as_secs_f64());
     }
 
-    pub fn set_mode(&self, replica: usize, mode: &ReplicaMode) {
-        let addr = &self.addresses[replica];
+    pub fn set_mode(&self, addr: &str, mode: &ReplicaMode) {
         for m in ["RW", "WO", "ERR"] {
             self.replica_mode
                 .with_label_values(&[addr, m])

@@ -1,0 +1,105 @@
+//! The real `basalt replica` binary: it serves the wire protocol, stops
+//! cleanly on SIGTERM with its writes flushed, and refuses a store that does
+//! not match its arguments with a message that says so.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use basalt_proto::{Epoch, VolumeId};
+use basalt_replica::server::ReplicaClient;
+use basalt_replica::store::Store;
+use bytes::Bytes;
+
+fn basalt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_basalt"))
+}
+
+/// Starts `basalt replica` on a free port and returns it with its address.
+fn start_replica(dir: &Path, size: &str) -> (Child, SocketAddr) {
+    let mut child = basalt()
+        .args(["replica", "--dir"])
+        .arg(dir)
+        .args([
+            "--size",
+            size,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("basalt binary runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("reads stdout");
+    let addr = line
+        .strip_prefix("listening ")
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("first line announces the address, got {line:?}"));
+    (child, addr)
+}
+
+#[test]
+fn sigterm_finishes_and_flushes_then_the_store_reopens_with_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_replica(dir.path(), "16M");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let before = runtime.block_on(async {
+        let client = ReplicaClient::connect(addr, VolumeId(uuid::Uuid::nil()), Epoch(1))
+            .await
+            .unwrap();
+        for i in 0..16u8 {
+            client
+                .write(u64::from(i) * 4096, Bytes::from(vec![i + 1; 4096]), false)
+                .await
+                .unwrap();
+        }
+        client.identity()
+    });
+    assert_eq!(before.size_bytes, 16 << 20);
+
+    // SIGTERM: not a crash; the replica must flush what it acknowledged.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM, got {status}");
+
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.volume_id(), before.volume);
+    assert_eq!(store.epoch(), Epoch(1), "the Hello raised the epoch durably");
+    assert!(store.revision() > before.revision, "the shutdown flushed");
+    let mut buf = vec![0u8; 4096];
+    store.read(15 * 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 16));
+}
+
+#[test]
+fn a_store_of_another_size_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::create(dir.path(), VolumeId::random(), 16 << 20).unwrap();
+    let out = basalt()
+        .args(["replica", "--dir"])
+        .arg(dir.path())
+        .args(["--size", "32M", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("16777216") && stderr.contains("33554432"),
+        "{stderr}"
+    );
+
+    let out = basalt()
+        .args(["replica", "--dir"])
+        .arg(dir.path())
+        .args(["--size", "1000", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4096"));
+}
