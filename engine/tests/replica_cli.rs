@@ -101,5 +101,5 @@ fn a_store_of_another_size_is_refused_with_a_clear_message() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4096"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4 KiB"));
 }
