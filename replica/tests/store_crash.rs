@@ -177,10 +177,7 @@ impl Model {
                 Err(e) => panic!("iteration {iteration}: read of block {lba} failed: {e}"),
             }
             let ok = got == self.durable[lba as usize]
-                || self
-                    .since_flush
-                    .get(&lba)
-                    .is_some_and(|c| c.iter().any(|c| *c == got));
+                || self.since_flush.get(&lba).is_some_and(|c| c.contains(&got));
             assert!(
                 ok,
                 "iteration {iteration}: block {lba} is neither its flushed content nor a later write"

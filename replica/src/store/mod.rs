@@ -206,6 +206,12 @@ enum Patch<'a> {
     Zeros(usize),
 }
 
+/// Stripe guards, held for their `Drop` only.
+enum Held<G> {
+    One(#[allow(dead_code)] G),
+    Many(#[allow(dead_code)] Vec<G>),
+}
+
 /// A replica's volume: see the module documentation.
 pub struct Store {
     backend: Arc<dyn Backend>,
@@ -653,10 +659,30 @@ impl Store {
             .collect()
     }
 
+    /// Read-locks the stripes of a run of blocks; a run inside one granule (most I/O) allocates nothing.
+    fn read_stripes(&self, blocks: Range<u64>) -> Held<RwLockReadGuard<'_, ()>> {
+        if blocks.start / STRIPE_GRANULE == (blocks.end - 1) / STRIPE_GRANULE {
+            Held::One(rlock(&self.stripes[Self::stripe_of(blocks.start)]))
+        } else {
+            Held::Many(self.lock_stripes_read(blocks))
+        }
+    }
+
+    /// Write-locks the stripes of a run of blocks, like [`Store::read_stripes`].
+    fn write_stripes(&self, blocks: Range<u64>) -> Held<RwLockWriteGuard<'_, ()>> {
+        if blocks.start / STRIPE_GRANULE == (blocks.end - 1) / STRIPE_GRANULE {
+            Held::One(wlock(&self.stripes[Self::stripe_of(blocks.start)]))
+        } else {
+            Held::Many(self.lock_stripes_write(blocks))
+        }
+    }
+
+    fn stripe_of(lba: u64) -> usize {
+        ((lba / STRIPE_GRANULE) % STRIPES as u64) as usize
+    }
+
     fn stripe_ids(lbas: impl Iterator<Item = u64>) -> Vec<usize> {
-        let mut ids: Vec<usize> = lbas
-            .map(|l| ((l / STRIPE_GRANULE) % STRIPES as u64) as usize)
-            .collect();
+        let mut ids: Vec<usize> = lbas.map(Self::stripe_of).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -692,10 +718,10 @@ impl Store {
         for (lba, within, n) in Self::pieces(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n];
             if within == 0 && n % BLOCK == 0 {
-                let _stripes = self.lock_stripes_read(lba..lba + (n / BLOCK) as u64);
+                let _stripes = self.read_stripes(lba..lba + (n / BLOCK) as u64);
                 self.read_blocks(&chain, lba, out)?;
             } else {
-                let _stripes = self.lock_stripes_read(std::iter::once(lba));
+                let _stripes = self.read_stripes(lba..lba + 1);
                 let mut block = [0u8; BLOCK];
                 self.read_blocks(&chain, lba, &mut block)?;
                 out.copy_from_slice(&block[within..within + n]);
@@ -708,7 +734,15 @@ impl Store {
     /// Reads whole blocks from the merged view into `out`; the caller holds their stripes.
     fn read_blocks(&self, chain: &Chain, first: u64, out: &mut [u8]) -> Result<(), StoreError> {
         let n = out.len() / BLOCK;
-        let mut entries: Vec<Option<Entry>> = vec![None; n];
+        // Small reads (the common 4 KiB case) keep their lookups on the stack.
+        let mut small = [None::<Entry>; 16];
+        let mut large = Vec::new();
+        let entries: &mut [Option<Entry>] = if n <= small.len() {
+            &mut small[..n]
+        } else {
+            large.resize(n, None);
+            &mut large
+        };
         for (lba, entry) in rlock(&self.map).range(first..first + n as u64) {
             entries[(lba - first) as usize] = Some(entry);
         }
@@ -768,7 +802,7 @@ impl Store {
         for (lba, within, n) in Self::pieces(offset, data.len() as u64) {
             let piece = &data[done..done + n];
             if within == 0 && n % BLOCK == 0 {
-                let _stripes = self.lock_stripes_write(lba..lba + (n / BLOCK) as u64);
+                let _stripes = self.write_stripes(lba..lba + (n / BLOCK) as u64);
                 self.write_locked(&chain, lba, piece)?;
             } else {
                 self.patch_block(&chain, lba, within, Patch::Data(piece))?;
@@ -826,7 +860,7 @@ impl Store {
         within: usize,
         patch: Patch<'_>,
     ) -> Result<(), StoreError> {
-        let _stripe = self.lock_stripes_write(std::iter::once(lba));
+        let _stripe = self.write_stripes(lba..lba + 1);
         let mut block = [0u8; BLOCK];
         self.read_blocks(chain, lba, &mut block)?;
         match patch {
