@@ -1,15 +1,133 @@
 #!/usr/bin/env bash
-# Installs every system package Basalt's tests need. Idempotent: a second run
-# installs nothing. Needs root (or sudo) only when something is missing.
+# Installs every system tool Basalt's end-to-end tests and iSCSI benchmarks need, on Debian 12 (bookworm).
+# Idempotent and fast when already done: each step checks first and does nothing if satisfied.
+#
+#   ./tests/setup.sh            everything (what tests/run.sh and benches/iscsi/run.sh call)
+#   ./tests/setup.sh PKG...     only these extra Debian packages (kept for callers that need one tool)
+#
+# What and why:
+#   libiscsi-bin            iscsi-test-cu (conformance), iscsi-ls, iscsi-inq
+#   tgt                     Debian's user-space target: the comparison peer (tests run against it too)
+#   qemu 7.2 (bookworm)     qemu-img / qemu-storage-daemon with the iSCSI block driver. The machine may carry a
+#                           newer qemu-utils from backports with no matching qemu-block-extra (which holds the
+#                           iSCSI driver), so all three packages are pinned to ONE bookworm version, downgrading.
+#   fio + libiscsi engine   Debian's fio is built without libiscsi; we rebuild Debian's own fio source with
+#                           --enable-libiscsi and install it as $FIO_LIBISCSI (not the system fio).
+#   e2fsprogs, util-linux, fuse3   mkfs/fsck, losetup/mount, FUSE export of qemu-storage-daemon.
+#   docker.io, docker-compose      the container tests; dockerd is started if not running.
 set -euo pipefail
 
-need_pkgs=()
-have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in "$@"; do have "$p" || need_pkgs+=("$p"); done
+FIO_LIBISCSI=${FIO_LIBISCSI:-/usr/local/bin/fio-libiscsi}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# Several engineers (and their setups) share this machine: wait for dpkg's lock instead of failing.
+APT=($SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 -y -qq)
 
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "setup: installing ${need_pkgs[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+
+updated=0
+apt_update() {
+  if [ $updated -eq 0 ]; then
+    "${APT[@]}" update
+    updated=1
+  fi
+}
+
+install_missing() {
+  local need=()
+  for p in "$@"; do have "$p" || need+=("$p"); done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    apt_update
+    "${APT[@]}" install --no-install-recommends "${need[@]}"
+  fi
+}
+
+if [ $# -gt 0 ]; then
+  install_missing "$@"
+  exit 0
 fi
+
+install_missing libiscsi-bin tgt e2fsprogs util-linux fuse3 libiscsi-dev libaio-dev zlib1g-dev \
+  dpkg-dev build-essential pkg-config
+
+# --- qemu 7.2 with the iSCSI driver -------------------------------------------------------------------------
+qemu_pkgs=(qemu-utils qemu-block-extra qemu-system-common)
+qemu_ok=1
+for p in "${qemu_pkgs[@]}"; do
+  case "$(version_of "$p")" in 1:7.2*) ;; *) qemu_ok=0 ;; esac
+done
+if [ $qemu_ok -eq 0 ]; then
+  apt_update
+  # The newest 7.2 build that every one of the three packages has (bookworm or bookworm-security).
+  qv=$(apt-cache madison qemu-block-extra | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep '^1:7\.2' |
+    while read -r v; do
+      ok=1
+      for p in "${qemu_pkgs[@]}"; do
+        apt-cache madison "$p" | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep -qxF "$v" || ok=0
+      done
+      [ $ok -eq 1 ] && echo "$v"
+    done | sort -V | tail -1)
+  if [ -z "$qv" ]; then
+    echo "setup: no qemu 7.2 version found in apt for ${qemu_pkgs[*]}; is the bookworm archive in apt sources?" >&2
+    exit 1
+  fi
+  echo "setup: installing qemu $qv (${qemu_pkgs[*]})"
+  "${APT[@]}" install --no-install-recommends --allow-downgrades \
+    "${qemu_pkgs[@]/%/=$qv}"
+fi
+
+# --- fio with the libiscsi engine -----------------------------------------------------------------------------
+fio_has_libiscsi() { [ -x "$FIO_LIBISCSI" ] && "$FIO_LIBISCSI" --enghelp=libiscsi >/dev/null 2>&1; }
+if ! fio_has_libiscsi; then
+  # Debian's source package, so the fio we measure with is the distribution's version and patches.
+  # deb-src entries are derived from the machine's own deb822 sources (same archives, same suites).
+  if ! apt-cache showsrc fio >/dev/null 2>&1 || [ -z "$(apt-cache showsrc fio 2>/dev/null)" ]; then
+    src_list=/etc/apt/sources.list.d/basalt-deb-src.sources
+    if [ ! -f "$src_list" ]; then
+      echo "setup: enabling deb-src ($src_list)"
+      sed -e 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources | $SUDO tee "$src_list" >/dev/null
+    fi
+    updated=0
+    apt_update
+  fi
+  work=$(mktemp -d /tmp/basalt-fio-build.XXXXXX)
+  chmod 755 "$work" # apt-get source downloads as the _apt user
+  trap 'rm -rf "$work"' EXIT
+  echo "setup: building fio with --enable-libiscsi in $work"
+  (
+    cd "$work"
+    apt-get source -qq fio >/dev/null
+    cd fio-*/
+    ./configure --enable-libiscsi >configure.log 2>&1 || { cat configure.log >&2; exit 1; }
+    grep -q '^CONFIG_LIBISCSI=y' config-host.mak || {
+      echo "setup: fio's configure did not enable libiscsi (is libiscsi-dev installed?)" >&2
+      cat configure.log >&2
+      exit 1
+    }
+    make -j"$(nproc)" fio >make.log 2>&1 || { tail -50 make.log >&2; exit 1; }
+    $SUDO install -m 0755 fio "$FIO_LIBISCSI"
+  )
+  fio_has_libiscsi || { echo "setup: $FIO_LIBISCSI was built but has no libiscsi engine" >&2; exit 1; }
+fi
+
+# --- Docker engine, for tests/containers.rs (images and a volume as containers) -----------------------------
+install_missing docker.io docker-compose
+if ! docker info >/dev/null 2>&1; then
+  # No init system runs services here (CI included): start the daemon ourselves, on its unix socket only.
+  echo "setup: starting dockerd (log: /var/log/basalt-dockerd.log)"
+  $SUDO sh -c 'nohup dockerd >/var/log/basalt-dockerd.log 2>&1 &'
+  for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/basalt-dockerd.log" >&2; exit 1; }
+fi
+
+# --- checks: fail here, loudly, rather than in the middle of a test ------------------------------------------
+for tool in iscsi-test-cu iscsi-ls iscsi-inq tgtd tgtadm qemu-img qemu-storage-daemon mkfs.ext4 fsck.ext4 \
+  losetup mount umount "$FIO_LIBISCSI"; do
+  command -v "$tool" >/dev/null || { echo "setup: $tool is missing after setup" >&2; exit 1; }
+done
+for lib in /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so; do
+  [ -e "$lib" ] || { echo "setup: qemu's iSCSI driver $lib is missing (qemu-block-extra)" >&2; exit 1; }
+done
+echo "setup: ok (qemu $(version_of qemu-utils), tgt $(version_of tgt), fio-libiscsi $("$FIO_LIBISCSI" --version))"
