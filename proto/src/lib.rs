@@ -9,6 +9,13 @@
 //!   `protoc` needed): the replica control payloads and the controller's gRPC
 //!   management API.
 //!
+//! Replica control operations (info, snapshots, SetEpoch) are ops of the
+//! data-path frame enum, with protobuf payloads, not a second service: one
+//! address, one connection, one epoch check, and a snapshot is ordered
+//! exactly with respect to the writes on the same stream, so a controller can
+//! drain and snapshot without a second channel racing the data path (see
+//! [`frame`]).
+//!
 //! The domain newtypes shared by every crate ([`Epoch`], [`Revision`],
 //! [`VolumeId`]) are defined here because this is the lowest crate in the
 //! dependency graph.
