@@ -1,6 +1,7 @@
 //! The controller's management API: `ControllerService` over gRPC (tonic),
 //! served on `--api`. The CLI (`basalt volume info`, ...) is its client.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use basalt_proto::pb::controller as pb;
@@ -12,6 +13,7 @@ use prost::Message as _;
 
 use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
 use crate::volume::driver::ControlResults;
+use crate::volume::rebuild::Rebuilder;
 use crate::volume::Volume;
 
 /// Reports sessions logged in to the volume's iSCSI target.
@@ -21,13 +23,20 @@ pub struct Api {
     volume: Volume,
     iqn: String,
     sessions: SessionCount,
+    rebuilder: Arc<Rebuilder>,
 }
 
 impl Api {
-    pub fn new(volume: Volume, iqn: String, sessions: SessionCount) -> ControllerServiceServer<Api> {
+    pub fn new(
+        volume: Volume,
+        iqn: String,
+        sessions: SessionCount,
+        rebuilder: Arc<Rebuilder>,
+    ) -> ControllerServiceServer<Api> {
         ControllerServiceServer::new(Api {
             volume,
             iqn,
+            rebuilder,
             sessions,
         })
     }
@@ -61,6 +70,18 @@ impl Api {
     /// rebuilt later). If fewer than `min_healthy` succeeded the operation
     /// failed as a whole.
     async fn chain_op(&self, op: ControlOp, what: &str) -> Result<Response<pb::SnapshotReply>, Status> {
+        let status = self
+            .volume
+            .status()
+            .await
+            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        if let Some(r) = status.replicas.iter().find(|r| r.mode == ReplicaMode::WriteOnly) {
+            return Err(Status::failed_precondition(format!(
+                "replica {} is being rebuilt; a rebuild copies the chain as it is, so {what} must wait until it \
+                 is RW (see `basalt volume info`)",
+                r.address
+            )));
+        }
         let results = self.volume.control(op).await.map_err(volume_status)?;
         let addrs = self.addresses().await?;
         let failures: Vec<(usize, String)> = results
@@ -97,7 +118,11 @@ impl Api {
 
     /// Replica addresses by index (the list grows when replicas are added).
     async fn addresses(&self) -> Result<Vec<String>, Status> {
-        let status = self.volume.status().await.ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        let status = self
+            .volume
+            .status()
+            .await
+            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
         Ok(status.replicas.into_iter().map(|r| r.address).collect())
     }
 
@@ -132,6 +157,83 @@ fn shape(chain: &[rpb::SnapshotInfo]) -> Vec<(&str, &str)> {
 
 #[tonic::async_trait]
 impl ControllerService for Api {
+    async fn replica_add(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaReply>, Status> {
+        let address = request.into_inner().address;
+        if address.is_empty() || !address.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "{address:?} is not a replica address: use host:port (the replica's --listen)"
+            )));
+        }
+        let index = self
+            .volume
+            .add_replica(address.clone())
+            .await
+            .map_err(volume_status)?;
+        self.rebuilder.unforget(&address);
+        let status = self
+            .volume
+            .status()
+            .await
+            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        match &status.replicas[index].mode {
+            ReplicaMode::ReadWrite => {
+                return Err(Status::already_exists(format!(
+                    "replica {address} is already RW in this volume"
+                )))
+            }
+            ReplicaMode::WriteOnly => {
+                return Ok(Response::new(pb::ReplicaReply {
+                    message: format!("replica {address} is already being rebuilt"),
+                }))
+            }
+            ReplicaMode::Error { .. } => {}
+        }
+        self.rebuilder.start(&self.volume, index, address.clone());
+        Ok(Response::new(pb::ReplicaReply {
+            message: format!("replica {address} added; rebuilding (watch with `basalt volume info --watch`)"),
+        }))
+    }
+
+    async fn replica_remove(
+        &self,
+        request: Request<pb::ReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaReply>, Status> {
+        let address = request.into_inner().address;
+        let addrs = self.addresses().await?;
+        let Some(index) = addrs.iter().position(|a| *a == address) else {
+            return Err(Status::not_found(format!(
+                "no replica {address} in this volume; `basalt volume info` lists them"
+            )));
+        };
+        let status = self
+            .volume
+            .status()
+            .await
+            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        let remaining = status
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| *i != index && r.mode == ReplicaMode::ReadWrite)
+            .count();
+        if status.replicas[index].mode == ReplicaMode::ReadWrite && remaining < status.min_healthy {
+            return Err(Status::failed_precondition(format!(
+                "removing {address} would leave {remaining} read-write replicas, fewer than min-healthy ({}); \
+                 add and rebuild another replica first",
+                status.min_healthy
+            )));
+        }
+        self.rebuilder.forget(&address);
+        self.volume
+            .drop_replica(index, "removed with `basalt replica rm`".into());
+        Ok(Response::new(pb::ReplicaReply {
+            message: format!("replica {address} removed from the volume"),
+        }))
+    }
+
     async fn snapshot_create(
         &self,
         request: Request<pb::SnapshotRequest>,
@@ -213,9 +315,8 @@ impl ControllerService for Api {
         // replica discards anything.
         let addrs = self.addresses().await?;
         for (c, chain) in self.chains().await? {
-            let chain = chain.map_err(|e| {
-                Status::unavailable(format!("{} did not list its snapshots: {e}", addrs[c]))
-            })?;
+            let chain = chain
+                .map_err(|e| Status::unavailable(format!("{} did not list its snapshots: {e}", addrs[c])))?;
             if !chain.iter().any(|s| s.name == name) {
                 return Err(Status::not_found(format!(
                     "no snapshot {name:?} on replica {}; nothing was reverted",
@@ -241,10 +342,12 @@ impl ControllerService for Api {
             .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
         let spec = self.volume.spec();
         let m = &self.volume.metrics;
+        let progress = |i: usize| self.rebuilder.progress(i);
         let replicas = status
             .replicas
             .iter()
-            .map(|r| pb::ReplicaStatus {
+            .enumerate()
+            .map(|(i, r)| pb::ReplicaStatus {
                 address: r.address.clone(),
                 mode: r.mode.label().to_string(),
                 cause: match &r.mode {
@@ -254,6 +357,13 @@ impl ControllerService for Api {
                 revision: r.revision,
                 outstanding: r.outstanding as u32,
                 errors: m.replica_errors.with_label_values(&[&r.address]).get(),
+                rebuild_done_bytes: progress(i).map(|p| p.done.load(Ordering::Relaxed)).unwrap_or(0),
+                rebuild_total_bytes: progress(i).map(|p| p.total.load(Ordering::Relaxed)).unwrap_or(0),
+                rebuild_rate: progress(i).map(|p| p.rate()).unwrap_or(0.0),
+                rebuild_delta: progress(i)
+                    .map(|p| p.delta.load(Ordering::Relaxed))
+                    .unwrap_or(false),
+                removed: self.rebuilder.is_forgotten(&r.address),
             })
             .collect();
         let io = pb::IoCounters {

@@ -151,6 +151,7 @@ pub enum Op {
     SnapshotDelete = 0x0a,
     SnapshotRevert = 0x0b,
     SetEpoch = 0x0c,
+    BlockCrcs = 0x0d,
 }
 
 /// Set in the op byte of every reply.
@@ -158,7 +159,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 13] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -171,6 +172,7 @@ impl Op {
         Op::SnapshotDelete,
         Op::SnapshotRevert,
         Op::SetEpoch,
+        Op::BlockCrcs,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -193,6 +195,7 @@ impl Op {
             Op::SnapshotDelete => "snapshot_delete",
             Op::SnapshotRevert => "snapshot_revert",
             Op::SetEpoch => "set_epoch",
+            Op::BlockCrcs => "block_crcs",
         }
     }
 }
@@ -392,6 +395,16 @@ pub enum Message {
     SetEpoch,
     SetEpochOk,
 
+    /// The CRC32 of every block holding data in blocks
+    /// `start_lba..start_lba + count` of the merged view (a rebuild compares
+    /// replicas with it, so only blocks that differ travel). The replica may
+    /// answer fewer blocks' worth than asked (at most 2^20 per request).
+    BlockCrcs {
+        start_lba: u64,
+        count: u64,
+    },
+    BlockCrcsOk(Vec<BlockCrc>),
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -429,6 +442,8 @@ impl Message {
             M::SnapshotRevertOk => (Op::SnapshotRevert, true),
             M::SetEpoch => (Op::SetEpoch, false),
             M::SetEpochOk => (Op::SetEpoch, true),
+            M::BlockCrcs { .. } => (Op::BlockCrcs, false),
+            M::BlockCrcsOk(_) => (Op::BlockCrcs, true),
             M::Failed { op, .. } => (*op, true),
         }
     }
@@ -446,6 +461,18 @@ impl Message {
             message: error.to_string(),
         }
     }
+}
+
+/// One allocated block and the CRC32 of its content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCrc {
+    pub lba: u64,
+    pub crc: u32,
+}
+
+impl BlockCrc {
+    /// Wire size: lba (u64 LE) then crc (u32 LE).
+    pub const WIRE_LEN: usize = 12;
 }
 
 /// One frame: a message plus the envelope every frame carries.

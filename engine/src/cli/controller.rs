@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::{parse_duration, parse_volume_size};
 use basalt_engine::controller::{assemble, ControllerConfig};
 use basalt_engine::volume::core::CoreConfig;
+use basalt_engine::volume::rebuild::Rebuilder;
 
 /// Arguments of `basalt controller`.
 #[derive(clap::Args, Clone, Debug)]
@@ -102,11 +103,16 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
     let portal = Portal::new(PortalConfig::default(), [target]);
 
+    // Failed replicas that answer again are rebuilt and re-added.
+    let rebuilder = Rebuilder::new();
+    tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
+
     let sessions_portal = portal.clone();
     let api = basalt_engine::api::Api::new(
         volume.clone(),
         iqn.clone(),
         Arc::new(move || sessions_portal.session_count()),
+        rebuilder,
     );
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

@@ -383,7 +383,10 @@ impl VolumeCore {
 
     /// A new replica slot (e.g. `basalt replica add`), in the given mode.
     pub fn add_replica(&mut self, mode: ReplicaMode) -> ClientId {
-        self.replicas.push(Replica { mode, outstanding: BTreeMap::new() });
+        self.replicas.push(Replica {
+            mode,
+            outstanding: BTreeMap::new(),
+        });
         ClientId(self.replicas.len() - 1)
     }
 

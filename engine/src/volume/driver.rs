@@ -69,16 +69,33 @@ pub struct ReplicaStatus {
 pub type ControlResults = Vec<(usize, Result<Bytes, String>)>;
 
 enum Command {
-    Io { op: GuestOp, reply: Reply },
-    Status { reply: oneshot::Sender<VolumeStatus> },
-    Drop { replica: usize, cause: String },
+    Io {
+        op: GuestOp,
+        reply: Reply,
+    },
+    Status {
+        reply: oneshot::Sender<VolumeStatus>,
+    },
+    Drop {
+        replica: usize,
+        cause: String,
+    },
     /// Add a replica address to the volume (in ERR until it is rebuilt);
     /// answers its index (the existing one if already known).
-    Add { address: String, reply: oneshot::Sender<usize> },
+    Add {
+        address: String,
+        reply: oneshot::Sender<usize>,
+    },
     /// Start I/O to a connected replica as write-only (rebuild begins).
-    Attach { replica: usize, conn: Box<super::link::Handshaken>, reply: oneshot::Sender<()> },
+    Attach {
+        replica: usize,
+        conn: Box<super::link::Handshaken>,
+        reply: oneshot::Sender<()>,
+    },
     /// Rebuild finished: the replica holds everything.
-    Promote { replica: usize },
+    Promote {
+        replica: usize,
+    },
 }
 
 enum Reply {
@@ -189,7 +206,9 @@ impl Volume {
     pub async fn add_replica(&self, address: String) -> Result<usize, VolumeError> {
         let (reply, rx) = oneshot::channel();
         let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx.send(Command::Add { address, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Command::Add { address, reply })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
@@ -198,7 +217,13 @@ impl Volume {
     pub async fn attach(&self, replica: usize, conn: super::link::Handshaken) -> Result<(), VolumeError> {
         let (reply, rx) = oneshot::channel();
         let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx.send(Command::Attach { replica, conn: Box::new(conn), reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Command::Attach {
+                replica,
+                conn: Box::new(conn),
+                reply,
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
@@ -212,8 +237,17 @@ impl Volume {
     pub async fn copy(&self, replica: usize, offset: u64, len: u32) -> Result<(), VolumeError> {
         let (reply, rx) = oneshot::channel();
         let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        let op = GuestOp::Copy { to: ClientId(replica), offset, len };
-        self.tx.send(Command::Io { op, reply: Reply::Io(reply) }).map_err(|_| gone())?;
+        let op = GuestOp::Copy {
+            to: ClientId(replica),
+            offset,
+            len,
+        };
+        self.tx
+            .send(Command::Io {
+                op,
+                reply: Reply::Io(reply),
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?.map(|_| ())
     }
 
@@ -426,16 +460,24 @@ impl Owner {
             }
             Command::Attach { replica, conn, reply } => {
                 if replica < self.addresses.len() && !self.core.mode(ClientId(replica)).is_active() {
-                    let link =
-                        conn.start(ClientId(replica), self.spec.epoch, self.events_tx.clone(), self.revisions[replica].clone());
+                    let link = conn.start(
+                        ClientId(replica),
+                        self.spec.epoch,
+                        self.events_tx.clone(),
+                        self.revisions[replica].clone(),
+                    );
                     self.links[replica] = Some(link);
-                    self.core.set_mode(ClientId(replica), ReplicaMode::WriteOnly, effects);
+                    self.core
+                        .set_mode(ClientId(replica), ReplicaMode::WriteOnly, effects);
                 }
                 let _ = reply.send(());
             }
             Command::Promote { replica } => {
-                if replica < self.addresses.len() && *self.core.mode(ClientId(replica)) == ReplicaMode::WriteOnly {
-                    self.core.set_mode(ClientId(replica), ReplicaMode::ReadWrite, effects);
+                if replica < self.addresses.len()
+                    && *self.core.mode(ClientId(replica)) == ReplicaMode::WriteOnly
+                {
+                    self.core
+                        .set_mode(ClientId(replica), ReplicaMode::ReadWrite, effects);
                 }
             }
         }

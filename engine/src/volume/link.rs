@@ -121,6 +121,17 @@ impl Handshaken {
         }
     }
 
+    /// One request, one reply (for control and metadata requests on a
+    /// connection that has no I/O tasks).
+    pub async fn request(
+        &mut self,
+        addr: &str,
+        epoch: Epoch,
+        message: Message,
+    ) -> Result<Message, LinkError> {
+        self.call(addr, epoch, message).await
+    }
+
     /// One request, one reply, before the I/O tasks take over the socket.
     async fn call(&mut self, addr: &str, epoch: Epoch, message: Message) -> Result<Message, LinkError> {
         let id = RequestId(self.next_id);

@@ -86,17 +86,27 @@ impl VolumeMetrics {
         )
         .expect("valid metric");
         let rebuild_done = IntGaugeVec::new(
-            Opts::new("basalt_rebuild_done_bytes", "Bytes copied so far by the replica's current rebuild"),
+            Opts::new(
+                "basalt_rebuild_done_bytes",
+                "Bytes copied so far by the replica's current rebuild",
+            ),
             &["replica"],
         )
         .expect("valid metric");
         let rebuild_total = IntGaugeVec::new(
-            Opts::new("basalt_rebuild_total_bytes", "Bytes the replica's current rebuild has to copy"),
+            Opts::new(
+                "basalt_rebuild_total_bytes",
+                "Bytes the replica's current rebuild has to copy",
+            ),
             &["replica"],
         )
         .expect("valid metric");
-        registry.register(Box::new(rebuild_done.clone())).expect("unique metric");
-        registry.register(Box::new(rebuild_total.clone())).expect("unique metric");
+        registry
+            .register(Box::new(rebuild_done.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(rebuild_total.clone()))
+            .expect("unique metric");
         for c in [&ops, &bytes, &errors, &replica_errors] {
             registry.register(Box::new(c.clone())).expect("unique metric");
         }

@@ -6,5 +6,6 @@ pub mod core;
 pub mod driver;
 pub mod link;
 pub mod metrics;
+pub mod rebuild;
 
 pub use driver::{StartReplica, Volume, VolumeSpec, VolumeStatus};

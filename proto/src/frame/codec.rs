@@ -18,7 +18,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::{frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_FUA, HEADER_LEN, MAGIC};
 use super::{
-    pb, Frame, Message, Op, ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, Frame, Message, Op, ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_PAYLOAD,
+    REPLY_BIT,
 };
 use crate::{Epoch, Revision, VolumeId};
 
@@ -348,6 +349,35 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
         (Op::SnapshotList, true) => {
             control()?;
             M::SnapshotListOk(pb::SnapshotList::decode(payload).map_err(bad_pb)?.snapshots)
+        }
+        (Op::BlockCrcs, false) => {
+            if raw.payload_len != 0 {
+                return Err(DecodeError::UnexpectedPayload {
+                    op,
+                    payload_len: raw.payload_len,
+                });
+            }
+            M::BlockCrcs {
+                start_lba: raw.offset,
+                count: raw.length,
+            }
+        }
+        (Op::BlockCrcs, true) => {
+            if !payload.len().is_multiple_of(BlockCrc::WIRE_LEN) {
+                return Err(DecodeError::BadField {
+                    op,
+                    what: "block checksum list must be a whole number of 12-byte entries",
+                });
+            }
+            M::BlockCrcsOk(
+                payload
+                    .chunks_exact(BlockCrc::WIRE_LEN)
+                    .map(|c| BlockCrc {
+                        lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                        crc: u32::from_le_bytes(c[8..].try_into().expect("4 bytes")),
+                    })
+                    .collect(),
+            )
         }
         // Everything else is a bare op: no offset, no length, no payload.
         (op, reply) => {

@@ -8,7 +8,9 @@
 
 use bytes::{Buf, Bytes};
 
-use super::{pb, EncodeError, Frame, Message, ProtocolVersion, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT};
+use super::{
+    pb, BlockCrc, EncodeError, Frame, Message, ProtocolVersion, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
+};
 
 /// Size of the fixed header in front of every payload.
 pub const HEADER_LEN: usize = 52;
@@ -240,6 +242,19 @@ impl Frame {
                 Bytes::new()
             }
             M::InfoOk(info) => pb_bytes(info),
+            M::BlockCrcs { start_lba, count } => {
+                raw.offset = *start_lba;
+                raw.length = *count;
+                Bytes::new()
+            }
+            M::BlockCrcsOk(list) => {
+                let mut buf = bytes::BytesMut::with_capacity(list.len() * BlockCrc::WIRE_LEN);
+                for b in list {
+                    buf.extend_from_slice(&b.lba.to_le_bytes());
+                    buf.extend_from_slice(&b.crc.to_le_bytes());
+                }
+                buf.freeze()
+            }
             M::SnapshotCreate { name } | M::SnapshotDelete { name } | M::SnapshotRevert { name } => {
                 pb_bytes(&pb::SnapshotRequest { name: name.clone() })
             }

@@ -93,6 +93,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         ".{0,40}".prop_map(|name| M::SnapshotRevert { name }),
         Just(M::SnapshotRevertOk),
         Just(M::SetEpoch),
+        (any::<u64>(), any::<u64>()).prop_map(|(start_lba, count)| M::BlockCrcs { start_lba, count }),
+        proptest::collection::vec((any::<u64>(), any::<u32>()), 0..20)
+            .prop_map(|v| M::BlockCrcsOk(v.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect())),
         Just(M::SetEpochOk),
         (
             proptest::sample::select(Op::ALL.to_vec()),

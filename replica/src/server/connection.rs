@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use basalt_proto::frame::{
-    DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion, ReplicaIdentity,
-    ReplyError, RequestId,
+    BlockCrc, DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
+    ReplicaIdentity, ReplyError, RequestId,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_proto::Epoch;
@@ -27,6 +27,10 @@ use tokio_util::task::TaskTracker;
 
 use super::{Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
 use crate::store::{SnapshotInfo, Store};
+
+/// Most block checksums answered per request: the answer (12 bytes each)
+/// stays well under the frame payload limit.
+const MAX_BLOCK_CRCS: u64 = 1 << 20;
 
 /// Requests queued on the ordered lane. The byte budget is the real bound;
 /// this only has to be large enough never to be the one that stops a
@@ -73,7 +77,8 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let (lane_tx, lane_rx) = mpsc::channel::<Job>(ORDERED_QUEUE);
     let lane = {
         let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
-        tokio::task::spawn_blocking(move || run_ordered_lane(lane_rx, &shared, &reply_tx))
+        let side = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || run_ordered_lane(lane_rx, &shared, &reply_tx, &side))
     };
     let reads = TaskTracker::new();
 
@@ -247,7 +252,17 @@ impl Dispatch<'_> {
 }
 
 /// The ordered lane: executes jobs one at a time, in arrival order.
-fn run_ordered_lane(mut jobs: mpsc::Receiver<Job>, shared: &Shared, reply_tx: &mpsc::Sender<Frame>) {
+///
+/// Two requests leave the lane once it reaches them, so that the writes
+/// behind them are not held up: a Flush (its fdatasyncs cover every write
+/// the lane executed before it, whatever runs next) and a snapshot delete
+/// (the store merges in steps, with writes going on between them).
+fn run_ordered_lane(
+    mut jobs: mpsc::Receiver<Job>,
+    shared: &Arc<Shared>,
+    reply_tx: &mpsc::Sender<Frame>,
+    side: &tokio::runtime::Handle,
+) {
     while let Some(Job {
         id,
         epoch,
@@ -257,6 +272,15 @@ fn run_ordered_lane(mut jobs: mpsc::Receiver<Job>, shared: &Shared, reply_tx: &m
     }) = jobs.blocking_recv()
     {
         let op = message.op().0;
+        if matches!(message, Message::Flush | Message::SnapshotDelete { .. }) {
+            let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
+            side.spawn_blocking(move || {
+                let _budget = _budget;
+                let result = execute(&shared, epoch, message);
+                let _ = reply_tx.blocking_send(reply_frame(&shared, id, op, received, result));
+            });
+            continue;
+        }
         let result = execute(shared, epoch, message);
         if reply_tx
             .blocking_send(reply_frame(shared, id, op, received, result))
@@ -298,6 +322,13 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
             })
         }),
         Message::Info => shared.fenced(epoch, |store| Ok(Message::InfoOk(info(store)))),
+        Message::BlockCrcs { start_lba, count } => shared.fenced(epoch, |store| {
+            let end = start_lba.saturating_add(count.min(MAX_BLOCK_CRCS));
+            let list = store.block_crcs(start_lba..end);
+            Ok(Message::BlockCrcsOk(
+                list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
+            ))
+        }),
         Message::SnapshotCreate { name } => shared.fenced(epoch, |store| {
             let snapshot = store.snapshot_create(&name)?;
             tracing::info!(snapshot = %name, "snapshot created");

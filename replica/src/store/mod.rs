@@ -1048,6 +1048,20 @@ impl Store {
             .collect()
     }
 
+    /// Every block of `blocks` (block numbers) that holds data in the merged view, with the CRC32 of
+    /// its content, in block order. Blocks that read as zeros (never written, or discarded) are
+    /// left out. A rebuild compares these lists between replicas so that only blocks that differ
+    /// travel; the CRCs come from the in-memory map, so listing costs no disk I/O.
+    pub fn block_crcs(&self, blocks: Range<u64>) -> Vec<(u64, u32)> {
+        rlock(&self.map)
+            .range(blocks)
+            .filter_map(|(lba, e)| match e.state {
+                BlockState::Data { crc } => Some((lba, crc)),
+                BlockState::Tombstone => None,
+            })
+            .collect()
+    }
+
     /// Bytes of data the head holds itself (4 KiB per block written since the last snapshot).
     pub fn head_allocated_bytes(&self) -> u64 {
         rlock(&self.chain).head.data_blocks.load(Ordering::Relaxed) * BLOCK_SIZE
