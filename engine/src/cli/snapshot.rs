@@ -155,6 +155,6 @@ mod tests {
     #[test]
     fn unix_times_format_as_utc() {
         assert_eq!(super::format_unix(0), "1970-01-01 00:00:00");
-        assert_eq!(super::format_unix(1_795_000_000), "2026-11-18 07:06:40");
+        assert_eq!(super::format_unix(1_795_000_000), "2026-11-18 11:06:40");
     }
 }
