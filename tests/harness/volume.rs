@@ -1,0 +1,236 @@
+//! A replicated Basalt volume made of real processes: N `basalt replica` processes and one or more
+//! `basalt controller` processes, each on free 127.0.0.1 ports, with data in a temp dir.
+//!
+//! Tests kill, stop and restart the pieces one by one (`kill_replica`, `start_controller`, ...), talk to the
+//! volume through real initiators ([`qemu_io`], fio), and look inside with `basalt volume info --json` and
+//! `basalt replica export`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::{
+    basalt_binary, free_local_addr, io, run_checked, ByteSize, Daemon, IscsiUrl, Result, StopPolicy,
+};
+
+/// Volume name every cluster serves (`iqn.2026-11.io.basalt:vol`).
+pub const VOLUME_NAME: &str = "vol";
+
+/// How long a replica or controller may take to come up on this shared 2-core machine.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub daemon: Option<Daemon>,
+}
+
+/// A controller process and where it serves.
+pub struct Controller {
+    pub url: IscsiUrl,
+    pub api: SocketAddr,
+    pub daemon: Daemon,
+}
+
+pub struct Cluster {
+    pub size: ByteSize,
+    pub volume_id: String,
+    pub replicas: Vec<Replica>,
+    controllers: usize,
+    // Last: everything above is stopped before the directory goes.
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` replicas of a new volume of `size` (no controller yet).
+    pub fn start(n: usize, size: ByteSize) -> Result<Cluster> {
+        basalt_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("basalt-e2e-volume-")
+            .tempdir()
+            .map_err(io("create a temp dir"))?;
+        let volume_id = uuid_v4();
+        let mut cluster = Cluster {
+            size,
+            volume_id,
+            replicas: Vec::new(),
+            controllers: 0,
+            dir,
+        };
+        for i in 0..n {
+            let addr = free_local_addr()?;
+            let rdir = cluster.dir.path().join(format!("r{}", i + 1));
+            cluster.replicas.push(Replica {
+                addr,
+                dir: rdir,
+                daemon: None,
+            });
+            cluster.start_replica(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// (Re)starts replica `i` on its address and directory.
+    pub fn start_replica(&mut self, i: usize) -> Result<()> {
+        let r = &self.replicas[i];
+        let mut cmd = Command::new(basalt_binary()?);
+        cmd.env("RUST_LOG", "info")
+            .arg("replica")
+            .arg("--dir")
+            .arg(&r.dir)
+            .args(["--size", &self.size.bytes().to_string()])
+            .args(["--listen", &r.addr.to_string()])
+            .args(["--volume-id", &self.volume_id]);
+        let what = format!("replica-r{}", i + 1);
+        let mut daemon = Daemon::spawn(
+            &what,
+            cmd,
+            self.dir.path(),
+            StopPolicy::Terminate {
+                grace: Duration::from_secs(20),
+            },
+        )?;
+        daemon.wait_for_port(r.addr, START_TIMEOUT)?;
+        self.replicas[i].daemon = Some(daemon);
+        Ok(())
+    }
+
+    /// SIGKILLs replica `i` (the process group), like a node crash.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(d) = &self.replicas[i].daemon {
+            // SAFETY: plain kill(2) on our own child's process group.
+            unsafe { libc::kill(-(d.pid() as libc::pid_t), libc::SIGKILL) };
+        }
+        if let Some(d) = self.replicas[i].daemon.take() {
+            let _ = d.stop();
+        }
+    }
+
+    /// Stops replica `i` cleanly (SIGTERM: it flushes and exits).
+    pub fn stop_replica(&mut self, i: usize) -> Result<()> {
+        if let Some(d) = self.replicas[i].daemon.take() {
+            d.stop()?;
+        }
+        Ok(())
+    }
+
+    pub fn replica_addrs(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.addr.to_string()).collect()
+    }
+
+    /// Starts a controller over every replica, with `extra` arguments, and waits until it serves.
+    pub fn start_controller(&mut self, extra: &[&str]) -> Result<Controller> {
+        self.controllers += 1;
+        let portal = free_local_addr()?;
+        let api = free_local_addr()?;
+        let mut cmd = Command::new(basalt_binary()?);
+        cmd.env("RUST_LOG", "info")
+            .arg("controller")
+            .args(["--name", VOLUME_NAME])
+            .args(["--size", &self.size.bytes().to_string()])
+            .args(["--iscsi", &portal.to_string()])
+            .args(["--api", &api.to_string()])
+            .args(["--volume-id", &self.volume_id])
+            .args(["--replica-timeout", "3s"])
+            .args(extra);
+        for r in self.replica_addrs() {
+            cmd.args(["--replica", &r]);
+        }
+        let what = format!("controller-{}", self.controllers);
+        let mut daemon = Daemon::spawn(
+            &what,
+            cmd,
+            self.dir.path(),
+            StopPolicy::Terminate {
+                grace: Duration::from_secs(20),
+            },
+        )?;
+        daemon.wait_until("to serve the volume API", START_TIMEOUT, || {
+            volume_info(api).is_ok()
+        })?;
+        let url = IscsiUrl {
+            portal,
+            iqn: format!("{}:{VOLUME_NAME}", crate::IQN_PREFIX),
+            lun: 0,
+        };
+        Ok(Controller { url, api, daemon })
+    }
+
+    /// Writes replica `i`'s whole volume image (as its store holds it) to a file, with
+    /// `basalt replica export`. The replica must be stopped.
+    pub fn export_replica(&self, i: usize) -> Result<PathBuf> {
+        let out = self.dir.path().join(format!("r{}.img", i + 1));
+        let mut cmd = Command::new(basalt_binary()?);
+        cmd.args(["replica", "export", "--dir"])
+            .arg(&self.replicas[i].dir)
+            .arg("--out")
+            .arg(&out);
+        run_checked(&mut cmd)?;
+        Ok(out)
+    }
+}
+
+/// `basalt volume info --api ADDR --json`, parsed.
+pub fn volume_info(api: SocketAddr) -> Result<Value> {
+    let mut cmd = Command::new(basalt_binary()?);
+    cmd.args(["volume", "info", "--json", "--api", &api.to_string()]);
+    let out = run_checked(&mut cmd)?;
+    serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {
+        what: "basalt volume info --json".into(),
+        detail: e.to_string(),
+    })
+}
+
+/// The mode ("RW", "WO", "ERR") of the replica at `addr`, from `volume info`.
+pub fn replica_mode(info: &Value, addr: SocketAddr) -> Option<String> {
+    info["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["address"] == addr.to_string())
+        .and_then(|r| r["mode"].as_str())
+        .map(str::to_string)
+}
+
+/// Runs `qemu-io` commands (e.g. `write -P 0xaa 0 64k`) against the LUN through qemu's iSCSI driver.
+/// Returns whether every command succeeded, and qemu-io's output.
+pub fn qemu_io(url: &IscsiUrl, commands: &[&str]) -> Result<(bool, String)> {
+    let qemu_io = crate::require_tool("qemu-io")?;
+    let mut cmd = Command::new(qemu_io);
+    cmd.args(["-f", "raw", "--cache", "none"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(url.to_string());
+    let out = cmd.output().map_err(io("run qemu-io"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-io exits 0 even when a command fails; it says so in words.
+    let failed = !out.status.success()
+        || text.contains("failed")
+        || text.contains("error")
+        || text.contains("Pattern verification");
+    Ok((!failed, text))
+}
+
+fn uuid_v4() -> String {
+    let b = crate::random_bytes(16);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]]),
+    )
+}
