@@ -42,6 +42,8 @@ pub mod cunit;
 pub mod fio;
 #[path = "harness/host.rs"]
 pub mod host;
+#[path = "harness/volume.rs"]
+pub mod volume;
 
 /// Every error the harness reports. Messages say what failed, where, and what to do about it.
 #[derive(Debug, thiserror::Error)]
