@@ -93,7 +93,8 @@ if ! fio_has_libiscsi; then
     apt_update
   fi
   work=$(mktemp -d /tmp/basalt-fio-build.XXXXXX)
-  chmod 755 "$work" # apt-get source downloads as the _apt user
+  # apt-get source downloads as the unprivileged _apt user when it can write to the directory.
+  if id _apt >/dev/null 2>&1; then $SUDO chown _apt "$work"; fi
   trap 'rm -rf "$work"' EXIT
   echo "setup: building fio with --enable-libiscsi in $work"
   (
