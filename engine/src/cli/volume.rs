@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use basalt_proto::pb::controller::VolumeInfoRequest;
+use basalt_proto::pb::controller::{ReplicaStatus, VolumeInfoReply, VolumeInfoRequest};
 
 use super::args::parse_volume_size;
 
@@ -60,8 +60,11 @@ pub struct InfoArgs {
     #[arg(long, default_value = "127.0.0.1:9600")]
     pub api: String,
     /// Print one JSON object instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Show live progress bars (rebuilds, modes) until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -266,14 +269,10 @@ fn signal_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicB
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
-    let reply = super::client::block_on(async {
-        let mut client = super::client::connect(&a.api).await?;
-        let reply = client
-            .volume_info(VolumeInfoRequest {})
-            .await
-            .map_err(super::client::status_message)?;
-        anyhow::Ok(reply.into_inner())
-    })?;
+    if a.watch {
+        return watch(&a.api);
+    }
+    let reply = super::client::block_on(fetch_info(&a.api))?;
     let io = reply.io.unwrap_or_default();
     let uuid = uuid::Uuid::from_slice(&reply.volume_uuid)
         .map(|u| u.to_string())
@@ -285,7 +284,11 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "address": r.address, "mode": r.mode, "cause": r.cause, "revision": r.revision,
-                    "outstanding": r.outstanding, "errors": r.errors,
+                    "outstanding": r.outstanding, "errors": r.errors, "removed": r.removed,
+                    "rebuild": (r.mode == "WO").then(|| serde_json::json!({
+                        "done_bytes": r.rebuild_done_bytes, "total_bytes": r.rebuild_total_bytes,
+                        "rate_bytes_per_sec": r.rebuild_rate, "eta_secs": eta(r), "delta": r.rebuild_delta,
+                    })),
                 })
             })
             .collect();
@@ -310,13 +313,23 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     println!("sessions {}", reply.sessions);
     println!("replicas");
     for r in &reply.replicas {
-        let cause = if r.cause.is_empty() {
+        let mut note = if r.cause.is_empty() {
             String::new()
         } else {
             format!("  ({})", r.cause)
         };
+        if r.mode == "WO" && r.rebuild_total_bytes > 0 {
+            note = format!(
+                "  rebuilding{}: {} of {} bytes, {:.1} MiB/s, ETA {:.0} s",
+                if r.rebuild_delta { " (delta)" } else { "" },
+                r.rebuild_done_bytes,
+                r.rebuild_total_bytes,
+                r.rebuild_rate / (1 << 20) as f64,
+                eta(r).unwrap_or(0.0)
+            );
+        }
         println!(
-            "  {:<22} {:<3} revision {:<8} outstanding {:<4} errors {}{cause}",
+            "  {:<22} {:<3} revision {:<8} outstanding {:<4} errors {}{note}",
             r.address, r.mode, r.revision, r.outstanding, r.errors
         );
     }
@@ -325,4 +338,54 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         io.reads, io.bytes_read, io.writes, io.bytes_written, io.flushes, io.unmaps, io.errors, io.in_flight
     );
     Ok(())
+}
+
+async fn fetch_info(api: &str) -> anyhow::Result<VolumeInfoReply> {
+    let mut client = super::client::connect(api).await?;
+    let reply = client
+        .volume_info(VolumeInfoRequest {})
+        .await
+        .map_err(super::client::status_message)?;
+    Ok(reply.into_inner())
+}
+
+/// Seconds left in a rebuild at its current rate.
+fn eta(r: &ReplicaStatus) -> Option<f64> {
+    let left = r.rebuild_total_bytes.saturating_sub(r.rebuild_done_bytes) as f64;
+    (r.rebuild_rate > 0.0).then(|| left / r.rebuild_rate)
+}
+
+/// `volume info --watch`: a live progress bar per rebuilding replica, and
+/// the modes, until interrupted.
+fn watch(api: &str) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{prefix:<24} {msg:<4} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    let mut shown: std::collections::HashMap<String, ProgressBar> = std::collections::HashMap::new();
+    super::client::block_on(async {
+        loop {
+            let reply = fetch_info(api).await?;
+            for r in &reply.replicas {
+                let bar = shown.entry(r.address.clone()).or_insert_with(|| {
+                    let b = bars.add(ProgressBar::new(1));
+                    b.set_style(style.clone());
+                    b.set_prefix(r.address.clone());
+                    b
+                });
+                bar.set_message(r.mode.clone());
+                if r.mode == "WO" {
+                    bar.set_length(r.rebuild_total_bytes.max(1));
+                    bar.set_position(r.rebuild_done_bytes);
+                } else {
+                    bar.set_length(1);
+                    bar.set_position(u64::from(r.mode == "RW"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
 }
