@@ -8,6 +8,9 @@
 //! * every snapshot whose creation was acknowledged and whose deletion was not started exists, with
 //!   exactly the content the volume had when it was taken (checked by reverting a copy of the directory).
 //!
+//! The child's writes go one by one and in batches (`Store::write_batch`, one index-log append for
+//! many writes), so a kill also lands between a batch's records and its data writes.
+//!
 //! The child is this same test binary re-executed with [`CHILD_DIR`] set; it reports on stdout, one
 //! line per event, *before* it starts each operation and after each acknowledged flush or snapshot
 //! operation, so the parent knows exactly what may and must have survived.
@@ -59,7 +62,36 @@ fn child(dir: &Path, seed: u64) -> ! {
         n += 1;
         let lba = rng.random_range(0..BLOCKS);
         match rng.random_range(0..100) {
-            0..70 => {
+            0..15 => {
+                // A batch as the server's ordered lane hands it over: whole blocks (some adjacent,
+                // some repeated) and sector writes, reported one by one before the batch starts.
+                let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+                let mut at = lba;
+                for _ in 0..rng.random_range(2..=8) {
+                    let (first, count) = if rng.random_range(0..4) == 0 {
+                        let first = rng.random_range(0..8u64);
+                        (first, rng.random_range(1..=8 - first))
+                    } else {
+                        (0, 8)
+                    };
+                    let value = rng.random::<u64>();
+                    report(format!("W {at} {first} {count} {value}"));
+                    let data: Vec<u8> = (first..first + count)
+                        .flat_map(|s| sector(at, s, value))
+                        .collect();
+                    writes.push((at * 4096 + first * 512, data));
+                    at = match rng.random_range(0..3) {
+                        0 => at,
+                        1 => (at + 1) % BLOCKS,
+                        _ => rng.random_range(0..BLOCKS),
+                    };
+                }
+                let batch: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+                for result in store.write_batch(&batch) {
+                    result.unwrap();
+                }
+            }
+            15..70 => {
                 let value = rng.random::<u64>();
                 report(format!("W {lba} 0 8 {value}"));
                 let data: Vec<u8> = (0..8).flat_map(|s| sector(lba, s, value)).collect();

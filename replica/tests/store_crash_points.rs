@@ -3,7 +3,8 @@
 //! keeps every completed syscall (the page cache survives), this visits every instant at which a
 //! process crash can cut the store's sequence of writes, punches, creates, renames and removes --
 //! including the microsecond windows a random `kill -9` almost never hits (between a log append and
-//! its data write, inside a snapshot create, between the steps of a merge).
+//! its data write, between a batch's one log append and its data writes, inside a snapshot create,
+//! between the steps of a merge).
 //!
 //! After each crash the directory is reopened with the real backend and checked: flushed writes are
 //! intact, later blocks are old or new with a valid checksum, acknowledged snapshots exist with their
@@ -138,7 +139,73 @@ enum Step {
     Flush,
     SnapshotCreate(&'static str),
     SnapshotDelete(&'static str),
+    /// `Write` steps handed to `Store::write_batch` together.
+    Batch(&'static [Step]),
 }
+
+/// A batch as a replica's ordered lane hands it over: adjacent whole blocks (one vectored write), a
+/// block written twice, a sector write that splits the batch in two groups, blocks that live in
+/// snapshots.
+const BATCH_ACROSS_GROUPS: &[Step] = &[
+    Step::Write {
+        lba: 9,
+        first_sector: 0,
+        sectors: 8,
+        value: 12,
+    },
+    Step::Write {
+        lba: 10,
+        first_sector: 0,
+        sectors: 16,
+        value: 13,
+    },
+    Step::Write {
+        lba: 9,
+        first_sector: 0,
+        sectors: 8,
+        value: 14,
+    },
+    Step::Write {
+        lba: 4,
+        first_sector: 2,
+        sectors: 3,
+        value: 15,
+    },
+    Step::Write {
+        lba: 11,
+        first_sector: 0,
+        sectors: 8,
+        value: 16,
+    },
+    Step::Write {
+        lba: 13,
+        first_sector: 0,
+        sectors: 8,
+        value: 17,
+    },
+];
+
+/// A batch over blocks snapshots hold, right before a flush.
+const BATCH_OVER_SNAPSHOTS: &[Step] = &[
+    Step::Write {
+        lba: 14,
+        first_sector: 0,
+        sectors: 8,
+        value: 18,
+    },
+    Step::Write {
+        lba: 0,
+        first_sector: 0,
+        sectors: 16,
+        value: 19,
+    },
+    Step::Write {
+        lba: 15,
+        first_sector: 0,
+        sectors: 8,
+        value: 20,
+    },
+];
 
 fn sector_bytes(lba: u64, sector: u64, value: u8) -> Vec<u8> {
     (0..512u64)
@@ -170,6 +237,7 @@ const SCRIPT: &[Step] = &[
         value: 4,
     },
     Step::SnapshotCreate("b"),
+    Step::Batch(BATCH_ACROSS_GROUPS),
     Step::Write {
         lba: 0,
         first_sector: 0,
@@ -204,6 +272,7 @@ const SCRIPT: &[Step] = &[
         sectors: 8,
         value: 9,
     },
+    Step::Batch(BATCH_OVER_SNAPSHOTS),
     Step::Flush,
     Step::Write {
         lba: 3,
@@ -266,6 +335,11 @@ impl Model {
             Step::Flush => {}
             Step::SnapshotCreate(name) => self.creating = Some((name, self.latest.concat())),
             Step::SnapshotDelete(name) => self.deleting = Some(name),
+            Step::Batch(writes) => {
+                for &write in writes {
+                    self.announce(write);
+                }
+            }
         }
     }
 
@@ -287,18 +361,33 @@ impl Model {
     }
 }
 
+/// Where a `Write` step goes and its bytes.
+fn write_of(step: Step) -> (u64, Vec<u8>) {
+    let Step::Write {
+        lba,
+        first_sector,
+        sectors,
+        value,
+    } = step
+    else {
+        panic!("{step:?} is not a write");
+    };
+    let data: Vec<u8> = (first_sector..first_sector + sectors)
+        .flat_map(|s| sector_bytes(lba + s / 8, s % 8, value))
+        .collect();
+    (lba * 4096 + first_sector * 512, data)
+}
+
 fn run_step(store: &Store, step: Step) -> Result<(), StoreError> {
     match step {
-        Step::Write {
-            lba,
-            first_sector,
-            sectors,
-            value,
-        } => {
-            let data: Vec<u8> = (first_sector..first_sector + sectors)
-                .flat_map(|s| sector_bytes(lba + s / 8, s % 8, value))
-                .collect();
-            store.write(lba * 4096 + first_sector * 512, &data)
+        Step::Write { .. } => {
+            let (offset, data) = write_of(step);
+            store.write(offset, &data)
+        }
+        Step::Batch(writes) => {
+            let writes: Vec<(u64, Vec<u8>)> = writes.iter().map(|&w| write_of(w)).collect();
+            let batch: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+            store.write_batch(&batch).into_iter().collect()
         }
         Step::Unmap { lba, blocks } => store.unmap(lba * 4096, blocks * 4096),
         Step::Flush => store.flush().map(|_| ()),

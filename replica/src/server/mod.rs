@@ -222,6 +222,7 @@ impl From<StoreError> for Refusal {
             | StoreError::InvalidSize { .. }
             | StoreError::SizeMismatch { .. }
             | StoreError::AlreadyExists { .. }
+            | StoreError::InUse { .. }
             | StoreError::NotAVolume { .. } => ReplyError::Io,
         };
         if error == ReplyError::Io {

@@ -96,6 +96,18 @@ pub enum StoreError {
         /// The replica directory.
         dir: String,
     },
+    /// Another open store (another process, e.g. a running replica, or another `Store` in this one)
+    /// holds the directory's lock.
+    #[error(
+        "{dir} is in use by another process (e.g. a running basalt replica) that holds the lock on \
+         {lock}: stop it first, then retry"
+    )]
+    InUse {
+        /// The replica directory.
+        dir: String,
+        /// The lock file held.
+        lock: String,
+    },
     /// `open` found no volume.
     #[error("{dir} holds no volume (no volume.meta): create one first")]
     NotAVolume {

@@ -391,8 +391,7 @@ impl Store {
     }
 
     fn dir_backend(dir: &Path) -> Result<Arc<dyn Backend>, StoreError> {
-        let backend = DirBackend::new(dir).map_err(StoreError::io(format!("opening {}", dir.display())))?;
-        Ok(Arc::new(backend))
+        Ok(Arc::new(DirBackend::new(dir)?))
     }
 
     /// [`Store::create`] on any backend.
@@ -743,8 +742,16 @@ impl Store {
             large.resize(n, None);
             &mut large
         };
-        for (lba, entry) in rlock(&self.map).range(first..first + n as u64) {
-            entries[(lba - first) as usize] = Some(entry);
+        {
+            let map = rlock(&self.map);
+            if n == 1 {
+                // A point lookup is one descent of the tree; a range needs two (both bounds).
+                entries[0] = map.get(first);
+            } else {
+                for (lba, entry) in map.range(first..first + n as u64) {
+                    entries[(lba - first) as usize] = Some(entry);
+                }
+            }
         }
         let mut i = 0;
         while i < n {
@@ -764,7 +771,12 @@ impl Store {
             {
                 j += 1;
             }
-            let source = chain.layer(layer)?;
+            // Most reads hit what was written since the last snapshot: skip the layer lookup then.
+            let source = if layer == chain.head.id {
+                &chain.head
+            } else {
+                chain.layer(layer)?
+            };
             let offset = Lba(first + i as u64).byte_offset();
             source
                 .data
@@ -812,44 +824,148 @@ impl Store {
         Ok(())
     }
 
-    /// Writes whole blocks into the head; the caller holds their stripes. Record first, then data:
-    /// see [`log`] for why that order makes crashes safe.
+    /// Writes whole blocks into the head; the caller holds their stripes.
     fn write_locked(&self, chain: &Chain, first: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_runs_locked(chain, &[(first, data)])
+    }
+
+    /// Writes runs of whole blocks `(first block, data)` into the head, in order (a later run wins
+    /// where runs overlap); the caller holds their stripes. All the runs' records go first, in one
+    /// append, then their data -- see [`log`] for why that order makes crashes safe -- with runs that
+    /// follow each other on disk gathered into one vectored write.
+    fn write_runs_locked(&self, chain: &Chain, runs: &[(u64, &[u8])]) -> Result<(), StoreError> {
         let head = &chain.head;
-        let crcs: Vec<u32> = data.chunks(BLOCK).map(crc32fast::hash).collect();
-        let mut records = Vec::with_capacity(crcs.len() * RECORD_LEN);
-        log::encode_into(
-            &mut records,
-            crcs.iter().enumerate().map(|(k, &crc)| Record::Block {
-                lba: Lba(first + k as u64),
-                state: BlockState::Data { crc },
-            }),
-        );
-        head.append_log(&records, crcs.len() as u64).map_err(|e| {
+        let blocks: usize = runs.iter().map(|(_, data)| data.len() / BLOCK).sum();
+        let mut crcs = Vec::with_capacity(blocks);
+        let mut records = Vec::with_capacity(blocks * RECORD_LEN);
+        for &(first, data) in runs {
+            for (k, block) in data.chunks_exact(BLOCK).enumerate() {
+                let crc = crc32fast::hash(block);
+                crcs.push(crc);
+                records.extend_from_slice(
+                    &Record::Block {
+                        lba: Lba(first + k as u64),
+                        state: BlockState::Data { crc },
+                    }
+                    .encode(),
+                );
+            }
+        }
+        head.append_log(&records, blocks as u64).map_err(|e| {
             self.fail(StoreError::Io {
                 context: format!("appending to the index log of {}", head.id),
                 source: e,
             })
         })?;
-        head.data.write_at(data, Lba(first).byte_offset()).map_err(|e| {
-            self.fail(StoreError::Io {
-                context: format!("writing {} of {}", Lba(first), head.id),
-                source: e,
-            })
-        })?;
+        let mut i = 0;
+        while i < runs.len() {
+            let (first, data) = runs[i];
+            let mut end = first + (data.len() / BLOCK) as u64;
+            let mut j = i + 1;
+            while j < runs.len() && runs[j].0 == end {
+                end += (runs[j].1.len() / BLOCK) as u64;
+                j += 1;
+            }
+            let written = if j == i + 1 {
+                head.data.write_at(data, Lba(first).byte_offset())
+            } else {
+                let bufs: Vec<&[u8]> = runs[i..j].iter().map(|&(_, d)| d).collect();
+                head.data.write_vectored_at(&bufs, Lba(first).byte_offset())
+            };
+            written.map_err(|e| {
+                self.fail(StoreError::Io {
+                    context: format!("writing {}..{end} of {}", Lba(first), head.id),
+                    source: e,
+                })
+            })?;
+            i = j;
+        }
         let mut map = wlock(&self.map);
-        for (k, &crc) in crcs.iter().enumerate() {
-            let state = BlockState::Data { crc };
-            let prev = map.insert(
-                first + k as u64,
-                Entry {
-                    layer: head.id,
-                    state,
-                },
-            );
-            head.account(prev, state);
+        let mut crcs = crcs.into_iter();
+        for &(first, data) in runs {
+            for (lba, crc) in (first..first + (data.len() / BLOCK) as u64).zip(crcs.by_ref()) {
+                let state = BlockState::Data { crc };
+                let prev = map.insert(
+                    lba,
+                    Entry {
+                        layer: head.id,
+                        state,
+                    },
+                );
+                head.account(prev, state);
+            }
         }
         Ok(())
+    }
+
+    /// Applies `writes` `(offset, data)` in order, exactly as if [`Store::write`] were called for each
+    /// in turn, and returns one result per write. The ordered lane of a replica connection hands over
+    /// every write queued behind the one it picks up, so what a batch saves is per-write syscalls:
+    /// consecutive whole-block writes (up to 1 MiB together) share one index-log append -- all their
+    /// records still reach the log before any of their data -- and those that are adjacent on disk
+    /// one `pwritev`. A write that is refused (unaligned, out of range) fails alone; sub-block writes
+    /// and writes over 1 MiB run as they would alone, in their place in the order.
+    pub fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(writes.len());
+        let mut group: Vec<(u64, &[u8])> = Vec::new();
+        let mut group_blocks = 0u64;
+        for &(offset, data) in writes {
+            let blocks = (data.len() / BLOCK) as u64;
+            let batchable = !data.is_empty()
+                && offset.is_multiple_of(BLOCK_SIZE)
+                && data.len().is_multiple_of(BLOCK)
+                && blocks <= IO_CHUNK_BLOCKS
+                && self.check_range(offset, data.len() as u64).is_ok();
+            if batchable && group_blocks + blocks <= IO_CHUNK_BLOCKS {
+                group.push((offset / BLOCK_SIZE, data));
+                group_blocks += blocks;
+                continue;
+            }
+            self.write_group(&group, &mut results);
+            group.clear();
+            group_blocks = 0;
+            if batchable {
+                group.push((offset / BLOCK_SIZE, data));
+                group_blocks = blocks;
+            } else {
+                results.push(self.write(offset, data));
+            }
+        }
+        self.write_group(&group, &mut results);
+        results
+    }
+
+    /// Writes one group of [`Store::write_batch`] under one set of stripe locks and pushes a result
+    /// per run: they share one fate, since they share one log append.
+    fn write_group(&self, runs: &[(u64, &[u8])], results: &mut Vec<Result<(), StoreError>>) {
+        if runs.is_empty() {
+            return;
+        }
+        let outcome = self.check_not_failed().and_then(|()| {
+            let chain = rlock(&self.chain);
+            let _stripes = self.lock_stripes_write(
+                runs.iter()
+                    .flat_map(|&(first, data)| first..first + (data.len() / BLOCK) as u64),
+            );
+            self.write_runs_locked(&chain, runs)
+        });
+        match outcome {
+            Ok(()) => results.extend(runs.iter().map(|_| Ok(()))),
+            Err(error) => {
+                // `StoreError` is not `Clone` (it carries an `io::Error`): the first run gets the
+                // error itself, the others the failure it recorded.
+                let detail = error.to_string();
+                results.push(Err(error));
+                results.extend(runs[1..].iter().map(|_| {
+                    Err(self
+                        .check_not_failed()
+                        .err()
+                        .unwrap_or_else(|| StoreError::Failed {
+                            detail: detail.clone(),
+                        }))
+                }));
+            }
+        }
     }
 
     /// Read-modify-write of part of one block (a sector write or a sector discard).
