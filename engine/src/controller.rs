@@ -23,6 +23,7 @@ use basalt_proto::{Epoch, Revision, VolumeId};
 
 use crate::volume::core::CoreConfig;
 use crate::volume::link::{Handshaken, LinkError};
+use crate::volume::rebuild::Rebuilder;
 use crate::volume::{StartReplica, Volume, VolumeSpec};
 
 /// What a controller is asked to serve.
@@ -62,7 +63,7 @@ pub enum StartError {
 }
 
 /// Survey, choose, fence, and start the volume.
-pub async fn assemble(config: &ControllerConfig) -> Result<Volume, StartError> {
+pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError> {
     let surveyed = survey(&config.replicas, config.startup_wait).await;
 
     // Which volume is this? The one asked for, or the one most replicas hold.
@@ -170,10 +171,27 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Volume, StartError> {
         });
     }
 
+    // The chosen replicas hold the same flushed history, but a controller
+    // that died may have left them different in blocks written after the
+    // last flush. The first one is the reference; the others start out of
+    // the volume and are reconciled with it (a delta rebuild: only blocks
+    // whose checksums differ travel) before the volume serves anyone.
+    let mut reconcile = Vec::new();
+    let mut reference_taken = false;
     let replicas = decisions
         .into_iter()
-        .map(|d| match d {
-            Ok(h) => StartReplica::Ready(h),
+        .enumerate()
+        .map(|(i, d)| match d {
+            Ok(h) if !reference_taken => {
+                reference_taken = true;
+                StartReplica::Ready(h)
+            }
+            Ok(_) => {
+                reconcile.push(i);
+                StartReplica::Unusable {
+                    cause: "up to date; reconciling unflushed blocks with the reference".into(),
+                }
+            }
             Err(cause) => StartReplica::Unusable { cause },
         })
         .collect();
@@ -189,7 +207,39 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Volume, StartError> {
         replica_timeout: config.replica_timeout,
         min_healthy: config.min_healthy,
     };
-    Ok(Volume::start(spec, replicas, core))
+    Ok(Assembled {
+        volume: Volume::start(spec, replicas, core),
+        reconcile,
+    })
+}
+
+/// A started volume, and the replicas to reconcile before serving.
+pub struct Assembled {
+    pub volume: Volume,
+    /// Indexes of up-to-date replicas to bring in line with the reference.
+    pub reconcile: Vec<usize>,
+}
+
+/// Reconcile the replicas `assemble` set aside and wait (up to `limit`)
+/// until they are RW again. Serving before that would let reads of an
+/// unflushed block return one value and then another.
+pub async fn reconcile(assembled: &Assembled, rebuilder: &std::sync::Arc<Rebuilder>, limit: Duration) {
+    let volume = &assembled.volume;
+    let Some(status) = volume.status().await else {
+        return;
+    };
+    for &i in &assembled.reconcile {
+        rebuilder.start(volume, i, status.replicas[i].address.clone());
+    }
+    let deadline = Instant::now() + limit;
+    while assembled
+        .reconcile
+        .iter()
+        .any(|&i| rebuilder.progress(i).is_some())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Say Hello to every replica (in parallel), retrying those that do not

@@ -10,9 +10,14 @@ use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_duration, parse_volume_size};
-use basalt_engine::controller::{assemble, ControllerConfig};
+use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
 use basalt_engine::volume::core::CoreConfig;
 use basalt_engine::volume::rebuild::Rebuilder;
+
+/// Longest wait at start for up-to-date replicas to be reconciled before the
+/// volume serves (they carry the same flushed history, so normally only a
+/// few unflushed blocks differ and this takes milliseconds).
+const RECONCILE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Arguments of `basalt controller`.
 #[derive(clap::Args, Clone, Debug)]
@@ -93,7 +98,13 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         None => None,
     };
 
-    let volume = assemble(&config).await?;
+    let assembled = assemble(&config).await?;
+    // Failed replicas that answer again are rebuilt and re-added; first, the
+    // up-to-date ones are reconciled with the reference replica.
+    let rebuilder = Rebuilder::new();
+    reconcile(&assembled, &rebuilder, RECONCILE_LIMIT).await;
+    let volume = assembled.volume;
+    tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
     let iqn = target_iqn(&args.name);
     let lu = ScsiLogicalUnit::new(
         Arc::new(volume.clone()),
@@ -102,10 +113,6 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let target = Target::new(TargetConfig::new(iqn.clone(), Arc::new(lu)))
         .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
     let portal = Portal::new(PortalConfig::default(), [target]);
-
-    // Failed replicas that answer again are rebuilt and re-added.
-    let rebuilder = Rebuilder::new();
-    tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
 
     let sessions_portal = portal.clone();
     let api = basalt_engine::api::Api::new(

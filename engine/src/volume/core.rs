@@ -487,7 +487,10 @@ impl VolumeCore {
     }
 
     fn admit(&mut self, guest: GuestId, op: GuestOp, out: &mut Vec<Effect>) {
-        if let Some(err) = self.degraded() {
+        // A rebuild copy is how a degraded volume gets healthy again: it
+        // needs one read-write source, not a majority.
+        let copy = matches!(op, GuestOp::Copy { .. });
+        if let Some(err) = self.degraded().filter(|_| !copy) {
             out.push(Effect::Complete {
                 guest,
                 result: Err(err),

@@ -152,6 +152,7 @@ impl Volume {
         let owner = Owner {
             core,
             addresses: spec.addresses.clone(),
+            membership_changed: false,
             events_tx: events_tx.clone(),
             spec: Arc::new(spec),
             links,
@@ -359,6 +360,8 @@ struct Owner {
     metrics: Arc<VolumeMetrics>,
     /// Replica addresses by index: the configured ones, then any added.
     addresses: Vec<String>,
+    /// A replica left the active set since the last membership flush.
+    membership_changed: bool,
     /// For links started later (rebuilt replicas); also keeps the event
     /// channel open with no replica connected.
     events_tx: mpsc::UnboundedSender<Event>,
@@ -406,8 +409,39 @@ impl Owner {
                 _ = tick.tick() => self.core.apply(Instant::now(), Event::Tick, &mut effects),
             }
             self.carry_out(&mut effects);
+            let healthy = self.core.healthy_count() >= self.core.config().min_healthy;
+            if std::mem::take(&mut self.membership_changed) && healthy {
+                self.membership_flush(&mut effects);
+                self.carry_out(&mut effects);
+            }
             self.metrics.in_flight.set(self.core.in_flight() as i64);
         }
+    }
+
+    /// A replica was dropped: flush the ones that remain, so that their
+    /// revision moves past the dropped one's. A later controller comparing
+    /// revisions then knows the dropped replica missed writes, even if no
+    /// initiator flushed in between.
+    fn membership_flush(&mut self, effects: &mut Vec<Effect>) {
+        let id = GuestId(self.next_guest);
+        self.next_guest += 1;
+        // Nobody waits for the answer: a failure is handled like any other.
+        let (reply, _) = oneshot::channel();
+        let pending = Pending {
+            reply: Reply::Io(reply),
+            kind: "flush",
+            bytes: 0,
+            started: Instant::now(),
+        };
+        self.guests.insert(id, pending);
+        self.core.apply(
+            Instant::now(),
+            Event::Guest {
+                id,
+                op: GuestOp::Flush,
+            },
+            effects,
+        );
     }
 
     fn command(&mut self, cmd: Command, effects: &mut Vec<Effect>) {
@@ -554,6 +588,7 @@ impl Owner {
                     let addr = &self.addresses[client.0];
                     match &mode {
                         ReplicaMode::Error { cause } => {
+                            self.membership_changed = true;
                             tracing::warn!(replica = %addr, %cause, "replica ERR: dropped from the volume");
                             self.metrics.replica_errors.with_label_values(&[addr]).inc();
                         }

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_proto::frame::{BlockCrc, Message};
-use basalt_target::device::BlockDevice;
 use futures::stream::{self, StreamExt};
 
 use super::core::ReplicaMode;
@@ -296,10 +295,18 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
             .with_label_values(&[addr])
             .set(d as i64);
     }
-    volume
-        .flush()
-        .await
-        .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    // Make what was copied durable before the replica counts as holding it.
+    // (On the target's own connection: a guest flush would be refused while
+    // the volume is degraded, and this one concerns the target alone.)
+    match target_meta.request(addr, epoch, Message::Flush).await? {
+        Message::FlushOk { .. } => {}
+        other => {
+            return Err(RebuildError::Volume(format!(
+                "unexpected answer to a flush: {:?}",
+                other.op()
+            )))
+        }
+    }
     volume.promote(index);
     Ok(())
 }
