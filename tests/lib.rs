@@ -363,6 +363,8 @@ impl Daemon {
                 }
                 thread::sleep(Duration::from_millis(20));
             }
+            // Worth knowing: a daemon that ignores SIGTERM loses the chance to flush, and costs the grace time.
+            eprintln!("harness: {} did not exit within {grace:?} of SIGTERM; killing it", self.what);
         }
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
