@@ -38,6 +38,8 @@ use tempfile::TempDir;
 // this one are the end-to-end tests themselves).
 #[path = "harness/cunit.rs"]
 pub mod cunit;
+#[path = "harness/fault/mod.rs"]
+pub mod fault;
 #[path = "harness/fio.rs"]
 pub mod fio;
 #[path = "harness/host.rs"]

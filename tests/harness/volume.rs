@@ -128,6 +128,13 @@ impl Cluster {
 
     /// Starts a controller over every replica, with `extra` arguments, and waits until it serves.
     pub fn start_controller(&mut self, extra: &[&str]) -> Result<Controller> {
+        let replicas = self.replica_addrs();
+        self.start_controller_via(&replicas, extra)
+    }
+
+    /// Starts a controller like [`Cluster::start_controller`] that reaches the replicas at `replicas`
+    /// instead of their own addresses (the fault harness puts a TCP proxy in front of each one).
+    pub fn start_controller_via(&mut self, replicas: &[String], extra: &[&str]) -> Result<Controller> {
         self.controllers += 1;
         let portal = free_local_addr()?;
         let api = free_local_addr()?;
@@ -141,8 +148,8 @@ impl Cluster {
             .args(["--volume-id", &self.volume_id])
             .args(["--replica-timeout", "3s"])
             .args(extra);
-        for r in self.replica_addrs() {
-            cmd.args(["--replica", &r]);
+        for r in replicas {
+            cmd.args(["--replica", r]);
         }
         let what = format!("controller-{}", self.controllers);
         let mut daemon = Daemon::spawn(
