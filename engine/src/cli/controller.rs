@@ -50,6 +50,8 @@ pub struct Args {
     /// Drop a replica that has not answered a request for this long.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub replica_timeout: Duration,
+    #[command(flatten)]
+    pub access: super::access::Access,
     /// At start, wait this long for every replica to answer.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub startup_wait: Duration,
@@ -82,7 +84,9 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
     };
-    // Bind every listener before assembling, so a bad address fails fast.
+    // Check the login policy and bind every listener before assembling, so
+    // a bad flag fails before any replica's epoch is raised.
+    let auth = args.access.auth()?;
     let iscsi = tokio::net::TcpListener::bind(args.iscsi)
         .await
         .with_context(|| format!("cannot listen for iSCSI on {}", args.iscsi))?;
@@ -110,8 +114,13 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         Arc::new(volume.clone()),
         LuConfig::new(volume.spec().volume.0.simple().to_string()),
     );
-    let target = Target::new(TargetConfig::new(iqn.clone(), Arc::new(lu)))
-        .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
+    let target = Target::new(TargetConfig {
+        alias: Some(args.name.clone()),
+        auth,
+        allow: args.access.allow_list(),
+        ..TargetConfig::new(iqn.clone(), Arc::new(lu))
+    })
+    .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
     let portal = Portal::new(PortalConfig::default(), [target]);
 
     let sessions_portal = portal.clone();

@@ -1,5 +1,6 @@
 //! Subcommands of the `basalt` binary, one module each.
 
+pub mod access;
 pub mod args;
 pub mod client;
 pub mod controller;
