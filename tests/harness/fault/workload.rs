@@ -358,13 +358,9 @@ pub async fn read_back(
                         ledger.settle(index, generation);
                     }
                 }
-                Err(loss) => {
-                    // Settle to what is there, so one loss is reported once and not again every episode.
-                    if let Decoded::Block(generation) = found {
-                        ledger.settle(index, generation);
-                    }
-                    result.losses.push(loss);
-                }
+                // Not settled: the acknowledged value stays the truth, so an audit then tells which
+                // replica lost it (and a later read-back reports it again if it is still lost).
+                Err(loss) => result.losses.push(loss),
             }
         }
     }
