@@ -620,13 +620,7 @@ impl VolumeCore {
         let Some(Job::Copy { tried, .. }) = self.jobs.get(&job) else {
             return;
         };
-        let source = self
-            .replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| r.mode == ReplicaMode::ReadWrite && !tried.contains(&ClientId(*i)))
-            .min_by_key(|(_, r)| r.outstanding.len())
-            .map(|(i, _)| ClientId(i));
+        let source = self.least_busy_reader(tried);
         let Some(Job::Copy {
             guest,
             offset,
@@ -728,19 +722,24 @@ impl VolumeCore {
         }
     }
 
+    /// The read-write replica with the fewest requests outstanding, among
+    /// those not in `tried`. Write-only replicas never serve reads.
+    fn least_busy_reader(&self, tried: &[ClientId]) -> Option<ClientId> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r.mode == ReplicaMode::ReadWrite && !tried.contains(&ClientId(*i)))
+            .min_by_key(|(_, r)| r.outstanding.len())
+            .map(|(i, _)| ClientId(i))
+    }
+
     /// Send (or re-send) a read to the least busy read-write replica not yet
     /// tried; fail it if none is left.
     fn dispatch_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
         let Some(Job::Read { tried, .. }) = self.jobs.get(&job) else {
             return;
         };
-        let candidate = self
-            .replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| r.mode == ReplicaMode::ReadWrite && !tried.contains(&ClientId(*i)))
-            .min_by_key(|(_, r)| r.outstanding.len())
-            .map(|(i, _)| ClientId(i));
+        let candidate = self.least_busy_reader(tried);
         let Some(Job::Read {
             guest,
             offset,
