@@ -35,6 +35,10 @@
 //! writes sent before and after it on the same stream. A controller can drain
 //! and snapshot without a second channel racing the data path.
 //!
+//! The rebuild's ops ride the same stream: `BlockCrcs` compares merged
+//! views, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
+//! source's snapshot chain layer by layer onto a replica whose chain differs.
+//!
 //! ## Pipelining
 //!
 //! Requests are pipelined: a sender does not wait for a reply before sending
@@ -152,6 +156,9 @@ pub enum Op {
     SnapshotRevert = 0x0b,
     SetEpoch = 0x0c,
     BlockCrcs = 0x0d,
+    Reset = 0x0e,
+    LayerBlocks = 0x0f,
+    ReadLayer = 0x10,
 }
 
 /// Set in the op byte of every reply.
@@ -159,7 +166,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 16] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -173,6 +180,9 @@ impl Op {
         Op::SnapshotRevert,
         Op::SetEpoch,
         Op::BlockCrcs,
+        Op::Reset,
+        Op::LayerBlocks,
+        Op::ReadLayer,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -196,6 +206,9 @@ impl Op {
             Op::SnapshotRevert => "snapshot_revert",
             Op::SetEpoch => "set_epoch",
             Op::BlockCrcs => "block_crcs",
+            Op::Reset => "reset",
+            Op::LayerBlocks => "layer_blocks",
+            Op::ReadLayer => "read_layer",
         }
     }
 }
@@ -405,6 +418,40 @@ pub enum Message {
     },
     BlockCrcsOk(Vec<BlockCrc>),
 
+    /// Drop every snapshot and the head, and start over with one empty head
+    /// (same volume id, size and epoch; the revision starts again at 0, since
+    /// the replica now holds nothing). A rebuild sends it to a replica whose
+    /// chain differs from the source's before it replays the source's chain.
+    Reset,
+    ResetOk,
+
+    /// The blocks snapshot `snapshot` holds *itself* (not what it inherits
+    /// from older snapshots) in blocks `start_lba..start_lba + count`, in
+    /// block order, with their CRC32 or as tombstones. The replica may stop
+    /// early (at most 2^16 entries per answer): `end_lba` says up to where
+    /// the listing is complete, and the next request starts there.
+    LayerBlocks {
+        snapshot: String,
+        start_lba: u64,
+        count: u64,
+    },
+    LayerBlocksOk {
+        blocks: Vec<LayerBlock>,
+        end_lba: u64,
+    },
+
+    /// Read `len` bytes at byte `offset` from snapshot `snapshot`'s own
+    /// layer: blocks the layer holds as data (CRC-checked like any read),
+    /// zeros everywhere else.
+    ReadLayer {
+        snapshot: String,
+        offset: u64,
+        len: u32,
+    },
+    ReadLayerOk {
+        data: Bytes,
+    },
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -444,6 +491,12 @@ impl Message {
             M::SetEpochOk => (Op::SetEpoch, true),
             M::BlockCrcs { .. } => (Op::BlockCrcs, false),
             M::BlockCrcsOk(_) => (Op::BlockCrcs, true),
+            M::Reset => (Op::Reset, false),
+            M::ResetOk => (Op::Reset, true),
+            M::LayerBlocks { .. } => (Op::LayerBlocks, false),
+            M::LayerBlocksOk { .. } => (Op::LayerBlocks, true),
+            M::ReadLayer { .. } => (Op::ReadLayer, false),
+            M::ReadLayerOk { .. } => (Op::ReadLayer, true),
             M::Failed { op, .. } => (*op, true),
         }
     }
@@ -473,6 +526,31 @@ pub struct BlockCrc {
 impl BlockCrc {
     /// Wire size: lba (u64 LE) then crc (u32 LE).
     pub const WIRE_LEN: usize = 12;
+}
+
+/// What one snapshot layer says about one block (see [`Message::LayerBlocks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerBlockState {
+    /// The layer holds the block's data; its content has this CRC32.
+    Data { crc: u32 },
+    /// The block was discarded in this layer: it reads as zeros whatever
+    /// older layers hold.
+    Tombstone,
+}
+
+/// One block a snapshot layer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerBlock {
+    pub lba: u64,
+    pub state: LayerBlockState,
+}
+
+impl LayerBlock {
+    /// Wire size: lba (u64 LE), kind (u8: 1 data, 2 tombstone), crc (u32 LE,
+    /// zero for a tombstone).
+    pub const WIRE_LEN: usize = 13;
+    pub(crate) const KIND_DATA: u8 = 1;
+    pub(crate) const KIND_TOMBSTONE: u8 = 2;
 }
 
 /// One frame: a message plus the envelope every frame carries.

@@ -18,8 +18,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::{frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_FUA, HEADER_LEN, MAGIC};
 use super::{
-    pb, BlockCrc, Frame, Message, Op, ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_PAYLOAD,
-    REPLY_BIT,
+    pb, BlockCrc, Frame, LayerBlock, LayerBlockState, Message, Op, ProtocolVersion, ReplicaIdentity,
+    ReplyError, RequestId, MAX_PAYLOAD, REPLY_BIT,
 };
 use crate::{Epoch, Revision, VolumeId};
 
@@ -379,6 +379,56 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                     .collect(),
             )
         }
+        (Op::LayerBlocks, false) => M::LayerBlocks {
+            snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
+            start_lba: raw.offset,
+            count: raw.length,
+        },
+        (Op::LayerBlocks, true) => {
+            if !payload.len().is_multiple_of(LayerBlock::WIRE_LEN) {
+                return Err(DecodeError::BadField {
+                    op,
+                    what: "layer block list must be a whole number of 13-byte entries",
+                });
+            }
+            let blocks = payload
+                .chunks_exact(LayerBlock::WIRE_LEN)
+                .map(|c| {
+                    let lba = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                    let crc = u32::from_le_bytes(c[9..].try_into().expect("4 bytes"));
+                    let state = match (c[8], crc) {
+                        (LayerBlock::KIND_DATA, crc) => LayerBlockState::Data { crc },
+                        (LayerBlock::KIND_TOMBSTONE, 0) => LayerBlockState::Tombstone,
+                        _ => {
+                            return Err(DecodeError::BadField {
+                                op,
+                                what: "layer block kind must be 1 (data) or 2 (tombstone, with a zero crc)",
+                            })
+                        }
+                    };
+                    Ok(LayerBlock { lba, state })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            M::LayerBlocksOk {
+                blocks,
+                end_lba: raw.offset,
+            }
+        }
+        (Op::ReadLayer, false) => {
+            if raw.length > u64::from(MAX_PAYLOAD) {
+                return Err(DecodeError::Oversize { len: raw.length });
+            }
+            M::ReadLayer {
+                snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
+                offset: raw.offset,
+                len: raw.length as u32,
+            }
+        }
+        (Op::ReadLayer, true) => {
+            no_offset()?;
+            length_is_payload()?;
+            M::ReadLayerOk { data: payload }
+        }
         // Everything else is a bare op: no offset, no length, no payload.
         (op, reply) => {
             no_payload()?;
@@ -395,6 +445,8 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 (Op::SnapshotRevert, true) => M::SnapshotRevertOk,
                 (Op::SetEpoch, false) => M::SetEpoch,
                 (Op::SetEpoch, true) => M::SetEpochOk,
+                (Op::Reset, false) => M::Reset,
+                (Op::Reset, true) => M::ResetOk,
                 // Every (op, reply) pair with a payload or an offset is
                 // matched above; this arm cannot be reached, but a decoder
                 // answers with an error rather than trusting that.

@@ -9,7 +9,8 @@
 use bytes::{Buf, Bytes};
 
 use super::{
-    pb, BlockCrc, EncodeError, Frame, Message, ProtocolVersion, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion,
+    MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
 };
 
 /// Size of the fixed header in front of every payload.
@@ -255,6 +256,49 @@ impl Frame {
                 }
                 buf.freeze()
             }
+            M::LayerBlocks {
+                snapshot,
+                start_lba,
+                count,
+            } => {
+                raw.offset = *start_lba;
+                raw.length = *count;
+                pb_bytes(&pb::SnapshotRequest {
+                    name: snapshot.clone(),
+                })
+            }
+            M::LayerBlocksOk { blocks, end_lba } => {
+                raw.offset = *end_lba;
+                let mut buf = bytes::BytesMut::with_capacity(blocks.len() * LayerBlock::WIRE_LEN);
+                for b in blocks {
+                    let (kind, crc) = match b.state {
+                        LayerBlockState::Data { crc } => (LayerBlock::KIND_DATA, crc),
+                        LayerBlockState::Tombstone => (LayerBlock::KIND_TOMBSTONE, 0),
+                    };
+                    buf.extend_from_slice(&b.lba.to_le_bytes());
+                    buf.extend_from_slice(&[kind]);
+                    buf.extend_from_slice(&crc.to_le_bytes());
+                }
+                buf.freeze()
+            }
+            M::ReadLayer {
+                snapshot,
+                offset,
+                len,
+            } => {
+                if *len > MAX_PAYLOAD {
+                    return Err(EncodeError::Oversize { len: u64::from(*len) });
+                }
+                raw.offset = *offset;
+                raw.length = u64::from(*len);
+                pb_bytes(&pb::SnapshotRequest {
+                    name: snapshot.clone(),
+                })
+            }
+            M::ReadLayerOk { data } => {
+                raw.length = data.len() as u64;
+                data.clone()
+            }
             M::SnapshotCreate { name } | M::SnapshotDelete { name } | M::SnapshotRevert { name } => {
                 pb_bytes(&pb::SnapshotRequest { name: name.clone() })
             }
@@ -277,7 +321,9 @@ impl Frame {
             | M::SnapshotDeleteOk
             | M::SnapshotRevertOk
             | M::SetEpoch
-            | M::SetEpochOk => Bytes::new(),
+            | M::SetEpochOk
+            | M::Reset
+            | M::ResetOk => Bytes::new(),
         };
         raw.payload_len = u32::try_from(payload.len())
             .ok()

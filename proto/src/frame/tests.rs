@@ -97,6 +97,33 @@ fn arb_message() -> impl Strategy<Value = Message> {
         proptest::collection::vec((any::<u64>(), any::<u32>()), 0..20)
             .prop_map(|v| M::BlockCrcsOk(v.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect())),
         Just(M::SetEpochOk),
+        Just(M::Reset),
+        Just(M::ResetOk),
+        (".{0,40}", any::<u64>(), any::<u64>()).prop_map(|(snapshot, start_lba, count)| M::LayerBlocks {
+            snapshot,
+            start_lba,
+            count
+        }),
+        (
+            proptest::collection::vec((any::<u64>(), proptest::option::of(any::<u32>())), 0..20),
+            any::<u64>()
+        )
+            .prop_map(|(v, end_lba)| M::LayerBlocksOk {
+                blocks: v
+                    .into_iter()
+                    .map(|(lba, crc)| LayerBlock {
+                        lba,
+                        state: crc.map_or(LayerBlockState::Tombstone, |crc| LayerBlockState::Data { crc }),
+                    })
+                    .collect(),
+                end_lba,
+            }),
+        (".{0,40}", any::<u64>(), 0..=MAX_PAYLOAD).prop_map(|(snapshot, offset, len)| M::ReadLayer {
+            snapshot,
+            offset,
+            len
+        }),
+        arb_bytes(9000).prop_map(|data| M::ReadLayerOk { data }),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),
@@ -417,4 +444,64 @@ fn fuzz_corpus_decodes_without_panic() {
         seen += 1;
     }
     assert!(seen >= 10, "the corpus holds the seeds");
+}
+
+#[test]
+fn layer_block_list_with_an_unknown_kind_or_a_tombstone_crc_is_rejected() {
+    let frame = Frame::new(
+        RequestId(5),
+        Epoch(1),
+        Message::LayerBlocksOk {
+            blocks: vec![LayerBlock {
+                lba: 7,
+                state: LayerBlockState::Tombstone,
+            }],
+            end_lba: 8,
+        },
+    );
+    for (at, value) in [(HEADER_LEN + 8, 3u8), (HEADER_LEN + 9, 1u8)] {
+        let mut buf = wire(&frame);
+        buf[at] = value;
+        fix_crc(&mut buf);
+        let err = FrameCodec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::BadField {
+                    op: Op::LayerBlocks,
+                    ..
+                }
+            ),
+            "byte {at} = {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn oversize_read_layer_request_is_rejected_both_ways() {
+    let frame = Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::ReadLayer {
+            snapshot: "s".into(),
+            offset: 0,
+            len: MAX_PAYLOAD + 1,
+        },
+    );
+    assert!(matches!(frame.encode(), Err(EncodeError::Oversize { .. })));
+    let mut buf = wire(&Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::ReadLayer {
+            snapshot: "s".into(),
+            offset: 0,
+            len: 4096,
+        },
+    ));
+    buf[32..40].copy_from_slice(&(u64::from(MAX_PAYLOAD) + 1).to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::Oversize { .. })
+    ));
 }

@@ -32,6 +32,10 @@ use crate::store::{SnapshotInfo, Store};
 /// stays well under the frame payload limit.
 const MAX_BLOCK_CRCS: u64 = 1 << 20;
 
+/// Most entries of one `LayerBlocks` answer: 2^16 at 13 bytes is 832 KiB,
+/// far under the frame limit, and 256 MiB of snapshot data to copy per page.
+const MAX_LAYER_BLOCKS: usize = 1 << 16;
+
 /// Requests queued on the ordered lane. The byte budget is the real bound;
 /// this only has to be large enough never to be the one that stops a
 /// pipelined controller (a queue depth of 1,024 small writes).
@@ -197,7 +201,7 @@ async fn read_requests(
             }
             (Session::Ready { .. }, message) => {
                 let cost = match &message {
-                    Message::Read { len, .. } => *len as usize,
+                    Message::Read { len, .. } | Message::ReadLayer { len, .. } => *len as usize,
                     Message::Write { data, .. } => data.len(),
                     _ => 0,
                 };
@@ -213,7 +217,9 @@ async fn read_requests(
                     received,
                     _budget: permit,
                 };
-                if let Message::Read { .. } = job.message {
+                // A snapshot layer is immutable, so reading one needs no
+                // ordering with the writes either.
+                if let Message::Read { .. } | Message::ReadLayer { .. } = job.message {
                     dispatch.spawn_read(job);
                 } else if let Err(mpsc::error::SendError(job)) = dispatch.lane_tx.send(job).await {
                     // The lane only ends after this loop; answer anyway.
@@ -246,11 +252,12 @@ impl Dispatch<'_> {
                 _budget,
             } = job;
             let worker = shared.clone();
+            let op = message.op().0;
             let result = tokio::task::spawn_blocking(move || execute(&worker, epoch, message))
                 .await
                 .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("read task failed: {e}"))));
             let _ = reply_tx
-                .send(reply_frame(&shared, id, Op::Read, received, result))
+                .send(reply_frame(&shared, id, op, received, result))
                 .await;
         });
     }
@@ -404,6 +411,36 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
             Ok(Message::BlockCrcsOk(
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
             ))
+        }),
+        Message::Reset => shared.fenced(epoch, |store| {
+            store.reset()?;
+            tracing::warn!("replica reset: every snapshot and the head dropped, for a rebuild");
+            Ok(Message::ResetOk)
+        }),
+        Message::LayerBlocks {
+            snapshot,
+            start_lba,
+            count,
+        } => shared.fenced(epoch, |store| {
+            let listing = store.layer_blocks(
+                &snapshot,
+                start_lba..start_lba.saturating_add(count),
+                MAX_LAYER_BLOCKS,
+            )?;
+            Ok(Message::LayerBlocksOk {
+                blocks: listing.blocks,
+                end_lba: listing.end_lba,
+            })
+        }),
+        Message::ReadLayer {
+            snapshot,
+            offset,
+            len,
+        } => shared.fenced(epoch, |store| {
+            let mut buf = BytesMut::zeroed(len as usize);
+            store.read_layer(&snapshot, offset, &mut buf)?;
+            metrics.bytes_read(buf.len());
+            Ok(Message::ReadLayerOk { data: buf.freeze() })
         }),
         Message::SnapshotCreate { name } => shared.fenced(epoch, |store| {
             let snapshot = store.snapshot_create(&name)?;

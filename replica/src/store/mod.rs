@@ -70,6 +70,7 @@
 
 pub mod backend;
 mod error;
+pub mod layers;
 mod log;
 mod map;
 mod meta;
@@ -232,6 +233,8 @@ pub struct Store {
     /// Set when an I/O failure left memory and disk possibly out of step (see [`StoreError::Failed`]).
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
+    /// The index of the snapshot layer a rebuild is copying (see [`layers`]).
+    layer_indexes: layers::LayerIndexCache,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -554,6 +557,7 @@ impl Store {
             ops: Mutex::new(()),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
+            layer_indexes: Default::default(),
             backend,
         };
         if let Some(merge) = pending {
