@@ -82,6 +82,19 @@ impl Api {
                 r.address
             )));
         }
+        // Held until the operation is done: no rebuild looks at a chain
+        // while it changes.
+        let _chain = self.rebuilder.reserve_chain().await.map_err(|rebuilding| {
+            let addrs: Vec<&str> = rebuilding
+                .iter()
+                .filter_map(|&i| status.replicas.get(i).map(|r| r.address.as_str()))
+                .collect();
+            Status::failed_precondition(format!(
+                "a rebuild is running (replicas: {}); a rebuild copies the snapshot chain as it is, so {what} \
+                 must wait until it is done (see `basalt volume info`)",
+                addrs.join(", ")
+            ))
+        })?;
         let results = self.volume.control(op).await.map_err(volume_status)?;
         let addrs = self.addresses().await?;
         let failures: Vec<(usize, String)> = results

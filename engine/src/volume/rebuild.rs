@@ -1,18 +1,52 @@
 //! Online rebuild: bring a replica (new, returning, or stale) back to RW
-//! while I/O goes on.
+//! while I/O goes on, holding exactly the source's snapshot chain.
 //!
 //! ```text
 //!  1. connect + Hello at the volume's epoch   (the replica now refuses older controllers)
-//!  2. attach as WO                            every new write reaches it from here on
-//!  3. list block checksums on a RW source and on the target
-//!  4. copy what differs, through the core     (ordered with guest writes; a copy overtaken
+//!  2. make the target's chain the source's    (before WO: snapshots are immutable, so no
+//!                                              guest write needs to reach the target yet)
+//!  3. attach as WO                            every new write reaches it from here on
+//!  4. list block checksums on a RW source and on the target
+//!  5. copy what differs, through the core     (ordered with guest writes; a copy overtaken
 //!                                              by a guest write is read again)
-//!  5. flush, then promote to RW
+//!  6. flush, check both chains still match, then promote to RW
 //! ```
 //!
 //! Only allocated blocks travel, and for a replica that comes back with most
-//! of its data only the blocks whose checksums differ (a delta rebuild). The
-//! snapshot chain is not touched: no system snapshot is taken for a rebuild.
+//! of its data only the blocks whose checksums differ (a delta rebuild).
+//!
+//! ## The snapshot chain (step 2)
+//!
+//! The source's and the target's chains are compared by name, oldest first.
+//! A snapshot is immutable, so the snapshots both hold under the same names
+//! in the same order (the common prefix) are kept. If the chains differ
+//! after that prefix, the target drops everything above it -- `SnapshotRevert`
+//! to the last common snapshot, or `Reset` (one empty head, same volume id,
+//! size and epoch, revision 0) if there is none -- and the source's remaining
+//! snapshots are replayed, oldest first:
+//!
+//! ```text
+//!   for each snapshot S to replay:
+//!     LayerBlocks(S) on the source, page by page    the blocks S holds *itself*
+//!     ReadLayer(S) -> Write on the target's head    runs of data, up to 1 MiB, 16 in flight
+//!     Write zeros + Unmap on the target's head      runs of tombstones (the zeros make the
+//!                                                    unmap record a tombstone even where no
+//!                                                    older layer holds the block)
+//!     SnapshotCreate(S) on the target               once every write of S is acknowledged
+//! ```
+//!
+//! Each replayed layer holds exactly the source layer's blocks, so every
+//! snapshot reads the same on both, and no "system" snapshot is ever created
+//! (Longhorn and Jiva take one per rebuild and run into chain limits). What
+//! the head holds is then brought over by the delta of steps 4-5, which only
+//! has to cover the writes since the last snapshot.
+//!
+//! A chain that changed during all this would be copied half-way, so chain
+//! operations and rebuilds exclude each other: a rebuild holds the
+//! [`Rebuilder`]'s chain lock shared from start to promotion, and a snapshot
+//! operation takes it exclusively or is refused ([`Rebuilder::reserve_chain`]).
+//! Step 6 checks the chains once more all the same, and a mismatch fails the
+//! rebuild (it is retried).
 //!
 //! The [`Rebuilder`] also re-adds replicas that failed and come back at the
 //! same address, retrying with back-off.
@@ -22,8 +56,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use basalt_proto::frame::{BlockCrc, Message};
-use futures::stream::{self, StreamExt};
+use basalt_proto::frame::{BlockCrc, LayerBlock, LayerBlockState, Message};
+use basalt_proto::pb::replica as pb;
+use basalt_replica::server::{ClientError, ReplicaClient};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::core::ReplicaMode;
 use super::link::{Handshaken, LinkError};
@@ -40,6 +78,13 @@ const COPY_DEPTH: usize = 16;
 /// volume and at most 768 KiB of answer).
 const CRC_PAGE_BLOCKS: u64 = 1 << 16;
 const BLOCK: u64 = 4096;
+/// Layer runs (a source read and a target write, or a tombstone run) in
+/// flight at once while a chain is replayed: like [`COPY_DEPTH`], enough to
+/// keep both replicas busy over loopback.
+const REPLAY_DEPTH: usize = 16;
+/// What a tombstone run writes before it unmaps (see the module docs); one
+/// static buffer shared by every such write, never copied.
+static ZEROS: [u8; MAX_COPY as usize] = [0; MAX_COPY as usize];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Back-off between attempts to re-add a failed replica.
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -64,6 +109,23 @@ pub enum RebuildError {
     Fenced { addr: String, found: u64, ours: u64 },
     #[error("no read-write replica to rebuild from")]
     NoSource,
+    #[error("{what} on replica {addr} failed: {source}")]
+    Replica {
+        addr: String,
+        what: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error(
+        "the snapshot chain changed during the rebuild: source {source_addr} holds [{source_chain}], \
+         target {addr} [{target_chain}]; the rebuild is retried"
+    )]
+    ChainChanged {
+        addr: String,
+        source_addr: String,
+        source_chain: String,
+        target_chain: String,
+    },
     #[error("{0}")]
     Volume(String),
 }
@@ -100,6 +162,9 @@ pub struct Rebuilder {
     running: Mutex<HashMap<usize, Arc<Progress>>>,
     removed: Mutex<HashSet<String>>,
     fenced: AtomicBool,
+    /// Held shared by every rebuild and exclusively by a snapshot operation
+    /// (see the module docs).
+    chain: Arc<RwLock<()>>,
 }
 
 impl Rebuilder {
@@ -110,6 +175,29 @@ impl Rebuilder {
     /// Progress of the rebuild of replica `index`, if one is running.
     pub fn progress(&self, index: usize) -> Option<Arc<Progress>> {
         self.running.lock().expect("rebuild table").get(&index).cloned()
+    }
+
+    /// Reserve the snapshot chain for a snapshot operation (create, delete,
+    /// revert), which holds the guard until it is done. Refused with the
+    /// indices of the replicas being rebuilt while any rebuild runs: a
+    /// rebuild copies the chain as it is. Waits for another snapshot
+    /// operation in progress. While the guard is held, a rebuild that starts
+    /// waits before it looks at any chain.
+    ///
+    /// Cancellation safe: dropping the future gives up the reservation.
+    pub async fn reserve_chain(&self) -> Result<OwnedRwLockWriteGuard<()>, Vec<usize>> {
+        let mut rebuilding: Vec<usize> = self
+            .running
+            .lock()
+            .expect("rebuild table")
+            .keys()
+            .copied()
+            .collect();
+        if !rebuilding.is_empty() {
+            rebuilding.sort_unstable();
+            return Err(rebuilding);
+        }
+        Ok(self.chain.clone().write_owned().await)
     }
 
     /// Never re-add `addr` again (`basalt replica rm`).
@@ -143,8 +231,13 @@ impl Rebuilder {
         let this = self.clone();
         let volume = volume.clone();
         tokio::spawn(async move {
+            // Waits for a snapshot operation in progress; none starts until
+            // this rebuild is over.
+            let chain = this.chain.clone().read_owned().await;
             let started = Instant::now();
-            match rebuild(&volume, index, &addr, &progress).await {
+            let outcome = rebuild(&volume, index, &addr, &progress).await;
+            drop(chain);
+            match outcome {
                 Ok(()) => tracing::info!(
                     replica = %addr,
                     bytes = progress.done.load(Ordering::Relaxed),
@@ -247,12 +340,6 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
     // Its epoch is ours now (Hello raised it): older controllers are fenced
     // out of it before it receives a single write.
     let mut target_meta = Handshaken::connect(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
-    volume
-        .attach(index, conn)
-        .await
-        .map_err(|e| RebuildError::Volume(e.to_string()))?;
-    tracing::info!(replica = %addr, "replica WO: rebuild started");
-
     let status = volume
         .status()
         .await
@@ -265,21 +352,40 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         .ok_or(RebuildError::NoSource)?;
     let mut source_meta = Handshaken::connect(&source_addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
 
+    // The chain first, while no guest write reaches the target (a reset or
+    // revert would drop them).
+    let replicas = Pair {
+        source: client(&source_addr, spec.volume, epoch).await?,
+        target: client(addr, spec.volume, epoch).await?,
+        source_addr: source_addr.clone(),
+        addr: addr.to_string(),
+    };
+    let replayed = replicas.sync_chain(size / BLOCK, volume, progress).await?;
+
+    volume
+        .attach(index, conn)
+        .await
+        .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    tracing::info!(replica = %addr, "replica WO: rebuild started");
+
     // Listed after the attach: anything written before it is in the
     // source's list, anything after reaches the target directly.
     let source = block_crcs(&mut source_meta, &source_addr, epoch, size).await?;
     let target = block_crcs(&mut target_meta, addr, epoch, size).await?;
-    progress.delta.store(!target.is_empty(), Ordering::Relaxed);
+    // After a replay the target holds what it was sent, not what it had.
+    if !replayed {
+        progress.delta.store(!target.is_empty(), Ordering::Relaxed);
+    }
     let runs = runs_to_copy(&source, &target);
-    let total: u64 = runs.iter().map(|(_, len)| *len as u64).sum();
-    progress.total.store(total, Ordering::Relaxed);
+    let bytes: u64 = runs.iter().map(|(_, len)| *len as u64).sum();
+    let total = progress.total.fetch_add(bytes, Ordering::Relaxed) + bytes;
     volume
         .metrics
         .rebuild_total
         .with_label_values(&[addr])
         .set(total as i64);
     tracing::info!(
-        replica = %addr, source = %source_addr, bytes = total,
+        replica = %addr, source = %source_addr, bytes,
         source_blocks = source.len(), target_blocks = target.len(), "rebuild: copying what differs"
     );
 
@@ -307,8 +413,298 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
             )))
         }
     }
+    replicas.check_same_chain().await?;
     volume.promote(index);
     Ok(())
+}
+
+/// A pipelined connection for the chain replay (many requests in flight,
+/// replies matched by id), at the volume's epoch.
+async fn client(
+    addr: &str,
+    volume: basalt_proto::VolumeId,
+    epoch: basalt_proto::Epoch,
+) -> Result<ReplicaClient, RebuildError> {
+    let resolved = tokio::net::lookup_host(addr)
+        .await
+        .and_then(|mut a| {
+            a.next()
+                .ok_or_else(|| std::io::Error::other("the name resolves to no address"))
+        })
+        .map_err(|source| LinkError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let connect = ReplicaClient::connect(resolved, volume, epoch);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(source)) => Err(RebuildError::Replica {
+            addr: addr.to_string(),
+            what: "connecting for the chain replay".into(),
+            source,
+        }),
+        Err(_) => Err(LinkError::Timeout {
+            addr: addr.to_string(),
+            timeout: CONNECT_TIMEOUT,
+        }
+        .into()),
+    }
+}
+
+/// A run of adjacent blocks of one layer, all data or all tombstones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LayerRun {
+    lba: u64,
+    blocks: u64,
+    tombstones: bool,
+}
+
+impl LayerRun {
+    fn offset(&self) -> u64 {
+        self.lba * BLOCK
+    }
+
+    fn len(&self) -> u64 {
+        self.blocks * BLOCK
+    }
+}
+
+/// Coalesces a layer's blocks (in block order) into runs of one kind of at
+/// most [`MAX_COPY`] bytes.
+fn layer_runs(blocks: &[LayerBlock]) -> Vec<LayerRun> {
+    let mut runs: Vec<LayerRun> = Vec::new();
+    for b in blocks {
+        let tombstones = b.state == LayerBlockState::Tombstone;
+        match runs.last_mut() {
+            Some(r) if r.lba + r.blocks == b.lba && r.tombstones == tombstones && r.len() < MAX_COPY => {
+                r.blocks += 1
+            }
+            _ => runs.push(LayerRun {
+                lba: b.lba,
+                blocks: 1,
+                tombstones,
+            }),
+        }
+    }
+    runs
+}
+
+/// The names of a chain, oldest first, for messages.
+fn names(chain: &[pb::SnapshotInfo]) -> String {
+    chain
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The source and the target of a rebuild, on their replay connections.
+struct Pair {
+    source: ReplicaClient,
+    target: ReplicaClient,
+    source_addr: String,
+    addr: String,
+}
+
+impl Pair {
+    fn on_source(&self, what: impl Into<String>) -> impl FnOnce(ClientError) -> RebuildError {
+        let (addr, what) = (self.source_addr.clone(), what.into());
+        move |source| RebuildError::Replica { addr, what, source }
+    }
+
+    fn on_target(&self, what: impl Into<String>) -> impl FnOnce(ClientError) -> RebuildError {
+        let (addr, what) = (self.addr.clone(), what.into());
+        move |source| RebuildError::Replica { addr, what, source }
+    }
+
+    async fn chain(client: &ReplicaClient, addr: &str) -> Result<Vec<pb::SnapshotInfo>, RebuildError> {
+        match client.call(Message::SnapshotList).await {
+            Ok(Message::SnapshotListOk(chain)) => Ok(chain),
+            Ok(other) => Err(RebuildError::Volume(format!(
+                "replica {addr} answered a snapshot list with {:?}",
+                other.op()
+            ))),
+            Err(source) => Err(RebuildError::Replica {
+                addr: addr.to_string(),
+                what: "listing snapshots".into(),
+                source,
+            }),
+        }
+    }
+
+    /// Step 2 of the module docs: make the target's chain the source's.
+    /// Returns whether snapshots were replayed (the chains differed).
+    async fn sync_chain(
+        &self,
+        volume_blocks: u64,
+        volume: &Volume,
+        progress: &Progress,
+    ) -> Result<bool, RebuildError> {
+        let source = Self::chain(&self.source, &self.source_addr).await?;
+        let target = Self::chain(&self.target, &self.addr).await?;
+        let common = source
+            .iter()
+            .zip(&target)
+            .take_while(|(s, t)| s.name == t.name)
+            .count();
+        if common == source.len() && common == target.len() {
+            tracing::info!(replica = %self.addr, snapshots = common, "rebuild: the snapshot chain matches the source's");
+            return Ok(false);
+        }
+        let replay = &source[common..];
+        let bytes: u64 = replay.iter().map(|s| s.allocated_bytes).sum();
+        progress.total.fetch_add(bytes, Ordering::Relaxed);
+        volume
+            .metrics
+            .rebuild_total
+            .with_label_values(&[&self.addr])
+            .set(progress.total.load(Ordering::Relaxed) as i64);
+        progress.delta.store(common > 0, Ordering::Relaxed);
+        tracing::info!(
+            replica = %self.addr, source = %self.source_addr,
+            source_chain = %names(&source), target_chain = %names(&target),
+            kept = common, replayed = replay.len(), bytes,
+            "rebuild: replaying the source's snapshot chain"
+        );
+        let request = match common.checked_sub(1).map(|i| &source[i].name) {
+            None => Message::Reset,
+            Some(name) => Message::SnapshotRevert { name: name.clone() },
+        };
+        let what = format!("dropping the snapshots that differ ({:?})", request.op().0);
+        match self.target.call(request).await.map_err(self.on_target(what))? {
+            Message::ResetOk | Message::SnapshotRevertOk => {}
+            other => {
+                return Err(RebuildError::Volume(format!(
+                    "replica {} answered a reset with {:?}",
+                    self.addr,
+                    other.op()
+                )))
+            }
+        }
+        for snapshot in replay {
+            self.replay_layer(&snapshot.name, volume_blocks, volume, progress)
+                .await?;
+            self.target
+                .call(Message::SnapshotCreate {
+                    name: snapshot.name.clone(),
+                })
+                .await
+                .map_err(self.on_target(format!("creating snapshot {:?}", snapshot.name)))?;
+            tracing::info!(replica = %self.addr, snapshot = %snapshot.name, "rebuild: snapshot replayed");
+        }
+        Ok(true)
+    }
+
+    /// Copies the blocks snapshot `name` holds itself from the source onto
+    /// the target's head, page by page, [`REPLAY_DEPTH`] runs in flight.
+    async fn replay_layer(
+        &self,
+        name: &str,
+        volume_blocks: u64,
+        volume: &Volume,
+        progress: &Progress,
+    ) -> Result<(), RebuildError> {
+        let mut start = 0;
+        while start < volume_blocks {
+            let listing = self
+                .source
+                .call(Message::LayerBlocks {
+                    snapshot: name.to_string(),
+                    start_lba: start,
+                    count: volume_blocks - start,
+                })
+                .await
+                .map_err(self.on_source(format!("listing the blocks of snapshot {name:?}")))?;
+            let Message::LayerBlocksOk { blocks, end_lba } = listing else {
+                return Err(RebuildError::Volume(format!(
+                    "replica {} answered a layer listing with {:?}",
+                    self.source_addr,
+                    listing.op()
+                )));
+            };
+            if end_lba <= start || blocks.iter().any(|b| b.lba < start || b.lba >= end_lba) {
+                return Err(RebuildError::Volume(format!(
+                    "replica {} listed snapshot {name:?} from block {start} inconsistently (up to {end_lba})",
+                    self.source_addr
+                )));
+            }
+            stream::iter(layer_runs(&blocks))
+                .map(|run| self.replay_run(name, run))
+                .buffer_unordered(REPLAY_DEPTH)
+                .try_for_each(|bytes| {
+                    let done = progress.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                    volume
+                        .metrics
+                        .rebuild_done
+                        .with_label_values(&[&self.addr])
+                        .set(done as i64);
+                    futures::future::ready(Ok(()))
+                })
+                .await?;
+            start = end_lba;
+        }
+        Ok(())
+    }
+
+    /// Copies one run; returns the bytes of data it copied.
+    async fn replay_run(&self, name: &str, run: LayerRun) -> Result<u64, RebuildError> {
+        let (offset, len) = (run.offset(), run.len());
+        if run.tombstones {
+            // Both are queued now, in this order, on one connection: the
+            // replica applies the unmap after the zeros.
+            let zeros = self
+                .target
+                .write(offset, Bytes::from_static(&ZEROS[..len as usize]), false);
+            let unmap = self.target.unmap(offset, len);
+            zeros
+                .await
+                .map_err(self.on_target(format!("writing zeros under tombstones at byte {offset}")))?;
+            unmap
+                .await
+                .map_err(self.on_target(format!("replaying tombstones at byte {offset}")))?;
+            return Ok(0);
+        }
+        let read = self
+            .source
+            .call(Message::ReadLayer {
+                snapshot: name.to_string(),
+                offset,
+                len: len as u32,
+            })
+            .await
+            .map_err(self.on_source(format!("reading {len} bytes at {offset} of snapshot {name:?}")))?;
+        let data = match read {
+            Message::ReadLayerOk { data } if data.len() as u64 == len => data,
+            other => {
+                return Err(RebuildError::Volume(format!(
+                    "replica {} answered a layer read of {len} bytes with {:?}",
+                    self.source_addr,
+                    other.op()
+                )))
+            }
+        };
+        self.target
+            .write(offset, data, false)
+            .await
+            .map_err(self.on_target(format!("writing {len} bytes at {offset} of snapshot {name:?}")))?;
+        Ok(len)
+    }
+
+    /// Step 6: the target holds the source's chain, names in order.
+    async fn check_same_chain(&self) -> Result<(), RebuildError> {
+        let source = Self::chain(&self.source, &self.source_addr).await?;
+        let target = Self::chain(&self.target, &self.addr).await?;
+        let shape = |c: &[pb::SnapshotInfo]| c.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        if shape(&source) != shape(&target) {
+            return Err(RebuildError::ChainChanged {
+                addr: self.addr.clone(),
+                source_addr: self.source_addr.clone(),
+                source_chain: names(&source),
+                target_chain: names(&target),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Every allocated block of a replica's volume, with its CRC32, in order.
@@ -415,6 +811,56 @@ mod tests {
         assert_eq!(
             runs_to_copy(&source, &target),
             vec![(4096, 4096), (7 * 4096, 4096)]
+        );
+    }
+
+    #[tokio::test]
+    async fn snapshot_operations_are_refused_while_a_rebuild_runs_and_wait_for_each_other() {
+        let rebuilder = Rebuilder::new();
+        let guard = rebuilder.reserve_chain().await.expect("no rebuild is running");
+        let second = rebuilder.reserve_chain();
+        tokio::pin!(second);
+        assert!(
+            futures::poll!(&mut second).is_pending(),
+            "a second snapshot operation waits for the first"
+        );
+        drop(guard);
+        drop(second.await.expect("then it runs"));
+
+        rebuilder
+            .running
+            .lock()
+            .unwrap()
+            .insert(2, Arc::new(Progress::new()));
+        assert_eq!(rebuilder.reserve_chain().await.err(), Some(vec![2]));
+    }
+
+    #[test]
+    fn layer_runs_split_at_kind_changes_gaps_and_one_mebibyte() {
+        let data = |lba| LayerBlock {
+            lba,
+            state: LayerBlockState::Data { crc: 0 },
+        };
+        let tomb = |lba| LayerBlock {
+            lba,
+            state: LayerBlockState::Tombstone,
+        };
+        let mut blocks = vec![data(0), data(1), tomb(2), tomb(3), data(5)];
+        blocks.extend((10..10 + 300).map(data));
+        let run = |lba, blocks, tombstones| LayerRun {
+            lba,
+            blocks,
+            tombstones,
+        };
+        assert_eq!(
+            layer_runs(&blocks),
+            vec![
+                run(0, 2, false),
+                run(2, 2, true),
+                run(5, 1, false),
+                run(10, 256, false),
+                run(266, 44, false)
+            ]
         );
     }
 
