@@ -366,7 +366,10 @@ impl Daemon {
                 thread::sleep(Duration::from_millis(20));
             }
             // Worth knowing: a daemon that ignores SIGTERM loses the chance to flush, and costs the grace time.
-            eprintln!("harness: {} did not exit within {grace:?} of SIGTERM; killing it", self.what);
+            eprintln!(
+                "harness: {} did not exit within {grace:?} of SIGTERM; killing it",
+                self.what
+            );
         }
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
@@ -488,16 +491,38 @@ pub enum TargetKind {
     Tgt,
     /// `basalt serve-file`: Basalt's iSCSI target over a sparse file (thin: UNMAP punches holes).
     BasaltServeFile,
+    /// A replicated Basalt volume with one replica: `basalt replica` + `basalt controller` processes
+    /// ([`volume::Cluster`]), the replica on its own sparse directory. Shows what replication costs over
+    /// loopback TCP before there is anything to replicate to.
+    BasaltVolume1,
+    /// A replicated Basalt volume with three replicas (majority two), each on its own directory.
+    BasaltVolume3,
 }
 
 impl TargetKind {
-    pub const ALL: [TargetKind; 2] = [TargetKind::Tgt, TargetKind::BasaltServeFile];
+    pub const ALL: [TargetKind; 4] = [
+        TargetKind::Tgt,
+        TargetKind::BasaltServeFile,
+        TargetKind::BasaltVolume1,
+        TargetKind::BasaltVolume3,
+    ];
 
     /// Short name used on command lines and in reports.
     pub fn name(self) -> &'static str {
         match self {
             TargetKind::Tgt => "tgt",
             TargetKind::BasaltServeFile => "basalt",
+            TargetKind::BasaltVolume1 => "basalt-r1",
+            TargetKind::BasaltVolume3 => "basalt-r3",
+        }
+    }
+
+    /// How many replicas a replicated-volume target has; `None` for targets over one plain file.
+    pub fn replicas(self) -> Option<usize> {
+        match self {
+            TargetKind::Tgt | TargetKind::BasaltServeFile => None,
+            TargetKind::BasaltVolume1 => Some(1),
+            TargetKind::BasaltVolume3 => Some(3),
         }
     }
 
@@ -512,7 +537,7 @@ impl TargetKind {
                 require_tool("tgtd")?;
                 require_tool("tgtadm")?;
             }
-            TargetKind::BasaltServeFile => {
+            TargetKind::BasaltServeFile | TargetKind::BasaltVolume1 | TargetKind::BasaltVolume3 => {
                 basalt_binary()?;
             }
         }
@@ -528,13 +553,21 @@ impl fmt::Display for TargetKind {
 
 /// One LUN served by a running target over a sparse backing file in its own temp dir. Dropping it stops the
 /// target and removes the files.
+///
+/// For a replicated volume ([`TargetKind::replicas`]) the "server" is the controller and the replicas are a
+/// [`volume::Cluster`] that outlives controller restarts: [`Lun::restart`] restarts only the controller, as an
+/// upgrade or a controller failover would.
 pub struct Lun {
     kind: TargetKind,
     size: ByteSize,
     backing: PathBuf,
     url: IscsiUrl,
-    // Field order is drop order: the server stops before its directory disappears.
+    /// The controller's management API (replicated volumes only).
+    api: Option<SocketAddr>,
+    // Field order is drop order: the server (controller) stops before the replicas, and everything before
+    // its directory disappears.
     server: Option<Daemon>,
+    cluster: Option<volume::Cluster>,
     dir: TempDir,
 }
 
@@ -563,7 +596,9 @@ impl Lun {
             size,
             backing,
             url: placeholder,
+            api: None,
             server: None,
+            cluster: None,
             dir,
         };
         lun.launch()?;
@@ -582,8 +617,20 @@ impl Lun {
         &self.url
     }
 
+    /// The file the target serves. A replicated volume has no single file: this is the first replica's
+    /// directory.
     pub fn backing_file(&self) -> &Path {
         &self.backing
+    }
+
+    /// The process id of the target (the controller, for a replicated volume), e.g. to sample its memory.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Daemon::pid)
+    }
+
+    /// The controller's management API address (`basalt volume info --api`); `None` for plain-file targets.
+    pub fn volume_api(&self) -> Option<SocketAddr> {
+        self.api
     }
 
     /// A scratch directory that lives as long as the LUN (images, exports, mount points).
@@ -675,6 +722,24 @@ impl Lun {
                 )?;
                 server.wait_for_port(portal, TARGET_START_TIMEOUT)?;
                 self.url = IscsiUrl { portal, iqn, lun: 0 };
+                self.server = Some(server);
+            }
+            TargetKind::BasaltVolume1 | TargetKind::BasaltVolume3 => {
+                // The replicas start once and survive controller restarts; only the controller is (re)launched.
+                let cluster = match &mut self.cluster {
+                    Some(cluster) => cluster,
+                    None => {
+                        let n = self.kind.replicas().unwrap_or(1);
+                        let cluster = volume::Cluster::start(n, self.size)?;
+                        self.backing = cluster.replicas[0].dir.clone();
+                        self.cluster.insert(cluster)
+                    }
+                };
+                let controller = cluster.start_controller(&[])?;
+                let mut server = controller.daemon;
+                server.wait_for_port(controller.url.portal, TARGET_START_TIMEOUT)?;
+                self.url = controller.url;
+                self.api = Some(controller.api);
                 self.server = Some(server);
             }
         }

@@ -14,11 +14,18 @@
 //! compares each target with the first one named (the baseline, tgt by default). fio's JSON for every run is
 //! kept in the output directory.
 //!
-//! Adding a target (e.g. a replicated Basalt volume) means adding a [`TargetKind`] variant; this program and
-//! the end-to-end tests pick it up by name.
+//! Adding a target means adding a [`TargetKind`] variant; this program and the end-to-end tests pick it up by
+//! name. Replicated Basalt volumes are `basalt-r1` and `basalt-r3` (1 or 3 `basalt replica` processes, each on
+//! its own sparse directory, plus a `basalt controller`). For those, a sampler thread reads the controller's
+//! `/proc/PID/status` every [`RSS_SAMPLE_EVERY`] while each job runs: the table gets the highest VmRSS seen
+//! during the job and the process's VmHWM (peak since start) after it, so memory growth under a deep queue is
+//! visible next to the IOPS it bought.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -29,7 +36,8 @@ use clap::Parser;
 /// Benchmark iSCSI targets side by side with fio's libiscsi engine (run via benches/iscsi/run.sh).
 #[derive(Parser, Debug)]
 struct Args {
-    /// Targets, comma-separated; the first is the baseline of the ratio column. Known: tgt, basalt.
+    /// Targets, comma-separated; the first is the baseline of the ratio column.
+    /// Known: tgt, basalt (serve-file), basalt-r1, basalt-r3 (replicated volumes).
     #[arg(long, default_value = "tgt,basalt", value_delimiter = ',')]
     targets: Vec<String>,
     /// Measured seconds per job and target.
@@ -156,8 +164,9 @@ fn main() -> anyhow::Result<()> {
         luns.push(lun);
     }
 
-    // results[job][target] = one Direction per round
+    // results[job][target] = one Direction per round; memory[job][target] = controller memory per round
     let mut results: Vec<Vec<Vec<Direction>>> = vec![vec![Vec::new(); luns.len()]; jobs.len()];
+    let mut memory: Vec<Vec<Vec<Memory>>> = vec![vec![Vec::new(); luns.len()]; jobs.len()];
     let extent = Extent::Time {
         runtime: Duration::from_secs(args.runtime),
         ramp: Duration::from_secs(args.ramp),
@@ -175,8 +184,13 @@ fn main() -> anyhow::Result<()> {
                     verify: Verify::None,
                 };
                 eprintln!("bench: round {round}/{}: {} on {kind}", args.rounds, job.name);
-                let result = fio_job
-                    .run(&fio, lun.url(), &out)
+                // Only replicated volumes are sampled: the goal is about the controller's memory.
+                let sampler = kind.replicas().and(lun.server_pid()).map(RssSampler::start);
+                let result = fio_job.run(&fio, lun.url(), &out);
+                if let Some(sampler) = sampler {
+                    memory[j][t].push(sampler.finish());
+                }
+                let result = result
                     .with_context(|| format!("{} on {kind}; target log:\n{}", job.name, lun.server_log()))?;
                 if result.error != 0 {
                     bail!("fio reported error {} for {} on {kind}", result.error, job.name);
@@ -187,9 +201,65 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    print!("{}", table(&args, &kinds, &jobs, &results));
+    print!("{}", table(&args, &kinds, &jobs, &results, &memory));
     eprintln!("bench: fio JSON in {}", out.display());
     Ok(())
+}
+
+/// How often the controller's memory is sampled during a job: often enough to catch a peak that lasts a
+/// fraction of a second, rarely enough (10 reads of a small procfs file per second) to cost nothing measurable.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// A process's memory during one job, in KiB as /proc reports it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    /// The highest VmRSS sampled while the job ran.
+    rss_max_kib: u64,
+    /// VmHWM (peak resident set since the process started) when the job ended.
+    hwm_kib: u64,
+}
+
+/// Samples `/proc/PID/status` on a thread until [`RssSampler::finish`].
+struct RssSampler {
+    pid: u32,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut max = 0;
+            while !flag.load(Ordering::Relaxed) {
+                max = max.max(status_kib(pid, "VmRSS:").unwrap_or(0));
+                std::thread::sleep(RSS_SAMPLE_EVERY);
+            }
+            max
+        });
+        RssSampler { pid, stop, thread }
+    }
+
+    fn finish(self) -> Memory {
+        self.stop.store(true, Ordering::Relaxed);
+        let rss_max_kib = self.thread.join().unwrap_or(0);
+        Memory {
+            rss_max_kib,
+            hwm_kib: status_kib(self.pid, "VmHWM:").unwrap_or(0),
+        }
+    }
+}
+
+/// One `Vm*:` field of `/proc/PID/status` in KiB; `None` if the process is gone or the field is missing.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_kib(&status, field)
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// Mean of each figure over rounds.
@@ -208,15 +278,24 @@ fn mean(runs: &[Direction]) -> Direction {
 }
 
 /// A Markdown table, ready for benches/README.md.
-fn table(args: &Args, kinds: &[TargetKind], jobs: &[&Job], results: &[Vec<Vec<Direction>>]) -> String {
+fn table(
+    args: &Args,
+    kinds: &[TargetKind],
+    jobs: &[&Job],
+    results: &[Vec<Vec<Direction>>],
+    memory: &[Vec<Vec<Memory>>],
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "\n{} round(s), {} s per job (+{} s ramp), {} MiB LUNs; ratio = IOPS / {}'s IOPS\n",
         args.rounds, args.runtime, args.ramp, args.size_mib, kinds[0]
     );
-    let _ = writeln!(s, "| job | target | IOPS | MiB/s | mean lat | p99 lat | ratio |");
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| job | target | IOPS | MiB/s | mean lat | p99 lat | ratio | controller VmRSS max / VmHWM |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
     for (j, job) in jobs.iter().enumerate() {
         let baseline = mean(&results[j][0]);
         for (t, kind) in kinds.iter().enumerate() {
@@ -226,9 +305,27 @@ fn table(args: &Args, kinds: &[TargetKind], jobs: &[&Job], results: &[Vec<Vec<Di
             } else {
                 f64::NAN
             };
+            // Memory is a peak, so the worst round is reported, not the mean.
+            let mem = memory[j][t].iter().fold(None, |acc: Option<Memory>, m| {
+                let a = acc.unwrap_or_default();
+                Some(Memory {
+                    rss_max_kib: a.rss_max_kib.max(m.rss_max_kib),
+                    hwm_kib: a.hwm_kib.max(m.hwm_kib),
+                })
+            });
+            let mem = mem.map_or_else(
+                || "-".to_string(),
+                |m| {
+                    format!(
+                        "{:.1} / {:.1} MiB",
+                        m.rss_max_kib as f64 / 1024.0,
+                        m.hwm_kib as f64 / 1024.0
+                    )
+                },
+            );
             let _ = writeln!(
                 s,
-                "| {} | {kind} | {:.0} | {:.1} | {} | {} | {:.2} |",
+                "| {} | {kind} | {:.0} | {:.1} | {} | {} | {:.2} | {mem} |",
                 job.name,
                 d.iops,
                 d.bytes_per_sec / f64::from(1u32 << 20),

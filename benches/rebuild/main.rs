@@ -1,0 +1,553 @@
+//! `rebuild-bench`: how long a replica takes to come back, what the initiator feels meanwhile, and what a
+//! snapshot costs the I/O that runs across it. One 3-replica volume on 127.0.0.1 (real `basalt replica` and
+//! `basalt controller` processes, [`Cluster`]), driven by fio's libiscsi engine. Run via
+//! `benches/rebuild/run.sh`.
+//!
+//! ```text
+//!   fill      1 GiB sequential (1 MiB, QD8) into a 10 GiB volume: what every rebuild below must copy
+//!   full      kill r3, wipe its directory, restart it: auto re-add, rebuild, RW        (idle)
+//!   delta     kill r3, change 1% of the written data with fio, restart it: only the difference moves
+//!   loaded    4 KiB random writes (QD8) run throughout:
+//!               |-- baseline (3 RW) --|kill r3 + wipe|-- restart .. WO .. RW (rebuild) --|-- tail --|
+//!             IOPS in the baseline window vs the rebuild window, and the longest completion latency of an
+//!             I/O that completed between the restart and RW (the stall an initiator sees on re-add)
+//!   snapshot  4 KiB random writes (QD8) while `basalt snapshot create` runs N times: latency percentiles
+//! ```
+//!
+//! Times are wall clock seen from outside, polling `basalt volume info --json` every [`POLL`]: "restart → RW"
+//! is what an operator waits; it splits into "restart → WO" (the controller's re-add back-off and probe) and
+//! "WO → RW" (the rebuild proper). fio logs every completion with a Unix-epoch timestamp
+//! (`--write_lat_log`, `--log_unix_epoch`), so its windows line up with the harness's clock.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
+use basalt_tests::volume::{replica_mode, volume_info, Cluster, Controller};
+use basalt_tests::{basalt_binary, fio_libiscsi, run_checked, ByteSize};
+use clap::Parser;
+use serde_json::Value;
+
+/// Rebuild and snapshot-pause benchmarks of a 3-replica Basalt volume (run via benches/rebuild/run.sh).
+#[derive(Parser, Debug)]
+struct Args {
+    /// Volume size in GiB.
+    #[arg(long, default_value_t = 10)]
+    size_gib: u64,
+    /// How much is written before the rebuilds (MiB), sequentially from offset 0.
+    #[arg(long, default_value_t = 1024)]
+    written_mib: u64,
+    /// Share of the written data changed while the replica is away, for the delta rebuild (percent).
+    #[arg(long, default_value_t = 1.0)]
+    delta_percent: f64,
+    /// Seconds of load with all replicas healthy before the loaded rebuild (the IOPS baseline).
+    #[arg(long, default_value_t = 10)]
+    baseline_secs: u64,
+    /// Snapshots taken during the snapshot-pause run.
+    #[arg(long, default_value_t = 50)]
+    snapshots: u32,
+    /// Only these phases (comma-separated): full, delta, loaded, snapshot. The fill always runs.
+    #[arg(long, value_delimiter = ',', default_value = "full,delta,loaded,snapshot")]
+    phases: Vec<String>,
+    /// Where fio's JSON and latency logs go (default: benches/.cache/rebuild).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// How often the harness asks the controller for replica modes. Each poll runs `basalt volume info`
+/// (a process start plus one gRPC call, ~10 ms), so 50 ms bounds the timing error at about 60 ms while
+/// costing the measured system little.
+const POLL: Duration = Duration::from_millis(50);
+/// Longest any single wait may take before the benchmark gives up (a rebuild that stalls is a finding, not
+/// a reason to hang).
+const DEADLINE: Duration = Duration::from_secs(600);
+/// Queue depth of the background write load: the depth of a busy guest, below the QD32 saturation point.
+const LOAD_QD: u32 = 8;
+/// The replica the benchmark kills and brings back.
+const VICTIM: usize = 2;
+
+/// One rebuild, timed from outside.
+#[derive(Clone, Copy, Debug)]
+struct RebuildTimes {
+    /// From the replica process starting to its mode turning WO (re-add back-off + probe).
+    to_wo: Duration,
+    /// From the replica process starting to RW.
+    to_rw: Duration,
+}
+
+impl RebuildTimes {
+    fn rebuild(&self) -> Duration {
+        self.to_rw.saturating_sub(self.to_wo)
+    }
+}
+
+/// What the initiator saw during the loaded rebuild.
+struct LoadedRebuild {
+    times: RebuildTimes,
+    baseline_iops: f64,
+    rebuild_iops: f64,
+    /// Longest completion latency of an I/O that completed between the restart and RW.
+    max_stall: Duration,
+    /// Longest completion latency of the whole run (includes losing the replica).
+    max_overall: Duration,
+}
+
+struct SnapshotPause {
+    taken: u32,
+    create_mean: Duration,
+    create_max: Duration,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    max: Duration,
+    iops: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let known = ["full", "delta", "loaded", "snapshot"];
+    if let Some(p) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
+        bail!("unknown phase {p:?}; phases: {}", known.join(", "));
+    }
+    if args.written_mib == 0 || args.written_mib > args.size_gib * 1024 {
+        bail!(
+            "--written-mib must be between 1 and the volume size ({} MiB)",
+            args.size_gib * 1024
+        );
+    }
+    if !(args.delta_percent > 0.0 && args.delta_percent <= 100.0) {
+        bail!("--delta-percent must be in (0, 100], got {}", args.delta_percent);
+    }
+    let phase = |name: &str| args.phases.iter().any(|p| p == name);
+    let fio = fio_libiscsi()?;
+    basalt_binary()?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace.join("benches/.cache/rebuild"));
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+
+    let size = ByteSize::mib(args.size_gib * 1024);
+    let written = ByteSize::mib(args.written_mib);
+    let mut cluster = Cluster::start(3, size)?;
+    let controller = cluster.start_controller(&[])?;
+    eprintln!(
+        "bench: 3 replicas, {size} volume at {}; writing {written}",
+        controller.url
+    );
+    let fill = FioJob {
+        name: "fill".into(),
+        pattern: Pattern::SeqWrite,
+        block_size: ByteSize::mib(1),
+        iodepth: 8,
+        extent: Extent::Bytes(written),
+        verify: Verify::None,
+    };
+    let start = Instant::now();
+    let r = fill.run(&fio, &controller.url, &out).context("fill the volume")?;
+    if r.error != 0 {
+        bail!("fio reported error {} while filling the volume", r.error);
+    }
+    eprintln!(
+        "bench: filled {written} in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    let mut full = None;
+    let mut delta = None;
+    let mut loaded = None;
+    let mut snapshot = None;
+    if phase("full") {
+        kill_victim(&mut cluster, &controller, true)?;
+        let t = restart_victim(&mut cluster, &controller)?;
+        eprintln!("bench: full rebuild idle: {t:?}");
+        full = Some(t);
+    }
+    if phase("delta") {
+        kill_victim(&mut cluster, &controller, false)?;
+        let changed = (written.bytes() as f64 * args.delta_percent / 100.0) as u64 / 4096 * 4096;
+        let mut cmd = Command::new(&fio);
+        cmd.args(fio_base("delta-change", &controller, LOAD_QD))
+            .arg(format!("--size={}", written.bytes()))
+            .arg(format!("--io_size={}", changed.max(4096)))
+            .current_dir(&out);
+        let text = run_checked(&mut cmd).context("change data while the replica is away")?;
+        std::fs::write(out.join("fio-delta-change.json"), &text.stdout)?;
+        let t = restart_victim(&mut cluster, &controller)?;
+        eprintln!("bench: delta rebuild ({changed} bytes changed): {t:?}");
+        delta = Some((changed, t));
+    }
+    if phase("loaded") {
+        loaded = Some(loaded_rebuild(&args, &fio, &out, &mut cluster, &controller)?);
+    }
+    if phase("snapshot") {
+        snapshot = Some(snapshot_pause(&args, &fio, &out, &controller)?);
+    }
+
+    print!(
+        "{}",
+        report(&args, written, full, delta, loaded.as_ref(), snapshot.as_ref())
+    );
+    eprintln!(
+        "bench: fio JSON and logs in {}; daemon logs were in {}",
+        out.display(),
+        cluster.log_dir().display()
+    );
+    Ok(())
+}
+
+/// fio's arguments for a 4 KiB random-write job on the volume that logs every completion with a Unix
+/// timestamp (the job runs until `--size`/`--io_size` or `--runtime` ends it, or it is interrupted).
+fn fio_base(name: &str, controller: &Controller, iodepth: u32) -> Vec<String> {
+    vec![
+        format!("--name={name}"),
+        "--ioengine=libiscsi".into(),
+        format!("--filename={}", controller.url.fio_filename()),
+        "--rw=randwrite".into(),
+        "--bs=4096".into(),
+        format!("--iodepth={iodepth}"),
+        "--norandommap=1".into(),
+        "--randrepeat=0".into(),
+        "--output-format=json".into(),
+    ]
+}
+
+/// Kills the victim replica like a node crash, waits until the controller marks it ERR, and (for a full
+/// rebuild) wipes its directory so it comes back empty.
+fn kill_victim(cluster: &mut Cluster, controller: &Controller, wipe: bool) -> anyhow::Result<()> {
+    cluster.kill_replica(VICTIM);
+    let addr = cluster.replicas[VICTIM].addr;
+    wait_mode(controller, addr, "ERR")?;
+    if wipe {
+        let dir = &cluster.replicas[VICTIM].dir;
+        std::fs::remove_dir_all(dir).with_context(|| format!("wipe {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts the victim again and times it through WO to RW.
+fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Result<RebuildTimes> {
+    let addr = cluster.replicas[VICTIM].addr;
+    let start = Instant::now();
+    cluster.start_replica(VICTIM)?;
+    // WO can be brief for a small delta: RW also counts as "past WO".
+    let mut to_wo = None;
+    loop {
+        let mode = volume_info(controller.api)
+            .ok()
+            .and_then(|i| replica_mode(&i, addr));
+        match mode.as_deref() {
+            Some("WO") if to_wo.is_none() => to_wo = Some(start.elapsed()),
+            Some("RW") => {
+                let to_rw = start.elapsed();
+                return Ok(RebuildTimes {
+                    to_wo: to_wo.unwrap_or(to_rw),
+                    to_rw,
+                });
+            }
+            _ => {}
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("replica {addr} did not become RW within {DEADLINE:?} of its restart (last mode {mode:?})");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn wait_mode(controller: &Controller, addr: std::net::SocketAddr, want: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let mode = volume_info(controller.api)
+            .ok()
+            .and_then(|i| replica_mode(&i, addr));
+        if mode.as_deref() == Some(want) {
+            return Ok(());
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("replica {addr} did not turn {want} within {DEADLINE:?} (last mode {mode:?})");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A background fio load that logs every completion; stopped with SIGINT so it still writes its JSON and
+/// logs.
+struct Load {
+    child: Child,
+    name: String,
+    out: PathBuf,
+}
+
+impl Load {
+    fn start(fio: &Path, out: &Path, name: &str, controller: &Controller) -> anyhow::Result<Load> {
+        let mut cmd = Command::new(fio);
+        cmd.args(fio_base(name, controller, LOAD_QD))
+            .args(["--time_based=1", "--runtime=3600s"])
+            .arg(format!("--write_lat_log={name}"))
+            .args(["--log_unix_epoch=1", "--log_avg_msec=0"])
+            .current_dir(out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().context("start fio")?;
+        Ok(Load {
+            child,
+            name: name.into(),
+            out: out.into(),
+        })
+    }
+
+    /// Stops fio and returns its JSON document and its completion log (Unix ms, latency).
+    fn stop(self) -> anyhow::Result<(Value, Vec<(u64, Duration)>)> {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let output = self.child.wait_with_output().context("wait for fio")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        std::fs::write(self.out.join(format!("fio-{}.json", self.name)), text.as_bytes())?;
+        let start = text
+            .find('{')
+            .with_context(|| format!("fio printed no JSON: {}", String::from_utf8_lossy(&output.stderr)))?;
+        let doc: Value = serde_json::from_str(&text[start..]).context("parse fio's JSON")?;
+        if let Some(e) = doc
+            .pointer("/jobs/0/error")
+            .and_then(Value::as_i64)
+            .filter(|&e| e != 0)
+        {
+            bail!("fio reported error {e} in {}", self.name);
+        }
+        let log = self.out.join(format!("{}_clat.1.log", self.name));
+        let log = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+        Ok((doc, parse_lat_log(&log)))
+    }
+}
+
+/// fio's latency log: `time_ms, latency_ns, direction, block_size, offset[, prio]` per completion.
+fn parse_lat_log(text: &str) -> Vec<(u64, Duration)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(',').map(str::trim);
+            let t = f.next()?.parse().ok()?;
+            let ns = f.next()?.parse().ok()?;
+            Some((t, Duration::from_nanos(ns)))
+        })
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Completions per second and the longest latency among completions in `[from, to)` (Unix ms).
+fn window(log: &[(u64, Duration)], from: u64, to: u64) -> (f64, Duration) {
+    let inside = log.iter().filter(|(t, _)| (from..to).contains(t));
+    let (n, max) = inside.fold((0u64, Duration::ZERO), |(n, m), (_, l)| (n + 1, m.max(*l)));
+    let secs = (to.saturating_sub(from)) as f64 / 1e3;
+    (if secs > 0.0 { n as f64 / secs } else { 0.0 }, max)
+}
+
+fn loaded_rebuild(
+    args: &Args,
+    fio: &Path,
+    out: &Path,
+    cluster: &mut Cluster,
+    controller: &Controller,
+) -> anyhow::Result<LoadedRebuild> {
+    let load = Load::start(fio, out, "loaded-rebuild", controller)?;
+    // fio logs in and ramps up; the baseline window starts after that.
+    std::thread::sleep(Duration::from_secs(2));
+    let base_from = unix_ms();
+    std::thread::sleep(Duration::from_secs(args.baseline_secs));
+    let base_to = unix_ms();
+    kill_victim(cluster, controller, true)?;
+    let restart_at = unix_ms();
+    let times = restart_victim(cluster, controller)?;
+    let rw_at = unix_ms();
+    std::thread::sleep(Duration::from_secs(2));
+    let (doc, log) = load.stop()?;
+    let (baseline_iops, _) = window(&log, base_from, base_to);
+    let (rebuild_iops, max_stall) = window(&log, restart_at, rw_at);
+    let max_overall = Duration::from_nanos(
+        doc.pointer("/jobs/0/write/clat_ns/max")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0) as u64,
+    );
+    eprintln!(
+        "bench: loaded rebuild: {times:?}, {baseline_iops:.0} -> {rebuild_iops:.0} IOPS, stall {max_stall:?}"
+    );
+    Ok(LoadedRebuild {
+        times,
+        baseline_iops,
+        rebuild_iops,
+        max_stall,
+        max_overall,
+    })
+}
+
+fn snapshot_pause(
+    args: &Args,
+    fio: &Path,
+    out: &Path,
+    controller: &Controller,
+) -> anyhow::Result<SnapshotPause> {
+    let load = Load::start(fio, out, "snapshot-pause", controller)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let from = unix_ms();
+    let mut creates = Vec::new();
+    for i in 0..args.snapshots {
+        let mut cmd = Command::new(basalt_binary()?);
+        cmd.args(["snapshot", "create", "--api", &controller.api.to_string()])
+            .arg(format!("bench-{i}"));
+        let start = Instant::now();
+        run_checked(&mut cmd).with_context(|| format!("snapshot {i}"))?;
+        creates.push(start.elapsed());
+        // Spaced out so each pause is seen on its own rather than merged with the next.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let to = unix_ms();
+    let (_doc, log) = load.stop()?;
+    let mut lat: Vec<Duration> = log
+        .iter()
+        .filter(|(t, _)| (from..to).contains(t))
+        .map(|(_, l)| *l)
+        .collect();
+    if lat.is_empty() {
+        bail!("fio completed no write while the snapshots were taken");
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let iops = lat.len() as f64 / ((to - from) as f64 / 1e3);
+    Ok(SnapshotPause {
+        taken: args.snapshots,
+        create_mean: creates.iter().sum::<Duration>() / creates.len().max(1) as u32,
+        create_max: creates.iter().copied().max().unwrap_or_default(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        p999: pct(0.999),
+        max: lat[lat.len() - 1],
+        iops,
+    })
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// A Markdown table, ready for benches/README.md.
+fn report(
+    args: &Args,
+    written: ByteSize,
+    full: Option<RebuildTimes>,
+    delta: Option<(u64, RebuildTimes)>,
+    loaded: Option<&LoadedRebuild>,
+    snapshot: Option<&SnapshotPause>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n3 replicas, {} GiB volume, {written} written; rebuild times: restart -> RW (restart -> WO + WO -> RW)\n",
+        args.size_gib
+    );
+    let _ = writeln!(s, "| measurement | figure | goal | |");
+    let _ = writeln!(s, "|---|---:|---:|---|");
+    let rebuild_row = |s: &mut String, what: &str, t: &RebuildTimes, goal: Duration| {
+        let _ = writeln!(
+            s,
+            "| {what} | {} ({} + {}) | <= {} | {} |",
+            secs(t.to_rw),
+            secs(t.to_wo),
+            secs(t.rebuild()),
+            secs(goal),
+            verdict(t.to_rw <= goal)
+        );
+    };
+    if let Some(t) = &full {
+        rebuild_row(&mut s, "full rebuild, idle", t, Duration::from_secs(5));
+    }
+    if let Some(l) = loaded {
+        rebuild_row(
+            &mut s,
+            "full rebuild, 4 KiB randwrite QD8 load",
+            &l.times,
+            Duration::from_secs(15),
+        );
+    }
+    if let Some((changed, t)) = &delta {
+        let goal = full.map(|f| f.to_rw.mul_f64(0.05));
+        let _ = writeln!(
+            s,
+            "| delta rebuild ({:.1} MiB changed) | {} ({} + {}) | {} | {} |",
+            *changed as f64 / f64::from(1u32 << 20),
+            secs(t.to_rw),
+            secs(t.to_wo),
+            secs(t.rebuild()),
+            goal.map_or("5% of full".into(), |g| format!("<= {}", secs(g))),
+            goal.map_or("-", |g| verdict(t.to_rw <= g))
+        );
+    }
+    if let Some(l) = loaded {
+        let ratio = if l.baseline_iops > 0.0 {
+            l.rebuild_iops / l.baseline_iops
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            s,
+            "| write IOPS during rebuild / before | {:.0} / {:.0} = {:.2} | >= 0.50 | {} |",
+            l.rebuild_iops,
+            l.baseline_iops,
+            ratio,
+            verdict(ratio >= 0.5)
+        );
+        let _ = writeln!(
+            s,
+            "| longest I/O completion, restart -> RW | {} | <= 200 ms | {} |",
+            ms(l.max_stall),
+            verdict(l.max_stall <= Duration::from_millis(200))
+        );
+        let _ = writeln!(
+            s,
+            "| longest I/O completion, whole run (incl. the kill) | {} | - | |",
+            ms(l.max_overall)
+        );
+    }
+    if let Some(p) = snapshot {
+        let _ = writeln!(
+            s,
+            "| {} snapshots under QD8 randwrite: write p50 / p99 / p99.9 / max | {} / {} / {} / {} | p99 <= 50 ms | {} |",
+            p.taken,
+            ms(p.p50),
+            ms(p.p99),
+            ms(p.p999),
+            ms(p.max),
+            verdict(p.p99 <= Duration::from_millis(50))
+        );
+        let _ = writeln!(
+            s,
+            "| snapshot create (CLI round trip) mean / max; IOPS meanwhile | {} / {}; {:.0} | - | |",
+            ms(p.create_mean),
+            ms(p.create_max),
+            p.iops
+        );
+    }
+    s
+}
