@@ -6,15 +6,16 @@
 //! [`BATCH`] blocks, which is how a replica's ordered lane hands the store a pipelined controller's
 //! queued writes. The raw file has no log to batch, so its side is one `pwrite` per block either way.
 //!
-//! The machine this runs on is shared and noisy, so each round measures every case back to back and
-//! computes its ratios inside the round (both sides saw the same load); the median over the rounds
-//! is reported, with the spread.
+//! The machine this runs on is shared and noisy, so the cases are interleaved in slices of ~1,000
+//! operations (see [`SLICE`]), each round's ratios are computed inside the round (both sides saw the
+//! same load), and the median over the rounds is reported, with the spread.
 //!
 //! `cargo bench -p basalt-benches --bench raw_vs_store`
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use basalt_proto::VolumeId;
 use basalt_replica::store::Store;
@@ -23,7 +24,7 @@ use rand::{Rng, SeedableRng};
 /// 256 MiB: fits the page cache of a small machine, so both sides measure software overhead.
 const SIZE: u64 = 256 << 20;
 /// Operations per case per round: long enough (~0.1-1 s) to average out scheduler noise.
-const OPS: usize = 100_000;
+const OPS: usize = 64 * SLICE;
 /// Rounds; the median ratio is reported. Odd, so the median is one round's figure.
 const ROUNDS: usize = 9;
 /// Writes per `write_batch`: open-iscsi's default session queue depth (32), i.e. what a controller
@@ -37,12 +38,9 @@ fn offsets(seed: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Operations per second of `f`, which performs `OPS` operations.
-fn iops(f: impl FnOnce()) -> f64 {
-    let t = Instant::now();
-    f();
-    OPS as f64 / t.elapsed().as_secs_f64()
-}
+/// Operations per slice: each case runs one slice in turn, so that every case sees the same load
+/// from the rest of the machine within milliseconds (a shared 2-core box swings by 2x over seconds).
+const SLICE: usize = 1_024;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -58,38 +56,70 @@ struct Round {
     store_read: f64,
 }
 
+/// Runs the cases slice by slice, in turn (in rotating order, so none always follows the same
+/// one), and returns each case's rate over all its slices.
+fn interleaved<const N: usize>(ops: usize, cases: &mut [&mut dyn FnMut(Range<usize>); N]) -> [f64; N] {
+    let mut spent = [Duration::ZERO; N];
+    for (k, start) in (0..ops).step_by(SLICE).enumerate() {
+        let slice = start..(start + SLICE).min(ops);
+        for i in 0..N {
+            let case = (i + k) % N;
+            let t = Instant::now();
+            cases[case](slice.clone());
+            spent[case] += t.elapsed();
+        }
+    }
+    spent.map(|d| ops as f64 / d.as_secs_f64())
+}
+
 fn round(raw: &File, store: &Store, writes: &[u64], reads: &[u64]) -> Round {
     let block = vec![0x6Bu8; 4096];
-    let mut buf = vec![0u8; 4096];
     let batch: Vec<(u64, &[u8])> = writes.iter().map(|&o| (o, &block[..])).collect();
-    Round {
-        raw_write: iops(|| {
-            for &o in writes {
-                raw.write_all_at(&block, o).unwrap();
-            }
-        }),
-        store_write: iops(|| {
-            for &o in writes {
-                store.write(o, &block).unwrap();
-            }
-        }),
-        store_batch: iops(|| {
-            for chunk in batch.chunks(BATCH) {
-                for result in store.write_batch(chunk) {
-                    result.unwrap();
+    let [raw_write, store_write, store_batch] = interleaved(
+        writes.len(),
+        &mut [
+            &mut |slice| {
+                for &o in &writes[slice] {
+                    raw.write_all_at(&block, o).unwrap();
                 }
-            }
-        }),
-        raw_read: iops(|| {
-            for &o in reads {
-                raw.read_exact_at(&mut buf, o).unwrap();
-            }
-        }),
-        store_read: iops(|| {
-            for &o in reads {
-                store.read(o, &mut buf).unwrap();
-            }
-        }),
+            },
+            &mut |slice| {
+                for &o in &writes[slice] {
+                    store.write(o, &block).unwrap();
+                }
+            },
+            &mut |slice| {
+                for chunk in batch[slice].chunks(BATCH) {
+                    for result in store.write_batch(chunk) {
+                        result.unwrap();
+                    }
+                }
+            },
+        ],
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut raw_buf = vec![0u8; 4096];
+    let [raw_read, store_read] = interleaved(
+        reads.len(),
+        &mut [
+            &mut |slice| {
+                for &o in &reads[slice] {
+                    raw.read_exact_at(&mut raw_buf, o).unwrap();
+                }
+            },
+            &mut |slice| {
+                for &o in &reads[slice] {
+                    store.read(o, &mut buf).unwrap();
+                }
+            },
+        ],
+    );
+    Round {
+        raw_write,
+        store_write,
+        store_batch,
+        raw_read,
+        store_read,
     }
 }
 

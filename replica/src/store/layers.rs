@@ -486,6 +486,52 @@ mod tests {
         assert!(buf[..2 * BLOCK].iter().chain(&buf[3 * BLOCK..]).all(|&b| b == 0));
     }
 
+    /// The two crash windows of a reset: before its meta commit the new head's objects are orphans,
+    /// after it the old layers' objects are; either way open removes them and keeps the committed chain.
+    #[test]
+    fn a_reset_interrupted_on_either_side_of_its_commit_opens_cleanly() {
+        let layer_objects = |dir: &std::path::Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| LayerId::of_object(n).is_some())
+                .collect();
+            names.sort();
+            names
+        };
+        // Crashed before the commit: the new head was created, the meta still names the old chain.
+        let dir = tempfile::tempdir().unwrap();
+        let store = two_snapshots(dir.path());
+        store.flush().unwrap();
+        let before = layer_objects(dir.path());
+        let next = LayerId(lock(&store.meta).next_layer);
+        Store::create_layer_objects(&*store.backend, next, store.size_bytes).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(layer_objects(dir.path()), before, "the uncommitted head is gone");
+        assert_eq!(listing(&store, "b").len(), 3, "the old chain is intact");
+
+        // Crashed after the commit: the old layers' objects are still there.
+        let saved: Vec<(String, Vec<u8>)> = before
+            .iter()
+            .map(|n| (n.clone(), std::fs::read(dir.path().join(n)).unwrap()))
+            .collect();
+        store.reset().unwrap();
+        let after = layer_objects(dir.path());
+        drop(store);
+        for (name, bytes) in saved {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            layer_objects(dir.path()),
+            after,
+            "the dropped layers' objects are removed at open"
+        );
+        assert!(store.snapshot_list().is_empty());
+        assert!(store.allocated_ranges().is_empty());
+    }
+
     #[test]
     fn replaying_each_layer_onto_a_reset_store_reproduces_the_chain_exactly() {
         let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

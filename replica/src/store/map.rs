@@ -6,6 +6,17 @@
 //! nothing for blocks never touched, so a 64 TiB thin volume with 1 GiB written needs about 8 MiB.
 //!
 //! The CRC is kept here so a read can verify a block without touching the index log.
+//!
+//! ## Two indexes of the same entries
+//!
+//! Range queries (multi-block reads, unmap, rebuild listings, log compaction) need order, so the
+//! entries live in a `BTreeMap`. But a 4 KiB read is one point lookup, and descending a B-tree of
+//! a few hundred thousand entries costs several cache misses: measured at a third of a cached 4 KiB
+//! `pread`, more than its CRC32. So point lookups go to [`PointIndex`], a hash table of the same
+//! entries whose 16-byte slots hold key and value together: a lookup is one cache line, where
+//! `HashMap` touches two (control bytes, then the slot). Entries are never removed (a revert builds
+//! a new map), which is what makes plain linear probing enough. The price is memory, about twice
+//! the B-tree alone (~60 bytes per written block), still following what was written.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -20,19 +31,121 @@ pub(crate) struct Entry {
     pub state: BlockState,
 }
 
+/// An open-addressing hash table `lba -> Entry` with linear probing and no removal.
+///
+/// A slot is two words: the key word is the block number with [`TOMBSTONE_BIT`] set for a
+/// tombstone ([`EMPTY`] for a free slot: no block number reaches 2^63), the value word the layer id
+/// (high half) and the CRC32 (low half).
+#[derive(Debug, Default)]
+struct PointIndex {
+    /// A power of two of slots (or none before the first insert).
+    slots: Vec<[u64; 2]>,
+    len: usize,
+}
+
+/// Key word of a free slot.
+const EMPTY: u64 = u64::MAX;
+/// Set in the key word of a tombstone's slot. Block numbers stay below 2^38 (1 PiB volumes).
+const TOMBSTONE_BIT: u64 = 1 << 63;
+/// Slots of the first table.
+const MIN_SLOTS: usize = 1024;
+
+/// Where `lba`'s probe starts: the murmur3 finalizer, a few cycles, with every input bit reaching
+/// the low bits that index the table (a plain multiply would send strided block numbers -- one per
+/// 256 MiB, say -- to one place).
+fn home(lba: u64, mask: usize) -> usize {
+    let mut h = lba;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as usize & mask
+}
+
+impl PointIndex {
+    fn get(&self, lba: u64) -> Option<Entry> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = home(lba, mask);
+        loop {
+            let [key, value] = self.slots[i];
+            if key == EMPTY {
+                return None;
+            }
+            if key & !TOMBSTONE_BIT == lba {
+                return Some(Entry {
+                    layer: LayerId((value >> 32) as u32),
+                    state: if key & TOMBSTONE_BIT != 0 {
+                        BlockState::Tombstone
+                    } else {
+                        BlockState::Data { crc: value as u32 }
+                    },
+                });
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn insert(&mut self, lba: u64, entry: Entry) {
+        // At most half full: a probe then mostly stays in its first cache line.
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let (flag, crc) = match entry.state {
+            BlockState::Data { crc } => (0, crc),
+            BlockState::Tombstone => (TOMBSTONE_BIT, 0),
+        };
+        let slot = [lba | flag, u64::from(entry.layer.0) << 32 | u64::from(crc)];
+        let mask = self.slots.len() - 1;
+        let mut i = home(lba, mask);
+        loop {
+            let key = self.slots[i][0];
+            if key == EMPTY {
+                self.len += 1;
+                self.slots[i] = slot;
+                return;
+            }
+            if key & !TOMBSTONE_BIT == lba {
+                self.slots[i] = slot;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn grow(&mut self) {
+        let slots = (self.slots.len() * 2).max(MIN_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![[EMPTY, 0]; slots]);
+        let mask = self.slots.len() - 1;
+        for slot in old.into_iter().filter(|s| s[0] != EMPTY) {
+            let mut i = home(slot[0] & !TOMBSTONE_BIT, mask);
+            while self.slots[i][0] != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = slot;
+        }
+    }
+}
+
 /// `lba -> Entry` for every block some layer holds.
 #[derive(Debug, Default)]
 pub(crate) struct VolumeMap {
     entries: BTreeMap<u64, Entry>,
+    /// The same entries, for point lookups (see the module documentation).
+    points: PointIndex,
 }
 
 impl VolumeMap {
     pub fn get(&self, lba: u64) -> Option<Entry> {
-        self.entries.get(&lba).copied()
+        self.points.get(lba)
     }
 
     /// Sets the entry of `lba`, returning the previous one.
     pub fn insert(&mut self, lba: u64, entry: Entry) -> Option<Entry> {
+        self.points.insert(lba, entry);
         self.entries.insert(lba, entry)
     }
 
@@ -43,7 +156,7 @@ impl VolumeMap {
     /// Puts a newer layer's blocks on top (used when building the map oldest layer first).
     pub fn overlay(&mut self, layer: LayerId, blocks: &BTreeMap<u64, BlockState>) {
         for (&lba, &state) in blocks {
-            self.entries.insert(lba, Entry { layer, state });
+            self.insert(lba, Entry { layer, state });
         }
     }
 
@@ -68,5 +181,45 @@ impl VolumeMap {
             }
         }
         ranges
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_lookups_agree_with_the_ordered_entries_through_growth_and_overwrites() {
+        let mut map = VolumeMap::default();
+        // Strided and dense block numbers, the largest one a 1 PiB volume has, overwrites that flip
+        // between data and tombstone.
+        let lbas: Vec<u64> = (0..5000u64)
+            .map(|i| i * 65_536)
+            .chain(0..3000)
+            .chain([(1 << 38) - 1])
+            .collect();
+        for (n, &lba) in lbas.iter().enumerate() {
+            let state = if n % 3 == 0 {
+                BlockState::Tombstone
+            } else {
+                BlockState::Data { crc: n as u32 }
+            };
+            map.insert(
+                lba,
+                Entry {
+                    layer: LayerId(n as u32 % 7 + 1),
+                    state,
+                },
+            );
+        }
+        for &lba in &lbas {
+            let expected = map.entries.get(&lba).copied();
+            assert!(expected.is_some());
+            assert_eq!(map.get(lba), expected, "block {lba}");
+        }
+        assert_eq!(map.points.len, map.entries.len());
+        for lba in [3000, 65_537, 1 << 37, u64::MAX >> 1] {
+            assert_eq!(map.get(lba), None, "block {lba}");
+        }
     }
 }
