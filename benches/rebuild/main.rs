@@ -173,8 +173,7 @@ fn main() -> anyhow::Result<()> {
         kill_victim(&mut cluster, &controller, false)?;
         let changed = (written.bytes() as f64 * args.delta_percent / 100.0) as u64 / 4096 * 4096;
         let mut cmd = Command::new(&fio);
-        cmd.args(fio_base("delta-change", &controller, LOAD_QD))
-            .arg(format!("--size={}", written.bytes()))
+        cmd.args(fio_base("delta-change", &controller, LOAD_QD, written))
             .arg(format!("--io_size={}", changed.max(4096)))
             .current_dir(&out);
         let text = run_checked(&mut cmd).context("change data while the replica is away")?;
@@ -204,8 +203,11 @@ fn main() -> anyhow::Result<()> {
 
 /// fio's arguments for a 4 KiB random-write job on the volume that logs every completion with a Unix
 /// timestamp (the job runs until `--size`/`--io_size` or `--runtime` ends it, or it is interrupted).
-fn fio_base(name: &str, controller: &Controller, iodepth: u32) -> Vec<String> {
+fn fio_base(name: &str, controller: &Controller, iodepth: u32, written: ByteSize) -> Vec<String> {
     vec![
+        // Writes stay inside the filled region, so every rebuild copies the same data set ("1 GiB written")
+        // instead of one that grows with each second of load.
+        format!("--size={}", written.bytes()),
         format!("--name={name}"),
         "--ioengine=libiscsi".into(),
         format!("--filename={}", controller.url.fio_filename()),
@@ -285,9 +287,15 @@ struct Load {
 }
 
 impl Load {
-    fn start(fio: &Path, out: &Path, name: &str, controller: &Controller) -> anyhow::Result<Load> {
+    fn start(
+        fio: &Path,
+        out: &Path,
+        name: &str,
+        controller: &Controller,
+        written: ByteSize,
+    ) -> anyhow::Result<Load> {
         let mut cmd = Command::new(fio);
-        cmd.args(fio_base(name, controller, LOAD_QD))
+        cmd.args(fio_base(name, controller, LOAD_QD, written))
             .args(["--time_based=1", "--runtime=3600s"])
             .arg(format!("--write_lat_log={name}"))
             .args(["--log_unix_epoch=1", "--log_avg_msec=0"])
@@ -360,7 +368,13 @@ fn loaded_rebuild(
     cluster: &mut Cluster,
     controller: &Controller,
 ) -> anyhow::Result<LoadedRebuild> {
-    let load = Load::start(fio, out, "loaded-rebuild", controller)?;
+    let load = Load::start(
+        fio,
+        out,
+        "loaded-rebuild",
+        controller,
+        ByteSize::mib(args.written_mib),
+    )?;
     // fio logs in and ramps up; the baseline window starts after that.
     std::thread::sleep(Duration::from_secs(2));
     let base_from = unix_ms();
@@ -397,7 +411,13 @@ fn snapshot_pause(
     out: &Path,
     controller: &Controller,
 ) -> anyhow::Result<SnapshotPause> {
-    let load = Load::start(fio, out, "snapshot-pause", controller)?;
+    let load = Load::start(
+        fio,
+        out,
+        "snapshot-pause",
+        controller,
+        ByteSize::mib(args.written_mib),
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     let from = unix_ms();
     let mut creates = Vec::new();
