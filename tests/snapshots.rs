@@ -17,7 +17,11 @@ fn snapshot(api: std::net::SocketAddr, args: &[&str]) -> Result<(bool, String)> 
         .args(["--api", &api.to_string()])
         .output()
         .expect("run basalt snapshot");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((out.status.success(), text))
 }
 
@@ -25,7 +29,12 @@ fn snapshot_names(api: std::net::SocketAddr) -> Result<(Vec<String>, Vec<Value>)
     let (ok, out) = snapshot(api, &["ls", "--json"])?;
     assert!(ok, "{out}");
     let v: Value = serde_json::from_str(out.trim()).expect("snapshot ls --json prints JSON");
-    let names = v["snapshots"].as_array().expect("list").iter().map(|s| s["name"].as_str().unwrap().into()).collect();
+    let names = v["snapshots"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().into())
+        .collect();
     Ok((names, v["divergent"].as_array().cloned().unwrap_or_default()))
 }
 
@@ -37,13 +46,22 @@ fn snapshots_are_taken_listed_and_merged_away_on_every_replica() -> Result<()> {
     assert!(qemu_io(&controller.url, &["write -P 0xaa 0 1M", "flush"])?.0);
     let (ok, out) = snapshot(api, &["create", "before"])?;
     assert!(ok, "{out}");
-    assert!(qemu_io(&controller.url, &["write -P 0xbb 0 512k", "write -P 0xcc 4M 1M", "flush"])?.0);
+    assert!(
+        qemu_io(
+            &controller.url,
+            &["write -P 0xbb 0 512k", "write -P 0xcc 4M 1M", "flush"]
+        )?
+        .0
+    );
     let (ok, out) = snapshot(api, &["create", "after"])?;
     assert!(ok, "{out}");
 
     let (names, divergent) = snapshot_names(api)?;
     assert_eq!(names, ["before", "after"], "the chain, oldest first");
-    assert!(divergent.is_empty(), "every replica holds the same chain: {divergent:?}");
+    assert!(
+        divergent.is_empty(),
+        "every replica holds the same chain: {divergent:?}"
+    );
     let (ok, out) = snapshot(api, &["create", "bad name!"])?;
     assert!(!ok && out.contains("invalid snapshot name"), "{out}");
     let (ok, out) = snapshot(api, &["create", "before"])?;
@@ -56,7 +74,10 @@ fn snapshots_are_taken_listed_and_merged_away_on_every_replica() -> Result<()> {
     };
     let (ok, out) = snapshot(api, &["rm", "before"])?;
     assert!(ok, "{out}");
-    assert!(writer.join().expect("writer").map(|r| r.0)?, "writes during the merge succeed");
+    assert!(
+        writer.join().expect("writer").map(|r| r.0)?,
+        "writes during the merge succeed"
+    );
     let (names, _) = snapshot_names(api)?;
     assert_eq!(names, ["after"]);
 
@@ -69,14 +90,30 @@ fn snapshots_are_taken_listed_and_merged_away_on_every_replica() -> Result<()> {
         let dir = &cluster.replicas[i].dir;
         let out = cluster.dir.path().join(format!("after-r{i}.img"));
         let mut export = Command::new(basalt_binary()?);
-        export.args(["replica", "export", "--snapshot", "after", "--dir"]).arg(dir).arg("--out").arg(&out);
+        export
+            .args(["replica", "export", "--snapshot", "after", "--dir"])
+            .arg(dir)
+            .arg("--out")
+            .arg(&out);
         basalt_tests::run_checked(&mut export)?;
         let snap = read_file(&out)?;
-        assert!(snap[..512 << 10].iter().all(|&b| b == 0xbb), "r{i}: `after` holds the second write");
-        assert!(snap[512 << 10..1 << 20].iter().all(|&b| b == 0xaa), "r{i}: and the merged first one");
-        assert!(snap[8 << 20..10 << 20].iter().all(|&b| b == 0), "r{i}: not the write made after it");
+        assert!(
+            snap[..512 << 10].iter().all(|&b| b == 0xbb),
+            "r{i}: `after` holds the second write"
+        );
+        assert!(
+            snap[512 << 10..1 << 20].iter().all(|&b| b == 0xaa),
+            "r{i}: and the merged first one"
+        );
+        assert!(
+            snap[8 << 20..10 << 20].iter().all(|&b| b == 0),
+            "r{i}: not the write made after it"
+        );
         let now = read_file(&cluster.export_replica(i)?)?;
-        assert!(now[8 << 20..10 << 20].iter().all(|&b| b == 0xdd), "r{i}: the live volume has it");
+        assert!(
+            now[8 << 20..10 << 20].iter().all(|&b| b == 0xdd),
+            "r{i}: the live volume has it"
+        );
     }
     Ok(())
 }
@@ -91,25 +128,31 @@ fn revert_is_refused_while_an_initiator_is_logged_in_then_applies_everywhere() -
     assert!(qemu_io(&controller.url, &["write -P 0x02 0 64k", "flush"])?.0);
 
     // An interactive qemu-io holds a session open until its stdin closes.
-    let mut held = Command::new(require_tool("qemu-io")?)
-        .args(["-f", "raw", &controller.url.to_string()])
+    let mut cmd = Command::new(require_tool("qemu-io")?);
+    cmd.args(["-f", "raw", &controller.url.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-io");
+        .stderr(Stdio::null());
+    let mut held = Reaped(cmd.spawn().expect("start qemu-io"));
     wait_for("the initiator to log in", Duration::from_secs(20), || {
-        volume_info(api).map(|i| i["sessions"].as_u64() == Some(1)).unwrap_or(false)
+        volume_info(api)
+            .map(|i| i["sessions"].as_u64() == Some(1))
+            .unwrap_or(false)
     })?;
     let (ok, out) = snapshot(api, &["revert", "good"])?;
-    assert!(!ok && out.contains("logged in"), "revert must be refused with a reason: {out}");
+    assert!(
+        !ok && out.contains("logged in"),
+        "revert must be refused with a reason: {out}"
+    );
 
-    let mut stdin = held.stdin.take().expect("stdin");
+    let mut stdin = held.0.stdin.take().expect("stdin");
     let _ = stdin.write_all(b"quit\n");
     drop(stdin);
-    let _ = held.wait();
+    let _ = held.0.wait();
     wait_for("the initiator to log out", Duration::from_secs(20), || {
-        volume_info(api).map(|i| i["sessions"].as_u64() == Some(0)).unwrap_or(false)
+        volume_info(api)
+            .map(|i| i["sessions"].as_u64() == Some(0))
+            .unwrap_or(false)
     })?;
     let (ok, out) = snapshot(api, &["revert", "nonexistent"])?;
     assert!(!ok && out.contains("nothing was reverted"), "{out}");
@@ -118,4 +161,14 @@ fn revert_is_refused_while_an_initiator_is_logged_in_then_applies_everywhere() -
     let (ok, out) = qemu_io(&controller.url, &["read -P 0x01 0 64k"])?;
     assert!(ok, "the volume reads as it was at the snapshot: {out}");
     Ok(())
+}
+
+/// A child that is killed and reaped however the test ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

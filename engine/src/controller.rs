@@ -1,25 +1,31 @@
-//! Starting a volume controller: survey the replicas, choose the ones that
-//! hold the latest data, fence every older controller, then serve.
+//! Starting a volume controller: survey the replicas, fence every older
+//! controller, choose the replica that holds the latest data, reconcile the
+//! others with it, then serve.
 //!
-//! The choice, in order (each rejected replica is logged with its reason):
-//! 1. it answered the handshake within the startup wait;
-//! 2. it has the volume's size and UUID (`--volume-id`, or the UUID most
-//!    replicas share);
-//! 3. it is at the highest `(epoch, revision)` among them: the epoch says
-//!    which controller it last served, the revision how many flushes of that
-//!    controller it made durable. A replica dropped by a controller misses
-//!    that controller's later flushes, so it ends up behind and is not used
-//!    (the rebuild work brings it back).
-//!
-//! The chosen replicas are then raised to a new epoch, one above every epoch
-//! seen, before any I/O: from then on a replica refuses every frame of an
-//! older controller, so a controller cut off by a partition can never write
-//! again.
+//! 1. Survey: every replica that answers within the startup wait, with the
+//!    volume's UUID (`--volume-id`, or the one most replicas share) and size,
+//!    is usable; the others are logged with the reason and left in ERR (they
+//!    are re-added when they answer again).
+//! 2. Fence: every usable replica is raised to a new epoch, one above every
+//!    epoch seen, before any I/O: from then on it refuses every frame of an
+//!    older controller, so a controller cut off by a partition can never
+//!    write again.
+//! 3. Choose: at least `--min-healthy` (a majority) must be usable -- writes
+//!    are acknowledged only by a majority, so a majority always contains a
+//!    replica holding every acknowledged write. The reference is the one at
+//!    the highest `(epoch, revision)` before the raise: the epoch says which
+//!    controller it last served, the revision how many of its flushes it made
+//!    durable (survivors are flushed when a replica drops, so a dropped
+//!    replica is behind).
+//! 4. Reconcile: every other usable replica is brought in line with the
+//!    reference by a delta rebuild (only blocks whose checksums differ
+//!    travel) before the portal opens. Divergent histories are never merged:
+//!    the reference wins, and each decision is logged with its reason.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use basalt_proto::{Epoch, Revision, VolumeId};
+use basalt_proto::{Epoch, VolumeId};
 
 use crate::volume::core::CoreConfig;
 use crate::volume::link::{Handshaken, LinkError};
@@ -45,9 +51,9 @@ pub struct ControllerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "only {usable} of {configured} replicas are reachable and up to date, and --min-healthy is {min_healthy}: \
-         refusing to serve rather than risk serving stale data ({details}). Start the missing replicas, or lower \
-         --min-healthy if you accept the risk"
+        "only {usable} of {configured} replicas are reachable, and --min-healthy is {min_healthy}: without a \
+         majority no replica is known to hold every acknowledged write, so the volume is not served ({details}). \
+         Start the missing replicas, or lower --min-healthy if you accept the risk"
     )]
     TooFewReplicas {
         usable: usize,
@@ -109,11 +115,6 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         })
         .collect();
 
-    let best: Option<(Epoch, Revision)> = decisions
-        .iter()
-        .filter_map(|d| d.as_ref().ok())
-        .map(|h| (h.identity.epoch, h.identity.revision))
-        .max();
     let highest_epoch = decisions
         .iter()
         .filter_map(|d| d.as_ref().ok())
@@ -121,39 +122,25 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         .max();
     let epoch = highest_epoch.unwrap_or_default().next();
 
-    if let Some((best_epoch, best_rev)) = best {
-        for d in decisions.iter_mut() {
-            if let Ok(h) = d {
-                let (e, r) = (h.identity.epoch, h.identity.revision);
-                if (e, r) < (best_epoch, best_rev) {
-                    *d = Err(format!(
-                        "behind: at {e}, {r}; the volume's latest data is at {best_epoch}, {best_rev} \
-                         (it missed writes; it needs a rebuild)"
-                    ));
-                }
-            }
-        }
-    }
-
-    // Fence: raise every chosen replica to the new epoch before any I/O.
+    // Fence first: raise every usable replica to the new epoch before any
+    // I/O, the ones that are behind too -- an older controller that could
+    // still reach them must not gather a majority of acknowledgements there.
     for (addr, d) in config.replicas.iter().zip(decisions.iter_mut()) {
         if let Ok(h) = d {
+            let before = h.identity;
             if let Err(e) = h.raise_epoch(addr, epoch).await {
                 *d = Err(format!("could not raise its epoch: {e}"));
+            } else {
+                // Remember what it held before we raised it: that is what
+                // says how far it had got.
+                h.identity = before;
             }
         }
     }
 
-    for (addr, d) in config.replicas.iter().zip(&decisions) {
-        match d {
-            Ok(h) => tracing::info!(
-                replica = %addr, epoch = epoch.0, revision = h.identity.revision.0,
-                "replica chosen: up to date, raised to the new epoch"
-            ),
-            Err(why) => tracing::warn!(replica = %addr, reason = %why, "replica not used"),
-        }
-    }
-
+    // Writes are acknowledged only once a majority holds them, so among a
+    // majority of the replicas at least one holds every acknowledged write:
+    // fewer reachable than --min-healthy and we cannot know which is latest.
     let usable = decisions.iter().filter(|d| d.is_ok()).count();
     if usable < config.min_healthy {
         let details = config
@@ -171,28 +158,59 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         });
     }
 
-    // The chosen replicas hold the same flushed history, but a controller
-    // that died may have left them different in blocks written after the
-    // last flush. The first one is the reference; the others start out of
-    // the volume and are reconciled with it (a delta rebuild: only blocks
-    // whose checksums differ travel) before the volume serves anyone.
+    // The reference is the replica that got furthest: the highest epoch (the
+    // newest controller it served), then the highest revision (the most
+    // flushes of it made durable; survivors are flushed whenever a replica
+    // drops, so a dropped replica is behind). Every other replica is
+    // reconciled with it before the volume serves: a delta rebuild, where
+    // only blocks whose checksums differ travel -- typically the blocks a
+    // dead controller wrote after its last flush, or what a dropped replica
+    // missed. Nothing is merged silently: each choice is logged with why.
+    let reference = decisions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            d.as_ref()
+                .ok()
+                .map(|h| (i, (h.identity.epoch, h.identity.revision)))
+        })
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(i, _)| i)
+        .expect("at least min_healthy >= 1 usable replicas");
+    let (best_epoch, best_rev) = {
+        let id = decisions[reference].as_ref().expect("usable").identity;
+        (id.epoch, id.revision)
+    };
     let mut reconcile = Vec::new();
-    let mut reference_taken = false;
     let replicas = decisions
         .into_iter()
         .enumerate()
-        .map(|(i, d)| match d {
-            Ok(h) if !reference_taken => {
-                reference_taken = true;
-                StartReplica::Ready(h)
-            }
-            Ok(_) => {
-                reconcile.push(i);
-                StartReplica::Unusable {
-                    cause: "up to date; reconciling unflushed blocks with the reference".into(),
+        .map(|(i, d)| {
+            let addr = &config.replicas[i];
+            match d {
+                Ok(h) if i == reference => {
+                    tracing::info!(
+                        replica = %addr, epoch = epoch.0, was_epoch = best_epoch.0, revision = best_rev.0,
+                        "replica chosen as the reference: it holds the latest data"
+                    );
+                    StartReplica::Ready(h)
+                }
+                Ok(h) => {
+                    let (e, r) = (h.identity.epoch, h.identity.revision);
+                    let why = if (e, r) < (best_epoch, best_rev) {
+                        format!("behind the reference ({e}, {r} < {best_epoch}, {best_rev}); rebuilding what it missed")
+                    } else {
+                        "as far as the reference; reconciling blocks written after the last flush".to_string()
+                    };
+                    tracing::info!(replica = %addr, reason = %why, "replica reconciled with the reference");
+                    reconcile.push(i);
+                    StartReplica::Unusable { cause: why }
+                }
+                Err(cause) => {
+                    tracing::warn!(replica = %addr, reason = %cause, "replica not used");
+                    StartReplica::Unusable { cause }
                 }
             }
-            Err(cause) => StartReplica::Unusable { cause },
         })
         .collect();
     let spec = VolumeSpec {
@@ -252,7 +270,11 @@ async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, Link
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let attempt = left.clamp(Duration::from_millis(200), Duration::from_secs(3));
-                match Handshaken::connect(&addr, VolumeId(uuid::Uuid::nil()), Epoch(0), attempt).await {
+                // A writer from the start: this connection becomes the data
+                // link, and taking over as writer also shuts out whatever an
+                // older controller still has in flight to this replica.
+                match Handshaken::connect_writer(&addr, VolumeId(uuid::Uuid::nil()), Epoch(0), attempt).await
+                {
                     Ok(h) => return Ok(h),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(e) => {

@@ -250,6 +250,10 @@ pub enum ReplyError {
     BadRequest,
     #[error("the replica is shutting down; reconnect later or use another replica")]
     ShuttingDown,
+    #[error(
+        "a newer writer connection has taken over this replica; this connection may no longer change it"
+    )]
+    Superseded,
 }
 
 impl ReplyError {
@@ -268,6 +272,7 @@ impl ReplyError {
             ReplyError::Io => 10,
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
+            ReplyError::Superseded => 13,
         }
     }
 
@@ -305,6 +310,7 @@ impl ReplyError {
             10 => ReplyError::Io,
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
+            13 => ReplyError::Superseded,
             _ => return None,
         })
     }
@@ -324,6 +330,7 @@ impl ReplyError {
             ReplyError::Io => "io",
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
+            ReplyError::Superseded => "superseded",
         }
     }
 }
@@ -343,6 +350,9 @@ pub enum Message {
         volume: VolumeId,
         min_version: ProtocolVersion,
         max_version: ProtocolVersion,
+        /// Make this connection the replica's only writer (see
+        /// `replica.proto`); probes and metadata connections say `false`.
+        writer: bool,
     },
     HelloOk {
         version: ProtocolVersion,

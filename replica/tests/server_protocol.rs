@@ -77,6 +77,7 @@ impl Replica {
                 volume: self.volume,
                 min_version: ProtocolVersion::MIN_SUPPORTED,
                 max_version: ProtocolVersion::CURRENT,
+                writer: true,
             },
         )
     }
@@ -397,6 +398,7 @@ async fn requests_before_hello_and_unknown_versions_are_refused() {
             volume: replica.volume,
             min_version: ProtocolVersion(ProtocolVersion::CURRENT.0 + 1),
             max_version: ProtocolVersion(u16::MAX),
+            writer: false,
         },
     );
     raw.send(future_only).await.unwrap();
@@ -679,4 +681,28 @@ async fn metrics_endpoint_serves_counters_and_latency_histograms() {
     );
     assert!(page.contains("basalt_replica_epoch 1"), "{page}");
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_newer_writer_connection_shuts_out_the_older_one_at_the_same_epoch() {
+    // A controller drops a hung link and opens a new one (for a rebuild):
+    // frames the old link left in flight must not land afterwards.
+    let replica = Replica::start().await;
+    let old = replica.client(1).await;
+    old.write(0, block(1), false).await.unwrap();
+    let new = replica.client(1).await;
+    let refused = old.write(0, block(0xee), false).await;
+    assert_eq!(refusal(refused), ReplyError::Superseded);
+    assert_eq!(refusal(old.unmap(0, 4096).await), ReplyError::Superseded);
+    assert_eq!(
+        new.read(0, 4096).await.unwrap(),
+        block(1),
+        "the superseded write did not happen"
+    );
+    new.write(0, block(2), false).await.unwrap();
+    assert_eq!(
+        new.read(0, 4096).await.unwrap(),
+        block(2),
+        "the new writer writes"
+    );
 }

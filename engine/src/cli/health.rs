@@ -153,6 +153,8 @@ pub async fn probe_replica(addr: &str, timeout: Duration) -> anyhow::Result<Stri
             volume: VolumeId(uuid::Uuid::nil()),
             min_version: ProtocolVersion::MIN_SUPPORTED,
             max_version: ProtocolVersion::CURRENT,
+            // A probe must never take writing away from the controller.
+            writer: false,
         };
         let identity = match call(&mut conn, addr, RequestId(1), hello, "Hello").await? {
             Message::HelloOk { version, replica } => (version, replica),

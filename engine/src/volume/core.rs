@@ -127,6 +127,12 @@ pub enum GuestOp {
         offset: u64,
         len: u32,
     },
+    /// A flush of every active replica that completes once each has
+    /// answered: when it completes, every write sent before it has been
+    /// applied everywhere. A rebuild drains after attaching its target, so
+    /// that its checksum listings see every write the target did not get.
+    /// Allowed while degraded (it acknowledges nothing to an initiator).
+    Drain,
 }
 
 /// What the core asks of one replica.
@@ -489,7 +495,7 @@ impl VolumeCore {
     fn admit(&mut self, guest: GuestId, op: GuestOp, out: &mut Vec<Effect>) {
         // A rebuild copy is how a degraded volume gets healthy again: it
         // needs one read-write source, not a majority.
-        let copy = matches!(op, GuestOp::Copy { .. });
+        let copy = matches!(op, GuestOp::Copy { .. } | GuestOp::Drain);
         if let Some(err) = self.degraded().filter(|_| !copy) {
             out.push(Effect::Complete {
                 guest,
@@ -525,6 +531,25 @@ impl VolumeCore {
                 ReplicaRequest::Unmap { offset, len }
             }
             GuestOp::Flush => ReplicaRequest::Flush,
+            GuestOp::Drain => {
+                let job = self.new_job();
+                let targets: Vec<ClientId> = self
+                    .modes()
+                    .filter(|(_, m)| m.is_active())
+                    .map(|(c, _)| c)
+                    .collect();
+                for &client in &targets {
+                    self.send(client, job, ReplicaRequest::Flush, out);
+                }
+                let drain = Job::Control {
+                    guest,
+                    waiting: targets,
+                    results: Vec::new(),
+                    barrier: false,
+                };
+                self.jobs.insert(job, drain);
+                return;
+            }
             GuestOp::Copy { to, offset, len } => {
                 let job = self.new_job();
                 let copy = Job::Copy {

@@ -228,6 +228,20 @@ impl Volume {
         rx.await.map_err(|_| gone())
     }
 
+    /// Wait until every write sent before this call has been applied on
+    /// every active replica (see [`GuestOp::Drain`]).
+    pub async fn drain(&self) -> Result<(), VolumeError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
+        self.tx
+            .send(Command::Io {
+                op: GuestOp::Drain,
+                reply: Reply::Control(reply),
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?.map(|_| ())
+    }
+
     /// The rebuild of `replica` is complete: it serves reads again.
     pub fn promote(&self, replica: usize) {
         let _ = self.tx.send(Command::Promote { replica });
@@ -456,6 +470,7 @@ impl Owner {
                     GuestOp::Unmap { len, .. } => ("unmap", *len),
                     GuestOp::Control(_) => ("control", 0),
                     GuestOp::Copy { len, .. } => ("rebuild", u64::from(*len)),
+                    GuestOp::Drain => ("drain", 0),
                 };
                 self.guests.insert(
                     id,

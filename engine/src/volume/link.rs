@@ -70,6 +70,29 @@ impl Handshaken {
         epoch: Epoch,
         timeout: Duration,
     ) -> Result<Handshaken, LinkError> {
+        Self::connect_as(addr, volume, epoch, timeout, false).await
+    }
+
+    /// Like [`Handshaken::connect`], for a connection that will carry the
+    /// volume's writes: it becomes the replica's only writer, so frames an
+    /// older link of ours (or of a dead controller) left in flight can never
+    /// change the replica after this one takes over.
+    pub async fn connect_writer(
+        addr: &str,
+        volume: VolumeId,
+        epoch: Epoch,
+        timeout: Duration,
+    ) -> Result<Handshaken, LinkError> {
+        Self::connect_as(addr, volume, epoch, timeout, true).await
+    }
+
+    async fn connect_as(
+        addr: &str,
+        volume: VolumeId,
+        epoch: Epoch,
+        timeout: Duration,
+        writer: bool,
+    ) -> Result<Handshaken, LinkError> {
         let fut = async {
             let stream = TcpStream::connect(addr)
                 .await
@@ -94,6 +117,7 @@ impl Handshaken {
                 volume,
                 min_version: ProtocolVersion::MIN_SUPPORTED,
                 max_version: ProtocolVersion::CURRENT,
+                writer,
             };
             match conn.call(addr, epoch, hello).await? {
                 Message::HelloOk { replica, .. } => conn.identity = replica,

@@ -314,8 +314,10 @@ impl Rebuilder {
 async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let spec = volume.spec();
     let (epoch, size) = (spec.epoch, spec.size_bytes);
-    let conn = Handshaken::connect(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
-    let id = conn.identity;
+    // A metadata connection first: its Hello raises the epoch, and the
+    // writer role goes to the replay's connection and then to the link.
+    let mut target_meta = Handshaken::connect(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
+    let id = target_meta.identity;
     if id.epoch > epoch {
         return Err(RebuildError::Fenced {
             addr: addr.into(),
@@ -339,7 +341,6 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
     }
     // Its epoch is ours now (Hello raised it): older controllers are fenced
     // out of it before it receives a single write.
-    let mut target_meta = Handshaken::connect(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
     let status = volume
         .status()
         .await
@@ -354,13 +355,18 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
 
     // The chain first, while no guest write reaches the target (a reset or
     // revert would drop them).
+    // The source's connection only reads: the volume's link to it keeps
+    // the writer role. The target's is its writer until the link below.
     let replicas = Pair {
-        source: client(&source_addr, spec.volume, epoch).await?,
-        target: client(addr, spec.volume, epoch).await?,
+        source: client(&source_addr, spec.volume, epoch, false).await?,
+        target: client(addr, spec.volume, epoch, true).await?,
         source_addr: source_addr.clone(),
         addr: addr.to_string(),
     };
     let replayed = replicas.sync_chain(size / BLOCK, volume, progress).await?;
+
+    // The link takes the target's writer role over from the replay.
+    let conn = Handshaken::connect_writer(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
 
     volume
         .attach(index, conn)
@@ -368,8 +374,15 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
     tracing::info!(replica = %addr, "replica WO: rebuild started");
 
-    // Listed after the attach: anything written before it is in the
-    // source's list, anything after reaches the target directly.
+    // Listed after the attach *and a drain*: a write sent before the attach
+    // may still be queued at the source (the listings travel on other
+    // connections, unordered with the data path), and the target never gets
+    // it; once the drain completes it is applied and listed. Anything sent
+    // after the attach reaches the target directly.
+    volume
+        .drain()
+        .await
+        .map_err(|e| RebuildError::Volume(e.to_string()))?;
     let source = block_crcs(&mut source_meta, &source_addr, epoch, size).await?;
     let target = block_crcs(&mut target_meta, addr, epoch, size).await?;
     // After a replay the target holds what it was sent, not what it had.
@@ -419,11 +432,13 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
 }
 
 /// A pipelined connection for the chain replay (many requests in flight,
-/// replies matched by id), at the volume's epoch.
+/// replies matched by id), at the volume's epoch; with `writer` it takes the
+/// replica's writer role.
 async fn client(
     addr: &str,
     volume: basalt_proto::VolumeId,
     epoch: basalt_proto::Epoch,
+    writer: bool,
 ) -> Result<ReplicaClient, RebuildError> {
     let resolved = tokio::net::lookup_host(addr)
         .await
@@ -435,7 +450,7 @@ async fn client(
             addr: addr.to_string(),
             source,
         })?;
-    let connect = ReplicaClient::connect(resolved, volume, epoch);
+    let connect = ReplicaClient::connect_as(resolved, volume, epoch, writer);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(source)) => Err(RebuildError::Replica {

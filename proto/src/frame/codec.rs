@@ -264,6 +264,7 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 volume: volume_id(op, &hello.volume_uuid)?,
                 min_version: ProtocolVersion(min),
                 max_version: ProtocolVersion(max),
+                writer: hello.writer,
             }
         }
         (Op::Hello, true) => {

@@ -201,10 +201,12 @@ impl Frame {
                 volume,
                 min_version,
                 max_version,
+                writer,
             } => pb_bytes(&pb::Hello {
                 volume_uuid: volume.0.as_bytes().to_vec(),
                 min_version: u32::from(min_version.0),
                 max_version: u32::from(max_version.0),
+                writer: *writer,
             }),
             M::HelloOk { version, replica } => pb_bytes(&pb::HelloReply {
                 version: u32::from(version.0),

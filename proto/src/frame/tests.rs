@@ -46,13 +46,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
     use Message as M;
     let version = any::<u16>().prop_map(ProtocolVersion);
     prop_oneof![
-        (any::<u128>(), version.clone(), version.clone()).prop_map(|(u, min_version, max_version)| {
-            M::Hello {
+        (any::<u128>(), version.clone(), version.clone(), any::<bool>()).prop_map(
+            |(u, min_version, max_version, writer)| M::Hello {
                 volume: VolumeId(uuid::Uuid::from_u128(u)),
                 min_version,
                 max_version,
+                writer,
             }
-        }),
+        ),
         (version, arb_identity()).prop_map(|(version, replica)| M::HelloOk { version, replica }),
         (any::<u64>(), 0..=MAX_PAYLOAD).prop_map(|(offset, len)| M::Read { offset, len }),
         arb_bytes(9000).prop_map(|data| M::ReadOk { data }),

@@ -142,10 +142,26 @@ impl ReplicaClient {
     /// (fencing older controllers); a lower one changes nothing, and
     /// [`ReplicaClient::identity`] shows the replica's epoch: a controller
     /// surveys replicas this way before it picks its epoch.
+    ///
+    /// The connection takes the replica's writer role; see
+    /// [`ReplicaClient::connect_as`] for one that only reads.
     pub async fn connect(
         addr: SocketAddr,
         volume: VolumeId,
         epoch: Epoch,
+    ) -> Result<ReplicaClient, ClientError> {
+        Self::connect_as(addr, volume, epoch, true).await
+    }
+
+    /// Like [`ReplicaClient::connect`]; with `as_writer: false` the connection
+    /// leaves the replica's writer role where it is, so it can read and list
+    /// (a rebuild reading its source) without shutting out the connection
+    /// that carries the volume's writes.
+    pub async fn connect_as(
+        addr: SocketAddr,
+        volume: VolumeId,
+        epoch: Epoch,
+        as_writer: bool,
     ) -> Result<ReplicaClient, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
@@ -179,6 +195,7 @@ impl ReplicaClient {
             volume,
             min_version: ProtocolVersion::MIN_SUPPORTED,
             max_version: ProtocolVersion::CURRENT,
+            writer: as_writer,
         });
         match hello.await? {
             Message::HelloOk { version, replica } => {

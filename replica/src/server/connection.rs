@@ -25,7 +25,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
+use super::{ConnId, Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
 use crate::store::{SnapshotInfo, Store};
 
 /// Most block checksums answered per request: the answer (12 bytes each)
@@ -66,6 +66,7 @@ enum Session {
 struct Job {
     id: RequestId,
     epoch: Epoch,
+    conn: ConnId,
     message: Message,
     received: Instant,
     _budget: OwnedSemaphorePermit,
@@ -142,6 +143,10 @@ async fn read_requests(
 ) -> Result<(), DecodeError> {
     let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT));
     let mut session = Session::AwaitingHello;
+    let mut conn = ConnId {
+        id: dispatch.shared.new_conn(),
+        writer: false,
+    };
     loop {
         let frame = tokio::select! {
             () = stop.cancelled() => return Ok(()),
@@ -174,11 +179,17 @@ async fn read_requests(
                     volume,
                     min_version,
                     max_version,
+                    writer,
                 },
             ) => {
                 let shared = dispatch.shared.clone();
+                conn.writer = writer;
                 let result = tokio::task::spawn_blocking(move || {
-                    hello(&shared, volume, epoch, min_version, max_version)
+                    let hello = hello(&shared, volume, epoch, min_version, max_version);
+                    if hello.is_ok() {
+                        shared.take_writer(conn, epoch);
+                    }
+                    hello
                 })
                 .await
                 .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("Hello task failed: {e}"))));
@@ -213,6 +224,7 @@ async fn read_requests(
                 let job = Job {
                     id,
                     epoch,
+                    conn,
                     message,
                     received,
                     _budget: permit,
@@ -247,13 +259,14 @@ impl Dispatch<'_> {
             let Job {
                 id,
                 epoch,
+                conn,
                 message,
                 received,
                 _budget,
             } = job;
             let worker = shared.clone();
             let op = message.op().0;
-            let result = tokio::task::spawn_blocking(move || execute(&worker, epoch, message))
+            let result = tokio::task::spawn_blocking(move || execute(&worker, epoch, conn, message))
                 .await
                 .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("read task failed: {e}"))));
             let _ = reply_tx
@@ -303,6 +316,7 @@ fn run_ordered_lane(
         let Job {
             id,
             epoch,
+            conn,
             message,
             received,
             _budget,
@@ -312,12 +326,12 @@ fn run_ordered_lane(
             let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
             side.spawn_blocking(move || {
                 let _budget = _budget;
-                let result = execute(&shared, epoch, message);
+                let result = execute(&shared, epoch, conn, message);
                 let _ = reply_tx.blocking_send(reply_frame(&shared, id, op, received, result));
             });
             continue;
         }
-        let result = execute(shared, epoch, message);
+        let result = execute(shared, epoch, conn, message);
         if reply_tx
             .blocking_send(reply_frame(shared, id, op, received, result))
             .is_err()
@@ -343,6 +357,7 @@ fn execute_writes(shared: &Shared, jobs: Vec<Job>, reply_tx: &mpsc::Sender<Frame
             .iter()
             .map(|job| {
                 shared.check_epoch(job.epoch)?;
+                shared.check_writer(job.conn)?;
                 match &job.message {
                     Message::Write { offset, data, .. } => Ok((*offset, &data[..])),
                     other => Err(Refusal::bad_request(format!("{} is not a write", other.op().0))),
@@ -377,17 +392,20 @@ fn execute_writes(shared: &Shared, jobs: Vec<Job>, reply_tx: &mpsc::Sender<Frame
 }
 
 /// Executes one request (not Hello, not Ping) on a blocking thread.
-fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, Refusal> {
+fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Result<Message, Refusal> {
     let metrics = &shared.metrics;
     match message {
-        Message::SetEpoch => shared.raise_epoch(epoch).map(|()| Message::SetEpochOk),
+        Message::SetEpoch => shared.raise_epoch(epoch).map(|()| {
+            shared.take_writer(conn, epoch);
+            Message::SetEpochOk
+        }),
         Message::Read { offset, len } => shared.fenced(epoch, |store| {
             let mut buf = BytesMut::zeroed(len as usize);
             store.read(offset, &mut buf)?;
             metrics.bytes_read(buf.len());
             Ok(Message::ReadOk { data: buf.freeze() })
         }),
-        Message::Write { offset, data, fua } => shared.fenced(epoch, |store| {
+        Message::Write { offset, data, fua } => shared.fenced_write(epoch, conn, |store| {
             store.write(offset, &data)?;
             metrics.bytes_written(data.len());
             if fua {
@@ -395,7 +413,7 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
             }
             Ok(Message::WriteOk)
         }),
-        Message::Unmap { offset, len } => shared.fenced(epoch, |store| {
+        Message::Unmap { offset, len } => shared.fenced_write(epoch, conn, |store| {
             store.unmap(offset, len)?;
             Ok(Message::UnmapOk)
         }),
@@ -412,7 +430,7 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
             ))
         }),
-        Message::Reset => shared.fenced(epoch, |store| {
+        Message::Reset => shared.fenced_write(epoch, conn, |store| {
             store.reset()?;
             tracing::warn!("replica reset: every snapshot and the head dropped, for a rebuild");
             Ok(Message::ResetOk)
@@ -442,7 +460,7 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
             metrics.bytes_read(buf.len());
             Ok(Message::ReadLayerOk { data: buf.freeze() })
         }),
-        Message::SnapshotCreate { name } => shared.fenced(epoch, |store| {
+        Message::SnapshotCreate { name } => shared.fenced_write(epoch, conn, |store| {
             let snapshot = store.snapshot_create(&name)?;
             tracing::info!(snapshot = %name, "snapshot created");
             Ok(Message::SnapshotCreateOk(snapshot_pb(&snapshot)))
@@ -452,12 +470,12 @@ fn execute(shared: &Shared, epoch: Epoch, message: Message) -> Result<Message, R
                 store.snapshot_list().iter().map(snapshot_pb).collect(),
             ))
         }),
-        Message::SnapshotDelete { name } => shared.fenced(epoch, |store| {
+        Message::SnapshotDelete { name } => shared.fenced_write(epoch, conn, |store| {
             store.snapshot_delete(&name)?;
             tracing::info!(snapshot = %name, "snapshot deleted");
             Ok(Message::SnapshotDeleteOk)
         }),
-        Message::SnapshotRevert { name } => shared.fenced(epoch, |store| {
+        Message::SnapshotRevert { name } => shared.fenced_write(epoch, conn, |store| {
             store.snapshot_revert(&name)?;
             tracing::info!(snapshot = %name, "volume reverted to snapshot");
             Ok(Message::SnapshotRevertOk)

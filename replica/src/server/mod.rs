@@ -117,6 +117,22 @@ pub(crate) struct Shared {
     /// Taken shared by every request while it checks its epoch and executes,
     /// exclusively by an epoch change: see "Epoch fencing" above.
     fence: RwLock<()>,
+    /// The connection that may change the store (0: any). A controller's
+    /// data link takes this role at Hello (or when it raises the epoch), so
+    /// frames an older link left in a socket buffer -- a link the controller
+    /// dropped as hung, then replaced for a rebuild -- are refused instead of
+    /// landing on top of newer data.
+    writer: std::sync::atomic::AtomicU64,
+    /// Source of connection ids (never 0).
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// Who sent a request: the connection, and whether it asked to be the
+/// writer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnId {
+    pub id: u64,
+    pub writer: bool,
 }
 
 impl Shared {
@@ -170,6 +186,53 @@ impl Shared {
 
     /// Raises the store's epoch to `epoch` (no-op if equal), after every
     /// request of the old epoch has finished.
+    /// A fresh connection id.
+    pub(crate) fn new_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Make `conn` the only writer, if it asked to be one and is not of a
+    /// stale epoch. Waits for requests executing under the old writer, so
+    /// none of them is still changing the store afterwards.
+    pub(crate) fn take_writer(&self, conn: ConnId, epoch: Epoch) {
+        if conn.writer && epoch >= self.store.epoch() {
+            let _fence = self.fence_exclusive();
+            let before = self.writer.swap(conn.id, std::sync::atomic::Ordering::AcqRel);
+            if before != conn.id && before != 0 {
+                tracing::info!(
+                    connection = conn.id,
+                    "a new writer connection took over; the old one is shut out"
+                );
+            }
+        }
+    }
+
+    /// Refused unless `conn` may change the store (see [`Shared::fenced_write`]).
+    pub(crate) fn check_writer(&self, conn: ConnId) -> Result<(), Refusal> {
+        let writer = self.writer.load(std::sync::atomic::Ordering::Acquire);
+        if writer != 0 && writer != conn.id {
+            return Err(Refusal::new(
+                ReplyError::Superseded,
+                "this connection was superseded by a newer writer connection; reconnect to continue",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Like [`Shared::fenced`], for requests that change the store: refused
+    /// unless `conn` is the writer (or no connection has claimed the role).
+    pub(crate) fn fenced_write<T>(
+        &self,
+        epoch: Epoch,
+        conn: ConnId,
+        op: impl FnOnce(&Store) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        self.fenced(epoch, |store| {
+            self.check_writer(conn)?;
+            op(store)
+        })
+    }
+
     pub(crate) fn raise_epoch(&self, epoch: Epoch) -> Result<(), Refusal> {
         let _fence = self.fence_exclusive();
         let before = self.store.epoch();
@@ -247,6 +310,8 @@ impl Server {
                 store,
                 metrics,
                 fence: RwLock::new(()),
+                writer: std::sync::atomic::AtomicU64::new(0),
+                next_conn: std::sync::atomic::AtomicU64::new(1),
             }),
         })
     }
