@@ -12,8 +12,10 @@
 //!                                      batches PDUs into one writev)
 //! ```
 //!
-//! Commands run concurrently, each in its own task, so a QD32 initiator gets
-//! 32 commands executing at once. The reader never waits for a command; the
+//! Commands run concurrently, so a QD32 initiator gets 32 commands executing
+//! at once: the reader polls each command once in place (one that completes
+//! at once, like a page-cache hit, is answered without a task) and moves the
+//! rest into a task of their own. The reader never waits for a command; the
 //! writer never waits for the reader. Data payloads are never copied on the
 //! way in (immediate data is a slice of the receive buffer) nor on the way out
 //! (Data-In PDUs are slices of the command's result, written with writev);
@@ -30,6 +32,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,6 +63,10 @@ const LOGIN_MAX_SEGMENT: u32 = 8192;
 /// write plus its header in one read, so large writes are not reassembled
 /// across many small reads.
 const READ_CHUNK: usize = 512 * 1024;
+/// The reader tops its buffer up to READ_CHUNK whenever less than this is
+/// free, so one `read` takes in whatever the initiator has queued (a QD32
+/// burst of 4 KiB writes is ~130 KiB) instead of a few PDUs at a time.
+const MIN_READ_SPACE: usize = 64 * 1024;
 /// The writer sends at most this many bytes per writev batch, so one
 /// connection's large reads do not delay its small responses for long.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -705,7 +712,7 @@ impl Session<'_> {
                 }
             }
             let wake = ping_deadline.unwrap_or(last_heard + interval);
-            if buf.capacity() - buf.len() < BHS_LEN {
+            if buf.capacity() - buf.len() < MIN_READ_SPACE {
                 buf.reserve(READ_CHUNK);
             }
             tokio::select! {
@@ -982,7 +989,19 @@ impl Session<'_> {
         }
     }
 
-    /// Spawn the command; its task answers unless it is aborted first.
+    /// Run the command: poll it once right here and answer at once if it is
+    /// done (a page-cache read or write usually is, see `file.rs`), else
+    /// spawn it; its task answers unless it is aborted first.
+    ///
+    /// Why poll in place: a task per command costs an allocation, a trip
+    /// through the scheduler and two task-table locks, which for a 4 KiB
+    /// command served from the page cache is more than the I/O itself. A
+    /// command that completes in its first poll was never abortable anyway
+    /// (ABORT TASK is read by this same loop, after it), so answering it
+    /// from here changes nothing an initiator can observe. The first poll
+    /// uses a no-op waker: a command that is not ready is moved into a task,
+    /// whose first poll registers the task's waker (every future must honour
+    /// the waker of its latest poll), so no wake-up is lost.
     fn execute(&mut self, header: CommandHeader, data_out: Bytes, in_flight: InFlight) {
         let Some(target) = &self.target else { return };
         let command = ScsiCommand {
@@ -994,16 +1013,22 @@ impl Session<'_> {
             expected_transfer_len: header.expected_len,
             data_out,
         };
-        let lu = target.lun0.clone();
-        let tx = self.tx.clone();
-        let tasks = self.tasks.clone();
         let limits = self.limits();
         let itt = header.itt;
         let (direction, expected_len) = (header.direction, header.expected_len);
+        let mut running = target.lun0.clone().execute_owned(command);
+        if let Poll::Ready(result) = running.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            let pdus = completion_pdus(itt, direction, expected_len, &result, limits);
+            let _ = self.tx.send(Outbound::Pdus(pdus));
+            drop(in_flight);
+            return;
+        }
+        let tx = self.tx.clone();
+        let tasks = self.tasks.clone();
         self.tasks
             .insert_with(itt, header.lun.number(), header.cmdsn, || {
                 tokio::spawn(async move {
-                    let result = lu.execute_boxed(command).await;
+                    let result = running.await;
                     if tasks.complete(itt) {
                         let pdus = completion_pdus(itt, direction, expected_len, &result, limits);
                         let _ = tx.send(Outbound::Pdus(pdus));

@@ -39,18 +39,19 @@ pub fn target_iqn(name: &str) -> String {
 }
 
 /// [`LogicalUnit`] in object-safe form, so one portal can serve targets over
-/// different devices. Boxing the future costs one allocation per command,
-/// next to the task spawned for it anyway.
+/// different devices. Boxing the future costs one allocation per command.
+/// The future owns its unit (`Arc`), so the transport can poll it once in
+/// place and hand it to a task only if it does not complete at once.
 pub trait DynLogicalUnit: Send + Sync + 'static {
-    fn execute_boxed(&self, cmd: ScsiCommand) -> Pin<Box<dyn Future<Output = ScsiResult> + Send + '_>>;
+    fn execute_owned(self: Arc<Self>, cmd: ScsiCommand) -> Pin<Box<dyn Future<Output = ScsiResult> + Send>>;
     fn reset(&self, kind: ResetKind, by: &ItNexus);
     fn nexus_added(&self, nexus: &ItNexus);
     fn nexus_removed(&self, nexus: &ItNexus);
 }
 
 impl<L: LogicalUnit> DynLogicalUnit for L {
-    fn execute_boxed(&self, cmd: ScsiCommand) -> Pin<Box<dyn Future<Output = ScsiResult> + Send + '_>> {
-        Box::pin(self.execute(cmd))
+    fn execute_owned(self: Arc<Self>, cmd: ScsiCommand) -> Pin<Box<dyn Future<Output = ScsiResult> + Send>> {
+        Box::pin(async move { self.execute(cmd).await })
     }
     fn reset(&self, kind: ResetKind, by: &ItNexus) {
         LogicalUnit::reset(self, kind, by)
