@@ -11,12 +11,21 @@ use basalt_tests::{basalt_binary, free_local_addr, read_file, run_checked, wait_
 
 /// Export every listed replica (all stopped) and assert they hold identical bytes.
 fn assert_replicas_identical(cluster: &Cluster, which: &[usize]) -> Result<()> {
-    let images: Vec<Vec<u8>> =
-        which.iter().map(|&i| cluster.export_replica(i).and_then(|p| read_file(&p))).collect::<Result<_>>()?;
+    let images: Vec<Vec<u8>> = which
+        .iter()
+        .map(|&i| cluster.export_replica(i).and_then(|p| read_file(&p)))
+        .collect::<Result<_>>()?;
     for (k, image) in images.iter().enumerate().skip(1) {
         if image != &images[0] {
-            let block = image.chunks(4096).zip(images[0].chunks(4096)).position(|(a, b)| a != b);
-            panic!("replica r{} differs from r{} (first differing 4 KiB block: {block:?})", which[k] + 1, which[0] + 1);
+            let block = image
+                .chunks(4096)
+                .zip(images[0].chunks(4096))
+                .position(|(a, b)| a != b);
+            panic!(
+                "replica r{} differs from r{} (first differing 4 KiB block: {block:?})",
+                which[k] + 1,
+                which[0] + 1
+            );
         }
     }
     Ok(())
@@ -36,7 +45,9 @@ fn returning_replica_is_rebuilt_under_sector_writes_and_matches_block_for_block(
     cluster.kill_replica(1);
     let victim = cluster.replicas[1].addr;
     wait_for("the killed replica to be ERR", Duration::from_secs(10), || {
-        volume_info(controller.api).map(|i| replica_mode(&i, victim).as_deref() == Some("ERR")).unwrap_or(false)
+        volume_info(controller.api)
+            .map(|i| replica_mode(&i, victim).as_deref() == Some("ERR"))
+            .unwrap_or(false)
     })?;
     let (ok, out) = qemu_io(&url, &["write -P 0x22 8M 16M", "flush"])?;
     assert!(ok, "writes go on with two of three replicas: {out}");
@@ -65,20 +76,35 @@ fn returning_replica_is_rebuilt_under_sector_writes_and_matches_block_for_block(
         })
     };
     cluster.start_replica(1)?;
-    wait_for("the returning replica to be rebuilt (RW)", Duration::from_secs(120), || {
-        volume_info(controller.api).map(|i| replica_mode(&i, victim).as_deref() == Some("RW")).unwrap_or(false)
-    })?;
+    wait_for(
+        "the returning replica to be rebuilt (RW)",
+        Duration::from_secs(120),
+        || {
+            volume_info(controller.api)
+                .map(|i| replica_mode(&i, victim).as_deref() == Some("RW"))
+                .unwrap_or(false)
+        },
+    )?;
     // Keep writing a little after it turned RW as well.
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer thread")?;
-    assert!(rounds.load(Ordering::Relaxed) > 0, "sector writes ran during the rebuild");
+    assert!(
+        rounds.load(Ordering::Relaxed) > 0,
+        "sector writes ran during the rebuild"
+    );
     let log = controller.daemon.log();
-    assert!(log.contains("rebuild complete"), "the controller logged the rebuild:\n{log}");
+    assert!(
+        log.contains("rebuild complete"),
+        "the controller logged the rebuild:\n{log}"
+    );
     for line in log.lines().filter(|l| l.contains("rebuild")) {
         eprintln!("{line}");
     }
-    eprintln!("sector-write rounds during the rebuild: {}", rounds.load(Ordering::Relaxed));
+    eprintln!(
+        "sector-write rounds during the rebuild: {}",
+        rounds.load(Ordering::Relaxed)
+    );
 
     controller.daemon.stop()?;
     for i in 0..3 {
@@ -93,20 +119,35 @@ fn returning_replica_is_rebuilt_under_sector_writes_and_matches_block_for_block(
 fn replica_add_rebuilds_a_new_empty_replica() -> Result<()> {
     let mut cluster = Cluster::start(2, ByteSize::mib(32))?;
     let controller = cluster.start_controller(&["--min-healthy", "1"])?;
-    let (ok, out) = qemu_io(&controller.url, &["write -P 0x5a 0 4M", "write -P 0xa5 20M 1M", "flush"])?;
+    let (ok, out) = qemu_io(
+        &controller.url,
+        &["write -P 0x5a 0 4M", "write -P 0xa5 20M 1M", "flush"],
+    )?;
     assert!(ok, "{out}");
 
     // A third replica process for the same volume, on a new address and an empty directory.
     let addr = free_local_addr()?;
     let dir = cluster.dir.path().join("r3");
-    cluster.replicas.push(Replica { addr, dir, daemon: None });
+    cluster.replicas.push(Replica {
+        addr,
+        dir,
+        daemon: None,
+    });
     cluster.start_replica(2)?;
     let mut add = Command::new(basalt_binary()?);
-    add.args(["replica", "add", "--api", &controller.api.to_string(), &addr.to_string()]);
+    add.args([
+        "replica",
+        "add",
+        "--api",
+        &controller.api.to_string(),
+        &addr.to_string(),
+    ]);
     let out = run_checked(&mut add)?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("rebuilding"));
     wait_for("the added replica to be RW", Duration::from_secs(60), || {
-        volume_info(controller.api).map(|i| replica_mode(&i, addr).as_deref() == Some("RW")).unwrap_or(false)
+        volume_info(controller.api)
+            .map(|i| replica_mode(&i, addr).as_deref() == Some("RW"))
+            .unwrap_or(false)
     })?;
     let info = volume_info(controller.api)?;
     assert_eq!(info["replicas"].as_array().map(Vec::len), Some(3), "{info}");
@@ -126,7 +167,11 @@ fn snapshot(api: std::net::SocketAddr, args: &[&str]) -> Result<(bool, String)> 
         .args(["--api", &api.to_string()])
         .output()
         .expect("run basalt snapshot");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((out.status.success(), text))
 }
 
@@ -134,8 +179,17 @@ fn snapshot(api: std::net::SocketAddr, args: &[&str]) -> Result<(bool, String)> 
 /// tombstones, which a later snapshot keeps.
 fn discard(url: &basalt_tests::IscsiUrl, offset: &str, len: &str) -> Result<()> {
     let mut cmd = Command::new(basalt_tests::require_tool("qemu-io")?);
-    cmd.args(["-f", "raw", "--cache", "none", "--discard", "unmap", "-c", &format!("discard {offset} {len}")])
-        .arg(url.to_string());
+    cmd.args([
+        "-f",
+        "raw",
+        "--cache",
+        "none",
+        "--discard",
+        "unmap",
+        "-c",
+        &format!("discard {offset} {len}"),
+    ])
+    .arg(url.to_string());
     run_checked(&mut cmd).map(drop)
 }
 
@@ -145,14 +199,19 @@ fn assert_snapshot_identical(cluster: &Cluster, which: &[usize], name: &str) -> 
     for &i in which {
         let out = cluster.dir.path().join(format!("{name}-r{}.img", i + 1));
         let mut export = Command::new(basalt_binary()?);
-        export.args(["replica", "export", "--snapshot", name, "--dir"]).arg(&cluster.replicas[i].dir);
+        export
+            .args(["replica", "export", "--snapshot", name, "--dir"])
+            .arg(&cluster.replicas[i].dir);
         export.arg("--out").arg(&out);
         run_checked(&mut export)?;
         images.push(read_file(&out)?);
     }
     for (k, image) in images.iter().enumerate().skip(1) {
         if image != &images[0] {
-            let block = image.chunks(4096).zip(images[0].chunks(4096)).position(|(a, b)| a != b);
+            let block = image
+                .chunks(4096)
+                .zip(images[0].chunks(4096))
+                .position(|(a, b)| a != b);
             panic!(
                 "snapshot {name}: replica r{} differs from r{} (first differing 4 KiB block: {block:?})",
                 which[k] + 1,
@@ -181,7 +240,9 @@ fn rebuilt_replicas_hold_the_sources_snapshot_chain() -> Result<()> {
     cluster.kill_replica(2);
     let stale = cluster.replicas[2].addr;
     wait_for("r3 to be ERR", Duration::from_secs(10), || {
-        volume_info(api).map(|i| replica_mode(&i, stale).as_deref() == Some("ERR")).unwrap_or(false)
+        volume_info(api)
+            .map(|i| replica_mode(&i, stale).as_deref() == Some("ERR"))
+            .unwrap_or(false)
     })?;
     let (ok, out) = qemu_io(&url, &["write -P 0x22 2M 4M", "write -P 0x23 20M 512k", "flush"])?;
     assert!(ok, "{out}");
@@ -193,7 +254,9 @@ fn rebuilt_replicas_hold_the_sources_snapshot_chain() -> Result<()> {
     cluster.kill_replica(1);
     let empty = cluster.replicas[1].addr;
     wait_for("r2 to be ERR", Duration::from_secs(10), || {
-        volume_info(api).map(|i| replica_mode(&i, empty).as_deref() == Some("ERR")).unwrap_or(false)
+        volume_info(api)
+            .map(|i| replica_mode(&i, empty).as_deref() == Some("ERR"))
+            .unwrap_or(false)
     })?;
     std::fs::remove_dir_all(&cluster.replicas[1].dir).expect("remove r2's directory");
     let (ok, out) = qemu_io(&url, &["write -P 0x33 5M 1M", "write -P 0x34 30M 64k", "flush"])?;
@@ -202,19 +265,40 @@ fn rebuilt_replicas_hold_the_sources_snapshot_chain() -> Result<()> {
     cluster.start_replica(1)?;
     cluster.start_replica(2)?;
     for addr in [empty, stale] {
-        wait_for("the returning replicas to be rebuilt (RW)", Duration::from_secs(120), || {
-            volume_info(api).map(|i| replica_mode(&i, addr).as_deref() == Some("RW")).unwrap_or(false)
-        })?;
+        wait_for(
+            "the returning replicas to be rebuilt (RW)",
+            Duration::from_secs(120),
+            || {
+                volume_info(api)
+                    .map(|i| replica_mode(&i, addr).as_deref() == Some("RW"))
+                    .unwrap_or(false)
+            },
+        )?;
     }
     let (ok, out) = snapshot(api, &["ls", "--json"])?;
     assert!(ok, "{out}");
     let listed: serde_json::Value = serde_json::from_str(out.trim()).expect("snapshot ls --json prints JSON");
-    let names: Vec<&str> =
-        listed["snapshots"].as_array().expect("list").iter().filter_map(|s| s["name"].as_str()).collect();
-    assert_eq!(names, ["first", "second"], "the chain, and no system snapshot: {out}");
-    assert_eq!(listed["divergent"].as_array().map(Vec::len).unwrap_or(0), 0, "no divergent replica: {out}");
+    let names: Vec<&str> = listed["snapshots"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["first", "second"],
+        "the chain, and no system snapshot: {out}"
+    );
+    assert_eq!(
+        listed["divergent"].as_array().map(Vec::len).unwrap_or(0),
+        0,
+        "no divergent replica: {out}"
+    );
     let log = controller.daemon.log();
-    assert!(log.contains("replaying the source's snapshot chain"), "the controller replayed the chain:\n{log}");
+    assert!(
+        log.contains("replaying the source's snapshot chain"),
+        "the controller replayed the chain:\n{log}"
+    );
     for line in log.lines().filter(|l| l.contains("rebuild")) {
         eprintln!("{line}");
     }
@@ -224,12 +308,25 @@ fn rebuilt_replicas_hold_the_sources_snapshot_chain() -> Result<()> {
         cluster.stop_replica(i)?;
     }
     let first = assert_snapshot_identical(&cluster, &[0, 1, 2], "first")?;
-    assert!(first[..4 << 20].iter().all(|&b| b == 0x11) && first[12 << 20..13 << 20].iter().all(|&b| b == 0x12));
-    assert!(first[20 << 20..].iter().all(|&b| b == 0), "`first` does not hold later writes");
+    assert!(
+        first[..4 << 20].iter().all(|&b| b == 0x11) && first[12 << 20..13 << 20].iter().all(|&b| b == 0x12)
+    );
+    assert!(
+        first[20 << 20..].iter().all(|&b| b == 0),
+        "`first` does not hold later writes"
+    );
     let second = assert_snapshot_identical(&cluster, &[0, 1, 2], "second")?;
     assert!(second[2 << 20..6 << 20].iter().all(|&b| b == 0x22));
-    assert!(second[12 << 20..(12 << 20) + (512 << 10)].iter().all(|&b| b == 0), "the discard is in `second`");
-    assert!(second[(12 << 20) + (512 << 10)..13 << 20].iter().all(|&b| b == 0x12));
-    assert!(second[5 << 20..6 << 20].iter().all(|&b| b == 0x22), "not the head's later write");
+    assert!(
+        second[12 << 20..(12 << 20) + (512 << 10)].iter().all(|&b| b == 0),
+        "the discard is in `second`"
+    );
+    assert!(second[(12 << 20) + (512 << 10)..13 << 20]
+        .iter()
+        .all(|&b| b == 0x12));
+    assert!(
+        second[5 << 20..6 << 20].iter().all(|&b| b == 0x22),
+        "not the head's later write"
+    );
     assert_replicas_identical(&cluster, &[0, 1, 2])
 }

@@ -29,14 +29,24 @@ fn replica_killed_during_fio_verify_loses_nothing() -> Result<()> {
     let log_dir = cluster.log_dir().to_path_buf();
     let fio_run = std::thread::spawn(move || job.run(&fio, &url, &log_dir));
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(!fio_run.is_finished(), "fio must still be writing when the replica dies; make the job bigger");
+    assert!(
+        !fio_run.is_finished(),
+        "fio must still be writing when the replica dies; make the job bigger"
+    );
     cluster.kill_replica(1);
     let result = fio_run.join().expect("fio thread")?;
     assert_eq!(result.error, 0, "fio reported an error while a replica died");
-    assert!(result.write.io_bytes > 0 && result.read.io_bytes > 0, "fio wrote and verified data");
+    assert!(
+        result.write.io_bytes > 0 && result.read.io_bytes > 0,
+        "fio wrote and verified data"
+    );
 
     let info = volume_info(controller.api)?;
-    assert_eq!(replica_mode(&info, victim).as_deref(), Some("ERR"), "the killed replica is ERR: {info}");
+    assert_eq!(
+        replica_mode(&info, victim).as_deref(),
+        Some("ERR"),
+        "the killed replica is ERR: {info}"
+    );
     assert_eq!(info["state"], "serving");
 
     // Stop cleanly (the controller flushes), then compare the survivors byte for byte.
@@ -68,7 +78,10 @@ fn two_of_three_replicas_lost_fails_io_loudly() -> Result<()> {
     let info = volume_info(controller.api)?;
     assert_eq!(info["state"], "degraded", "{info}");
     let log = controller.daemon.log();
-    assert!(log.contains("volume degraded"), "the controller logs why it fails I/O:\n{log}");
+    assert!(
+        log.contains("volume degraded"),
+        "the controller logs why it fails I/O:\n{log}"
+    );
 
     // The surviving replica never saw the refused write acknowledged... and the old data is still there.
     controller.daemon.stop()?;
@@ -95,13 +108,19 @@ fn second_controller_fences_the_first() -> Result<()> {
 
     let new = cluster.start_controller(&[])?;
     let new_epoch = volume_info(new.api)?["epoch"].as_u64().expect("epoch");
-    assert!(new_epoch > old_epoch, "the new controller raised the epoch ({old_epoch} -> {new_epoch})");
+    assert!(
+        new_epoch > old_epoch,
+        "the new controller raised the epoch ({old_epoch} -> {new_epoch})"
+    );
     let (ok, out) = qemu_io(&new.url, &["write -P 0xbb 64k 64k", "flush"])?;
     assert!(ok, "{out}");
 
     let (ok, out) = qemu_io(&old.url, &["write -P 0xcc 0 64k", "flush"])?;
     assert!(!ok, "the fenced controller's write must fail: {out}");
-    assert!(old.daemon.log().contains("fenced"), "the old controller logs that it was fenced");
+    assert!(
+        old.daemon.log().contains("fenced"),
+        "the old controller logs that it was fenced"
+    );
 
     let (ok, out) = qemu_io(&new.url, &["read -P 0xaa 0 64k", "read -P 0xbb 64k 64k"])?;
     assert!(ok, "data written through both controllers is intact: {out}");

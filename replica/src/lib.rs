@@ -5,5 +5,5 @@
 //! * [`server`]: serves one store over the data-path protocol of
 //!   `basalt-proto` on one TCP address.
 
-pub mod store;
 pub mod server;
+pub mod store;
