@@ -19,7 +19,9 @@
 //! ## Write, flush and what survives a crash
 //!
 //! A write of block `lba` appends its record (with the new CRC) to the head's log, then `pwrite`s the
-//! data; no fsync. `flush()` appends a flush marker carrying revision + 1 while no write is between
+//! data; no fsync. [`Store::write_batch`] does the same for many writes at once -- all their records
+//! in one append, then their data, adjacent blocks in one `pwritev` -- which halves the syscalls of
+//! small writes; the ordered lane of a replica connection feeds it every write queued at once. `flush()` appends a flush marker carrying revision + 1 while no write is between
 //! its record and its data (it briefly takes the chain lock exclusively), then fdatasyncs the head's
 //! data and log. At open, records after the last marker are checked against the data on disk, so after
 //! `kill -9` at any instant:
