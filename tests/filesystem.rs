@@ -122,6 +122,13 @@ fn ext4_on_basalt_is_clean_and_identical_after_remount_and_restart() -> anyhow::
 }
 
 #[test]
+fn ext4_on_a_3_replica_volume_is_clean_and_identical_after_remount_and_controller_restart(
+) -> anyhow::Result<()> {
+    // For a volume, "restart" stops the controller and starts a new one on the same replicas (a failover).
+    ext4_survives_remount_and_target_restart(TargetKind::BasaltVolume3)
+}
+
+#[test]
 fn ext4_on_tgt_is_clean_and_identical_after_remount_and_restart() -> anyhow::Result<()> {
     ext4_survives_remount_and_target_restart(TargetKind::Tgt)
 }
