@@ -21,7 +21,12 @@
 //! * Requests reach each replica in the order the core emits them, and the
 //!   driver keeps one FIFO connection per replica, so overlapping writes land
 //!   in the same order everywhere: replicas never diverge, and no lock is held
-//!   across a round trip.
+//!   across a round trip. Reads are the exception: a replica serves them
+//!   beside its ordered write lane, so a read may run before a write sent
+//!   ahead of it on the same connection. A read whose data is written
+//!   elsewhere (a rebuild copy, a repair) is therefore taken as overtaken if
+//!   an overlapping write was still unacknowledged at its source when it was
+//!   sent, and is read again (a copy) or not used (a repair).
 //! * Reads go to one read-write replica (the least busy), never to a
 //!   write-only (rebuilding) one. A failed read is retried on another replica;
 //!   a checksum mismatch is repaired by writing the good block back, unless a
@@ -279,11 +284,14 @@ struct Sent {
 #[derive(Debug)]
 enum Job {
     /// A write/flush/unmap fanned out to `waiting`; `acked` counts the
-    /// read-write replicas that acknowledged it.
+    /// read-write replicas that acknowledged it. `range` is the byte range
+    /// a write or unmap changes (`None` for a flush): a read sent to a
+    /// replica that has not acknowledged it yet may not see it.
     FanOut {
         guest: GuestId,
         waiting: Vec<ClientId>,
         acked: usize,
+        range: Option<Range>,
     },
     /// A control operation fanned out to `waiting`; answers are collected,
     /// and a failed answer does not drop the replica.
@@ -321,6 +329,26 @@ enum Job {
     },
     /// A repair write to one replica (no guest waiting).
     Repair,
+}
+
+/// A byte range `start..end` of the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+impl Range {
+    fn new(offset: u64, len: u64) -> Range {
+        Range {
+            start: offset,
+            end: offset.saturating_add(len),
+        }
+    }
+
+    fn overlaps(&self, other: &Range) -> bool {
+        self.start < other.end && other.start < self.end
+    }
 }
 
 /// The volume state machine. See the module docs.
@@ -503,6 +531,7 @@ impl VolumeCore {
             });
             return;
         }
+        let mut range = None;
         let request = match op {
             GuestOp::Read { offset, len } => {
                 let job = self.new_job();
@@ -524,10 +553,12 @@ impl VolumeCore {
             }
             GuestOp::Write { offset, data, fua } => {
                 self.mark_reads_overtaken(offset, data.len() as u64);
+                range = Some(Range::new(offset, data.len() as u64));
                 ReplicaRequest::Write { offset, data, fua }
             }
             GuestOp::Unmap { offset, len } => {
                 self.mark_reads_overtaken(offset, len);
+                range = Some(Range::new(offset, len));
                 ReplicaRequest::Unmap { offset, len }
             }
             GuestOp::Flush => ReplicaRequest::Flush,
@@ -605,6 +636,7 @@ impl VolumeCore {
                 guest,
                 waiting: targets,
                 acked: 0,
+                range,
             },
         );
     }
@@ -642,10 +674,15 @@ impl VolumeCore {
     /// Send a rebuild copy's read to the least busy read-write replica not
     /// yet tried; fail the copy if none is left.
     fn dispatch_copy_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
-        let Some(Job::Copy { tried, .. }) = self.jobs.get(&job) else {
+        let Some(Job::Copy {
+            tried, offset, len, ..
+        }) = self.jobs.get(&job)
+        else {
             return;
         };
         let source = self.least_busy_reader(tried);
+        let range = Range::new(*offset, u64::from(*len));
+        let unapplied = source.is_some_and(|s| self.write_unacknowledged_at(s, range));
         let Some(Job::Copy {
             guest,
             offset,
@@ -660,7 +697,12 @@ impl VolumeCore {
         match source {
             Some(client) => {
                 *at = Some(client);
-                *overtaken = false;
+                // A replica serves reads beside its ordered write lane, not
+                // behind it: a write sent to the source before this read and
+                // not yet acknowledged may still be unapplied when the read
+                // runs, yet the target already has it queued ahead of the
+                // copy's write. Such a read is taken as overtaken.
+                *overtaken = unapplied;
                 let request = ReplicaRequest::Read {
                     offset: *offset,
                     len: *len,
@@ -747,6 +789,17 @@ impl VolumeCore {
         }
     }
 
+    /// A write or unmap overlapping `range` was sent to `client` and not yet
+    /// acknowledged by it: a read sent there now may run before it.
+    fn write_unacknowledged_at(&self, client: ClientId, range: Range) -> bool {
+        self.replicas[client.0].outstanding.keys().any(|job| {
+            matches!(
+                self.jobs.get(job),
+                Some(Job::FanOut { range: Some(r), .. }) if r.overlaps(&range)
+            )
+        })
+    }
+
     /// The read-write replica with the fewest requests outstanding, among
     /// those not in `tried`. Write-only replicas never serve reads.
     fn least_busy_reader(&self, tried: &[ClientId]) -> Option<ClientId> {
@@ -761,16 +814,29 @@ impl VolumeCore {
     /// Send (or re-send) a read to the least busy read-write replica not yet
     /// tried; fail it if none is left.
     fn dispatch_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
-        let Some(Job::Read { tried, .. }) = self.jobs.get(&job) else {
+        let Some(Job::Read {
+            tried,
+            bad,
+            offset,
+            len,
+            ..
+        }) = self.jobs.get(&job)
+        else {
             return;
         };
         let candidate = self.least_busy_reader(tried);
+        // Only a read whose data will repair another replica must not be
+        // older than a write already sent (see `dispatch_copy_read`); a guest
+        // read racing a write it has not seen acknowledged may see either.
+        let range = Range::new(*offset, u64::from(*len));
+        let unapplied = !bad.is_empty() && candidate.is_some_and(|c| self.write_unacknowledged_at(c, range));
         let Some(Job::Read {
             guest,
             offset,
             len,
             at,
             last_error,
+            overtaken,
             ..
         }) = self.jobs.get_mut(&job)
         else {
@@ -779,6 +845,7 @@ impl VolumeCore {
         match candidate {
             Some(client) => {
                 *at = client;
+                *overtaken |= unapplied;
                 let request = ReplicaRequest::Read {
                     offset: *offset,
                     len: *len,
@@ -943,6 +1010,7 @@ impl VolumeCore {
             guest,
             waiting,
             acked,
+            ..
         }) = self.jobs.get(&job_id)
         else {
             return;
@@ -1595,6 +1663,82 @@ mod tests {
             matches!(again[0].2, ReplicaRequest::Read { offset: 0, len: 4096 }),
             "the stale block is not written; it is read again, after the guest write"
         );
+    }
+
+    #[test]
+    fn rebuild_copy_read_sent_behind_an_unacknowledged_write_is_read_again() {
+        // The replica serves a read beside its write lane: a copy read sent
+        // after a guest write the source has not yet acknowledged may return
+        // the block from before that write, while the target already holds
+        // the write. Writing that data to the target would lose the write.
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        h.guest(write(0, 9));
+        let guest_write = Harness::sends(&h.take());
+        assert_eq!(guest_write.len(), 3, "the target receives the guest write too");
+        h.reply(2, guest_write[0].1, ReplicaReply::Ok(Bytes::new()));
+        let g = h.guest(GuestOp::Copy {
+            to: ClientId(2),
+            offset: 0,
+            len: 8192,
+        });
+        let read = Harness::sends(&h.take())[0].clone();
+        // The read ran first at the source: its answer is the block from
+        // before the guest write, though the write's acknowledgement comes
+        // back first.
+        for (client, job, _) in &guest_write[..2] {
+            h.reply(*client, *job, ReplicaReply::Ok(Bytes::new()));
+        }
+        h.take();
+        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 8192])));
+        let again = Harness::sends(&h.take());
+        assert_eq!(again.len(), 1);
+        assert!(
+            matches!(again[0].2, ReplicaRequest::Read { offset: 0, len: 8192 }),
+            "possibly stale data is not written to the target; it is read again, got {again:?}"
+        );
+        // Read again after the source acknowledged the write: now it is used.
+        let data = Bytes::from(vec![9u8; 8192]);
+        h.reply(again[0].0, again[0].1, ReplicaReply::Ok(data.clone()));
+        let write_to_target = Harness::sends(&h.take());
+        assert_eq!(
+            write_to_target,
+            vec![(
+                2,
+                read.1,
+                ReplicaRequest::Write {
+                    offset: 0,
+                    data,
+                    fua: false
+                }
+            )]
+        );
+        h.reply(2, read.1, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+    }
+
+    #[test]
+    fn repair_read_sent_behind_an_unacknowledged_write_repairs_nothing() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Read { offset: 0, len: 4096 });
+        let first = Harness::sends(&h.take())[0].clone();
+        // A guest write to the block goes out while the read is in flight.
+        h.guest(write(0, 9));
+        let guest_write = Harness::sends(&h.take());
+        h.reply(first.0, first.1, ReplicaReply::ChecksumMismatch { lba: 0 });
+        let retry = Harness::sends(&h.take())[0].clone();
+        assert_ne!(retry.0, first.0);
+        // The retry went to a replica that had not acknowledged the write:
+        // its data may predate it, and must not be written over it.
+        h.reply(retry.0, retry.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
+        let effects = h.take();
+        assert!(
+            Harness::sends(&effects).is_empty(),
+            "no repair write: {effects:?}"
+        );
+        assert_eq!(Harness::completions(&effects).len(), 1);
+        assert_eq!(Harness::completions(&effects)[0].0, g);
+        assert_eq!(guest_write.len(), 3);
     }
 
     #[test]
