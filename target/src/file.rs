@@ -77,6 +77,17 @@ const FILL_CHUNK: usize = 1 << 20;
 /// the other cores.
 const INLINE_IO_MAX: usize = 64 * 1024;
 
+/// Buffered writes are issued in pieces of at most this size. The kernel
+/// sizes a page-cache folio after the write that creates it, and a later
+/// small write into a large folio walks every block of it: on ext4 (Linux
+/// 6.x, large folios) a 4 KiB `pwrite` into a range first written with
+/// 1 MiB writes costs 13-30 µs instead of ~5 µs (measured with a 256 MiB
+/// file, 50k random writes). Splitting keeps folios at 64 KiB, which makes a
+/// 1 MiB write ~20-50 % dearer in CPU (more calls, more folios) but keeps
+/// random 4 KiB writes after sequential ones cheap; 1 MiB writes are still
+/// well ahead of tgt, which is what the benchmarks weigh.
+const PAGE_CACHE_WRITE_CHUNK: usize = 64 * 1024;
+
 /// How to open a [`FileDevice`].
 #[derive(Clone, Debug)]
 pub struct FileDeviceOptions {
@@ -307,9 +318,14 @@ impl Inner {
                 Err(e) => return Err(DeviceError::Io(e)),
             }
         }
-        self.file.write_all_at(data, offset)?;
         if fua {
+            self.file.write_all_at(data, offset)?;
             self.file.sync_data()?;
+            return Ok(());
+        }
+        for (i, chunk) in data.chunks(PAGE_CACHE_WRITE_CHUNK).enumerate() {
+            self.file
+                .write_all_at(chunk, offset + (i * PAGE_CACHE_WRITE_CHUNK) as u64)?;
         }
         Ok(())
     }
