@@ -87,7 +87,12 @@ const REPLAY_DEPTH: usize = 16;
 static ZEROS: [u8; MAX_COPY as usize] = [0; MAX_COPY as usize];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Back-off between attempts to re-add a failed replica.
-const RETRY_MIN: Duration = Duration::from_secs(1);
+/// The first retry comes quickly: a replica that restarts is back within a
+/// second, and every moment it is away it misses writes it must copy later.
+/// A probe is one TCP connect plus a Hello, so trying a dead replica five
+/// times a second costs nothing worth measuring; the back-off doubles up to
+/// `RETRY_MAX` for replicas that stay away.
+const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why a rebuild stopped.
@@ -265,7 +270,7 @@ impl Rebuilder {
     /// back-off per replica, until `shutdown`.
     pub async fn watch(self: Arc<Self>, volume: Volume, shutdown: tokio_util::sync::CancellationToken) {
         let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -278,6 +283,10 @@ impl Rebuilder {
                 return;
             };
             for (index, r) in status.replicas.iter().enumerate() {
+                if r.mode == ReplicaMode::ReadWrite {
+                    // Healthy again: its next failure starts a fresh back-off.
+                    next_try.remove(&r.address);
+                }
                 if !matches!(r.mode, ReplicaMode::Error { .. })
                     || self.removed.lock().expect("rebuild table").contains(&r.address)
                     || self.progress(index).is_some()
@@ -301,7 +310,10 @@ impl Rebuilder {
                 if probe.is_ok() {
                     tracing::info!(replica = %r.address, "failed replica answers again; rebuilding it");
                     self.start(&volume, index, r.address.clone());
-                    next_try.insert(r.address.clone(), (now + RETRY_MIN, RETRY_MIN));
+                    // If this rebuild fails too, the next one waits longer:
+                    // a replica that answers but cannot be rebuilt (say, a
+                    // full disk) is not retried five times a second.
+                    next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
                 } else {
                     next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
                 }
