@@ -156,11 +156,16 @@ pub async fn probe_replica(addr: &str, timeout: Duration) -> anyhow::Result<Stri
             // A probe must never take writing away from the controller.
             writer: false,
         };
-        let identity = match call(&mut conn, addr, RequestId(1), hello, "Hello").await? {
+        // Hello at epoch 0 never raises the replica's epoch (a probe must not
+        // fence the controller); the Ping then carries the epoch the replica
+        // reported, because a replica refuses requests of an older epoch
+        // than its own once a controller has raised it.
+        let identity = match call(&mut conn, addr, RequestId(1), Epoch(0), hello, "Hello").await? {
             Message::HelloOk { version, replica } => (version, replica),
             other => return Err(unexpected(addr, "Hello", &other)),
         };
-        match call(&mut conn, addr, RequestId(2), Message::Ping, "Ping").await? {
+        let epoch = identity.1.epoch;
+        match call(&mut conn, addr, RequestId(2), epoch, Message::Ping, "Ping").await? {
             Message::Pong => {}
             other => return Err(unexpected(addr, "Ping", &other)),
         }
@@ -184,10 +189,11 @@ async fn call(
     conn: &mut Framed<TcpStream, FrameCodec>,
     addr: &str,
     id: RequestId,
+    epoch: Epoch,
     request: Message,
     what: &'static str,
 ) -> Result<Message, HealthError> {
-    conn.send(Frame::new(id, Epoch(0), request))
+    conn.send(Frame::new(id, epoch, request))
         .await
         .map_err(|e| HealthError::Protocol {
             addr: addr.to_string(),
@@ -350,7 +356,7 @@ mod tests {
 
     /// A scripted replica: answers Hello and Ping like the real one.
     #[tokio::test]
-    async fn replica_probe_says_hello_at_epoch_zero_then_ping() {
+    async fn replica_probe_says_hello_at_epoch_zero_then_pings_at_the_replicas_epoch() {
         use basalt_proto::frame::ReplicaIdentity;
         let (l, addr) = silent_listener().await;
         let volume = VolumeId::random();
@@ -384,7 +390,11 @@ mod tests {
         );
         let seen = peer.await.unwrap();
         use basalt_proto::frame::Op;
-        assert_eq!(seen, vec![(Epoch(0), Op::Hello), (Epoch(0), Op::Ping)]);
+        assert_eq!(
+            seen,
+            vec![(Epoch(0), Op::Hello), (Epoch(7), Op::Ping)],
+            "Ping at the replica's own epoch"
+        );
     }
 
     #[tokio::test]
