@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 # rather than inside every end-to-end test (the tests would build it themselves otherwise).
 cargo build -p basalt-engine --bin basalt
 
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"
