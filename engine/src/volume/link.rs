@@ -35,6 +35,11 @@ use super::core::{ClientId, ControlOp, Event, JobId, ReplicaReply, ReplicaReques
 /// memory; far above one burst of small writes).
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// Longest wait for the answer to one control or metadata request (a
+/// checksum listing of 2^16 blocks, a page of a layer, a flush): far above
+/// what a healthy replica needs, well below what an operator would wait.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why a replica could not be connected.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -147,13 +152,21 @@ impl Handshaken {
 
     /// One request, one reply (for control and metadata requests on a
     /// connection that has no I/O tasks).
+    ///
+    /// Bounded by [`REQUEST_TIMEOUT`]: a rebuild talking to a replica that
+    /// went silent (cut off, paused) fails and is retried instead of hanging.
     pub async fn request(
         &mut self,
         addr: &str,
         epoch: Epoch,
         message: Message,
     ) -> Result<Message, LinkError> {
-        self.call(addr, epoch, message).await
+        tokio::time::timeout(REQUEST_TIMEOUT, self.call(addr, epoch, message))
+            .await
+            .map_err(|_| LinkError::Timeout {
+                addr: addr.to_string(),
+                timeout: REQUEST_TIMEOUT,
+            })?
     }
 
     /// One request, one reply, before the I/O tasks take over the socket.
