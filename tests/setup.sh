@@ -123,6 +123,14 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/basalt-dockerd.log" >&2; exit 1; }
 fi
 
+# --- Helm SDK from PyPI, for tests/helm.rs (charts/helm_check.py lints and renders the chart offline) ------
+PYTHON="${BASALT_PYTHON:-python3}"
+if ! "$PYTHON" -c "import helm_python, yaml" >/dev/null 2>&1; then
+  echo "setup: installing helm-python-sdk and pyyaml for $PYTHON"
+  "$PYTHON" -m pip install -q helm-python-sdk pyyaml
+fi
+"$PYTHON" -c "import helm_python, yaml" || { echo "setup: helm-python-sdk is not importable by $PYTHON" >&2; exit 1; }
+
 # --- checks: fail here, loudly, rather than in the middle of a test ------------------------------------------
 for tool in iscsi-test-cu iscsi-ls iscsi-inq tgtd tgtadm qemu-img qemu-storage-daemon mkfs.ext4 fsck.ext4 \
   losetup mount umount "$FIO_LIBISCSI"; do
