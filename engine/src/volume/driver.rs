@@ -177,23 +177,26 @@ impl Volume {
 
     /// A point-in-time status; `None` if the owner task has stopped.
     pub async fn status(&self) -> Option<VolumeStatus> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Status { reply }).ok()?;
-        rx.await.ok()
+        self.ask(|reply| Command::Status { reply }).await.ok()
     }
 
     /// Run a snapshot operation on every active replica, ordered with the
     /// I/O around it.
     pub async fn control(&self, op: ControlOp) -> Result<ControlResults, VolumeError> {
-        let (reply, rx) = oneshot::channel();
+        self.ask(|reply| Command::Io {
+            op: GuestOp::Control(op),
+            reply: Reply::Control(reply),
+        })
+        .await?
+    }
+
+    /// Send the owner task a command and wait for its answer; the only
+    /// failure is the owner having stopped.
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, VolumeError> {
         let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx
-            .send(Command::Io {
-                op: GuestOp::Control(op),
-                reply: Reply::Control(reply),
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(command(reply)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     /// Drop replica `replica` (by index) from the volume, with the cause
@@ -205,41 +208,29 @@ impl Volume {
     /// The index of the replica at `address`, adding it (in ERR, until it
     /// is rebuilt) if the volume does not know it yet.
     pub async fn add_replica(&self, address: String) -> Result<usize, VolumeError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx
-            .send(Command::Add { address, reply })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        self.ask(|reply| Command::Add { address, reply }).await
     }
 
     /// Start sending every new write to replica `replica` (write-only mode):
     /// the first step of its rebuild.
     pub async fn attach(&self, replica: usize, conn: super::link::Handshaken) -> Result<(), VolumeError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx
-            .send(Command::Attach {
-                replica,
-                conn: Box::new(conn),
-                reply,
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        self.ask(|reply| Command::Attach {
+            replica,
+            conn: Box::new(conn),
+            reply,
+        })
+        .await
     }
 
     /// Wait until every write sent before this call has been applied on
     /// every active replica (see [`GuestOp::Drain`]).
     pub async fn drain(&self) -> Result<(), VolumeError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
-        self.tx
-            .send(Command::Io {
-                op: GuestOp::Drain,
-                reply: Reply::Control(reply),
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?.map(|_| ())
+        self.ask(|reply| Command::Io {
+            op: GuestOp::Drain,
+            reply: Reply::Control(reply),
+        })
+        .await?
+        .map(|_| ())
     }
 
     /// The rebuild of `replica` is complete: it serves reads again.
@@ -250,20 +241,17 @@ impl Volume {
     /// Copy a range from a read-write replica to write-only `replica`
     /// (see [`GuestOp::Copy`]).
     pub async fn copy(&self, replica: usize, offset: u64, len: u32) -> Result<(), VolumeError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || VolumeError::Unavailable("the volume is shutting down".into());
         let op = GuestOp::Copy {
             to: ClientId(replica),
             offset,
             len,
         };
-        self.tx
-            .send(Command::Io {
-                op,
-                reply: Reply::Io(reply),
-            })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?.map(|_| ())
+        self.ask(|reply| Command::Io {
+            op,
+            reply: Reply::Io(reply),
+        })
+        .await?
+        .map(|_| ())
     }
 
     async fn io(&self, op: GuestOp) -> Result<Bytes, DeviceError> {
