@@ -38,6 +38,10 @@
 //! The rebuild's ops ride the same stream: `BlockCrcs` compares merged
 //! views, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
 //! source's snapshot chain layer by layer onto a replica whose chain differs.
+//! `WrittenSince` asks a replica's persistent write-intent record which
+//! regions may differ from a replica last in sync at a [`SyncPoint`], and
+//! `AdoptSyncPoint` puts a freshly rebuilt replica on the source's flush
+//! numbering (or takes it off any numbering while it is being rebuilt).
 //!
 //! ## Pipelining
 //!
@@ -159,6 +163,8 @@ pub enum Op {
     Reset = 0x0e,
     LayerBlocks = 0x0f,
     ReadLayer = 0x10,
+    WrittenSince = 0x11,
+    AdoptSyncPoint = 0x12,
 }
 
 /// Set in the op byte of every reply.
@@ -166,7 +172,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 18] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -183,6 +189,8 @@ impl Op {
         Op::Reset,
         Op::LayerBlocks,
         Op::ReadLayer,
+        Op::WrittenSince,
+        Op::AdoptSyncPoint,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -209,6 +217,8 @@ impl Op {
             Op::Reset => "reset",
             Op::LayerBlocks => "layer_blocks",
             Op::ReadLayer => "read_layer",
+            Op::WrittenSince => "written_since",
+            Op::AdoptSyncPoint => "adopt_sync_point",
         }
     }
 }
@@ -462,6 +472,39 @@ pub enum Message {
         data: Bytes,
     },
 
+    /// Which regions of the volume may differ between this replica and one
+    /// that was last in sync with it at `since` (its last durable flush): a
+    /// superset of every block written here after that point, including
+    /// writes not yet flushed. With `since: None`, the same question about
+    /// this replica's own last durable flush (what it may hold that was
+    /// never flushed). Listed in block order from `start_lba`; the replica
+    /// may stop early, `end_lba` says up to where the answer is complete.
+    WrittenSince {
+        since: Option<SyncPoint>,
+        start_lba: u64,
+    },
+    /// `position` is the answering replica's own sync point (its lineage,
+    /// its last durable flush, and the epoch that flush was made under).
+    WrittenSinceOk {
+        position: SyncPoint,
+        answer: WrittenAnswer,
+        end_lba: u64,
+    },
+
+    /// Put this replica on another flush numbering, durably: its flush
+    /// `own_revision` is the same flush as `point.revision` of lineage
+    /// `point.lineage` (a rebuild sends it with the two revisions one drain
+    /// flush got on source and target). With `point: None`, leave any
+    /// numbering: the replica takes a fresh lineage nobody shares, so no
+    /// record answers for it until it is rebuilt and adopts one again.
+    AdoptSyncPoint {
+        point: Option<SyncPoint>,
+        own_revision: Revision,
+    },
+    AdoptSyncPointOk {
+        position: SyncPoint,
+    },
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -507,6 +550,10 @@ impl Message {
             M::LayerBlocksOk { .. } => (Op::LayerBlocks, true),
             M::ReadLayer { .. } => (Op::ReadLayer, false),
             M::ReadLayerOk { .. } => (Op::ReadLayer, true),
+            M::WrittenSince { .. } => (Op::WrittenSince, false),
+            M::WrittenSinceOk { .. } => (Op::WrittenSince, true),
+            M::AdoptSyncPoint { .. } => (Op::AdoptSyncPoint, false),
+            M::AdoptSyncPointOk { .. } => (Op::AdoptSyncPoint, true),
             M::Failed { op, .. } => (*op, true),
         }
     }
@@ -561,6 +608,53 @@ impl LayerBlock {
     pub const WIRE_LEN: usize = 13;
     pub(crate) const KIND_DATA: u8 = 1;
     pub(crate) const KIND_TOMBSTONE: u8 = 2;
+}
+
+/// A point in one flush history: flush `revision` of the numbering
+/// `lineage`, made under `epoch`. Replicas in the same active set flush in
+/// lockstep (every flush and snapshot operation fans out to all of them, and
+/// a replica places each flush marker in the order the flush arrived), so
+/// after a rebuild has aligned them they share a lineage and number the same
+/// flush alike. The epoch tells two histories apart that continued the same
+/// numbering under different controllers (a split): the same revision made
+/// under different epochs is not the same flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncPoint {
+    pub lineage: u64,
+    pub revision: Revision,
+    pub epoch: Epoch,
+}
+
+impl SyncPoint {
+    /// Wire size: lineage, revision, epoch (u64 LE each).
+    pub const WIRE_LEN: usize = 24;
+}
+
+/// A run of `blocks` blocks from block `lba`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRun {
+    pub lba: u64,
+    pub blocks: u64,
+}
+
+impl BlockRun {
+    /// Wire size: lba then blocks (u64 LE each).
+    pub const WIRE_LEN: usize = 16;
+}
+
+/// What a write-intent record can say (see [`Message::WrittenSince`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WrittenAnswer {
+    /// Every block that may differ lies in these runs (in block order).
+    Regions(Vec<BlockRun>),
+    /// The record cannot answer safely (why, in words): compare checksums
+    /// of the whole volume instead.
+    Unknown(String),
+}
+
+impl WrittenAnswer {
+    pub(crate) const KIND_REGIONS: u8 = 1;
+    pub(crate) const KIND_UNKNOWN: u8 = 2;
 }
 
 /// One frame: a message plus the envelope every frame carries.

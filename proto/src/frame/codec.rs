@@ -18,8 +18,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::{frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_FUA, HEADER_LEN, MAGIC};
 use super::{
-    pb, BlockCrc, Frame, LayerBlock, LayerBlockState, Message, Op, ProtocolVersion, ReplicaIdentity,
-    ReplyError, RequestId, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, BlockRun, Frame, LayerBlock, LayerBlockState, Message, Op, ProtocolVersion,
+    ReplicaIdentity, ReplyError, RequestId, SyncPoint, WrittenAnswer, MAX_PAYLOAD, REPLY_BIT,
 };
 use crate::{Epoch, Revision, VolumeId};
 
@@ -430,6 +430,63 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
             length_is_payload()?;
             M::ReadLayerOk { data: payload }
         }
+        (Op::WrittenSince, false) => {
+            no_length()?;
+            M::WrittenSince {
+                since: optional_sync_point(op, &payload)?,
+                start_lba: raw.offset,
+            }
+        }
+        (Op::WrittenSince, true) => {
+            no_length()?;
+            let position = sync_point(op, payload.get(..SyncPoint::WIRE_LEN))?;
+            let rest = &payload[SyncPoint::WIRE_LEN..];
+            let answer = match rest.split_first() {
+                Some((&WrittenAnswer::KIND_REGIONS, runs)) if runs.len().is_multiple_of(BlockRun::WIRE_LEN) => {
+                    WrittenAnswer::Regions(
+                        runs.chunks_exact(BlockRun::WIRE_LEN)
+                            .map(|c| BlockRun {
+                                lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                                blocks: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+                            })
+                            .collect(),
+                    )
+                }
+                Some((&WrittenAnswer::KIND_UNKNOWN, why)) => {
+                    WrittenAnswer::Unknown(String::from_utf8_lossy(why).into_owned())
+                }
+                _ => {
+                    return Err(DecodeError::BadField {
+                        op,
+                        what: "written-since answer must be kind 1 (16-byte runs) or 2 (a reason)",
+                    })
+                }
+            };
+            M::WrittenSinceOk {
+                position,
+                answer,
+                end_lba: raw.offset,
+            }
+        }
+        (Op::AdoptSyncPoint, false) => {
+            no_length()?;
+            M::AdoptSyncPoint {
+                point: optional_sync_point(op, &payload)?,
+                own_revision: Revision(raw.offset),
+            }
+        }
+        (Op::AdoptSyncPoint, true) => {
+            control()?;
+            if payload.len() != SyncPoint::WIRE_LEN {
+                return Err(DecodeError::BadField {
+                    op,
+                    what: "sync point must be 24 bytes",
+                });
+            }
+            M::AdoptSyncPointOk {
+                position: sync_point(op, Some(&payload[..]))?,
+            }
+        }
         // Everything else is a bare op: no offset, no length, no payload.
         (op, reply) => {
             no_payload()?;
@@ -461,6 +518,29 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
         }
     };
     Ok(frame(message))
+}
+
+/// A sync point of exactly 24 bytes (`None`: too short).
+fn sync_point(op: Op, bytes: Option<&[u8]>) -> Result<SyncPoint, DecodeError> {
+    let b = bytes.filter(|b| b.len() == SyncPoint::WIRE_LEN).ok_or(DecodeError::BadField {
+        op,
+        what: "sync point must be 24 bytes",
+    })?;
+    let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Ok(SyncPoint {
+        lineage: word(0),
+        revision: Revision(word(1)),
+        epoch: Epoch(word(2)),
+    })
+}
+
+/// No payload, or exactly one sync point.
+fn optional_sync_point(op: Op, payload: &[u8]) -> Result<Option<SyncPoint>, DecodeError> {
+    if payload.is_empty() {
+        Ok(None)
+    } else {
+        sync_point(op, Some(payload)).map(Some)
+    }
 }
 
 fn volume_id(op: Op, bytes: &[u8]) -> Result<VolumeId, DecodeError> {

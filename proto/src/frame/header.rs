@@ -9,8 +9,8 @@
 use bytes::{Buf, Bytes};
 
 use super::{
-    pb, BlockCrc, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion,
-    MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion, SyncPoint,
+    WrittenAnswer, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
 };
 
 /// Size of the fixed header in front of every payload.
@@ -301,6 +301,50 @@ impl Frame {
                 raw.length = data.len() as u64;
                 data.clone()
             }
+            M::WrittenSince { since, start_lba } => {
+                raw.offset = *start_lba;
+                let mut buf = bytes::BytesMut::new();
+                if let Some(point) = since {
+                    put_sync_point(&mut buf, point);
+                }
+                buf.freeze()
+            }
+            M::WrittenSinceOk {
+                position,
+                answer,
+                end_lba,
+            } => {
+                raw.offset = *end_lba;
+                let mut buf = bytes::BytesMut::new();
+                put_sync_point(&mut buf, position);
+                match answer {
+                    WrittenAnswer::Regions(runs) => {
+                        buf.extend_from_slice(&[WrittenAnswer::KIND_REGIONS]);
+                        for r in runs {
+                            buf.extend_from_slice(&r.lba.to_le_bytes());
+                            buf.extend_from_slice(&r.blocks.to_le_bytes());
+                        }
+                    }
+                    WrittenAnswer::Unknown(why) => {
+                        buf.extend_from_slice(&[WrittenAnswer::KIND_UNKNOWN]);
+                        buf.extend_from_slice(truncate_utf8(why, MAX_ERROR_MESSAGE).as_bytes());
+                    }
+                }
+                buf.freeze()
+            }
+            M::AdoptSyncPoint { point, own_revision } => {
+                raw.offset = own_revision.0;
+                let mut buf = bytes::BytesMut::new();
+                if let Some(point) = point {
+                    put_sync_point(&mut buf, point);
+                }
+                buf.freeze()
+            }
+            M::AdoptSyncPointOk { position } => {
+                let mut buf = bytes::BytesMut::new();
+                put_sync_point(&mut buf, position);
+                buf.freeze()
+            }
             M::SnapshotCreate { name } | M::SnapshotDelete { name } | M::SnapshotRevert { name } => {
                 pb_bytes(&pb::SnapshotRequest { name: name.clone() })
             }
@@ -359,6 +403,12 @@ pub(super) fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+fn put_sync_point(buf: &mut bytes::BytesMut, point: &SyncPoint) {
+    buf.extend_from_slice(&point.lineage.to_le_bytes());
+    buf.extend_from_slice(&point.revision.0.to_le_bytes());
+    buf.extend_from_slice(&point.epoch.0.to_le_bytes());
 }
 
 /// A control payload, prost-encoded.

@@ -34,6 +34,23 @@ fn arb_identity() -> impl Strategy<Value = ReplicaIdentity> {
     )
 }
 
+fn arb_sync_point() -> impl Strategy<Value = SyncPoint> {
+    (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(lineage, revision, epoch)| SyncPoint {
+        lineage,
+        revision: Revision(revision),
+        epoch: Epoch(epoch),
+    })
+}
+
+fn arb_written_answer() -> impl Strategy<Value = WrittenAnswer> {
+    prop_oneof![
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| WrittenAnswer::Regions(
+            v.into_iter().map(|(lba, blocks)| BlockRun { lba, blocks }).collect()
+        )),
+        ".{0,60}".prop_map(WrittenAnswer::Unknown),
+    ]
+}
+
 fn arb_error() -> impl Strategy<Value = ReplyError> {
     // Every status code, with any detail: from_wire defines the set.
     (1u16..=12, any::<u16>(), any::<u64>()).prop_map(|(code, small, detail)| {
@@ -125,6 +142,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
             len
         }),
         arb_bytes(9000).prop_map(|data| M::ReadLayerOk { data }),
+        (proptest::option::of(arb_sync_point()), any::<u64>())
+            .prop_map(|(since, start_lba)| M::WrittenSince { since, start_lba }),
+        (arb_sync_point(), arb_written_answer(), any::<u64>()).prop_map(|(position, answer, end_lba)| {
+            M::WrittenSinceOk {
+                position,
+                answer,
+                end_lba,
+            }
+        }),
+        (proptest::option::of(arb_sync_point()), any::<u64>()).prop_map(|(point, r)| M::AdoptSyncPoint {
+            point,
+            own_revision: Revision(r)
+        }),
+        arb_sync_point().prop_map(|position| M::AdoptSyncPointOk { position }),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),
@@ -504,5 +535,58 @@ fn oversize_read_layer_request_is_rejected_both_ways() {
     assert!(matches!(
         FrameCodec.decode(&mut buf),
         Err(DecodeError::Oversize { .. })
+    ));
+}
+
+#[test]
+fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_rejected() {
+    let position = SyncPoint {
+        lineage: 1,
+        revision: Revision(2),
+        epoch: Epoch(3),
+    };
+    let frame = Frame::new(
+        RequestId(5),
+        Epoch(1),
+        Message::WrittenSinceOk {
+            position,
+            answer: WrittenAnswer::Regions(vec![BlockRun { lba: 16, blocks: 16 }]),
+            end_lba: 64,
+        },
+    );
+    // An unknown answer kind.
+    let mut buf = wire(&frame);
+    buf[HEADER_LEN + SyncPoint::WIRE_LEN] = 9;
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::WrittenSince, .. })
+    ));
+    // A run list that is not a whole number of 16-byte runs.
+    let mut buf = wire(&frame);
+    buf.truncate(buf.len() - 1);
+    let payload_len = (buf.len() - HEADER_LEN) as u32;
+    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::WrittenSince, .. })
+    ));
+    // A request whose sync point is cut short.
+    let mut buf = wire(&Frame::new(
+        RequestId(6),
+        Epoch(1),
+        Message::AdoptSyncPoint {
+            point: Some(position),
+            own_revision: Revision(7),
+        },
+    ));
+    buf.truncate(buf.len() - 8);
+    let payload_len = (buf.len() - HEADER_LEN) as u32;
+    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::AdoptSyncPoint, .. })
     ));
 }

@@ -281,7 +281,10 @@ impl Dispatch<'_> {
 /// Two requests leave the lane once it reaches them, so that the writes
 /// behind them are not held up: a Flush (its fdatasyncs cover every write
 /// the lane executed before it, whatever runs next) and a snapshot delete
-/// (the store merges in steps, with writes going on between them).
+/// (the store merges in steps, with writes going on between them). A Flush
+/// appends its marker on the lane first ([`Store::flush_begin`]), so every
+/// replica places it between the same writes: the write-intent record of
+/// one replica then speaks of the same flushes as another's.
 ///
 /// Plain writes (not FUA) are taken together with every plain write queued
 /// right behind them and executed as one store batch, which keeps their order
@@ -322,7 +325,23 @@ fn run_ordered_lane(
             _budget,
         } = job;
         let op = message.op().0;
-        if matches!(message, Message::Flush | Message::SnapshotDelete { .. }) {
+        if let Message::Flush = message {
+            let begun = shared.fenced(epoch, |store| store.flush_begin().map_err(Refusal::from));
+            let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
+            side.spawn_blocking(move || {
+                let _budget = _budget;
+                let result = begun.and_then(|ticket| {
+                    shared
+                        .store
+                        .flush_finish(ticket)
+                        .map(|revision| Message::FlushOk { revision })
+                        .map_err(Refusal::from)
+                });
+                let _ = reply_tx.blocking_send(reply_frame(&shared, id, op, received, result));
+            });
+            continue;
+        }
+        if matches!(message, Message::SnapshotDelete { .. }) {
             let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
             side.spawn_blocking(move || {
                 let _budget = _budget;
@@ -459,6 +478,25 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             store.read_layer(&snapshot, offset, &mut buf)?;
             metrics.bytes_read(buf.len());
             Ok(Message::ReadLayerOk { data: buf.freeze() })
+        }),
+        Message::WrittenSince { since, start_lba } => shared.fenced(epoch, |store| {
+            let (answer, end_lba) = store.written_since(since, start_lba);
+            Ok(Message::WrittenSinceOk {
+                position: store.sync_point(),
+                answer,
+                end_lba,
+            })
+        }),
+        Message::AdoptSyncPoint { point, own_revision } => shared.fenced(epoch, |store| {
+            let position = store.adopt_sync_point(point, own_revision)?;
+            match point {
+                Some(p) => tracing::info!(
+                    lineage = format_args!("{:#x}", p.lineage), own = own_revision.0, revision = position.revision.0,
+                    "flushes renumbered onto the rebuild source's: the write-intent record answers from here on"
+                ),
+                None => tracing::info!("off any shared flush numbering until rebuilt"),
+            }
+            Ok(Message::AdoptSyncPointOk { position })
         }),
         Message::SnapshotCreate { name } => shared.fenced_write(epoch, conn, |store| {
             let snapshot = store.snapshot_create(&name)?;

@@ -277,7 +277,7 @@ impl From<StoreError> for Refusal {
             StoreError::StaleEpoch { current, .. } => ReplyError::StaleEpoch { current: *current },
             StoreError::NoSuchSnapshot(_) => ReplyError::NoSuchSnapshot,
             StoreError::SnapshotExists(_) => ReplyError::SnapshotExists,
-            StoreError::InvalidSnapshotName { .. } => ReplyError::BadRequest,
+            StoreError::InvalidSnapshotName { .. } | StoreError::BadSyncPoint { .. } => ReplyError::BadRequest,
             StoreError::VolumeMismatch { .. } => ReplyError::VolumeMismatch,
             StoreError::Io { .. }
             | StoreError::Failed { .. }

@@ -57,6 +57,12 @@ pub enum StoreError {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// A rebuild asked to renumber this replica's flushes from a revision it never made.
+    #[error("cannot adopt the sync point: {detail}")]
+    BadSyncPoint {
+        /// What was wrong.
+        detail: String,
+    },
     /// The volume size cannot be used.
     #[error("invalid volume size {size}: {reason}")]
     InvalidSize {

@@ -232,6 +232,8 @@ impl Store {
         drop(meta);
         self.revision.store(0, Ordering::Release);
         self.next_revision.store(0, Ordering::Release);
+        // Holding nothing, it is in sync with nobody.
+        self.intent.reset().map_err(|e| self.fail(e))?;
         let old = std::mem::replace(
             &mut *chain,
             Chain {

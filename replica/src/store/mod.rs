@@ -75,6 +75,7 @@
 
 pub mod backend;
 mod error;
+mod intent;
 pub mod layers;
 mod log;
 mod map;
@@ -89,6 +90,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use basalt_proto::frame::{SyncPoint, WrittenAnswer};
 use basalt_proto::{Epoch, Revision, VolumeId};
 
 pub use backend::{Backend, DirBackend, Object};
@@ -240,6 +242,18 @@ pub struct Store {
     failed_flag: AtomicBool,
     /// The index of the snapshot layer a rebuild is copying (see [`layers`]).
     layer_indexes: layers::LayerIndexCache,
+    /// Which regions were written at which flush ([`intent`]).
+    intent: intent::IntentRecord,
+    /// Sum of every renumbering by [`Store::adopt_sync_point`]: a flush that was marked before one
+    /// and completes after it reports its revision in the new numbering.
+    revision_shift: std::sync::atomic::AtomicI64,
+}
+
+/// A flush whose marker is appended and whose syncs are still to do (see [`Store::flush_begin`]).
+pub struct FlushTicket {
+    head: Arc<Layer>,
+    revision: u64,
+    shift: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -339,6 +353,16 @@ fn install_log(
 
 /// Reads a layer's log and replays it against its data.
 fn load_index(backend: &dyn Backend, layer: &Layer, volume_blocks: u64) -> Result<LayerIndex, StoreError> {
+    load_index_and_tail(backend, layer, volume_blocks).map(|(index, _)| index)
+}
+
+/// [`load_index`], with the blocks the log names after its last flush marker (the unflushed tail,
+/// whatever of it survived): the write-intent record counts them as written since that flush.
+fn load_index_and_tail(
+    backend: &dyn Backend,
+    layer: &Layer,
+    volume_blocks: u64,
+) -> Result<(LayerIndex, Vec<u64>), StoreError> {
     let name = layer.id.log_object();
     let what = format!("{}/{name}", backend.location());
     let bytes = backend
@@ -349,7 +373,8 @@ fn load_index(backend: &dyn Backend, layer: &Layer, volume_blocks: u64) -> Resul
             detail: "the index log is missing".into(),
         })?;
     let parsed = log::parse(&bytes, &what, volume_blocks)?;
-    log::resolve(parsed, &*layer.data, &what)
+    let tail = parsed.unverified.iter().map(|(lba, _)| lba.0).collect();
+    Ok((log::resolve(parsed, &*layer.data, &what)?, tail))
 }
 
 impl Store {
@@ -450,6 +475,7 @@ impl Store {
             next_layer: head.0 + 1,
             pending_merge: None,
         };
+        intent::IntentRecord::create(backend.clone())?;
         meta.store(&*backend)?;
         Store::open_with_backend(backend)
     }
@@ -513,9 +539,16 @@ impl Store {
         let mut map = VolumeMap::default();
         let mut layers = BTreeMap::new();
         let mut revision = meta.revision;
+        let mut tail = Vec::new();
         for id in meta.layers() {
             let layer = Self::open_layer(&*backend, id, meta.size_bytes)?;
-            let index = load_index(&*backend, &layer, volume_blocks)?;
+            let index = if id == meta.head {
+                let (index, unflushed) = load_index_and_tail(&*backend, &layer, volume_blocks)?;
+                tail = unflushed;
+                index
+            } else {
+                load_index(&*backend, &layer, volume_blocks)?
+            };
             if id == meta.head {
                 revision = revision.max(index.last_revision.unwrap_or_default());
             }
@@ -549,6 +582,7 @@ impl Store {
         }
         let head = layers[&meta.head].clone();
         let pending = meta.pending_merge;
+        let intent = intent::IntentRecord::open(backend.clone(), revision, tail)?;
         let store = Store {
             volume: meta.volume,
             size_bytes: meta.size_bytes,
@@ -563,6 +597,8 @@ impl Store {
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             layer_indexes: Default::default(),
+            intent,
+            revision_shift: Default::default(),
             backend,
         };
         if let Some(merge) = pending {
@@ -883,6 +919,8 @@ impl Store {
                 source: e,
             })
         })?;
+        self.intent
+            .note(runs.iter().flat_map(|&(first, data)| first..first + (data.len() / BLOCK) as u64));
         let mut i = 0;
         while i < runs.len() {
             let (first, data) = runs[i];
@@ -1093,6 +1131,7 @@ impl Store {
                 source: e,
             })
         })?;
+        self.intent.note(lbas.iter().copied());
         let mut punch: Vec<Range<u64>> = Vec::new();
         {
             let mut map = wlock(&self.map);
@@ -1128,6 +1167,15 @@ impl Store {
 
     /// Makes every write that completed before this call durable, and returns the new revision.
     pub fn flush(&self) -> Result<Revision, StoreError> {
+        let ticket = self.flush_begin()?;
+        self.flush_finish(ticket)
+    }
+
+    /// The first half of [`Store::flush`]: appends the flush marker (cheap: no I/O wait) and stamps the
+    /// write-intent record, so the flush takes its place in the order of the writes around it; the
+    /// caller may go on with later writes before [`Store::flush_finish`] makes it durable. A replica
+    /// connection does so in arrival order, which keeps the flushes of every replica in step.
+    pub fn flush_begin(&self) -> Result<FlushTicket, StoreError> {
         self.check_not_failed()?;
         let (head, revision) = {
             // Exclusive only while the marker is appended: no write is then between its record and
@@ -1144,8 +1192,20 @@ impl Store {
                     source: e,
                 })
             })?;
+            self.intent.commit(Revision(revision), self.epoch());
             (chain.head.clone(), revision)
         };
+        Ok(FlushTicket {
+            head,
+            revision,
+            shift: self.revision_shift.load(Ordering::Acquire),
+        })
+    }
+
+    /// The second half of [`Store::flush`]: syncs data and log, and returns the flush's revision (in
+    /// the current numbering, should the replica have been renumbered meanwhile).
+    pub fn flush_finish(&self, ticket: FlushTicket) -> Result<Revision, StoreError> {
+        let FlushTicket { head, revision, shift } = ticket;
         head.data.sync().map_err(|e| {
             // After a failed fsync the page cache state is unknown (fsyncgate): only a reopen is safe.
             self.fail(StoreError::Io {
@@ -1159,6 +1219,8 @@ impl Store {
                 source: e,
             })
         })?;
+        let moved = self.revision_shift.load(Ordering::Acquire) - shift;
+        let revision = revision.saturating_add_signed(moved);
         self.revision.fetch_max(revision, Ordering::AcqRel);
         self.maybe_compact_head(&head)?;
         Ok(Revision(revision))
@@ -1204,6 +1266,78 @@ impl Store {
             .collect()
     }
 
+    /// This replica's sync point: its lineage, its durable revision and the epoch that flush was made
+    /// under (see [`intent`]).
+    pub fn sync_point(&self) -> SyncPoint {
+        self.intent.position(self.revision())
+    }
+
+    /// Which regions may differ between this replica and one last in sync with it at `since` (`None`:
+    /// at this replica's own last durable flush), listed from block `start_lba`, and up to which block
+    /// the answer is complete. A superset of what was written here since, never less; "unknown" when
+    /// the record cannot say (other lineage, too old, ahead of this replica, split history).
+    pub fn written_since(&self, since: Option<SyncPoint>, start_lba: u64) -> (WrittenAnswer, u64) {
+        self.intent
+            .written_since(since, self.revision(), start_lba, self.size_bytes / BLOCK_SIZE)
+    }
+
+    /// Puts this replica on another flush numbering: its flush `own` is `point.revision` of
+    /// `point.lineage` (a rebuild got both from one drain flush, once the copy was complete), so every
+    /// revision it hands out from now on is the one the source gives the same flush. With `None`, it
+    /// leaves any numbering (a rebuild starts copying): nobody's record answers for it any more.
+    /// Durable before it returns; a crash half-way leaves it on no shared numbering.
+    pub fn adopt_sync_point(&self, point: Option<SyncPoint>, own: Revision) -> Result<SyncPoint, StoreError> {
+        let _ops = lock(&self.ops);
+        self.check_not_failed()?;
+        // First off any numbering, durably: nothing may trust a replica whose revisions are moving.
+        self.intent.forget()?;
+        let Some(point) = point else {
+            return Ok(self.sync_point());
+        };
+        let chain = wlock(&self.chain);
+        let next = self.next_revision.load(Ordering::Acquire);
+        if own.0 > next {
+            return Err(StoreError::BadSyncPoint {
+                detail: format!("revision {} is not one of this replica's (it is at {next})", own.0),
+            });
+        }
+        let delta = i128::from(point.revision.0) - i128::from(own.0);
+        let renumbered = u64::try_from(i128::from(next) + delta).map_err(|_| StoreError::BadSyncPoint {
+            detail: format!("revision {next} cannot move by {delta}"),
+        })?;
+        // A marker in the new numbering, synced with the data it covers, and the meta that says it:
+        // open takes the last marker and the meta's revision, both now the renumbered one.
+        let marker = Record::Flush {
+            revision: Revision(renumbered),
+        }
+        .encode();
+        let durable = chain
+            .head
+            .append_log(&marker, 1)
+            .and_then(|()| chain.head.data.sync())
+            .and_then(|()| chain.head.sync_log());
+        durable.map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("renumbering the flushes of {}", chain.head.id),
+                source: e,
+            })
+        })?;
+        {
+            let mut meta = lock(&self.meta);
+            let mut next_meta = meta.clone();
+            next_meta.revision = Revision(renumbered);
+            next_meta.store(&*self.backend)?;
+            *meta = next_meta;
+        }
+        self.next_revision.store(renumbered, Ordering::Release);
+        self.revision.store(renumbered, Ordering::Release);
+        self.revision_shift
+            .fetch_add(i64::try_from(delta).unwrap_or(i64::MAX), Ordering::AcqRel);
+        self.intent.adopt(point, own, Revision(renumbered))?;
+        drop(chain);
+        Ok(self.sync_point())
+    }
+
     /// Bytes of data the head holds itself (4 KiB per block written since the last snapshot).
     pub fn head_allocated_bytes(&self) -> u64 {
         rlock(&self.chain).head.data_blocks.load(Ordering::Relaxed) * BLOCK_SIZE
@@ -1229,6 +1363,7 @@ impl Store {
         let blocks: Vec<(u64, BlockState)> = rlock(&self.map).blocks_of(old.id).collect();
         install_log(&*self.backend, &old, blocks.into_iter(), revision, true).map_err(|e| self.fail(e))?;
         self.revision.fetch_max(revision.0, Ordering::AcqRel);
+        self.intent.commit(revision, self.epoch());
 
         let mut meta = lock(&self.meta);
         let new_id = LayerId(meta.next_layer);
@@ -1499,6 +1634,7 @@ impl Store {
         *meta = next;
         drop(meta);
         self.revision.fetch_max(revision.0, Ordering::AcqRel);
+        self.intent.reverted(revision, self.epoch()).map_err(|e| self.fail(e))?;
         let dropped: Vec<LayerId> = chain.layers.keys().copied().filter(|&id| id > target).collect();
         for id in &dropped {
             chain.layers.remove(id);
