@@ -10,6 +10,7 @@
 //!   basalt health --api ADDR           controller: gRPC VolumeInfo answers        (liveness)
 //!   basalt health --api ADDR --ready   ... and the volume is serving I/O          (readiness)
 //!   basalt health --replica HOST:PORT  replica: data-path Hello, then Ping        (liveness and readiness)
+//!   basalt health                      whichever role $BASALT_HEALTH_API or $BASALT_HEALTH_REPLICA names
 //! ```
 //!
 //! The replica probe says Hello with the nil volume ("who are you?", nothing
@@ -38,23 +39,75 @@ use tokio_util::codec::Framed;
 use super::args::parse_duration;
 
 /// Arguments of `basalt health`.
+///
+/// The role to probe comes from the command line first and from the
+/// container's environment only when the command line names none: the image
+/// has one `HEALTHCHECK` (`basalt health`, no flag) and each container says
+/// its own role in [`ENV_API`] or [`ENV_REPLICA`]. An operator who runs
+/// `basalt health --replica replica3:9700` inside the controller's container
+/// (the natural place to ask "can the controller reach that replica?") means
+/// that replica, not the controller the environment names.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("role").required(true).args(["api", "replica"])))]
+#[command(group(clap::ArgGroup::new("role").args(["api", "replica"])))]
 pub struct Args {
     /// Probe a controller through its management API (host:port or http://host:port).
-    /// The environment variable lets one image carry one HEALTHCHECK for every role.
-    #[arg(long, env = "BASALT_HEALTH_API")]
+    /// Without --api or --replica, the role comes from $BASALT_HEALTH_API or $BASALT_HEALTH_REPLICA.
+    #[arg(long)]
     pub api: Option<String>,
     /// Probe a replica on its data-path port (host:port).
-    #[arg(long, env = "BASALT_HEALTH_REPLICA", conflicts_with = "api")]
+    #[arg(long)]
     pub replica: Option<String>,
-    /// With --api: healthy only if the volume serves I/O (enough read-write
-    /// replicas), not merely if the controller answers. For readiness probes.
-    #[arg(long, requires = "api", env = "BASALT_HEALTH_READY")]
+    /// For a controller: healthy only if the volume serves I/O (enough
+    /// read-write replicas), not merely if the controller answers. For
+    /// readiness probes. A replica probe always checks readiness (its Hello
+    /// and Ping run on the open store), so this changes nothing there.
+    #[arg(long, env = "BASALT_HEALTH_READY")]
     pub ready: bool,
     /// Give up (unhealthy) after this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+/// The controller a container's `HEALTHCHECK` probes when no flag says otherwise.
+pub const ENV_API: &str = "BASALT_HEALTH_API";
+/// The replica a container's `HEALTHCHECK` probes when no flag says otherwise.
+pub const ENV_REPLICA: &str = "BASALT_HEALTH_REPLICA";
+
+/// What one run of `basalt health` probes.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Controller { api: String, ready: bool },
+    Replica { addr: String },
+}
+
+impl Args {
+    /// The target: a role flag if the command line has one (clap refuses
+    /// both), else the one role variable the environment sets (`env` looks a
+    /// variable up; empty counts as unset).
+    fn target(&self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Target> {
+        let controller = |api: String| Target::Controller {
+            api,
+            ready: self.ready,
+        };
+        match (&self.api, &self.replica) {
+            (Some(api), _) => return Ok(controller(api.clone())),
+            (None, Some(addr)) => return Ok(Target::Replica { addr: addr.clone() }),
+            (None, None) => {}
+        }
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        match (env(ENV_API), env(ENV_REPLICA)) {
+            (Some(api), None) => Ok(controller(api)),
+            (None, Some(addr)) => Ok(Target::Replica { addr }),
+            (Some(api), Some(addr)) => anyhow::bail!(
+                "both {ENV_API}={api} and {ENV_REPLICA}={addr} are set: say what to probe with --api or \
+                 --replica, or set only one of them"
+            ),
+            (None, None) => anyhow::bail!(
+                "say what to probe: --api ADDR (controller) or --replica ADDR (replica), or set {ENV_API} or \
+                 {ENV_REPLICA}"
+            ),
+        }
+    }
 }
 
 /// Why a probe found its target unhealthy. Each message names the address and
@@ -109,16 +162,15 @@ pub enum HealthError {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = args.target(|name| std::env::var(name).ok())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     let line = runtime.block_on(async {
-        match (&args.api, &args.replica) {
-            (Some(api), _) => probe_controller(api, args.ready, args.timeout).await,
-            (None, Some(replica)) => probe_replica(replica, args.timeout).await,
-            // clap's required "role" group makes this unreachable from the command line.
-            (None, None) => anyhow::bail!("say what to probe: --api ADDR (controller) or --replica ADDR"),
+        match &target {
+            Target::Controller { api, ready } => probe_controller(api, *ready, args.timeout).await,
+            Target::Replica { addr } => probe_replica(addr, args.timeout).await,
         }
     })?;
     println!("{line}");
@@ -411,6 +463,86 @@ mod tests {
         let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
         assert!(
             e.to_string().contains("refused Hello") && e.to_string().contains("shutting down"),
+            "{e}"
+        );
+    }
+
+    /// `basalt health ARGS` as the binary parses it, with `env` as the container's environment.
+    fn target(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Target> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let cli = Cli::try_parse_from(std::iter::once("health").chain(args.iter().copied()))?;
+        cli.args
+            .target(|name| env.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string()))
+    }
+
+    /// The controller container sets BASALT_HEALTH_API for its HEALTHCHECK; probing a replica from inside
+    /// it must probe that replica (issue 6: this was a usage error, so the probe never succeeded).
+    #[test]
+    fn replica_flag_wins_over_the_controller_role_of_the_environment() {
+        let t = target(&["--replica", "replica3:9700"], &[(ENV_API, "127.0.0.1:9600")]).unwrap();
+        assert_eq!(
+            t,
+            Target::Replica {
+                addr: "replica3:9700".into()
+            }
+        );
+    }
+
+    #[test]
+    fn api_flag_wins_over_the_replica_role_of_the_environment() {
+        let t = target(
+            &["--api", "ctl:9600", "--ready"],
+            &[(ENV_REPLICA, "127.0.0.1:9700")],
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Target::Controller {
+                api: "ctl:9600".into(),
+                ready: true
+            }
+        );
+    }
+
+    #[test]
+    fn without_a_flag_the_environment_names_the_role() {
+        let t = target(&[], &[(ENV_API, "127.0.0.1:9600")]).unwrap();
+        assert_eq!(
+            t,
+            Target::Controller {
+                api: "127.0.0.1:9600".into(),
+                ready: false
+            }
+        );
+        let t = target(&[], &[(ENV_REPLICA, "127.0.0.1:9700"), (ENV_API, "")]).unwrap();
+        assert_eq!(
+            t,
+            Target::Replica {
+                addr: "127.0.0.1:9700".into()
+            }
+        );
+    }
+
+    #[test]
+    fn both_role_flags_are_refused() {
+        let e = target(&["--api", "a:1", "--replica", "b:2"], &[]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn no_role_anywhere_or_two_in_the_environment_say_what_to_set() {
+        let e = target(&[], &[]).unwrap_err().to_string();
+        assert!(e.contains("--api") && e.contains(ENV_REPLICA), "{e}");
+        let e = target(&[], &[(ENV_API, "a:1"), (ENV_REPLICA, "b:2")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("both") && e.contains("a:1") && e.contains("b:2"),
             "{e}"
         );
     }
