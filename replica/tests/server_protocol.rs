@@ -31,6 +31,7 @@ struct Replica {
     volume: VolumeId,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), basalt_replica::server::ServerError>>,
+    metrics: Metrics,
     _dir: tempfile::TempDir,
 }
 
@@ -43,7 +44,8 @@ impl Replica {
 
     async fn serve(store: Arc<Store>, dir: tempfile::TempDir) -> Replica {
         let volume = store.volume_id();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), store, Metrics::new())
+        let metrics = Metrics::new();
+        let server = Server::bind("127.0.0.1:0".parse().unwrap(), store, metrics.clone())
             .await
             .unwrap();
         let addr = server.local_addr();
@@ -54,8 +56,19 @@ impl Replica {
             volume,
             shutdown,
             task,
+            metrics,
             _dir: dir,
         }
+    }
+
+    /// Controller connections the replica holds open (its `connections` gauge).
+    fn open_connections(&self) -> i64 {
+        let families = self.metrics.registry().gather();
+        let gauge = families
+            .iter()
+            .find(|f| f.name() == "basalt_replica_connections")
+            .expect("a connections gauge");
+        gauge.get_metric()[0].get_gauge().value() as i64
     }
 
     async fn client(&self, epoch: u64) -> ReplicaClient {
@@ -705,4 +718,110 @@ async fn a_newer_writer_connection_shuts_out_the_older_one_at_the_same_epoch() {
         block(2),
         "the new writer writes"
     );
+}
+
+/// Runs `test` on a thread of its own in a private network namespace whose only interface, `lo`, is up. There
+/// [`set_loopback`]`(false)` cuts the network the way `docker network disconnect` cuts a container's: packets are
+/// dropped, and neither side gets a FIN or a RST. Each test has its own namespace, so they run concurrently.
+/// Creating one needs CAP_SYS_ADMIN (root, as for the container tests); without it the test fails, loudly.
+fn in_private_network<F>(test: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let thread = std::thread::spawn(move || {
+        // A network namespace belongs to a thread: this one, and the sockets it creates, are in it.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "cannot create a network namespace ({}): this test needs CAP_SYS_ADMIN; run it as root",
+                io::Error::last_os_error()
+            );
+        }
+        set_loopback(true);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(test());
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Brings the calling thread's `lo` up or down (SIOCSIFFLAGS).
+fn set_loopback(up: bool) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain syscalls on a socket this function owns and a zeroed, then filled, `ifreq`.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (to, from) in req.ifr_name.iter_mut().zip(b"lo") {
+            *to = *from as libc::c_char;
+        }
+        let rc = libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req);
+        assert_eq!(rc, 0, "SIOCGIFFLAGS lo: {}", io::Error::last_os_error());
+        let up_flag = libc::IFF_UP as libc::c_short;
+        let flags = req.ifr_ifru.ifru_flags;
+        req.ifr_ifru.ifru_flags = if up { flags | up_flag } else { flags & !up_flag };
+        let rc = libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req);
+        assert_eq!(rc, 0, "SIOCSIFFLAGS lo: {}", io::Error::last_os_error());
+    }
+}
+
+/// A cut network says nothing to either side. Within the dead-peer bound the replica lets go of the cut
+/// controller's connection and the controller's request into the cut fails (instead of hanging for the ~15
+/// minutes of TCP retransmission, or forever on an idle link); once the network is back a controller writes
+/// again at once, and the epoch fence still shuts out an older controller.
+#[test]
+fn a_cut_network_closes_both_ends_within_the_dead_peer_bound_and_a_new_writer_gets_in() {
+    use basalt_replica::server::DEAD_PEER_TIMEOUT;
+    use std::time::Instant;
+    /// Scheduling on a loaded 2-core machine, and the keepalive interval the kernel checks at.
+    const SLACK: Duration = Duration::from_secs(5);
+    in_private_network(|| async {
+        let replica = Replica::start().await;
+        let old = replica.client(1).await;
+        old.write(0, block(1), false).await.unwrap();
+        assert_eq!(replica.open_connections(), 1);
+
+        set_loopback(false);
+        let cut = Instant::now();
+        let into_the_cut = tokio::time::timeout(DEAD_PEER_TIMEOUT + SLACK, old.write(4096, block(2), false))
+            .await
+            .expect("a request into a cut network must fail within the dead-peer bound, not hang");
+        assert!(
+            matches!(into_the_cut, Err(ClientError::Disconnected { .. })),
+            "{into_the_cut:?}"
+        );
+        while replica.open_connections() != 0 {
+            assert!(
+                cut.elapsed() < DEAD_PEER_TIMEOUT + SLACK,
+                "the replica still holds the cut controller's connection after {:?}",
+                cut.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            cut.elapsed() >= DEAD_PEER_TIMEOUT - Duration::from_secs(1),
+            "given up after {:?}, sooner than the bound: a short stall would drop healthy links",
+            cut.elapsed()
+        );
+
+        set_loopback(true);
+        let new = replica.client(2).await;
+        new.write(0, block(3), false).await.unwrap();
+        assert_eq!(new.read(0, 4096).await.unwrap(), block(3));
+        let older = replica.client(1).await;
+        assert_eq!(
+            refusal(older.write(0, block(4), false).await),
+            ReplyError::StaleEpoch { current: Epoch(2) }
+        );
+        assert_eq!(
+            new.read(0, 4096).await.unwrap(),
+            block(3),
+            "the older controller wrote nothing"
+        );
+    });
 }

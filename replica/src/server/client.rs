@@ -167,6 +167,10 @@ impl ReplicaClient {
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
+        // A replica cut off the network never closes: fail within the bound, not after ~15 min.
+        if let Err(e) = super::detect_dead_peer(&stream) {
+            tracing::warn!(%addr, error = %e, "cannot turn on dead-peer detection");
+        }
         let (rx, tx) = stream.into_split();
         let (outgoing, queue) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {

@@ -78,6 +78,11 @@ struct Job {
 pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
     // Replies are small and latency-bound; batching is done by the writer.
     let _ = stream.set_nodelay(true);
+    // A controller whose network is cut never says goodbye; without this its
+    // connection (and the tasks and buffers behind it) would stay forever.
+    if let Err(e) = super::detect_dead_peer(&stream) {
+        tracing::warn!(%peer, error = %e, "cannot turn on dead-peer detection; a cut controller may linger");
+    }
     shared.metrics.connection_opened();
     tracing::info!(%peer, "controller connected");
     let (rx, tx) = stream.into_split();
@@ -105,6 +110,8 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     .await;
     match &outcome {
         Ok(()) => tracing::info!(%peer, "controller disconnected"),
+        // ETIMEDOUT from dead-peer detection, or a reset: the peer is gone, the stream was fine.
+        Err(DecodeError::Io(e)) => tracing::warn!(%peer, error = %e, "controller connection lost"),
         Err(e) => {
             shared.metrics.protocol_error();
             tracing::warn!(%peer, error = %e, "closing connection: frame did not decode");
