@@ -106,6 +106,10 @@ impl Handshaken {
                     source,
                 })?;
             let _ = stream.set_nodelay(true);
+            // A replica cut off the network never closes: fail within the bound, not after ~15 min.
+            if let Err(e) = basalt_replica::server::detect_dead_peer(&stream) {
+                tracing::warn!(replica = %addr, error = %e, "cannot turn on dead-peer detection");
+            }
             let (r, w) = stream.into_split();
             let mut conn = Handshaken {
                 identity: ReplicaIdentity {
