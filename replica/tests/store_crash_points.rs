@@ -1,26 +1,45 @@
-//! Deterministic crash-point enumeration: a scripted workload runs over a backend that "crashes" after
-//! its k-th mutating call (every later call fails and changes nothing), for every k. Because `kill -9`
+//! Deterministic crash-point enumeration: a scripted workload runs over storage that "crashes" after
+//! its k-th mutation (every later one fails and changes nothing), for every k. Because `kill -9`
 //! keeps every completed syscall (the page cache survives), this visits every instant at which a
 //! process crash can cut the store's sequence of writes, punches, creates, renames and removes --
 //! including the microsecond windows a random `kill -9` almost never hits (between a log append and
 //! its data write, between a batch's one log append and its data writes, inside a snapshot create,
 //! between the steps of a merge).
 //!
-//! After each crash the directory is reopened with the real backend and checked: flushed writes are
+//! It runs twice: over the host-directory backend, crashing between backend calls, and over the
+//! block-device backend, crashing between any two *device* writes (journal records, checkpoints,
+//! cluster zeroing, data), which also covers the backend's own metadata.
+//!
+//! After each crash the storage is reopened with the real backend and checked: flushed writes are
 //! intact, later blocks are old or new with a valid checksum, acknowledged snapshots exist with their
 //! exact content.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use basalt_proto::VolumeId;
+use basalt_replica::store::backend::block::{
+    BlockBackend, DeviceFile, DeviceOptions, Format, Geometry, Medium,
+};
 use basalt_replica::store::{Backend, DirBackend, Object, Store, StoreError};
 
 const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * 4096;
+
+/// The stand-in device of the block runs: sparse, far larger than the volume needs, so snapshots,
+/// logs and blob copies all fit.
+const DEVICE_BYTES: u64 = 4 << 20;
+
+/// Tiny clusters (two blocks) so that discards free whole clusters and most writes allocate; a tiny
+/// journal so that the script fills it several times (each time a checkpoint).
+const GEOMETRY: Geometry = Geometry {
+    cluster_bytes: 8192,
+    journal_bytes: 16384,
+    max_objects: 16,
+};
 
 /// Mutations left before the simulated crash; at or below zero every call fails.
 #[derive(Clone)]
@@ -39,6 +58,37 @@ impl Budget {
             return Err(io::Error::other("simulated crash"));
         }
         Ok(())
+    }
+}
+
+/// A device whose writes stop at the crash: what the process wrote before it is kept.
+struct CrashingMedium {
+    inner: DeviceFile,
+    budget: Budget,
+}
+
+impl Medium for CrashingMedium {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.budget.alive()?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.budget.spend()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.budget.spend()?;
+        self.inner.write_zeros(offset, len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.budget.alive()?;
+        self.inner.sync()
+    }
+    fn location(&self) -> String {
+        self.inner.location()
     }
 }
 
@@ -396,9 +446,88 @@ fn run_step(store: &Store, step: Step) -> Result<(), StoreError> {
     }
 }
 
+/// Which backend a run uses, and the storage it lives in.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Dir,
+    Block,
+}
+
+/// One copy of a replica's storage: a store directory, or a device file.
+struct Place {
+    dir: tempfile::TempDir,
+    kind: Kind,
+}
+
+impl Place {
+    fn new(kind: Kind) -> Place {
+        let place = Place {
+            dir: tempfile::tempdir().unwrap(),
+            kind,
+        };
+        if let Kind::Block = kind {
+            std::fs::File::create(place.device())
+                .and_then(|f| f.set_len(DEVICE_BYTES))
+                .unwrap();
+        }
+        place
+    }
+
+    fn device(&self) -> PathBuf {
+        self.dir.path().join("device")
+    }
+
+    fn options() -> DeviceOptions {
+        DeviceOptions {
+            volume_bytes: Some(SIZE),
+            format: Format::IfBlank,
+            geometry: GEOMETRY,
+        }
+    }
+
+    /// The real backend over this storage.
+    fn backend(&self) -> Arc<dyn Backend> {
+        match self.kind {
+            Kind::Dir => Arc::new(DirBackend::new(self.dir.path()).unwrap()),
+            Kind::Block => Arc::new(BlockBackend::open(&self.device(), &Place::options()).unwrap()),
+        }
+    }
+
+    /// A backend that crashes once `budget` is spent (`None` if it crashed while opening).
+    fn crashing_backend(&self, budget: &Budget) -> Option<Arc<dyn Backend>> {
+        match self.kind {
+            Kind::Dir => Some(Arc::new(CrashingBackend {
+                inner: DirBackend::new(self.dir.path()).unwrap(),
+                budget: budget.clone(),
+            })),
+            Kind::Block => {
+                let medium = CrashingMedium {
+                    inner: DeviceFile::open(&self.device()).unwrap(),
+                    budget: budget.clone(),
+                };
+                match BlockBackend::open_medium(Arc::new(medium), &Place::options()) {
+                    Ok(backend) => Some(Arc::new(backend)),
+                    Err(e) => {
+                        assert!(budget.alive().is_err(), "open failed without a crash: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn open(&self) -> Result<Store, StoreError> {
+        Store::open_with_backend(self.backend())
+    }
+
+    fn copy_from(&self, other: &Place) {
+        copy_dir(other.dir.path(), self.dir.path());
+    }
+}
+
 /// The base state every crash run starts from: snapshot "a" with blocks 0..16, head writes on top.
-fn prepare_base(dir: &Path, model: &mut Model) {
-    let store = Store::create(dir, VolumeId::random(), SIZE).unwrap();
+fn prepare_base(place: &Place, model: &mut Model) {
+    let store = Store::create_with_backend(place.backend(), VolumeId::random(), SIZE).unwrap();
     for step in [
         Step::Write {
             lba: 0,
@@ -430,13 +559,9 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Runs the script with a crash after `budget` mutations (`None`: no crash); returns the model as the
 /// crash left it and the number of mutations used.
-fn run_until_crash(dir: &Path, base_model: &Model, budget: Option<i64>) -> (Model, i64) {
+fn run_until_crash(place: &Place, base_model: &Model, budget: Option<i64>) -> (Model, i64) {
     let limit = budget.unwrap_or(i64::MAX / 2);
     let counter = Budget(Arc::new(AtomicI64::new(limit)));
-    let backend = CrashingBackend {
-        inner: DirBackend::new(dir).unwrap(),
-        budget: counter.clone(),
-    };
     let mut model = Model {
         durable: base_model.durable.clone(),
         latest: base_model.latest.clone(),
@@ -445,7 +570,10 @@ fn run_until_crash(dir: &Path, base_model: &Model, budget: Option<i64>) -> (Mode
         creating: None,
         deleting: None,
     };
-    if let Ok(store) = Store::open_with_backend(Arc::new(backend)) {
+    let store = place
+        .crashing_backend(&counter)
+        .and_then(|backend| Store::open_with_backend(backend).ok());
+    if let Some(store) = store {
         for &step in SCRIPT {
             model.announce(step);
             if run_step(&store, step).is_err() {
@@ -461,8 +589,10 @@ fn run_until_crash(dir: &Path, base_model: &Model, budget: Option<i64>) -> (Mode
     (model, limit - counter.0.load(Ordering::SeqCst).max(0))
 }
 
-fn verify(dir: &Path, model: &Model, k: i64) {
-    let store = Store::open(dir).unwrap_or_else(|e| panic!("crash point {k}: reopen failed: {e}"));
+fn verify(place: &Place, model: &Model, k: i64) {
+    let store = place
+        .open()
+        .unwrap_or_else(|e| panic!("crash point {k}: reopen failed: {e}"));
     for lba in 0..BLOCKS {
         let mut got = vec![0u8; 4096];
         if let Err(e) = store.read(lba * 4096, &mut got) {
@@ -497,32 +627,42 @@ fn verify(dir: &Path, model: &Model, k: i64) {
     }
 }
 
-#[test]
-fn a_crash_after_any_mutation_keeps_flushed_writes_and_snapshots_intact() {
-    let base = tempfile::tempdir().unwrap();
+/// Every crash point of the script over one backend.
+fn crash_at_every_point(kind: Kind) {
+    let base = Place::new(kind);
     let mut base_model = Model::new();
-    prepare_base(base.path(), &mut base_model);
+    prepare_base(&base, &mut base_model);
 
-    let full = tempfile::tempdir().unwrap();
-    copy_dir(base.path(), full.path());
-    let (model, total) = run_until_crash(full.path(), &base_model, None);
+    let full = Place::new(kind);
+    full.copy_from(&base);
+    let (model, total) = run_until_crash(&full, &base_model, None);
     assert!(model.creating.is_none() && model.deleting.is_none());
-    verify(full.path(), &model, -1);
+    verify(&full, &model, -1);
     assert!(total > 30, "the script made only {total} mutations");
 
     for k in 0..=total {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let (model, _) = run_until_crash(dir.path(), &base_model, Some(k));
-        verify(dir.path(), &model, k);
+        let place = Place::new(kind);
+        place.copy_from(&base);
+        let (model, _) = run_until_crash(&place, &base_model, Some(k));
+        verify(&place, &model, k);
         // Recovery itself must be crash-safe: reopen once more and check again.
-        verify_reopen_is_stable(dir.path(), k);
+        verify_reopen_is_stable(&place, k);
     }
-    eprintln!("{} crash points checked", total + 1);
+    eprintln!("{kind:?}: {} crash points checked", total + 1);
+}
+
+#[test]
+fn a_crash_after_any_mutation_keeps_flushed_writes_and_snapshots_intact() {
+    crash_at_every_point(Kind::Dir);
+}
+
+#[test]
+fn a_crash_between_any_two_device_writes_keeps_flushed_writes_and_snapshots_intact() {
+    crash_at_every_point(Kind::Block);
 }
 
 /// A second reopen sees the same volume as the first (recovery converged and made itself durable).
-fn verify_reopen_is_stable(dir: &Path, k: i64) {
+fn verify_reopen_is_stable(place: &Place, k: i64) {
     let read_all = |store: &Store| {
         let mut buf = vec![0u8; SIZE as usize];
         store
@@ -530,8 +670,8 @@ fn verify_reopen_is_stable(dir: &Path, k: i64) {
             .unwrap_or_else(|e| panic!("crash point {k}: {e}"));
         buf
     };
-    let first = read_all(&Store::open(dir).unwrap());
-    let second = read_all(&Store::open(dir).unwrap());
+    let first = read_all(&place.open().unwrap());
+    let second = read_all(&place.open().unwrap());
     assert!(
         first == second,
         "crash point {k}: the volume changed between two reopens"

@@ -1,31 +1,44 @@
 //! `basalt replica`: serve one replica store over the data-path protocol.
 //!
-//! Opens the store in `--dir` (creating it if the directory holds none),
-//! serves data and control on `--listen`, metrics on `--metrics`, and on
+//! Opens the store in `--dir` (creating it if the directory holds none), or
+//! on the raw block device `--device` (formatting it if it is blank, or with
+//! `--format` if it holds something else), serves data and control on
+//! `--listen`, metrics on `--metrics`, and on
 //! SIGTERM or Ctrl-C stops accepting, finishes what it accepted, flushes and
 //! exits 0. Once listening it prints `listening <addr>` on stdout (and
 //! `metrics <addr>` if enabled), so that scripts and tests can use port 0.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use basalt_proto::VolumeId;
 use basalt_replica::server::{bind_metrics, serve_metrics, Metrics, Server};
-use basalt_replica::store::Store;
+use basalt_replica::store::backend::block::{BlockBackend, DeviceOptions, Format};
+use basalt_replica::store::{Backend, Store, StoreError};
 
 /// Arguments of `basalt replica`: serve a replica, or (with a subcommand)
 /// manage one.
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(group(clap::ArgGroup::new("storage").required(true).args(["dir", "device"])))]
 pub struct Args {
     #[command(subcommand)]
     command: Option<ReplicaCommand>,
     /// Host directory of the replica store (created if missing).
-    #[arg(long, required = true)]
+    #[arg(long)]
     dir: Option<PathBuf>,
+    /// Raw block device (or a fixed-size file) holding the replica store,
+    /// used exclusively. A blank device is formatted; a Basalt device is
+    /// opened, never reformatted.
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// With --device: format it even though it holds something that is not
+    /// a Basalt store (a filesystem, a partition table...), wiping it.
+    #[arg(long, requires = "device")]
+    format: bool,
     /// Volume size: bytes, or with a binary suffix K, M, G, T (`10G`, `512M`);
     /// a multiple of 4096. Must match the size of an existing store.
     #[arg(long, value_parser = super::args::parse_volume_size, required = true)]
@@ -61,10 +74,14 @@ enum ReplicaCommand {
     },
     /// Write a stopped replica's volume image (or one snapshot's) to a raw
     /// file: for debugging, offline copies, and comparing replicas.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["dir", "device"])))]
     Export {
         /// The replica's store directory (the replica must be stopped).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// The replica's block device (the replica must be stopped).
+        #[arg(long)]
+        device: Option<PathBuf>,
         /// Export the volume as it was at this snapshot.
         #[arg(long)]
         snapshot: Option<String>,
@@ -78,8 +95,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Some(ReplicaCommand::Add { api, address }) => return membership(&api, address, true),
         Some(ReplicaCommand::Rm { api, address }) => return membership(&api, address, false),
-        Some(ReplicaCommand::Export { dir, snapshot, out }) => {
-            return export(&dir, snapshot.as_deref(), &out)
+        Some(ReplicaCommand::Export {
+            dir,
+            device,
+            snapshot,
+            out,
+        }) => {
+            let source = match (dir, device) {
+                (Some(dir), _) => StoreSource::Dir(dir),
+                (None, Some(device)) => StoreSource::Device(device),
+                (None, None) => anyhow::bail!("`basalt replica export` needs --dir or --device"),
+            };
+            return export(&source, snapshot.as_deref(), &out);
         }
         None => {}
     }
@@ -93,15 +120,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     // clap requires these when no subcommand is given.
-    let (Some(dir), Some(size), Some(listen)) = (args.dir.clone(), args.size, args.listen) else {
-        anyhow::bail!("`basalt replica` needs --dir, --size and --listen (or a subcommand: add, rm, export)");
+    let (Some(size), Some(listen)) = (args.size, args.listen) else {
+        anyhow::bail!("`basalt replica` needs --dir or --device, --size and --listen (or a subcommand: add, rm, export)");
+    };
+    let source = match (args.dir.clone(), args.device.clone()) {
+        (Some(dir), None) => StoreSource::Dir(dir),
+        (None, Some(device)) => StoreSource::Device(device),
+        _ => anyhow::bail!("`basalt replica` needs exactly one of --dir and --device"),
     };
     let volume = args.volume_id.map(VolumeId);
-    let shown = dir.display().to_string();
-    let store = tokio::task::spawn_blocking(move || Store::open_or_create(&dir, size, volume))
+    let format = if args.format {
+        Format::WipeForeign
+    } else {
+        Format::IfBlank
+    };
+    let shown = source.to_string();
+    let store = tokio::task::spawn_blocking(move || source.open_or_create(size, volume, format))
         .await
         .context("opening the store")?
-        .with_context(|| format!("cannot open the replica store in {shown}"))?;
+        .with_context(|| format!("cannot open the replica store on {shown}"))?;
     let store = Arc::new(store);
     let metrics = Metrics::new();
     let shutdown = super::shutdown_signal();
@@ -146,33 +183,123 @@ fn membership(api: &str, address: String, add: bool) -> anyhow::Result<()> {
     })
 }
 
+/// Where a replica's store lives.
+enum StoreSource {
+    Dir(PathBuf),
+    Device(PathBuf),
+}
+
+impl std::fmt::Display for StoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSource::Dir(dir) => write!(f, "{}", dir.display()),
+            StoreSource::Device(device) => write!(f, "device {}", device.display()),
+        }
+    }
+}
+
+impl StoreSource {
+    /// The store, created if there is none; an existing one of another size or
+    /// (when `volume` is given) another id is refused.
+    fn open_or_create(&self, size: u64, volume: Option<VolumeId>, format: Format) -> anyhow::Result<Store> {
+        let device = match self {
+            StoreSource::Dir(dir) => return Ok(Store::open_or_create(dir, size, volume)?),
+            StoreSource::Device(device) => device,
+        };
+        let options = DeviceOptions {
+            volume_bytes: Some(size),
+            format,
+            ..DeviceOptions::default()
+        };
+        let backend: Arc<dyn Backend> = Arc::new(BlockBackend::open(device, &options)?);
+        let store = match Store::open_with_backend(backend.clone()) {
+            Err(StoreError::NotAVolume { .. }) => {
+                return Ok(Store::create_with_backend(
+                    backend,
+                    volume.unwrap_or_else(VolumeId::random),
+                    size,
+                )?)
+            }
+            opened => opened?,
+        };
+        let location = device.display().to_string();
+        if store.size_bytes() != size {
+            return Err(StoreError::SizeMismatch {
+                dir: location,
+                on_disk: store.size_bytes(),
+                requested: size,
+            }
+            .into());
+        }
+        if let Some(requested) = volume.filter(|&v| v != store.volume_id()) {
+            return Err(StoreError::VolumeMismatch {
+                dir: location,
+                on_disk: store.volume_id(),
+                requested,
+            }
+            .into());
+        }
+        Ok(store)
+    }
+
+    /// The existing store, for offline tools: a device is never formatted here.
+    fn open_existing(&self) -> anyhow::Result<Store> {
+        Ok(match self {
+            StoreSource::Dir(dir) => Store::open(dir)?,
+            StoreSource::Device(device) => {
+                let options = DeviceOptions {
+                    format: Format::Never,
+                    ..DeviceOptions::default()
+                };
+                Store::open_with_backend(Arc::new(BlockBackend::open(device, &options)?))?
+            }
+        })
+    }
+
+    /// A throw-away copy in `scratch` (sparse where the original reads zeros).
+    fn copy_into(&self, scratch: &Path) -> anyhow::Result<StoreSource> {
+        let (from, copy) = match self {
+            StoreSource::Dir(dir) => (dir, StoreSource::Dir(scratch.join("store"))),
+            StoreSource::Device(device) => (device, StoreSource::Device(scratch.join("device"))),
+        };
+        let to = match &copy {
+            StoreSource::Dir(p) | StoreSource::Device(p) => p,
+        };
+        let status = std::process::Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(from)
+            .arg(to)
+            .status()
+            .context("running cp to copy the store")?;
+        anyhow::ensure!(status.success(), "copying {} failed ({status})", from.display());
+        Ok(copy)
+    }
+}
+
 /// `basalt replica export`: the volume (or a snapshot of it) as a raw file.
-fn export(dir: &std::path::Path, snapshot: Option<&str>, out: &std::path::Path) -> anyhow::Result<()> {
+fn export(source: &StoreSource, snapshot: Option<&str>, out: &std::path::Path) -> anyhow::Result<()> {
     // A snapshot's view is what the volume reads after a revert to it; a
     // revert changes the store, so it is done on a throw-away copy.
     let scratch;
+    let copy;
     let source = match snapshot {
-        None => dir.to_path_buf(),
+        None => source,
         Some(name) => {
             scratch = tempfile::tempdir().context("creating a scratch directory")?;
-            let copy = scratch.path().join("store");
-            let status = std::process::Command::new("cp")
-                .args(["-a", "--sparse=always"])
-                .arg(dir)
-                .arg(&copy)
-                .status()
-                .context("running cp to copy the store")?;
-            anyhow::ensure!(status.success(), "copying {} failed ({status})", dir.display());
-            let store = Store::open(&copy).with_context(|| format!("opening a copy of {}", dir.display()))?;
+            copy = source.copy_into(scratch.path())?;
+            let store = copy
+                .open_existing()
+                .with_context(|| format!("opening a copy of {source}"))?;
             store
                 .snapshot_revert(name)
-                .with_context(|| format!("no snapshot {name:?} in {}", dir.display()))?;
+                .with_context(|| format!("no snapshot {name:?} in {source}"))?;
             drop(store);
-            copy
+            &copy
         }
     };
-    let store = Store::open(&source)
-        .with_context(|| format!("cannot open the replica store in {}", dir.display()))?;
+    let store = source
+        .open_existing()
+        .with_context(|| format!("cannot open the replica store on {source}"))?;
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     file.set_len(store.size_bytes())
         .with_context(|| format!("sizing {}", out.display()))?;

@@ -345,7 +345,8 @@ async fn read_loop(
             Message::ReadOk { data } => ReplicaReply::Ok(data),
             Message::FlushOk { revision: r } => {
                 revision.fetch_max(r.0, Ordering::Relaxed);
-                ReplicaReply::Ok(Default::default())
+                // The revision this flush got, for a rebuild's drain (see `Volume::drain_revisions`).
+                ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&r.0.to_le_bytes()))
             }
             Message::WriteOk
             | Message::UnmapOk

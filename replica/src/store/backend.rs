@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::StoreError;
 
+pub mod block;
+
 /// Size of one segment file of a data object: 1 TiB keeps every file far below ext4's 16 TiB limit,
 /// and a 64 TiB volume needs at most 64 files per layer (all lazily created).
 pub const SEGMENT_BYTES: u64 = 1 << 40;
