@@ -233,6 +233,17 @@ impl Volume {
         .map(|_| ())
     }
 
+    /// [`Volume::drain`], answering with the revision each active replica
+    /// gave the drain's flush (8 bytes little-endian per replica index): one
+    /// flush, at one place in every replica's stream.
+    pub async fn drain_revisions(&self) -> Result<ControlResults, VolumeError> {
+        self.ask(|reply| Command::Io {
+            op: GuestOp::Drain,
+            reply: Reply::Control(reply),
+        })
+        .await?
+    }
+
     /// The rebuild of `replica` is complete: it serves reads again.
     pub fn promote(&self, replica: usize) {
         let _ = self.tx.send(Command::Promote { replica });

@@ -5,15 +5,42 @@
 //!  1. connect + Hello at the volume's epoch   (the replica now refuses older controllers)
 //!  2. make the target's chain the source's    (before WO: snapshots are immutable, so no
 //!                                              guest write needs to reach the target yet)
-//!  3. attach as WO                            every new write reaches it from here on
-//!  4. list block checksums on a RW source and on the target
-//!  5. copy what differs, through the core     (ordered with guest writes; a copy overtaken
+//!  3. ask the target where it stands          its sync point, and what it may hold unflushed;
+//!     and take it off any shared numbering     (it is about to be copied onto)
+//!  4. attach as WO                            every new write reaches it from here on
+//!  5. ask the source's write-intent record    which regions may differ since the target's
+//!                                              sync point -- or "unknown"
+//!  6. list block checksums on a RW source and on the target, in those regions only
+//!     (the whole volume if the record cannot answer)
+//!  7. copy what differs, through the core     (ordered with guest writes; a copy overtaken
 //!                                              by a guest write is read again)
-//!  6. flush, check both chains still match, then promote to RW
+//!  8. drain: one flush on every replica; the target adopts the source's flush numbering at it
+//!  9. check both chains still match, then promote to RW
 //! ```
 //!
 //! Only allocated blocks travel, and for a replica that comes back with most
 //! of its data only the blocks whose checksums differ (a delta rebuild).
+//!
+//! ## The write-intent record (steps 3, 5 and 8)
+//!
+//! Every replica records which 64 KiB regions were written at which flush
+//! (`basalt_replica::store` module `intent`), persistently, so a source can
+//! answer "what may differ from a replica last in sync with me at flush X"
+//! even after a controller restart. A returning replica's own last durable
+//! flush is X; the answer is the source's regions written since X, plus the
+//! target's own (what it wrote but may have lost, or what a dead controller
+//! wrote to it alone). Checksums are then compared only there, instead of
+//! over every allocated block of the volume. The record refuses to answer
+//! -- and the full comparison runs -- when the target is on another flush
+//! numbering (a new, reset or half-rebuilt replica), when X is older than
+//! what the record holds, when the target is ahead of the source, or when
+//! the two made flush X under different epochs (histories that split).
+//!
+//! Revisions are per replica; they mean the same flush on two replicas
+//! because every flush fans out to the whole active set and each replica
+//! places it in stream order, and because a rebuilt replica adopts the
+//! source's numbering at step 8: the drain's flush is one flush at one place
+//! in both streams, so the target's revision for it is set to the source's.
 //!
 //! ## The snapshot chain (step 2)
 //!
@@ -56,7 +83,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use basalt_proto::frame::{BlockCrc, LayerBlock, LayerBlockState, Message};
+use basalt_proto::frame::{
+    BlockCrc, BlockRun, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer,
+};
 use basalt_proto::pb::replica as pb;
 use basalt_replica::server::{ClientError, ReplicaClient};
 use bytes::Bytes;
@@ -87,13 +116,19 @@ const REPLAY_DEPTH: usize = 16;
 static ZEROS: [u8; MAX_COPY as usize] = [0; MAX_COPY as usize];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Back-off between attempts to re-add a failed replica.
-/// The first retry comes quickly: a replica that restarts is back within a
-/// second, and every moment it is away it misses writes it must copy later.
-/// A probe is one TCP connect plus a Hello, so trying a dead replica five
-/// times a second costs nothing worth measuring; the back-off doubles up to
-/// `RETRY_MAX` for replicas that stay away.
-const RETRY_MIN: Duration = Duration::from_millis(200);
+/// A replica whose host answers but whose port refuses the connection (the
+/// process is restarting: the common case) is probed every `RETRY_MIN`: a
+/// refused connect is one SYN and one RST, nothing worth measuring, and a
+/// returning replica is then noticed within ~100 ms of listening again --
+/// every moment it waits it misses writes it must copy later. A probe that
+/// times out (the host is gone) or a replica that answers but fails its
+/// rebuild (say, a full disk) backs off, doubling up to `RETRY_MAX`, so a
+/// dead address is not hammered.
+const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Checksum listings in flight at once when only the regions of the
+/// write-intent record are compared: many small ranges, one round trip each.
+const CRC_DEPTH: usize = 32;
 
 /// Why a rebuild stopped.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +178,9 @@ pub struct Progress {
     pub started: Instant,
     /// A delta rebuild (the replica already held most of the data).
     pub delta: AtomicBool,
+    /// The source's write-intent record said where to look (no full
+    /// checksum comparison).
+    pub from_record: AtomicBool,
 }
 
 impl Progress {
@@ -152,6 +190,7 @@ impl Progress {
             done: AtomicU64::new(0),
             started: Instant::now(),
             delta: AtomicBool::new(false),
+            from_record: AtomicBool::new(false),
         }
     }
 
@@ -247,6 +286,7 @@ impl Rebuilder {
                     replica = %addr,
                     bytes = progress.done.load(Ordering::Relaxed),
                     delta = progress.delta.load(Ordering::Relaxed),
+                    from_record = progress.from_record.load(Ordering::Relaxed),
                     seconds = started.elapsed().as_secs_f64(),
                     "replica RW: rebuild complete"
                 ),
@@ -307,15 +347,22 @@ impl Rebuilder {
                     Duration::from_secs(1),
                 )
                 .await;
-                if probe.is_ok() {
-                    tracing::info!(replica = %r.address, "failed replica answers again; rebuilding it");
-                    self.start(&volume, index, r.address.clone());
-                    // If this rebuild fails too, the next one waits longer:
-                    // a replica that answers but cannot be rebuilt (say, a
-                    // full disk) is not retried five times a second.
-                    next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
-                } else {
-                    next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
+                match probe {
+                    Ok(_) => {
+                        tracing::info!(replica = %r.address, "failed replica answers again; rebuilding it");
+                        self.start(&volume, index, r.address.clone());
+                        // If this rebuild fails too, the next one waits longer.
+                        next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
+                    }
+                    Err(LinkError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                    {
+                        // The host is up, the replica not yet: cheap to ask again soon.
+                        next_try.insert(r.address.clone(), (now + RETRY_MIN, backoff));
+                    }
+                    Err(_) => {
+                        next_try.insert(r.address.clone(), (now + backoff, (backoff * 2).min(RETRY_MAX)));
+                    }
                 }
             }
         }
@@ -375,7 +422,21 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         source_addr: source_addr.clone(),
         addr: addr.to_string(),
     };
-    let replayed = replicas.sync_chain(size / BLOCK, volume, progress).await?;
+    let volume_blocks = size / BLOCK;
+    let replayed = replicas.sync_chain(volume_blocks, volume, progress).await?;
+
+    // Step 3. After a replay the target holds what it was sent, not a
+    // state of its own that any record could speak of.
+    let target_since = if replayed {
+        None
+    } else {
+        Some(
+            replicas
+                .written_since(&replicas.target, &replicas.addr, None, volume_blocks)
+                .await?,
+        )
+    };
+    replicas.leave_numbering().await?;
 
     // The link takes the target's writer role over from the replay.
     let conn = Handshaken::connect_writer(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
@@ -395,11 +456,52 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         .drain()
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
-    let source = block_crcs(&mut source_meta, &source_addr, epoch, size).await?;
-    let target = block_crcs(&mut target_meta, addr, epoch, size).await?;
+    // Step 5: where to compare.
+    let regions = match target_since {
+        Some((position, WrittenAnswer::Regions(own))) => {
+            match replicas
+                .written_since(&replicas.source, &source_addr, Some(position), volume_blocks)
+                .await?
+            {
+                (_, WrittenAnswer::Regions(theirs)) => {
+                    let runs = union_runs(&theirs, &own);
+                    tracing::info!(
+                        replica = %addr, source = %source_addr, since = position.revision.0,
+                        regions = runs.len(), blocks = runs.iter().map(|r| r.blocks).sum::<u64>(),
+                        "rebuild: the source's write-intent record names the regions to compare"
+                    );
+                    Some(runs)
+                }
+                (_, WrittenAnswer::Unknown(why)) => {
+                    tracing::info!(replica = %addr, source = %source_addr, reason = %why,
+                        "rebuild: no usable write-intent record; comparing the checksums of the whole volume");
+                    None
+                }
+            }
+        }
+        Some((_, WrittenAnswer::Unknown(why))) => {
+            tracing::info!(replica = %addr, reason = %why,
+                "rebuild: the target cannot say what it holds unflushed; comparing the checksums of the whole volume");
+            None
+        }
+        None => None,
+    };
+    progress.from_record.store(regions.is_some(), Ordering::Relaxed);
+    let (source, target) = match &regions {
+        Some(runs) => (
+            replicas.crcs_in(&replicas.source, &source_addr, runs).await?,
+            replicas.crcs_in(&replicas.target, addr, runs).await?,
+        ),
+        None => (
+            block_crcs(&mut source_meta, &source_addr, epoch, size).await?,
+            block_crcs(&mut target_meta, addr, epoch, size).await?,
+        ),
+    };
     // After a replay the target holds what it was sent, not what it had.
     if !replayed {
-        progress.delta.store(!target.is_empty(), Ordering::Relaxed);
+        progress
+            .delta
+            .store(regions.is_some() || !target.is_empty(), Ordering::Relaxed);
     }
     let runs = runs_to_copy(&source, &target);
     let bytes: u64 = runs.iter().map(|(_, len)| *len as u64).sum();
@@ -426,17 +528,50 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
             .with_label_values(&[addr])
             .set(d as i64);
     }
-    // Make what was copied durable before the replica counts as holding it.
-    // (On the target's own connection: a guest flush would be refused while
-    // the volume is degraded, and this one concerns the target alone.)
-    match target_meta.request(addr, epoch, Message::Flush).await? {
-        Message::FlushOk { .. } => {}
-        other => {
+    // Step 8. The drain makes what was copied durable before the replica
+    // counts as holding it (a drain is allowed while degraded, unlike a
+    // guest flush), and its one flush, at one place in every replica's
+    // stream, is where the target takes on the source's numbering.
+    let drained = volume
+        .drain_revisions()
+        .await
+        .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    let source_index = status.replicas.iter().position(|r| r.address == source_addr);
+    let revision_of = |i: Option<usize>| {
+        drained
+            .iter()
+            .find(|(c, _)| Some(*c) == i)
+            .and_then(|(_, r)| r.as_ref().ok())
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(|b| basalt_proto::Revision(u64::from_le_bytes(b)))
+    };
+    match drained.iter().find(|(c, _)| *c == index) {
+        Some((_, Err(e))) => {
             return Err(RebuildError::Volume(format!(
-                "unexpected answer to a flush: {:?}",
-                other.op()
+                "the drain flush failed on {addr}: {e}"
             )))
         }
+        None => {
+            return Err(RebuildError::Volume(format!(
+                "replica {addr} left the volume during its rebuild"
+            )))
+        }
+        Some(_) => {}
+    }
+    match (revision_of(source_index), revision_of(Some(index))) {
+        (Some(at_source), Some(at_target)) => {
+            let (lineage_of_source, _) = replicas
+                .written_since(&replicas.source, &source_addr, None, volume_blocks)
+                .await?;
+            let point = SyncPoint {
+                lineage: lineage_of_source.lineage,
+                revision: at_source,
+                epoch,
+            };
+            replicas.adopt(point, at_target).await?;
+        }
+        _ => tracing::warn!(replica = %addr, source = %source_addr,
+            "the drain did not report both revisions; the replica stays off the shared flush numbering"),
     }
     replicas.check_same_chain().await?;
     volume.promote(index);
@@ -717,7 +852,133 @@ impl Pair {
         Ok(len)
     }
 
-    /// Step 6: the target holds the source's chain, names in order.
+    /// A replica's sync point and its write-intent answer since `since`
+    /// (`None`: since its own last durable flush), every page of it. With
+    /// `start` past the end, the position alone.
+    async fn written_since(
+        &self,
+        client: &ReplicaClient,
+        addr: &str,
+        since: Option<SyncPoint>,
+        volume_blocks: u64,
+    ) -> Result<(SyncPoint, WrittenAnswer), RebuildError> {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        loop {
+            let reply = client
+                .call(Message::WrittenSince {
+                    since,
+                    start_lba: start,
+                })
+                .await
+                .map_err(|source| RebuildError::Replica {
+                    addr: addr.to_string(),
+                    what: "asking its write-intent record".into(),
+                    source,
+                })?;
+            let Message::WrittenSinceOk {
+                position,
+                answer,
+                end_lba,
+            } = reply
+            else {
+                return Err(RebuildError::Volume(format!(
+                    "replica {addr} answered a write-intent question with {:?}",
+                    reply.op()
+                )));
+            };
+            match answer {
+                WrittenAnswer::Unknown(why) => return Ok((position, WrittenAnswer::Unknown(why))),
+                WrittenAnswer::Regions(page) => runs.extend(page),
+            }
+            if end_lba >= volume_blocks {
+                return Ok((position, WrittenAnswer::Regions(runs)));
+            }
+            if end_lba <= start {
+                return Err(RebuildError::Volume(format!(
+                    "replica {addr} listed its write-intent record from block {start} without progress"
+                )));
+            }
+            start = end_lba;
+        }
+    }
+
+    /// Step 3: the target leaves any shared flush numbering, durably, before
+    /// anything is copied onto it: should the rebuild stop half-way, no
+    /// record would take it for a replica in sync at its revision.
+    async fn leave_numbering(&self) -> Result<(), RebuildError> {
+        self.target
+            .call(Message::AdoptSyncPoint {
+                point: None,
+                own_revision: basalt_proto::Revision(0),
+            })
+            .await
+            .map_err(self.on_target("leaving the shared flush numbering"))
+            .map(drop)
+    }
+
+    /// Step 8: the target's flush `own` is the source's `point`.
+    async fn adopt(&self, point: SyncPoint, own: basalt_proto::Revision) -> Result<(), RebuildError> {
+        match self
+            .target
+            .call(Message::AdoptSyncPoint {
+                point: Some(point),
+                own_revision: own,
+            })
+            .await
+            .map_err(self.on_target("adopting the source's flush numbering"))?
+        {
+            Message::AdoptSyncPointOk { position } => {
+                tracing::info!(replica = %self.addr, source = %self.source_addr, revision = position.revision.0,
+                    was = own.0, "rebuild: the replica now numbers flushes like the source");
+                Ok(())
+            }
+            other => Err(RebuildError::Volume(format!(
+                "replica {} answered a renumbering with {:?}",
+                self.addr,
+                other.op()
+            ))),
+        }
+    }
+
+    /// The CRC32 of every allocated block in `runs`, in block order, with
+    /// [`CRC_DEPTH`] listings in flight.
+    async fn crcs_in(
+        &self,
+        client: &ReplicaClient,
+        addr: &str,
+        runs: &[BlockRun],
+    ) -> Result<Vec<BlockCrc>, RebuildError> {
+        let pieces: Vec<(u64, u64)> = runs
+            .iter()
+            .flat_map(|r| {
+                (r.lba..r.lba + r.blocks)
+                    .step_by(CRC_PAGE_BLOCKS as usize)
+                    .map(move |start| (start, CRC_PAGE_BLOCKS.min(r.lba + r.blocks - start)))
+            })
+            .collect();
+        let pages: Vec<Vec<BlockCrc>> = stream::iter(pieces)
+            .map(|(start_lba, count)| async move {
+                match client.call(Message::BlockCrcs { start_lba, count }).await {
+                    Ok(Message::BlockCrcsOk(page)) => Ok(page),
+                    Ok(other) => Err(RebuildError::Volume(format!(
+                        "replica {addr} answered a checksum listing with {:?}",
+                        other.op()
+                    ))),
+                    Err(source) => Err(RebuildError::Replica {
+                        addr: addr.to_string(),
+                        what: "listing block checksums".into(),
+                        source,
+                    }),
+                }
+            })
+            .buffered(CRC_DEPTH)
+            .try_collect()
+            .await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    /// Step 9: the target holds the source's chain, names in order.
     async fn check_same_chain(&self) -> Result<(), RebuildError> {
         let source = Self::chain(&self.source, &self.source_addr).await?;
         let target = Self::chain(&self.target, &self.addr).await?;
@@ -732,6 +993,22 @@ impl Pair {
         }
         Ok(())
     }
+}
+
+/// The runs of both lists (each in block order), coalesced.
+fn union_runs(a: &[BlockRun], b: &[BlockRun]) -> Vec<BlockRun> {
+    let mut all: Vec<BlockRun> = a.iter().chain(b).copied().filter(|r| r.blocks > 0).collect();
+    all.sort_unstable_by_key(|r| r.lba);
+    let mut out: Vec<BlockRun> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(last) if r.lba <= last.lba + last.blocks => {
+                last.blocks = last.blocks.max(r.lba + r.blocks - last.lba)
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Every allocated block of a replica's volume, with its CRC32, in order.
@@ -889,6 +1166,19 @@ mod tests {
                 run(266, 44, false)
             ]
         );
+    }
+
+    #[test]
+    fn the_regions_of_source_and_target_are_compared_together_once_each() {
+        let run = |lba, blocks| BlockRun { lba, blocks };
+        assert_eq!(
+            union_runs(
+                &[run(0, 16), run(64, 16)],
+                &[run(16, 16), run(70, 4), run(200, 16)]
+            ),
+            vec![run(0, 32), run(64, 16), run(200, 16)]
+        );
+        assert_eq!(union_runs(&[], &[]), vec![]);
     }
 
     #[test]

@@ -442,7 +442,9 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
             let position = sync_point(op, payload.get(..SyncPoint::WIRE_LEN))?;
             let rest = &payload[SyncPoint::WIRE_LEN..];
             let answer = match rest.split_first() {
-                Some((&WrittenAnswer::KIND_REGIONS, runs)) if runs.len().is_multiple_of(BlockRun::WIRE_LEN) => {
+                Some((&WrittenAnswer::KIND_REGIONS, runs))
+                    if runs.len().is_multiple_of(BlockRun::WIRE_LEN) =>
+                {
                     WrittenAnswer::Regions(
                         runs.chunks_exact(BlockRun::WIRE_LEN)
                             .map(|c| BlockRun {
@@ -522,10 +524,12 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
 
 /// A sync point of exactly 24 bytes (`None`: too short).
 fn sync_point(op: Op, bytes: Option<&[u8]>) -> Result<SyncPoint, DecodeError> {
-    let b = bytes.filter(|b| b.len() == SyncPoint::WIRE_LEN).ok_or(DecodeError::BadField {
-        op,
-        what: "sync point must be 24 bytes",
-    })?;
+    let b = bytes
+        .filter(|b| b.len() == SyncPoint::WIRE_LEN)
+        .ok_or(DecodeError::BadField {
+            op,
+            what: "sync point must be 24 bytes",
+        })?;
     let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     Ok(SyncPoint {
         lineage: word(0),

@@ -45,7 +45,9 @@ fn arb_sync_point() -> impl Strategy<Value = SyncPoint> {
 fn arb_written_answer() -> impl Strategy<Value = WrittenAnswer> {
     prop_oneof![
         proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| WrittenAnswer::Regions(
-            v.into_iter().map(|(lba, blocks)| BlockRun { lba, blocks }).collect()
+            v.into_iter()
+                .map(|(lba, blocks)| BlockRun { lba, blocks })
+                .collect()
         )),
         ".{0,60}".prop_map(WrittenAnswer::Unknown),
     ]
@@ -560,7 +562,10 @@ fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_reject
     fix_crc(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
-        Err(DecodeError::BadField { op: Op::WrittenSince, .. })
+        Err(DecodeError::BadField {
+            op: Op::WrittenSince,
+            ..
+        })
     ));
     // A run list that is not a whole number of 16-byte runs.
     let mut buf = wire(&frame);
@@ -570,7 +575,10 @@ fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_reject
     fix_crc(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
-        Err(DecodeError::BadField { op: Op::WrittenSince, .. })
+        Err(DecodeError::BadField {
+            op: Op::WrittenSince,
+            ..
+        })
     ));
     // A request whose sync point is cut short.
     let mut buf = wire(&Frame::new(
@@ -587,6 +595,9 @@ fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_reject
     fix_crc(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
-        Err(DecodeError::BadField { op: Op::AdoptSyncPoint, .. })
+        Err(DecodeError::BadField {
+            op: Op::AdoptSyncPoint,
+            ..
+        })
     ));
 }

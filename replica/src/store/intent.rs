@@ -354,7 +354,10 @@ impl IntentRecord {
     /// The record can no longer be trusted to be complete on disk: it stops answering.
     fn give_up(&self, inner: &mut Inner, why: &str) {
         if inner.appender.take().is_some() {
-            tracing::warn!(error = why, "write-intent record not persisted; rebuilds from this replica compare checksums");
+            tracing::warn!(
+                error = why,
+                "write-intent record not persisted; rebuilds from this replica compare checksums"
+            );
         }
         inner.state.horizon = u64::MAX;
     }
@@ -393,9 +396,15 @@ impl IntentRecord {
                 point.lineage, state.lineage
             ))
         } else if x < state.horizon {
-            Some(format!("the record starts at revision {}, the point is {x}", state.horizon))
+            Some(format!(
+                "the record starts at revision {}, the point is {x}",
+                state.horizon
+            ))
         } else if x > revision.0 {
-            Some(format!("the point (revision {x}) is ahead of this replica ({})", revision.0))
+            Some(format!(
+                "the point (revision {x}) is ahead of this replica ({})",
+                revision.0
+            ))
         } else if state.epoch_at(x) != point.epoch.0 {
             Some(format!(
                 "revision {x} was made here under epoch {}, there under epoch {}: the histories split",
@@ -408,8 +417,16 @@ impl IntentRecord {
         if let Some(why) = refusal {
             return (WrittenAnswer::Unknown(why), volume_blocks.max(start));
         }
+        // About another replica: `>= X`, one flush interval of slack (see the module docs). About
+        // this one's own last flush: what it stamped with X is durable here and reached every
+        // replica before flush X did, so only what came after counts.
+        let threshold = if since.is_some() { x } else { x.saturating_add(1) };
         let first = start / REGION_BLOCKS;
-        let stamped = state.stamps.range(first..).filter(|(_, &s)| s >= x).map(|(&r, _)| r);
+        let stamped = state
+            .stamps
+            .range(first..)
+            .filter(|(_, &s)| s >= threshold)
+            .map(|(&r, _)| r);
         let pending = state.pending.range(first..).copied();
         let mut regions: Vec<u64> = stamped.chain(pending).collect();
         regions.sort_unstable();
@@ -497,12 +514,5 @@ impl IntentRecord {
             pending: old.pending,
         };
         self.rewrite(&mut inner)
-    }
-
-    /// Regions stamped or pending, for tests of sparseness.
-    #[cfg(test)]
-    pub fn entries(&self) -> usize {
-        let inner = super::lock(&self.inner);
-        inner.state.stamps.len() + inner.state.pending.len()
     }
 }

@@ -919,8 +919,10 @@ impl Store {
                 source: e,
             })
         })?;
-        self.intent
-            .note(runs.iter().flat_map(|&(first, data)| first..first + (data.len() / BLOCK) as u64));
+        self.intent.note(
+            runs.iter()
+                .flat_map(|&(first, data)| first..first + (data.len() / BLOCK) as u64),
+        );
         let mut i = 0;
         while i < runs.len() {
             let (first, data) = runs[i];
@@ -1205,7 +1207,11 @@ impl Store {
     /// The second half of [`Store::flush`]: syncs data and log, and returns the flush's revision (in
     /// the current numbering, should the replica have been renumbered meanwhile).
     pub fn flush_finish(&self, ticket: FlushTicket) -> Result<Revision, StoreError> {
-        let FlushTicket { head, revision, shift } = ticket;
+        let FlushTicket {
+            head,
+            revision,
+            shift,
+        } = ticket;
         head.data.sync().map_err(|e| {
             // After a failed fsync the page cache state is unknown (fsyncgate): only a reopen is safe.
             self.fail(StoreError::Io {
@@ -1298,7 +1304,10 @@ impl Store {
         let next = self.next_revision.load(Ordering::Acquire);
         if own.0 > next {
             return Err(StoreError::BadSyncPoint {
-                detail: format!("revision {} is not one of this replica's (it is at {next})", own.0),
+                detail: format!(
+                    "revision {} is not one of this replica's (it is at {next})",
+                    own.0
+                ),
             });
         }
         let delta = i128::from(point.revision.0) - i128::from(own.0);
@@ -1634,7 +1643,9 @@ impl Store {
         *meta = next;
         drop(meta);
         self.revision.fetch_max(revision.0, Ordering::AcqRel);
-        self.intent.reverted(revision, self.epoch()).map_err(|e| self.fail(e))?;
+        self.intent
+            .reverted(revision, self.epoch())
+            .map_err(|e| self.fail(e))?;
         let dropped: Vec<LayerId> = chain.layers.keys().copied().filter(|&id| id > target).collect();
         for id in &dropped {
             chain.layers.remove(id);
