@@ -169,6 +169,9 @@ fn chart_lints_clean_with_default_and_custom_values() {
         json!({"replicas": {"count": 5, "zoneSpread": {"enabled": true}, "storage": {"type": "hostPath"}},
                "metrics": {"serviceMonitor": {"enabled": true}},
                "chap": {"enabled": true, "user": "alice", "existingSecret": "vol1-chap"}}),
+        json!({"replicas": {"storage": {"type": "blockDevice"}}}),
+        json!({"replicas": {"storage": {"type": "blockDevice",
+               "blockDevice": {"source": "hostPath", "path": "/dev/sdb", "format": true}}}}),
     ] {
         let answer =
             helm(json!({"op": "lint", "chart": chart_dir(), "values": values, "namespace": "storage"}));
@@ -428,6 +431,53 @@ fn storage_is_a_claim_per_replica_or_a_host_directory() {
 }
 
 #[test]
+fn block_storage_is_a_raw_block_claim_or_a_host_device_node() {
+    let r = render(json!({"replicas": {"storage": {"type": "blockDevice",
+        "blockDevice": {"storageClassName": "local-block", "size": "20Gi"}}}}));
+    let sts = r.replicas();
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["spec"]["volumeMode"], "Block");
+    assert_eq!(claim["spec"]["storageClassName"], "local-block");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "20Gi");
+    let c = container(sts);
+    assert_eq!(
+        c["volumeDevices"],
+        json!([{"name": "data", "devicePath": "/dev/basalt-data"}])
+    );
+    assert!(c["volumeMounts"].is_null(), "a raw device, no filesystem mount");
+    assert_eq!(flag(&r.replica_args(), "device"), ["/dev/basalt-data"]);
+    assert!(flag(&r.replica_args(), "dir").is_empty());
+    assert!(
+        !r.replica_args().contains(&"--format".to_string()),
+        "never wipe by default"
+    );
+    // Non-root: the raw block PVC's device node is given to the pod's fsGroup.
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert!(c["securityContext"]["privileged"].is_null());
+
+    let h = render(json!({"replicas": {"storage": {"type": "blockDevice",
+        "blockDevice": {"source": "hostPath", "path": "/dev/disk/by-id/nvme-disk1", "format": true}}}}));
+    let sts = h.replicas();
+    assert!(sts["spec"]["volumeClaimTemplates"].is_null());
+    let vol = &sts["spec"]["template"]["spec"]["volumes"][0];
+    assert_eq!(vol["hostPath"]["path"], "/dev/disk/by-id/nvme-disk1");
+    assert_eq!(vol["hostPath"]["type"], "BlockDevice");
+    let c = container(sts);
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/dev/basalt-data");
+    assert_eq!(
+        c["securityContext"]["privileged"], true,
+        "the device cgroup needs it"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"], 0);
+    assert_eq!(flag(&h.replica_args(), "device"), ["/dev/basalt-data"]);
+    assert!(h.replica_args().contains(&"--format".to_string()));
+}
+
+#[test]
 fn volume_identity_is_stable_per_release_and_distinct_between_releases() {
     let id = |r: &Rendered| flag(&r.controller_args(), "volume-id")[0].to_string();
     let a = render_as(json!({}), "vol1", "storage");
@@ -546,6 +596,20 @@ fn schema_rejects_bad_values_and_says_where() {
         (
             json!({"replicas": {"zoneSpread": {"whenUnsatisfiable": "Sometimes"}}}),
             "/replicas/zoneSpread",
+        ),
+        // A host device must be named, and be a device node.
+        (
+            json!({"replicas": {"storage": {"type": "blockDevice", "blockDevice": {"source": "hostPath"}}}}),
+            "/replicas/storage/blockDevice/path",
+        ),
+        (
+            json!({"replicas": {"storage": {"type": "blockDevice",
+                "blockDevice": {"source": "hostPath", "path": "/var/lib/basalt"}}}}),
+            "/replicas/storage/blockDevice/path",
+        ),
+        (
+            json!({"replicas": {"storage": {"type": "blockDevice", "blockDevice": {"source": "iscsi"}}}}),
+            "/replicas/storage/blockDevice/source",
         ),
         (json!({"replicaCount": 3}), "replicaCount"),
         (json!({"chap": {"enabled": true}}), "/chap"),
