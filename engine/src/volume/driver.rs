@@ -155,6 +155,7 @@ impl Volume {
             membership_changed: false,
             events_tx: events_tx.clone(),
             spec: Arc::new(spec),
+            outbox: links.iter().map(|_| Vec::new()).collect(),
             links,
             revisions,
             guests: HashMap::new(),
@@ -367,6 +368,9 @@ struct Owner {
     core: VolumeCore,
     spec: Arc<VolumeSpec>,
     links: Vec<Option<Link>>,
+    /// Requests for each replica produced in this turn, sent to its link as
+    /// one batch at the end of the turn (by replica index, like `links`).
+    outbox: Vec<Vec<Outgoing>>,
     revisions: Vec<Arc<AtomicU64>>,
     guests: HashMap<GuestId, Pending>,
     next_guest: u64,
@@ -500,6 +504,7 @@ impl Owner {
                         tracing::info!(replica = %address, "replica added to the volume");
                         self.addresses.push(address);
                         self.links.push(None);
+                        self.outbox.push(Vec::new());
                         self.revisions.push(Arc::new(AtomicU64::new(0)));
                         client.0
                     }
@@ -564,8 +569,8 @@ impl Owner {
                             crc
                         }
                     };
-                    if let Some(link) = &self.links[client.0] {
-                        link.send(Outgoing {
+                    if self.links[client.0].is_some() {
+                        self.outbox[client.0].push(Outgoing {
                             job,
                             request,
                             payload_crc,
@@ -618,8 +623,15 @@ impl Owner {
                     }
                 }
                 Effect::Disconnect { client } => {
+                    // Requests queued for the old connection go down with it.
+                    self.outbox[client.0].clear();
                     self.links[client.0] = None;
                 }
+            }
+        }
+        for (link, outbox) in self.links.iter().zip(&mut self.outbox) {
+            if let (Some(link), false) = (link, outbox.is_empty()) {
+                link.send(std::mem::take(outbox));
             }
         }
         self.metrics.healthy.set(self.core.healthy_count() as i64);

@@ -247,16 +247,19 @@ pub struct Outgoing {
 /// The running I/O tasks of one replica connection. Dropping it closes the
 /// connection.
 pub struct Link {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Requests go to the writer task a batch at a time: everything the
+    /// owner task produced for this replica in one turn, so a burst costs one
+    /// wake-up of the writer and goes out in one vectored write.
+    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
 }
 
 impl Link {
-    /// Queue a request. If the writer is gone the connection is already
-    /// lost, and the reader or writer has reported it.
-    pub fn send(&self, out: Outgoing) {
-        let _ = self.tx.send(out);
+    /// Queue requests, sent in order. If the writer is gone the connection
+    /// is already lost, and the reader or writer has reported it.
+    pub fn send(&self, batch: Vec<Outgoing>) {
+        let _ = self.tx.send(batch);
     }
 }
 
@@ -292,7 +295,7 @@ async fn write_loop(
     client: ClientId,
     epoch: Epoch,
     mut writer: FrameBatchWriter<OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let encode = |out: Outgoing| {
@@ -304,15 +307,17 @@ async fn write_loop(
     };
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match encode(out) {
-                Ok(frame) => writer.push(frame),
-                Err(e) => {
-                    let _ = events.send(Event::Lost {
-                        client,
-                        cause: format!("cannot encode a request: {e}"),
-                    });
-                    return;
+        while let Some(batch) = next.take() {
+            for out in batch {
+                match encode(out) {
+                    Ok(frame) => writer.push(frame),
+                    Err(e) => {
+                        let _ = events.send(Event::Lost {
+                            client,
+                            cause: format!("cannot encode a request: {e}"),
+                        });
+                        return;
+                    }
                 }
             }
             if writer.pending_bytes() < MAX_BATCH_BYTES {
