@@ -53,6 +53,12 @@ pub struct Args {
     /// random one if not given.
     #[arg(long)]
     volume_id: Option<uuid::Uuid>,
+    /// Threads that move frames and run page-cache writes (reads, flushes and
+    /// snapshot work run on a separate blocking pool). One keeps a write's
+    /// receive, store call and reply on one thread, without cross-thread
+    /// wake-ups; raise it only for a replica that needs more than one core.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    io_threads: u16,
 }
 
 #[derive(clap::Subcommand)]
@@ -110,11 +116,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("basalt-replica")
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = match args.io_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.into())
+            .enable_all()
+            .thread_name("basalt-replica")
+            .build(),
+    }
+    .context("starting the async runtime")?;
     runtime.block_on(serve(args))
 }
 

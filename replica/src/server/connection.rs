@@ -6,6 +6,7 @@
 //! talks to the right volume in a protocol version both sides speak.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use basalt_proto::frame::{
 use basalt_proto::pb::replica as pb;
 use basalt_proto::Epoch;
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -90,10 +91,11 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let writer = tokio::spawn(write_replies(tx, reply_rx, peer));
 
     let (lane_tx, lane_rx) = mpsc::channel::<Job>(ORDERED_QUEUE);
+    let lane_pending = Arc::new(AtomicUsize::new(0));
     let lane = {
-        let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
+        let (shared, reply_tx, pending) = (shared.clone(), reply_tx.clone(), lane_pending.clone());
         let side = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || run_ordered_lane(lane_rx, &shared, &reply_tx, &side))
+        tokio::task::spawn_blocking(move || run_ordered_lane(lane_rx, &shared, &reply_tx, &side, &pending))
     };
     let reads = TaskTracker::new();
 
@@ -103,6 +105,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             shared: &shared,
             reply_tx: &reply_tx,
             lane_tx: &lane_tx,
+            lane_pending: &lane_pending,
             reads: &reads,
         },
         &stop,
@@ -138,6 +141,10 @@ struct Dispatch<'a> {
     shared: &'a Arc<Shared>,
     reply_tx: &'a mpsc::Sender<Frame>,
     lane_tx: &'a mpsc::Sender<Job>,
+    /// Jobs handed to the lane and not yet executed there. Zero means the
+    /// lane is idle, so a plain write may run on the reader task (see
+    /// [`read_requests`]) without overtaking anything queued before it.
+    lane_pending: &'a AtomicUsize,
     reads: &'a TaskTracker,
 }
 
@@ -154,13 +161,34 @@ async fn read_requests(
         id: dispatch.shared.new_conn(),
         writer: false,
     };
+    // Plain writes decoded back to back while the lane is idle: executed on
+    // this task, as one store batch, as soon as no further frame is ready.
+    let mut writes: Vec<Job> = Vec::new();
     loop {
-        let frame = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            next = frames.next() => match next {
-                None => return Ok(()),
-                Some(frame) => frame?,
-            },
+        let next = if writes.is_empty() {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                next = frames.next() => next,
+            }
+        } else {
+            match frames.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
+                    continue;
+                }
+            }
+        };
+        let frame = match next {
+            Some(Ok(frame)) => frame,
+            end => {
+                // Accepted writes are executed and answered whatever comes next.
+                dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
+                return match end {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(()),
+                };
+            }
         };
         let received = Instant::now();
         let Frame { id, epoch, message } = frame;
@@ -238,12 +266,28 @@ async fn read_requests(
                 };
                 // A snapshot layer is immutable, so reading one needs no
                 // ordering with the writes either.
-                if let Message::Read { .. } | Message::ReadLayer { .. } = job.message {
+                if let Message::Read { offset, len } = job.message {
+                    match read_cached(dispatch.shared, epoch, offset, len) {
+                        Some(result) => dispatch.answer(id, op, received, result).await,
+                        None => dispatch.spawn_read(job),
+                    }
+                } else if let Message::ReadLayer { .. } = job.message {
                     dispatch.spawn_read(job);
-                } else if let Err(mpsc::error::SendError(job)) = dispatch.lane_tx.send(job).await {
-                    // The lane only ends after this loop; answer anyway.
-                    let refusal = Refusal::new(ReplyError::ShuttingDown, "the connection is closing");
-                    dispatch.answer(job.id, op, job.received, Err(refusal)).await;
+                } else if is_plain_write(&job) && dispatch.lane_pending.load(Ordering::Acquire) == 0 {
+                    writes.push(job);
+                    if writes.len() >= MAX_WRITE_BATCH {
+                        dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
+                    }
+                } else {
+                    // Everything before this job reaches the store first.
+                    dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
+                    dispatch.lane_pending.fetch_add(1, Ordering::AcqRel);
+                    if let Err(mpsc::error::SendError(job)) = dispatch.lane_tx.send(job).await {
+                        dispatch.lane_pending.fetch_sub(1, Ordering::AcqRel);
+                        // The lane only ends after this loop; answer anyway.
+                        let refusal = Refusal::new(ReplyError::ShuttingDown, "the connection is closing");
+                        dispatch.answer(job.id, op, job.received, Err(refusal)).await;
+                    }
                 }
             }
         }
@@ -251,6 +295,23 @@ async fn read_requests(
 }
 
 impl Dispatch<'_> {
+    /// Executes plain writes on this task: they only copy into the page
+    /// cache and append to the index log (no fdatasync), which costs less
+    /// than the hand-off to the lane thread and back (two wake-ups, two
+    /// context switches: most of a 4 KiB write's budget on a small machine).
+    /// The same trade-off as `basalt_target::file`: a buffered write can be
+    /// throttled by dirty-page writeback, bounded by the kernel's dirty
+    /// limits; anything that waits for the medium stays on the lane.
+    async fn execute_writes_inline(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        for reply in execute_writes(self.shared, jobs) {
+            // Fails only when the writer is gone; the writes are done anyway.
+            let _ = self.reply_tx.send(reply).await;
+        }
+    }
+
     /// Queues the reply to request `id`.
     async fn answer(&self, id: RequestId, op: Op, received: Instant, result: Result<Message, Refusal>) {
         let frame = reply_frame(self.shared, id, op, received, result);
@@ -283,6 +344,32 @@ impl Dispatch<'_> {
     }
 }
 
+/// Largest read answered on the reader task when its blocks are in the page
+/// cache: the copy stays under ~10 us, so frames behind it are not held up.
+const INLINE_READ_MAX: u32 = 64 << 10;
+
+/// A read answered on the reader task, if it needs no wait for the disk:
+/// a cached 4 KiB read costs a few microseconds, less than the hand-off to
+/// the blocking pool and back (two wake-ups, two context switches). `None`:
+/// too large, or not all cached -- read it on the blocking pool instead.
+fn read_cached(shared: &Shared, epoch: Epoch, offset: u64, len: u32) -> Option<Result<Message, Refusal>> {
+    if len > INLINE_READ_MAX {
+        return None;
+    }
+    let mut buf = BytesMut::zeroed(len as usize);
+    let result = shared.fenced(epoch, |store| {
+        store.read_cached(offset, &mut buf).map_err(Refusal::from)
+    });
+    match result {
+        Ok(false) => None,
+        Ok(true) => {
+            shared.metrics.bytes_read(buf.len());
+            Some(Ok(Message::ReadOk { data: buf.freeze() }))
+        }
+        Err(refusal) => Some(Err(refusal)),
+    }
+}
+
 /// The ordered lane: executes jobs one at a time, in arrival order.
 ///
 /// Two requests leave the lane once it reaches them, so that the writes
@@ -301,6 +388,7 @@ fn run_ordered_lane(
     shared: &Arc<Shared>,
     reply_tx: &mpsc::Sender<Frame>,
     side: &tokio::runtime::Handle,
+    pending: &AtomicUsize,
 ) {
     // A job taken off the queue while gathering a batch, that is not part of it.
     let mut held: Option<Job> = None;
@@ -320,9 +408,19 @@ fn run_ordered_lane(
                     Err(_) => break,
                 }
             }
-            execute_writes(shared, batch, reply_tx);
+            let executed = batch.len();
+            let replies = execute_writes(shared, batch);
+            pending.fetch_sub(executed, Ordering::AcqRel);
+            for reply in replies {
+                // A closed reply queue means the socket is gone; the lane goes on
+                // executing what was accepted, as it does for single requests.
+                let _ = reply_tx.blocking_send(reply);
+            }
             continue;
         }
+        // Once the job below has taken its place in the store's sequence, the
+        // reader may run writes itself again.
+        let _done = DoneOnDrop(pending);
         let Job {
             id,
             epoch,
@@ -373,10 +471,20 @@ fn is_plain_write(job: &Job) -> bool {
     matches!(job.message, Message::Write { fua: false, .. })
 }
 
-/// Executes plain writes as one store batch and answers each, in order. Each
-/// is fenced by its own epoch, all under one hold of the fence, as
-/// [`execute`] would do one at a time.
-fn execute_writes(shared: &Shared, jobs: Vec<Job>, reply_tx: &mpsc::Sender<Frame>) {
+/// Counts a lane job as executed when dropped (on every path out of the
+/// lane's loop body, `continue` included).
+struct DoneOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DoneOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Executes plain writes as one store batch and returns the reply to each, in
+/// order. Each is fenced by its own epoch, all under one hold of the fence,
+/// as [`execute`] would do one at a time.
+fn execute_writes(shared: &Shared, jobs: Vec<Job>) -> Vec<Frame> {
     let results: Vec<Result<Message, Refusal>> = {
         let _fence = shared.fence_shared();
         let fenced: Vec<Result<(u64, &[u8]), Refusal>> = jobs
@@ -410,11 +518,10 @@ fn execute_writes(shared: &Shared, jobs: Vec<Job>, reply_tx: &mpsc::Sender<Frame
             })
             .collect()
     };
-    for (job, result) in jobs.iter().zip(results) {
-        // A closed reply queue means the socket is gone; the lane goes on
-        // executing what was accepted, as it does for single requests.
-        let _ = reply_tx.blocking_send(reply_frame(shared, job.id, Op::Write, job.received, result));
-    }
+    jobs.iter()
+        .zip(results)
+        .map(|(job, result)| reply_frame(shared, job.id, Op::Write, job.received, result))
+        .collect()
 }
 
 /// Executes one request (not Hello, not Ping) on a blocking thread.

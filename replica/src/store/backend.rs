@@ -49,13 +49,30 @@ const TMP_SUFFIX: &str = ".tmp";
 /// [`Backend::list`] skips it and no object may take its name.
 pub const LOCK_FILE: &str = "volume.lock";
 
+/// Whether `preadv2(RWF_NOWAIT)` works here (cleared the first time the kernel or file system says no).
+static PREADV2_NOWAIT: AtomicBool = AtomicBool::new(true);
+
 /// Most buffers handed to one `pwritev` (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
+
+/// Largest aligned piece of a data file written by one call. The page cache sizes a new folio after the
+/// write that creates it (Linux 6.x, ext4 and xfs), and a later 4 KiB overwrite walks every buffer head of
+/// its folio: measured here, a replica prefilled with 1 MiB writes spent ~25 us per 4 KiB overwrite
+/// (half its CPU) against ~3 us when its folios were small. Writing in aligned 64 KiB pieces keeps folios
+/// at most 16 blocks, at the price of 16 calls per 1 MiB write (~1 us each).
+const WRITE_CHUNK: u64 = 64 << 10;
 
 /// One named object of a backend: a sparse byte array.
 pub trait Object: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset`. Bytes never written (holes, past the end) read as zero.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Like [`Object::read_at`], but only if it needs no wait for the medium (everything is in
+    /// memory): `Ok(false)` means the read would have waited, and `buf` holds nothing useful. Lets
+    /// a server answer a cached read on its network thread and send only misses to a blocking pool.
+    /// The default cannot tell, so it always says `false`.
+    fn read_cached_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Writes all of `buf` at `offset` (volatile until [`Object::sync`]).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Writes `bufs` back to back from `offset` on (volatile until [`Object::sync`]). A backend that
@@ -382,10 +399,63 @@ impl Object for DirObject {
         Ok(())
     }
 
+    fn read_cached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if !PREADV2_NOWAIT.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        for (k, within, start, len) in self.pieces(offset, buf.len()) {
+            let part = &mut buf[start..start + len];
+            let Some(file) = self.segments.get(k).and_then(OnceLock::get) else {
+                part.fill(0);
+                continue;
+            };
+            let mut filled = 0;
+            while filled < part.len() {
+                let rest = &mut part[filled..];
+                let iov = libc::iovec {
+                    iov_base: rest.as_mut_ptr().cast(),
+                    iov_len: rest.len(),
+                };
+                // SAFETY: one iovec over a live, exclusively borrowed buffer, for the call's duration.
+                let n = unsafe {
+                    libc::preadv2(
+                        file.as_raw_fd(),
+                        &iov,
+                        1,
+                        (within + filled as u64) as libc::off_t,
+                        libc::RWF_NOWAIT,
+                    )
+                };
+                match n {
+                    0 => {
+                        // Past the end of the file: never written, so zeros.
+                        rest.fill(0);
+                        break;
+                    }
+                    n if n > 0 => filled += n as usize,
+                    _ => {
+                        let err = io::Error::last_os_error();
+                        match err.raw_os_error() {
+                            Some(libc::EINTR) => continue,
+                            Some(libc::EAGAIN) => return Ok(false),
+                            // A kernel or file system without RWF_NOWAIT: stop asking.
+                            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                                PREADV2_NOWAIT.store(false, Ordering::Relaxed);
+                                return Ok(false);
+                            }
+                            _ => return Err(err),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         for (k, within, start, len) in self.pieces(offset, buf.len()) {
             let file = self.segment_for_write(k)?;
-            file.write_all_at(&buf[start..start + len], within)?;
+            pwritev_all(file, &[&buf[start..start + len]], within)?;
             self.dirty[k].store(true, Ordering::Release);
         }
         Ok(())
@@ -503,8 +573,29 @@ impl Object for DirObject {
 }
 
 /// `pwritev` until every byte of `bufs` is written at `offset` (a regular file may take less per call).
-fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    // Cut the buffers at every WRITE_CHUNK boundary of the file, then write chunk by chunk.
+    let mut chunk: Vec<IoSlice<'_>> = Vec::new();
+    let (mut chunk_start, mut at) = (offset, offset);
+    for buf in bufs {
+        let mut buf: &[u8] = buf;
+        while !buf.is_empty() {
+            let room = (WRITE_CHUNK - at % WRITE_CHUNK) as usize;
+            let (head, tail) = buf.split_at(room.min(buf.len()));
+            chunk.push(IoSlice::new(head));
+            at += head.len() as u64;
+            buf = tail;
+            if at.is_multiple_of(WRITE_CHUNK) || chunk.len() == IOV_MAX {
+                pwritev_chunk(file, &mut chunk, chunk_start)?;
+                chunk_start = at;
+            }
+        }
+    }
+    pwritev_chunk(file, &mut chunk, chunk_start)
+}
+
+/// Writes all of `slices` at `offset` (looping over short writes) and empties `slices`.
+fn pwritev_chunk(file: &File, slices: &mut Vec<IoSlice<'_>>, mut offset: u64) -> io::Result<()> {
     let mut rest = &mut slices[..];
     IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
@@ -532,6 +623,7 @@ fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
         offset += n as u64;
         IoSlice::advance_slices(&mut rest, n as usize);
     }
+    slices.clear();
     Ok(())
 }
 

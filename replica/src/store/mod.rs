@@ -756,21 +756,36 @@ impl Store {
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512). Every block is checked against its
     /// CRC32; a mismatch is [`StoreError::ChecksumMismatch`] with the block's index.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.read_as(offset, buf, Wait::Yes).map(|_| ())
+    }
+
+    /// [`Store::read`] if it can be done without waiting for the medium (the blocks are in the page
+    /// cache): `Ok(false)` if it would have had to wait (then `buf` holds nothing useful and the
+    /// caller reads again with [`Store::read`], off its latency-sensitive thread).
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, StoreError> {
+        self.read_as(offset, buf, Wait::No)
+    }
+
+    fn read_as(&self, offset: u64, buf: &mut [u8], wait: Wait) -> Result<bool, StoreError> {
         self.check_range(offset, buf.len() as u64)?;
         let chain = rlock(&self.chain);
         let mut done = 0;
         for (lba, within, n) in Self::pieces(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n];
-            if within == 0 && n % BLOCK == 0 {
-                self.read_optimistic(&chain, lba, out)?;
+            let complete = if within == 0 && n % BLOCK == 0 {
+                self.read_optimistic(&chain, lba, out, wait)?
             } else {
                 let mut block = [0u8; BLOCK];
-                self.read_optimistic(&chain, lba, &mut block)?;
+                let complete = self.read_optimistic(&chain, lba, &mut block, wait)?;
                 out.copy_from_slice(&block[within..within + n]);
+                complete
+            };
+            if !complete {
+                return Ok(false);
             }
             done += n;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reads whole blocks without their stripe locks, and again under them only if a block fails its
@@ -780,11 +795,17 @@ impl Store {
     /// (a real mismatch fails again and is reported). Two uncontended atomic operations per read are
     /// a few percent of a cached 4 KiB read, and the retry is rare: it needs a write to the very
     /// block being read.
-    fn read_optimistic(&self, chain: &Chain, first: u64, out: &mut [u8]) -> Result<(), StoreError> {
-        match self.read_blocks(chain, first, out) {
+    fn read_optimistic(
+        &self,
+        chain: &Chain,
+        first: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool, StoreError> {
+        match self.read_blocks_as(chain, first, out, wait) {
             Err(StoreError::ChecksumMismatch { .. }) => {
                 let _stripes = self.read_stripes(first..first + (out.len() / BLOCK) as u64);
-                self.read_blocks(chain, first, out)
+                self.read_blocks_as(chain, first, out, wait)
             }
             done => done,
         }
@@ -794,6 +815,17 @@ impl Store {
     /// the blocks' stripes held, a block being written may fail the check (see
     /// [`Store::read_optimistic`]).
     fn read_blocks(&self, chain: &Chain, first: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        self.read_blocks_as(chain, first, out, Wait::Yes).map(|_| ())
+    }
+
+    /// [`Store::read_blocks`]; with [`Wait::No`], `Ok(false)` as soon as a block is not in memory.
+    fn read_blocks_as(
+        &self,
+        chain: &Chain,
+        first: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool, StoreError> {
         let n = out.len() / BLOCK;
         // Small reads (the common 4 KiB case) keep their lookups on the stack.
         let mut small = [None::<Entry>; 16];
@@ -840,13 +872,18 @@ impl Store {
                 chain.layer(layer)?
             };
             let offset = Lba(first + i as u64).byte_offset();
-            source
-                .data
-                .read_at(&mut out[i * BLOCK..j * BLOCK], offset)
-                .map_err(|e| StoreError::Io {
-                    context: format!("reading {} of {layer}", Lba(first + i as u64)),
-                    source: e,
-                })?;
+            let run = &mut out[i * BLOCK..j * BLOCK];
+            let read = match wait {
+                Wait::Yes => source.data.read_at(run, offset).map(|()| true),
+                Wait::No => source.data.read_cached_at(run, offset),
+            };
+            let complete = read.map_err(|e| StoreError::Io {
+                context: format!("reading {} of {layer}", Lba(first + i as u64)),
+                source: e,
+            })?;
+            if !complete {
+                return Ok(false);
+            }
             for k in i..j {
                 let Some(Entry {
                     state: BlockState::Data { crc },
@@ -863,7 +900,7 @@ impl Store {
             }
             i = j;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `data` at `offset` (both multiples of 512) into the head. Volatile until [`Store::flush`].
@@ -1675,4 +1712,12 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Whether a read may wait for the medium ([`Store::read`]) or must give up instead
+/// ([`Store::read_cached`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
 }
