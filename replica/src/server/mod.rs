@@ -4,30 +4,45 @@
 //! module executes them against the [`Store`] and answers each by id.
 //!
 //! ```text
-//!                 +-------------------- one connection ------------------------+
-//!  socket rx ---> | reader task: decode, check Hello, take an in-flight budget |
-//!                 |   |-- Ping ------------------------------------------------+--> reply channel
-//!                 |   |-- Read  --> spawn_blocking (any number, concurrently) -+--> reply channel
-//!                 |   '-- Write/Unmap/Flush/Snapshot*/Info/SetEpoch            |
-//!                 |          --> ordered lane: ONE blocking thread, FIFO ------+--> reply channel
-//!                 |                                                            |
-//!  socket tx <--- | writer task: drain reply channel, one vectored write/batch |
-//!                 +------------------------------------------------------------+
+//!                 +-------------------- one connection ------------------------------+
+//!  socket rx ---> | reader task: decode, check Hello, take an in-flight budget       |
+//!                 |   |-- Ping ------------------------------------------------------+--> reply channel
+//!                 |   |-- Read, cached --> store on the reader task ----------------+--> reply channel
+//!                 |   |-- Read, not cached --> spawn_blocking (concurrently) -------+--> reply channel
+//!                 |   |-- plain Write, lane idle --> batched, store on the reader --+--> reply channel
+//!                 |   '-- Unmap/FUA write/Flush/Snapshot*/Info/SetEpoch, or a       |
+//!                 |       write behind one --> ordered lane: ONE blocking thread ---+--> reply channel
+//!                 |                                                                  |
+//!  socket tx <--- | writer task: drain reply channel, one vectored write/batch       |
+//!                 +------------------------------------------------------------------+
 //! ```
 //!
 //! ## Why this shape
 //!
-//! * **Writes in arrival order.** Everything that changes the volume goes
-//!   through one FIFO thread per connection, so overlapping writes land in
-//!   the order the controller sent them, a Flush reply covers every write
-//!   that arrived before it, and a snapshot sits exactly between the writes
-//!   before and after it. A FUA write is a write plus a flush on that thread.
-//! * **Reads concurrently.** Reads go to `spawn_blocking` and may overtake
-//!   each other and queued writes: a controller only reads data whose write
-//!   it has seen acknowledged (a SCSI initiator does the same), so ordering
-//!   reads behind writes would only add latency.
-//! * **The runtime never blocks on the disk.** All store calls run on
-//!   blocking threads; the async tasks only move frames.
+//! * **Writes in arrival order.** Everything that changes the volume is
+//!   executed in the order the controller sent it, so overlapping writes land
+//!   in that order, a Flush reply covers every write that arrived before it,
+//!   and a snapshot sits exactly between the writes before and after it. Plain
+//!   writes run on the reader task itself, batched (one store call, one
+//!   index-log append for every write decoded back to back), but only while
+//!   the lane is idle; anything that may wait for the disk goes to the lane,
+//!   and a write that arrives while the lane has work queues behind it there.
+//!   A FUA write is a write plus a flush on the lane.
+//! * **Reads concurrently.** Reads may overtake each other and queued writes:
+//!   a controller only reads data whose write it has seen acknowledged (a
+//!   SCSI initiator does the same), so ordering reads behind writes would only
+//!   add latency. A read whose blocks are all in the page cache is answered on
+//!   the reader task (`preadv2(RWF_NOWAIT)`); any other read goes to
+//!   `spawn_blocking`.
+//! * **The runtime never waits for the disk.** On the runtime's threads the
+//!   store only copies to and from the page cache (buffered writes, cached
+//!   reads); fdatasync, cache misses and snapshot work run on blocking
+//!   threads. Why not everything on blocking threads: a 4 KiB page-cache copy
+//!   takes a few microseconds, the hand-off to a blocking thread and back two
+//!   wake-ups and two context switches, which measured as most of a replica's
+//!   CPU per 4 KiB write on a 2-core machine (`benches/README.md`). The cost:
+//!   a buffered write can be throttled by dirty-page writeback (bounded by the
+//!   kernel's dirty limits), and it then holds up this connection's frames.
 //! * **Bounded memory.** The reader takes a budget of in-flight bytes
 //!   ([`MAX_IN_FLIGHT_BYTES`]) before dispatching a request and the budget is
 //!   returned when the reply is queued, so a fast sender is slowed down by
