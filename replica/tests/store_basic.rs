@@ -129,6 +129,36 @@ fn unmap_of_the_head_gives_space_back() {
 }
 
 #[test]
+fn a_cached_read_answers_exactly_like_a_read_and_still_checks_every_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 16 * MIB);
+    store.write(4096, &[block(1), block(2)].concat()).unwrap();
+    store.write(3 * 4096 + 512, &[7; 512]).unwrap();
+    // Just written, so in the page cache: whole blocks, a sector inside a block, never-written blocks.
+    for (offset, len) in [(0, 8 * 4096), (4096, 4096), (3 * 4096 + 512, 1024), (10 * 4096, 4096)] {
+        let mut cached = vec![0xEE; len];
+        assert!(store.read_cached(offset, &mut cached).unwrap(), "{offset}+{len} not cached");
+        assert_eq!(cached, read(&store, offset, len), "{offset}+{len}");
+    }
+    // Out of range is the same error as a read's.
+    assert!(matches!(
+        store.read_cached(16 * MIB, &mut [0; 4096]),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    // A corrupt block is reported, not answered.
+    store.flush().unwrap();
+    let file = OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("layer-00000001.data"))
+        .unwrap();
+    file.write_all_at(&[0x43], 2 * 4096 + 7).unwrap();
+    assert!(matches!(
+        store.read_cached(0, &mut [0; 4 * 4096]),
+        Err(StoreError::ChecksumMismatch { lba: 2 })
+    ));
+}
+
+#[test]
 fn a_flipped_byte_is_a_checksum_mismatch_and_a_rewrite_repairs_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(dir.path(), 16 * MIB);
