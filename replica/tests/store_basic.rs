@@ -135,9 +135,17 @@ fn a_cached_read_answers_exactly_like_a_read_and_still_checks_every_checksum() {
     store.write(4096, &[block(1), block(2)].concat()).unwrap();
     store.write(3 * 4096 + 512, &[7; 512]).unwrap();
     // Just written, so in the page cache: whole blocks, a sector inside a block, never-written blocks.
-    for (offset, len) in [(0, 8 * 4096), (4096, 4096), (3 * 4096 + 512, 1024), (10 * 4096, 4096)] {
+    for (offset, len) in [
+        (0, 8 * 4096),
+        (4096, 4096),
+        (3 * 4096 + 512, 1024),
+        (10 * 4096, 4096),
+    ] {
         let mut cached = vec![0xEE; len];
-        assert!(store.read_cached(offset, &mut cached).unwrap(), "{offset}+{len} not cached");
+        assert!(
+            store.read_cached(offset, &mut cached).unwrap(),
+            "{offset}+{len} not cached"
+        );
         assert_eq!(cached, read(&store, offset, len), "{offset}+{len}");
     }
     // Out of range is the same error as a read's.
@@ -360,7 +368,12 @@ fn deleting_a_snapshot_merges_it_into_its_child_and_keeps_every_view() {
     files.sort();
     assert_eq!(
         files,
-        ["intent.log", "layer-00000004.data", "layer-00000004.idx", "volume.meta"],
+        [
+            "intent.log",
+            "layer-00000004.data",
+            "layer-00000004.idx",
+            "volume.meta"
+        ],
         "{files:?}"
     );
 }

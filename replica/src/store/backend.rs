@@ -689,7 +689,9 @@ mod tests {
         let object = backend.create("layer", SEGMENT_BYTES).unwrap();
         // Buffers that straddle piece boundaries, one larger than several pieces, more buffers than
         // one pwritev takes, all starting off a piece boundary.
-        let big: Vec<u8> = (0..(3 * WRITE_CHUNK as usize + 100)).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..(3 * WRITE_CHUNK as usize + 100))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let small: Vec<Vec<u8>> = (0..IOV_MAX + 10).map(|i| vec![(i % 200) as u8; 512]).collect();
         let mut bufs: Vec<&[u8]> = vec![&big];
         bufs.extend(small.iter().map(|b| &b[..]));
@@ -702,7 +704,10 @@ mod tests {
         // A single large buffer goes the same way, and a cached read sees it too.
         object.write_at(&big, 4096).unwrap();
         let mut back = vec![0u8; big.len()];
-        assert!(object.read_cached_at(&mut back, 4096).unwrap(), "just written: in the page cache");
+        assert!(
+            object.read_cached_at(&mut back, 4096).unwrap(),
+            "just written: in the page cache"
+        );
         assert!(back == big, "write_at read back differently");
     }
 
