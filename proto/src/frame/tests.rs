@@ -158,6 +158,15 @@ fn arb_message() -> impl Strategy<Value = Message> {
             own_revision: Revision(r)
         }),
         arb_sync_point().prop_map(|position| M::AdoptSyncPointOk { position }),
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| M::RunCrcs {
+            runs: v.into_iter().map(|(lba, blocks)| BlockRun { lba, blocks }).collect()
+        }),
+        (proptest::collection::vec((any::<u64>(), any::<u32>()), 0..20), any::<u64>()).prop_map(
+            |(v, end_lba)| M::RunCrcsOk {
+                crcs: v.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
+                end_lba
+            }
+        ),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),
@@ -212,11 +221,14 @@ proptest! {
         frame in arb_frame(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
     ) {
-        let mut bytes = wire(&frame).to_vec();
+        let original = wire(&frame).to_vec();
+        let mut bytes = original.clone();
         for (at, value) in flips {
             let i = at.index(bytes.len());
             bytes[i] ^= value.max(1);
         }
+        // Two flips of the same byte by the same value cancel out: that frame is not corrupted.
+        prop_assume!(bytes != original);
         // A corrupted frame must be rejected (the CRC catches payload and
         // header damage alike) unless the decoder is still waiting for bytes.
         let (frames, _err) = decode_all(&bytes);
@@ -599,5 +611,47 @@ fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_reject
             op: Op::AdoptSyncPoint,
             ..
         })
+    ));
+}
+
+#[test]
+fn a_run_checksum_listing_with_a_ragged_run_list_or_a_stray_field_is_rejected() {
+    let runs = vec![BlockRun { lba: 0, blocks: 16 }, BlockRun { lba: 64, blocks: 16 }];
+    let request = Frame::new(RequestId(7), Epoch(1), Message::RunCrcs { runs });
+    // A run list that is not a whole number of 16-byte runs.
+    let mut buf = wire(&request);
+    buf.truncate(buf.len() - 1);
+    let payload_len = (buf.len() - HEADER_LEN) as u32;
+    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::RunCrcs, .. })
+    ));
+    // The request has no offset of its own: a later version may give it one.
+    let mut buf = wire(&request);
+    buf[24..32].copy_from_slice(&5u64.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::RunCrcs, .. })
+    ));
+    // An answer whose checksum list is ragged.
+    let answer = Frame::new(
+        RequestId(7),
+        Epoch(1),
+        Message::RunCrcsOk {
+            crcs: vec![BlockCrc { lba: 3, crc: 9 }],
+            end_lba: 80,
+        },
+    );
+    let mut buf = wire(&answer);
+    buf.truncate(buf.len() - 1);
+    let payload_len = (buf.len() - HEADER_LEN) as u32;
+    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        FrameCodec.decode(&mut buf),
+        Err(DecodeError::BadField { op: Op::RunCrcs, .. })
     ));
 }
