@@ -287,6 +287,21 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// [`Daemon::log`] without its colour codes, for finding `key=value` fields in it.
+    pub fn plain_log(&self) -> String {
+        let mut plain = String::new();
+        let mut in_escape = false;
+        for c in self.log().chars() {
+            match (in_escape, c) {
+                (false, '\u{1b}') => in_escape = true,
+                (true, 'm') => in_escape = false,
+                (true, _) => {}
+                (false, c) => plain.push(c),
+            }
+        }
+        plain
+    }
+
     fn failure(&self, reason: String) -> HarnessError {
         HarnessError::Daemon {
             what: self.what.clone(),

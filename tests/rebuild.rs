@@ -334,18 +334,7 @@ fn rebuilt_replicas_hold_the_sources_snapshot_chain() -> Result<()> {
 /// What the controller logged when replica `addr` turned RW after its last rebuild: the bytes copied
 /// (the rebuild's own counter) and whether the source's write-intent record said where to look.
 fn last_rebuild(log: &str, addr: std::net::SocketAddr) -> Option<(u64, bool)> {
-    // The daemon logs in colour: drop the escape sequences first.
-    let mut plain = String::with_capacity(log.len());
-    let mut in_escape = false;
-    for c in log.chars() {
-        match (in_escape, c) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    let line = plain
+    let line = log
         .lines()
         .rev()
         .find(|l| l.contains("rebuild complete") && l.contains(&format!("replica={addr}")))?;
@@ -411,7 +400,7 @@ fn away_while_one_percent_changes(restart_controller: bool) -> Result<(u64, bool
     }
     cluster.start_replica(1)?;
     wait_mode(controller.api, victim, "RW")?;
-    let log = controller.daemon.log();
+    let log = controller.daemon.plain_log();
     for line in log.lines().filter(|l| l.contains("rebuild")) {
         eprintln!("{line}");
     }
@@ -450,4 +439,117 @@ fn the_write_intent_record_survives_a_controller_restart_while_the_replica_is_aw
         "copied {bytes} bytes for {CHANGED_BYTES} changed"
     );
     Ok(())
+}
+
+/// Established TCP connections to `addr` on this machine, seen from the connecting side: every connection
+/// the controller holds to that replica (`/proc/net/tcp`, state 01; the replicas listen on 127.0.0.1).
+fn connections_to(addr: std::net::SocketAddr) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!("0100007F:{:04X}", addr.port());
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == remote && f[3] == "01"
+        })
+        .count()
+}
+
+/// Every rebuild opens connections of its own to its source and its target, on top of the volume's one
+/// link per replica; none of them may outlive the rebuild. After three kill/restart/rebuild cycles the
+/// controller holds exactly one connection to each replica (the bug: one more to the source and one more
+/// to the target per rebuild).
+#[test]
+fn rebuilds_leave_exactly_one_connection_per_replica() -> Result<()> {
+    let mut cluster = Cluster::start(3, ByteSize::mib(32))?;
+    let controller = cluster.start_controller(&[])?;
+    for r in &cluster.replicas {
+        wait_mode(controller.api, r.addr, "RW")?;
+    }
+    let (ok, out) = qemu_io(&controller.url, &["write -P 0x11 0 8M", "flush"])?;
+    assert!(ok, "{out}");
+    for cycle in 0..3 {
+        cluster.kill_replica(1);
+        let victim = cluster.replicas[1].addr;
+        wait_mode(controller.api, victim, "ERR")?;
+        let (ok, out) = qemu_io(
+            &controller.url,
+            &[&format!("write -P 0x{:02x} 1M 64k", 0x20 + cycle), "flush"],
+        )?;
+        assert!(ok, "{out}");
+        cluster.start_replica(1)?;
+        wait_mode(controller.api, victim, "RW")?;
+    }
+    let settled = wait_for(
+        "the controller to hold one connection per replica",
+        Duration::from_secs(10),
+        || cluster.replicas.iter().all(|r| connections_to(r.addr) == 1),
+    );
+    let held: Vec<usize> = cluster.replicas.iter().map(|r| connections_to(r.addr)).collect();
+    assert!(
+        settled.is_ok(),
+        "connections held to r1, r2, r3 after three rebuilds of r2: {held:?} (one each expected)"
+    );
+    Ok(())
+}
+
+/// r2 goes away first; then r1 is wiped and rebuilt in full, so r1's write-intent record starts at its
+/// rebuild, after r2's last flush. When r2 returns, r1 -- the first read-write replica -- cannot say what
+/// r2 missed, but r3 can: the rebuild takes r3 as its source and copies only what changed, instead of
+/// comparing the whole volume.
+#[test]
+fn a_rebuild_takes_its_source_among_the_replicas_whose_record_can_answer() -> Result<()> {
+    let mut cluster = Cluster::start(3, ByteSize::mib(64))?;
+    let controller = cluster.start_controller(&[])?;
+    for r in &cluster.replicas {
+        wait_mode(controller.api, r.addr, "RW")?;
+    }
+    let (ok, out) = qemu_io(&controller.url, &["write -P 0x11 0 48M", "flush"])?;
+    assert!(ok, "{out}");
+    let (first, returning, answering) = (
+        cluster.replicas[0].addr,
+        cluster.replicas[1].addr,
+        cluster.replicas[2].addr,
+    );
+
+    cluster.kill_replica(1);
+    wait_mode(controller.api, returning, "ERR")?;
+    let (ok, out) = qemu_io(&controller.url, CHANGED)?;
+    assert!(ok, "{out}");
+
+    cluster.kill_replica(0);
+    wait_mode(controller.api, first, "ERR")?;
+    std::fs::remove_dir_all(&cluster.replicas[0].dir).expect("wipe r1");
+    cluster.start_replica(0)?;
+    wait_mode(controller.api, first, "RW")?;
+
+    cluster.start_replica(1)?;
+    wait_mode(controller.api, returning, "RW")?;
+    let log = controller.daemon.plain_log();
+    for line in log.lines().filter(|l| l.contains("rebuild")) {
+        eprintln!("{line}");
+    }
+    let (bytes, from_record) =
+        last_rebuild(&log, returning).expect("the controller logged the rebuild of r2");
+    assert!(
+        from_record,
+        "a replica whose record answers was taken as the source"
+    );
+    assert!(
+        log.lines().any(|l| l
+            .contains("taking the first read-write replica whose write-intent record answers")
+            && l.contains(&format!("source={answering}"))),
+        "the rebuild says it passed r1 over for r3"
+    );
+    assert!(
+        (CHANGED_BYTES..=CHANGED_BYTES + (256 << 10)).contains(&bytes),
+        "copied {bytes} bytes for {CHANGED_BYTES} changed"
+    );
+
+    controller.daemon.stop()?;
+    for i in 0..3 {
+        cluster.stop_replica(i)?;
+    }
+    assert_replicas_identical(&cluster, &[0, 1, 2])
 }

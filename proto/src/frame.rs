@@ -35,8 +35,8 @@
 //! writes sent before and after it on the same stream. A controller can drain
 //! and snapshot without a second channel racing the data path.
 //!
-//! The rebuild's ops ride the same stream: `BlockCrcs` compares merged
-//! views, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
+//! The rebuild's ops ride the same stream: `BlockCrcs` (a range) and
+//! `RunCrcs` (many runs in one request) compare merged views, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
 //! source's snapshot chain layer by layer onto a replica whose chain differs.
 //! `WrittenSince` asks a replica's persistent write-intent record which
 //! regions may differ from a replica last in sync at a [`SyncPoint`], and
@@ -88,6 +88,11 @@ pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
 /// cut (at a character boundary). An error message is for a log line, not a
 /// transport for data.
 pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Most runs one [`Message::RunCrcs`] request may name (1 MiB of runs): a
+/// replica lists them under one hold of its block map, so a request must not
+/// be able to hold it for long; a rebuild with more regions sends several.
+pub const MAX_CRC_RUNS: usize = 1 << 16;
 
 /// Identifies one request on one connection. Chosen by the sender, echoed in
 /// the reply; the replica does not interpret it. A [`RequestId`] of zero is
@@ -165,6 +170,7 @@ pub enum Op {
     ReadLayer = 0x10,
     WrittenSince = 0x11,
     AdoptSyncPoint = 0x12,
+    RunCrcs = 0x13,
 }
 
 /// Set in the op byte of every reply.
@@ -172,7 +178,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 18] = [
+    pub const ALL: [Op; 19] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -191,6 +197,7 @@ impl Op {
         Op::ReadLayer,
         Op::WrittenSince,
         Op::AdoptSyncPoint,
+        Op::RunCrcs,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -219,6 +226,7 @@ impl Op {
             Op::ReadLayer => "read_layer",
             Op::WrittenSince => "written_since",
             Op::AdoptSyncPoint => "adopt_sync_point",
+            Op::RunCrcs => "run_crcs",
         }
     }
 }
@@ -438,6 +446,24 @@ pub enum Message {
     },
     BlockCrcsOk(Vec<BlockCrc>),
 
+    /// [`Message::BlockCrcs`] over many runs at once: the CRC32 of every
+    /// block holding data in `runs` (in block order, not overlapping), in
+    /// one request. A rebuild guided by a write-intent record compares
+    /// thousands of small regions scattered over the volume; one request per
+    /// region made the listing cost thousands of round trips through the
+    /// replica's ordered lane, more than copying what differs. The replica
+    /// may stop early (at most 2^20 entries per answer): `end_lba` says up
+    /// to where the listing is complete, and the next request asks for the
+    /// rest of the runs from there. At most [`MAX_CRC_RUNS`] runs, each
+    /// non-empty and inside the volume; anything else is refused.
+    RunCrcs {
+        runs: Vec<BlockRun>,
+    },
+    RunCrcsOk {
+        crcs: Vec<BlockCrc>,
+        end_lba: u64,
+    },
+
     /// Drop every snapshot and the head, and start over with one empty head
     /// (same volume id, size and epoch; the revision starts again at 0, since
     /// the replica now holds nothing). A rebuild sends it to a replica whose
@@ -554,6 +580,8 @@ impl Message {
             M::WrittenSinceOk { .. } => (Op::WrittenSince, true),
             M::AdoptSyncPoint { .. } => (Op::AdoptSyncPoint, false),
             M::AdoptSyncPointOk { .. } => (Op::AdoptSyncPoint, true),
+            M::RunCrcs { .. } => (Op::RunCrcs, false),
+            M::RunCrcsOk { .. } => (Op::RunCrcs, true),
             M::Failed { op, .. } => (*op, true),
         }
     }

@@ -11,7 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use basalt_proto::frame::{
-    Frame, FrameCodec, Message, Op, ProtocolVersion, ReplyError, RequestId, HEADER_LEN, MAX_PAYLOAD,
+    BlockCrc, BlockRun, Frame, FrameCodec, Message, Op, ProtocolVersion, ReplyError, RequestId, SyncPoint,
+    WrittenAnswer, HEADER_LEN, MAX_CRC_RUNS, MAX_PAYLOAD,
 };
 use basalt_proto::{Epoch, VolumeId};
 use basalt_replica::server::{ClientError, Metrics, ReplicaClient, Server};
@@ -824,4 +825,444 @@ fn a_cut_network_closes_both_ends_within_the_dead_peer_bound_and_a_new_writer_ge
             "the older controller wrote nothing"
         );
     });
+}
+
+// ------------------------------------------------------------------------------------------------
+// The rebuild's questions: WrittenSince, AdoptSyncPoint, RunCrcs
+// ------------------------------------------------------------------------------------------------
+
+/// One WrittenSince answer: the replica's own position, the answer, and where it is complete.
+async fn written_since(
+    client: &ReplicaClient,
+    since: Option<SyncPoint>,
+    start_lba: u64,
+) -> (SyncPoint, WrittenAnswer, u64) {
+    match client
+        .call(Message::WrittenSince { since, start_lba })
+        .await
+        .unwrap()
+    {
+        Message::WrittenSinceOk {
+            position,
+            answer,
+            end_lba,
+        } => (position, answer, end_lba),
+        other => panic!("expected a WrittenSince answer, got {other:?}"),
+    }
+}
+
+fn regions(answer: WrittenAnswer) -> Vec<BlockRun> {
+    match answer {
+        WrittenAnswer::Regions(runs) => runs,
+        WrittenAnswer::Unknown(why) => panic!("the record must answer, but said: {why}"),
+    }
+}
+
+fn unknown(answer: WrittenAnswer) -> String {
+    match answer {
+        WrittenAnswer::Unknown(why) => why,
+        WrittenAnswer::Regions(runs) => panic!("the record must refuse to answer, but listed {runs:?}"),
+    }
+}
+
+fn run(lba: u64, blocks: u64) -> BlockRun {
+    BlockRun { lba, blocks }
+}
+
+/// Blocks of a 64 MiB test volume.
+const VOLUME_BLOCKS: u64 = 64 * MIB / 4096;
+
+#[tokio::test]
+async fn written_since_names_the_regions_written_after_a_sync_point_and_what_is_not_yet_flushed() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    // Region 0 (blocks 0..16) is written and flushed, then an empty flush: the point is after it.
+    client.write(0, block(1), false).await.unwrap();
+    client.flush().await.unwrap();
+    client.flush().await.unwrap();
+    let (point, _, _) = written_since(&client, None, VOLUME_BLOCKS).await;
+    // Region 2 (blocks 32..48) and region 100 written and flushed after the point; region 7 only written.
+    client.write(32 * 4096, block(2), false).await.unwrap();
+    client.write(1600 * 4096 + 8192, block(3), false).await.unwrap();
+    client.flush().await.unwrap();
+    client.write(7 * 16 * 4096, block(4), false).await.unwrap();
+
+    let (position, answer, end) = written_since(&client, Some(point), 0).await;
+    assert_eq!(
+        regions(answer),
+        vec![run(32, 16), run(112, 16), run(1600, 16)],
+        "every region written after the point, whole, flushed or not; region 0 is not among them"
+    );
+    assert_eq!(end, VOLUME_BLOCKS, "the answer is complete");
+    assert_eq!(
+        position.lineage, point.lineage,
+        "one replica, one flush numbering"
+    );
+    assert!(position.revision > point.revision);
+
+    // About its own last flush: only what may not have been flushed.
+    let (_, own, _) = written_since(&client, None, 0).await;
+    assert_eq!(regions(own), vec![run(112, 16)]);
+}
+
+#[tokio::test]
+async fn written_since_lists_from_the_block_asked_for_and_pages_a_long_answer() {
+    // 2^16 + 2 regions apart from each other: more runs than one answer holds. Written through the store
+    // (a few seconds over the wire), then served.
+    const REGIONS: u64 = (1 << 16) + 2;
+    let dir = tempfile::tempdir().unwrap();
+    let size = REGIONS * 2 * 16 * 4096;
+    let store = Arc::new(Store::create(dir.path(), VolumeId::random(), size).unwrap());
+    let since = store.sync_point();
+    let data = vec![7u8; 4096];
+    let writes: Vec<(u64, &[u8])> = (0..REGIONS).map(|r| (r * 2 * 16 * 4096, &data[..])).collect();
+    for outcome in store.write_batch(&writes) {
+        outcome.unwrap();
+    }
+    store.flush().unwrap();
+    let replica = Replica::serve(store, dir).await;
+    let client = replica.client(1).await;
+
+    let mut listed = Vec::new();
+    let mut start = 0;
+    let mut answers = 0;
+    while start < REGIONS * 32 {
+        let (_, answer, end) = written_since(&client, Some(since), start).await;
+        assert!(end > start, "every answer makes progress");
+        listed.extend(regions(answer));
+        start = end;
+        answers += 1;
+    }
+    assert!(answers >= 2, "the answer came in pages");
+    assert_eq!(listed.len() as u64, REGIONS);
+    assert!(
+        listed
+            .iter()
+            .enumerate()
+            .all(|(i, r)| *r == run(i as u64 * 32, 16)),
+        "every region once, in block order, across the pages"
+    );
+
+    // A listing from the middle of a region starts there.
+    let (_, answer, end) = written_since(&client, Some(since), 40).await;
+    let from_40 = regions(answer);
+    assert_eq!(from_40[0], run(40, 8), "clipped at the block asked for");
+    assert_eq!(from_40[1], run(64, 16));
+    assert!(end > 40);
+}
+
+#[tokio::test]
+async fn written_since_refuses_to_answer_for_another_numbering_a_later_point_or_a_split_history() {
+    let replica = Replica::start().await;
+    let client = replica.client(3).await;
+    client.write(0, block(1), false).await.unwrap();
+    client.flush().await.unwrap();
+    let (here, _, _) = written_since(&client, None, VOLUME_BLOCKS).await;
+    assert_eq!(
+        here.epoch,
+        Epoch(3),
+        "the flush was made under the connection's epoch"
+    );
+
+    let other = SyncPoint {
+        lineage: here.lineage ^ 1,
+        ..here
+    };
+    let why = unknown(written_since(&client, Some(other), 0).await.1);
+    assert!(why.contains("numbering"), "{why}");
+    let ahead = SyncPoint {
+        revision: basalt_proto::Revision(here.revision.0 + 5),
+        ..here
+    };
+    let why = unknown(written_since(&client, Some(ahead), 0).await.1);
+    assert!(why.contains("ahead"), "{why}");
+    let split = SyncPoint {
+        epoch: Epoch(2),
+        ..here
+    };
+    let why = unknown(written_since(&client, Some(split), 0).await.1);
+    assert!(why.contains("split"), "{why}");
+    // A refusal still says where the replica stands, and covers the whole volume.
+    let (position, _, end) = written_since(&client, Some(split), 0).await;
+    assert_eq!((position, end), (here, VOLUME_BLOCKS));
+}
+
+#[tokio::test]
+async fn rebuild_questions_are_epoch_checked() {
+    let replica = Replica::start().await;
+    let client = replica.client(2).await;
+    client.flush().await.unwrap();
+    let (here, _, _) = written_since(&client, None, 0).await;
+    let stale = replica.client(1).await;
+    for question in [
+        Message::WrittenSince {
+            since: Some(here),
+            start_lba: 0,
+        },
+        Message::AdoptSyncPoint {
+            point: None,
+            own_revision: here.revision,
+        },
+        Message::RunCrcs {
+            runs: vec![run(0, 16)],
+        },
+    ] {
+        let op = question.op().0;
+        assert_eq!(
+            refusal(stale.call(question).await),
+            ReplyError::StaleEpoch { current: Epoch(2) },
+            "{op} from an older controller"
+        );
+    }
+    let (after, _, _) = written_since(&client, None, 0).await;
+    assert_eq!(after, here, "the stale AdoptSyncPoint changed nothing");
+}
+
+#[tokio::test]
+async fn adopt_sync_point_puts_a_replica_on_the_sources_numbering_or_takes_it_off_any() {
+    // Two replicas of one volume, flushed a different number of times: separate numberings.
+    let source = Replica::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), source.volume, 64 * MIB).unwrap();
+    let target = Replica::serve(Arc::new(store), dir).await;
+    let (s, t) = (source.client(1).await, target.client(1).await);
+    for _ in 0..3 {
+        s.flush().await.unwrap();
+    }
+    let at_source = s.flush().await.unwrap();
+    let at_target = t.flush().await.unwrap();
+    let (point, _, _) = written_since(&s, None, 0).await;
+    assert_eq!(point.revision, at_source);
+    let (target_before, _, _) = written_since(&t, None, 0).await;
+    let why = unknown(written_since(&s, Some(target_before), 0).await.1);
+    assert!(why.contains("numbering"), "{why}");
+
+    // The target's flush `at_target` is the source's `at_source`.
+    let adopted = match t
+        .call(Message::AdoptSyncPoint {
+            point: Some(point),
+            own_revision: at_target,
+        })
+        .await
+        .unwrap()
+    {
+        Message::AdoptSyncPointOk { position } => position,
+        other => panic!("expected AdoptSyncPointOk, got {other:?}"),
+    };
+    assert_eq!(adopted, point, "the target now stands where the source does");
+    // Both write the same block and flush: the next flushes are numbered alike, and the source's record
+    // answers about the target.
+    s.write(48 * 4096, block(5), false).await.unwrap();
+    t.write(48 * 4096, block(5), false).await.unwrap();
+    assert_eq!(s.flush().await.unwrap(), t.flush().await.unwrap());
+    let (_, answer, _) = written_since(&s, Some(adopted), 0).await;
+    assert_eq!(regions(answer), vec![run(48, 16)]);
+
+    // Off any numbering (a rebuild is about to copy onto it): nobody's record answers for it any more.
+    match t
+        .call(Message::AdoptSyncPoint {
+            point: None,
+            own_revision: basalt_proto::Revision(0),
+        })
+        .await
+        .unwrap()
+    {
+        Message::AdoptSyncPointOk { position } => assert_ne!(position.lineage, point.lineage),
+        other => panic!("expected AdoptSyncPointOk, got {other:?}"),
+    }
+    let (off, _, _) = written_since(&t, None, 0).await;
+    let why = unknown(written_since(&s, Some(off), 0).await.1);
+    assert!(why.contains("numbering"), "{why}");
+    let why = unknown(written_since(&t, Some(point), 0).await.1);
+    assert!(
+        why.contains("numbering"),
+        "its own record no longer answers for the old point: {why}"
+    );
+}
+
+#[tokio::test]
+async fn adopt_sync_point_refuses_a_revision_the_replica_never_made() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    let revision = client.flush().await.unwrap();
+    let (here, _, _) = written_since(&client, None, 0).await;
+    let refused = client
+        .call(Message::AdoptSyncPoint {
+            point: Some(here),
+            own_revision: basalt_proto::Revision(revision.0 + 100),
+        })
+        .await;
+    match refused {
+        Err(ClientError::Replica { error, message, .. }) => {
+            assert_eq!(error, ReplyError::BadRequest);
+            assert!(message.contains("not one of this replica's"), "{message}");
+        }
+        other => panic!("expected a BadRequest refusal, got {other:?}"),
+    }
+    client.write(0, block(1), false).await.unwrap();
+    assert_eq!(
+        client.read(0, 4096).await.unwrap(),
+        block(1),
+        "the replica still serves"
+    );
+}
+
+#[tokio::test]
+async fn a_written_since_with_a_cut_short_sync_point_closes_only_its_connection() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    // A WrittenSince frame whose payload is 23 bytes, not a 24-byte sync point, with a valid CRC (over
+    // header bytes 0..48, then the payload): only its content is wrong.
+    let point = SyncPoint {
+        lineage: 1,
+        revision: basalt_proto::Revision(1),
+        epoch: Epoch(1),
+    };
+    let mut bytes = encoded(Frame::new(
+        RequestId(2),
+        Epoch(1),
+        Message::WrittenSince {
+            since: Some(point),
+            start_lba: 0,
+        },
+    ));
+    bytes.truncate(bytes.len() - 1);
+    let payload_len = (bytes.len() - HEADER_LEN) as u32;
+    bytes[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    let crc = crc32fast::hash(&[&bytes[..48], &bytes[HEADER_LEN..]].concat());
+    bytes[48..52].copy_from_slice(&crc.to_le_bytes());
+    assert!(
+        server_closes_after(&replica, &bytes).await,
+        "a malformed rebuild question closes its connection"
+    );
+    client.ping().await.expect("other connections are served on");
+    let (position, _, _) = written_since(&client, None, 0).await;
+    assert_eq!(position.epoch, Epoch(0), "nothing was flushed under any epoch");
+}
+
+#[tokio::test]
+async fn run_crcs_lists_the_allocated_blocks_of_many_runs_in_one_request() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    for lba in [0u64, 1, 5, 40, 41, 300, 9000] {
+        client.write(lba * 4096, block(lba as u8), false).await.unwrap();
+    }
+    client.unmap(41 * 4096, 4096).await.unwrap();
+    let reply = client
+        .call(Message::RunCrcs {
+            runs: vec![run(0, 2), run(4, 36), run(40, 16), run(9000, 16)],
+        })
+        .await
+        .unwrap();
+    let crc = |b: u8| crc32fast::hash(&[b; 4096]);
+    assert_eq!(
+        reply,
+        Message::RunCrcsOk {
+            crcs: vec![
+                BlockCrc { lba: 0, crc: crc(0) },
+                BlockCrc { lba: 1, crc: crc(1) },
+                BlockCrc { lba: 5, crc: crc(5) },
+                BlockCrc {
+                    lba: 40,
+                    crc: crc(40)
+                },
+                BlockCrc {
+                    lba: 9000,
+                    crc: crc((9000 % 256) as u8)
+                },
+            ],
+            end_lba: 9016,
+        },
+        "data blocks inside the runs only: not block 300 (outside), not block 41 (discarded)"
+    );
+    // The same as one BlockCrcs per run.
+    let mut one_by_one = Vec::new();
+    for r in [run(0, 2), run(4, 36), run(40, 16), run(9000, 16)] {
+        match client
+            .call(Message::BlockCrcs {
+                start_lba: r.lba,
+                count: r.blocks,
+            })
+            .await
+            .unwrap()
+        {
+            Message::BlockCrcsOk(page) => one_by_one.extend(page),
+            other => panic!("{other:?}"),
+        }
+    }
+    let Message::RunCrcsOk { crcs, .. } = reply else {
+        unreachable!()
+    };
+    assert_eq!(crcs, one_by_one);
+}
+
+#[tokio::test]
+async fn run_crcs_refuses_runs_out_of_order_overlapping_empty_too_many_or_past_the_end() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    let cases: Vec<(Vec<BlockRun>, ReplyError, &str)> = vec![
+        (
+            vec![run(32, 16), run(0, 16)],
+            ReplyError::BadRequest,
+            "block order",
+        ),
+        (
+            vec![run(0, 16), run(8, 16)],
+            ReplyError::BadRequest,
+            "block order",
+        ),
+        (vec![run(0, 16), run(16, 0)], ReplyError::BadRequest, "empty"),
+        (
+            vec![run(VOLUME_BLOCKS - 8, 16)],
+            ReplyError::OutOfRange { size_bytes: 64 * MIB },
+            "past the volume",
+        ),
+        (
+            vec![run(u64::MAX - 1, 4)],
+            ReplyError::OutOfRange { size_bytes: 64 * MIB },
+            "past the volume",
+        ),
+        (
+            (0..=MAX_CRC_RUNS as u64).map(|i| run(i, 1)).collect(),
+            ReplyError::BadRequest,
+            "at most",
+        ),
+    ];
+    for (runs, want, says) in cases {
+        match client.call(Message::RunCrcs { runs: runs.clone() }).await {
+            Err(ClientError::Replica { error, message, .. }) => {
+                assert_eq!(error, want, "{message}");
+                assert!(message.contains(says), "{message:?} should say {says:?}");
+            }
+            other => panic!("runs {:?}..: expected a refusal, got {other:?}", &runs[..1]),
+        }
+    }
+    client.write(0, block(1), false).await.unwrap();
+    assert_eq!(
+        client.read(0, 4096).await.unwrap(),
+        block(1),
+        "the connection stays usable"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_client_closes_its_connection() {
+    // A rebuild opens clients to its source and target and drops them when it ends: each must leave
+    // nothing open behind it, or every rebuild leaks a connection on both replicas.
+    let replica = Replica::start().await;
+    for round in 0..5 {
+        let client = replica.client(1).await;
+        client.flush().await.unwrap();
+        drop(client.write(0, block(round), false));
+        drop(client);
+        let start = std::time::Instant::now();
+        while replica.open_connections() != 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "round {round}: the replica still holds {} connection(s) of dropped clients",
+                replica.open_connections()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

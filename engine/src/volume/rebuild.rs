@@ -84,7 +84,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_proto::frame::{
-    BlockCrc, BlockRun, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer,
+    BlockCrc, BlockRun, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_replica::server::{ClientError, ReplicaClient};
@@ -93,7 +93,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::core::ReplicaMode;
-use super::link::{Handshaken, LinkError};
+use super::link::{Handshaken, LinkError, REQUEST_TIMEOUT};
 use super::Volume;
 
 /// Largest single copy: 1 MiB (256 blocks). Big enough to stream, small
@@ -102,10 +102,13 @@ const MAX_COPY: u64 = 1 << 20;
 /// Copies in flight at once during a rebuild: enough to keep a replica busy
 /// over loopback without starving guest I/O of the core's attention.
 const COPY_DEPTH: usize = 16;
-/// Block checksums asked for per request (48 MiB of volume per page of
-/// 12,288 entries at 12 bytes each would be tiny; 2^16 blocks = 256 MiB of
-/// volume and at most 768 KiB of answer).
-const CRC_PAGE_BLOCKS: u64 = 1 << 16;
+/// Most copies in flight when they are small: [`COPY_DEPTH`] bounds the
+/// bytes in flight (16 MiB of 1 MiB copies), but a delta rebuild's copies
+/// are mostly single 4 KiB blocks scattered over the volume, and 16 of
+/// those (64 KiB) left both replicas idle between round trips: 2,600 of
+/// them took 114 ms. Up to this many run at once while the bytes in flight
+/// stay under [`COPY_DEPTH`] x [`MAX_COPY`].
+const SMALL_COPY_DEPTH: usize = 64;
 const BLOCK: u64 = 4096;
 /// Layer runs (a source read and a target write, or a tombstone run) in
 /// flight at once while a chain is replayed: like [`COPY_DEPTH`], enough to
@@ -119,16 +122,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A replica whose host answers but whose port refuses the connection (the
 /// process is restarting: the common case) is probed every `RETRY_MIN`: a
 /// refused connect is one SYN and one RST, nothing worth measuring, and a
-/// returning replica is then noticed within ~100 ms of listening again --
-/// every moment it waits it misses writes it must copy later. A probe that
+/// returning replica is then noticed within ~20 ms of listening again --
+/// every moment it waits it misses writes it must copy later, and a delta
+/// rebuild is judged against 5 % of a full one (~150 ms), so a 100 ms probe
+/// interval alone would have spent a third of it. A probe that
 /// times out (the host is gone) or a replica that answers but fails its
 /// rebuild (say, a full disk) backs off, doubling up to `RETRY_MAX`, so a
 /// dead address is not hammered.
-const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Checksum listings in flight at once when only the regions of the
-/// write-intent record are compared: many small ranges, one round trip each.
-const CRC_DEPTH: usize = 32;
 
 /// Why a rebuild stopped.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +183,19 @@ pub struct Progress {
     /// The source's write-intent record said where to look (no full
     /// checksum comparison).
     pub from_record: AtomicBool,
+    /// Where the time went, step by step (see [`Progress::lap`]).
+    laps: Mutex<Laps>,
+}
+
+/// The steps of one rebuild as they ended: `(name, time since the
+/// previous step ended)`, logged with the rebuild's outcome. A delta
+/// rebuild is judged against 5 % of a full one, so what matters is which
+/// step the time went to (a slow connect, a slow listing, a slow copy or a
+/// slow drain look the same from outside).
+#[derive(Debug)]
+struct Laps {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
 }
 
 impl Progress {
@@ -191,7 +206,30 @@ impl Progress {
             started: Instant::now(),
             delta: AtomicBool::new(false),
             from_record: AtomicBool::new(false),
+            laps: Mutex::new(Laps {
+                last: Instant::now(),
+                steps: Vec::new(),
+            }),
         }
+    }
+
+    /// Step `name` has just ended.
+    fn lap(&self, name: &'static str) {
+        let mut laps = self.laps.lock().expect("rebuild laps");
+        let now = Instant::now();
+        let took = now - laps.last;
+        laps.last = now;
+        laps.steps.push((name, took));
+    }
+
+    /// The steps so far, as `name=1.2ms` words in order, for a log line.
+    fn laps(&self) -> String {
+        let laps = self.laps.lock().expect("rebuild laps");
+        laps.steps
+            .iter()
+            .map(|(name, took)| format!("{name}={:.1}ms", took.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Bytes per second so far.
@@ -278,6 +316,7 @@ impl Rebuilder {
             // Waits for a snapshot operation in progress; none starts until
             // this rebuild is over.
             let chain = this.chain.clone().read_owned().await;
+            progress.lap("wait_for_snapshot_ops");
             let started = Instant::now();
             let outcome = rebuild(&volume, index, &addr, &progress).await;
             drop(chain);
@@ -288,6 +327,7 @@ impl Rebuilder {
                     delta = progress.delta.load(Ordering::Relaxed),
                     from_record = progress.from_record.load(Ordering::Relaxed),
                     seconds = started.elapsed().as_secs_f64(),
+                    steps = %progress.laps(),
                     "replica RW: rebuild complete"
                 ),
                 Err(RebuildError::Fenced { .. }) => {
@@ -295,7 +335,7 @@ impl Rebuilder {
                     tracing::error!(replica = %addr, "rebuild stopped: a newer controller owns this volume");
                 }
                 Err(e) => {
-                    tracing::warn!(replica = %addr, error = %e, "rebuild failed; will retry");
+                    tracing::warn!(replica = %addr, error = %e, steps = %progress.laps(), "rebuild failed; will retry");
                     volume.drop_replica(index, format!("rebuild failed: {e}"));
                 }
             }
@@ -310,7 +350,10 @@ impl Rebuilder {
     /// back-off per replica, until `shutdown`.
     pub async fn watch(self: Arc<Self>, volume: Volume, shutdown: tokio_util::sync::CancellationToken) {
         let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // As often as a refused replica is probed; a tick that finds nothing
+        // to do costs one status question to the owner task.
+        let mut tick = tokio::time::interval(RETRY_MIN);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -373,10 +416,11 @@ impl Rebuilder {
 async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
     let spec = volume.spec();
     let (epoch, size) = (spec.epoch, spec.size_bytes);
-    // A metadata connection first: its Hello raises the epoch, and the
-    // writer role goes to the replay's connection and then to the link.
-    let mut target_meta = Handshaken::connect(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
-    let id = target_meta.identity;
+    // The rebuild's own connection to the target first: its Hello raises
+    // the epoch, and it holds the writer role (for a chain replay) until
+    // the link below takes it over.
+    let target = client(addr, spec.volume, epoch, true).await?;
+    let id = target.identity();
     if id.epoch > epoch {
         return Err(RebuildError::Fenced {
             addr: addr.into(),
@@ -398,32 +442,34 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
             expected: size,
         });
     }
+    progress.lap("connect_target");
     // Its epoch is ours now (Hello raised it): older controllers are fenced
     // out of it before it receives a single write.
     let status = volume
         .status()
         .await
         .ok_or_else(|| RebuildError::Volume("the volume stopped".into()))?;
-    let source_addr = status
+    let candidates: Vec<String> = status
         .replicas
         .iter()
-        .find(|r| r.mode == ReplicaMode::ReadWrite)
+        .filter(|r| r.mode == ReplicaMode::ReadWrite)
         .map(|r| r.address.clone())
-        .ok_or(RebuildError::NoSource)?;
-    let mut source_meta = Handshaken::connect(&source_addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
-
-    // The chain first, while no guest write reaches the target (a reset or
-    // revert would drop them).
-    // The source's connection only reads: the volume's link to it keeps
-    // the writer role. The target's is its writer until the link below.
+        .collect();
+    let volume_blocks = size / BLOCK;
+    let (source_addr, source) =
+        choose_source(&candidates, &target, addr, spec.volume, epoch, volume_blocks).await?;
     let replicas = Pair {
-        source: client(&source_addr, spec.volume, epoch, false).await?,
-        target: client(addr, spec.volume, epoch, true).await?,
+        source,
+        target,
         source_addr: source_addr.clone(),
         addr: addr.to_string(),
     };
-    let volume_blocks = size / BLOCK;
+    progress.lap("connect_source");
+
+    // The chain first, while no guest write reaches the target (a reset or
+    // revert would drop them).
     let replayed = replicas.sync_chain(volume_blocks, volume, progress).await?;
+    progress.lap("chain");
 
     // Step 3. After a replay the target holds what it was sent, not a
     // state of its own that any record could speak of.
@@ -436,15 +482,19 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
                 .await?,
         )
     };
+    progress.lap("target_record");
     replicas.leave_numbering().await?;
+    progress.lap("leave_numbering");
 
     // The link takes the target's writer role over from the replay.
     let conn = Handshaken::connect_writer(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
+    progress.lap("connect_link");
 
     volume
         .attach(index, conn)
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    progress.lap("attach");
     tracing::info!(replica = %addr, "replica WO: rebuild started");
 
     // Listed after the attach *and a drain*: a write sent before the attach
@@ -456,6 +506,7 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         .drain()
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    progress.lap("drain");
     // Step 5: where to compare.
     let regions = match target_since {
         Some((position, WrittenAnswer::Regions(own))) => {
@@ -486,22 +537,27 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         }
         None => None,
     };
+    progress.lap("source_record");
     progress.from_record.store(regions.is_some(), Ordering::Relaxed);
-    let (source, target) = match &regions {
-        Some(runs) => (
-            replicas.crcs_in(&replicas.source, &source_addr, runs).await?,
-            replicas.crcs_in(&replicas.target, addr, runs).await?,
-        ),
-        None => (
-            block_crcs(&mut source_meta, &source_addr, epoch, size).await?,
-            block_crcs(&mut target_meta, addr, epoch, size).await?,
-        ),
-    };
+    let compared = regions.unwrap_or_else(|| {
+        vec![BlockRun {
+            lba: 0,
+            blocks: volume_blocks,
+        }]
+    });
+    // Both listings at once: they are independent, and each is only a few
+    // requests (see `crcs_in`).
+    let (source, target) = tokio::try_join!(
+        crcs_in(&replicas.source, &source_addr, &compared),
+        crcs_in(&replicas.target, addr, &compared),
+    )?;
+    progress.lap("checksums");
     // After a replay the target holds what it was sent, not what it had.
     if !replayed {
-        progress
-            .delta
-            .store(regions.is_some() || !target.is_empty(), Ordering::Relaxed);
+        progress.delta.store(
+            progress.from_record.load(Ordering::Relaxed) || !target.is_empty(),
+            Ordering::Relaxed,
+        );
     }
     let runs = runs_to_copy(&source, &target);
     let bytes: u64 = runs.iter().map(|(_, len)| *len as u64).sum();
@@ -516,9 +572,10 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         source_blocks = source.len(), target_blocks = target.len(), "rebuild: copying what differs"
     );
 
+    let depth = copy_depth(&runs);
     let mut copies = stream::iter(runs)
         .map(|(offset, len)| async move { volume.copy(index, offset, len).await.map(|_| len) })
-        .buffer_unordered(COPY_DEPTH);
+        .buffer_unordered(depth);
     while let Some(done) = copies.next().await {
         let len = done.map_err(|e| RebuildError::Volume(e.to_string()))?;
         let d = progress.done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
@@ -528,6 +585,7 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
             .with_label_values(&[addr])
             .set(d as i64);
     }
+    progress.lap("copy");
     // Step 8. The drain makes what was copied durable before the replica
     // counts as holding it (a drain is allowed while degraded, unlike a
     // guest flush), and its one flush, at one place in every replica's
@@ -536,6 +594,7 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         .drain_revisions()
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
+    progress.lap("final_drain");
     let source_index = status.replicas.iter().position(|r| r.address == source_addr);
     let revision_of = |i: Option<usize>| {
         drained
@@ -573,9 +632,126 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
         _ => tracing::warn!(replica = %addr, source = %source_addr,
             "the drain did not report both revisions; the replica stays off the shared flush numbering"),
     }
+    progress.lap("adopt_numbering");
     replicas.check_same_chain().await?;
+    progress.lap("check_chain");
     volume.promote(index);
     Ok(())
+}
+
+/// Step 1b: the source. Every read-write replica holds the same data, but
+/// not every one can say what the target missed: one that was itself just
+/// rebuilt keeps no record from before its rebuild. So the first read-write
+/// replica whose write-intent record answers for the target's position is
+/// taken (one question each, no listing), and the first of all when none
+/// does or the target cannot say where it stands -- the whole volume is
+/// compared then, whichever the source. The source's connection only reads:
+/// the volume's link to it keeps the writer role.
+async fn choose_source(
+    candidates: &[String],
+    target: &ReplicaClient,
+    addr: &str,
+    volume: basalt_proto::VolumeId,
+    epoch: basalt_proto::Epoch,
+    volume_blocks: u64,
+) -> Result<(String, ReplicaClient), RebuildError> {
+    let first = candidates.first().ok_or(RebuildError::NoSource)?;
+    let first_client = client(first, volume, epoch, false).await?;
+    let (position, own) = record_verdict(target, addr, None, volume_blocks).await?;
+    if own.is_some() {
+        return Ok((first.clone(), first_client));
+    }
+    let mut why_not = Vec::new();
+    let mut first_client = Some(first_client);
+    for (i, candidate) in candidates.iter().enumerate() {
+        let connected = match (i, first_client.take()) {
+            (0, Some(c)) => Ok(c),
+            (_, kept) => {
+                first_client = kept;
+                client(candidate, volume, epoch, false).await
+            }
+        };
+        let c = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                why_not.push(format!("{candidate}: {e}"));
+                continue;
+            }
+        };
+        match record_verdict(&c, candidate, Some(position), volume_blocks).await {
+            Ok((_, None)) => {
+                if i > 0 {
+                    tracing::info!(replica = %addr, source = %candidate, passed_over = %why_not.join("; "),
+                        "rebuild: taking the first read-write replica whose write-intent record answers");
+                }
+                return Ok((candidate.clone(), c));
+            }
+            Ok((_, Some(why))) => why_not.push(format!("{candidate}: {why}")),
+            Err(e) => why_not.push(format!("{candidate}: {e}")),
+        }
+        if i == 0 {
+            first_client = Some(c);
+        }
+    }
+    let source = match first_client {
+        Some(c) => c,
+        None => client(first, volume, epoch, false).await?,
+    };
+    tracing::info!(replica = %addr, source = %first, records = %why_not.join("; "),
+        "rebuild: no read-write replica's write-intent record answers for this replica");
+    Ok((first.clone(), source))
+}
+
+/// A replica's sync point, and whether its write-intent record can answer
+/// for `since` (`None`: for its own last flush): `None` if it can, or why
+/// not. One question, no listing (it is asked from past the last block).
+async fn record_verdict(
+    client: &ReplicaClient,
+    addr: &str,
+    since: Option<SyncPoint>,
+    volume_blocks: u64,
+) -> Result<(SyncPoint, Option<String>), RebuildError> {
+    let question = Message::WrittenSince {
+        since,
+        start_lba: volume_blocks,
+    };
+    match ask(client, addr, "asking its write-intent record", question).await? {
+        Message::WrittenSinceOk { position, answer, .. } => Ok((
+            position,
+            match answer {
+                WrittenAnswer::Regions(_) => None,
+                WrittenAnswer::Unknown(why) => Some(why),
+            },
+        )),
+        other => Err(RebuildError::Volume(format!(
+            "replica {addr} answered a write-intent question with {:?}",
+            other.op()
+        ))),
+    }
+}
+
+/// One request on a rebuild connection, bounded by [`REQUEST_TIMEOUT`]: a
+/// replica that stops answering (SIGSTOP, a hung disk) fails the rebuild,
+/// which is retried, instead of hanging it. `what` names the request in the
+/// error.
+async fn ask(
+    client: &ReplicaClient,
+    addr: &str,
+    what: &str,
+    message: Message,
+) -> Result<Message, RebuildError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, client.call(message)).await {
+        Ok(reply) => reply.map_err(|source| RebuildError::Replica {
+            addr: addr.to_string(),
+            what: what.to_string(),
+            source,
+        }),
+        Err(_) => Err(LinkError::Timeout {
+            addr: addr.to_string(),
+            timeout: REQUEST_TIMEOUT,
+        }
+        .into()),
+    }
 }
 
 /// A pipelined connection for the chain replay (many requests in flight,
@@ -602,7 +778,7 @@ async fn client(
         Ok(Ok(client)) => Ok(client),
         Ok(Err(source)) => Err(RebuildError::Replica {
             addr: addr.to_string(),
-            what: "connecting for the chain replay".into(),
+            what: "connecting for the rebuild".into(),
             source,
         }),
         Err(_) => Err(LinkError::Timeout {
@@ -941,43 +1117,6 @@ impl Pair {
         }
     }
 
-    /// The CRC32 of every allocated block in `runs`, in block order, with
-    /// [`CRC_DEPTH`] listings in flight.
-    async fn crcs_in(
-        &self,
-        client: &ReplicaClient,
-        addr: &str,
-        runs: &[BlockRun],
-    ) -> Result<Vec<BlockCrc>, RebuildError> {
-        let pieces: Vec<(u64, u64)> = runs
-            .iter()
-            .flat_map(|r| {
-                (r.lba..r.lba + r.blocks)
-                    .step_by(CRC_PAGE_BLOCKS as usize)
-                    .map(move |start| (start, CRC_PAGE_BLOCKS.min(r.lba + r.blocks - start)))
-            })
-            .collect();
-        let pages: Vec<Vec<BlockCrc>> = stream::iter(pieces)
-            .map(|(start_lba, count)| async move {
-                match client.call(Message::BlockCrcs { start_lba, count }).await {
-                    Ok(Message::BlockCrcsOk(page)) => Ok(page),
-                    Ok(other) => Err(RebuildError::Volume(format!(
-                        "replica {addr} answered a checksum listing with {:?}",
-                        other.op()
-                    ))),
-                    Err(source) => Err(RebuildError::Replica {
-                        addr: addr.to_string(),
-                        what: "listing block checksums".into(),
-                        source,
-                    }),
-                }
-            })
-            .buffered(CRC_DEPTH)
-            .try_collect()
-            .await?;
-        Ok(pages.into_iter().flatten().collect())
-    }
-
     /// Step 9: the target holds the source's chain, names in order.
     async fn check_same_chain(&self) -> Result<(), RebuildError> {
         let source = Self::chain(&self.source, &self.source_addr).await?;
@@ -1011,40 +1150,79 @@ fn union_runs(a: &[BlockRun], b: &[BlockRun]) -> Vec<BlockRun> {
     out
 }
 
-/// Every allocated block of a replica's volume, with its CRC32, in order.
-async fn block_crcs(
-    conn: &mut Handshaken,
+/// The CRC32 of every allocated block in `runs` (in block order), in as few
+/// requests as the protocol allows: [`MAX_CRC_RUNS`] runs per request, all
+/// of them in flight at once (a record names at most 2^20 regions, so that
+/// is at most 16 requests). A rebuild guided by a write-intent record names
+/// thousands of small regions; listing them one request each cost thousands
+/// of round trips through the replica's ordered lane, which made the
+/// listing slower than the copy it decides.
+async fn crcs_in(
+    client: &ReplicaClient,
     addr: &str,
-    epoch: basalt_proto::Epoch,
-    size: u64,
+    runs: &[BlockRun],
+) -> Result<Vec<BlockCrc>, RebuildError> {
+    let pages = futures::future::try_join_all(
+        runs.chunks(MAX_CRC_RUNS)
+            .map(|chunk| list_runs(client, addr, chunk)),
+    )
+    .await?;
+    Ok(pages.into_iter().flatten().collect())
+}
+
+/// One `RunCrcs` listing of `runs`, continued from where the replica cut its
+/// answer short until it covers every run (each request bounded, see [`ask`]).
+async fn list_runs(
+    client: &ReplicaClient,
+    addr: &str,
+    runs: &[BlockRun],
 ) -> Result<Vec<BlockCrc>, RebuildError> {
     let mut all = Vec::new();
-    let blocks = size / BLOCK;
-    let mut start = 0;
-    while start < blocks {
-        let count = CRC_PAGE_BLOCKS.min(blocks - start);
-        match conn
-            .request(
-                addr,
-                epoch,
-                Message::BlockCrcs {
-                    start_lba: start,
-                    count,
-                },
-            )
-            .await?
-        {
-            Message::BlockCrcsOk(page) => all.extend(page),
-            other => {
-                return Err(RebuildError::Volume(format!(
-                    "unexpected answer to a checksum listing: {:?}",
-                    other.op()
-                )))
-            }
+    let mut rest = runs.to_vec();
+    while let (Some(first), Some(last)) = (rest.first().copied(), rest.last().copied()) {
+        let question = Message::RunCrcs { runs: rest.clone() };
+        let reply = ask(client, addr, "listing block checksums", question).await?;
+        let Message::RunCrcsOk { crcs, end_lba } = reply else {
+            return Err(RebuildError::Volume(format!(
+                "replica {addr} answered a checksum listing with {:?}",
+                reply.op()
+            )));
+        };
+        let in_order = crcs.windows(2).all(|w| w[0].lba < w[1].lba);
+        let inside = crcs.iter().all(|c| c.lba >= first.lba && c.lba < end_lba);
+        if end_lba <= first.lba || !in_order || !inside {
+            return Err(RebuildError::Volume(format!(
+                "replica {addr} listed the checksums of blocks {}.. inconsistently (up to {end_lba})",
+                first.lba
+            )));
         }
-        start += count;
+        all.extend(crcs);
+        if end_lba >= last.lba + last.blocks {
+            break;
+        }
+        rest = rest
+            .into_iter()
+            .filter(|r| r.lba + r.blocks > end_lba)
+            .map(|r| {
+                let lba = r.lba.max(end_lba);
+                BlockRun {
+                    lba,
+                    blocks: r.lba + r.blocks - lba,
+                }
+            })
+            .collect();
     }
     Ok(all)
+}
+
+/// Copies in flight for these runs: [`COPY_DEPTH`] copies' worth of
+/// [`MAX_COPY`] bytes at their average size, between [`COPY_DEPTH`] and
+/// [`SMALL_COPY_DEPTH`] copies.
+fn copy_depth(runs: &[(u64, u32)]) -> usize {
+    let bytes: u64 = runs.iter().map(|(_, len)| u64::from(*len)).sum();
+    let average = bytes / (runs.len() as u64).max(1);
+    let depth = (COPY_DEPTH as u64 * MAX_COPY) / average.max(BLOCK);
+    (depth as usize).clamp(COPY_DEPTH, SMALL_COPY_DEPTH)
 }
 
 /// The byte ranges to copy from source to target: blocks the source holds
@@ -1179,6 +1357,16 @@ mod tests {
             vec![run(0, 32), run(64, 16), run(200, 16)]
         );
         assert_eq!(union_runs(&[], &[]), vec![]);
+    }
+
+    #[test]
+    fn small_scattered_copies_run_deeper_than_large_ones() {
+        let blocks: Vec<(u64, u32)> = (0..100).map(|i| (i << 20, 4096)).collect();
+        assert_eq!(copy_depth(&blocks), SMALL_COPY_DEPTH);
+        let mebibytes: Vec<(u64, u32)> = (0..100).map(|i| (i << 20, 1 << 20)).collect();
+        assert_eq!(copy_depth(&mebibytes), COPY_DEPTH);
+        assert_eq!(copy_depth(&[(0, 512 << 10)]), 32, "16 MiB in flight");
+        assert_eq!(copy_depth(&[]), SMALL_COPY_DEPTH);
     }
 
     #[test]

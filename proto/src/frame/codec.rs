@@ -363,22 +363,26 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 count: raw.length,
             }
         }
-        (Op::BlockCrcs, true) => {
-            if !payload.len().is_multiple_of(BlockCrc::WIRE_LEN) {
+        (Op::BlockCrcs, true) => M::BlockCrcsOk(block_crcs(op, &payload)?),
+        (Op::RunCrcs, false) => {
+            no_offset()?;
+            no_length()?;
+            if !payload.len().is_multiple_of(BlockRun::WIRE_LEN) {
                 return Err(DecodeError::BadField {
                     op,
-                    what: "block checksum list must be a whole number of 12-byte entries",
+                    what: "run list must be a whole number of 16-byte runs",
                 });
             }
-            M::BlockCrcsOk(
-                payload
-                    .chunks_exact(BlockCrc::WIRE_LEN)
-                    .map(|c| BlockCrc {
-                        lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
-                        crc: u32::from_le_bytes(c[8..].try_into().expect("4 bytes")),
-                    })
-                    .collect(),
-            )
+            M::RunCrcs {
+                runs: block_runs(&payload),
+            }
+        }
+        (Op::RunCrcs, true) => {
+            no_length()?;
+            M::RunCrcsOk {
+                crcs: block_crcs(op, &payload)?,
+                end_lba: raw.offset,
+            }
         }
         (Op::LayerBlocks, false) => M::LayerBlocks {
             snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
@@ -445,14 +449,7 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 Some((&WrittenAnswer::KIND_REGIONS, runs))
                     if runs.len().is_multiple_of(BlockRun::WIRE_LEN) =>
                 {
-                    WrittenAnswer::Regions(
-                        runs.chunks_exact(BlockRun::WIRE_LEN)
-                            .map(|c| BlockRun {
-                                lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
-                                blocks: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
-                            })
-                            .collect(),
-                    )
+                    WrittenAnswer::Regions(block_runs(runs))
                 }
                 Some((&WrittenAnswer::KIND_UNKNOWN, why)) => {
                     WrittenAnswer::Unknown(String::from_utf8_lossy(why).into_owned())
@@ -520,6 +517,34 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
         }
     };
     Ok(frame(message))
+}
+
+/// A list of 12-byte block checksums.
+fn block_crcs(op: Op, payload: &[u8]) -> Result<Vec<BlockCrc>, DecodeError> {
+    if !payload.len().is_multiple_of(BlockCrc::WIRE_LEN) {
+        return Err(DecodeError::BadField {
+            op,
+            what: "block checksum list must be a whole number of 12-byte entries",
+        });
+    }
+    Ok(payload
+        .chunks_exact(BlockCrc::WIRE_LEN)
+        .map(|c| BlockCrc {
+            lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+            crc: u32::from_le_bytes(c[8..].try_into().expect("4 bytes")),
+        })
+        .collect())
+}
+
+/// The 16-byte runs of `bytes` (a whole number of them, checked by the caller).
+fn block_runs(bytes: &[u8]) -> Vec<BlockRun> {
+    bytes
+        .chunks_exact(BlockRun::WIRE_LEN)
+        .map(|c| BlockRun {
+            lba: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+            blocks: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+        })
+        .collect()
 }
 
 /// A sync point of exactly 24 bytes (`None`: too short).

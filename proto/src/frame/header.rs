@@ -9,8 +9,8 @@
 use bytes::{Buf, Bytes};
 
 use super::{
-    pb, BlockCrc, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion, SyncPoint,
-    WrittenAnswer, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, BlockRun, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion,
+    SyncPoint, WrittenAnswer, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
 };
 
 /// Size of the fixed header in front of every payload.
@@ -250,13 +250,18 @@ impl Frame {
                 raw.length = *count;
                 Bytes::new()
             }
-            M::BlockCrcsOk(list) => {
-                let mut buf = bytes::BytesMut::with_capacity(list.len() * BlockCrc::WIRE_LEN);
-                for b in list {
-                    buf.extend_from_slice(&b.lba.to_le_bytes());
-                    buf.extend_from_slice(&b.crc.to_le_bytes());
+            M::BlockCrcsOk(list) => put_block_crcs(list),
+            M::RunCrcs { runs } => {
+                let mut buf = bytes::BytesMut::with_capacity(runs.len() * BlockRun::WIRE_LEN);
+                for r in runs {
+                    buf.extend_from_slice(&r.lba.to_le_bytes());
+                    buf.extend_from_slice(&r.blocks.to_le_bytes());
                 }
                 buf.freeze()
+            }
+            M::RunCrcsOk { crcs, end_lba } => {
+                raw.offset = *end_lba;
+                put_block_crcs(crcs)
             }
             M::LayerBlocks {
                 snapshot,
@@ -403,6 +408,15 @@ pub(super) fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+fn put_block_crcs(list: &[BlockCrc]) -> Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(list.len() * BlockCrc::WIRE_LEN);
+    for b in list {
+        buf.extend_from_slice(&b.lba.to_le_bytes());
+        buf.extend_from_slice(&b.crc.to_le_bytes());
+    }
+    buf.freeze()
 }
 
 fn put_sync_point(buf: &mut bytes::BytesMut, point: &SyncPoint) {

@@ -159,14 +159,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         arb_sync_point().prop_map(|position| M::AdoptSyncPointOk { position }),
         proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(|v| M::RunCrcs {
-            runs: v.into_iter().map(|(lba, blocks)| BlockRun { lba, blocks }).collect()
+            runs: v
+                .into_iter()
+                .map(|(lba, blocks)| BlockRun { lba, blocks })
+                .collect()
         }),
-        (proptest::collection::vec((any::<u64>(), any::<u32>()), 0..20), any::<u64>()).prop_map(
-            |(v, end_lba)| M::RunCrcsOk {
+        (
+            proptest::collection::vec((any::<u64>(), any::<u32>()), 0..20),
+            any::<u64>()
+        )
+            .prop_map(|(v, end_lba)| M::RunCrcsOk {
                 crcs: v.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
                 end_lba
-            }
-        ),
+            }),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),

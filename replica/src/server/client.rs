@@ -32,7 +32,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use basalt_proto::frame::{
@@ -182,7 +182,10 @@ impl ReplicaClient {
             next_id: AtomicU64::new(1),
             epoch: AtomicU64::new(epoch.0),
         });
-        let writer = tokio::spawn(write_frames(tx, queue, inner.clone()));
+        // The writer holds `inner` weakly: `inner` owns the queue's sender,
+        // so a strong reference would keep the queue (and the socket) open
+        // after the client is dropped -- one leaked connection per client.
+        let writer = tokio::spawn(write_frames(tx, queue, Arc::downgrade(&inner)));
         let reader = tokio::spawn(read_replies(FramedRead::new(rx, FrameCodec), inner.clone()));
         let mut client = ReplicaClient {
             inner,
@@ -482,7 +485,7 @@ impl Future for Reply {
 async fn write_frames(
     tx: tokio::net::tcp::OwnedWriteHalf,
     mut queue: mpsc::UnboundedReceiver<EncodedFrame>,
-    inner: Arc<Inner>,
+    inner: Weak<Inner>,
 ) {
     let mut writer = FrameBatchWriter::new(tx);
     while let Some(first) = queue.recv().await {
@@ -494,7 +497,9 @@ async fn write_frames(
             }
         }
         if let Err(e) = writer.flush().await {
-            inner.close(format!("sending to the replica failed: {e}"));
+            if let Some(inner) = inner.upgrade() {
+                inner.close(format!("sending to the replica failed: {e}"));
+            }
             return;
         }
     }

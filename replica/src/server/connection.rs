@@ -6,13 +6,14 @@
 //! talks to the right volume in a protocol version both sides speak.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use basalt_proto::frame::{
-    BlockCrc, DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
-    ReplicaIdentity, ReplyError, RequestId,
+    BlockCrc, BlockRun, DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
+    ReplicaIdentity, ReplyError, RequestId, MAX_CRC_RUNS,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_proto::Epoch;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConnId, Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
-use crate::store::{SnapshotInfo, Store};
+use crate::store::{SnapshotInfo, Store, BLOCK_SIZE as BLOCK};
 
 /// Most block checksums answered per request: the answer (12 bytes each)
 /// stays well under the frame payload limit.
@@ -563,6 +564,16 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
             ))
         }),
+        Message::RunCrcs { runs } => {
+            let ranges = run_ranges(&runs, shared.store.size_bytes() / BLOCK)?;
+            shared.fenced(epoch, |store| {
+                let (list, end_lba) = store.block_crcs_in(&ranges, MAX_BLOCK_CRCS as usize);
+                Ok(Message::RunCrcsOk {
+                    crcs: list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
+                    end_lba,
+                })
+            })
+        }
         Message::Reset => shared.fenced_write(epoch, conn, |store| {
             store.reset()?;
             tracing::warn!("replica reset: every snapshot and the head dropped, for a rebuild");
@@ -637,6 +648,51 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             Err(Refusal::bad_request(format!("{op} is not executed on this path")))
         }
     }
+}
+
+/// The block ranges of a checksum listing's runs, refused with the reason
+/// unless there are at most [`MAX_CRC_RUNS`], each non-empty, in block
+/// order without overlap, and inside a volume of `volume_blocks` blocks.
+fn run_ranges(runs: &[BlockRun], volume_blocks: u64) -> Result<Vec<Range<u64>>, Refusal> {
+    if runs.len() > MAX_CRC_RUNS {
+        return Err(Refusal::bad_request(format!(
+            "{} runs in one checksum listing; at most {MAX_CRC_RUNS} per request",
+            runs.len()
+        )));
+    }
+    let mut ranges: Vec<Range<u64>> = Vec::with_capacity(runs.len());
+    for (i, run) in runs.iter().enumerate() {
+        let end = run
+            .lba
+            .checked_add(run.blocks)
+            .filter(|&end| end <= volume_blocks);
+        let Some(end) = end else {
+            return Err(Refusal::new(
+                ReplyError::OutOfRange {
+                    size_bytes: volume_blocks * BLOCK,
+                },
+                format!(
+                    "run {i} (blocks {}+{}) ends past the volume's {volume_blocks} blocks",
+                    run.lba, run.blocks
+                ),
+            ));
+        };
+        if run.blocks == 0 {
+            return Err(Refusal::bad_request(format!(
+                "run {i} (at block {}) is empty",
+                run.lba
+            )));
+        }
+        if let Some(previous) = ranges.last().filter(|p| p.end > run.lba) {
+            return Err(Refusal::bad_request(format!(
+                "run {i} starts at block {}, before the previous run ends ({}): runs must be in block \
+                 order without overlap",
+                run.lba, previous.end
+            )));
+        }
+        ranges.push(run.lba..end);
+    }
+    Ok(ranges)
 }
 
 /// The handshake: check the volume, agree on a version, raise the epoch if

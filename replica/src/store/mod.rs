@@ -1309,6 +1309,27 @@ impl Store {
             .collect()
     }
 
+    /// [`Store::block_crcs`] over many ranges of blocks (in block order, not overlapping) under one
+    /// hold of the map, at most `max` entries: a rebuild guided by the write-intent record lists
+    /// thousands of small regions scattered over the volume, and one listing per region cost more in
+    /// round trips than the copy it decides. Returns the list and the block up to which it is
+    /// complete: the end of the last range, or the first block left out when `max` was reached.
+    pub fn block_crcs_in(&self, ranges: &[Range<u64>], max: usize) -> (Vec<(u64, u32)>, u64) {
+        let map = rlock(&self.map);
+        let mut list = Vec::new();
+        for blocks in ranges {
+            for (lba, e) in map.range(blocks.clone()) {
+                if let BlockState::Data { crc } = e.state {
+                    if list.len() == max {
+                        return (list, lba);
+                    }
+                    list.push((lba, crc));
+                }
+            }
+        }
+        (list, ranges.last().map_or(0, |r| r.end))
+    }
+
     /// This replica's sync point: its lineage, its durable revision and the epoch that flush was made
     /// under (see [`intent`]).
     pub fn sync_point(&self) -> SyncPoint {
