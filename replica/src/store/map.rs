@@ -89,6 +89,14 @@ impl PointIndex {
         }
     }
 
+    /// Where `lba`'s probe begins (null for an empty table).
+    fn home_slot(&self, lba: u64) -> *const u8 {
+        if self.slots.is_empty() {
+            return std::ptr::null();
+        }
+        (&self.slots[home(lba, self.slots.len() - 1)] as *const [u64; 2]).cast()
+    }
+
     fn insert(&mut self, lba: u64, entry: Entry) {
         // At most half full: a probe then mostly stays in its first cache line.
         if (self.len + 1) * 2 > self.slots.len() {
@@ -130,6 +138,30 @@ impl PointIndex {
     }
 }
 
+/// An address inside a [`VolumeMap`]'s point index, for [`prefetch`] only.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlotAddress(*const u8);
+
+/// Starts loading the cache line at `slot` into the CPU cache.
+///
+/// In a map of a few hundred thousand entries the slot a random read needs is almost never cached
+/// (the kernel's copy of the previous read's data evicted it), and waiting for it at the lookup cost
+/// about a tenth of a cached 4 KiB `pread`. Prefetched before the read's `pread`, the line is there
+/// when the lookup runs (see `Store::read_head_first`). Measured on this project's VM (AMD EPYC), the
+/// prefetch instruction itself still stalls for part of the miss -- the page-table walk for a slot
+/// whose page is not in the TLB -- so it hides some of the wait, not all of it.
+pub(crate) fn prefetch(slot: SlotAddress) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, whatever
+    // the address (this one may be stale if the table grew since it was taken).
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(slot.0.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = slot;
+}
+
 /// `lba -> Entry` for every block some layer holds.
 #[derive(Debug, Default)]
 pub(crate) struct VolumeMap {
@@ -141,6 +173,13 @@ pub(crate) struct VolumeMap {
 impl VolumeMap {
     pub fn get(&self, lba: u64) -> Option<Entry> {
         self.points.get(lba)
+    }
+
+    /// Where [`VolumeMap::get`] of `lba` will start reading, for [`prefetch`]: an address only,
+    /// never dereferenced, so it may be used after the map's lock is released (a table that grew
+    /// meanwhile makes the prefetch useless, not wrong).
+    pub fn slot_address(&self, lba: u64) -> SlotAddress {
+        SlotAddress(self.points.home_slot(lba))
     }
 
     /// Sets the entry of `lba`, returning the previous one.

@@ -826,6 +826,100 @@ impl Store {
         out: &mut [u8],
         wait: Wait,
     ) -> Result<bool, StoreError> {
+        if out.len() == BLOCK && self.head_is_dense(chain) {
+            self.read_head_first(chain, first, out, wait)
+        } else {
+            self.read_lookup_first(chain, first, out, wait)
+        }
+    }
+
+    /// Whether the head holds data for at least 15/16 of the volume's blocks, so that a block read
+    /// is almost surely answered by the head (see [`Store::read_head_first`]). A fully written volume
+    /// without snapshots, or whose recent writes have covered it, is the common case; a thin volume
+    /// or a fresh head over a snapshot is not, and keeps the lookup-first order.
+    fn head_is_dense(&self, chain: &Chain) -> bool {
+        let blocks = self.size_bytes / BLOCK_SIZE;
+        chain.head.data_blocks.load(Ordering::Relaxed) >= blocks - blocks / 16
+    }
+
+    /// Reads one block from the head *before* looking it up, and uses what was read only if the map
+    /// then says the head holds the block, checking it against that entry's CRC.
+    ///
+    /// Why: the map slot a random read needs is almost never in the CPU cache (the kernel's copy of
+    /// the previous block evicted it), and waiting for it cost about a tenth of a cached 4 KiB
+    /// `pread` -- a third of the store's whole overhead over a plain file. Prefetching the slot and
+    /// then doing the `pread` hides that wait behind the syscall. The price is a wasted `pread` for
+    /// a block the head does not hold, which is why this order is only taken when the head holds
+    /// nearly every block ([`Store::head_is_dense`]); otherwise, and whenever the head does not hold
+    /// the block, the ordinary lookup-first read answers.
+    ///
+    /// It is as safe as the lookup-first order (see [`Store::read_optimistic`]): the block returned
+    /// matches the CRC the map held for it in the head after the read, so it is a whole version of
+    /// the block that the map vouched for; a write racing with the read, in either order, makes the
+    /// data and that CRC disagree, which sends the read to the locked retry.
+    fn read_head_first(
+        &self,
+        chain: &Chain,
+        lba: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool, StoreError> {
+        let slot = rlock(&self.map).slot_address(lba);
+        map::prefetch(slot);
+        let head = &chain.head;
+        let read = Self::pread_layer(head, lba, out, wait);
+        let entry = rlock(&self.map).get(lba);
+        match (entry, read) {
+            (
+                Some(Entry {
+                    layer,
+                    state: BlockState::Data { crc },
+                }),
+                Ok(complete),
+            ) if layer == head.id => {
+                if complete {
+                    Self::verify(lba, out, crc)?;
+                }
+                Ok(complete)
+            }
+            // Another layer's block, a tombstone or never written; or the head could not be read,
+            // which matters only if the head holds the block: the lookup-first read decides.
+            _ => self.read_lookup_first(chain, lba, out, wait),
+        }
+    }
+
+    /// Reads whole blocks of one layer's data object, starting at block `first`; with
+    /// [`Wait::No`], `Ok(false)` if they are not all in memory.
+    fn pread_layer(layer: &Layer, first: u64, run: &mut [u8], wait: Wait) -> Result<bool, StoreError> {
+        let offset = Lba(first).byte_offset();
+        let read = match wait {
+            Wait::Yes => layer.data.read_at(run, offset).map(|()| true),
+            Wait::No => layer.data.read_cached_at(run, offset),
+        };
+        read.map_err(|e| StoreError::Io {
+            context: format!("reading {} of {}", Lba(first), layer.id),
+            source: e,
+        })
+    }
+
+    /// Checks one block read for `lba` against the CRC32 its map entry holds.
+    fn verify(lba: u64, block: &[u8], crc: u32) -> Result<(), StoreError> {
+        if crc32fast::hash(block) == crc {
+            Ok(())
+        } else {
+            Err(StoreError::ChecksumMismatch { lba })
+        }
+    }
+
+    /// Reads whole blocks: looks them all up, then reads each run of blocks held by one layer with
+    /// one `pread`, and checks every block against its entry's CRC.
+    fn read_lookup_first(
+        &self,
+        chain: &Chain,
+        first: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool, StoreError> {
         let n = out.len() / BLOCK;
         // Small reads (the common 4 KiB case) keep their lookups on the stack.
         let mut small = [None::<Entry>; 16];
@@ -871,17 +965,7 @@ impl Store {
             } else {
                 chain.layer(layer)?
             };
-            let offset = Lba(first + i as u64).byte_offset();
-            let run = &mut out[i * BLOCK..j * BLOCK];
-            let read = match wait {
-                Wait::Yes => source.data.read_at(run, offset).map(|()| true),
-                Wait::No => source.data.read_cached_at(run, offset),
-            };
-            let complete = read.map_err(|e| StoreError::Io {
-                context: format!("reading {} of {layer}", Lba(first + i as u64)),
-                source: e,
-            })?;
-            if !complete {
+            if !Self::pread_layer(source, first + i as u64, &mut out[i * BLOCK..j * BLOCK], wait)? {
                 return Ok(false);
             }
             for k in i..j {
@@ -892,11 +976,7 @@ impl Store {
                 else {
                     continue;
                 };
-                if crc32fast::hash(&out[k * BLOCK..(k + 1) * BLOCK]) != crc {
-                    return Err(StoreError::ChecksumMismatch {
-                        lba: first + k as u64,
-                    });
-                }
+                Self::verify(first + k as u64, &out[k * BLOCK..(k + 1) * BLOCK], crc)?;
             }
             i = j;
         }
