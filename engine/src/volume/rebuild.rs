@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!  1. connect + Hello at the volume's epoch   (the replica now refuses older controllers)
+//!     and choose the source                   the first RW replica whose write-intent record
+//!                                              answers for the target, else the first RW one
 //!  2. make the target's chain the source's    (before WO: snapshots are immutable, so no
 //!                                              guest write needs to reach the target yet)
 //!  3. ask the target where it stands          its sync point, and what it may hold unflushed;
@@ -11,9 +13,12 @@
 //!  5. ask the source's write-intent record    which regions may differ since the target's
 //!                                              sync point -- or "unknown"
 //!  6. list block checksums on a RW source and on the target, in those regions only
-//!     (the whole volume if the record cannot answer)
+//!     (the whole volume if the record cannot answer): `RunCrcs`, up to 2^16 regions
+//!     per request, both replicas at once
 //!  7. copy what differs, through the core     (ordered with guest writes; a copy overtaken
-//!                                              by a guest write is read again)
+//!                                              by a guest write is read again; slower while
+//!                                              the guest is busy; the target flushed every
+//!                                              64 MiB so the drain below stays short)
 //!  8. drain: one flush on every replica; the target adopts the source's flush numbering at it
 //!  9. check both chains still match, then promote to RW
 //! ```
@@ -77,6 +82,10 @@
 //!
 //! The [`Rebuilder`] also re-adds replicas that failed and come back at the
 //! same address, retrying with back-off.
+//!
+//! A rebuild holds two connections of its own (to the source and to the
+//! target) besides the volume's links, and closes both when it ends, however
+//! it ends. Its completion log line lists the time of each step.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
