@@ -564,16 +564,14 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
             ))
         }),
-        Message::RunCrcs { runs } => {
-            let ranges = run_ranges(&runs, shared.store.size_bytes() / BLOCK)?;
-            shared.fenced(epoch, |store| {
-                let (list, end_lba) = store.block_crcs_in(&ranges, MAX_BLOCK_CRCS as usize);
-                Ok(Message::RunCrcsOk {
-                    crcs: list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
-                    end_lba,
-                })
+        Message::RunCrcs { runs } => shared.fenced(epoch, |store| {
+            let ranges = run_ranges(&runs, store.size_bytes() / BLOCK)?;
+            let (list, end_lba) = store.block_crcs_in(&ranges, MAX_BLOCK_CRCS as usize);
+            Ok(Message::RunCrcsOk {
+                crcs: list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
+                end_lba,
             })
-        }
+        }),
         Message::Reset => shared.fenced_write(epoch, conn, |store| {
             store.reset()?;
             tracing::warn!("replica reset: every snapshot and the head dropped, for a rebuild");
