@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve one replica of a volume from a host directory.
+    /// Serve one replica of a volume from a host directory or a raw block device.
     Replica(cli::replica::Args),
     /// Expose a plain file as an iSCSI LUN (for tests and benchmarks).
     ServeFile(cli::serve_file::Args),
