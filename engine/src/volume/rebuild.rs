@@ -784,6 +784,28 @@ async fn record_verdict(
     }
 }
 
+/// [`ReplicaClient::call`] bounded by [`REQUEST_TIMEOUT`], for every request
+/// of a rebuild: a replica that stops answering (SIGSTOP, a hung disk) fails
+/// the rebuild, which is retried, instead of hanging it. The connection is
+/// dropped with the failed rebuild, so a late answer lands nowhere.
+async fn call_bounded(client: &ReplicaClient, message: Message) -> Result<Message, ClientError> {
+    call_within(client, message, REQUEST_TIMEOUT).await
+}
+
+async fn call_within(
+    client: &ReplicaClient,
+    message: Message,
+    limit: Duration,
+) -> Result<Message, ClientError> {
+    tokio::time::timeout(limit, client.call(message))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Disconnected {
+                reason: format!("no answer within {limit:?}"),
+            })
+        })
+}
+
 /// One request on a rebuild connection, bounded by [`REQUEST_TIMEOUT`]: a
 /// replica that stops answering (SIGSTOP, a hung disk) fails the rebuild,
 /// which is retried, instead of hanging it. `what` names the request in the
@@ -794,18 +816,13 @@ async fn ask(
     what: &str,
     message: Message,
 ) -> Result<Message, RebuildError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, client.call(message)).await {
-        Ok(reply) => reply.map_err(|source| RebuildError::Replica {
+    call_bounded(client, message)
+        .await
+        .map_err(|source| RebuildError::Replica {
             addr: addr.to_string(),
             what: what.to_string(),
             source,
-        }),
-        Err(_) => Err(LinkError::Timeout {
-            addr: addr.to_string(),
-            timeout: REQUEST_TIMEOUT,
-        }
-        .into()),
-    }
+        })
 }
 
 /// Flushes of the target while the copy goes on, one every
@@ -960,7 +977,7 @@ impl Pair {
     }
 
     async fn chain(client: &ReplicaClient, addr: &str) -> Result<Vec<pb::SnapshotInfo>, RebuildError> {
-        match client.call(Message::SnapshotList).await {
+        match call_bounded(client, Message::SnapshotList).await {
             Ok(Message::SnapshotListOk(chain)) => Ok(chain),
             Ok(other) => Err(RebuildError::Volume(format!(
                 "replica {addr} answered a snapshot list with {:?}",
@@ -1013,7 +1030,10 @@ impl Pair {
             Some(name) => Message::SnapshotRevert { name: name.clone() },
         };
         let what = format!("dropping the snapshots that differ ({:?})", request.op().0);
-        match self.target.call(request).await.map_err(self.on_target(what))? {
+        match call_bounded(&self.target, request)
+            .await
+            .map_err(self.on_target(what))?
+        {
             Message::ResetOk | Message::SnapshotRevertOk => {}
             other => {
                 return Err(RebuildError::Volume(format!(
@@ -1026,12 +1046,14 @@ impl Pair {
         for snapshot in replay {
             self.replay_layer(&snapshot.name, volume_blocks, volume, progress)
                 .await?;
-            self.target
-                .call(Message::SnapshotCreate {
+            call_bounded(
+                &self.target,
+                Message::SnapshotCreate {
                     name: snapshot.name.clone(),
-                })
-                .await
-                .map_err(self.on_target(format!("creating snapshot {:?}", snapshot.name)))?;
+                },
+            )
+            .await
+            .map_err(self.on_target(format!("creating snapshot {:?}", snapshot.name)))?;
             tracing::info!(replica = %self.addr, snapshot = %snapshot.name, "rebuild: snapshot replayed");
         }
         Ok(true)
@@ -1048,15 +1070,16 @@ impl Pair {
     ) -> Result<(), RebuildError> {
         let mut start = 0;
         while start < volume_blocks {
-            let listing = self
-                .source
-                .call(Message::LayerBlocks {
+            let listing = call_bounded(
+                &self.source,
+                Message::LayerBlocks {
                     snapshot: name.to_string(),
                     start_lba: start,
                     count: volume_blocks - start,
-                })
-                .await
-                .map_err(self.on_source(format!("listing the blocks of snapshot {name:?}")))?;
+                },
+            )
+            .await
+            .map_err(self.on_source(format!("listing the blocks of snapshot {name:?}")))?;
             let Message::LayerBlocksOk { blocks, end_lba } = listing else {
                 return Err(RebuildError::Volume(format!(
                     "replica {} answered a layer listing with {:?}",
@@ -1106,15 +1129,16 @@ impl Pair {
                 .map_err(self.on_target(format!("replaying tombstones at byte {offset}")))?;
             return Ok(0);
         }
-        let read = self
-            .source
-            .call(Message::ReadLayer {
+        let read = call_bounded(
+            &self.source,
+            Message::ReadLayer {
                 snapshot: name.to_string(),
                 offset,
                 len: len as u32,
-            })
-            .await
-            .map_err(self.on_source(format!("reading {len} bytes at {offset} of snapshot {name:?}")))?;
+            },
+        )
+        .await
+        .map_err(self.on_source(format!("reading {len} bytes at {offset} of snapshot {name:?}")))?;
         let data = match read {
             Message::ReadLayerOk { data } if data.len() as u64 == len => data,
             other => {
@@ -1145,17 +1169,19 @@ impl Pair {
         let mut runs = Vec::new();
         let mut start = 0;
         loop {
-            let reply = client
-                .call(Message::WrittenSince {
+            let reply = call_bounded(
+                client,
+                Message::WrittenSince {
                     since,
                     start_lba: start,
-                })
-                .await
-                .map_err(|source| RebuildError::Replica {
-                    addr: addr.to_string(),
-                    what: "asking its write-intent record".into(),
-                    source,
-                })?;
+                },
+            )
+            .await
+            .map_err(|source| RebuildError::Replica {
+                addr: addr.to_string(),
+                what: "asking its write-intent record".into(),
+                source,
+            })?;
             let Message::WrittenSinceOk {
                 position,
                 answer,
@@ -1187,26 +1213,29 @@ impl Pair {
     /// anything is copied onto it: should the rebuild stop half-way, no
     /// record would take it for a replica in sync at its revision.
     async fn leave_numbering(&self) -> Result<(), RebuildError> {
-        self.target
-            .call(Message::AdoptSyncPoint {
+        call_bounded(
+            &self.target,
+            Message::AdoptSyncPoint {
                 point: None,
                 own_revision: basalt_proto::Revision(0),
-            })
-            .await
-            .map_err(self.on_target("leaving the shared flush numbering"))
-            .map(drop)
+            },
+        )
+        .await
+        .map_err(self.on_target("leaving the shared flush numbering"))
+        .map(drop)
     }
 
     /// Step 8: the target's flush `own` is the source's `point`.
     async fn adopt(&self, point: SyncPoint, own: basalt_proto::Revision) -> Result<(), RebuildError> {
-        match self
-            .target
-            .call(Message::AdoptSyncPoint {
+        match call_bounded(
+            &self.target,
+            Message::AdoptSyncPoint {
                 point: Some(point),
                 own_revision: own,
-            })
-            .await
-            .map_err(self.on_target("adopting the source's flush numbering"))?
+            },
+        )
+        .await
+        .map_err(self.on_target("adopting the source's flush numbering"))?
         {
             Message::AdoptSyncPointOk { position } => {
                 tracing::info!(replica = %self.addr, source = %self.source_addr, revision = position.revision.0,
@@ -1454,6 +1483,54 @@ mod tests {
 
     fn crcs(list: &[(u64, u32)]) -> Vec<BlockCrc> {
         list.iter().map(|&(lba, crc)| BlockCrc { lba, crc }).collect()
+    }
+
+    /// A replica that says Hello and then never answers (SIGSTOP, a hung disk) fails the request
+    /// within its bound instead of hanging the rebuild.
+    #[tokio::test]
+    async fn a_replica_that_stops_answering_fails_the_request_within_its_bound() {
+        use basalt_proto::frame::{Frame, FrameCodec, ProtocolVersion, ReplicaIdentity};
+        use futures::{SinkExt, StreamExt};
+        use tokio_util::codec::Framed;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut frames = Framed::new(stream, FrameCodec);
+            let hello = frames.next().await.unwrap().unwrap();
+            let replica = ReplicaIdentity {
+                volume: basalt_proto::VolumeId(uuid::Uuid::nil()),
+                size_bytes: 1 << 20,
+                epoch: hello.epoch,
+                revision: basalt_proto::Revision(0),
+            };
+            let ok = Message::HelloOk {
+                version: ProtocolVersion::CURRENT,
+                replica,
+            };
+            frames.send(Frame::new(hello.id, hello.epoch, ok)).await.unwrap();
+            // Read what comes and never answer.
+            while frames.next().await.is_some() {}
+        });
+        let client = ReplicaClient::connect_as(
+            addr,
+            basalt_proto::VolumeId(uuid::Uuid::nil()),
+            basalt_proto::Epoch(1),
+            false,
+        )
+        .await
+        .expect("the handshake is answered");
+        let started = Instant::now();
+        let limit = Duration::from_millis(200);
+        let outcome = call_within(&client, Message::SnapshotList, limit).await;
+        assert!(
+            matches!(&outcome, Err(ClientError::Disconnected { reason }) if reason.contains("no answer")),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < limit * 10, "took {:?}", started.elapsed());
+        drop(client);
+        silent.abort();
     }
 
     #[test]
