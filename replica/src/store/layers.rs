@@ -199,17 +199,8 @@ impl Store {
         let mut meta = lock(&self.meta);
         let new_id = LayerId(meta.next_layer);
         Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
-        let log_name = new_id.log_object();
         let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes).and_then(|layer| {
-            let object = self
-                .backend
-                .open(&log_name, 0)
-                .map_err(StoreError::io(format!("opening {log_name}")))?;
-            *lock(&layer.log) = Some(LogAppender {
-                object: Arc::from(object),
-                len: 0,
-                records: 0,
-            });
+            *lock(&layer.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
             Ok(layer)
         });
         let mut next = meta.clone();
@@ -224,7 +215,7 @@ impl Store {
             Err(e) => {
                 // Not committed: the old chain stays; the new objects are orphans.
                 let _ = self.backend.remove(&new_id.data_object());
-                let _ = self.backend.remove(&log_name);
+                let _ = self.backend.remove(&new_id.log_object());
                 return Err(e);
             }
         };

@@ -141,6 +141,37 @@ struct LogAppender {
     records: u64,
 }
 
+impl LogAppender {
+    /// Opens the index log `name` for appending at byte `len`, holding `records` records.
+    fn open(backend: &dyn Backend, name: &str, len: u64, records: u64) -> Result<LogAppender, StoreError> {
+        let object = backend
+            .open(name, 0)
+            .map_err(StoreError::io(format!("opening {name}")))?;
+        Ok(LogAppender {
+            object: Arc::from(object),
+            len,
+            records,
+        })
+    }
+
+    /// Opens the index log `name` for appending at its end.
+    fn open_at_end(
+        backend: &dyn Backend,
+        name: &str,
+        count_records: bool,
+    ) -> Result<LogAppender, StoreError> {
+        let mut log = LogAppender::open(backend, name, 0, 0)?;
+        log.len = log
+            .object
+            .len()
+            .map_err(StoreError::io(format!("sizing {name}")))?;
+        if count_records {
+            log.records = log.len / RECORD_LEN as u64;
+        }
+        Ok(log)
+    }
+}
+
 /// One layer of the chain: the head or a snapshot.
 struct Layer {
     id: LayerId,
@@ -339,14 +370,12 @@ fn install_log(
     let mut log = lock(&layer.log);
     *log = None;
     if keep_open {
-        let object = backend
-            .open(&name, 0)
-            .map_err(StoreError::io(format!("opening {name}")))?;
-        *log = Some(LogAppender {
-            object: Arc::from(object),
-            len: bytes.len() as u64,
-            records: records + 1,
-        });
+        *log = Some(LogAppender::open(
+            backend,
+            &name,
+            bytes.len() as u64,
+            records + 1,
+        )?);
     }
     Ok(())
 }
@@ -564,16 +593,7 @@ impl Store {
                     keep_open,
                 )?;
             } else if keep_open {
-                let name = id.log_object();
-                let object = backend
-                    .open(&name, 0)
-                    .map_err(StoreError::io(format!("opening {name}")))?;
-                let len = object.len().map_err(StoreError::io(format!("sizing {name}")))?;
-                *lock(&layer.log) = Some(LogAppender {
-                    object: Arc::from(object),
-                    len,
-                    records: len / RECORD_LEN as u64,
-                });
+                *lock(&layer.log) = Some(LogAppender::open_at_end(&*backend, &id.log_object(), true)?);
             }
             layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
             layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
@@ -1528,16 +1548,7 @@ impl Store {
         let parent = meta.snapshots.last().map(|s| s.name.clone());
         let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)
             .and_then(|layer| {
-                let name = new_id.log_object();
-                let object = self
-                    .backend
-                    .open(&name, 0)
-                    .map_err(StoreError::io(format!("opening {name}")))?;
-                *lock(&layer.log) = Some(LogAppender {
-                    object: Arc::from(object),
-                    len: 0,
-                    records: 0,
-                });
+                *lock(&layer.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
                 Ok(layer)
             })
             .and_then(|layer| next.store(&*self.backend).map(|()| layer));
@@ -1629,17 +1640,11 @@ impl Store {
             None
         } else {
             let index = load_index(&*self.backend, &into, volume_blocks)?;
-            let name = into.id.log_object();
-            let object = self
-                .backend
-                .open(&name, 0)
-                .map_err(StoreError::io(format!("opening {name}")))?;
-            let len = object.len().map_err(StoreError::io(format!("sizing {name}")))?;
-            *lock(&into.log) = Some(LogAppender {
-                object: Arc::from(object),
-                len,
-                records: 0,
-            });
+            *lock(&into.log) = Some(LogAppender::open_at_end(
+                &*self.backend,
+                &into.id.log_object(),
+                false,
+            )?);
             Some(index.blocks)
         };
 
@@ -1756,16 +1761,7 @@ impl Store {
         let new_id = LayerId(meta.next_layer);
         Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
         let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)?;
-        let log_name = new_id.log_object();
-        let object = self
-            .backend
-            .open(&log_name, 0)
-            .map_err(StoreError::io(format!("opening {log_name}")))?;
-        *lock(&new_head.log) = Some(LogAppender {
-            object: Arc::from(object),
-            len: 0,
-            records: 0,
-        });
+        *lock(&new_head.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
 
         let revision = Revision(self.next_revision.fetch_add(1, Ordering::AcqRel) + 1);
         let mut next = meta.clone();
@@ -1775,7 +1771,7 @@ impl Store {
         next.revision = revision;
         if let Err(e) = next.store(&*self.backend) {
             let _ = self.backend.remove(&new_id.data_object());
-            let _ = self.backend.remove(&log_name);
+            let _ = self.backend.remove(&new_id.log_object());
             return Err(e);
         }
         *meta = next;
