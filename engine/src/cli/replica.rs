@@ -145,10 +145,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Format::IfBlank
     };
     let shown = source.to_string();
+    let opening = std::time::Instant::now();
     let store = tokio::task::spawn_blocking(move || source.open_or_create(size, volume, format))
         .await
         .context("opening the store")?
         .with_context(|| format!("cannot open the replica store on {shown}"))?;
+    // How long the open (with its crash recovery) took: a replica's restart, and so a delta rebuild,
+    // waits for it.
+    tracing::info!(
+        store = %shown, seconds = opening.elapsed().as_secs_f64(), revision = store.revision().0,
+        head_bytes = store.head_allocated_bytes(), "store opened"
+    );
     let store = Arc::new(store);
     let metrics = Metrics::new();
     let shutdown = super::shutdown_signal();

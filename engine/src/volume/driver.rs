@@ -223,19 +223,20 @@ impl Volume {
         .await
     }
 
-    /// Wait until every write sent before this call has been applied on
-    /// every active replica (see [`GuestOp::Drain`]).
-    pub async fn drain(&self) -> Result<(), VolumeError> {
+    /// Wait until every write sent before this call has been answered by
+    /// every active replica, without flushing (see [`GuestOp::Settle`]).
+    pub async fn settle(&self) -> Result<(), VolumeError> {
         self.ask(|reply| Command::Io {
-            op: GuestOp::Drain,
+            op: GuestOp::Settle,
             reply: Reply::Control(reply),
         })
         .await?
         .map(|_| ())
     }
 
-    /// [`Volume::drain`], answering with the revision each active replica
-    /// gave the drain's flush (8 bytes little-endian per replica index): one
+    /// Wait until every write sent before this call has been applied on
+    /// every active replica and flushed (see [`GuestOp::Drain`]), answering
+    /// with the revision each active replica gave the drain's flush (8 bytes little-endian per replica index): one
     /// flush, at one place in every replica's stream.
     pub async fn drain_revisions(&self) -> Result<ControlResults, VolumeError> {
         self.ask(|reply| Command::Io {
@@ -474,6 +475,7 @@ impl Owner {
                     GuestOp::Control(_) => ("control", 0),
                     GuestOp::Copy { len, .. } => ("rebuild", u64::from(*len)),
                     GuestOp::Drain => ("drain", 0),
+                    GuestOp::Settle => ("settle", 0),
                 };
                 self.guests.insert(
                     id,

@@ -9,7 +9,8 @@
 //!                                              guest write needs to reach the target yet)
 //!  3. ask the target where it stands          its sync point, and what it may hold unflushed;
 //!     and take it off any shared numbering     (it is about to be copied onto)
-//!  4. attach as WO                            every new write reaches it from here on
+//!  4. attach as WO                            every new write reaches it from here on,
+//!     and settle                              and every earlier one is answered everywhere
 //!  5. ask the source's write-intent record    which regions may differ since the target's
 //!                                              sync point -- or "unknown"
 //!  6. list block checksums on a RW source and on the target, in those regions only
@@ -552,16 +553,17 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
     progress.lap("attach");
     tracing::info!(replica = %addr, "replica WO: rebuild started");
 
-    // Listed after the attach *and a drain*: a write sent before the attach
+    // Listed after the attach *and a settle*: a write sent before the attach
     // may still be queued at the source (the listings travel on other
     // connections, unordered with the data path), and the target never gets
-    // it; once the drain completes it is applied and listed. Anything sent
-    // after the attach reaches the target directly.
+    // it; once every such write is answered it is applied and listed (the
+    // record and the checksums include unflushed writes, so no flush is
+    // needed). Anything sent after the attach reaches the target directly.
     volume
-        .drain()
+        .settle()
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
-    progress.lap("drain");
+    progress.lap("settle");
     // Step 5: where to compare.
     let regions = match target_since {
         Some((position, WrittenAnswer::Regions(own))) => {
