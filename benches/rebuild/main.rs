@@ -520,6 +520,11 @@ fn snapshot_pause(
         std::thread::sleep(Duration::from_millis(200));
     }
     let to = unix_ms();
+    let each: Vec<String> = creates
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!("bench: snapshot create times in order (ms): {}", each.join(" "));
     let (_doc, log) = load.stop()?;
     let mut lat: Vec<Duration> = log
         .iter()
