@@ -36,7 +36,9 @@
 //! frames carry a CRC, the first bad one ends the log, and if the store's revision is then beyond what
 //! the record holds, the record raises its horizon past it, so it answers "unknown" (the rebuild
 //! compares checksums instead) rather than something too small. Regions written after the last flush
-//! are recovered at open from the head log's unflushed tail, which is as durable as those writes.
+//! are recovered at open from the head log's unflushed tail, which is as durable as those writes, and
+//! kept in the base the open writes (a pending frame after it): the open's recovery rewrites the head
+//! log without that tail, so a second crash before a flush would otherwise forget them.
 //!
 //! A failed append never fails the flush: the record stops answering (horizon raised) instead.
 
@@ -63,6 +65,11 @@ const COMPACT_SLACK_BYTES: u64 = 4 << 20;
 pub(crate) const OBJECT: &str = "intent.log";
 const KIND_BASE: u8 = 1;
 const KIND_FLUSH: u8 = 2;
+/// Follows a base: the regions pending when it was written. Recovery at open rewrites the head log
+/// without its unflushed tail, so after a second `kill -9` before a flush this frame is the only
+/// place that still says those regions were written. The next flush frame covers them (a flush
+/// stamps every pending region), so replaying one empties the pending set.
+const KIND_PENDING: u8 = 3;
 
 /// The in-memory record.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,16 +183,23 @@ fn decode_base(payload: &[u8]) -> Option<State> {
 /// Applies one flush frame; `None` if it does not decode.
 fn apply_flush(state: &mut State, payload: &[u8]) -> Option<()> {
     let mut w = Words(payload);
-    let (revision, epoch, n) = (w.next()?, w.next()?, w.next()?);
+    let (revision, epoch) = (w.next()?, w.next()?);
+    let regions = decode_regions(w.0)?;
+    stamp(state, revision, epoch, regions);
+    // The flush stamped every region pending before it, those of a pending frame included.
+    state.pending.clear();
+    Some(())
+}
+
+/// A count and that many regions, and nothing after them; `None` otherwise.
+fn decode_regions(payload: &[u8]) -> Option<Vec<u64>> {
+    let mut w = Words(payload);
+    let n = w.next()?;
     let mut regions = Vec::new();
     for _ in 0..n {
         regions.push(w.next()?);
     }
-    if !w.0.is_empty() {
-        return None;
-    }
-    stamp(state, revision, epoch, regions);
-    Some(())
+    w.0.is_empty().then_some(regions)
 }
 
 fn stamp(state: &mut State, revision: u64, epoch: u64, regions: impl IntoIterator<Item = u64>) {
@@ -253,6 +267,10 @@ impl IntentRecord {
                         break;
                     }
                 }
+                (KIND_PENDING, Some(s)) => match decode_regions(payload) {
+                    Some(regions) => s.pending.extend(regions),
+                    None => break,
+                },
                 _ => break,
             }
         }
@@ -270,7 +288,9 @@ impl IntentRecord {
             state.horizon = state.horizon.max(revision.0.saturating_add(1));
             state.through = revision.0;
         }
-        state.pending = tail.into_iter().map(|lba| lba / REGION_BLOCKS).collect();
+        state
+            .pending
+            .extend(tail.into_iter().map(|lba| lba / REGION_BLOCKS));
         Self::install(backend, state)
     }
 
@@ -292,7 +312,15 @@ impl IntentRecord {
     }
 
     fn rewrite(&self, inner: &mut Inner) -> Result<(), StoreError> {
-        let base = inner.state.encode_base();
+        let mut base = inner.state.encode_base();
+        if !inner.state.pending.is_empty() {
+            let mut p = Vec::with_capacity(8 + inner.state.pending.len() * 8);
+            p.extend_from_slice(&(inner.state.pending.len() as u64).to_le_bytes());
+            for region in &inner.state.pending {
+                p.extend_from_slice(&region.to_le_bytes());
+            }
+            base.extend_from_slice(&frame(KIND_PENDING, &p));
+        }
         let what = || format!("{}/{OBJECT}", self.backend.location());
         self.backend
             .replace_blob(OBJECT, &base)
