@@ -98,7 +98,7 @@ pub use error::StoreError;
 pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
 
 use log::{BlockState, LayerIndex, Record, RECORD_LEN};
-use map::{Entry, VolumeMap};
+use map::{Entry, MapBuilder, VolumeMap};
 use meta::{PendingMerge, SnapshotRecord, VolumeMeta};
 use types::BLOCK;
 
@@ -565,7 +565,7 @@ impl Store {
             }
         }
 
-        let mut map = VolumeMap::default();
+        let mut map = MapBuilder::default();
         let mut layers = BTreeMap::new();
         let mut revision = meta.revision;
         let mut tail = Vec::new();
@@ -588,7 +588,7 @@ impl Store {
                 install_log(
                     &*backend,
                     &layer,
-                    index.blocks.iter().map(|(&l, &s)| (l, s)),
+                    index.blocks.as_slice().iter().copied(),
                     at,
                     keep_open,
                 )?;
@@ -597,9 +597,10 @@ impl Store {
             }
             layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
             layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
-            map.overlay(id, &index.blocks);
+            map.add_layer(id, &index.blocks);
             layers.insert(id, Arc::new(layer));
         }
+        let map = map.build();
         let head = layers[&meta.head].clone();
         let pending = meta.pending_merge;
         let intent = intent::IntentRecord::open(backend.clone(), revision, tail)?;
@@ -1632,8 +1633,7 @@ impl Store {
         };
         let from_blocks: Vec<(u64, BlockState)> = load_index(&*self.backend, &from, volume_blocks)?
             .blocks
-            .into_iter()
-            .collect();
+            .into_vec();
         // What the child holds: for the head the map says it (the head is the newest layer); a snapshot
         // child's own index is read from its log and kept up to date here.
         let mut into_index = if into_is_head {
@@ -1645,7 +1645,7 @@ impl Store {
                 &into.id.log_object(),
                 false,
             )?);
-            Some(index.blocks)
+            Some(BTreeMap::from_iter(index.blocks.into_vec()))
         };
 
         let mut block = vec![0u8; BLOCK];
@@ -1790,15 +1790,15 @@ impl Store {
 
         // Rebuild the merged view from the layers that remain.
         let volume_blocks = self.size_bytes / BLOCK_SIZE;
-        let mut map = VolumeMap::default();
+        let mut map = MapBuilder::default();
         for (&id, layer) in &chain.layers {
             if id == new_id {
                 continue;
             }
             let index = load_index(&*self.backend, layer, volume_blocks).map_err(|e| self.fail(e))?;
-            map.overlay(id, &index.blocks);
+            map.add_layer(id, &index.blocks);
         }
-        *wlock(&self.map) = map;
+        *wlock(&self.map) = map.build();
         drop(chain);
         for id in dropped {
             for name in [id.data_object(), id.log_object()] {
