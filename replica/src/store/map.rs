@@ -249,7 +249,7 @@ impl VolumeMap {
 ///
 /// The layers' entries are gathered into one list and replayed at once (a stable sort, the newest
 /// layer of each block kept), then both indexes are built in bulk: entry by entry, a 262,144-block
-/// head cost ~80 ms of B-tree descents and hash-table doublings at every open. The gathered list is
+/// head cost 50-75 ms of B-tree descents and hash-table doublings at every open. The gathered list is
 /// replayed whenever it has grown to twice what the last replay left, so a long chain that rewrote the
 /// same blocks in every layer holds at most about three times the final map, not every layer at once.
 #[derive(Default)]
