@@ -169,6 +169,11 @@ impl DirBackend {
     }
 
     fn open_object(&self, name: &str, capacity: u64, create: bool) -> io::Result<Box<dyn Object>> {
+        self.dir_object(name, capacity, create)
+            .map(|o| Box::new(o) as Box<dyn Object>)
+    }
+
+    fn dir_object(&self, name: &str, capacity: u64, create: bool) -> io::Result<DirObject> {
         check_name(name)?;
         let slots = capacity.div_ceil(SEGMENT_BYTES).max(1) as usize;
         let object = DirObject {
@@ -192,7 +197,17 @@ impl DirBackend {
                 let _ = object.segments[k].set(Arc::new(file));
             }
         }
-        Ok(Box::new(object))
+        if !create {
+            // What an earlier process wrote may still be only in the page cache (it was killed before
+            // it synced): the first sync must flush it, or the store's recovery at open would vouch
+            // for data that a power loss can still take back.
+            for (k, segment) in object.segments.iter().enumerate() {
+                if segment.get().is_some() {
+                    object.dirty[k].store(true, Ordering::Release);
+                }
+            }
+        }
+        Ok(object)
     }
 }
 
@@ -662,6 +677,36 @@ mod tests {
         assert_eq!(backend.list().unwrap(), vec!["layer".to_string()]);
         backend.remove("layer").unwrap();
         assert!(backend.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_first_sync_after_an_open_flushes_what_an_earlier_opener_left_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 4096];
+        {
+            let backend = DirBackend::new(dir.path()).unwrap();
+            let object = backend.create("layer", 2 * SEGMENT_BYTES).unwrap();
+            object.write_at(&data, 0).unwrap();
+            object.write_at(&data, SEGMENT_BYTES).unwrap();
+            // Dropped unsynced, like a process killed before its flush.
+        }
+        let backend = DirBackend::new(dir.path()).unwrap();
+        let object = backend.dir_object("layer", 2 * SEGMENT_BYTES, false).unwrap();
+        let dirty = |o: &DirObject| {
+            o.dirty
+                .iter()
+                .map(|d| d.load(Ordering::Acquire))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            dirty(&object),
+            [true, true],
+            "both segment files are synced by the next sync"
+        );
+        object.sync().unwrap();
+        assert_eq!(dirty(&object), [false, false]);
+        let created = backend.dir_object("fresh", SEGMENT_BYTES, true).unwrap();
+        assert_eq!(dirty(&created), [false], "a new object holds nothing to sync");
     }
 
     #[test]

@@ -40,13 +40,13 @@ use std::sync::{Arc, Mutex};
 use basalt_proto::frame::{LayerBlock, LayerBlockState};
 use basalt_proto::Revision;
 
-use super::log::BlockState;
+use super::log::{BlockState, LayerBlocks};
 use super::map::VolumeMap;
 use super::types::{LayerId, Lba, BLOCK, BLOCK_SIZE};
 use super::{load_index, lock, rlock, wlock, Chain, Layer, LogAppender, Store, StoreError};
 
 /// The blocks one layer holds itself, shared between the cache and its readers.
-type OwnBlocks = Arc<BTreeMap<u64, BlockState>>;
+type OwnBlocks = Arc<LayerBlocks>;
 
 /// A snapshot's own blocks in a range, as [`Store::layer_blocks`] lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,7 +140,7 @@ impl Store {
         let end = blocks.end.min(self.size_bytes / BLOCK_SIZE).max(blocks.start);
         let limit = limit.max(1);
         let mut listed = Vec::new();
-        for (&lba, &state) in index.range(blocks.start..end) {
+        for &(lba, state) in index.range(blocks.start..end) {
             if listed.len() == limit {
                 return Ok(LayerListing {
                     blocks: listed,
@@ -250,7 +250,7 @@ impl Store {
 /// every block checked against its CRC, zeros for blocks the layer does not hold as data.
 fn read_layer_blocks(
     layer: &Layer,
-    index: &BTreeMap<u64, BlockState>,
+    index: &LayerBlocks,
     first: u64,
     out: &mut [u8],
 ) -> Result<(), StoreError> {
@@ -258,7 +258,8 @@ fn read_layer_blocks(
     out.fill(0);
     let data: Vec<(u64, u32)> = index
         .range(first..first + n)
-        .filter_map(|(&lba, &state)| match state {
+        .iter()
+        .filter_map(|&(lba, state)| match state {
             BlockState::Data { crc } => Some((lba, crc)),
             BlockState::Tombstone => None,
         })

@@ -19,7 +19,7 @@
 //! A record whose own CRC does not match ends the log (a torn tail after power loss); a flush marker
 //! found after such a record means the log is damaged in the middle, which is reported as corruption.
 
-use std::collections::BTreeMap;
+use std::ops::Range;
 
 use basalt_proto::Revision;
 
@@ -100,6 +100,9 @@ impl Record {
 
 /// Appends the encoding of `records` to `out`.
 pub(crate) fn encode_into(out: &mut Vec<u8>, records: impl IntoIterator<Item = Record>) {
+    let records = records.into_iter();
+    // A compacted head log is megabytes: grown by doubling, it was copied and faulted in several times.
+    out.reserve(records.size_hint().0 * RECORD_LEN);
     for record in records {
         out.extend_from_slice(&record.encode());
     }
@@ -120,57 +123,116 @@ pub(crate) struct ParsedLog {
 
 /// Parses a whole log. `what` names it in errors.
 pub(crate) fn parse(bytes: &[u8], what: &str, volume_blocks: u64) -> Result<ParsedLog, StoreError> {
-    let mut records = Vec::with_capacity(bytes.len() / RECORD_LEN);
+    // One pass straight into the block list: a head log holds a record per block written (262,144
+    // for 1 GiB), and an intermediate list of records would cost a copy of all of them at every open.
+    let mut blocks = Vec::with_capacity(bytes.len() / RECORD_LEN);
+    // Block records before the last flush marker seen so far.
+    let mut trusted = 0;
+    let mut last_revision = None;
+    let mut records = 0;
     let mut torn_tail = false;
     let mut chunks = bytes.chunks(RECORD_LEN);
     for chunk in chunks.by_ref() {
         match Record::decode(chunk) {
-            Some(record) => records.push(record),
-            None => {
-                torn_tail = true;
-                break;
-            }
-        }
-    }
-    if torn_tail && chunks.any(|c| matches!(Record::decode(c), Some(Record::Flush { .. }))) {
-        return Err(StoreError::Corrupt {
-            what: what.to_string(),
-            detail: format!(
-                "damaged record at byte {} before a later flush marker",
-                records.len() * RECORD_LEN
-            ),
-        });
-    }
-    let last_marker = records.iter().rposition(|r| matches!(r, Record::Flush { .. }));
-    let mut parsed = ParsedLog {
-        torn_tail,
-        ..ParsedLog::default()
-    };
-    for (i, record) in records.into_iter().enumerate() {
-        match record {
-            Record::Flush { revision } => parsed.last_revision = Some(revision),
-            Record::Block { lba, state } => {
+            Some(Record::Block { lba, state }) => {
                 if lba.0 >= volume_blocks {
                     return Err(StoreError::Corrupt {
                         what: what.to_string(),
                         detail: format!("{lba} is beyond the end of the volume"),
                     });
                 }
-                if last_marker.is_some_and(|m| i < m) {
-                    parsed.trusted.push((lba, state));
-                } else {
-                    parsed.unverified.push((lba, state));
-                }
+                blocks.push((lba, state));
+            }
+            Some(Record::Flush { revision }) => {
+                last_revision = Some(revision);
+                trusted = blocks.len();
+            }
+            None => {
+                torn_tail = true;
+                break;
             }
         }
+        records += 1;
     }
-    Ok(parsed)
+    if torn_tail && chunks.any(|c| matches!(Record::decode(c), Some(Record::Flush { .. }))) {
+        return Err(StoreError::Corrupt {
+            what: what.to_string(),
+            detail: format!(
+                "damaged record at byte {} before a later flush marker",
+                records * RECORD_LEN
+            ),
+        });
+    }
+    // Split without copying the (large) trusted part; a log with no marker is all unverified.
+    let unverified = match trusted {
+        0 => std::mem::take(&mut blocks),
+        _ => blocks.split_off(trusted),
+    };
+    Ok(ParsedLog {
+        trusted: blocks,
+        unverified,
+        last_revision,
+        torn_tail,
+    })
+}
+
+/// Sorts `records` (given in the order they were written) by block and keeps only the last record of
+/// each block: what replaying them one by one into a map would leave, in a stable sort (which
+/// finds the runs already in order: a sequential write, or each layer of a chain) and one pass.
+pub(crate) fn replay_in_place<T: Copy>(records: &mut Vec<(u64, T)>) {
+    // Stable, so the records of one block stay in written order and the last of them survives
+    // `dedup_by` (which hands over the later element first and removes it when told to).
+    records.sort_by_key(|&(lba, _)| lba);
+    records.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            *kept = *later;
+        }
+        same
+    });
+}
+
+/// The blocks one layer holds, in block order, each once.
+///
+/// A sorted vector rather than a map: it is built once per open from the log (a stable sort of
+/// records that are mostly in order already, then keeping the last record of each block, which is
+/// exactly log replay) and then only read in order or by range, which a map would do no faster at
+/// several times the cost to build.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct LayerBlocks(Vec<(u64, BlockState)>);
+
+impl LayerBlocks {
+    /// Replays `records` in log order: the last record of each block wins.
+    pub fn replay(mut records: Vec<(u64, BlockState)>) -> LayerBlocks {
+        replay_in_place(&mut records);
+        LayerBlocks(records)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// In block order.
+    pub fn as_slice(&self) -> &[(u64, BlockState)] {
+        &self.0
+    }
+
+    pub fn into_vec(self) -> Vec<(u64, BlockState)> {
+        self.0
+    }
+
+    /// The blocks among `lbas`, in block order.
+    pub fn range(&self, lbas: Range<u64>) -> &[(u64, BlockState)] {
+        let start = self.0.partition_point(|&(lba, _)| lba < lbas.start);
+        let end = start + self.0[start..].partition_point(|&(lba, _)| lba < lbas.end);
+        &self.0[start..end]
+    }
 }
 
 /// The blocks one layer holds, after recovery.
 #[derive(Debug, Default)]
 pub(crate) struct LayerIndex {
-    pub blocks: BTreeMap<u64, BlockState>,
+    pub blocks: LayerBlocks,
     /// The log holds unverified records or a torn tail: it must be rewritten (after syncing the data)
     /// before anything is appended, or a later flush marker would vouch for records that were discarded.
     pub needs_rewrite: bool,
@@ -180,8 +242,9 @@ pub(crate) struct LayerIndex {
 impl LayerIndex {
     pub fn data_blocks(&self) -> u64 {
         self.blocks
-            .values()
-            .filter(|s| matches!(s, BlockState::Data { .. }))
+            .as_slice()
+            .iter()
+            .filter(|(_, s)| matches!(s, BlockState::Data { .. }))
             .count() as u64
     }
 
@@ -193,22 +256,30 @@ impl LayerIndex {
 /// Replays a parsed log against the layer's data: trusted records as they are, unverified ones only if
 /// the data on disk matches them (see the module doc).
 pub(crate) fn resolve(parsed: ParsedLog, data: &dyn Object, what: &str) -> Result<LayerIndex, StoreError> {
-    let mut index = LayerIndex {
-        needs_rewrite: parsed.torn_tail || !parsed.unverified.is_empty(),
-        last_revision: parsed.last_revision,
-        ..LayerIndex::default()
-    };
-    for (lba, state) in parsed.trusted {
-        index.blocks.insert(lba.0, state);
-    }
-    let mut candidates: BTreeMap<u64, Vec<BlockState>> = BTreeMap::new();
-    for (lba, state) in parsed.unverified {
-        candidates.entry(lba.0).or_default().push(state);
-    }
+    let needs_rewrite = parsed.torn_tail || !parsed.unverified.is_empty();
+    let last_revision = parsed.last_revision;
+    // Each block named after the marker, with its records newest first (a stable sort by block of
+    // the reversed tail): the first record that matches the data wins. Reading them in block order
+    // also reads the data object front to back.
+    let mut candidates: Vec<(u64, BlockState)> = parsed
+        .unverified
+        .iter()
+        .rev()
+        .map(|&(lba, state)| (lba.0, state))
+        .collect();
+    candidates.sort_by_key(|&(lba, _)| lba);
+    // In place: `Lba` is a plain `u64`, so this reuses the trusted list's allocation, whose spare
+    // room (sized for the whole log) takes the accepted tail records.
+    let mut records: Vec<(u64, BlockState)> = parsed
+        .trusted
+        .into_iter()
+        .map(|(lba, state)| (lba.0, state))
+        .collect();
     let mut block = vec![0u8; BLOCK];
-    for (lba, states) in candidates {
+    for newest_first in candidates.chunk_by(|a, b| a.0 == b.0) {
+        let lba = newest_first[0].0;
         let mut on_disk: Option<u32> = None;
-        for state in states.into_iter().rev() {
+        for &(_, state) in newest_first {
             let accept = match state {
                 BlockState::Tombstone => true,
                 BlockState::Data { crc } => {
@@ -227,12 +298,17 @@ pub(crate) fn resolve(parsed: ParsedLog, data: &dyn Object, what: &str) -> Resul
                 }
             };
             if accept {
-                index.blocks.insert(lba, state);
+                // After every trusted record: it wins the replay.
+                records.push((lba, state));
                 break;
             }
         }
     }
-    Ok(index)
+    Ok(LayerIndex {
+        blocks: LayerBlocks::replay(records),
+        needs_rewrite,
+        last_revision,
+    })
 }
 
 #[cfg(test)]
@@ -310,5 +386,57 @@ mod tests {
             parse(&log, "test log", 100),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn replay_keeps_the_last_record_of_each_block_and_the_newest_tail_record_the_data_matches() {
+        use crate::store::backend::{Backend, DirBackend};
+
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DirBackend::new(dir.path()).unwrap();
+        let data = backend.create("data", 1 << 20).unwrap();
+        let block = |byte: u8| vec![byte; BLOCK];
+        let crc = |byte: u8| crc32fast::hash(&block(byte));
+        data.write_at(&block(0xa), Lba(3).byte_offset()).unwrap();
+        let record = |lba, state| Record::Block { lba: Lba(lba), state };
+        let data_of = |crc| BlockState::Data { crc };
+        let mut log = Vec::new();
+        encode_into(
+            &mut log,
+            [
+                // Trusted, out of order, with overwrites: the last record of a block wins.
+                record(7, data_of(4)),
+                record(5, data_of(1)),
+                record(3, data_of(2)),
+                record(5, BlockState::Tombstone),
+                record(7, data_of(5)),
+                Record::Flush {
+                    revision: Revision(1),
+                },
+                // Unverified: block 3 was written twice, and only the older write reached the data.
+                record(3, data_of(crc(0xa))),
+                record(3, data_of(crc(0xb))),
+                // A tombstone needs no data; a write that never reached the data leaves the block
+                // as the trusted records have it (block 7) or not held at all (block 9).
+                record(5, data_of(crc(0xc))),
+                record(5, BlockState::Tombstone),
+                record(7, data_of(crc(0xd))),
+                record(9, data_of(crc(0xe))),
+            ],
+        );
+        let parsed = parse(&log, "test log", 256).unwrap();
+        let index = resolve(parsed, &*data, "test log").unwrap();
+        assert_eq!(
+            index.blocks.as_slice(),
+            [
+                (3, data_of(crc(0xa))),
+                (5, BlockState::Tombstone),
+                (7, data_of(5)),
+            ]
+        );
+        assert!(index.needs_rewrite);
+        assert_eq!(index.last_revision, Some(Revision(1)));
+        assert_eq!(index.blocks.range(4..8), &index.blocks.as_slice()[1..]);
+        assert_eq!(index.blocks.range(8..100), []);
     }
 }

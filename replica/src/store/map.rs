@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use super::log::BlockState;
+use super::log::{replay_in_place, BlockState, LayerBlocks};
 use super::types::LayerId;
 
 /// The newest state of one block and the layer that holds it.
@@ -64,6 +64,18 @@ fn home(lba: u64, mask: usize) -> usize {
 }
 
 impl PointIndex {
+    /// An empty table that takes `entries` entries without growing (the size doubling would reach).
+    fn with_capacity(entries: usize) -> PointIndex {
+        if entries == 0 {
+            return PointIndex::default();
+        }
+        let slots = entries.saturating_mul(2).next_power_of_two().max(MIN_SLOTS);
+        PointIndex {
+            slots: vec![[EMPTY, 0]; slots],
+            len: 0,
+        }
+    }
+
     fn get(&self, lba: u64) -> Option<Entry> {
         if self.slots.is_empty() {
             return None;
@@ -192,10 +204,20 @@ impl VolumeMap {
         self.entries.range(blocks).map(|(&lba, &e)| (lba, e))
     }
 
-    /// Puts a newer layer's blocks on top (used when building the map oldest layer first).
-    pub fn overlay(&mut self, layer: LayerId, blocks: &BTreeMap<u64, BlockState>) {
-        for (&lba, &state) in blocks {
-            self.insert(lba, Entry { layer, state });
+    /// A map of `entries`, which are in block order, each block once.
+    fn from_sorted(entries: Vec<(u64, Entry)>) -> VolumeMap {
+        let mut points = PointIndex::with_capacity(entries.len());
+        for (i, &(lba, entry)) in entries.iter().enumerate() {
+            if let Some(&(ahead, _)) = entries.get(i + PREFETCH_AHEAD) {
+                prefetch(SlotAddress(points.home_slot(ahead)));
+            }
+            points.insert(lba, entry);
+        }
+        VolumeMap {
+            // Sorted input: `from_iter` only checks the order and builds the tree bottom up, instead
+            // of descending it for every entry.
+            entries: BTreeMap::from_iter(entries),
+            points,
         }
     }
 
@@ -220,6 +242,60 @@ impl VolumeMap {
             }
         }
         ranges
+    }
+}
+
+/// Builds a [`VolumeMap`] from whole layers, oldest first (at open, and after a revert).
+///
+/// The layers' entries are gathered into one list and replayed at once (a stable sort, the newest
+/// layer of each block kept), then both indexes are built in bulk: entry by entry, a 262,144-block
+/// head cost 50-75 ms of B-tree descents and hash-table doublings at every open. The gathered list is
+/// replayed whenever it has grown to twice what the last replay left, so a long chain that rewrote the
+/// same blocks in every layer holds at most about three times the final map, not every layer at once.
+#[derive(Default)]
+pub(crate) struct MapBuilder {
+    /// The entries added, layer after layer; in block order and each block once up to `replayed`.
+    entries: Vec<(u64, Entry)>,
+    replayed: usize,
+    /// Layers added since the last replay: with one run in order (one layer and nothing replayed
+    /// before it, the usual single head), there is nothing to replay.
+    runs: usize,
+}
+
+/// How many entries ahead [`VolumeMap::from_sorted`] prefetches the hash-table slot it will fill: the
+/// slots of consecutive blocks are scattered over the whole table, and filling it one miss at a time
+/// took ~12 ms for 262,144 blocks, ~7 ms with 16 misses in flight.
+const PREFETCH_AHEAD: usize = 16;
+
+/// Entries gathered before the first replay: below this, replaying is cheap whatever the chain.
+const MIN_REPLAY_ENTRIES: usize = 1 << 16;
+
+impl MapBuilder {
+    /// Puts a newer layer's blocks on top of those added before.
+    pub fn add_layer(&mut self, layer: LayerId, blocks: &LayerBlocks) {
+        self.entries.extend(
+            blocks
+                .as_slice()
+                .iter()
+                .map(|&(lba, state)| (lba, Entry { layer, state })),
+        );
+        self.runs += 1;
+        if self.entries.len() > self.replayed.max(MIN_REPLAY_ENTRIES) * 2 {
+            self.replay();
+        }
+    }
+
+    fn replay(&mut self) {
+        if self.runs > 1 {
+            replay_in_place(&mut self.entries);
+        }
+        self.replayed = self.entries.len();
+        self.runs = 1;
+    }
+
+    pub fn build(mut self) -> VolumeMap {
+        self.replay();
+        VolumeMap::from_sorted(self.entries)
     }
 }
 
@@ -260,5 +336,47 @@ mod tests {
         for lba in [3000, 65_537, 1 << 37, u64::MAX >> 1] {
             assert_eq!(map.get(lba), None, "block {lba}");
         }
+    }
+
+    #[test]
+    fn a_map_built_from_layers_equals_one_built_entry_by_entry_oldest_layer_first() {
+        let data = |lba: u64, layer: u32| BlockState::Data {
+            crc: (lba as u32) ^ (layer << 24),
+        };
+        // Large enough that the builder replays between layers as well as at the end.
+        let layers: Vec<(LayerId, Vec<(u64, BlockState)>)> = vec![
+            (LayerId(1), (0..100_000).map(|lba| (lba, data(lba, 1))).collect()),
+            (
+                LayerId(2),
+                (0..50_000)
+                    .map(|lba| (lba * 2, BlockState::Tombstone))
+                    .chain((200_000..300_000).map(|lba| (lba, data(lba, 2))))
+                    .collect(),
+            ),
+            (LayerId(3), Vec::new()),
+            (
+                LayerId(4),
+                (0..300_000)
+                    .step_by(7)
+                    .map(|lba| (lba, data(lba, 4)))
+                    .chain([(1 << 37, BlockState::Tombstone)])
+                    .collect(),
+            ),
+        ];
+        let mut expected = VolumeMap::default();
+        let mut builder = MapBuilder::default();
+        for (layer, blocks) in &layers {
+            for &(lba, state) in blocks {
+                expected.insert(lba, Entry { layer: *layer, state });
+            }
+            builder.add_layer(*layer, &LayerBlocks::replay(blocks.clone()));
+        }
+        let built = builder.build();
+        assert_eq!(built.entries, expected.entries);
+        assert_eq!(built.points.len, expected.entries.len());
+        for (&lba, &entry) in &expected.entries {
+            assert_eq!(built.get(lba), Some(entry), "block {lba}");
+        }
+        assert_eq!(built.get(300_001), None);
     }
 }

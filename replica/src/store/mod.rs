@@ -98,7 +98,7 @@ pub use error::StoreError;
 pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
 
 use log::{BlockState, LayerIndex, Record, RECORD_LEN};
-use map::{Entry, VolumeMap};
+use map::{Entry, MapBuilder, VolumeMap};
 use meta::{PendingMerge, SnapshotRecord, VolumeMeta};
 use types::BLOCK;
 
@@ -565,10 +565,12 @@ impl Store {
             }
         }
 
-        let mut map = VolumeMap::default();
+        let mut map = MapBuilder::default();
         let mut layers = BTreeMap::new();
         let mut revision = meta.revision;
         let mut tail = Vec::new();
+        // Logs to rewrite, each with its recovered blocks, revision and whether it stays open.
+        let mut rewrites = Vec::new();
         for id in meta.layers() {
             let layer = Self::open_layer(&*backend, id, meta.size_bytes)?;
             let index = if id == meta.head {
@@ -582,27 +584,36 @@ impl Store {
                 revision = revision.max(index.last_revision.unwrap_or_default());
             }
             let keep_open = id == meta.head;
+            layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
+            layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
+            map.add_layer(id, &index.blocks);
             if index.needs_rewrite {
-                // Make the recovered state the durable one before anything new is appended.
                 let at = revision.max(index.last_revision.unwrap_or_default());
-                install_log(
-                    &*backend,
-                    &layer,
-                    index.blocks.iter().map(|(&l, &s)| (l, s)),
-                    at,
-                    keep_open,
-                )?;
+                rewrites.push((id, index.blocks, at, keep_open));
             } else if keep_open {
                 *lock(&layer.log) = Some(LogAppender::open_at_end(&*backend, &id.log_object(), true)?);
             }
-            layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
-            layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
-            map.overlay(id, &index.blocks);
             layers.insert(id, Arc::new(layer));
         }
+        // The map is built while the logs and the intent record are written and synced: a head of
+        // 262,144 blocks takes ~10 ms of CPU for the one and as long in fsync waits for the others.
+        let (map, intent) = std::thread::scope(|scope| {
+            let map = scope.spawn(|| map.build());
+            let durable = rewrites
+                .iter()
+                .try_for_each(|(id, blocks, at, keep_open)| {
+                    // Make the recovered state the durable one before anything new is appended.
+                    let blocks = blocks.as_slice().iter().copied();
+                    install_log(&*backend, &layers[id], blocks, *at, *keep_open)
+                })
+                .and_then(|()| intent::IntentRecord::open(backend.clone(), revision, tail));
+            let map = map
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            durable.map(|intent| (map, intent))
+        })?;
         let head = layers[&meta.head].clone();
         let pending = meta.pending_merge;
-        let intent = intent::IntentRecord::open(backend.clone(), revision, tail)?;
         let store = Store {
             volume: meta.volume,
             size_bytes: meta.size_bytes,
@@ -1632,8 +1643,7 @@ impl Store {
         };
         let from_blocks: Vec<(u64, BlockState)> = load_index(&*self.backend, &from, volume_blocks)?
             .blocks
-            .into_iter()
-            .collect();
+            .into_vec();
         // What the child holds: for the head the map says it (the head is the newest layer); a snapshot
         // child's own index is read from its log and kept up to date here.
         let mut into_index = if into_is_head {
@@ -1645,7 +1655,7 @@ impl Store {
                 &into.id.log_object(),
                 false,
             )?);
-            Some(index.blocks)
+            Some(BTreeMap::from_iter(index.blocks.into_vec()))
         };
 
         let mut block = vec![0u8; BLOCK];
@@ -1790,15 +1800,15 @@ impl Store {
 
         // Rebuild the merged view from the layers that remain.
         let volume_blocks = self.size_bytes / BLOCK_SIZE;
-        let mut map = VolumeMap::default();
+        let mut map = MapBuilder::default();
         for (&id, layer) in &chain.layers {
             if id == new_id {
                 continue;
             }
             let index = load_index(&*self.backend, layer, volume_blocks).map_err(|e| self.fail(e))?;
-            map.overlay(id, &index.blocks);
+            map.add_layer(id, &index.blocks);
         }
-        *wlock(&self.map) = map;
+        *wlock(&self.map) = map.build();
         drop(chain);
         for id in dropped {
             for name in [id.data_object(), id.log_object()] {
