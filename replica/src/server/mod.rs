@@ -450,9 +450,12 @@ impl Server {
         connections.close();
         connections.wait().await;
         let store = self.shared.store.clone();
-        let revision = tokio::task::spawn_blocking(move || store.flush())
-            .await?
-            .map_err(ServerError::FinalFlush)?;
+        // Unnumbered: this flush is the replica's own, not one of the controller's stream (see
+        // `Store::flush_unnumbered`).
+        let revision =
+            tokio::task::spawn_blocking(move || store.flush_unnumbered().map(|()| store.revision()))
+                .await?
+                .map_err(ServerError::FinalFlush)?;
         tracing::info!(revision = revision.0, "replica stopped cleanly");
         Ok(())
     }

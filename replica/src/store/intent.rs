@@ -13,9 +13,12 @@
 //! ```
 //!
 //! "Which regions may differ from a replica that was last in sync with me at revision X?" is then
-//! every region stamped `>= X` plus the pending ones. `>= X`, not `> X`, leaves one flush interval
-//! of slack: a snapshot delete's own flush is placed by each replica when its merge ends, not in
-//! the order of the stream, so two replicas may number the flushes around it one apart.
+//! every region stamped `> X` plus the pending ones. That is exact because revisions number only the
+//! flushes of the controller's stream, which every replica places at the same point among the
+//! writes: the flushes a replica makes on its own (a snapshot merge's end, a clean shutdown) take
+//! no revision (`Store::flush_unnumbered`). Before they did, a merge's flush could number the
+//! flushes around it one apart on two replicas, and the answer had to be `>= X`: a whole flush
+//! interval of slack, the entire volume when the guest had written it all before flush X.
 //!
 //! ## Why 64 KiB regions
 //!
@@ -65,10 +68,11 @@ const COMPACT_SLACK_BYTES: u64 = 4 << 20;
 pub(crate) const OBJECT: &str = "intent.log";
 const KIND_BASE: u8 = 1;
 const KIND_FLUSH: u8 = 2;
-/// Follows a base: the regions pending when it was written. Recovery at open rewrites the head log
-/// without its unflushed tail, so after a second `kill -9` before a flush this frame is the only
-/// place that still says those regions were written. The next flush frame covers them (a flush
-/// stamps every pending region), so replaying one empties the pending set.
+/// The regions pending when it was written: after a base (recovery at open rewrites the head log
+/// without its unflushed tail) and at an unnumbered flush (its marker ends that tail). After a
+/// `kill -9` before the next numbered flush, it is the only place that still says those regions
+/// were written. The next flush frame covers them (a flush stamps every pending region), so
+/// replaying one empties the pending set.
 const KIND_PENDING: u8 = 3;
 
 /// The in-memory record.
@@ -191,6 +195,16 @@ fn apply_flush(state: &mut State, payload: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// The payload of a pending frame: a count and that many regions.
+fn encode_regions(regions: &BTreeSet<u64>) -> Vec<u8> {
+    let mut p = Vec::with_capacity(8 + regions.len() * 8);
+    p.extend_from_slice(&(regions.len() as u64).to_le_bytes());
+    for region in regions {
+        p.extend_from_slice(&region.to_le_bytes());
+    }
+    p
+}
+
 /// A count and that many regions, and nothing after them; `None` otherwise.
 fn decode_regions(payload: &[u8]) -> Option<Vec<u64>> {
     let mut w = Words(payload);
@@ -285,7 +299,8 @@ impl IntentRecord {
                 recorded = state.through,
                 "write-intent record lacks recent flushes; it answers only for later points"
             );
-            state.horizon = state.horizon.max(revision.0.saturating_add(1));
+            // Flushes up to `revision` are lost: points from `revision` on need only later ones.
+            state.horizon = state.horizon.max(revision.0);
             state.through = revision.0;
         }
         state
@@ -314,12 +329,7 @@ impl IntentRecord {
     fn rewrite(&self, inner: &mut Inner) -> Result<(), StoreError> {
         let mut base = inner.state.encode_base();
         if !inner.state.pending.is_empty() {
-            let mut p = Vec::with_capacity(8 + inner.state.pending.len() * 8);
-            p.extend_from_slice(&(inner.state.pending.len() as u64).to_le_bytes());
-            for region in &inner.state.pending {
-                p.extend_from_slice(&region.to_le_bytes());
-            }
-            base.extend_from_slice(&frame(KIND_PENDING, &p));
+            base.extend_from_slice(&frame(KIND_PENDING, &encode_regions(&inner.state.pending)));
         }
         let what = || format!("{}/{OBJECT}", self.backend.location());
         self.backend
@@ -344,6 +354,24 @@ impl IntentRecord {
                 inner.state.pending.insert(region);
                 last = region;
             }
+        }
+    }
+
+    /// An unnumbered flush is being marked (the store holds its chain lock exclusively): its marker
+    /// ends the head log's unflushed tail, so the pending regions are appended in a frame of their
+    /// own (not synced, like a flush frame) for a reopen to find; the next numbered flush stamps them.
+    pub fn keep_pending(&self) {
+        let mut inner = super::lock(&self.inner);
+        if inner.state.pending.is_empty() {
+            return;
+        }
+        let bytes = frame(KIND_PENDING, &encode_regions(&inner.state.pending));
+        let appended = match inner.appender.as_mut() {
+            Some((object, len)) => object.write_at(&bytes, *len).map(|()| *len += bytes.len() as u64),
+            None => Err(io::Error::other("an earlier append failed")),
+        };
+        if let Err(e) = appended {
+            self.give_up(&mut inner, &e.to_string());
         }
     }
 
@@ -445,10 +473,9 @@ impl IntentRecord {
         if let Some(why) = refusal {
             return (WrittenAnswer::Unknown(why), volume_blocks.max(start));
         }
-        // About another replica: `>= X`, one flush interval of slack (see the module docs). About
-        // this one's own last flush: what it stamped with X is durable here and reached every
-        // replica before flush X did, so only what came after counts.
-        let threshold = if since.is_some() { x } else { x.saturating_add(1) };
+        // Flush X is the same point of the stream on every replica (see the module docs): what was
+        // stamped with X was written before it, on the replica at X too.
+        let threshold = x.saturating_add(1);
         let first = start / REGION_BLOCKS;
         let stamped = state
             .stamps

@@ -1352,6 +1352,46 @@ impl Store {
         })
     }
 
+    /// Makes every write that completed before this call durable, like [`Store::flush`], without
+    /// taking a revision: for the flushes a replica makes on its own -- a snapshot merge's end, a
+    /// clean shutdown -- not at a place in the controller's stream. Revisions number the stream's
+    /// flushes, the same flush on every replica; one taken here would shift this replica's
+    /// numbering against the others', and the write-intent record would then answer for the wrong
+    /// flush (see [`intent`]). The next numbered flush stamps what this one made durable.
+    pub fn flush_unnumbered(&self) -> Result<(), StoreError> {
+        self.check_not_failed()?;
+        let head = {
+            // As in `flush_begin`: no write between its record and its data while the marker goes in.
+            let chain = wlock(&self.chain);
+            let marker = Record::Flush {
+                revision: Revision(self.next_revision.load(Ordering::Acquire)),
+            }
+            .encode();
+            chain.head.append_log(&marker, 1).map_err(|e| {
+                self.fail(StoreError::Io {
+                    context: format!("appending a flush marker to {}", chain.head.id),
+                    source: e,
+                })
+            })?;
+            // The marker ends the log's unflushed tail, which is where a reopen would have found
+            // the regions written since the last numbered flush: the record keeps them itself.
+            self.intent.keep_pending();
+            chain.head.clone()
+        };
+        head.data.sync().map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("syncing the data of {}", head.id),
+                source: e,
+            })
+        })?;
+        head.sync_log().map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("syncing the index log of {}", head.id),
+                source: e,
+            })
+        })
+    }
+
     /// The second half of [`Store::flush`]: syncs data and log, and returns the flush's revision (in
     /// the current numbering, should the replica have been renumbered meanwhile).
     pub fn flush_finish(&self, ticket: FlushTicket) -> Result<Revision, StoreError> {
@@ -1731,7 +1771,7 @@ impl Store {
         // The child now holds everything the parent contributed: make it durable before the commit.
         match into_index {
             None => {
-                self.flush()?;
+                self.flush_unnumbered()?;
             }
             Some(index) => {
                 install_log(&*self.backend, &into, index.into_iter(), self.revision(), false)
