@@ -1378,15 +1378,21 @@ impl Store {
             self.intent.keep_pending();
             chain.head.clone()
         };
-        head.data.sync().map_err(|e| {
+        self.sync_layer(&head)
+    }
+
+    /// Syncs a layer's data, then its log. After a failed fsync the page cache state is unknown
+    /// (fsyncgate): the store fails, and only a reopen is safe.
+    fn sync_layer(&self, layer: &Layer) -> Result<(), StoreError> {
+        layer.data.sync().map_err(|e| {
             self.fail(StoreError::Io {
-                context: format!("syncing the data of {}", head.id),
+                context: format!("syncing the data of {}", layer.id),
                 source: e,
             })
         })?;
-        head.sync_log().map_err(|e| {
+        layer.sync_log().map_err(|e| {
             self.fail(StoreError::Io {
-                context: format!("syncing the index log of {}", head.id),
+                context: format!("syncing the index log of {}", layer.id),
                 source: e,
             })
         })
@@ -1400,19 +1406,7 @@ impl Store {
             revision,
             shift,
         } = ticket;
-        head.data.sync().map_err(|e| {
-            // After a failed fsync the page cache state is unknown (fsyncgate): only a reopen is safe.
-            self.fail(StoreError::Io {
-                context: format!("syncing the data of {}", head.id),
-                source: e,
-            })
-        })?;
-        head.sync_log().map_err(|e| {
-            self.fail(StoreError::Io {
-                context: format!("syncing the index log of {}", head.id),
-                source: e,
-            })
-        })?;
+        self.sync_layer(&head)?;
         let moved = self.revision_shift.load(Ordering::Acquire) - shift;
         let revision = revision.saturating_add_signed(moved);
         self.revision.fetch_max(revision, Ordering::AcqRel);
