@@ -19,12 +19,15 @@
 //! ## Write, flush and what survives a crash
 //!
 //! A write of block `lba` appends its record (with the new CRC) to the head's log, then `pwrite`s the
-//! data; no fsync. [`Store::write_batch`] does the same for many writes at once -- all their records
-//! in one append, then their data, adjacent blocks in one `pwritev` -- which halves the syscalls of
-//! small writes; the ordered lane of a replica connection feeds it every write queued at once. `flush()` appends a flush marker carrying revision + 1 while no write is between
-//! its record and its data (it briefly takes the chain lock exclusively), then fdatasyncs the head's
-//! data and log. At open, records after the last marker are checked against the data on disk, so after
-//! `kill -9` at any instant:
+//! data; no fsync. On the host-directory backend the append is a copy into a shared memory mapping of
+//! the log, not a syscall (see `LogAppender`), so a single write costs one syscall.
+//! [`Store::write_batch`] does the same for many writes at once -- all their records in one append,
+//! then their data, adjacent blocks in one `pwritev` -- which saves the per-write costs of small
+//! writes (and the append syscall of every write on a backend that cannot map); the ordered lane of
+//! a replica connection feeds it every write queued at once. `flush()` appends a flush marker
+//! carrying revision + 1 while no write is between its record and its data (it briefly takes the
+//! chain lock exclusively), then fdatasyncs the head's data and log. At open, records after the last
+//! marker are checked against the data on disk, so after `kill -9` at any instant:
 //!
 //! * every write completed before the last successful flush reads back intact;
 //! * a block written after it reads back old or new, with a valid CRC -- never a checksum error;
