@@ -639,6 +639,12 @@ fn open_segment(path: &Path, create: bool, truncate: bool) -> io::Result<File> {
 }
 
 fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    if let [buf] = bufs {
+        if (offset % WRITE_CHUNK) + buf.len() as u64 <= WRITE_CHUNK {
+            // One buffer inside one piece (every small write): a plain pwrite, no iovec list to build.
+            return file.write_all_at(buf, offset);
+        }
+    }
     // Cut the buffers at every WRITE_CHUNK boundary of the file, then write chunk by chunk.
     let mut chunk: Vec<IoSlice<'_>> = Vec::new();
     let (mut chunk_start, mut at) = (offset, offset);
