@@ -88,6 +88,19 @@ pub trait Object: Send + Sync {
         }
         Ok(())
     }
+    /// A shared, writable memory mapping of `[offset, offset + len)` (`offset` a multiple of the page
+    /// size), the object first extended over that range with its space reserved. The index log
+    /// appends through it (see `LogAppender` in the store): a `memcpy` into the page cache instead of
+    /// a syscall per append. What is stored through it is in the page cache at once -- a `kill -9`
+    /// keeps it, and a later `pread` sees it -- and [`Object::sync`] makes it durable like a write.
+    ///
+    /// `None` where the object cannot be mapped (the default: a raw device's objects are not files)
+    /// or its space cannot be reserved up front; the caller then writes with [`Object::write_at`].
+    /// Reserving matters: a store into a mapped hole that finds the disk full is a `SIGBUS`, not an
+    /// error.
+    fn map_for_append(&self, _offset: u64, _len: usize) -> io::Result<Option<memmap2::MmapMut>> {
+        Ok(None)
+    }
     /// Gives back the space of `[offset, offset + len)`; the range then reads as zeros.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync, plus the directory entry of new files).
@@ -183,6 +196,7 @@ impl DirBackend {
             dirty: (0..slots).map(|_| AtomicBool::new(false)).collect(),
             creating: Mutex::new(()),
             namespace_dirty: AtomicBool::new(false),
+            mapped: AtomicBool::new(false),
         };
         let first = open_segment(&object.segment_path(0), create, create)?;
         let _ = object.segments[0].set(Arc::new(first));
@@ -329,6 +343,9 @@ struct DirObject {
     creating: Mutex<()>,
     /// A segment file was created since the last sync: its directory entry is not durable yet.
     namespace_dirty: AtomicBool,
+    /// A mapping of segment 0 was handed out ([`Object::map_for_append`]): stores through it leave
+    /// no trace here, so every sync fdatasyncs segment 0.
+    mapped: AtomicBool,
 }
 
 impl DirObject {
@@ -486,6 +503,37 @@ impl Object for DirObject {
         Ok(())
     }
 
+    /// Only an unsegmented object (an index log) is mapped. `fallocate` both extends the file over
+    /// the range (a mapping past the end of a file faults) and reserves its blocks, as unwritten
+    /// extents that read as zeros. A file system without `fallocate` gets `None`.
+    fn map_for_append(&self, offset: u64, len: usize) -> io::Result<Option<memmap2::MmapMut>> {
+        if self.segments.len() != 1 {
+            return Ok(None);
+        }
+        let file = self.segment_for_write(0)?;
+        // SAFETY: plain syscall on an fd we own; arguments are integers.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        // The size changed, and from now on stores through the mapping dirty the file unseen.
+        self.mapped.store(true, Ordering::Release);
+        // SAFETY: the mapping covers allocated bytes of a file only this store opens (the directory
+        // is `flock`ed) and never truncates below them while the mapping lives: a log is replaced by
+        // a rename, which leaves this file's inode and blocks alone.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map_mut(&**file)?
+        };
+        Ok(Some(map))
+    }
+
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         for (k, within, _, part) in self.pieces(offset, len) {
@@ -524,7 +572,11 @@ impl Object for DirObject {
     fn sync(&self) -> io::Result<()> {
         for (k, slot) in self.segments.iter().enumerate() {
             if let Some(file) = slot.get() {
-                if self.dirty[k].swap(false, Ordering::AcqRel) {
+                // On Linux an fdatasync writes back the pages dirtied through a shared mapping too
+                // (msync(MS_SYNC) is the same `vfs_fsync_range`): a store through it faults the page
+                // writable and marks it dirty in the page cache.
+                let mapped = k == 0 && self.mapped.load(Ordering::Acquire);
+                if self.dirty[k].swap(false, Ordering::AcqRel) || mapped {
                     if let Err(e) = file.sync_data() {
                         self.dirty[k].store(true, Ordering::Release);
                         return Err(e);
@@ -602,6 +654,12 @@ fn open_segment(path: &Path, create: bool, truncate: bool) -> io::Result<File> {
 }
 
 fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    if let [buf] = bufs {
+        if (offset % WRITE_CHUNK) + buf.len() as u64 <= WRITE_CHUNK {
+            // One buffer inside one piece (every small write): a plain pwrite, no iovec list to build.
+            return file.write_all_at(buf, offset);
+        }
+    }
     // Cut the buffers at every WRITE_CHUNK boundary of the file, then write chunk by chunk.
     let mut chunk: Vec<IoSlice<'_>> = Vec::new();
     let (mut chunk_start, mut at) = (offset, offset);

@@ -16,8 +16,13 @@
 //! had before the marker. Under `kill -9` the page cache survives and a 4 KiB page write is never torn,
 //! so this yields exactly "old or new content, with a valid checksum".
 //!
-//! A record whose own CRC does not match ends the log (a torn tail after power loss); a flush marker
-//! found after such a record means the log is damaged in the middle, which is reported as corruption.
+//! Where the log ends: a log file may be longer than its records, zero-filled past them (the store
+//! preallocates the file it appends to through a memory mapping), so an all-zero record with nothing
+//! but zeros after it is the **clean end**: no record is ever all zeros (its kind and its own CRC are
+//! not). Any other record whose own CRC does not match ends the log as a **torn tail** (a `kill -9`
+//! inside a record's copy, or power loss), and the log is rewritten before anything is appended --
+//! appending after junk would let a later crash read the junk as records. A flush marker found
+//! after such a record means the log is damaged in the middle, which is reported as corruption.
 
 use std::ops::Range;
 
@@ -148,7 +153,7 @@ pub(crate) fn parse(bytes: &[u8], what: &str, volume_blocks: u64) -> Result<Pars
                 trusted = blocks.len();
             }
             None => {
-                torn_tail = true;
+                torn_tail = !is_clean_end(&bytes[records * RECORD_LEN..]);
                 break;
             }
         }
@@ -227,6 +232,30 @@ impl LayerBlocks {
         let end = start + self.0[start..].partition_point(|&(lba, _)| lba < lbas.end);
         &self.0[start..end]
     }
+}
+
+/// Whether the bytes after a log's last record are its clean end (see the module doc): only zeros.
+fn is_clean_end(rest: &[u8]) -> bool {
+    rest.iter().all(|&b| b == 0)
+}
+
+/// The logical end of a log whose end is clean (every byte after its last record is zero): one past
+/// its last record. Found from the end of the object backwards, so a preallocated tail costs one read
+/// per 64 KiB of it, whatever the log's length.
+pub(crate) fn logical_end(object: &dyn Object) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut end = object.len()?;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        object.read_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b != 0) {
+            // The last nonzero byte is inside the last record (a record may end in zero bytes).
+            return Ok((start + i as u64 + 1).next_multiple_of(RECORD_LEN as u64));
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The blocks one layer holds, after recovery.
@@ -364,6 +393,101 @@ mod tests {
         assert_eq!(parsed.unverified, vec![(Lba(2), BlockState::Tombstone)]);
         assert_eq!(parsed.last_revision, Some(Revision(5)));
         assert!(parsed.torn_tail);
+    }
+
+    fn data(lba: u64) -> Record {
+        Record::Block {
+            lba: Lba(lba),
+            state: BlockState::Data { crc: lba as u32 },
+        }
+    }
+
+    fn flush(revision: u64) -> Record {
+        Record::Flush {
+            revision: Revision(revision),
+        }
+    }
+
+    /// Two records, a marker and one record after it, then `tail`.
+    fn log_with_tail(tail: &[u8]) -> Vec<u8> {
+        let mut log = Vec::new();
+        encode_into(&mut log, [data(1), flush(3), data(2)]);
+        log.extend_from_slice(tail);
+        log
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_are_the_clean_end_of_the_log() {
+        // A preallocated tail: whole zero records, then a partial one (a file grown in MiB steps).
+        for tail in [&[][..], &[0; RECORD_LEN], &[0; 10 * RECORD_LEN + 7]] {
+            let parsed = parse(&log_with_tail(tail), "test log", 100).unwrap();
+            assert!(!parsed.torn_tail, "{} zero bytes", tail.len());
+            assert_eq!(parsed.trusted, vec![(Lba(1), BlockState::Data { crc: 1 })]);
+            assert_eq!(parsed.unverified, vec![(Lba(2), BlockState::Data { crc: 2 })]);
+            assert_eq!(parsed.last_revision, Some(Revision(3)));
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_before_zeros_or_anything_after_zeros_is_a_torn_tail() {
+        // A record half copied when the process was killed: some of its bytes, zeros after.
+        let mut half = data(9).encode();
+        half[12..].fill(0);
+        let mut damaged_then_zeros = half.to_vec();
+        damaged_then_zeros.extend_from_slice(&[0; 100]);
+        // A zero record with bytes after it: appending there would later read them as records.
+        let mut zeros_then_junk = vec![0u8; 2 * RECORD_LEN];
+        zeros_then_junk[RECORD_LEN + 5] = 1;
+        let mut zeros_then_record = vec![0u8; RECORD_LEN];
+        zeros_then_record.extend_from_slice(&data(4).encode());
+        for (what, tail) in [
+            ("a half-copied record", damaged_then_zeros),
+            ("a stray byte after zeros", zeros_then_junk),
+            ("a record after zeros", zeros_then_record),
+        ] {
+            let parsed = parse(&log_with_tail(&tail), "test log", 100).unwrap();
+            assert!(parsed.torn_tail, "{what}");
+            assert_eq!(
+                parsed.unverified,
+                vec![(Lba(2), BlockState::Data { crc: 2 })],
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn damage_or_zeros_before_a_later_flush_marker_are_corruption() {
+        let mut damaged = data(9).encode();
+        damaged[0] = 0x7f;
+        for (what, gap) in [("a damaged record", damaged), ("a zero record", [0; RECORD_LEN])] {
+            let mut tail = gap.to_vec();
+            encode_into(&mut tail, [flush(4)]);
+            tail.extend_from_slice(&[0; 3 * RECORD_LEN]);
+            assert!(
+                matches!(
+                    parse(&log_with_tail(&tail), "test log", 100),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_logical_end_of_a_clean_log_is_past_its_last_record_whatever_its_last_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::store::DirBackend::new(dir.path()).unwrap();
+        let object = crate::store::Backend::create(&backend, "log", 0).unwrap();
+        assert_eq!(logical_end(&*object).unwrap(), 0, "an empty log");
+        // A record whose own CRC ends in a zero byte: the end is still after the whole record.
+        let ends_in_zero = (0..).map(data).find(|r| r.encode()[RECORD_LEN - 1] == 0).unwrap();
+        let mut log = Vec::new();
+        encode_into(&mut log, [data(1), flush(2), ends_in_zero]);
+        object.write_at(&log, 0).unwrap();
+        assert_eq!(logical_end(&*object).unwrap(), 3 * RECORD_LEN as u64);
+        // Followed by zeros over more than one of the backward reads.
+        object.write_at(&vec![0; 300_000], log.len() as u64).unwrap();
+        assert_eq!(logical_end(&*object).unwrap(), 3 * RECORD_LEN as u64);
     }
 
     #[test]
