@@ -157,3 +157,36 @@ fn kill_9_after_writes_across_two_log_windows_keeps_every_completed_write() {
     let store = Store::open(dir.path()).unwrap();
     assert_blocks(&store, last, "after a second reopen");
 }
+
+#[test]
+fn a_snapshot_of_a_head_whose_log_is_not_mostly_superseded_appends_its_marker_and_trims_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), basalt_proto::VolumeId::random(), SIZE).unwrap();
+    for lba in 0..BLOCKS {
+        store.write(lba * 4096, &block(lba, 1)).unwrap();
+    }
+    store.flush().unwrap();
+    let name = dir.path().join(LayerId(1).log_object());
+    let before = std::fs::read(&name).unwrap();
+    store.snapshot_create("s").unwrap();
+    let frozen = std::fs::read(&name).unwrap();
+    // BLOCKS records and a flush marker, then the snapshot's marker: the old records are left where
+    // they were (not rewritten while every I/O waits), and the preallocated zeros are gone.
+    assert_eq!(
+        frozen.len() as u64,
+        (BLOCKS + 2) * RECORD,
+        "trimmed to its records"
+    );
+    assert_eq!(
+        frozen[..frozen.len() - RECORD as usize],
+        before[..frozen.len() - RECORD as usize]
+    );
+    assert_eq!(
+        frozen[frozen.len() - RECORD as usize],
+        3,
+        "ends in a flush marker"
+    );
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_blocks(&store, |_| 1, "after reopening the snapshot's appended log");
+}
