@@ -61,6 +61,12 @@ fn regions_written_after_a_flush_are_listed_including_the_unflushed_tail_and_sur
     for crash in ["first", "second"] {
         drop(store);
         store = Store::open(dir.path()).unwrap();
+        let in_log_tail = if crash == "first" { 1 } else { 0 };
+        assert_eq!(
+            store.recovered_unflushed(),
+            in_log_tail,
+            "after the {crash} crash"
+        );
         assert_eq!(regions(&store, Some(point)), expected, "after the {crash} crash");
         assert_eq!(
             regions(&store, None),

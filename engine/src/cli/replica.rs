@@ -154,7 +154,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // waits for it.
     tracing::info!(
         store = %shown, seconds = opening.elapsed().as_secs_f64(), revision = store.revision().0,
-        head_bytes = store.head_allocated_bytes(), "store opened"
+        head_bytes = store.head_allocated_bytes(), unflushed_checked = store.recovered_unflushed(),
+        "store opened"
     );
     let store = Arc::new(store);
     let metrics = Metrics::new();

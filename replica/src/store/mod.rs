@@ -346,6 +346,8 @@ pub struct Store {
     /// Sum of every renumbering by [`Store::adopt_sync_point`]: a flush that was marked before one
     /// and completes after it reports its revision in the new numbering.
     revision_shift: std::sync::atomic::AtomicI64,
+    /// Records the head's log held after its last flush marker when the store was opened.
+    recovered_unflushed: u64,
 }
 
 /// A flush whose marker is appended and whose syncs are still to do (see [`Store::flush_begin`]).
@@ -674,7 +676,7 @@ impl Store {
                     let blocks = blocks.as_slice().iter().copied();
                     install_log(&*backend, &layers[id], blocks, *at, *keep_open)
                 })
-                .and_then(|()| intent::IntentRecord::open(backend.clone(), revision, tail));
+                .and_then(|()| intent::IntentRecord::open(backend.clone(), revision, tail.iter().copied()));
             let map = map
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -698,6 +700,7 @@ impl Store {
             layer_indexes: Default::default(),
             intent,
             revision_shift: Default::default(),
+            recovered_unflushed: tail.len() as u64,
             backend,
         };
         if let Some(merge) = pending {
@@ -729,6 +732,13 @@ impl Store {
     /// The revision of the last completed flush (durable).
     pub fn revision(&self) -> Revision {
         Revision(self.revision.load(Ordering::Acquire))
+    }
+
+    /// How many writes and discards the head's log held after its last flush when this store was
+    /// opened: what the open had to check against the data (0 after a clean shutdown, which flushes;
+    /// after a crash, what was written since the last flush). Logged when a replica starts.
+    pub fn recovered_unflushed(&self) -> u64 {
+        self.recovered_unflushed
     }
 
     /// Raises the epoch, durably, before returning. Setting the current epoch again is a no-op; a
