@@ -241,3 +241,37 @@ fn a_snapshot_merge_flushes_without_a_revision_and_its_pending_regions_survive_a
     store.flush().unwrap();
     assert_eq!(regions(&store, Some(point)), vec![run(2)]);
 }
+
+#[test]
+fn an_intact_record_is_reopened_in_place_and_one_with_an_unflushed_tail_is_rewritten() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let inode = || std::fs::metadata(dir.path().join("intent.log")).unwrap().ino();
+    let store = Store::create(dir.path(), VolumeId::random(), 16 << 20).unwrap();
+    let point = store.sync_point();
+    store.write(REGION * BLOCK, &block(1)).unwrap();
+    store.flush().unwrap();
+    let written = inode();
+    // Killed with nothing unflushed: the record on disk is exactly what a rewrite would write.
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        inode(),
+        written,
+        "not replaced (a rewrite costs three fsyncs at every start)"
+    );
+    assert_eq!(regions(&store, Some(point)), vec![run(1)]);
+    // It goes on appending after what it found, and a later open reads both.
+    store.write(3 * REGION * BLOCK, &block(2)).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(inode(), written);
+    assert_eq!(regions(&store, Some(point)), vec![run(1), run(3)]);
+    // An unflushed tail must reach the record itself (see the double-crash test above): rewritten.
+    store.write(5 * REGION * BLOCK, &block(3)).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_ne!(inode(), written, "rewritten with the tail's regions");
+    assert_eq!(regions(&store, Some(point)), vec![run(1), run(3), run(5)]);
+}
