@@ -495,3 +495,26 @@ fn concurrent_writers_and_readers_never_see_a_torn_block() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn starting_the_writeback_makes_nothing_durable_by_itself_and_changes_no_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path(), VolumeId::random(), 16 << 20).unwrap();
+    let revision = store.revision();
+    for lba in 0..64u64 {
+        store.write(lba * 4096, &[lba as u8 + 1; 4096]).unwrap();
+    }
+    store.start_writeback().unwrap();
+    assert_eq!(store.revision(), revision, "only a flush moves the revision");
+    let mut buf = vec![0u8; 4096];
+    for lba in 0..64u64 {
+        store.read(lba * 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == lba as u8 + 1), "block {lba}");
+    }
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.recovered_unflushed(), 0);
+    store.read(63 * 4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 64));
+}

@@ -507,7 +507,7 @@ fn execute_writes(shared: &Shared, jobs: Vec<Job>) -> Vec<Frame> {
                 let (_, data) = fenced?;
                 match outcomes.next() {
                     Some(Ok(())) => {
-                        shared.metrics.bytes_written(data.len());
+                        shared.wrote(data.len());
                         Ok(Message::WriteOk)
                     }
                     Some(Err(e)) => Err(Refusal::from(e)),
@@ -541,7 +541,7 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
         }),
         Message::Write { offset, data, fua } => shared.fenced_write(epoch, conn, |store| {
             store.write(offset, &data)?;
-            metrics.bytes_written(data.len());
+            shared.wrote(data.len());
             if fua {
                 store.flush()?;
             }

@@ -105,6 +105,11 @@ pub trait Object: Send + Sync {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync, plus the directory entry of new files).
     fn sync(&self) -> io::Result<()>;
+    /// Starts writing back what was written so far, without waiting for it and without making
+    /// anything durable: a later [`Object::sync`] then has less to write. A no-op by default.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Logical length: one past the last byte ever written (holes included).
     fn len(&self) -> io::Result<u64>;
     /// Whether the object has never been written.
@@ -565,6 +570,20 @@ impl Object for DirObject {
                 }
             }
             self.dirty[k].store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn start_writeback(&self) -> io::Result<()> {
+        for (k, slot) in self.segments.iter().enumerate() {
+            if let Some(file) = slot.get().filter(|_| self.dirty[k].load(Ordering::Acquire)) {
+                // SAFETY: plain syscall on an fd we own; the range 0..0 means the whole file.
+                let rc =
+                    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
         }
         Ok(())
     }

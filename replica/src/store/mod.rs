@@ -1407,6 +1407,16 @@ impl Store {
         Ok(())
     }
 
+    /// Starts writing the head's data back to disk, without waiting and without making anything
+    /// durable (see [`Store::flush`]): a caller that keeps starting it while writes go on keeps the
+    /// data a flush must write back small (see the replica server's module docs).
+    pub fn start_writeback(&self) -> Result<(), StoreError> {
+        let head = rlock(&self.chain).head.clone();
+        head.data
+            .start_writeback()
+            .map_err(StoreError::io(format!("starting the writeback of {}", head.id)))
+    }
+
     /// Makes every write that completed before this call durable, and returns the new revision.
     pub fn flush(&self) -> Result<Revision, StoreError> {
         let ticket = self.flush_begin()?;
