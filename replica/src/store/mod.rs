@@ -1434,16 +1434,7 @@ impl Store {
             // its data, so every record before the marker has its data in the page cache.
             let chain = wlock(&self.chain);
             let revision = self.next_revision.fetch_add(1, Ordering::AcqRel) + 1;
-            let marker = Record::Flush {
-                revision: Revision(revision),
-            }
-            .encode();
-            chain.head.append_log(&marker, 1).map_err(|e| {
-                self.fail(StoreError::Io {
-                    context: format!("appending a flush marker to {}", chain.head.id),
-                    source: e,
-                })
-            })?;
+            self.append_marker(&chain.head, Revision(revision))?;
             self.intent.commit(Revision(revision), self.epoch());
             (chain.head.clone(), revision)
         };
@@ -1465,22 +1456,25 @@ impl Store {
         let head = {
             // As in `flush_begin`: no write between its record and its data while the marker goes in.
             let chain = wlock(&self.chain);
-            let marker = Record::Flush {
-                revision: Revision(self.next_revision.load(Ordering::Acquire)),
-            }
-            .encode();
-            chain.head.append_log(&marker, 1).map_err(|e| {
-                self.fail(StoreError::Io {
-                    context: format!("appending a flush marker to {}", chain.head.id),
-                    source: e,
-                })
-            })?;
+            self.append_marker(&chain.head, Revision(self.next_revision.load(Ordering::Acquire)))?;
             // The marker ends the log's unflushed tail, which is where a reopen would have found
             // the regions written since the last numbered flush: the record keeps them itself.
             self.intent.keep_pending();
             chain.head.clone()
         };
         self.sync_layer(&head)
+    }
+
+    /// Appends a flush marker for `revision` to a layer's log; a failure fails the store (the log's
+    /// state is then unknown). Callers hold the chain lock exclusively (see [`Store::flush_begin`]).
+    fn append_marker(&self, layer: &Layer, revision: Revision) -> Result<(), StoreError> {
+        let marker = Record::Flush { revision }.encode();
+        layer.append_log(&marker, 1).map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("appending a flush marker to {}", layer.id),
+                source: e,
+            })
+        })
     }
 
     /// Syncs a layer's data, then its log. After a failed fsync the page cache state is unknown
@@ -1680,13 +1674,7 @@ impl Store {
             install_log(&*self.backend, &old, blocks.into_iter(), revision, true)
                 .map_err(|e| self.fail(e))?;
         } else {
-            let marker = Record::Flush { revision }.encode();
-            old.append_log(&marker, 1).map_err(|e| {
-                self.fail(StoreError::Io {
-                    context: format!("appending a flush marker to {}", old.id),
-                    source: e,
-                })
-            })?;
+            self.append_marker(&old, revision)?;
             self.sync_layer(&old)?;
         }
         self.revision.fetch_max(revision.0, Ordering::AcqRel);
