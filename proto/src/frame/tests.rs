@@ -468,6 +468,15 @@ fn fix_crc(buf: &mut BytesMut) {
     buf[48..52].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Cuts the payload one byte short and makes the header agree (length and
+/// CRC), so that only the payload's own shape is wrong.
+fn drop_last_payload_byte(buf: &mut BytesMut) {
+    buf.truncate(buf.len() - 1);
+    let payload_len = (buf.len() - HEADER_LEN) as u32;
+    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
+    fix_crc(buf);
+}
+
 /// The fuzz target's body, run over its checked-in corpus on stable Rust.
 /// The seeds are valid frames (all but `truncated` decode completely), so a
 /// change that breaks the wire format also fails here.
@@ -586,10 +595,7 @@ fn a_written_since_answer_with_a_short_sync_point_or_a_ragged_run_list_is_reject
     ));
     // A run list that is not a whole number of 16-byte runs.
     let mut buf = wire(&frame);
-    buf.truncate(buf.len() - 1);
-    let payload_len = (buf.len() - HEADER_LEN) as u32;
-    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
-    fix_crc(&mut buf);
+    drop_last_payload_byte(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
         Err(DecodeError::BadField {
@@ -625,10 +631,7 @@ fn a_run_checksum_listing_with_a_ragged_run_list_or_a_stray_field_is_rejected() 
     let request = Frame::new(RequestId(7), Epoch(1), Message::RunCrcs { runs });
     // A run list that is not a whole number of 16-byte runs.
     let mut buf = wire(&request);
-    buf.truncate(buf.len() - 1);
-    let payload_len = (buf.len() - HEADER_LEN) as u32;
-    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
-    fix_crc(&mut buf);
+    drop_last_payload_byte(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
         Err(DecodeError::BadField { op: Op::RunCrcs, .. })
@@ -651,10 +654,7 @@ fn a_run_checksum_listing_with_a_ragged_run_list_or_a_stray_field_is_rejected() 
         },
     );
     let mut buf = wire(&answer);
-    buf.truncate(buf.len() - 1);
-    let payload_len = (buf.len() - HEADER_LEN) as u32;
-    buf[44..48].copy_from_slice(&payload_len.to_le_bytes());
-    fix_crc(&mut buf);
+    drop_last_payload_byte(&mut buf);
     assert!(matches!(
         FrameCodec.decode(&mut buf),
         Err(DecodeError::BadField { op: Op::RunCrcs, .. })
