@@ -82,6 +82,9 @@ struct RebuildTimes {
     to_wo: Duration,
     /// From the replica process starting to RW.
     to_rw: Duration,
+    /// From RW to the controller's final drain having flushed what was copied (the replica serves as
+    /// RW meanwhile; the controller's `after_rw=`), if it logged it.
+    to_durable: Option<Duration>,
 }
 
 impl RebuildTimes {
@@ -264,6 +267,7 @@ fn kill_victim(cluster: &mut Cluster, controller: &Controller, wipe: bool) -> an
 /// Starts the victim again and times it through WO to RW.
 fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Result<RebuildTimes> {
     let addr = cluster.replicas[VICTIM].addr;
+    let flushed_before = flushed_lines(controller, addr).len();
     let start = Instant::now();
     cluster.start_replica(VICTIM)?;
     let listening = start.elapsed();
@@ -276,10 +280,15 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
             Some("WO") if to_wo.is_none() => to_wo = Some(start.elapsed()),
             Some("RW") => {
                 let to_rw = start.elapsed();
+                let flushed = flushed_line(controller, addr, flushed_before);
+                let after_rw = flushed
+                    .as_deref()
+                    .and_then(|l| field(l, "after_rw")?.parse::<f64>().ok());
                 let times = RebuildTimes {
                     listening,
                     to_wo: to_wo.unwrap_or(to_rw),
                     to_rw,
+                    to_durable: after_rw.map(Duration::from_secs_f64),
                 };
                 // Where the controller says the time went (its steps, in ms), next to the outside view.
                 let opened = cluster.replicas[VICTIM].daemon.as_ref().and_then(|d| {
@@ -290,10 +299,11 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
                         .map(str::to_string)
                 });
                 eprintln!(
-                    "bench: replica listening after {}; replica: {}; controller: {}",
+                    "bench: replica listening after {}; replica: {}; controller: {}; then: {}",
                     ms(listening),
                     opened.unwrap_or_else(|| "no open line logged".into()),
-                    last_rebuild_line(controller, addr).unwrap_or_else(|| "no rebuild line logged".into())
+                    last_rebuild_line(controller, addr).unwrap_or_else(|| "no rebuild line logged".into()),
+                    flushed.unwrap_or_else(|| "no flush line logged".into())
                 );
                 return Ok(times);
             }
@@ -349,6 +359,34 @@ fn last_rebuild_line(controller: &Controller, addr: std::net::SocketAddr) -> Opt
         .rev()
         .find(|l| l.contains("rebuild complete") && l.contains(&format!("replica={addr}")))?;
     Some(line.to_string())
+}
+
+/// The controller's log lines saying a rebuilt `addr` was flushed (the end of its rebuild, after RW).
+fn flushed_lines(controller: &Controller, addr: std::net::SocketAddr) -> Vec<String> {
+    let log = controller.daemon.plain_log();
+    log.lines()
+        .filter(|l| l.contains("rebuilt replica flushed") && l.contains(&format!("replica={addr}")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The flush line of the rebuild that just turned `addr` RW (the one after the `before` earlier
+/// ones), waiting up to 10 s for it.
+fn flushed_line(controller: &Controller, addr: std::net::SocketAddr, before: usize) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Some(line) = flushed_lines(controller, addr).into_iter().nth(before) {
+            return Some(line);
+        }
+        std::thread::sleep(POLL);
+    }
+    None
+}
+
+/// The value of `key=value` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn wait_mode(controller: &Controller, addr: std::net::SocketAddr, want: &str) -> anyhow::Result<()> {
@@ -578,7 +616,7 @@ fn report(
     let _ = writeln!(
         s,
         "\n3 replicas, {} GiB volume, {written} written; rebuild times: restart -> RW (restart -> WO + WO -> RW; \
-         of which restart -> listening, the replica opening its store)\n",
+         of which restart -> listening, the replica opening its store; then RW -> what was copied flushed)\n",
         args.size_gib
     );
     let _ = writeln!(s, "| measurement | figure | goal | |");
@@ -586,11 +624,12 @@ fn report(
     let rebuild_row = |s: &mut String, what: &str, t: &RebuildTimes, goal: Duration| {
         let _ = writeln!(
             s,
-            "| {what} | {} ({} + {}; {}) | <= {} | {} |",
+            "| {what} | {} ({} + {}; {}; then {}) | <= {} | {} |",
             secs(t.to_rw),
             secs(t.to_wo),
             secs(t.rebuild()),
             secs(t.listening),
+            t.to_durable.map_or("-".into(), secs),
             secs(goal),
             verdict(t.to_rw <= goal)
         );
@@ -610,12 +649,13 @@ fn report(
         let goal = full.map(|f| f.to_rw.mul_f64(0.05));
         let _ = writeln!(
             s,
-            "| delta rebuild ({:.1} MiB changed) | {} ({} + {}; {}) | {} | {} |",
+            "| delta rebuild ({:.1} MiB changed) | {} ({} + {}; {}; then {}) | {} | {} |",
             *changed as f64 / f64::from(1u32 << 20),
             secs(t.to_rw),
             secs(t.to_wo),
             secs(t.rebuild()),
             secs(t.listening),
+            t.to_durable.map_or("-".into(), secs),
             goal.map_or("5% of full".into(), |g| format!("<= {}", secs(g))),
             goal.map_or("-", |g| verdict(t.to_rw <= g))
         );

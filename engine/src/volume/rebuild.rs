@@ -20,14 +20,16 @@
 //!                                              by a guest write is read again; slower while
 //!                                              the guest is busy; the target flushed every
 //!                                              64 MiB so the drain below stays short)
-//!  8. drain: one flush on every replica; the target adopts the source's flush numbering at it
-//!  9. check both chains still match, then promote to RW
+//!  8. check both chains still match, then promote to RW
+//!  9. drain: one flush on every replica      (after the promotion: the copy becomes durable,
+//!                                              and the target adopts the source's flush
+//!                                              numbering at that flush; see `Promoted`)
 //! ```
 //!
 //! Only allocated blocks travel, and for a replica that comes back with most
 //! of its data only the blocks whose checksums differ (a delta rebuild).
 //!
-//! ## The write-intent record (steps 3, 5 and 8)
+//! ## The write-intent record (steps 3, 5 and 9)
 //!
 //! Every replica records which 64 KiB regions were written at which flush
 //! (`basalt_replica::store` module `intent`), persistently, so a source can
@@ -45,7 +47,7 @@
 //! Revisions are per replica; they mean the same flush on two replicas
 //! because every flush fans out to the whole active set and each replica
 //! places it in stream order, and because a rebuilt replica adopts the
-//! source's numbering at step 8: the drain's flush is one flush at one place
+//! source's numbering at step 9: the drain's flush is one flush at one place
 //! in both streams, so the target's revision for it is set to the source's.
 //!
 //! ## The snapshot chain (step 2)
@@ -76,9 +78,9 @@
 //!
 //! A chain that changed during all this would be copied half-way, so chain
 //! operations and rebuilds exclude each other: a rebuild holds the
-//! [`Rebuilder`]'s chain lock shared from start to promotion, and a snapshot
+//! [`Rebuilder`]'s chain lock shared from start to its final drain, and a snapshot
 //! operation takes it exclusively or is refused ([`Rebuilder::reserve_chain`]).
-//! Step 6 checks the chains once more all the same, and a mismatch fails the
+//! Step 8 checks the chains once more all the same, and a mismatch fails the
 //! rebuild (it is retried).
 //!
 //! The [`Rebuilder`] also re-adds replicas that failed and come back at the
@@ -151,18 +153,22 @@ static ZEROS: [u8; MAX_COPY as usize] = [0; MAX_COPY as usize];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Back-off between attempts to re-add a failed replica.
 /// A replica whose host answers but whose port refuses the connection (the
-/// process is restarting: the common case) is probed every `RETRY_MIN`: a
-/// refused connect is one SYN and one RST, nothing worth measuring, and a
-/// returning replica is then noticed within ~20 ms of listening again --
-/// every moment it waits it misses writes it must copy later, and a delta
-/// rebuild is judged against 5 % of a full one (~150 ms), so a 100 ms probe
-/// interval alone would have spent a third of it. A probe that
-/// times out (the host is gone or cut off) backs off, doubling up to
+/// process is restarting: the common case) is probed every
+/// `REFUSED_RETRY`: a refused connect over loopback or a LAN is one SYN and
+/// one RST, nothing worth measuring, and every moment a returning replica
+/// waits to be noticed it misses writes it must copy later. A delta rebuild
+/// is judged against 5 % of a full one (~70 ms here), so the 20 ms interval
+/// this once was cost up to a third of it. A probe that times out (the host
+/// is gone or cut off) backs off from `RETRY_MIN`, doubling up to
 /// `PROBE_RETRY_MAX`: one connection attempt every 5 s costs nothing worth
 /// measuring, and a replica whose network comes back is rebuilt within ~5 s
 /// instead of up to 30 s. A replica that answers but fails its rebuild (say,
 /// a full disk) backs off up to `RETRY_MAX`: a rebuild attempt is expensive.
+const REFUSED_RETRY: Duration = Duration::from_millis(5);
 const RETRY_MIN: Duration = Duration::from_millis(20);
+/// How often the watch asks the volume which replicas failed, when no probe
+/// is due sooner: a replica that just failed is not back within 20 ms.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 const PROBE_RETRY_MAX: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -182,7 +188,7 @@ enum Probe {
 fn next_probe(probe: Probe, backoff: Duration) -> (Duration, Duration) {
     match probe {
         Probe::Answered => (backoff, (backoff * 2).min(RETRY_MAX)),
-        Probe::Refused => (RETRY_MIN, backoff),
+        Probe::Refused => (REFUSED_RETRY, backoff),
         Probe::Silent => {
             let wait = backoff.min(PROBE_RETRY_MAX);
             (wait, (wait * 2).min(PROBE_RETRY_MAX))
@@ -376,18 +382,33 @@ impl Rebuilder {
             let chain = this.chain.clone().read_owned().await;
             progress.lap("wait_for_snapshot_ops");
             let started = Instant::now();
-            let outcome = rebuild(&volume, index, &addr, &progress).await;
+            let outcome = match rebuild(&volume, index, &addr, &progress).await {
+                Ok(promoted) => {
+                    tracing::info!(
+                        replica = %addr,
+                        bytes = progress.done.load(Ordering::Relaxed),
+                        delta = progress.delta.load(Ordering::Relaxed),
+                        from_record = progress.from_record.load(Ordering::Relaxed),
+                        seconds = started.elapsed().as_secs_f64(),
+                        steps = %progress.laps(),
+                        "replica RW: rebuild complete"
+                    );
+                    let rw = Instant::now();
+                    promoted.make_durable(&volume, index, &progress).await.map(|()| {
+                        tracing::info!(
+                            replica = %addr,
+                            seconds = started.elapsed().as_secs_f64(),
+                            after_rw = rw.elapsed().as_secs_f64(),
+                            steps = %progress.laps(),
+                            "rebuilt replica flushed: what was copied is durable, flushes numbered like the source's"
+                        )
+                    })
+                }
+                Err(e) => Err(e),
+            };
             drop(chain);
             match outcome {
-                Ok(()) => tracing::info!(
-                    replica = %addr,
-                    bytes = progress.done.load(Ordering::Relaxed),
-                    delta = progress.delta.load(Ordering::Relaxed),
-                    from_record = progress.from_record.load(Ordering::Relaxed),
-                    seconds = started.elapsed().as_secs_f64(),
-                    steps = %progress.laps(),
-                    "replica RW: rebuild complete"
-                ),
+                Ok(()) => {}
                 Err(RebuildError::Fenced { .. }) => {
                     this.fenced.store(true, Ordering::Relaxed);
                     tracing::error!(replica = %addr, "rebuild stopped: a newer controller owns this volume");
@@ -408,15 +429,15 @@ impl Rebuilder {
     /// back-off per replica, until `shutdown`.
     pub async fn watch(self: Arc<Self>, volume: Volume, shutdown: tokio_util::sync::CancellationToken) {
         let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
-        // As often as a refused replica is probed; a tick that finds nothing
-        // to do costs one status question to the owner task.
-        let mut tick = tokio::time::interval(RETRY_MIN);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wake = Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
+            // The next look: at the latest one interval from now, sooner if
+            // a probe is due sooner (only failed replicas have one).
+            wake = Instant::now() + WATCH_INTERVAL;
             if self.fenced.load(Ordering::Relaxed) {
                 return;
             }
@@ -436,10 +457,8 @@ impl Rebuilder {
                 }
                 let now = Instant::now();
                 let (when, backoff) = next_try.get(&r.address).copied().unwrap_or((now, RETRY_MIN));
-                // Due within half a tick counts as due: a tick lands a hair
-                // before `when` as often as after it, and waiting for the
-                // next one doubled a restarting replica's 20 ms probe interval.
-                if now + RETRY_MIN / 2 < when {
+                if now < when {
+                    wake = wake.min(when);
                     continue;
                 }
                 // Only start a rebuild once the replica answers: a quick
@@ -467,14 +486,21 @@ impl Rebuilder {
                     Err(_) => Probe::Silent,
                 };
                 let (wait, backoff) = next_probe(probe, backoff);
-                next_try.insert(r.address.clone(), (now + wait, backoff));
+                let when = Instant::now() + wait;
+                wake = wake.min(when);
+                next_try.insert(r.address.clone(), (when, backoff));
             }
         }
     }
 }
 
 /// Run one rebuild to completion (see the module docs).
-async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress) -> Result<(), RebuildError> {
+async fn rebuild(
+    volume: &Volume,
+    index: usize,
+    addr: &str,
+    progress: &Progress,
+) -> Result<Promoted, RebuildError> {
     let spec = volume.spec();
     let (epoch, size) = (spec.epoch, spec.size_bytes);
     // The rebuild's own connection to the target first: its Hello raises
@@ -674,57 +700,94 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
     }
     writeback.finish(&replicas).await?;
     progress.lap("copy");
-    // Step 8. The drain makes what was copied durable before the replica
-    // counts as holding it (a drain is allowed while degraded, unlike a
-    // guest flush), and its one flush, at one place in every replica's
-    // stream, is where the target takes on the source's numbering.
-    let drained = volume
-        .drain_revisions()
-        .await
-        .map_err(|e| RebuildError::Volume(e.to_string()))?;
-    progress.lap("final_drain");
-    let source_index = status.replicas.iter().position(|r| r.address == source_addr);
-    let revision_of = |i: Option<usize>| {
-        drained
-            .iter()
-            .find(|(c, _)| Some(*c) == i)
-            .and_then(|(_, r)| r.as_ref().ok())
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .map(|b| basalt_proto::Revision(u64::from_le_bytes(b)))
-    };
-    match drained.iter().find(|(c, _)| *c == index) {
-        Some((_, Err(e))) => {
-            return Err(RebuildError::Volume(format!(
-                "the drain flush failed on {addr}: {e}"
-            )))
-        }
-        None => {
-            return Err(RebuildError::Volume(format!(
-                "replica {addr} left the volume during its rebuild"
-            )))
-        }
-        Some(_) => {}
-    }
-    match (revision_of(source_index), revision_of(Some(index))) {
-        (Some(at_source), Some(at_target)) => {
-            let (lineage_of_source, _) = replicas
-                .written_since(&replicas.source, &source_addr, None, volume_blocks)
-                .await?;
-            let point = SyncPoint {
-                lineage: lineage_of_source.lineage,
-                revision: at_source,
-                epoch,
-            };
-            replicas.adopt(point, at_target).await?;
-        }
-        _ => tracing::warn!(replica = %addr, source = %source_addr,
-            "the drain did not report both revisions; the replica stays off the shared flush numbering"),
-    }
-    progress.lap("adopt_numbering");
     replicas.check_same_chain().await?;
     progress.lap("check_chain");
+    // Step 8: it holds everything the sources hold, so it serves reads and
+    // counts as a replica from here on. What it was sent is not yet durable
+    // on it, and needs not be: every flush a guest is acknowledged from now
+    // on reaches it too and covers it, and every flush acknowledged before
+    // is durable on the sources, which the promotion takes nothing from.
     volume.promote(index);
-    Ok(())
+    let source_index = status.replicas.iter().position(|r| r.address == source_addr);
+    Ok(Promoted {
+        replicas,
+        source_index,
+        epoch,
+        volume_blocks,
+    })
+}
+
+/// A rebuilt replica that was just promoted to RW: what step 9 needs.
+struct Promoted {
+    replicas: Pair,
+    source_index: Option<usize>,
+    epoch: basalt_proto::Epoch,
+    volume_blocks: u64,
+}
+
+impl Promoted {
+    /// Step 9: one flush of every replica (a drain, allowed while degraded,
+    /// unlike a guest flush) makes what was copied durable, and at that one
+    /// flush, at one place in every replica's stream, the target takes on
+    /// the source's flush numbering. Until then the target is RW but off the
+    /// numbering: a controller taking over meanwhile finds it stale and
+    /// rebuilds it, and no rebuild takes it as a source that can say what
+    /// another replica missed. It runs after the promotion, not before:
+    /// writing back a delta's scattered blocks is the disk's slowest work
+    /// (2,610 random 4 KiB blocks: ~50 ms on the disk we measure on, as much
+    /// as the whole rest of the rebuild), and nothing about the data the
+    /// guest sees or the durability of what it flushed waits for it.
+    async fn make_durable(
+        &self,
+        volume: &Volume,
+        index: usize,
+        progress: &Progress,
+    ) -> Result<(), RebuildError> {
+        let (replicas, addr) = (&self.replicas, &self.replicas.addr);
+        let drained = volume
+            .drain_revisions()
+            .await
+            .map_err(|e| RebuildError::Volume(e.to_string()))?;
+        progress.lap("final_drain");
+        let revision_of = |i: Option<usize>| {
+            drained
+                .iter()
+                .find(|(c, _)| Some(*c) == i)
+                .and_then(|(_, r)| r.as_ref().ok())
+                .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+                .map(|b| basalt_proto::Revision(u64::from_le_bytes(b)))
+        };
+        match drained.iter().find(|(c, _)| *c == index) {
+            Some((_, Err(e))) => {
+                return Err(RebuildError::Volume(format!(
+                    "the drain flush failed on {addr}: {e}"
+                )))
+            }
+            None => {
+                return Err(RebuildError::Volume(format!(
+                    "replica {addr} left the volume before what was copied to it was flushed"
+                )))
+            }
+            Some(_) => {}
+        }
+        match (revision_of(self.source_index), revision_of(Some(index))) {
+            (Some(at_source), Some(at_target)) => {
+                let (lineage_of_source, _) = replicas
+                    .written_since(&replicas.source, &replicas.source_addr, None, self.volume_blocks)
+                    .await?;
+                let point = SyncPoint {
+                    lineage: lineage_of_source.lineage,
+                    revision: at_source,
+                    epoch: self.epoch,
+                };
+                replicas.adopt(point, at_target).await?;
+            }
+            _ => tracing::warn!(replica = %addr, source = %replicas.source_addr,
+                "the drain did not report both revisions; the replica stays off the shared flush numbering"),
+        }
+        progress.lap("adopt_numbering");
+        Ok(())
+    }
 }
 
 /// Step 1b: the source. Every read-write replica holds the same data, but
@@ -869,8 +932,8 @@ async fn ask(
 /// for 437 ms just before the replica turned RW.
 ///
 /// The flushes travel on the rebuild's own connection to the target, not
-/// through the volume: the target is off any shared flush numbering until
-/// the final drain (step 3), so flushes of its own number nothing anyone
+/// through the volume: the target is off any shared flush numbering from
+/// step 3 until the final drain, so flushes of its own number nothing anyone
 /// relies on, and each is awaited before that drain.
 #[derive(Default)]
 struct TargetWriteback {
@@ -1259,7 +1322,7 @@ impl Pair {
         .map(drop)
     }
 
-    /// Step 8: the target's flush `own` is the source's `point`.
+    /// Step 9: the target's flush `own` is the source's `point`.
     async fn adopt(&self, point: SyncPoint, own: basalt_proto::Revision) -> Result<(), RebuildError> {
         match call_bounded(
             &self.target,
@@ -1570,7 +1633,7 @@ mod tests {
     #[test]
     fn probes_back_off_to_5_s_for_a_silent_host_and_30_s_for_failing_rebuilds() {
         // A restarting replica is asked again at once, whatever happened before.
-        assert_eq!(next_probe(Probe::Refused, RETRY_MAX), (RETRY_MIN, RETRY_MAX));
+        assert_eq!(next_probe(Probe::Refused, RETRY_MAX), (REFUSED_RETRY, RETRY_MAX));
         // A silent host: doubling from 20 ms, never more than 5 s apart, even after failed rebuilds.
         let mut backoff = RETRY_MIN;
         let mut waits = Vec::new();

@@ -465,7 +465,7 @@ fn load_index_and_tail(
     let name = layer.id.log_object();
     let what = format!("{}/{name}", backend.location());
     let bytes = backend
-        .read_blob(&name)
+        .read_whole(&name)
         .map_err(StoreError::io(format!("reading {what}")))?
         .ok_or_else(|| StoreError::Corrupt {
             what: what.clone(),
