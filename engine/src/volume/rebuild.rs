@@ -94,7 +94,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_proto::frame::{
-    BlockCrc, BlockRun, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
+    BlockCrc, BlockRun, Extent, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_replica::server::{ClientError, ReplicaClient};
@@ -649,7 +649,8 @@ async fn rebuild(volume: &Volume, index: usize, addr: &str, progress: &Progress)
                 break;
             };
             pacer.spend(u64::from(len));
-            copies.push(async move { volume.copy(index, offset, len).await.map(|_| len) });
+            let extents = vec![Extent { offset, len }];
+            copies.push(async move { volume.copy(index, extents).await.map(|_| len) });
         }
         let done = match held {
             // Only the busy guest's share holds the next copy back: take
