@@ -373,7 +373,7 @@ impl Range {
 
     /// Whether any of `extents` (in order, without overlap) overlaps this
     /// range: a binary search, since every guest write asks it of every copy
-    /// in flight, and a copy may have hundreds of extents.
+    /// in flight, and a copy may have up to 256 extents.
     fn overlaps_any(&self, extents: &[Extent]) -> bool {
         let end = |e: &Extent| e.offset.saturating_add(u64::from(e.len));
         let first_past = extents.partition_point(|e| end(e) <= self.start);
@@ -1756,9 +1756,9 @@ mod tests {
         (again[0].0, job)
     }
 
-    /// Answers copy `guest`'s read (job `job` at `source`) with `data`: exactly that data goes
-    /// to the target (replica 2) at the copy's extents, and once the target acknowledges it the
-    /// copy completes.
+    /// Answers copy `guest`'s read (job `job` at `source`) with the source's data: exactly that
+    /// data goes to the target (replica 2) at the copy's extents, and once the target acknowledges
+    /// it the copy completes.
     fn copy_completes(h: &mut Harness, guest: GuestId, (source, job): (usize, JobId), extents: &[Extent]) {
         let data = Bytes::from(vec![7u8; extents.iter().map(|e| e.len as usize).sum()]);
         h.reply(source, job, ReplicaReply::Ok(data.clone()));
