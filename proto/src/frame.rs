@@ -36,7 +36,8 @@
 //! and snapshot without a second channel racing the data path.
 //!
 //! The rebuild's ops ride the same stream: `BlockCrcs` (a range) and
-//! `RunCrcs` (many runs in one request) compare merged views, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
+//! `RunCrcs` (many runs in one request) compare merged views, `ReadV` and
+//! `WriteV` copy many scattered extents in one round trip each, and `Reset`, `LayerBlocks` and `ReadLayer` let a rebuild copy a
 //! source's snapshot chain layer by layer onto a replica whose chain differs.
 //! `WrittenSince` asks a replica's persistent write-intent record which
 //! regions may differ from a replica last in sync at a [`SyncPoint`], and
@@ -93,6 +94,17 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 /// replica lists them under one hold of its block map, so a request must not
 /// be able to hold it for long; a rebuild with more regions sends several.
 pub const MAX_CRC_RUNS: usize = 1 << 16;
+
+/// Most extents one [`Message::ReadV`] or [`Message::WriteV`] may name: a
+/// rebuild's copy of 256 scattered 4 KiB blocks is [`MAX_VECTORED_BYTES`],
+/// and the list (3 KiB) stays small next to the data it describes.
+pub const MAX_EXTENTS: usize = 256;
+
+/// Most bytes one [`Message::ReadV`] or [`Message::WriteV`] may move: 1 MiB,
+/// a rebuild's largest copy. A replica answers a vectored read in one buffer
+/// and writes a vectored write as one batch, so each must stay a bounded
+/// piece of work that other requests do not wait long behind.
+pub const MAX_VECTORED_BYTES: u32 = 1 << 20;
 
 /// Identifies one request on one connection. Chosen by the sender, echoed in
 /// the reply; the replica does not interpret it. A [`RequestId`] of zero is
@@ -171,6 +183,8 @@ pub enum Op {
     WrittenSince = 0x11,
     AdoptSyncPoint = 0x12,
     RunCrcs = 0x13,
+    ReadV = 0x14,
+    WriteV = 0x15,
 }
 
 /// Set in the op byte of every reply.
@@ -178,7 +192,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 19] = [
+    pub const ALL: [Op; 21] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -198,6 +212,8 @@ impl Op {
         Op::WrittenSince,
         Op::AdoptSyncPoint,
         Op::RunCrcs,
+        Op::ReadV,
+        Op::WriteV,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -227,6 +243,8 @@ impl Op {
             Op::WrittenSince => "written_since",
             Op::AdoptSyncPoint => "adopt_sync_point",
             Op::RunCrcs => "run_crcs",
+            Op::ReadV => "read_v",
+            Op::WriteV => "write_v",
         }
     }
 }
@@ -385,6 +403,34 @@ pub enum Message {
     ReadOk {
         data: Bytes,
     },
+
+    /// Read many extents in one request: the reply carries their bytes
+    /// concatenated in request order. A delta rebuild copies thousands of
+    /// single blocks scattered over the volume; one `Read` each made it pay
+    /// a round trip (two frames through both sides' I/O loops) per block.
+    /// The extents must form a valid list (see [`Extent::check_list`]: at
+    /// most [`MAX_EXTENTS`], each non-empty, in order without overlap, at
+    /// most [`MAX_VECTORED_BYTES`] together), or the frame does not decode;
+    /// each must lie inside the volume, like a `Read`'s range, or the
+    /// request is refused. Served like a `Read`: beside the ordered write
+    /// lane, and a block that fails its checksum fails the whole request
+    /// with that block's LBA.
+    ReadV {
+        extents: Vec<Extent>,
+    },
+    ReadVOk {
+        data: Bytes,
+    },
+
+    /// Write `data`, the bytes of `extents` concatenated in order, as one
+    /// batch ordered like a `Write` (the rebuild sends a [`Message::ReadV`]'s
+    /// answer on to its target unchanged). The same limits as `ReadV`; every
+    /// extent is checked against the volume before any is written.
+    WriteV {
+        extents: Vec<Extent>,
+        data: Bytes,
+    },
+    WriteVOk,
 
     /// Write `data` at byte `offset`. With `fua`, the reply means the data
     /// is durable (write + flush).
@@ -582,6 +628,10 @@ impl Message {
             M::AdoptSyncPointOk { .. } => (Op::AdoptSyncPoint, true),
             M::RunCrcs { .. } => (Op::RunCrcs, false),
             M::RunCrcsOk { .. } => (Op::RunCrcs, true),
+            M::ReadV { .. } => (Op::ReadV, false),
+            M::ReadVOk { .. } => (Op::ReadV, true),
+            M::WriteV { .. } => (Op::WriteV, false),
+            M::WriteVOk => (Op::WriteV, true),
             M::Failed { op, .. } => (*op, true),
         }
     }
@@ -668,6 +718,73 @@ pub struct BlockRun {
 impl BlockRun {
     /// Wire size: lba then blocks (u64 LE each).
     pub const WIRE_LEN: usize = 16;
+}
+
+/// `len` bytes at byte `offset` of the volume: one piece of a
+/// [`Message::ReadV`] or [`Message::WriteV`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Extent {
+    /// Wire size: offset (u64 LE) then len (u32 LE).
+    pub const WIRE_LEN: usize = 12;
+
+    /// Where the extent ends (exclusive), `None` past `u64::MAX`.
+    pub fn end(&self) -> Option<u64> {
+        self.offset.checked_add(u64::from(self.len))
+    }
+
+    /// The bytes `extents` name together, if they can be one vectored
+    /// request: between 1 and [`MAX_EXTENTS`] of them, each non-empty, in
+    /// order without overlap, and at most [`MAX_VECTORED_BYTES`] in all.
+    /// The decoder refuses any other list, and a sender can check its own
+    /// list with the same rules before it sends it.
+    pub fn check_list(extents: &[Extent]) -> Result<u32, ExtentsError> {
+        if extents.is_empty() {
+            return Err(ExtentsError::Empty);
+        }
+        if extents.len() > MAX_EXTENTS {
+            return Err(ExtentsError::TooMany { count: extents.len() });
+        }
+        let mut total = 0u64;
+        let mut previous_end = 0u64;
+        for (index, extent) in extents.iter().enumerate() {
+            if extent.len == 0 {
+                return Err(ExtentsError::EmptyExtent { index });
+            }
+            let end = extent.end().ok_or(ExtentsError::PastTheEnd { index })?;
+            if index > 0 && extent.offset < previous_end {
+                return Err(ExtentsError::OutOfOrder { index });
+            }
+            previous_end = end;
+            total += u64::from(extent.len);
+        }
+        u32::try_from(total)
+            .ok()
+            .filter(|&total| total <= MAX_VECTORED_BYTES)
+            .ok_or(ExtentsError::TooLarge { total })
+    }
+}
+
+/// Why a list of extents cannot be one vectored request (see
+/// [`Extent::check_list`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExtentsError {
+    #[error("no extents; a vectored request names at least one")]
+    Empty,
+    #[error("{count} extents; at most {MAX_EXTENTS} per request")]
+    TooMany { count: usize },
+    #[error("extent {index} is empty")]
+    EmptyExtent { index: usize },
+    #[error("extent {index} ends past the largest byte offset")]
+    PastTheEnd { index: usize },
+    #[error("extent {index} starts before the previous one ends; extents must be in order without overlap")]
+    OutOfOrder { index: usize },
+    #[error("the extents hold {total} bytes; at most {MAX_VECTORED_BYTES} per request")]
+    TooLarge { total: u64 },
 }
 
 /// What a write-intent record can say (see [`Message::WrittenSince`]).

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use basalt_proto::frame::Extent;
 use bytes::Bytes;
 
 /// Index of a replica in the volume's configured replica list. Guaranteed by
@@ -122,15 +123,16 @@ pub enum GuestOp {
         len: u64,
     },
     Control(ControlOp),
-    /// Rebuild: copy `len` bytes at `offset` from a read-write replica to
-    /// the write-only replica `to`. Ordered with guest writes like any
-    /// write, and re-read if a guest write to the range is sent while the
+    /// Rebuild: copy `extents` (a list the wire accepts: see
+    /// [`Extent::check_list`]) from a read-write replica to the write-only
+    /// replica `to`, with one vectored read and one vectored write however
+    /// scattered they are. Ordered with guest writes like any write, and
+    /// re-read if a guest write to any of the extents is sent while the
     /// copy's read is in flight, so a copy never lands on top of newer data
     /// (the bug class of Longhorn #4354).
     Copy {
         to: ClientId,
-        offset: u64,
-        len: u32,
+        extents: Vec<Extent>,
     },
     /// A flush of every active replica that completes once each has
     /// answered: when it completes, every write sent before it has been
@@ -168,6 +170,16 @@ pub enum ReplicaRequest {
         len: u64,
     },
     Control(ControlOp),
+    /// A rebuild copy's read: the extents' bytes, concatenated.
+    ReadV {
+        extents: Vec<Extent>,
+    },
+    /// A rebuild copy's write: `data` is the [`ReplicaRequest::ReadV`]
+    /// answer, passed on as it came.
+    WriteV {
+        extents: Vec<Extent>,
+        data: Bytes,
+    },
 }
 
 /// A replica's answer to one request.
@@ -324,12 +336,12 @@ enum Job {
         overtaken: bool,
         last_error: String,
     },
-    /// A rebuild copy: reading from `at` (a read-write replica), then
-    /// writing to `to`.
+    /// A rebuild copy: reading `extents` (`len` bytes in all) from `at` (a
+    /// read-write replica), then writing them to `to`.
     Copy {
         guest: GuestId,
         to: ClientId,
-        offset: u64,
+        extents: Vec<Extent>,
         len: u32,
         at: Option<ClientId>,
         writing: bool,
@@ -357,6 +369,15 @@ impl Range {
 
     fn overlaps(&self, other: &Range) -> bool {
         self.start < other.end && other.start < self.end
+    }
+
+    /// Whether any of `extents` (in order, without overlap) overlaps this
+    /// range: a binary search, since every guest write asks it of every copy
+    /// in flight, and a copy may have up to 256 extents.
+    fn overlaps_any(&self, extents: &[Extent]) -> bool {
+        let end = |e: &Extent| e.offset.saturating_add(u64::from(e.len));
+        let first_past = extents.partition_point(|e| end(e) <= self.start);
+        extents.get(first_past).is_some_and(|e| e.offset < self.end)
     }
 }
 
@@ -610,12 +631,25 @@ impl VolumeCore {
                 }
                 return;
             }
-            GuestOp::Copy { to, offset, len } => {
+            GuestOp::Copy { to, extents } => {
+                // The overlap checks rely on the list's order, and the wire
+                // would refuse anything else (closing the connection).
+                let len = match Extent::check_list(&extents) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        let why = format!("rebuild copy not sent: {e}");
+                        out.push(Effect::Complete {
+                            guest,
+                            result: Err(VolumeError::Unavailable(why)),
+                        });
+                        return;
+                    }
+                };
                 let job = self.new_job();
                 let copy = Job::Copy {
                     guest,
                     to,
-                    offset,
+                    extents,
                     len,
                     at: None,
                     writing: false,
@@ -671,8 +705,10 @@ impl VolumeCore {
     }
 
     /// A write to `offset..offset+len` is being sent: any read of that range
-    /// still in flight must not use its data to repair a replica.
+    /// still in flight must not use its data to repair a replica, nor any
+    /// copy whose extents it touches to write the target.
     fn mark_reads_overtaken(&mut self, offset: u64, len: u64) {
+        let written = Range::new(offset, len);
         for job in self.jobs.values_mut() {
             if let Job::Read {
                 offset: r_off,
@@ -686,14 +722,13 @@ impl VolumeCore {
                     *overtaken = true;
                 }
             } else if let Job::Copy {
-                offset: c_off,
-                len: c_len,
+                extents,
                 writing: false,
                 overtaken,
                 ..
             } = job
             {
-                if offset < *c_off + u64::from(*c_len) && *c_off < offset + len {
+                if written.overlaps_any(extents) {
                     *overtaken = true;
                 }
             }
@@ -703,19 +738,14 @@ impl VolumeCore {
     /// Send a rebuild copy's read to the least busy read-write replica not
     /// yet tried; fail the copy if none is left.
     fn dispatch_copy_read(&mut self, job: JobId, out: &mut Vec<Effect>) {
-        let Some(Job::Copy {
-            tried, offset, len, ..
-        }) = self.jobs.get(&job)
-        else {
+        let Some(Job::Copy { tried, extents, .. }) = self.jobs.get(&job) else {
             return;
         };
         let source = self.least_busy_reader(tried);
-        let range = Range::new(*offset, u64::from(*len));
-        let unapplied = source.is_some_and(|s| self.write_unacknowledged_at(s, range));
+        let unapplied = source.is_some_and(|s| self.write_unacknowledged_at(s, |r| r.overlaps_any(extents)));
         let Some(Job::Copy {
             guest,
-            offset,
-            len,
+            extents,
             at,
             overtaken,
             ..
@@ -732,14 +762,13 @@ impl VolumeCore {
                 // runs, yet the target already has it queued ahead of the
                 // copy's write. Such a read is taken as overtaken.
                 *overtaken = unapplied;
-                let request = ReplicaRequest::Read {
-                    offset: *offset,
-                    len: *len,
+                let request = ReplicaRequest::ReadV {
+                    extents: extents.clone(),
                 };
                 self.send(client, job, request, out);
             }
             None => {
-                let (guest, offset) = (*guest, *offset);
+                let (guest, offset) = (*guest, extents.first().map_or(0, |e| e.offset));
                 self.jobs.remove(&job);
                 let reason = "no read-write replica left to copy from".to_string();
                 out.push(Effect::Complete {
@@ -754,7 +783,8 @@ impl VolumeCore {
         let Some(Job::Copy {
             guest,
             to,
-            offset,
+            extents,
+            len,
             writing,
             overtaken,
             tried,
@@ -763,7 +793,7 @@ impl VolumeCore {
         else {
             return;
         };
-        let (guest, to, offset) = (*guest, *to, *offset);
+        let (guest, to) = (*guest, *to);
         if *writing {
             // The target answered the copy's write.
             self.jobs.remove(&job_id);
@@ -779,6 +809,14 @@ impl VolumeCore {
             return;
         }
         match reply {
+            ReplicaReply::Ok(data) if data.len() != *len as usize => {
+                // Writing it would put other bytes at the extents than the
+                // source holds there: the source is broken, not the copy.
+                let why = format!("answered a copy's read of {len} bytes with {} bytes", data.len());
+                tried.push(client);
+                self.fail(client, why, out);
+                self.dispatch_copy_read(job_id, out);
+            }
             ReplicaReply::Ok(_) if *overtaken => {
                 // A guest write to this range went out after our read: the
                 // data may be older than what the target already received.
@@ -795,16 +833,10 @@ impl VolumeCore {
                     return;
                 }
                 *writing = true;
-                self.send(
-                    to,
-                    job_id,
-                    ReplicaRequest::Write {
-                        offset,
-                        data,
-                        fua: false,
-                    },
-                    out,
-                );
+                // Sent now, in stream order after every guest write sent to
+                // the target so far; the read cannot be redone from here on.
+                let extents = std::mem::take(extents);
+                self.send(to, job_id, ReplicaRequest::WriteV { extents, data }, out);
             }
             ReplicaReply::ChecksumMismatch { .. } => {
                 tried.push(client);
@@ -818,13 +850,13 @@ impl VolumeCore {
         }
     }
 
-    /// A write or unmap overlapping `range` was sent to `client` and not yet
-    /// acknowledged by it: a read sent there now may run before it.
-    fn write_unacknowledged_at(&self, client: ClientId, range: Range) -> bool {
+    /// A write or unmap whose range `overlaps` was sent to `client` and not
+    /// yet acknowledged by it: a read sent there now may run before it.
+    fn write_unacknowledged_at(&self, client: ClientId, overlaps: impl Fn(&Range) -> bool) -> bool {
         self.replicas[client.0].outstanding.keys().any(|job| {
             matches!(
                 self.jobs.get(job),
-                Some(Job::FanOut { range: Some(r), .. }) if r.overlaps(&range)
+                Some(Job::FanOut { range: Some(r), .. }) if overlaps(r)
             )
         })
     }
@@ -858,7 +890,8 @@ impl VolumeCore {
         // older than a write already sent (see `dispatch_copy_read`); a guest
         // read racing a write it has not seen acknowledged may see either.
         let range = Range::new(*offset, u64::from(*len));
-        let unapplied = !bad.is_empty() && candidate.is_some_and(|c| self.write_unacknowledged_at(c, range));
+        let unapplied = !bad.is_empty()
+            && candidate.is_some_and(|c| self.write_unacknowledged_at(c, |r| r.overlaps(&range)));
         let Some(Job::Read {
             guest,
             offset,
@@ -1683,19 +1716,72 @@ mod tests {
             .set_mode(ClientId(target), ReplicaMode::WriteOnly, &mut effects);
     }
 
+    fn extent(offset: u64, len: u32) -> Extent {
+        Extent { offset, len }
+    }
+
+    /// A copy of `extents` to replica 2 (being rebuilt).
+    fn copy(extents: &[Extent]) -> GuestOp {
+        GuestOp::Copy {
+            to: ClientId(2),
+            extents: extents.to_vec(),
+        }
+    }
+
+    /// Five single blocks scattered over the first 1 MiB, with gaps between them.
+    fn five_scattered_blocks() -> Vec<Extent> {
+        [0u64, 16, 64, 65, 200]
+            .iter()
+            .map(|lba| extent(lba * 4096, 4096))
+            .collect()
+    }
+
+    fn read_v(extents: &[Extent]) -> ReplicaRequest {
+        ReplicaRequest::ReadV {
+            extents: extents.to_vec(),
+        }
+    }
+
+    /// Answers a copy's read (job `job` at `source`) with data that may be stale: nothing goes to
+    /// the target, the copy's extents are read again (on the job's next source, returned).
+    fn read_again(h: &mut Harness, (source, job): (usize, JobId), extents: &[Extent]) -> (usize, JobId) {
+        let stale = Bytes::from(vec![1u8; extents.iter().map(|e| e.len as usize).sum()]);
+        h.reply(source, job, ReplicaReply::Ok(stale));
+        let again = Harness::sends(&h.take());
+        assert_eq!(
+            again.iter().map(|s| (s.1, s.2.clone())).collect::<Vec<_>>(),
+            vec![(job, read_v(extents))],
+            "nothing is written to the target; every extent is read again"
+        );
+        (again[0].0, job)
+    }
+
+    /// Answers copy `guest`'s read (job `job` at `source`) with the source's data: exactly that
+    /// data goes to the target (replica 2) at the copy's extents, and once the target acknowledges
+    /// it the copy completes.
+    fn copy_completes(h: &mut Harness, guest: GuestId, (source, job): (usize, JobId), extents: &[Extent]) {
+        let data = Bytes::from(vec![7u8; extents.iter().map(|e| e.len as usize).sum()]);
+        h.reply(source, job, ReplicaReply::Ok(data.clone()));
+        let write = ReplicaRequest::WriteV {
+            extents: extents.to_vec(),
+            data,
+        };
+        assert_eq!(Harness::sends(&h.take()), vec![(2, job, write)]);
+        h.reply(2, job, ReplicaReply::Ok(Bytes::new()));
+        assert_eq!(Harness::completions(&h.take()), vec![(guest, Ok(Bytes::new()))]);
+    }
+
     #[test]
     fn rebuild_copy_reads_a_read_write_replica_and_writes_the_target() {
         let mut h = Harness::new(3);
         rebuilding(&mut h, 2);
-        let g = h.guest(GuestOp::Copy {
-            to: ClientId(2),
-            offset: 4096,
-            len: 4096,
-        });
+        let extents = five_scattered_blocks();
+        let g = h.guest(copy(&extents));
         let read = Harness::sends(&h.take());
-        assert_eq!(read.len(), 1);
+        assert_eq!(read.len(), 1, "one read for every extent");
         assert_ne!(read[0].0, 2, "never read from the replica being rebuilt");
-        let data = Bytes::from(vec![3u8; 4096]);
+        assert_eq!(read[0].2, read_v(&extents));
+        let data = Bytes::from(vec![3u8; 5 * 4096]);
         h.reply(read[0].0, read[0].1, ReplicaReply::Ok(data.clone()));
         let write = Harness::sends(&h.take());
         assert_eq!(
@@ -1703,12 +1789,20 @@ mod tests {
             vec![(
                 2,
                 read[0].1,
-                ReplicaRequest::Write {
-                    offset: 4096,
-                    data,
-                    fua: false
+                ReplicaRequest::WriteV {
+                    extents,
+                    data: data.clone()
                 }
-            )]
+            )],
+            "one write for every extent"
+        );
+        let ReplicaRequest::WriteV { data: sent, .. } = &write[0].2 else {
+            unreachable!()
+        };
+        assert_eq!(
+            sent.as_ptr(),
+            data.as_ptr(),
+            "the source's answer is sent on, not copied"
         );
         h.reply(2, write[0].1, ReplicaReply::Ok(Bytes::new()));
         assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
@@ -1718,11 +1812,7 @@ mod tests {
     fn rebuild_copy_overtaken_by_a_sector_write_is_read_again() {
         let mut h = Harness::new(3);
         rebuilding(&mut h, 2);
-        h.guest(GuestOp::Copy {
-            to: ClientId(2),
-            offset: 0,
-            len: 4096,
-        });
+        h.guest(copy(&[extent(0, 4096)]));
         let read = Harness::sends(&h.take())[0].clone();
         // A 512-byte guest write into the block goes to every replica,
         // the target included, while the copy's read is in flight.
@@ -1736,13 +1826,42 @@ mod tests {
             guest_write.iter().any(|s| s.0 == 2),
             "the target receives guest writes while rebuilt"
         );
-        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
-        let again = Harness::sends(&h.take());
-        assert_eq!(again.len(), 1);
-        assert!(
-            matches!(again[0].2, ReplicaRequest::Read { offset: 0, len: 4096 }),
-            "the stale block is not written; it is read again, after the guest write"
-        );
+        // The stale block is not written; it is read again, after the guest write.
+        read_again(&mut h, (read.0, read.1), &[extent(0, 4096)]);
+    }
+
+    #[test]
+    fn a_vectored_copy_overtaken_by_a_write_to_its_third_extent_is_read_again_whole() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let extents = five_scattered_blocks();
+        h.guest(copy(&extents));
+        let read = Harness::sends(&h.take())[0].clone();
+        h.guest(write(extents[2].offset, 9));
+        h.take();
+        read_again(&mut h, (read.0, read.1), &extents);
+    }
+
+    #[test]
+    fn a_write_into_a_gap_between_extents_does_not_overtake_a_copy() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let extents = five_scattered_blocks();
+        let g = h.guest(copy(&extents));
+        let read = Harness::sends(&h.take())[0].clone();
+        // Blocks 1..16, 17..64 and 66..200 lie between the extents; so does everything past 201.
+        h.guest(GuestOp::Write {
+            offset: 4096,
+            data: Bytes::from(vec![9u8; 15 * 4096]),
+            fua: false,
+        });
+        h.guest(write(17 * 4096, 9));
+        h.guest(write(66 * 4096, 9));
+        h.guest(write(199 * 4096, 9));
+        h.guest(write(201 * 4096, 9));
+        h.take();
+        // No write touched its extents: the copy's data is written.
+        copy_completes(&mut h, g, (read.0, read.1), &extents);
     }
 
     #[test]
@@ -1753,15 +1872,12 @@ mod tests {
         // the write. Writing that data to the target would lose the write.
         let mut h = Harness::new(3);
         rebuilding(&mut h, 2);
-        h.guest(write(0, 9));
+        let extents = five_scattered_blocks();
+        h.guest(write(extents[4].offset, 9));
         let guest_write = Harness::sends(&h.take());
         assert_eq!(guest_write.len(), 3, "the target receives the guest write too");
         h.reply(2, guest_write[0].1, ReplicaReply::Ok(Bytes::new()));
-        let g = h.guest(GuestOp::Copy {
-            to: ClientId(2),
-            offset: 0,
-            len: 8192,
-        });
+        let g = h.guest(copy(&extents));
         let read = Harness::sends(&h.take())[0].clone();
         // The read ran first at the source: its answer is the block from
         // before the guest write, though the write's acknowledgement comes
@@ -1770,31 +1886,109 @@ mod tests {
             h.reply(*client, *job, ReplicaReply::Ok(Bytes::new()));
         }
         h.take();
-        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 8192])));
-        let again = Harness::sends(&h.take());
-        assert_eq!(again.len(), 1);
-        assert!(
-            matches!(again[0].2, ReplicaRequest::Read { offset: 0, len: 8192 }),
-            "possibly stale data is not written to the target; it is read again, got {again:?}"
-        );
+        // Possibly stale data is not written to the target: it is read again.
+        let again = read_again(&mut h, (read.0, read.1), &extents);
         // Read again after the source acknowledged the write: now it is used.
-        let data = Bytes::from(vec![9u8; 8192]);
-        h.reply(again[0].0, again[0].1, ReplicaReply::Ok(data.clone()));
-        let write_to_target = Harness::sends(&h.take());
-        assert_eq!(
-            write_to_target,
-            vec![(
-                2,
-                read.1,
-                ReplicaRequest::Write {
-                    offset: 0,
-                    data,
-                    fua: false
-                }
-            )]
+        copy_completes(&mut h, g, again, &extents);
+    }
+
+    #[test]
+    fn an_unacknowledged_write_between_the_extents_does_not_hold_a_copy_back() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let extents = five_scattered_blocks();
+        h.guest(write(100 * 4096, 9));
+        h.take();
+        let g = h.guest(copy(&extents));
+        let read = Harness::sends(&h.take())[0].clone();
+        copy_completes(&mut h, g, (read.0, read.1), &extents);
+    }
+
+    #[test]
+    fn a_copy_read_answered_with_the_wrong_length_fails_that_source_and_is_read_elsewhere() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let extents = five_scattered_blocks();
+        let g = h.guest(copy(&extents));
+        let first = Harness::sends(&h.take())[0].clone();
+        h.reply(
+            first.0,
+            first.1,
+            ReplicaReply::Ok(Bytes::from(vec![1u8; 4 * 4096])),
         );
-        h.reply(2, read.1, ReplicaReply::Ok(Bytes::new()));
-        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(Bytes::new()))]);
+        let effects = h.take();
+        assert_eq!(h.core.mode(ClientId(first.0)).label(), "ERR", "{effects:?}");
+        let again = Harness::sends(&effects);
+        assert_eq!(again.len(), 1);
+        assert_ne!(again[0].0, first.0);
+        assert_eq!(again[0].2, read_v(&extents));
+        assert!(Harness::completions(&effects).is_empty(), "the copy goes on");
+        copy_completes(&mut h, g, (again[0].0, again[0].1), &extents);
+    }
+
+    #[test]
+    fn a_checksum_mismatch_at_the_source_sends_the_copy_to_another_and_none_left_is_unreadable() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let extents = five_scattered_blocks();
+        let g = h.guest(copy(&extents));
+        let first = Harness::sends(&h.take())[0].clone();
+        h.reply(first.0, first.1, ReplicaReply::ChecksumMismatch { lba: 64 });
+        let effects = h.take();
+        assert_eq!(
+            h.core.mode(ClientId(first.0)).label(),
+            "RW",
+            "a corrupt block does not drop the replica"
+        );
+        let second = Harness::sends(&effects)[0].clone();
+        assert_ne!(second.0, first.0);
+        assert_ne!(second.0, 2, "never the target");
+        assert_eq!(second.2, read_v(&extents));
+        h.reply(second.0, second.1, ReplicaReply::ChecksumMismatch { lba: 64 });
+        let effects = h.take();
+        assert!(Harness::sends(&effects).is_empty());
+        assert!(matches!(
+            &Harness::completions(&effects)[..],
+            [(id, Err(VolumeError::Unreadable { offset: 0, .. }))] if *id == g
+        ));
+    }
+
+    #[test]
+    fn a_failed_copy_write_fails_the_copy_and_drops_the_target() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        let g = h.guest(copy(&five_scattered_blocks()));
+        let read = Harness::sends(&h.take())[0].clone();
+        h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 5 * 4096])));
+        h.take();
+        h.reply(2, read.1, ReplicaReply::Failed("io: disk gone".into()));
+        let effects = h.take();
+        assert!(matches!(
+            &Harness::completions(&effects)[..],
+            [(id, Err(VolumeError::Unavailable(_)))] if *id == g
+        ));
+        assert_eq!(h.core.mode(ClientId(2)).label(), "ERR");
+        assert_eq!(h.core.healthy_count(), 3 - 1, "the read-write replicas stay");
+    }
+
+    #[test]
+    fn a_copy_of_a_list_the_wire_would_refuse_is_failed_without_a_request() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        for extents in [
+            vec![],
+            vec![extent(8192, 4096), extent(0, 4096)],
+            vec![extent(0, 8192), extent(4096, 4096)],
+            vec![extent(0, 0)],
+        ] {
+            let g = h.guest(copy(&extents));
+            let effects = h.take();
+            assert!(Harness::sends(&effects).is_empty(), "{extents:?}");
+            assert!(
+                matches!(&Harness::completions(&effects)[..], [(id, Err(VolumeError::Unavailable(_)))] if *id == g),
+                "{extents:?}: {effects:?}"
+            );
+        }
     }
 
     #[test]
@@ -1825,11 +2019,7 @@ mod tests {
     fn target_lost_during_a_copy_fails_the_copy_not_the_volume() {
         let mut h = Harness::new(3);
         rebuilding(&mut h, 2);
-        let g = h.guest(GuestOp::Copy {
-            to: ClientId(2),
-            offset: 0,
-            len: 4096,
-        });
+        let g = h.guest(copy(&[extent(0, 4096)]));
         let read = Harness::sends(&h.take())[0].clone();
         h.reply(read.0, read.1, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
         h.take();

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use basalt_proto::frame::Extent;
 use basalt_proto::{Epoch, VolumeId};
 use basalt_target::device::{BlockDevice, DeviceError, Geometry, Provisioning};
 use bytes::{Bytes, BytesMut};
@@ -251,13 +252,12 @@ impl Volume {
         let _ = self.tx.send(Command::Promote { replica });
     }
 
-    /// Copy a range from a read-write replica to write-only `replica`
-    /// (see [`GuestOp::Copy`]).
-    pub async fn copy(&self, replica: usize, offset: u64, len: u32) -> Result<(), VolumeError> {
+    /// Copy `extents` from a read-write replica to write-only `replica`, in
+    /// one vectored read and one vectored write (see [`GuestOp::Copy`]).
+    pub async fn copy(&self, replica: usize, extents: Vec<Extent>) -> Result<(), VolumeError> {
         let op = GuestOp::Copy {
             to: ClientId(replica),
-            offset,
-            len,
+            extents,
         };
         self.ask(|reply| Command::Io {
             op,
@@ -473,7 +473,9 @@ impl Owner {
                     GuestOp::Flush => ("flush", 0),
                     GuestOp::Unmap { len, .. } => ("unmap", *len),
                     GuestOp::Control(_) => ("control", 0),
-                    GuestOp::Copy { len, .. } => ("rebuild", u64::from(*len)),
+                    GuestOp::Copy { extents, .. } => {
+                        ("rebuild", extents.iter().map(|e| u64::from(e.len)).sum())
+                    }
                     GuestOp::Drain => ("drain", 0),
                     GuestOp::Settle => ("settle", 0),
                 };

@@ -271,6 +271,7 @@ impl Drop for Link {
 }
 
 /// CRC of a write payload, computed once and shared by every replica's frame.
+/// A rebuild's `WriteV` goes to one replica only: its frame computes its own.
 pub fn write_crc(request: &ReplicaRequest) -> Option<u32> {
     match request {
         ReplicaRequest::Write { data, .. } => Some(payload_crc(data)),
@@ -288,6 +289,8 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
+        ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
+        ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
     }
 }
 
@@ -347,13 +350,14 @@ async fn read_loop(
             None => break "connection closed by the replica".to_string(),
         };
         let reply = match frame.message {
-            Message::ReadOk { data } => ReplicaReply::Ok(data),
+            Message::ReadOk { data } | Message::ReadVOk { data } => ReplicaReply::Ok(data),
             Message::FlushOk { revision: r } => {
                 revision.fetch_max(r.0, Ordering::Relaxed);
                 // The revision this flush got, for a rebuild's drain (see `Volume::drain_revisions`).
                 ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&r.0.to_le_bytes()))
             }
             Message::WriteOk
+            | Message::WriteVOk
             | Message::UnmapOk
             | Message::Pong
             | Message::SnapshotDeleteOk

@@ -96,7 +96,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_proto::frame::{
-    BlockCrc, BlockRun, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
+    BlockCrc, BlockRun, Extent, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
+    MAX_EXTENTS, MAX_VECTORED_BYTES,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_replica::server::{ClientError, ReplicaClient};
@@ -111,20 +112,34 @@ use super::Volume;
 /// Largest single copy: 1 MiB (256 blocks). Big enough to stream, small
 /// enough that a copy overtaken by a guest write costs little to redo.
 const MAX_COPY: u64 = 1 << 20;
+/// Most runs one copy gathers (see [`copies_of`]), each an extent of one
+/// vectored read and one vectored write. A delta rebuild copies mostly
+/// single 4 KiB blocks scattered over the volume (the ones a returning
+/// replica missed); one copy each cost a round trip through the core and
+/// both replicas' I/O loops per block: 2,600 blocks took 45-65 ms in the
+/// rebuild bench. Copying 2,600 such blocks between replica processes on 2
+/// cores ([`COPY_DEPTH`] in flight, medians of three sweeps): 38-44 ms one
+/// to a copy, 15-22 ms anywhere from 16 to 128 to a copy (the sweeps did not
+/// tell these apart), 20-26 ms 256 to a copy (a whole [`MAX_COPY`] of single
+/// blocks: the target's first write then waits for 1 MiB scattered reads
+/// that the sources run side by side). 64 halves the requests of 32, and a
+/// copy of 64 blocks holds the target's write lane, and the guest writes
+/// queued behind it, for well under a millisecond, and costs little to read
+/// again when a guest write overtakes it.
+const COPY_EXTENTS: usize = 64;
+// A copy must fit in one vectored request.
+const _: () = assert!(COPY_EXTENTS <= MAX_EXTENTS && MAX_COPY <= MAX_VECTORED_BYTES as u64);
 /// Copies in flight at once during a rebuild: enough to keep a replica busy
-/// over loopback without starving guest I/O of the core's attention.
+/// over loopback without starving guest I/O of the core's attention. Small
+/// copies used to run deeper (up to 256 single blocks, whose round trips
+/// otherwise left both replicas idle); gathered into copies of
+/// [`COPY_EXTENTS`] they need not: 2,600 scattered blocks (41 copies of 64)
+/// copied in 15-22 ms with 8 or 16 in flight, 25 ms with all 41 at once --
+/// thousands of scattered reads at once only queue up on the sources'
+/// blocking pools while the target waits for its first write.
 const COPY_DEPTH: usize = 16;
-/// Most copies in flight when they are small: [`COPY_DEPTH`] bounds the
-/// bytes in flight (16 MiB of 1 MiB copies), but a delta rebuild's copies
-/// are mostly single 4 KiB blocks scattered over the volume, and 16 of
-/// those (64 KiB) left both replicas idle between round trips: 2,600 of
-/// them took 114 ms, 55 ms at 64 in flight, 41 ms at 256 (1 MiB: the
-/// target's writes then arrive in batches that share an index-log append),
-/// no better at 1,024. Up to this many run at once while the bytes in
-/// flight stay under [`COPY_DEPTH`] x [`MAX_COPY`].
-const SMALL_COPY_DEPTH: usize = 256;
 /// Bytes of copies in flight while the guest is busy (see [`CopyPacer`]):
-/// two 1 MiB copies, or up to [`SMALL_COPY_DEPTH`] small ones.
+/// two 1 MiB copies, or up to [`COPY_DEPTH`] smaller ones.
 const BUSY_COPY_BYTES: u64 = 2 * MAX_COPY;
 /// Bytes a second the copy may take while the guest is busy (see
 /// [`CopyPacer`]): 1 GiB in 8 s, inside the 15 s goal for a rebuild under
@@ -660,8 +675,9 @@ async fn rebuild(
         source_blocks = source.len(), target_blocks = target.len(), "rebuild: copying what differs"
     );
 
-    let mut pacer = CopyPacer::new(volume, &runs);
-    let mut pending = runs.into_iter().peekable();
+    let copies_to_make = copies_of(&runs);
+    let mut pacer = CopyPacer::new(volume, &copies_to_make);
+    let mut pending = copies_to_make.into_iter().peekable();
     let mut copies = futures::stream::FuturesUnordered::new();
     let mut writeback = TargetWriteback::default();
     loop {
@@ -671,11 +687,12 @@ async fn rebuild(
             if held.is_some() {
                 break;
             }
-            let Some((offset, len)) = pending.next() else {
+            let Some(extents) = pending.next() else {
                 break;
             };
-            pacer.spend(u64::from(len));
-            copies.push(async move { volume.copy(index, offset, len).await.map(|_| len) });
+            let len = copy_len(&extents);
+            pacer.spend(len);
+            copies.push(async move { volume.copy(index, extents).await.map(|_| len) });
         }
         let done = match held {
             // Only the busy guest's share holds the next copy back: take
@@ -690,13 +707,13 @@ async fn rebuild(
             break;
         };
         let len = done.map_err(|e| RebuildError::Volume(e.to_string()))?;
-        let d = progress.done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        let d = progress.done.fetch_add(len, Ordering::Relaxed) + len;
         volume
             .metrics
             .rebuild_done
             .with_label_values(&[addr])
             .set(d as i64);
-        writeback.copied(u64::from(len), &replicas).await?;
+        writeback.copied(len, &replicas).await?;
     }
     writeback.finish(&replicas).await?;
     progress.lap("copy");
@@ -1445,11 +1462,11 @@ async fn list_runs(
     Ok(all)
 }
 
-/// Copies in flight for runs of `average` bytes with `budget` bytes in
-/// flight, between `least` and [`SMALL_COPY_DEPTH`] copies.
-fn copy_depth(average: u64, budget: u64, least: usize) -> usize {
+/// Copies in flight for copies of `average` bytes with `budget` bytes in
+/// flight: at least one, at most [`COPY_DEPTH`].
+fn copy_depth(average: u64, budget: u64) -> usize {
     let depth = budget / average.max(BLOCK);
-    (depth as usize).clamp(least, SMALL_COPY_DEPTH)
+    usize::try_from(depth).unwrap_or(usize::MAX).clamp(1, COPY_DEPTH)
 }
 
 /// How fast the copy may go, from how busy the guest is.
@@ -1475,13 +1492,13 @@ struct CopyPacer<'a> {
 }
 
 impl<'a> CopyPacer<'a> {
-    fn new(volume: &'a Volume, runs: &[(u64, u32)]) -> CopyPacer<'a> {
-        let bytes: u64 = runs.iter().map(|(_, len)| u64::from(*len)).sum();
-        let average = bytes / (runs.len() as u64).max(1);
+    fn new(volume: &'a Volume, copies: &[Vec<Extent>]) -> CopyPacer<'a> {
+        let bytes: u64 = copies.iter().map(|c| copy_len(c)).sum();
+        let average = bytes / (copies.len() as u64).max(1);
         let mut pacer = CopyPacer {
             volume,
-            idle_depth: copy_depth(average, COPY_DEPTH as u64 * MAX_COPY, COPY_DEPTH),
-            busy_depth: copy_depth(average, BUSY_COPY_BYTES, 1),
+            idle_depth: copy_depth(average, COPY_DEPTH as u64 * MAX_COPY),
+            busy_depth: copy_depth(average, BUSY_COPY_BYTES),
             busy: false,
             last: (Instant::now(), 0),
             next_at: Instant::now(),
@@ -1525,6 +1542,35 @@ impl<'a> CopyPacer<'a> {
             self.next_at = self.next_at.max(Instant::now()) + cost;
         }
     }
+}
+
+/// The runs to copy, gathered into copies: runs in block order, up to
+/// [`COPY_EXTENTS`] of them and [`MAX_COPY`] bytes per copy (a run of
+/// [`MAX_COPY`] bytes is a copy of its own). Each copy is then one vectored
+/// read of the source and one vectored write of the target, however
+/// scattered its runs.
+fn copies_of(runs: &[(u64, u32)]) -> Vec<Vec<Extent>> {
+    let mut copies: Vec<Vec<Extent>> = Vec::new();
+    let mut bytes = 0;
+    for &(offset, len) in runs {
+        let extent = Extent { offset, len };
+        match copies.last_mut() {
+            Some(copy) if copy.len() < COPY_EXTENTS && bytes + u64::from(len) <= MAX_COPY => {
+                copy.push(extent);
+                bytes += u64::from(len);
+            }
+            _ => {
+                copies.push(vec![extent]);
+                bytes = u64::from(len);
+            }
+        }
+    }
+    copies
+}
+
+/// The bytes one copy moves.
+fn copy_len(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| u64::from(e.len)).sum()
 }
 
 /// The byte ranges to copy from source to target: blocks the source holds
@@ -1734,15 +1780,58 @@ mod tests {
     }
 
     #[test]
-    fn small_scattered_copies_run_deeper_than_large_ones() {
-        let idle = |average| copy_depth(average, COPY_DEPTH as u64 * MAX_COPY, COPY_DEPTH);
-        assert_eq!(idle(4096), SMALL_COPY_DEPTH);
-        assert_eq!(idle(1 << 20), COPY_DEPTH);
-        assert_eq!(idle(512 << 10), 32, "16 MiB in flight");
-        assert_eq!(idle(0), SMALL_COPY_DEPTH);
-        let busy = |average| copy_depth(average, BUSY_COPY_BYTES, 1);
+    fn copies_in_flight_are_bounded_in_number_and_while_the_guest_is_busy_in_bytes() {
+        let idle = |average| copy_depth(average, COPY_DEPTH as u64 * MAX_COPY);
+        assert_eq!(idle(1 << 20), COPY_DEPTH, "16 MiB in flight");
+        assert_eq!(idle(64 * 4096), COPY_DEPTH, "scattered blocks, 64 to a copy");
+        assert_eq!(idle(4096), COPY_DEPTH);
+        assert_eq!(idle(0), COPY_DEPTH);
+        let busy = |average| copy_depth(average, BUSY_COPY_BYTES);
         assert_eq!(busy(1 << 20), 2, "a busy guest leaves two 1 MiB copies in flight");
-        assert_eq!(busy(4096), SMALL_COPY_DEPTH, "and small ones still many");
+        assert_eq!(busy(64 * 4096), 8, "or eight copies of 64 scattered blocks");
+        assert_eq!(busy(4096), COPY_DEPTH, "and never more copies than when idle");
+        assert_eq!(busy(4 << 20), 1, "at least one");
+    }
+
+    #[test]
+    fn scattered_blocks_travel_64_to_a_copy() {
+        // A delta rebuild's usual work: single blocks, no two adjacent.
+        let source: Vec<BlockCrc> = (0..150).map(|i| BlockCrc { lba: i * 7, crc: 1 }).collect();
+        let copies = copies_of(&runs_to_copy(&source, &[]));
+        assert_eq!(copies.iter().map(Vec::len).collect::<Vec<_>>(), vec![64, 64, 22]);
+        let all: Vec<Extent> = copies.concat();
+        assert_eq!(all.len(), 150, "every block once, in block order");
+        assert!(all.windows(2).all(|w| w[0].end() < Some(w[1].offset)));
+        assert!(
+            copies.iter().all(|c| Extent::check_list(c).is_ok()),
+            "each copy is one request the wire accepts"
+        );
+    }
+
+    #[test]
+    fn a_copy_stops_at_one_mebibyte_and_a_whole_mebibyte_run_is_a_copy_of_its_own() {
+        const K: u32 = 4096;
+        let runs = [
+            (0, K),
+            (1 << 20, 1 << 20),
+            (3 << 20, 512 * 1024),
+            (4 << 20, 512 * 1024),
+            (5 << 20, K),
+        ];
+        assert_eq!(copies_of(&runs).iter().map(|c| copy_len(c)).max(), Some(MAX_COPY));
+        let extents = |list: &[(u64, u32)]| -> Vec<Extent> {
+            list.iter().map(|&(offset, len)| Extent { offset, len }).collect()
+        };
+        assert_eq!(
+            copies_of(&runs),
+            vec![
+                extents(&runs[..1]),
+                extents(&runs[1..2]),
+                extents(&runs[2..4]),
+                extents(&runs[4..]),
+            ]
+        );
+        assert!(copies_of(&[]).is_empty());
     }
 
     #[test]

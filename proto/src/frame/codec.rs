@@ -18,8 +18,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::{frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_FUA, HEADER_LEN, MAGIC};
 use super::{
-    pb, BlockCrc, BlockRun, Frame, LayerBlock, LayerBlockState, Message, Op, ProtocolVersion,
-    ReplicaIdentity, ReplyError, RequestId, SyncPoint, WrittenAnswer, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, BlockRun, Extent, ExtentsError, Frame, LayerBlock, LayerBlockState, Message, Op,
+    ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, SyncPoint, WrittenAnswer, MAX_PAYLOAD,
+    REPLY_BIT,
 };
 use crate::{Epoch, Revision, VolumeId};
 
@@ -67,6 +68,12 @@ pub enum DecodeError {
     },
     #[error("{op} frame: invalid field: {what}")]
     BadField { op: Op, what: &'static str },
+    #[error("{op} frame: invalid extent list: {source}")]
+    BadExtents {
+        op: Op,
+        #[source]
+        source: ExtentsError,
+    },
     #[error("reading from the connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -78,6 +85,12 @@ pub enum EncodeError {
         "payload or read length of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit; split the I/O"
     )]
     Oversize { len: u64 },
+    #[error("invalid extent list: {0}")]
+    Extents(#[from] ExtentsError),
+    #[error(
+        "vectored write of {data} bytes to extents that hold {extents}; the data must fill them exactly"
+    )]
+    ExtentsMismatch { extents: u64, data: u64 },
     #[error("writing to the connection: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -144,6 +157,7 @@ impl Encoder<Frame> for FrameCodec {
         let encoded = frame.encode()?;
         dst.reserve(encoded.wire_len());
         dst.extend_from_slice(encoded.header());
+        dst.extend_from_slice(encoded.payload_head());
         dst.extend_from_slice(encoded.payload());
         Ok(())
     }
@@ -384,6 +398,42 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 end_lba: raw.offset,
             }
         }
+        (Op::ReadV, false) => {
+            no_offset()?;
+            no_length()?;
+            M::ReadV {
+                extents: extents(op, &payload)?,
+            }
+        }
+        (Op::ReadV, true) => {
+            no_offset()?;
+            length_is_payload()?;
+            M::ReadVOk { data: payload }
+        }
+        (Op::WriteV, false) => {
+            no_offset()?;
+            // The length field is the data's; the extent list comes first.
+            let list_len =
+                u64::from(raw.payload_len)
+                    .checked_sub(raw.length)
+                    .ok_or(DecodeError::LengthMismatch {
+                        op,
+                        length: raw.length,
+                        payload_len: raw.payload_len,
+                    })? as usize;
+            let extents = extents(op, &payload[..list_len])?;
+            let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
+            if total != raw.length {
+                return Err(DecodeError::BadField {
+                    op,
+                    what: "the extents must hold exactly the data's length",
+                });
+            }
+            M::WriteV {
+                extents,
+                data: payload.slice(list_len..),
+            }
+        }
         (Op::LayerBlocks, false) => M::LayerBlocks {
             snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
             start_lba: raw.offset,
@@ -504,6 +554,7 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 (Op::SetEpoch, true) => M::SetEpochOk,
                 (Op::Reset, false) => M::Reset,
                 (Op::Reset, true) => M::ResetOk,
+                (Op::WriteV, true) => M::WriteVOk,
                 // Every (op, reply) pair with a payload or an offset is
                 // matched above; this arm cannot be reached, but a decoder
                 // answers with an error rather than trusting that.
@@ -545,6 +596,34 @@ fn block_runs(bytes: &[u8]) -> Vec<BlockRun> {
             blocks: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
         })
         .collect()
+}
+
+/// A vectored request's extent list: whole 12-byte extents that pass
+/// [`Extent::check_list`].
+fn extents(op: Op, bytes: &[u8]) -> Result<Vec<Extent>, DecodeError> {
+    if !bytes.len().is_multiple_of(Extent::WIRE_LEN) {
+        return Err(DecodeError::BadField {
+            op,
+            what: "extent list must be a whole number of 12-byte extents",
+        });
+    }
+    // Checked before the list is built, so that a hostile count costs nothing.
+    let count = bytes.len() / Extent::WIRE_LEN;
+    if count > super::MAX_EXTENTS {
+        return Err(DecodeError::BadExtents {
+            op,
+            source: ExtentsError::TooMany { count },
+        });
+    }
+    let extents: Vec<Extent> = bytes
+        .chunks_exact(Extent::WIRE_LEN)
+        .map(|c| Extent {
+            offset: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(c[8..].try_into().expect("4 bytes")),
+        })
+        .collect();
+    Extent::check_list(&extents).map_err(|source| DecodeError::BadExtents { op, source })?;
+    Ok(extents)
 }
 
 /// A sync point of exactly 24 bytes (`None`: too short).

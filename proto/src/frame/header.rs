@@ -3,14 +3,16 @@
 //!
 //! Encoding never copies a payload: [`EncodedFrame`] owns the rendered header
 //! and a clone of the payload's `Bytes` (a reference-count increment), and is
-//! itself a [`Buf`] whose `chunks_vectored` yields both pieces for one
-//! vectored write.
+//! itself a [`Buf`] whose `chunks_vectored` yields the pieces for one
+//! vectored write. A payload may come in two pieces: a `WriteV`'s extent
+//! list, rendered here, then its data, which is the `ReadV` answer the
+//! controller received and is sent on as it is.
 
 use bytes::{Buf, Bytes};
 
 use super::{
-    pb, BlockCrc, BlockRun, EncodeError, Frame, LayerBlock, LayerBlockState, Message, ProtocolVersion,
-    SyncPoint, WrittenAnswer, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
+    pb, BlockCrc, BlockRun, EncodeError, Extent, Frame, LayerBlock, LayerBlockState, Message,
+    ProtocolVersion, SyncPoint, WrittenAnswer, MAX_ERROR_MESSAGE, MAX_PAYLOAD, REPLY_BIT,
 };
 
 /// Size of the fixed header in front of every payload.
@@ -91,6 +93,14 @@ pub fn payload_crc(payload: &[u8]) -> u32 {
     crc32fast::hash(payload)
 }
 
+/// [`payload_crc`] of a payload in two pieces, without joining them.
+fn split_payload_crc(head: &[u8], data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(data);
+    h.finalize()
+}
+
 /// The frame CRC: header bytes `0..48`, then the payload, combined from the
 /// payload's own CRC so that the payload need not be read again.
 pub(super) fn frame_crc(header: &[u8], payload_crc: u32, payload_len: u64) -> u32 {
@@ -101,10 +111,14 @@ pub(super) fn frame_crc(header: &[u8], payload_crc: u32, payload_len: u64) -> u3
 }
 
 /// A frame ready for the socket: rendered header plus the payload by
-/// reference. As a [`Buf`] it yields the header, then the payload.
+/// reference. As a [`Buf`] it yields the header, then the payload (its head,
+/// if any, then its data).
 #[derive(Clone, Debug)]
 pub struct EncodedFrame {
     header: [u8; HEADER_LEN],
+    /// The part of the payload rendered by the encoder in front of `payload`
+    /// (a `WriteV`'s extent list); empty for every other message.
+    payload_head: Bytes,
     payload: Bytes,
     /// How much of the header has been consumed through [`Buf::advance`].
     header_pos: usize,
@@ -116,25 +130,36 @@ impl EncodedFrame {
         &self.header
     }
 
-    /// The payload, shared with the [`Frame`] it came from.
+    /// The payload's data, shared with the [`Frame`] it came from. For a
+    /// `WriteV` the payload starts with its extent list
+    /// ([`EncodedFrame::payload_head`]) and this is what follows it; for
+    /// every other message it is the whole payload.
     pub fn payload(&self) -> &Bytes {
         &self.payload
     }
 
+    /// What the payload holds before [`EncodedFrame::payload`]: a
+    /// `WriteV`'s extent list, empty otherwise.
+    pub fn payload_head(&self) -> &Bytes {
+        &self.payload_head
+    }
+
     /// Header plus payload length.
     pub fn wire_len(&self) -> usize {
-        HEADER_LEN + self.payload.len()
+        HEADER_LEN + self.payload_head.len() + self.payload.len()
     }
 }
 
 impl Buf for EncodedFrame {
     fn remaining(&self) -> usize {
-        HEADER_LEN - self.header_pos + self.payload.len()
+        HEADER_LEN - self.header_pos + self.payload_head.len() + self.payload.len()
     }
 
     fn chunk(&self) -> &[u8] {
         if self.header_pos < HEADER_LEN {
             &self.header[self.header_pos..]
+        } else if !self.payload_head.is_empty() {
+            &self.payload_head
         } else {
             &self.payload
         }
@@ -144,12 +169,19 @@ impl Buf for EncodedFrame {
         let in_header = (HEADER_LEN - self.header_pos).min(cnt);
         self.header_pos += in_header;
         cnt -= in_header;
-        self.payload.advance(cnt);
+        let in_head = self.payload_head.len().min(cnt);
+        self.payload_head.advance(in_head);
+        self.payload.advance(cnt - in_head);
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for chunk in [&self.header[self.header_pos..], &self.payload[..]] {
+        let chunks = [
+            &self.header[self.header_pos..],
+            &self.payload_head[..],
+            &self.payload[..],
+        ];
+        for chunk in chunks {
             if n == dst.len() {
                 break;
             }
@@ -165,22 +197,25 @@ impl Buf for EncodedFrame {
 impl Frame {
     /// Renders the header and attaches the payload without copying it.
     pub fn encode(&self) -> Result<EncodedFrame, EncodeError> {
-        let (raw, payload) = self.to_raw()?;
-        let crc = payload_crc(&payload);
-        Ok(finish(raw, payload, crc))
+        let (raw, head, payload) = self.to_raw()?;
+        let crc = split_payload_crc(&head, &payload);
+        Ok(finish(raw, head, payload, crc))
     }
 
-    /// Like [`Frame::encode`], with the payload's CRC already computed by
-    /// [`payload_crc`] (a controller sending one write to three replicas
-    /// checksums it once). A wrong `payload_crc` produces a frame that the
-    /// receiver rejects.
+    /// Like [`Frame::encode`], with the CRC of the whole payload already
+    /// computed by [`payload_crc`] (a controller sending one write to three
+    /// replicas checksums it once). A wrong `payload_crc` produces a frame
+    /// that the receiver rejects.
     pub fn encode_with_payload_crc(&self, payload_crc: u32) -> Result<EncodedFrame, EncodeError> {
-        let (raw, payload) = self.to_raw()?;
-        Ok(finish(raw, payload, payload_crc))
+        let (raw, head, payload) = self.to_raw()?;
+        Ok(finish(raw, head, payload, payload_crc))
     }
 
-    /// Maps the message onto header fields and a payload.
-    fn to_raw(&self) -> Result<(RawHeader, Bytes), EncodeError> {
+    /// Maps the message onto header fields and a payload, the latter in two
+    /// pieces: what the encoder renders (empty for the messages that carry
+    /// data) and the message's data (empty for the others) -- except a
+    /// `WriteV`, which has both.
+    fn to_raw(&self) -> Result<(RawHeader, Bytes, Bytes), EncodeError> {
         use Message as M;
         let (op, is_reply) = self.message.op();
         let mut raw = RawHeader {
@@ -196,6 +231,7 @@ impl Frame {
             payload_len: 0,
             crc: 0,
         };
+        let mut head = Bytes::new();
         let payload = match &self.message {
             M::Hello {
                 volume,
@@ -231,7 +267,8 @@ impl Frame {
                 }
                 data.clone()
             }
-            M::ReadOk { data } => {
+            // Read answers: the data, its length in the length field too.
+            M::ReadOk { data } | M::ReadLayerOk { data } | M::ReadVOk { data } => {
                 raw.length = data.len() as u64;
                 data.clone()
             }
@@ -262,6 +299,22 @@ impl Frame {
             M::RunCrcsOk { crcs, end_lba } => {
                 raw.offset = *end_lba;
                 put_block_crcs(crcs)
+            }
+            M::ReadV { extents } => {
+                Extent::check_list(extents)?;
+                put_extents(extents)
+            }
+            M::WriteV { extents, data } => {
+                let total = Extent::check_list(extents)?;
+                if data.len() as u64 != u64::from(total) {
+                    return Err(EncodeError::ExtentsMismatch {
+                        extents: u64::from(total),
+                        data: data.len() as u64,
+                    });
+                }
+                raw.length = data.len() as u64;
+                head = put_extents(extents);
+                data.clone()
             }
             M::LayerBlocks {
                 snapshot,
@@ -301,10 +354,6 @@ impl Frame {
                 pb_bytes(&pb::SnapshotRequest {
                     name: snapshot.clone(),
                 })
-            }
-            M::ReadLayerOk { data } => {
-                raw.length = data.len() as u64;
-                data.clone()
             }
             M::WrittenSince { since, start_lba } => {
                 raw.offset = *start_lba;
@@ -374,24 +423,26 @@ impl Frame {
             | M::SetEpoch
             | M::SetEpochOk
             | M::Reset
-            | M::ResetOk => Bytes::new(),
+            | M::ResetOk
+            | M::WriteVOk => Bytes::new(),
         };
-        raw.payload_len = u32::try_from(payload.len())
+        let len = head.len() + payload.len();
+        raw.payload_len = u32::try_from(len)
             .ok()
             .filter(|len| *len <= MAX_PAYLOAD)
-            .ok_or(EncodeError::Oversize {
-                len: payload.len() as u64,
-            })?;
-        Ok((raw, payload))
+            .ok_or(EncodeError::Oversize { len: len as u64 })?;
+        Ok((raw, head, payload))
     }
 }
 
-fn finish(raw: RawHeader, payload: Bytes, payload_crc: u32) -> EncodedFrame {
+fn finish(raw: RawHeader, payload_head: Bytes, payload: Bytes, payload_crc: u32) -> EncodedFrame {
     let mut header = raw.render();
-    let crc = frame_crc(&header, payload_crc, payload.len() as u64);
+    let len = payload_head.len() + payload.len();
+    let crc = frame_crc(&header, payload_crc, len as u64);
     header[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     EncodedFrame {
         header,
+        payload_head,
         payload,
         header_pos: 0,
     }
@@ -415,6 +466,15 @@ fn put_block_crcs(list: &[BlockCrc]) -> Bytes {
     for b in list {
         buf.extend_from_slice(&b.lba.to_le_bytes());
         buf.extend_from_slice(&b.crc.to_le_bytes());
+    }
+    buf.freeze()
+}
+
+fn put_extents(extents: &[Extent]) -> Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(extents.len() * Extent::WIRE_LEN);
+    for e in extents {
+        buf.extend_from_slice(&e.offset.to_le_bytes());
+        buf.extend_from_slice(&e.len.to_le_bytes());
     }
     buf.freeze()
 }

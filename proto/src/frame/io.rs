@@ -16,7 +16,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::EncodedFrame;
 
-/// How many `IoSlice`s to hand to one `writev`: two per frame. Linux accepts
+/// How many `IoSlice`s to hand to one `writev`: two per frame (three for a
+/// vectored write, whose extent list is a piece of its own). Linux accepts
 /// up to 1024 (`IOV_MAX`); 64 frames per call is already far past the point
 /// where the syscall cost stops mattering next to copying the payloads.
 const MAX_IOVECS: usize = 128;
@@ -61,7 +62,7 @@ impl<W: AsyncWrite + Unpin> FrameBatchWriter<W> {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let mut n = 0;
                 for frame in &self.pending {
-                    if n + 2 > MAX_IOVECS {
+                    if n + 3 > MAX_IOVECS {
                         break;
                     }
                     n += frame.chunks_vectored(&mut slices[n..]);

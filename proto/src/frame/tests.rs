@@ -53,6 +53,39 @@ fn arb_written_answer() -> impl Strategy<Value = WrittenAnswer> {
     ]
 }
 
+/// A valid extent list: 1 to 12 extents in order, with gaps or touching.
+fn arb_extents() -> impl Strategy<Value = Vec<Extent>> {
+    (
+        0u64..1 << 40,
+        proptest::collection::vec((0u64..1 << 20, 1u32..=8192), 1..12),
+    )
+        .prop_map(|(start, pieces)| {
+            let mut at = start;
+            pieces
+                .into_iter()
+                .map(|(gap, len)| {
+                    let extent = Extent {
+                        offset: at + gap,
+                        len,
+                    };
+                    at = extent.end().expect("far below 2^64");
+                    extent
+                })
+                .collect()
+        })
+}
+
+/// A vectored write: a valid extent list and data that fills it.
+fn arb_write_v() -> impl Strategy<Value = Message> {
+    arb_extents().prop_flat_map(|extents| {
+        let total: usize = extents.iter().map(|e| e.len as usize).sum();
+        proptest::collection::vec(any::<u8>(), total).prop_map(move |data| Message::WriteV {
+            extents: extents.clone(),
+            data: Bytes::from(data),
+        })
+    })
+}
+
 fn arb_error() -> impl Strategy<Value = ReplyError> {
     // Every status code, with any detail: from_wire defines the set.
     (1u16..=12, any::<u16>(), any::<u64>()).prop_map(|(code, small, detail)| {
@@ -172,6 +205,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 crcs: v.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
                 end_lba
             }),
+        arb_extents().prop_map(|extents| M::ReadV { extents }),
+        arb_bytes(9000).prop_map(|data| M::ReadVOk { data }),
+        arb_write_v(),
+        Just(M::WriteVOk),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),
@@ -243,7 +280,7 @@ proptest! {
     #[test]
     fn precomputed_payload_crc_encodes_identically(frame in arb_frame()) {
         let plain = frame.encode().expect("encodes");
-        let crc = payload_crc(plain.payload());
+        let crc = payload_crc(&[&plain.payload_head()[..], &plain.payload()[..]].concat());
         let fast = frame.encode_with_payload_crc(crc).expect("encodes");
         prop_assert_eq!(plain.header(), fast.header());
     }
@@ -659,4 +696,235 @@ fn a_run_checksum_listing_with_a_ragged_run_list_or_a_stray_field_is_rejected() 
         FrameCodec.decode(&mut buf),
         Err(DecodeError::BadField { op: Op::RunCrcs, .. })
     ));
+}
+
+/// Replaces the payload and makes the header agree (payload length, CRC), so
+/// that only the payload's content is wrong.
+fn set_payload(buf: &mut BytesMut, payload: &[u8]) {
+    buf.truncate(HEADER_LEN);
+    buf.extend_from_slice(payload);
+    buf[44..48].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    fix_crc(buf);
+}
+
+/// An extent list as it travels: offset (u64 LE), len (u32 LE) each.
+fn extent_bytes(extents: &[(u64, u32)]) -> Vec<u8> {
+    extents
+        .iter()
+        .flat_map(|(offset, len)| offset.to_le_bytes().into_iter().chain(len.to_le_bytes()))
+        .collect()
+}
+
+fn decode_error(buf: &mut BytesMut) -> DecodeError {
+    FrameCodec.decode(buf).expect_err("the frame must be refused")
+}
+
+#[test]
+fn a_vectored_read_with_an_invalid_extent_list_is_rejected_with_the_reason() {
+    let request = Frame::new(
+        RequestId(8),
+        Epoch(1),
+        Message::ReadV {
+            extents: vec![Extent { offset: 0, len: 4096 }],
+        },
+    );
+    let refused = |extents: &[(u64, u32)]| {
+        let mut buf = wire(&request);
+        set_payload(&mut buf, &extent_bytes(extents));
+        match decode_error(&mut buf) {
+            DecodeError::BadExtents {
+                op: Op::ReadV,
+                source,
+            } => source,
+            other => panic!("{extents:?}: {other}"),
+        }
+    };
+    assert_eq!(refused(&[]), ExtentsError::Empty);
+    let many: Vec<(u64, u32)> = (0..=MAX_EXTENTS as u64).map(|i| (i * 8192, 4096)).collect();
+    assert_eq!(
+        refused(&many),
+        ExtentsError::TooMany {
+            count: MAX_EXTENTS + 1
+        }
+    );
+    assert_eq!(
+        refused(&[(0, 4096), (8192, 0)]),
+        ExtentsError::EmptyExtent { index: 1 }
+    );
+    assert_eq!(
+        refused(&[(8192, 4096), (4096, 4096)]),
+        ExtentsError::OutOfOrder { index: 1 },
+        "extents must come in order"
+    );
+    assert_eq!(
+        refused(&[(0, 8192), (4096, 4096)]),
+        ExtentsError::OutOfOrder { index: 1 },
+        "and must not overlap"
+    );
+    assert_eq!(
+        refused(&[(u64::MAX - 4095, 8192)]),
+        ExtentsError::PastTheEnd { index: 0 }
+    );
+    assert_eq!(
+        refused(&[(0, MAX_VECTORED_BYTES), (1 << 30, 4096)]),
+        ExtentsError::TooLarge {
+            total: u64::from(MAX_VECTORED_BYTES) + 4096
+        }
+    );
+    // Touching extents are fine: in order, without overlap.
+    let mut buf = wire(&request);
+    set_payload(&mut buf, &extent_bytes(&[(0, 4096), (4096, 4096)]));
+    assert!(FrameCodec.decode(&mut buf).expect("decodes").is_some());
+
+    // A list that is not a whole number of 12-byte extents.
+    let mut buf = wire(&request);
+    drop_last_payload_byte(&mut buf);
+    assert!(
+        matches!(
+            decode_error(&mut buf),
+            DecodeError::BadField { op: Op::ReadV, .. }
+        ),
+        "ragged list"
+    );
+    // The request has no offset or length of its own.
+    for field in [24..32, 32..40] {
+        let mut buf = wire(&request);
+        buf[field.clone()].copy_from_slice(&5u64.to_le_bytes());
+        fix_crc(&mut buf);
+        let err = decode_error(&mut buf);
+        assert!(
+            matches!(
+                err,
+                DecodeError::BadField { op: Op::ReadV, .. }
+                    | DecodeError::LengthMismatch { op: Op::ReadV, .. }
+            ),
+            "{field:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_vectored_write_whose_data_does_not_fill_its_extents_is_rejected() {
+    let request = Frame::new(
+        RequestId(9),
+        Epoch(1),
+        Message::WriteV {
+            extents: vec![
+                Extent { offset: 0, len: 4096 },
+                Extent {
+                    offset: 65536,
+                    len: 4096,
+                },
+            ],
+            data: Bytes::from(vec![5u8; 8192]),
+        },
+    );
+    // One byte of data short: the extents hold more than the length field says.
+    let mut buf = wire(&request);
+    drop_last_payload_byte(&mut buf);
+    buf[32..40].copy_from_slice(&8191u64.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::BadField { op: Op::WriteV, .. }
+    ));
+    // A length field longer than the whole payload.
+    let mut buf = wire(&request);
+    buf[32..40].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::LengthMismatch { op: Op::WriteV, .. }
+    ));
+    // A length field that cuts the extent list.
+    let mut buf = wire(&request);
+    buf[32..40].copy_from_slice(&8192u64.wrapping_add(1).to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::BadField { op: Op::WriteV, .. }
+    ));
+    // An invalid list is refused like a ReadV's.
+    let mut buf = wire(&request);
+    let mut payload = extent_bytes(&[(65536, 4096), (0, 4096)]);
+    payload.extend_from_slice(&[5u8; 8192]);
+    set_payload(&mut buf, &payload);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::BadExtents {
+            op: Op::WriteV,
+            source: ExtentsError::OutOfOrder { index: 1 }
+        }
+    ));
+}
+
+#[test]
+fn a_sender_cannot_encode_a_vectored_request_the_replica_would_refuse() {
+    let encode = |message| Frame::new(RequestId(1), Epoch(1), message).encode().err();
+    assert!(matches!(
+        encode(Message::ReadV { extents: vec![] }),
+        Some(EncodeError::Extents(ExtentsError::Empty))
+    ));
+    assert!(matches!(
+        encode(Message::WriteV {
+            extents: vec![Extent { offset: 0, len: 4096 }],
+            data: Bytes::from(vec![0u8; 4095]),
+        }),
+        Some(EncodeError::ExtentsMismatch {
+            extents: 4096,
+            data: 4095
+        })
+    ));
+}
+
+#[test]
+fn vectored_write_data_is_not_copied_by_encode() {
+    let data = Bytes::from(vec![7u8; 8192]);
+    let frame = Frame::new(
+        RequestId(1),
+        Epoch(1),
+        Message::WriteV {
+            extents: vec![
+                Extent { offset: 0, len: 4096 },
+                Extent {
+                    offset: 1 << 20,
+                    len: 4096,
+                },
+            ],
+            data: data.clone(),
+        },
+    );
+    let encoded = frame.encode().expect("encodes");
+    assert_eq!(encoded.payload().as_ptr(), data.as_ptr());
+    assert_eq!(encoded.payload_head().len(), 2 * Extent::WIRE_LEN);
+    assert_eq!(encoded.wire_len(), HEADER_LEN + 2 * Extent::WIRE_LEN + 8192);
+}
+
+proptest! {
+    /// The writer hands frames to the socket through `Buf`: consumed in any
+    /// steps (a socket takes what it takes), a frame yields exactly its wire
+    /// bytes, a vectored write's three pieces included.
+    #[test]
+    fn an_encoded_frame_yields_its_wire_bytes_whatever_the_steps(
+        frame in arb_frame(),
+        steps in proptest::collection::vec(1usize..200, 1..50),
+    ) {
+        use bytes::Buf;
+        let expected = wire(&frame);
+        let mut encoded = frame.encode().expect("encodes");
+        let mut got = Vec::new();
+        for step in steps.into_iter().cycle() {
+            if !encoded.has_remaining() {
+                break;
+            }
+            let mut slices = [std::io::IoSlice::new(&[]); 3];
+            let n = encoded.chunks_vectored(&mut slices);
+            let gathered: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            prop_assert_eq!(gathered.len(), encoded.remaining());
+            let take = step.min(encoded.remaining());
+            got.extend_from_slice(&gathered[..take]);
+            encoded.advance(take);
+        }
+        prop_assert_eq!(got, expected.to_vec());
+    }
 }

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use basalt_proto::frame::{
-    BlockCrc, BlockRun, DecodeError, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
-    ReplicaIdentity, ReplyError, RequestId, MAX_CRC_RUNS,
+    BlockCrc, BlockRun, DecodeError, Extent, Frame, FrameBatchWriter, FrameCodec, Message, Op,
+    ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_CRC_RUNS,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_proto::Epoch;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConnId, Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
-use crate::store::{SnapshotInfo, Store, BLOCK_SIZE as BLOCK};
+use crate::store::{SnapshotInfo, Store, StoreError, BLOCK_SIZE as BLOCK, SECTOR_SIZE};
 
 /// Most block checksums answered per request: the answer (12 bytes each)
 /// stays well under the frame payload limit.
@@ -249,7 +249,8 @@ async fn read_requests(
             (Session::Ready { .. }, message) => {
                 let cost = match &message {
                     Message::Read { len, .. } | Message::ReadLayer { len, .. } => *len as usize,
-                    Message::Write { data, .. } => data.len(),
+                    Message::ReadV { extents } => extents.iter().map(|e| e.len as usize).sum(),
+                    Message::Write { data, .. } | Message::WriteV { data, .. } => data.len(),
                     _ => 0,
                 };
                 let units = cost.div_ceil(BUDGET_UNIT).max(1) as u32;
@@ -268,8 +269,20 @@ async fn read_requests(
                 // A snapshot layer is immutable, so reading one needs no
                 // ordering with the writes either.
                 if let Message::Read { offset, len } = job.message {
-                    match read_cached(dispatch.shared, epoch, offset, len) {
-                        Some(result) => dispatch.answer(id, op, received, result).await,
+                    let extent = Extent { offset, len };
+                    match read_cached(dispatch.shared, epoch, std::slice::from_ref(&extent)) {
+                        Some(result) => {
+                            let result = result.map(|data| Message::ReadOk { data });
+                            dispatch.answer(id, op, received, result).await;
+                        }
+                        None => dispatch.spawn_read(job),
+                    }
+                } else if let Message::ReadV { extents } = &job.message {
+                    match read_cached(dispatch.shared, epoch, extents) {
+                        Some(result) => {
+                            let result = result.map(|data| Message::ReadVOk { data });
+                            dispatch.answer(id, op, received, result).await;
+                        }
                         None => dispatch.spawn_read(job),
                     }
                 } else if let Message::ReadLayer { .. } = job.message {
@@ -347,28 +360,60 @@ impl Dispatch<'_> {
 
 /// Largest read answered on the reader task when its blocks are in the page
 /// cache: the copy stays under ~10 us, so frames behind it are not held up.
-const INLINE_READ_MAX: u32 = 64 << 10;
+/// For a vectored read, what counts is all its extents together.
+const INLINE_READ_MAX: usize = 64 << 10;
 
-/// A read answered on the reader task, if it needs no wait for the disk:
-/// a cached 4 KiB read costs a few microseconds, less than the hand-off to
-/// the blocking pool and back (two wake-ups, two context switches). `None`:
-/// too large, or not all cached -- read it on the blocking pool instead.
-fn read_cached(shared: &Shared, epoch: Epoch, offset: u64, len: u32) -> Option<Result<Message, Refusal>> {
-    if len > INLINE_READ_MAX {
+/// A read (of one extent, or of a `ReadV`'s many) answered on the reader
+/// task, if it needs no wait for the disk: a cached 4 KiB read costs a few
+/// microseconds, less than the hand-off to the blocking pool and back (two
+/// wake-ups, two context switches). `None`: too large, or not all cached --
+/// read it on the blocking pool instead.
+fn read_cached(shared: &Shared, epoch: Epoch, extents: &[Extent]) -> Option<Result<Bytes, Refusal>> {
+    if extents.iter().map(|e| e.len as usize).sum::<usize>() > INLINE_READ_MAX {
         return None;
     }
-    let mut buf = BytesMut::zeroed(len as usize);
     let result = shared.fenced(epoch, |store| {
-        store.read_cached(offset, &mut buf).map_err(Refusal::from)
+        read_extents(store, extents, Wait::No).map_err(Refusal::from)
     });
     match result {
-        Ok(false) => None,
-        Ok(true) => {
-            shared.metrics.bytes_read(buf.len());
-            Some(Ok(Message::ReadOk { data: buf.freeze() }))
+        Ok(None) => None,
+        Ok(Some(data)) => {
+            shared.metrics.bytes_read(data.len());
+            Some(Ok(data))
         }
         Err(refusal) => Some(Err(refusal)),
     }
+}
+
+/// Whether a read may wait for the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    /// Only from the page cache (on the reader task).
+    No,
+}
+
+/// The bytes of `extents`, concatenated in order, each read like a `Read`'s
+/// range (inside the volume, sector-aligned, every block checked against its
+/// CRC: a mismatch fails the whole read with that block's LBA). With
+/// [`Wait::No`], `Ok(None)` as soon as one extent is not all in the page
+/// cache.
+fn read_extents(store: &Store, extents: &[Extent], wait: Wait) -> Result<Option<Bytes>, StoreError> {
+    let mut buf = BytesMut::zeroed(extents.iter().map(|e| e.len as usize).sum());
+    let mut at = 0;
+    for extent in extents {
+        let out = &mut buf[at..at + extent.len as usize];
+        match wait {
+            Wait::Yes => store.read(extent.offset, out)?,
+            Wait::No => {
+                if !store.read_cached(extent.offset, out)? {
+                    return Ok(None);
+                }
+            }
+        }
+        at += out.len();
+    }
+    Ok(Some(buf.freeze()))
 }
 
 /// The ordered lane: executes jobs one at a time, in arrival order.
@@ -468,8 +513,13 @@ fn run_ordered_lane(
     }
 }
 
+/// A write that only reaches the page cache and the index log (no flush):
+/// batched with its neighbours (see [`execute_writes`]).
 fn is_plain_write(job: &Job) -> bool {
-    matches!(job.message, Message::Write { fua: false, .. })
+    matches!(
+        job.message,
+        Message::Write { fua: false, .. } | Message::WriteV { .. }
+    )
 }
 
 /// Counts a lane job as executed when dropped (on every path out of the
@@ -484,45 +534,95 @@ impl Drop for DoneOnDrop<'_> {
 
 /// Executes plain writes as one store batch and returns the reply to each, in
 /// order. Each is fenced by its own epoch, all under one hold of the fence,
-/// as [`execute`] would do one at a time.
+/// as [`execute`] would do one at a time. A `WriteV` is as many writes of the
+/// batch as it has extents (slices of its data, not copies), checked against
+/// the volume before any of them is written, and answered once.
 fn execute_writes(shared: &Shared, jobs: Vec<Job>) -> Vec<Frame> {
     let results: Vec<Result<Message, Refusal>> = {
         let _fence = shared.fence_shared();
-        let fenced: Vec<Result<(u64, &[u8]), Refusal>> = jobs
+        let size_bytes = shared.store.size_bytes();
+        let mut writes: Vec<(u64, &[u8])> = Vec::with_capacity(jobs.len());
+        // Each job's writes, as positions in `writes`.
+        let fenced: Vec<Result<Range<usize>, Refusal>> = jobs
             .iter()
             .map(|job| {
                 shared.check_epoch(job.epoch)?;
                 shared.check_writer(job.conn)?;
+                let first = writes.len();
                 match &job.message {
-                    Message::Write { offset, data, .. } => Ok((*offset, &data[..])),
-                    other => Err(Refusal::bad_request(format!("{} is not a write", other.op().0))),
+                    Message::Write { offset, data, .. } => writes.push((*offset, &data[..])),
+                    Message::WriteV { extents, data } => {
+                        extents_in_volume(extents, size_bytes)?;
+                        let mut at = 0;
+                        for extent in extents {
+                            let end = at + extent.len as usize;
+                            writes.push((extent.offset, &data[at..end]));
+                            at = end;
+                        }
+                    }
+                    other => return Err(Refusal::bad_request(format!("{} is not a write", other.op().0))),
                 }
+                Ok(first..writes.len())
             })
             .collect();
-        let writes: Vec<(u64, &[u8])> = fenced.iter().filter_map(|f| f.as_ref().ok().copied()).collect();
         let mut outcomes = shared.store.write_batch(&writes).into_iter();
         fenced
             .into_iter()
-            .map(|fenced| {
-                let (_, data) = fenced?;
-                match outcomes.next() {
-                    Some(Ok(())) => {
-                        shared.wrote(data.len());
-                        Ok(Message::WriteOk)
+            .zip(&jobs)
+            .map(|(fenced, job)| {
+                let pieces = fenced?;
+                let mut result = Ok(());
+                for _ in pieces.clone() {
+                    let outcome = match outcomes.next() {
+                        Some(outcome) => outcome.map_err(Refusal::from),
+                        None => Err(Refusal::new(
+                            ReplyError::Io,
+                            "the store answered fewer writes than it was given",
+                        )),
+                    };
+                    // The first failure is the answer; the rest are consumed.
+                    if result.is_ok() {
+                        result = outcome;
                     }
-                    Some(Err(e)) => Err(Refusal::from(e)),
-                    None => Err(Refusal::new(
-                        ReplyError::Io,
-                        "the store answered fewer writes than it was given",
-                    )),
                 }
+                result?;
+                shared.wrote(writes[pieces].iter().map(|(_, data)| data.len()).sum());
+                Ok(match job.message {
+                    Message::WriteV { .. } => Message::WriteVOk,
+                    _ => Message::WriteOk,
+                })
             })
             .collect()
     };
     jobs.iter()
         .zip(results)
-        .map(|(job, result)| reply_frame(shared, job.id, Op::Write, job.received, result))
+        .map(|(job, result)| reply_frame(shared, job.id, job.message.op().0, job.received, result))
         .collect()
+}
+
+/// Refuses a vectored write unless every extent is sector-aligned and inside
+/// a volume of `size_bytes`: checked before any extent is written, so that a
+/// refused request changes nothing (the wire format already guarantees a
+/// valid list: in order, non-empty, bounded).
+fn extents_in_volume(extents: &[Extent], size_bytes: u64) -> Result<(), Refusal> {
+    for (i, extent) in extents.iter().enumerate() {
+        let (offset, len) = (extent.offset, u64::from(extent.len));
+        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(Refusal::new(
+                ReplyError::Unaligned {
+                    alignment: SECTOR_SIZE,
+                },
+                format!("extent {i} ({len} bytes at {offset}) is not aligned to {SECTOR_SIZE} bytes"),
+            ));
+        }
+        if extent.end().is_none_or(|end| end > size_bytes) {
+            return Err(Refusal::new(
+                ReplyError::OutOfRange { size_bytes },
+                format!("extent {i} ({len} bytes at {offset}) ends past the volume's {size_bytes} bytes"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Executes one request (not Hello, not Ping) on a blocking thread.
@@ -538,6 +638,12 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             store.read(offset, &mut buf)?;
             metrics.bytes_read(buf.len());
             Ok(Message::ReadOk { data: buf.freeze() })
+        }),
+        Message::ReadV { extents } => shared.fenced(epoch, |store| {
+            // Waiting for the disk, every extent is read: never `None`.
+            let data = read_extents(store, &extents, Wait::Yes)?.unwrap_or_default();
+            metrics.bytes_read(data.len());
+            Ok(Message::ReadVOk { data })
         }),
         Message::Write { offset, data, fua } => shared.fenced_write(epoch, conn, |store| {
             store.write(offset, &data)?;

@@ -7,9 +7,9 @@
 //!                 +-------------------- one connection ------------------------------+
 //!  socket rx ---> | reader task: decode, check Hello, take an in-flight budget       |
 //!                 |   |-- Ping ------------------------------------------------------+--> reply channel
-//!                 |   |-- Read, cached --> store on the reader task ----------------+--> reply channel
-//!                 |   |-- Read, not cached --> spawn_blocking (concurrently) -------+--> reply channel
-//!                 |   |-- plain Write, lane idle --> batched, store on the reader --+--> reply channel
+//!                 |   |-- Read/ReadV, cached --> store on the reader task ----------+--> reply channel
+//!                 |   |-- Read/ReadV, not cached --> spawn_blocking (concurrently) -+--> reply channel
+//!                 |   |-- plain Write/WriteV, lane idle --> batched, on the reader -+--> reply channel
 //!                 |   '-- Unmap/FUA write/Flush/Snapshot*/Info/SetEpoch, or a       |
 //!                 |       write behind one --> ordered lane: ONE blocking thread ---+--> reply channel
 //!                 |                                                                  |
