@@ -94,14 +94,15 @@ impl PointIndex {
         }
     }
 
-    /// A table of `entries`, each block once.
-    fn from_sorted(entries: &[(u64, Entry)]) -> PointIndex {
-        let mut points = PointIndex::with_capacity(entries.len());
-        for (i, &(lba, entry)) in entries.iter().enumerate() {
-            if let Some(&(ahead, _)) = entries.get(i + PREFETCH_AHEAD) {
-                prefetch(SlotAddress(points.home_slot(ahead)));
+    /// A table of the entries of `list`, each block once.
+    fn from_sorted<T>(list: &[T], entry: impl Fn(&T) -> (u64, Entry)) -> PointIndex {
+        let mut points = PointIndex::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            if let Some(ahead) = list.get(i + PREFETCH_AHEAD) {
+                prefetch(SlotAddress(points.home_slot(entry(ahead).0)));
             }
-            points.insert(lba, entry);
+            let (lba, e) = entry(item);
+            points.insert(lba, e);
         }
         points
     }
@@ -268,21 +269,21 @@ impl VolumeMap {
     /// opening after a crash does nothing else meanwhile, and every millisecond of the open is a
     /// millisecond more that a returning replica misses writes (a 262,144-block head: ~7 ms for the
     /// B-tree, ~7 ms for the hash table).
-    fn from_sorted(entries: Vec<(u64, Entry)>) -> VolumeMap {
+    fn from_sorted<T: Sync>(list: &[T], entry: impl Fn(&T) -> (u64, Entry) + Sync) -> VolumeMap {
         // Sorted input: `from_iter` only checks the order and builds the tree bottom up, instead of
         // descending it for every entry.
-        let tree = |entries: &[(u64, Entry)]| BTreeMap::from_iter(entries.iter().copied());
-        let (entries, points) = if entries.len() >= PARALLEL_BUILD_ENTRIES {
+        let tree = || BTreeMap::from_iter(list.iter().map(&entry));
+        let (entries, points) = if list.len() >= PARALLEL_BUILD_ENTRIES {
             std::thread::scope(|scope| {
-                let tree = scope.spawn(|| tree(&entries));
-                let points = PointIndex::from_sorted(&entries);
+                let tree = scope.spawn(tree);
+                let points = PointIndex::from_sorted(list, &entry);
                 let tree = tree
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                 (tree, points)
             })
         } else {
-            (tree(&entries), PointIndex::from_sorted(&entries))
+            (tree(), PointIndex::from_sorted(list, &entry))
         };
         VolumeMap { entries, points }
     }
@@ -318,8 +319,14 @@ impl VolumeMap {
 /// head cost 50-75 ms of B-tree descents and hash-table doublings at every open. The gathered list is
 /// replayed whenever it has grown to twice what the last replay left, so a long chain that rewrote the
 /// same blocks in every layer holds at most about three times the final map, not every layer at once.
+///
+/// The first layer is kept as it was added until a second one comes: a chain without snapshots (a
+/// head alone, the common case) then builds its indexes straight from the head's own list, without
+/// gathering a copy of it first (~3 ms and 6 MiB of fresh memory for 262,144 blocks, at every open).
 #[derive(Default)]
 pub(crate) struct MapBuilder {
+    /// The only layer added so far, as it came.
+    first: Option<(LayerId, LayerBlocks)>,
     /// The entries added, layer after layer; in block order and each block once up to `replayed`.
     entries: Vec<(u64, Entry)>,
     replayed: usize,
@@ -342,7 +349,18 @@ const MIN_REPLAY_ENTRIES: usize = 1 << 16;
 
 impl MapBuilder {
     /// Puts a newer layer's blocks on top of those added before.
-    pub fn add_layer(&mut self, layer: LayerId, blocks: &LayerBlocks) {
+    pub fn add_layer(&mut self, layer: LayerId, blocks: LayerBlocks) {
+        if self.first.is_none() && self.runs == 0 {
+            self.first = Some((layer, blocks));
+            return;
+        }
+        if let Some((first, first_blocks)) = self.first.take() {
+            self.gather(first, &first_blocks);
+        }
+        self.gather(layer, &blocks);
+    }
+
+    fn gather(&mut self, layer: LayerId, blocks: &LayerBlocks) {
         self.entries.extend(
             blocks
                 .as_slice()
@@ -364,8 +382,12 @@ impl MapBuilder {
     }
 
     pub fn build(mut self) -> VolumeMap {
+        if let Some((layer, blocks)) = &self.first {
+            let layer = *layer;
+            return VolumeMap::from_sorted(blocks.as_slice(), |&(lba, state)| (lba, Entry { layer, state }));
+        }
         self.replay();
-        VolumeMap::from_sorted(self.entries)
+        VolumeMap::from_sorted(&self.entries, |&entry| entry)
     }
 }
 
@@ -381,7 +403,7 @@ mod tests {
         };
         // What an open builds for 2^12 blocks: exactly half full.
         let entries: Vec<(u64, Entry)> = (0..4096).map(|lba| (lba, data(1))).collect();
-        let mut points = PointIndex::from_sorted(&entries);
+        let mut points = PointIndex::from_sorted(&entries, |&e| e);
         let slots = points.slots.len();
         assert_eq!(points.len * 2, slots, "built exactly half full");
         for lba in (0..4096).step_by(7) {
@@ -495,20 +517,24 @@ mod tests {
                     .collect(),
             ),
         ];
-        let mut expected = VolumeMap::default();
-        let mut builder = MapBuilder::default();
-        for (layer, blocks) in &layers {
-            for &(lba, state) in blocks {
-                expected.insert(lba, Entry { layer: *layer, state });
+        // The whole chain, and its oldest layer alone (a head without snapshots, built from the
+        // layer's own list).
+        for depth in [layers.len(), 1] {
+            let mut expected = VolumeMap::default();
+            let mut builder = MapBuilder::default();
+            for (layer, blocks) in &layers[..depth] {
+                for &(lba, state) in blocks {
+                    expected.insert(lba, Entry { layer: *layer, state });
+                }
+                builder.add_layer(*layer, LayerBlocks::replay(blocks.clone()));
             }
-            builder.add_layer(*layer, &LayerBlocks::replay(blocks.clone()));
+            let built = builder.build();
+            assert_eq!(built.entries, expected.entries, "{depth} layers");
+            assert_eq!(built.points.len, expected.entries.len());
+            for (&lba, &entry) in &expected.entries {
+                assert_eq!(built.get(lba), Some(entry), "block {lba}");
+            }
+            assert_eq!(built.get(300_001), None);
         }
-        let built = builder.build();
-        assert_eq!(built.entries, expected.entries);
-        assert_eq!(built.points.len, expected.entries.len());
-        for (&lba, &entry) in &expected.entries {
-            assert_eq!(built.get(lba), Some(entry), "block {lba}");
-        }
-        assert_eq!(built.get(300_001), None);
     }
 }

@@ -656,11 +656,13 @@ impl Store {
             let keep_open = id == meta.head;
             layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
             layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
-            map.add_layer(id, &index.blocks);
             if index.needs_rewrite {
                 let at = revision.max(index.last_revision.unwrap_or_default());
-                rewrites.push((id, index.blocks, at, keep_open));
-            } else if keep_open {
+                // Rare (a crash left an unflushed or torn tail): the copy costs nothing worth saving.
+                rewrites.push((id, index.blocks.as_slice().to_vec(), at, keep_open));
+            }
+            map.add_layer(id, index.blocks);
+            if !index.needs_rewrite && keep_open {
                 *lock(&layer.log) = Some(LogAppender::open_at_end(&*backend, &id.log_object(), true)?);
             }
             layers.insert(id, Arc::new(layer));
@@ -673,7 +675,7 @@ impl Store {
                 .iter()
                 .try_for_each(|(id, blocks, at, keep_open)| {
                     // Make the recovered state the durable one before anything new is appended.
-                    let blocks = blocks.as_slice().iter().copied();
+                    let blocks = blocks.iter().copied();
                     install_log(&*backend, &layers[id], blocks, *at, *keep_open)
                 })
                 .and_then(|()| intent::IntentRecord::open(backend.clone(), revision, tail.iter().copied()));
@@ -1951,7 +1953,7 @@ impl Store {
                 continue;
             }
             let index = load_index(&*self.backend, layer, volume_blocks).map_err(|e| self.fail(e))?;
-            map.add_layer(id, &index.blocks);
+            map.add_layer(id, index.blocks);
         }
         *wlock(&self.map) = map.build();
         drop(chain);
