@@ -179,7 +179,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// measuring, and a replica whose network comes back is rebuilt within ~5 s
 /// instead of up to 30 s. A replica that answers but fails its rebuild (say,
 /// a full disk) backs off up to `RETRY_MAX`: a rebuild attempt is expensive.
+/// A port that keeps refusing for `REFUSED_FAST_FOR` is not restarting but
+/// down (its process crashed and nobody restarts it): it is then probed
+/// every `REFUSED_SLOW_RETRY`, not 200 times a second for hours.
 const REFUSED_RETRY: Duration = Duration::from_millis(5);
+const REFUSED_FAST_FOR: Duration = Duration::from_secs(10);
+const REFUSED_SLOW_RETRY: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(20);
 /// How often the watch asks the volume which replicas failed, when no probe
 /// is due sooner: a replica that just failed is not back within 20 ms.
@@ -199,11 +204,13 @@ enum Probe {
 }
 
 /// After `probe`, how long to wait before the next one, and the back-off to
-/// carry (see [`RETRY_MIN`]).
-fn next_probe(probe: Probe, backoff: Duration) -> (Duration, Duration) {
+/// carry (see [`RETRY_MIN`]); `refusing_for` is how long the replica's port
+/// has refused connections without a break.
+fn next_probe(probe: Probe, backoff: Duration, refusing_for: Duration) -> (Duration, Duration) {
     match probe {
         Probe::Answered => (backoff, (backoff * 2).min(RETRY_MAX)),
-        Probe::Refused => (REFUSED_RETRY, backoff),
+        Probe::Refused if refusing_for < REFUSED_FAST_FOR => (REFUSED_RETRY, backoff),
+        Probe::Refused => (REFUSED_SLOW_RETRY, backoff),
         Probe::Silent => {
             let wait = backoff.min(PROBE_RETRY_MAX);
             (wait, (wait * 2).min(PROBE_RETRY_MAX))
@@ -443,7 +450,9 @@ impl Rebuilder {
     /// Watch for failed replicas that answer again and rebuild them, with
     /// back-off per replica, until `shutdown`.
     pub async fn watch(self: Arc<Self>, volume: Volume, shutdown: tokio_util::sync::CancellationToken) {
-        let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
+        // Per failed replica: when to probe it next, the back-off to carry, and since when its port
+        // has refused connections (if it does).
+        let mut next_try: HashMap<String, (Instant, Duration, Option<Instant>)> = HashMap::new();
         let mut wake = Instant::now();
         loop {
             tokio::select! {
@@ -471,7 +480,10 @@ impl Rebuilder {
                     continue;
                 }
                 let now = Instant::now();
-                let (when, backoff) = next_try.get(&r.address).copied().unwrap_or((now, RETRY_MIN));
+                let (when, backoff, refusing_since) = next_try
+                    .get(&r.address)
+                    .copied()
+                    .unwrap_or((now, RETRY_MIN, None));
                 if now < when {
                     wake = wake.min(when);
                     continue;
@@ -500,10 +512,15 @@ impl Rebuilder {
                     }
                     Err(_) => Probe::Silent,
                 };
-                let (wait, backoff) = next_probe(probe, backoff);
+                let refusing_since = match probe {
+                    Probe::Refused => Some(refusing_since.unwrap_or(now)),
+                    _ => None,
+                };
+                let refusing_for = refusing_since.map_or(Duration::ZERO, |since| now - since);
+                let (wait, backoff) = next_probe(probe, backoff, refusing_for);
                 let when = Instant::now() + wait;
                 wake = wake.min(when);
-                next_try.insert(r.address.clone(), (when, backoff));
+                next_try.insert(r.address.clone(), (when, backoff, refusing_since));
             }
         }
     }
@@ -1679,23 +1696,38 @@ mod tests {
     #[test]
     fn probes_back_off_to_5_s_for_a_silent_host_and_30_s_for_failing_rebuilds() {
         // A restarting replica is asked again at once, whatever happened before.
-        assert_eq!(next_probe(Probe::Refused, RETRY_MAX), (REFUSED_RETRY, RETRY_MAX));
+        assert_eq!(
+            next_probe(Probe::Refused, RETRY_MAX, Duration::ZERO),
+            (REFUSED_RETRY, RETRY_MAX)
+        );
+        // ... for a while: a port refusing for longer is down, not restarting.
+        assert_eq!(
+            next_probe(Probe::Refused, RETRY_MIN, Duration::from_secs(9)).0,
+            REFUSED_RETRY
+        );
+        assert_eq!(
+            next_probe(Probe::Refused, RETRY_MIN, Duration::from_secs(11)).0,
+            REFUSED_SLOW_RETRY
+        );
         // A silent host: doubling from 20 ms, never more than 5 s apart, even after failed rebuilds.
         let mut backoff = RETRY_MIN;
         let mut waits = Vec::new();
         for _ in 0..12 {
-            let (wait, next) = next_probe(Probe::Silent, backoff);
+            let (wait, next) = next_probe(Probe::Silent, backoff, Duration::ZERO);
             waits.push(wait);
             backoff = next;
         }
         assert_eq!(waits[0], RETRY_MIN);
         assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
         assert_eq!(*waits.last().unwrap(), PROBE_RETRY_MAX);
-        assert_eq!(next_probe(Probe::Silent, RETRY_MAX).0, PROBE_RETRY_MAX);
+        assert_eq!(
+            next_probe(Probe::Silent, RETRY_MAX, Duration::ZERO).0,
+            PROBE_RETRY_MAX
+        );
         // Rebuilds that keep failing space out to 30 s.
         let mut backoff = RETRY_MIN;
         for _ in 0..20 {
-            backoff = next_probe(Probe::Answered, backoff).1;
+            backoff = next_probe(Probe::Answered, backoff, Duration::ZERO).1;
         }
         assert_eq!(backoff, RETRY_MAX);
     }
