@@ -16,10 +16,12 @@
 //!  6. list block checksums on a RW source and on the target, in those regions only
 //!     (the whole volume if the record cannot answer): `RunCrcs`, up to 2^16 regions
 //!     per request, both replicas at once
-//!  7. copy what differs, through the core     (ordered with guest writes; a copy overtaken
-//!                                              by a guest write is read again; slower while
-//!                                              the guest is busy; the target flushed every
-//!                                              64 MiB so the drain below stays short)
+//!  7. copy what differs, through the core     (up to 64 runs a copy: one `ReadV` from a RW
+//!                                              replica, one `WriteV` to the target; ordered
+//!                                              with guest writes; a copy overtaken by a guest
+//!                                              write is read again; slower while the guest is
+//!                                              busy; the target flushed every 64 MiB so the
+//!                                              drain below stays short)
 //!  8. check both chains still match, then promote to RW
 //!  9. drain: one flush on every replica      (after the promotion: the copy becomes durable,
 //!                                              and the target adopts the source's flush
