@@ -174,10 +174,10 @@ fn parse_split(
         ended_at,
         ..
     } = decoded;
-    let torn_tail = ended_at.is_some_and(|end| !is_clean_end(&bytes[end * RECORD_LEN..]));
-    if torn_tail {
-        let after = ended_at.unwrap_or(records) + 1;
-        let rest = bytes.get(after * RECORD_LEN..).unwrap_or_default();
+    // Where the records stop, anything but zeros is a torn tail.
+    let torn_at = ended_at.filter(|&end| !is_clean_end(&bytes[end * RECORD_LEN..]));
+    if let Some(end) = torn_at {
+        let rest = bytes.get((end + 1) * RECORD_LEN..).unwrap_or_default();
         if rest
             .chunks(RECORD_LEN)
             .any(|c| matches!(Record::decode(c), Some(Record::Flush { .. })))
@@ -186,7 +186,7 @@ fn parse_split(
                 what: what.to_string(),
                 detail: format!(
                     "damaged record at byte {} before a later flush marker",
-                    ended_at.unwrap_or(records) * RECORD_LEN
+                    end * RECORD_LEN
                 ),
             });
         }
@@ -201,7 +201,7 @@ fn parse_split(
         trusted: blocks,
         unverified,
         last_revision,
-        torn_tail,
+        torn_tail: torn_at.is_some(),
     })
 }
 
