@@ -304,6 +304,11 @@ impl LayerBlocks {
     /// Replays `records` in log order: the last record of each block wins.
     pub fn replay(mut records: Vec<(u64, BlockState)>) -> LayerBlocks {
         replay_in_place(&mut records);
+        // A list outlives its open (it is the head's ordered index in the map), and a log that
+        // rewrote its blocks many times leaves most of the room it was decoded into unused.
+        if records.capacity() / 2 > records.len() {
+            records.shrink_to_fit();
+        }
         LayerBlocks(records)
     }
 

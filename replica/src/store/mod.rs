@@ -1042,14 +1042,15 @@ impl Store {
             &mut large
         };
         {
+            // One point lookup per block, not a range of the ordered entries: a range looks up
+            // each block it lists in the hash table anyway (for its CRC), after a search whose cache
+            // misses each wait for the one before. The probes are independent, so with their slots
+            // prefetched first their misses overlap.
             let map = rlock(&self.map);
-            if n == 1 {
-                // A point lookup is one descent of the tree; a range needs two (both bounds).
-                entries[0] = map.get(first);
-            } else {
-                for (lba, entry) in map.range(first..first + n as u64) {
-                    entries[(lba - first) as usize] = Some(entry);
-                }
+            let lbas = first..first + n as u64;
+            lbas.clone().for_each(|lba| map::prefetch(map.slot_address(lba)));
+            for (entry, lba) in entries.iter_mut().zip(lbas) {
+                *entry = map.get(lba);
             }
         }
         let mut i = 0;
