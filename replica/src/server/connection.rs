@@ -48,6 +48,14 @@ const ORDERED_QUEUE: usize = 1024;
 /// default queue depth of 128 commands, so a batch never waits to fill up.
 const MAX_WRITE_BATCH: usize = 128;
 
+/// Most payload bytes one such batch carries. A batch is answered when all of
+/// it is written, so a rebuild's vectored copies (64 scattered blocks each),
+/// gathered 14 at a time, held every reply for ~5 ms of scattered writes
+/// while the sources, whose next reads wait for those replies, sat idle;
+/// 1 MiB is answered in about a millisecond. Guest writes never come near it
+/// (128 writes of 4 KiB are 512 KiB).
+const MAX_WRITE_BATCH_BYTES: usize = 1 << 20;
+
 /// Replies waiting for the writer task; bounded so that a controller that
 /// stops reading stalls this connection instead of growing its memory.
 const REPLY_QUEUE: usize = 1024;
@@ -289,7 +297,7 @@ async fn read_requests(
                     dispatch.spawn_read(job);
                 } else if is_plain_write(&job) && dispatch.lane_pending.load(Ordering::Acquire) == 0 {
                     writes.push(job);
-                    if writes.len() >= MAX_WRITE_BATCH {
+                    if batch_full(&writes) {
                         dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
                     }
                 } else {
@@ -444,7 +452,7 @@ fn run_ordered_lane(
         };
         if is_plain_write(&job) {
             let mut batch = vec![job];
-            while batch.len() < MAX_WRITE_BATCH {
+            while !batch_full(&batch) {
                 match jobs.try_recv() {
                     Ok(next) if is_plain_write(&next) => batch.push(next),
                     Ok(next) => {
@@ -520,6 +528,15 @@ fn is_plain_write(job: &Job) -> bool {
         job.message,
         Message::Write { fua: false, .. } | Message::WriteV { .. }
     )
+}
+
+/// Whether a batch of `jobs` plain writes is as large as one may be.
+fn batch_full(jobs: &[Job]) -> bool {
+    let bytes = jobs.iter().map(|job| match &job.message {
+        Message::Write { data, .. } | Message::WriteV { data, .. } => data.len(),
+        _ => 0,
+    });
+    jobs.len() >= MAX_WRITE_BATCH || bytes.sum::<usize>() >= MAX_WRITE_BATCH_BYTES
 }
 
 /// Counts a lane job as executed when dropped (on every path out of the
