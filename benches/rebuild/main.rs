@@ -15,8 +15,9 @@
 //!   snapshot  4 KiB random writes (QD8) while `basalt snapshot create` runs N times: latency percentiles
 //! ```
 //!
-//! Times are wall clock seen from outside, asking the controller's `VolumeInfo` (gRPC, one connection kept
-//! open) every [`POLL`]: "restart → RW"
+//! Times are wall clock from the replica's restart, asking the controller's `VolumeInfo` (gRPC, one
+//! connection kept open) every [`POLL`]; the moment of RW is then taken from the controller's own log line
+//! of the promotion (the poll sees it up to a `POLL` late, a tenth of a delta rebuild). "restart → RW"
 //! is what an operator waits; it splits into "restart → WO" (the controller's re-add back-off and probe) and
 //! "WO → RW" (the rebuild proper). fio logs every completion with a Unix-epoch timestamp
 //! (`--write_lat_log`, `--log_unix_epoch`), so its windows line up with the harness's clock.
@@ -271,6 +272,7 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
     let addr = cluster.replicas[VICTIM].addr;
     let flushed_before = flushed_lines(controller, addr).len();
     let start = Instant::now();
+    let started = SystemTime::now();
     cluster.start_replica(VICTIM)?;
     let listening = start.elapsed();
     // WO can be brief for a small delta: RW also counts as "past WO".
@@ -281,14 +283,24 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
         match mode.as_deref() {
             Some("WO") if to_wo.is_none() => to_wo = Some(start.elapsed()),
             Some("RW") => {
-                let to_rw = start.elapsed();
+                let seen = start.elapsed();
                 let flushed = flushed_line(controller, addr, flushed_before);
+                // The controller's own time of the promotion, which the poll above sees up to a
+                // `POLL` late (a tenth of a delta rebuild); the poll's if the line is not there.
+                let rw_line = last_rebuild_line(controller, addr);
+                let to_rw = rw_line
+                    .as_deref()
+                    .and_then(log_time)
+                    .and_then(|at| at.duration_since(started).ok())
+                    .filter(|&exact| exact <= seen)
+                    .unwrap_or(seen);
+                let to_wo = to_wo.map_or(to_rw, |wo: Duration| wo.min(to_rw));
                 let after_rw = flushed
                     .as_deref()
                     .and_then(|l| field(l, "after_rw")?.parse::<f64>().ok());
                 let times = RebuildTimes {
                     listening,
-                    to_wo: to_wo.unwrap_or(to_rw),
+                    to_wo,
                     to_rw,
                     to_durable: after_rw.map(Duration::from_secs_f64),
                 };
@@ -304,7 +316,7 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
                     "bench: replica listening after {}; replica: {}; controller: {}; then: {}",
                     ms(listening),
                     opened.unwrap_or_else(|| "no open line logged".into()),
-                    last_rebuild_line(controller, addr).unwrap_or_else(|| "no rebuild line logged".into()),
+                    rw_line.unwrap_or_else(|| "no rebuild line logged".into()),
                     flushed.unwrap_or_else(|| "no flush line logged".into())
                 );
                 return Ok(times);
@@ -383,6 +395,27 @@ fn flushed_line(controller: &Controller, addr: std::net::SocketAddr, before: usi
         std::thread::sleep(POLL);
     }
     None
+}
+
+/// When a log line was written: its leading UTC timestamp (`2026-11-21T16:45:16.261623Z`, as the
+/// daemons' tracing output starts every line).
+fn log_time(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let mut hms = time.splitn(3, ':');
+    let (h, min) = (hms.next()?.parse::<u64>().ok()?, hms.next()?.parse::<u64>().ok()?);
+    let sec: f64 = hms.next()?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let whole = Duration::from_secs(days * 86_400 + h * 3_600 + min * 60);
+    Some(UNIX_EPOCH + whole + Duration::from_secs_f64(sec))
 }
 
 /// The value of `key=value` in a log line.
@@ -710,4 +743,28 @@ fn report(
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_timed_by_their_leading_utc_stamp() {
+        let at = |line: &str| log_time(line).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_micros());
+        assert_eq!(
+            at("2026-11-21T16:45:16.261623Z  INFO basalt_engine::volume::rebuild: replica RW"),
+            Some(1_795_279_516_261_623)
+        );
+        assert_eq!(at("2024-02-29T00:00:00Z x"), Some(1_709_164_800_000_000));
+        assert_eq!(at("1970-01-01T00:00:00.5Z"), Some(500_000));
+        for garbage in [
+            "",
+            "bench: no stamp",
+            "2026-11-21 16:45:16Z",
+            "2026-11-21T16:45:16",
+        ] {
+            assert_eq!(at(garbage), None, "{garbage:?}");
+        }
+    }
 }
