@@ -52,8 +52,9 @@ const MAX_WRITE_BATCH: usize = 128;
 /// it is written, so a rebuild's vectored copies (64 scattered blocks each),
 /// gathered 14 at a time, held every reply for ~5 ms of scattered writes
 /// while the sources, whose next reads wait for those replies, sat idle;
-/// 1 MiB is answered in about a millisecond. Guest writes never come near it
-/// (128 writes of 4 KiB are 512 KiB).
+/// 1 MiB is answered in about a millisecond. Small guest writes never come
+/// near it (128 writes of 4 KiB are 512 KiB), and large ones lose nothing by
+/// it: the store writes at most 1 MiB under one log append anyway.
 const MAX_WRITE_BATCH_BYTES: usize = 1 << 20;
 
 /// Replies waiting for the writer task; bounded so that a controller that
