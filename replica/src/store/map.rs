@@ -253,7 +253,7 @@ impl PointIndex {
 /// there, each block once. Returns how many it placed and those whose probe ran past the part's end.
 ///
 /// The slot of each entry is prefetched [`PREFETCH_AHEAD`] entries before it is written, so that
-/// many cache misses (and page faults) are in flight instead of one.
+/// many cache misses are in flight instead of one (the part is faulted in first, front to back).
 fn fill_part<T>(
     part: &mut [[u64; 2]],
     first: usize,
