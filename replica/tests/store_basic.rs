@@ -451,6 +451,60 @@ fn allocated_ranges_are_coalesced_bytes_of_the_merged_view() {
 }
 
 #[test]
+fn checksums_of_many_ranges_short_and_long_list_exactly_what_one_listing_per_range_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 64 * MIB);
+    // Data in a snapshot and in the head, a block rewritten after the snapshot, discards of both.
+    for lba in (0..4000u64).step_by(7) {
+        store.write(lba * 4096, &block(lba as u8)).unwrap();
+    }
+    store.snapshot_create("s").unwrap();
+    for lba in (3..4000u64).step_by(11) {
+        store.write(lba * 4096, &block(!lba as u8)).unwrap();
+    }
+    store.unmap(14 * 4096, 4096).unwrap();
+    store.unmap(300 * 4096, 200 * 4096).unwrap();
+    // Short ranges (looked up block by block), long ones (listed in order), a long sparse one.
+    let ranges = vec![
+        0..1,
+        3..5,
+        7..71,
+        100..165,
+        290..520,
+        700..702,
+        1000..3000,
+        3990..4100,
+    ];
+    let one_by_one: Vec<(u64, u32)> = ranges.iter().flat_map(|r| store.block_crcs(r.clone())).collect();
+    assert!(
+        one_by_one.iter().any(|&(lba, _)| lba == 3),
+        "a head block is listed"
+    );
+    assert!(
+        !one_by_one.iter().any(|&(lba, _)| lba == 14),
+        "a discarded block is not"
+    );
+    let check = |store: &Store| {
+        assert_eq!(
+            store.block_crcs_in(&ranges, usize::MAX),
+            (one_by_one.clone(), 4100)
+        );
+        // Cut short: the entries up to the limit, and the first block left out.
+        for max in [0, 1, 5, one_by_one.len() - 1] {
+            assert_eq!(
+                store.block_crcs_in(&ranges, max),
+                (one_by_one[..max].to_vec(), one_by_one[max].0),
+                "at most {max} entries"
+            );
+        }
+    };
+    check(&store);
+    // Reopened, the map is built from the logs instead of grown write by write.
+    drop(store);
+    check(&Store::open(dir.path()).unwrap());
+}
+
+#[test]
 fn a_volume_larger_than_a_file_can_be_spans_segments() {
     // 64 TiB: beyond ext4's 16 TiB file limit, so the data lives in segment files.
     let dir = tempfile::tempdir().unwrap();
