@@ -13,10 +13,10 @@ use rand::{Rng, SeedableRng};
 /// Bytes per prefill write, for both sides of a store-versus-raw-file comparison. The page cache
 /// sizes a new folio after the write that creates it, and the cost of a later small read or
 /// overwrite depends on that size (a 4 KiB overwrite into a 1 MiB folio walks all its buffer heads:
-/// measured 3-4x slower). The store's backend writes its data in aligned 64 KiB pieces whatever the
-/// caller's size, so the raw file must be written in the same pieces, or the comparison measures
-/// folio sizes instead of the store.
-pub const PREFILL_WRITE: usize = 64 << 10;
+/// measured 3-4x slower). The store's backend writes its data in aligned 16 KiB pieces whatever the
+/// caller's size (`WRITE_CHUNK`), so the raw file must be written in the same pieces, or the comparison
+/// measures folio sizes instead of the store.
+pub const PREFILL_WRITE: usize = 16 << 10;
 
 /// A plain file and a fresh store, both `size` bytes, both filled with the same data written the same
 /// way (see [`PREFILL_WRITE`]) and made durable, so that both start from the same page-cache state.
