@@ -227,6 +227,21 @@ pub fn free_local_addr() -> Result<SocketAddr> {
 }
 
 /// How a [`Daemon`] is stopped.
+/// Makes the child that `cmd` starts get SIGKILL when the thread that starts it dies: a harness
+/// killed outright, or failing out of a phase, leaves no load running against a target that is gone
+/// (a forgotten fio ran at ~95 % of a core for an hour and skewed the next measurements).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum StopPolicy {
     /// SIGTERM, then SIGKILL if it is still running after `grace` (daemons that flush on exit).
@@ -257,15 +272,7 @@ impl Daemon {
             .map_err(io(format!("open {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("duplicate a log file descriptor"))?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let command = describe(&cmd);
         let child = cmd.spawn().map_err(io(format!("start {what}: `{command}`")))?;
         Ok(Daemon {

@@ -32,7 +32,7 @@ use basalt_proto::pb::controller::controller_service_client::ControllerServiceCl
 use basalt_proto::pb::controller::VolumeInfoRequest;
 use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
 use basalt_tests::volume::{qemu_io, Cluster, Controller};
-use basalt_tests::{basalt_binary, fio_libiscsi, run_checked, ByteSize};
+use basalt_tests::{basalt_binary, die_with_parent, fio_libiscsi, run_checked, ByteSize};
 use clap::Parser;
 use serde_json::Value;
 
@@ -193,6 +193,7 @@ fn main() -> anyhow::Result<()> {
         cmd.args(fio_base("delta-change", &controller, LOAD_QD, written))
             .arg(format!("--io_size={}", changed.max(4096)))
             .current_dir(&out);
+        die_with_parent(&mut cmd);
         let text = run_checked(&mut cmd).context("change data while the replica is away")?;
         std::fs::write(out.join("fio-delta-change.json"), &text.stdout)?;
         // The guest flushes what it changed, as a filesystem does within seconds; unflushed, the
@@ -237,6 +238,8 @@ fn fio_base(name: &str, controller: &Controller, iodepth: u32, written: ByteSize
         format!("--iodepth={iodepth}"),
         "--norandommap=1".into(),
         "--randrepeat=0".into(),
+        // Jobs as threads of one process: a job process would outlive the harness (see `die_with_parent`).
+        "--thread".into(),
         "--output-format=json".into(),
     ]
 }
@@ -463,6 +466,7 @@ impl Load {
             .current_dir(out)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().context("start fio")?;
         Ok(Load {
             child,
