@@ -994,8 +994,18 @@ impl VolumeCore {
                 last_error,
                 ..
             } => match reply {
+                ReplicaReply::Ok(data) if data.len() != *len as usize => {
+                    // Handing it to the guest (or writing it back as a
+                    // repair) would answer with other bytes than the volume
+                    // holds: the replica is broken, not the read.
+                    let why = format!("answered a read of {len} bytes with {} bytes", data.len());
+                    tried.push(client);
+                    *last_error = format!("{client}: {why}");
+                    self.fail(client, why, out);
+                    self.dispatch_read(job_id, out);
+                }
                 ReplicaReply::Ok(data) => {
-                    let (offset, len, overtaken) = (*offset, *len, *overtaken);
+                    let (offset, overtaken) = (*offset, *overtaken);
                     let bad = std::mem::take(bad);
                     if let Some(guest) = guest.take() {
                         out.push(Effect::Complete {
@@ -1014,7 +1024,6 @@ impl VolumeCore {
                                     data: data.clone(),
                                     fua: false,
                                 };
-                                debug_assert_eq!(data.len(), len as usize);
                                 self.send(target, repair, request, out);
                             }
                         }
@@ -1517,6 +1526,29 @@ mod tests {
     }
 
     #[test]
+    fn a_read_answered_with_the_wrong_length_fails_that_replica_and_is_read_elsewhere() {
+        let mut h = Harness::new(3);
+        let g = h.guest(GuestOp::Read {
+            offset: 8192,
+            len: 8192,
+        });
+        let (first, job, _) = Harness::sends(&h.take())[0].clone();
+        h.reply(first, job, ReplicaReply::Ok(Bytes::from(vec![1u8; 4096])));
+        let effects = h.take();
+        assert!(
+            Harness::completions(&effects).is_empty(),
+            "a short answer never reaches the guest"
+        );
+        assert_eq!(h.core.mode(ClientId(first)).label(), "ERR", "{effects:?}");
+        let retry = Harness::sends(&effects);
+        assert_eq!(retry.len(), 1);
+        assert_ne!(retry[0].0, first, "read again from another replica");
+        let good = Bytes::from(vec![9u8; 8192]);
+        h.reply(retry[0].0, retry[0].1, ReplicaReply::Ok(good.clone()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(good))]);
+    }
+
+    #[test]
     fn repair_is_skipped_when_a_newer_write_overtook_the_read() {
         let mut h = Harness::new(3);
         h.guest(GuestOp::Read { offset: 0, len: 4096 });
@@ -1555,15 +1587,9 @@ mod tests {
         let resent = Harness::sends(&h.take());
         assert_eq!(resent.len(), 1);
         assert_ne!(resent[0].0, c);
-        h.reply(
-            resent[0].0,
-            resent[0].1,
-            ReplicaReply::Ok(Bytes::from_static(b"x")),
-        );
-        assert_eq!(
-            Harness::completions(&h.take()),
-            vec![(g, Ok(Bytes::from_static(b"x")))]
-        );
+        let data = Bytes::from(vec![7u8; 4096]);
+        h.reply(resent[0].0, resent[0].1, ReplicaReply::Ok(data.clone()));
+        assert_eq!(Harness::completions(&h.take()), vec![(g, Ok(data))]);
     }
 
     #[test]
