@@ -358,11 +358,15 @@ impl Backend for DirBackend {
         }
         // SAFETY: the mapping is read-only, and nothing writes or truncates the file while it lives:
         // the store reads an object whole only while it opens, holding the directory's lock (see the
-        // module documentation), and drops the mapping before it appends to the object. As with
-        // `map_for_append`, a disk error on a mapped page is a SIGBUS rather than an error; the
-        // pages are read in (`populate`) right here, before anything else happens.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-        Ok(Some(Whole::Mapped(map)))
+        // module documentation), and drops the mapping before it appends to the object.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        match read_in(&map, name) {
+            Ok(()) => Ok(Some(Whole::Mapped(map))),
+            // A kernel older than 5.14 cannot say whether the pages could be read: read the object
+            // instead, so that a disk error is an error there too.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(self.read_blob(name)?.map(Whole::Read)),
+            Err(e) => Err(e),
+        }
     }
 
     fn replace_blob(&self, name: &str, content: &[u8]) -> io::Result<()> {
@@ -705,6 +709,23 @@ impl Object for DirObject {
 }
 
 /// `pwritev` until every byte of `bufs` is written at `offset` (a regular file may take less per call).
+/// Reads every page of `map` (a mapping of object `name`) into memory now, or says why it cannot.
+///
+/// A page of a mapping that the disk fails to read is a SIGBUS when it is touched, which would kill the
+/// replica with no word of which file or why; `MAP_POPULATE` reads the pages in too, but ignores such
+/// a failure. `MADV_POPULATE_READ` (Linux 5.14) reports it instead, as `EFAULT`, turned here into an
+/// error that names the object. `EINVAL` (an older kernel) is passed on for the caller to fall back.
+fn read_in(map: &memmap2::Mmap, name: &str) -> io::Result<()> {
+    map.advise(memmap2::Advice::PopulateRead)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EFAULT | libc::EIO | libc::EHWPOISON) => io::Error::other(format!(
+                "{name} could not be read in whole (the disk or the file system failed to read a page \
+                 of it, or it shrank while being read); check the disk and the kernel log"
+            )),
+            _ => e,
+        })
+}
+
 /// Opens a segment file for reading and writing, without access-time updates where allowed: every
 /// read after a write would otherwise dirty the inode's atime (relatime updates it whenever it is
 /// older than mtime), which the store-read profile showed as ~6% of a cached 4 KiB `pread`; nothing
@@ -789,6 +810,35 @@ fn pwritev_chunk(file: &File, slices: &mut Vec<IoSlice<'_>>, mut offset: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mapped_object_whose_pages_cannot_be_read_is_an_error_that_names_it_not_a_sigbus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer-00000001.idx");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let file = File::open(&path).unwrap();
+        // SAFETY: the test truncates the file under the mapping on purpose and never touches its pages.
+        let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+        // Pages past the end of the file fault like pages the disk cannot read.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let err = read_in(&map, "layer-00000001.idx").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("layer-00000001.idx could not be read in whole"),
+            "{err}"
+        );
+        drop(map);
+        // A readable object is read in, and reads as written.
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let backend = DirBackend::new(dir.path()).unwrap();
+        let whole = backend.read_whole("layer-00000001.idx").unwrap().unwrap();
+        assert_eq!(&whole[..], &vec![7u8; 64 << 10][..]);
+    }
 
     #[test]
     fn a_data_object_spans_segments_and_reads_holes_as_zeros() {
