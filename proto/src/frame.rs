@@ -127,9 +127,15 @@ pub struct ProtocolVersion(pub u16);
 
 impl ProtocolVersion {
     /// The version this build speaks best.
-    pub const CURRENT: ProtocolVersion = ProtocolVersion(1);
-    /// The oldest version this build still understands.
-    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(1);
+    ///
+    /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
+    /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
+    /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
+    /// frame, with a message that says to upgrade the older one.
+    pub const CURRENT: ProtocolVersion = ProtocolVersion(2);
+    /// The oldest version this build still understands: v1 peers lack what a rebuild sends (no build
+    /// that speaks only v1 was ever released, so none is kept working).
+    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(2);
 
     /// Whether this build can decode frames of this version.
     pub fn is_supported(self) -> bool {

@@ -379,13 +379,16 @@ fn oversize_read_request_is_rejected_both_ways() {
 
 #[test]
 fn unsupported_version_is_rejected() {
-    let mut buf = wire(&Frame::new(RequestId(1), Epoch(1), Message::Ping));
-    buf[4..6].copy_from_slice(&99u16.to_le_bytes());
-    let err = FrameCodec.decode(&mut buf).unwrap_err();
-    assert!(
-        matches!(err, DecodeError::UnsupportedVersion { found: 99 }),
-        "{err}"
-    );
+    for found in [99u16, 1] {
+        let mut buf = wire(&Frame::new(RequestId(1), Epoch(1), Message::Ping));
+        buf[4..6].copy_from_slice(&found.to_le_bytes());
+        let err = FrameCodec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::UnsupportedVersion { found: f } if f == found),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade the older side"), "{err}");
+    }
 }
 
 #[test]
@@ -458,7 +461,9 @@ fn version_negotiation_picks_the_highest_common_version() {
         ProtocolVersion::negotiate(v(1), v(7)),
         Some(ProtocolVersion::CURRENT)
     );
-    assert_eq!(ProtocolVersion::negotiate(v(1), v(1)), Some(v(1)));
+    assert_eq!(ProtocolVersion::negotiate(v(1), v(2)), Some(v(2)));
+    // A peer that speaks only v1, before vectored I/O and run checksums: a rebuild could not run.
+    assert_eq!(ProtocolVersion::negotiate(v(1), v(1)), None);
     // A peer that only speaks versions newer than ours.
     let newer = v(ProtocolVersion::CURRENT.0 + 1);
     assert_eq!(ProtocolVersion::negotiate(newer, v(u16::MAX)), None);
