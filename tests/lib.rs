@@ -84,7 +84,7 @@ pub enum HarnessError {
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
 /// Wraps an `io::Error` with the action that failed, e.g. `io("create /tmp/x")`.
-pub(crate) fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+pub fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
     let action = action.into();
     move |source| HarnessError::Io { action, source }
 }

@@ -1,7 +1,9 @@
 //! A replicated volume, end to end: real replica and controller processes, real initiators (fio's libiscsi
 //! engine, qemu-io through qemu's iSCSI driver), real SIGKILLs.
 
-use std::time::Duration;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
 use basalt_tests::volume::{qemu_io, replica_mode, volume_info, Cluster};
@@ -27,8 +29,21 @@ fn replica_killed_during_fio_verify_loses_nothing() -> Result<()> {
     };
     let url = controller.url.clone();
     let log_dir = cluster.log_dir().to_path_buf();
+    // The kill lands once fio has written a sixth of its extent, whatever the machine's speed: a fixed
+    // delay found fio already done on a fast one, or not yet writing on a slow one.
+    let survivor = cluster.replicas[0].dir.clone();
+    let before = allocated_bytes(&survivor)?;
     let fio_run = std::thread::spawn(move || job.run(&fio, &url, &log_dir));
-    std::thread::sleep(Duration::from_millis(1500));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while allocated_bytes(&survivor)? < before + ByteSize::mib(16).bytes() {
+        assert!(
+            !fio_run.is_finished(),
+            "fio ended before writing 16 MiB: {:?}",
+            fio_run.join()
+        );
+        assert!(Instant::now() < deadline, "fio wrote less than 16 MiB in 60 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         !fio_run.is_finished(),
         "fio must still be writing when the replica dies; make the job bigger"
@@ -125,4 +140,18 @@ fn second_controller_fences_the_first() -> Result<()> {
     let (ok, out) = qemu_io(&new.url, &["read -P 0xaa 0 64k", "read -P 0xbb 64k 64k"])?;
     assert!(ok, "data written through both controllers is intact: {out}");
     Ok(())
+}
+
+/// Bytes the files in `dir` take on disk: a write shows here as soon as it reaches the page cache (ext4
+/// counts delayed allocations), so it tells how far a writer got without waiting for writeback.
+fn allocated_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).map_err(basalt_tests::io(format!("list {}", dir.display())))? {
+        let entry = entry.map_err(basalt_tests::io(format!("list {}", dir.display())))?;
+        let meta = entry
+            .metadata()
+            .map_err(basalt_tests::io(format!("stat {}", entry.path().display())))?;
+        total += meta.blocks() * 512;
+    }
+    Ok(total)
 }
