@@ -31,6 +31,9 @@ fn assert_replicas_identical(cluster: &Cluster, which: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Sector writes per qemu-io run in the rebuild race below.
+const SECTOR_WRITES_PER_RUN: u64 = 512;
+
 /// A replica is killed, misses 16 MiB of writes, and is restarted: the controller notices, rebuilds it (only
 /// what it missed travels) while a writer keeps issuing 512-byte writes all over the copied range, and returns
 /// it to RW. Afterwards all three replicas hold exactly the same bytes (Longhorn #4354's bug class).
@@ -52,7 +55,9 @@ fn returning_replica_is_rebuilt_under_sector_writes_and_matches_block_for_block(
     let (ok, out) = qemu_io(&url, &["write -P 0x22 8M 16M", "flush"])?;
     assert!(ok, "writes go on with two of three replicas: {out}");
 
-    // Sector writes race the rebuild: 512 bytes at odd sector offsets across the range being copied.
+    // Sector writes race the rebuild: 512 bytes at odd sector offsets across the range being copied, many
+    // to a qemu-io run, so that a run spends most of its time writing rather than starting up and logging
+    // in: a delta rebuild of this size takes tens of milliseconds.
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicUsize::new(0));
     let writer = {
@@ -60,9 +65,10 @@ fn returning_replica_is_rebuilt_under_sector_writes_and_matches_block_for_block(
         std::thread::spawn(move || -> Result<()> {
             let mut k: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
-                let cmds: Vec<String> = (0..64)
+                let cmds: Vec<String> = (0..SECTOR_WRITES_PER_RUN)
                     .map(|i| {
-                        let off = ((k * 64 + i) * 12_345 * 512) % (24 << 20) + (512 * (1 + (i % 7)));
+                        let n = k * SECTOR_WRITES_PER_RUN + i;
+                        let off = (n * 12_345 * 512) % (24 << 20) + (512 * (1 + (i % 7)));
                         format!("write -P 0x{:02x} {off} 512", 0x30 + (k % 64) as u8)
                     })
                     .collect();
