@@ -123,9 +123,6 @@ const STACK_BLOCKS: usize = 32;
 /// of the ordered entries: a range lists only the blocks it holds, so a long, sparse one is cheaper
 /// that way, while a short one costs a search of the ordered entries per range.
 const POINT_LISTED_BLOCKS: u64 = 64;
-/// How many blocks ahead of its lookups [`Store::block_crcs_in`] prefetches hash-table slots, so that
-/// that many cache misses are in flight instead of one.
-const PREFETCH_AHEAD_BLOCKS: usize = 16;
 /// Blocks copied per merge step; writes to those blocks wait for at most one step.
 const MERGE_BATCH_BLOCKS: usize = 256;
 /// A head log is compacted at flush once it has this many records and most are superseded: below it,
@@ -1573,11 +1570,11 @@ impl Store {
     pub fn block_crcs_in(&self, ranges: &[Range<u64>], max: usize) -> (Vec<(u64, u32)>, u64) {
         let map = rlock(&self.map);
         let small = |blocks: &&Range<u64>| blocks.end - blocks.start <= POINT_LISTED_BLOCKS;
-        // The blocks looked up one by one, PREFETCH_AHEAD_BLOCKS ahead of the lookups.
+        // The blocks looked up one by one, as many ahead of the lookups as the map's own listings prefetch.
         let mut ahead = ranges.iter().filter(small).flat_map(Range::clone);
         ahead
             .by_ref()
-            .take(PREFETCH_AHEAD_BLOCKS)
+            .take(map::PREFETCH_AHEAD)
             .for_each(|lba| map::prefetch(map.slot_address(lba)));
         let mut list = Vec::new();
         let take = |list: &mut Vec<(u64, u32)>, lba: u64, e: Entry| match e.state {
