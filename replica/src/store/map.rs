@@ -682,9 +682,9 @@ pub(crate) struct MapBuilder {
 
 /// How many entries ahead a pass over many blocks prefetches their hash-table slots ([`fill_part`],
 /// [`Entries`], `Store::block_crcs_in`), so that that many cache misses are in flight instead of one.
-/// Filling a table at open: the groups of consecutive blocks are scattered over the whole table, and filling it one miss at a time took
-/// ~12 ms for 262,144 blocks, ~7 ms with 16 misses in flight (before blocks went by groups; 48 and
-/// 96 ahead did no better since).
+/// Filling a table at open, where the groups of consecutive blocks are scattered over the whole
+/// table, took ~12 ms for 262,144 blocks one miss at a time, ~7 ms with 16 misses in flight (before
+/// blocks went by groups; 48 and 96 ahead did no better since).
 pub(crate) const PREFETCH_AHEAD: usize = 16;
 
 /// Entries from which [`PointIndex::from_list`] fills its table on two threads: below it, a thread
