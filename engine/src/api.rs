@@ -408,7 +408,7 @@ impl ControllerService for Api {
             "degraded"
         };
         Ok(Response::new(pb::VolumeInfoReply {
-            name: spec.name.clone(),
+            name: spec.name.to_string(),
             iqn: self.iqn.clone(),
             volume_uuid: spec.volume.0.as_bytes().to_vec(),
             size_bytes: spec.size_bytes,

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use basalt_proto::{Epoch, VolumeId};
 
+use crate::name::VolumeName;
 use crate::volume::core::CoreConfig;
 use crate::volume::link::{Handshaken, LinkError};
 use crate::volume::rebuild::Rebuilder;
@@ -35,7 +36,7 @@ use crate::volume::{StartReplica, Volume, VolumeSpec};
 /// What a controller is asked to serve.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    pub name: String,
+    pub name: VolumeName,
     pub size_bytes: u64,
     pub replicas: Vec<String>,
     /// The volume's UUID; `None` to take the one most replicas report.

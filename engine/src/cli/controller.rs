@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use basalt_target::iscsi::portal::{target_iqn, Portal, PortalConfig, Target, TargetConfig};
+use basalt_target::iscsi::portal::{Portal, PortalConfig, Target, TargetConfig};
 use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_duration, parse_volume_size};
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
+use basalt_engine::name::VolumeName;
 use basalt_engine::volume::core::CoreConfig;
 use basalt_engine::volume::rebuild::Rebuilder;
 
@@ -22,9 +23,11 @@ const RECONCILE_LIMIT: Duration = Duration::from_secs(120);
 /// Arguments of `basalt controller`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// Volume name; the target is served as iqn.2026-11.io.basalt:NAME.
+    /// Volume name; the target is served as iqn.2026-11.io.basalt:NAME
+    /// (1 to 63 characters from a-z, 0-9, '-' and '.', starting and ending
+    /// with a letter or a digit).
     #[arg(long)]
-    pub name: String,
+    pub name: VolumeName,
     /// Volume size (e.g. 10G); must match every replica's.
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
@@ -120,18 +123,18 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     reconcile(&assembled, &rebuilder, RECONCILE_LIMIT).await;
     let volume = assembled.volume;
     tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
-    let iqn = target_iqn(&args.name);
+    let iqn = args.name.iqn();
     let lu = ScsiLogicalUnit::new(
         Arc::new(volume.clone()),
         LuConfig::new(volume.spec().volume.0.simple().to_string()),
     );
     let target = Target::new(TargetConfig {
-        alias: Some(args.name.clone()),
+        alias: Some(args.name.to_string()),
         auth,
         allow: args.access.allow_list(),
         ..TargetConfig::new(iqn.clone(), Arc::new(lu))
     })
-    .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
+    .map_err(|e| anyhow::anyhow!("volume {}: {e}", args.name))?;
     let portal = Portal::new(PortalConfig::default(), [target]);
 
     let sessions_portal = portal.clone();

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use basalt_proto::pb::controller::{ReplicaStatus, VolumeInfoReply, VolumeInfoRequest};
 
+use basalt_engine::name::VolumeName;
+
 use super::args::parse_volume_size;
 
 #[derive(clap::Args)]
@@ -27,9 +29,11 @@ pub enum VolumeCommand {
 
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Volume name (the target is iqn.2026-11.io.basalt:NAME).
+    /// Volume name (the target is iqn.2026-11.io.basalt:NAME, the data
+    /// DIR/NAME): 1 to 63 characters from a-z, 0-9, '-' and '.', starting
+    /// and ending with a letter or a digit.
     #[arg(long)]
-    pub name: String,
+    pub name: VolumeName,
     /// Volume size, e.g. 10G (fixed at creation).
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
@@ -191,7 +195,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut args = vec![
         "controller".into(),
         "--name".into(),
-        a.name.clone(),
+        a.name.to_string(),
         "--size".into(),
         size,
         "--iscsi".into(),
@@ -225,7 +229,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     for (i, r) in replica_addrs.iter().enumerate() {
         println!("  replica r{}: {r}", i + 1);
     }
-    println!("iSCSI: iscsi://{}/iqn.2026-11.io.basalt:{}/0", a.iscsi, a.name);
+    println!("iSCSI: iscsi://{}/{}/0", a.iscsi, a.name.iqn());
     println!("API:   {}   (basalt volume info --api {})", a.api, a.api);
     println!("Ctrl-C stops the volume.");
 

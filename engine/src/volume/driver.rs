@@ -42,7 +42,7 @@ pub enum StartReplica {
 /// Static facts about the volume.
 #[derive(Clone, Debug)]
 pub struct VolumeSpec {
-    pub name: String,
+    pub name: crate::name::VolumeName,
     pub volume: VolumeId,
     pub size_bytes: u64,
     pub epoch: Epoch,
