@@ -48,6 +48,15 @@ pub enum FaultError {
     NotHealed { waited: Duration, info: String },
     #[error("replica audit failed: {0}")]
     Audit(String),
+    #[error(
+        "{what} did not happen within {waited:?} (workload so far: {stats}; last `volume info`: {info})"
+    )]
+    NoProgress {
+        what: String,
+        waited: Duration,
+        stats: String,
+        info: String,
+    },
     #[error("seed {seed:#x}, episode {episode} [{plan}]: {source}; replay with BASALT_FAULT_SEED={seed:#x}")]
     Episode {
         seed: u64,
