@@ -5,7 +5,8 @@
 //! Timing checks are lower bounds only (N writes at R IOPS with a burst of B take at least (N - B) / R
 //! seconds): a throttle can only make I/O slower, so a slow, shared machine cannot fail them.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,9 @@ use basalt_proto::pb::controller as pb;
 use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
 use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
 use basalt_tests::volume::{volume_info, Cluster};
-use basalt_tests::{basalt_binary, fio_libiscsi, run_checked, ByteSize, IscsiUrl, Result};
+use basalt_tests::{
+    basalt_binary, fio_libiscsi, free_local_addr, io, run_checked, ByteSize, IscsiUrl, Result,
+};
 use serde_json::Value;
 
 /// `n` random 4 KiB writes at QD32 (fio visits every block of its extent once), and how long they took.
@@ -38,12 +41,25 @@ fn timed_writes(url: &IscsiUrl, log_dir: &std::path::Path, name: &str, n: u64) -
 fn volume_qos(api: SocketAddr, args: &[&str]) -> Result<(bool, String, String)> {
     let mut cmd = Command::new(basalt_binary()?);
     cmd.args(["volume", "qos", "--api", &api.to_string()]).args(args);
-    let out = cmd.output().map_err(basalt_tests::io("run basalt volume qos"))?;
+    let out = cmd.output().map_err(io("run basalt volume qos"))?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// The value of one series in the controller's `/metrics` (absent: `None`).
+fn metric(addr: SocketAddr, series: &str) -> Result<Option<f64>> {
+    let mut stream = TcpStream::connect(addr).map_err(io(format!("connect to the metrics at {addr}")))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: basalt\r\nConnection: close\r\n\r\n")
+        .map_err(io("ask for /metrics"))?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).map_err(io("read /metrics"))?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()))
 }
 
 fn qos_of(info: &Value) -> &Value {
@@ -60,8 +76,15 @@ fn write_throttled_seconds(api: SocketAddr) -> Result<f64> {
 #[test]
 fn a_write_iops_limit_throttles_fio_and_changes_and_clears_at_run_time() -> Result<()> {
     let mut cluster = Cluster::start(3, ByteSize::mib(64))?;
-    let controller =
-        cluster.start_controller(&["--qos-write-iops", "200", "--qos-write-iops-burst", "20"])?;
+    let metrics = free_local_addr()?;
+    let controller = cluster.start_controller(&[
+        "--qos-write-iops",
+        "200",
+        "--qos-write-iops-burst",
+        "20",
+        "--metrics",
+        &metrics.to_string(),
+    ])?;
     let api = controller.api;
     let log_dir = cluster.log_dir().to_path_buf();
 
@@ -82,6 +105,27 @@ fn a_write_iops_limit_throttles_fio_and_changes_and_clears_at_run_time() -> Resu
     assert!(
         throttled > 0.0,
         "volume info shows throttled write time: {throttled}"
+    );
+    assert_eq!(
+        metric(metrics, r#"basalt_volume_qos_limit{limit="write_iops"}"#)?,
+        Some(200.0)
+    );
+    assert_eq!(
+        metric(metrics, r#"basalt_volume_qos_burst{limit="write_iops"}"#)?,
+        Some(20.0)
+    );
+    assert_eq!(
+        metric(metrics, r#"basalt_volume_qos_limit{limit="read_iops"}"#)?,
+        None,
+        "no read limit is set"
+    );
+    let exported = metric(
+        metrics,
+        r#"basalt_volume_qos_throttled_seconds_total{direction="write"}"#,
+    )?;
+    assert!(
+        exported.is_some_and(|s| s > 0.0),
+        "throttled time exported: {exported:?}"
     );
     let mut cmd = Command::new(basalt_binary()?);
     cmd.args(["volume", "info", "--api", &api.to_string()]);
@@ -111,6 +155,11 @@ fn a_write_iops_limit_throttles_fio_and_changes_and_clears_at_run_time() -> Resu
         write_throttled_seconds(api)?,
         before,
         "writes waited for tokens with no limit set"
+    );
+    assert_eq!(
+        metric(metrics, r#"basalt_volume_qos_limit{limit="write_iops"}"#)?,
+        None,
+        "the cleared limit is gone"
     );
     let info = volume_info(api)?;
     assert_eq!(qos_of(&info)["limits"], serde_json::json!({}), "{info}");
@@ -170,7 +219,7 @@ fn bad_limits_are_refused_by_the_cli_and_the_api_and_change_nothing() -> Result<
             .args(&args)
             .current_dir(cluster.log_dir())
             .output()
-            .map_err(basalt_tests::io("run basalt"))?;
+            .map_err(io("run basalt"))?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} started");
         assert!(err.contains("--qos-") && err.contains(" to "), "{args:?}: {err}");
@@ -180,7 +229,7 @@ fn bad_limits_are_refused_by_the_cli_and_the_api_and_change_nothing() -> Result<
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(basalt_tests::io("start a runtime"))?;
+        .map_err(io("start a runtime"))?;
     runtime.block_on(async {
         let mut client = ControllerServiceClient::connect(format!("http://{api}"))
             .await
