@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use super::core::ReplicaMode;
@@ -33,10 +33,11 @@ pub struct VolumeMetrics {
     /// Rebuild progress of the replica being rebuilt, in bytes.
     pub rebuild_done: IntGaugeVec,
     pub rebuild_total: IntGaugeVec,
-    /// Time initiator ops spent waiting for QoS tokens, by direction.
-    pub qos_throttled: CounterVec,
+    /// Time initiator ops spent waiting for QoS tokens, by direction
+    /// (the series, by [`Direction`] index: no label lookup per op).
+    qos_throttled: [Counter; 2],
     /// Initiator ops waiting for QoS tokens now, by direction.
-    pub qos_waiting: IntGaugeVec,
+    qos_waiting: [IntGauge; 2],
     /// The QoS limits in force (rate per second, and burst), by limit; a
     /// limit not set has no series.
     pub qos_limit: IntGaugeVec,
@@ -143,12 +144,14 @@ impl VolumeMetrics {
             &["limit"],
         )
         .expect("valid metric");
-        for d in Direction::ALL {
-            // Present from the start, at zero, so that dashboards and rate()
-            // see the series before the first throttled I/O.
-            qos_throttled.with_label_values(&[d.label()]);
-            qos_waiting.with_label_values(&[d.label()]);
-        }
+        // Present from the start, at zero, so that dashboards and rate() see
+        // the series before the first throttled I/O.
+        let by_direction = Direction::ALL.map(|d| {
+            (
+                qos_throttled.with_label_values(&[d.label()]),
+                qos_waiting.with_label_values(&[d.label()]),
+            )
+        });
         registry
             .register(Box::new(qos_throttled.clone()))
             .expect("unique metric");
@@ -188,8 +191,8 @@ impl VolumeMetrics {
             replica_errors,
             rebuild_done,
             rebuild_total,
-            qos_throttled,
-            qos_waiting,
+            qos_throttled: by_direction.clone().map(|(t, _)| t),
+            qos_waiting: by_direction.map(|(_, w)| w),
             qos_limit,
             qos_burst,
         }
@@ -197,27 +200,20 @@ impl VolumeMetrics {
 
     /// An op waited `waited` for its QoS tokens.
     pub fn observe_throttled(&self, direction: Direction, waited: Duration) {
-        self.qos_throttled
-            .with_label_values(&[direction.label()])
-            .inc_by(waited.as_secs_f64());
+        self.qos_throttled[direction.index()].inc_by(waited.as_secs_f64());
     }
 
     /// Seconds ops of `direction` spent throttled so far.
     pub fn throttled_seconds(&self, direction: Direction) -> f64 {
-        self.qos_throttled.with_label_values(&[direction.label()]).get()
+        self.qos_throttled[direction.index()].get()
     }
 
     pub fn set_qos_waiting(&self, direction: Direction, waiting: usize) {
-        self.qos_waiting
-            .with_label_values(&[direction.label()])
-            .set(waiting as i64);
+        self.qos_waiting[direction.index()].set(waiting as i64);
     }
 
     pub fn qos_waiting(&self, direction: Direction) -> u64 {
-        self.qos_waiting
-            .with_label_values(&[direction.label()])
-            .get()
-            .max(0) as u64
+        self.qos_waiting[direction.index()].get().max(0) as u64
     }
 
     /// Export the limits in force: one series per limit set.

@@ -111,7 +111,8 @@ impl Direction {
         }
     }
 
-    fn index(self) -> usize {
+    /// 0 for reads, 1 for writes: for per-direction arrays.
+    pub fn index(self) -> usize {
         match self {
             Direction::Read => 0,
             Direction::Write => 1,
