@@ -13,6 +13,7 @@ use prost::Message as _;
 
 use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
 use crate::volume::driver::ControlResults;
+use crate::volume::qos::{Direction, Limit, LimitKind, QosChange, QosError, QosLimits};
 use crate::volume::rebuild::Rebuilder;
 use crate::volume::Volume;
 
@@ -418,6 +419,76 @@ impl ControllerService for Api {
             replicas,
             io: Some(io),
             sessions: (self.sessions)() as u32,
+            qos: self.volume.qos().await.map(|l| qos_to_pb(&l)),
+            qos_stats: Some(qos_stats(m)),
         }))
+    }
+
+    async fn volume_set_qos(
+        &self,
+        request: Request<pb::VolumeSetQosRequest>,
+    ) -> Result<Response<pb::VolumeSetQosReply>, Status> {
+        let request = request.into_inner();
+        // Every limit is checked before anything changes.
+        let set = qos_from_pb(&request.limits.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(format!("limits.{}: {e}", e.kind().key())))?;
+        let limits = self
+            .volume
+            .set_qos(QosChange {
+                clear: request.clear,
+                set,
+            })
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(pb::VolumeSetQosReply {
+            limits: Some(qos_to_pb(&limits)),
+        }))
+    }
+}
+
+/// One limit's field in the API's message.
+fn qos_field(limits: &mut pb::QosLimits, kind: LimitKind) -> &mut Option<pb::QosLimit> {
+    match kind {
+        LimitKind::ReadIops => &mut limits.read_iops,
+        LimitKind::WriteIops => &mut limits.write_iops,
+        LimitKind::Iops => &mut limits.iops,
+        LimitKind::ReadBps => &mut limits.read_bps,
+        LimitKind::WriteBps => &mut limits.write_bps,
+        LimitKind::Bps => &mut limits.bps,
+    }
+}
+
+/// Limits as the API carries them.
+pub fn qos_to_pb(limits: &QosLimits) -> pb::QosLimits {
+    let mut out = pb::QosLimits::default();
+    for (kind, l) in limits.iter() {
+        *qos_field(&mut out, kind) = Some(pb::QosLimit {
+            rate: l.rate(),
+            burst: l.burst(),
+        });
+    }
+    out
+}
+
+/// Limits from the API, each checked (a burst of 0 is the default burst);
+/// the first bad one is refused.
+pub fn qos_from_pb(limits: &pb::QosLimits) -> Result<QosLimits, QosError> {
+    let mut source = *limits;
+    let mut out = QosLimits::default();
+    for kind in LimitKind::ALL {
+        if let Some(l) = qos_field(&mut source, kind).take() {
+            let burst = (l.burst != 0).then_some(l.burst);
+            out.set(kind, Some(Limit::new(kind, l.rate, burst)?));
+        }
+    }
+    Ok(out)
+}
+
+fn qos_stats(m: &crate::volume::metrics::VolumeMetrics) -> pb::QosStats {
+    pb::QosStats {
+        read_throttled_seconds: m.throttled_seconds(Direction::Read),
+        write_throttled_seconds: m.throttled_seconds(Direction::Write),
+        read_waiting: m.qos_waiting(Direction::Read),
+        write_waiting: m.qos_waiting(Direction::Write),
     }
 }

@@ -13,6 +13,7 @@ use super::args::{parse_duration, parse_volume_size};
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
 use basalt_engine::name::VolumeName;
 use basalt_engine::volume::core::CoreConfig;
+use basalt_engine::volume::qos::QosChange;
 use basalt_engine::volume::rebuild::Rebuilder;
 
 /// Longest wait at start for up-to-date replicas to be reconciled before the
@@ -65,6 +66,9 @@ pub struct Args {
     /// At start, wait this long for every replica to answer.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub startup_wait: Duration,
+    /// QoS limits at start (change them later with `basalt volume qos`).
+    #[command(flatten)]
+    pub qos: super::qos::QosFlags<true>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -98,9 +102,10 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
     };
-    // Check the login policy and bind every listener before assembling, so
-    // a bad flag fails before any replica's epoch is raised.
+    // Check the login policy and the limits and bind every listener before
+    // assembling, so a bad flag fails before any replica's epoch is raised.
     let auth = args.access.auth()?;
+    let qos = args.qos.limits()?;
     let iscsi = tokio::net::TcpListener::bind(args.iscsi)
         .await
         .with_context(|| format!("cannot listen for iSCSI on {}", args.iscsi))?;
@@ -122,6 +127,16 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let rebuilder = Rebuilder::new();
     reconcile(&assembled, &rebuilder, RECONCILE_LIMIT).await;
     let volume = assembled.volume;
+    if !qos.is_empty() {
+        // Before the portal opens: no initiator I/O runs unlimited.
+        volume
+            .set_qos(QosChange {
+                clear: true,
+                set: qos,
+            })
+            .await
+            .context("setting the QoS limits")?;
+    }
     tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
     let iqn = args.name.iqn();
     let lu = ScsiLogicalUnit::new(

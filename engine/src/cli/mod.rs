@@ -5,6 +5,7 @@ pub mod args;
 pub mod client;
 pub mod controller;
 pub mod health;
+pub mod qos;
 pub mod replica;
 pub mod serve_file;
 pub mod snapshot;

@@ -25,6 +25,8 @@ pub enum VolumeCommand {
     Up(UpArgs),
     /// Show a running volume: size, epoch, replicas and their modes, I/O.
     Info(InfoArgs),
+    /// Show or change a running volume's QoS limits (IOPS, bandwidth).
+    Qos(super::qos::QosArgs),
 }
 
 #[derive(clap::Args)]
@@ -56,6 +58,9 @@ pub struct UpArgs {
     /// (default: a majority).
     #[arg(long)]
     pub min_healthy: Option<usize>,
+    /// QoS limits at start (change them later with `basalt volume qos`).
+    #[command(flatten)]
+    pub qos: super::qos::QosFlags<true>,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         VolumeCommand::Up(a) => up(a),
         VolumeCommand::Info(a) => info(a),
+        VolumeCommand::Qos(a) => super::qos::run(a),
     }
 }
 
@@ -169,6 +175,8 @@ fn spawn(exe: &Path, args: &[String]) -> anyhow::Result<Child> {
 }
 
 fn up(a: UpArgs) -> anyhow::Result<()> {
+    // A bad limit fails here, before any process starts.
+    a.qos.limits()?;
     let exe = std::env::current_exe().context("locating the basalt binary")?;
     let dir = a.data.join(&a.name);
     let record = load_or_create_record(&dir, a.size)?;
@@ -217,6 +225,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         args.push("--min-healthy".into());
         args.push(m.to_string());
     }
+    args.extend(a.qos.to_args());
     children.0.push(("controller".into(), spawn(&exe, &args)?));
 
     println!(
@@ -305,6 +314,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "bytes_read": io.bytes_read, "bytes_written": io.bytes_written, "errors": io.errors,
                 "in_flight": io.in_flight,
             },
+            "qos": qos_json(&reply),
         });
         println!("{v}");
         return Ok(());
@@ -341,7 +351,26 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         "io       reads {} ({} B), writes {} ({} B), flushes {}, unmaps {}, errors {}, in flight {}",
         io.reads, io.bytes_read, io.writes, io.bytes_written, io.flushes, io.unmaps, io.errors, io.in_flight
     );
+    let stats = reply.qos_stats.unwrap_or_default();
+    println!(
+        "qos      {}; throttled read {:.3} s, write {:.3} s; waiting read {}, write {}",
+        super::qos::describe(&reply.qos.unwrap_or_default())?,
+        stats.read_throttled_seconds,
+        stats.write_throttled_seconds,
+        stats.read_waiting,
+        stats.write_waiting
+    );
     Ok(())
+}
+
+/// The `qos` object of `volume info --json`.
+fn qos_json(reply: &VolumeInfoReply) -> serde_json::Value {
+    let stats = reply.qos_stats.unwrap_or_default();
+    serde_json::json!({
+        "limits": super::qos::to_json(&reply.qos.unwrap_or_default()),
+        "throttled_seconds": { "read": stats.read_throttled_seconds, "write": stats.write_throttled_seconds },
+        "waiting": { "read": stats.read_waiting, "write": stats.write_waiting },
+    })
 }
 
 async fn fetch_info(api: &str) -> anyhow::Result<VolumeInfoReply> {

@@ -6,6 +6,13 @@
 //! and completes initiator requests. No lock guards the volume state, and no
 //! lock is held across a replica round trip. [`Volume`] is the handle the
 //! iSCSI target uses: it implements `BlockDevice`.
+//!
+//! Initiator reads, writes, unmaps and flushes pass the volume's QoS limits
+//! ([`super::qos::Throttle`]) before they reach the core: an op without
+//! tokens waits in the throttle's queue, and a timer in the same `select!`
+//! admits it when its bucket has refilled. No thread sleeps, and with no
+//! limit set an op goes straight through. Rebuild copies, drains, settles
+//! and snapshot operations bypass the throttle.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +30,7 @@ use super::core::{
 };
 use super::link::{write_crc, Link, Outgoing};
 use super::metrics::VolumeMetrics;
+use super::qos::{Admitted, Cost, QosChange, QosLimits, Throttle};
 
 /// How often the core looks for replicas past their timeout. A hung replica
 /// is dropped at most this long after its timeout expires.
@@ -97,6 +105,12 @@ enum Command {
     Promote {
         replica: usize,
     },
+    /// Change the QoS limits (if `change` is given); answers the limits now
+    /// in force.
+    Qos {
+        change: Option<QosChange>,
+        reply: oneshot::Sender<QosLimits>,
+    },
 }
 
 enum Reply {
@@ -162,6 +176,8 @@ impl Volume {
             guests: HashMap::new(),
             next_guest: 1,
             metrics: metrics.clone(),
+            throttle: Throttle::new(QosLimits::default(), Instant::now()),
+            admitted: Vec::new(),
         };
         let spec = owner.spec.clone();
         tokio::spawn(owner.run(rx, events_rx));
@@ -245,6 +261,21 @@ impl Volume {
             reply: Reply::Control(reply),
         })
         .await?
+    }
+
+    /// The QoS limits in force; `None` if the owner task has stopped.
+    pub async fn qos(&self) -> Option<QosLimits> {
+        self.ask(|reply| Command::Qos { change: None, reply }).await.ok()
+    }
+
+    /// Change the QoS limits at once (ops waiting for a lifted limit are
+    /// admitted); answers the limits now in force.
+    pub async fn set_qos(&self, change: QosChange) -> Result<QosLimits, VolumeError> {
+        self.ask(|reply| Command::Qos {
+            change: Some(change),
+            reply,
+        })
+        .await
     }
 
     /// The rebuild of `replica` is complete: it serves reads again.
@@ -364,6 +395,19 @@ impl BlockDevice for Volume {
     }
 }
 
+/// What an op takes from the QoS buckets; `None` for the volume's own work
+/// (rebuild copies, drains, settles, snapshot operations), which is never
+/// throttled. See [`super::qos`] for why each op counts as it does.
+fn throttle_cost(op: &GuestOp) -> Option<Cost> {
+    match op {
+        GuestOp::Read { len, .. } => Some(Cost::read(u64::from(*len))),
+        GuestOp::Write { data, .. } => Some(Cost::write(data.len() as u64)),
+        GuestOp::Flush => Some(Cost::FLUSH),
+        GuestOp::Unmap { .. } => Some(Cost::UNMAP),
+        GuestOp::Control(_) | GuestOp::Copy { .. } | GuestOp::Drain | GuestOp::Settle => None,
+    }
+}
+
 /// The state owned by the driver task.
 struct Owner {
     core: VolumeCore,
@@ -383,6 +427,10 @@ struct Owner {
     /// For links started later (rebuilt replicas); also keeps the event
     /// channel open with no replica connected.
     events_tx: mpsc::UnboundedSender<Event>,
+    /// Initiator ops waiting for their QoS tokens.
+    throttle: Throttle<(GuestId, GuestOp)>,
+    /// Ops the throttle let through in this turn (kept for its allocation).
+    admitted: Vec<Admitted<(GuestId, GuestOp)>>,
 }
 
 struct Pending {
@@ -400,6 +448,11 @@ impl Owner {
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires when the oldest throttled op's tokens are there (armed only
+        // while ops wait).
+        let throttle_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(throttle_timer);
+        let mut armed: Option<Instant> = None;
         let mut effects = Vec::new();
         loop {
             tokio::select! {
@@ -424,9 +477,32 @@ impl Owner {
                     }
                     None => return,
                 },
+                _ = &mut throttle_timer, if armed.is_some() => {
+                    armed = None;
+                    self.release_throttled(&mut effects);
+                }
                 _ = tick.tick() => self.core.apply(Instant::now(), Event::Tick, &mut effects),
             }
             self.carry_out(&mut effects);
+            if let Some(at) = self.throttle.wake_at() {
+                // Tokens that came while this turn ran: no need to wait for
+                // the timer (on a busy loop it might lose to the branches
+                // above for a while).
+                if Instant::now() >= at {
+                    self.release_throttled(&mut effects);
+                    self.carry_out(&mut effects);
+                }
+                match self.throttle.wake_at() {
+                    Some(at) if armed != Some(at) => {
+                        throttle_timer.as_mut().reset(tokio::time::Instant::from_std(at));
+                        armed = Some(at);
+                    }
+                    Some(_) => {}
+                    None => armed = None,
+                }
+            } else {
+                armed = None;
+            }
             let healthy = self.core.healthy_count() >= self.core.config().min_healthy;
             if std::mem::take(&mut self.membership_changed) && healthy {
                 self.membership_flush(&mut effects);
@@ -479,16 +555,23 @@ impl Owner {
                     GuestOp::Drain => ("drain", 0),
                     GuestOp::Settle => ("settle", 0),
                 };
+                let now = Instant::now();
                 self.guests.insert(
                     id,
                     Pending {
                         reply,
                         kind,
                         bytes,
-                        started: Instant::now(),
+                        started: now,
                     },
                 );
-                self.core.apply(Instant::now(), Event::Guest { id, op }, effects);
+                match throttle_cost(&op) {
+                    Some(cost) => {
+                        self.throttle.offer(cost, (id, op), now, &mut self.admitted);
+                        self.admit_throttled(effects);
+                    }
+                    None => self.core.apply(now, Event::Guest { id, op }, effects),
+                }
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -537,6 +620,47 @@ impl Owner {
                         .set_mode(ClientId(replica), ReplicaMode::ReadWrite, effects);
                 }
             }
+            Command::Qos { change, reply } => {
+                if let Some(change) = change {
+                    let limits = self.throttle.limits().changed(&change);
+                    self.throttle
+                        .set_limits(limits, Instant::now(), &mut self.admitted);
+                    self.metrics.set_qos_limits(&limits);
+                    tracing::info!(%limits, "QoS limits set");
+                    self.admit_throttled(effects);
+                    self.export_waiting();
+                }
+                let _ = reply.send(self.throttle.limits());
+            }
+        }
+    }
+
+    /// Admit the throttled ops whose tokens are there by now.
+    fn release_throttled(&mut self, effects: &mut Vec<Effect>) {
+        self.throttle.release(Instant::now(), &mut self.admitted);
+        self.admit_throttled(effects);
+    }
+
+    /// Hand what the throttle let through to the core, in its order.
+    fn admit_throttled(&mut self, effects: &mut Vec<Effect>) {
+        let mut admitted = std::mem::take(&mut self.admitted);
+        for a in admitted.drain(..) {
+            if !a.waited.is_zero() {
+                self.metrics.observe_throttled(a.direction, a.waited);
+            }
+            let (id, op) = a.item;
+            self.core.apply(Instant::now(), Event::Guest { id, op }, effects);
+        }
+        self.admitted = admitted;
+        // Nothing waits without limits (clearing them releases every op).
+        if !self.throttle.limits().is_empty() {
+            self.export_waiting();
+        }
+    }
+
+    fn export_waiting(&self) {
+        for d in super::qos::Direction::ALL {
+            self.metrics.set_qos_waiting(d, self.throttle.waiting(d));
         }
     }
 

@@ -1,11 +1,12 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
 //! state, the driver task that runs it ([`driver`]), one link per replica
-//! connection ([`link`]) and the volume's metrics.
+//! connection ([`link`]), the volume's metrics and its QoS limits ([`qos`]).
 
 pub mod core;
 pub mod driver;
 pub mod link;
 pub mod metrics;
+pub mod qos;
 pub mod rebuild;
 
 pub use driver::{StartReplica, Volume, VolumeSpec, VolumeStatus};
