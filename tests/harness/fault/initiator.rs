@@ -110,8 +110,9 @@ impl std::fmt::Display for CommandOutcome {
     }
 }
 
-/// Sense key UNIT ATTENTION: a new nexus is told once about the power-on reset; retried at login.
-const UNIT_ATTENTION: u8 = 0x6;
+/// Sense key UNIT ATTENTION: a new nexus is told once about the power-on reset (retried at login), every
+/// nexus about a grown capacity (the workload retries).
+pub const UNIT_ATTENTION: u8 = 0x6;
 
 /// A command waiting for its status: the Data-In received so far and who to tell.
 struct Pending {
