@@ -34,7 +34,8 @@ fn seed_from_env() -> Option<u64> {
 }
 
 /// Every fault kind once (replica SIGKILL, SIGSTOP hang, network cut, network blackhole, controller
-/// SIGKILL + new controller) with snapshots taken and deleted, all under I/O at queue depth 16: every
+/// SIGKILL + new controller, an online expansion with a replica down) with snapshots taken and deleted, all
+/// under I/O at queue depth 16: every
 /// acknowledged write is read back intact after each episode and the replicas' images agree block for block.
 #[test]
 fn fixed_seed_fault_episodes_lose_nothing() -> Result {

@@ -15,7 +15,7 @@ use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
 use crate::volume::driver::ControlResults;
 use crate::volume::qos::{Direction, Limit, LimitKind, QosChange, QosError, QosLimits};
 use crate::volume::rebuild::Rebuilder;
-use crate::volume::Volume;
+use crate::volume::{ExpandError, Expansion, Volume};
 
 /// Reports sessions logged in to the volume's iSCSI target.
 pub type SessionCount = Arc<dyn Fn() -> usize + Send + Sync>;
@@ -63,6 +63,20 @@ fn check_snapshot_name(name: &str) -> Result<(), Status> {
 
 fn volume_status(e: VolumeError) -> Status {
     Status::unavailable(e.to_string())
+}
+
+/// The status code of a refused expansion: a size that can never work is an
+/// invalid argument; replicas that cannot hold it, or none to ask, a failed
+/// precondition; a volume that could not run it, unavailable.
+fn expand_status(e: ExpandError) -> Status {
+    let message = e.to_string();
+    match e {
+        ExpandError::Unaligned { .. } | ExpandError::Shrink { .. } | ExpandError::TooLarge { .. } => {
+            Status::invalid_argument(message)
+        }
+        ExpandError::Refused { .. } | ExpandError::NoReplica => Status::failed_precondition(message),
+        ExpandError::Volume(_) | ExpandError::NoneGrew { .. } => Status::unavailable(message),
+    }
 }
 
 impl Api {
@@ -412,7 +426,7 @@ impl ControllerService for Api {
             name: spec.name.to_string(),
             iqn: self.iqn.clone(),
             volume_uuid: spec.volume.0.as_bytes().to_vec(),
-            size_bytes: spec.size_bytes,
+            size_bytes: status.size_bytes,
             epoch: spec.epoch.0,
             state: state.to_string(),
             min_healthy: status.min_healthy as u32,
@@ -443,6 +457,42 @@ impl ControllerService for Api {
         Ok(Response::new(pb::VolumeSetQosReply {
             limits: Some(qos_to_pb(&limits)),
         }))
+    }
+    async fn volume_expand(
+        &self,
+        request: Request<pb::VolumeExpandRequest>,
+    ) -> Result<Response<pb::VolumeExpandReply>, Status> {
+        let requested = request.into_inner().new_size_bytes;
+        let expansion = self.volume.expand(requested).await.map_err(expand_status)?;
+        let reply = match expansion {
+            Expansion::Unchanged { size_bytes } => pb::VolumeExpandReply {
+                size_bytes,
+                changed: false,
+                dropped: Vec::new(),
+                message: format!("the volume already holds {size_bytes} bytes; nothing to do"),
+            },
+            Expansion::Grown { from, to, dropped } => {
+                let message = if dropped.is_empty() {
+                    format!("expanded from {from} to {to} bytes on every replica")
+                } else {
+                    format!(
+                        "expanded from {from} to {to} bytes; dropped (grown when rebuilt): {}",
+                        dropped
+                            .iter()
+                            .map(|(a, why)| format!("{a} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                pb::VolumeExpandReply {
+                    size_bytes: to,
+                    changed: true,
+                    dropped: dropped.into_iter().map(|(a, _)| a).collect(),
+                    message,
+                }
+            }
+        };
+        Ok(Response::new(reply))
     }
 }
 

@@ -27,7 +27,7 @@
 //!
 //! ## Why control operations travel on the data path
 //!
-//! Info, snapshot create/list/delete/revert and SetEpoch are ops of this same
+//! Info, snapshot create/list/delete/revert, SetEpoch and Resize are ops of this same
 //! frame enum, with prost-encoded payloads from `protos/basalt/replica.proto`,
 //! rather than a separate gRPC service: one address to configure, one
 //! connection to authenticate and monitor, one epoch check for everything a
@@ -128,14 +128,19 @@ pub struct ProtocolVersion(pub u16);
 impl ProtocolVersion {
     /// The version this build speaks best.
     ///
+    /// v3 added the day-two operations (`Resize`, and the ops other branches reserve in the v3 range);
+    /// a v2 replica would refuse an expansion as an unknown op and close the connection, so the
+    /// two sides must disagree at the first frame instead.
+    ///
     /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
-    pub const CURRENT: ProtocolVersion = ProtocolVersion(2);
-    /// The oldest version this build still understands: v1 peers lack what a rebuild sends (no build
-    /// that speaks only v1 was ever released, so none is kept working).
-    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(2);
+    pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
+    /// The oldest version this build still understands: v2 peers lack what a controller sends on
+    /// day two (an expansion), v1 peers what a rebuild sends (no build that speaks only v1 or v2 was
+    /// ever released, so none is kept working).
+    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
     pub fn is_supported(self) -> bool {
@@ -191,6 +196,7 @@ pub enum Op {
     RunCrcs = 0x13,
     ReadV = 0x14,
     WriteV = 0x15,
+    Resize = 0x16,
 }
 
 /// Set in the op byte of every reply.
@@ -198,7 +204,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 21] = [
+    pub const ALL: [Op; 22] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -220,6 +226,7 @@ impl Op {
         Op::RunCrcs,
         Op::ReadV,
         Op::WriteV,
+        Op::Resize,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -251,6 +258,7 @@ impl Op {
             Op::RunCrcs => "run_crcs",
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
+            Op::Resize => "resize",
         }
     }
 }
@@ -296,6 +304,10 @@ pub enum ReplyError {
         "a newer writer connection has taken over this replica; this connection may no longer change it"
     )]
     Superseded,
+    #[error("the replica holds {size_bytes} bytes; a volume can grow, never shrink")]
+    ShrinkRefused { size_bytes: u64 },
+    #[error("the replica cannot hold that size: its storage holds a volume of at most {max_bytes} bytes")]
+    TooLarge { max_bytes: u64 },
 }
 
 impl ReplyError {
@@ -315,6 +327,8 @@ impl ReplyError {
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
             ReplyError::Superseded => 13,
+            ReplyError::ShrinkRefused { .. } => 14,
+            ReplyError::TooLarge { .. } => 15,
         }
     }
 
@@ -326,6 +340,8 @@ impl ReplyError {
             ReplyError::OutOfRange { size_bytes } => size_bytes,
             ReplyError::Unaligned { alignment } => alignment,
             ReplyError::VersionMismatch { newest } => u64::from(newest),
+            ReplyError::ShrinkRefused { size_bytes } => size_bytes,
+            ReplyError::TooLarge { max_bytes } => max_bytes,
             _ => 0,
         }
     }
@@ -353,6 +369,8 @@ impl ReplyError {
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
             13 => ReplyError::Superseded,
+            14 => ReplyError::ShrinkRefused { size_bytes: detail },
+            15 => ReplyError::TooLarge { max_bytes: detail },
             _ => return None,
         })
     }
@@ -373,6 +391,8 @@ impl ReplyError {
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
             ReplyError::Superseded => "superseded",
+            ReplyError::ShrinkRefused { .. } => "shrink_refused",
+            ReplyError::TooLarge { .. } => "too_large",
         }
     }
 }
@@ -583,6 +603,23 @@ pub enum Message {
         position: SyncPoint,
     },
 
+    /// Grow the volume to `size_bytes` (a multiple of 4096), durably, before
+    /// answering: the new blocks read as zeros. The same size is a no-op, so
+    /// a retried expansion succeeds; a smaller one is refused with
+    /// [`ReplyError::ShrinkRefused`], one the replica's storage cannot hold
+    /// with [`ReplyError::TooLarge`]. With `check_only`, nothing changes: the
+    /// replica only says whether it could (a controller asks every replica
+    /// before it expands any, so that one that cannot refuses the whole
+    /// expansion instead of being dropped from the volume). The reply
+    /// carries the replica's size (after the grow, or unchanged for a check).
+    Resize {
+        size_bytes: u64,
+        check_only: bool,
+    },
+    ResizeOk {
+        size_bytes: u64,
+    },
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -638,6 +675,8 @@ impl Message {
             M::ReadVOk { .. } => (Op::ReadV, true),
             M::WriteV { .. } => (Op::WriteV, false),
             M::WriteVOk => (Op::WriteV, true),
+            M::Resize { .. } => (Op::Resize, false),
+            M::ResizeOk { .. } => (Op::Resize, true),
             M::Failed { op, .. } => (*op, true),
         }
     }

@@ -4,6 +4,7 @@ pub mod access;
 pub mod args;
 pub mod client;
 pub mod controller;
+pub mod expand;
 pub mod health;
 pub mod qos;
 pub mod replica;

@@ -1,4 +1,5 @@
-//! `basalt volume up|info`: run a whole volume locally, and look at one.
+//! `basalt volume up|info|expand`: run a whole volume locally, look at one,
+//! grow one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,9 @@ pub enum VolumeCommand {
     Info(InfoArgs),
     /// Show or change a running volume's QoS limits (IOPS, bandwidth).
     Qos(super::qos::QosArgs),
+    /// Grow a running volume online (every replica grows before the answer;
+    /// logged-in initiators are told the new capacity). Never shrinks.
+    Expand(super::expand::ExpandArgs),
 }
 
 #[derive(clap::Args)]
@@ -36,7 +40,9 @@ pub struct UpArgs {
     /// and ending with a letter or a digit.
     #[arg(long)]
     pub name: VolumeName,
-    /// Volume size, e.g. 10G (fixed at creation).
+    /// Volume size, e.g. 10G: the size of a new volume. An existing one keeps
+    /// its own (grown online with `basalt volume expand`); a larger --size
+    /// than it holds is refused.
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
     /// Number of replicas.
@@ -81,6 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Up(a) => up(a),
         VolumeCommand::Info(a) => info(a),
         VolumeCommand::Qos(a) => super::qos::run(a),
+        VolumeCommand::Expand(a) => super::expand::expand(a),
     }
 }
 
@@ -88,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct VolumeRecord {
     uuid: uuid::Uuid,
+    /// The size it was created with (its replicas know the current one).
     size_bytes: u64,
 }
 
@@ -97,11 +105,14 @@ fn load_or_create_record(dir: &Path, size: u64) -> anyhow::Result<VolumeRecord> 
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let record: VolumeRecord = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a Basalt volume record; move it away", path.display()))?;
+        // Not an error: the volume may have been expanded since it was
+        // created. Its replicas serve their own size, and the controller
+        // refuses a --size above it.
         if record.size_bytes != size {
-            bail!(
-                "volume at {} is {} bytes, not {size}: a volume's size is fixed at creation (pass --size {})",
+            eprintln!(
+                "basalt: volume at {} was created with {} bytes; --size {size} only matters to a new volume \
+                 (the replicas keep the size they hold)",
                 dir.display(),
-                record.size_bytes,
                 record.size_bytes
             );
         }

@@ -27,6 +27,12 @@
 //!   elsewhere (a rebuild copy, a repair) is therefore taken as overtaken if
 //!   an overlapping write was still unacknowledged at its source when it was
 //!   sent, and is read again (a copy) or not used (a repair).
+//! * An expansion ([`ControlOp::Resize`]) is a barrier like a snapshot
+//!   create, sent to every active replica (a write-only one too: it gets
+//!   every write past the old end from then on); a replica that fails it is
+//!   dropped, so that once it completes every active replica holds the new
+//!   size. The driver publishes the new size the moment the barrier is sent:
+//!   any I/O past the old end arrives after it and waits behind it.
 //! * Reads go to one read-write replica (the least busy), never to a
 //!   write-only (rebuilding) one. A failed read is retried on another replica;
 //!   a checksum mismatch is repaired by writing the good block back, unless a
@@ -93,15 +99,34 @@ pub enum ControlOp {
     SnapshotList,
     SnapshotDelete(String),
     SnapshotRevert(String),
+    /// Grow every active replica to this many bytes (an online expansion).
+    Resize(u64),
+    /// Ask every active replica whether it could grow to this many bytes,
+    /// changing nothing: an expansion asks first, so that a replica that
+    /// cannot (its device is too small) refuses the expansion rather than
+    /// being dropped by it.
+    ResizeCheck(u64),
 }
 
 impl ControlOp {
-    /// Create and revert are barriers: writes in flight drain first, and
-    /// new I/O waits until every replica has answered, so each replica
-    /// freezes (or rewinds) exactly the same history. List and delete are
-    /// not: a merge runs online while I/O goes on.
+    /// Create, revert and resize are barriers: writes in flight drain first,
+    /// and new I/O waits until every replica has answered, so each replica
+    /// freezes (or rewinds) exactly the same history, and no I/O past the old
+    /// end reaches a replica before it grew. List, delete and a resize check
+    /// are not: a merge runs online while I/O goes on.
     fn is_barrier(&self) -> bool {
-        matches!(self, ControlOp::SnapshotCreate(_) | ControlOp::SnapshotRevert(_))
+        matches!(
+            self,
+            ControlOp::SnapshotCreate(_) | ControlOp::SnapshotRevert(_) | ControlOp::Resize(_)
+        )
+    }
+
+    /// Whether a replica that fails the operation is dropped from the
+    /// volume by the core itself: a replica that did not grow cannot take
+    /// the writes past the old end. For the other operations the caller
+    /// decides what a failed answer means.
+    fn drops_failed(&self) -> bool {
+        matches!(self, ControlOp::Resize(_))
     }
 }
 
@@ -277,6 +302,10 @@ impl CoreConfig {
     /// Deleting a snapshot merges its blocks into its child, online; a big
     /// snapshot on a slow disk can take minutes.
     pub const SNAPSHOT_MERGE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// A grow syncs the head and replaces the metadata, like a snapshot
+    /// create; I/O is paused while it runs, so a replica that takes longer is
+    /// dropped.
+    pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Majority of `replicas`: with 3 replicas the volume survives one loss;
     /// two partitions can never both hold a majority.
@@ -321,6 +350,8 @@ enum Job {
         waiting: Vec<ClientId>,
         results: Vec<(ClientId, Result<Bytes, String>)>,
         barrier: bool,
+        /// A replica that fails it is dropped ([`ControlOp::drops_failed`]).
+        drops_failed: bool,
     },
     /// A read sent to one replica; `tried` are replicas that already failed
     /// it, `bad` those that reported a checksum mismatch (to be repaired).
@@ -509,6 +540,7 @@ impl VolumeCore {
             ReplicaRequest::Control(ControlOp::SnapshotDelete(_) | ControlOp::SnapshotRevert(_)) => {
                 CoreConfig::SNAPSHOT_MERGE_TIMEOUT
             }
+            ReplicaRequest::Control(ControlOp::Resize(_)) => CoreConfig::RESIZE_TIMEOUT,
             _ => self.config.replica_timeout,
         };
         self.replicas[client.0].outstanding.insert(
@@ -610,6 +642,7 @@ impl VolumeCore {
                     waiting: targets,
                     results: Vec::new(),
                     barrier: false,
+                    drops_failed: false,
                 };
                 self.jobs.insert(job, drain);
                 return;
@@ -668,6 +701,7 @@ impl VolumeCore {
                     .map(|(c, _)| c)
                     .collect();
                 let barrier = op.is_barrier();
+                let drops_failed = op.drops_failed();
                 for &client in &targets {
                     self.send(client, job, ReplicaRequest::Control(op.clone()), out);
                 }
@@ -679,6 +713,7 @@ impl VolumeCore {
                         waiting: targets,
                         results: Vec::new(),
                         barrier,
+                        drops_failed,
                     },
                 );
                 return;
@@ -964,18 +999,30 @@ impl VolumeCore {
                 self.fail(client, cause, out);
                 self.maybe_complete(job_id, out);
             }
-            Job::Control { waiting, results, .. } => {
+            Job::Control {
+                waiting,
+                results,
+                drops_failed,
+                ..
+            } => {
                 waiting.retain(|c| *c != client);
-                results.push((
-                    client,
-                    match reply {
-                        ReplicaReply::Ok(data) => Ok(data),
-                        ReplicaReply::ChecksumMismatch { lba } => {
-                            Err(format!("checksum mismatch at block {lba}"))
-                        }
-                        ReplicaReply::Failed(e) => Err(e),
-                    },
-                ));
+                let result = match reply {
+                    ReplicaReply::Ok(data) => Ok(data),
+                    ReplicaReply::ChecksumMismatch { lba } => {
+                        Err(format!("checksum mismatch at block {lba}"))
+                    }
+                    ReplicaReply::Failed(e) => Err(e),
+                };
+                let dropped = match (&result, *drops_failed) {
+                    (Err(e), true) => Some(format!("failed to grow with the volume: {e}")),
+                    _ => None,
+                };
+                results.push((client, result));
+                if let Some(cause) = dropped {
+                    // It answered: this job no longer waits for it, and
+                    // `fail` finds nothing of it outstanding here.
+                    self.fail(client, cause, out);
+                }
                 self.maybe_complete(job_id, out);
             }
             Job::Repair => {
@@ -1721,6 +1768,116 @@ mod tests {
             "RW",
             "the caller decides what a refusal means"
         );
+    }
+
+    #[test]
+    fn a_resize_drains_writes_reaches_every_active_replica_and_drops_one_that_fails_it() {
+        let mut h = Harness::new(5);
+        rebuilding(&mut h, 4);
+        h.guest(write(0, 1));
+        let w1 = Harness::sends(&h.take());
+        assert_eq!(w1.len(), 5, "the write-only replica gets writes too");
+        let grow = h.guest(GuestOp::Control(ControlOp::Resize(64 << 20)));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "the resize waits for the write in flight"
+        );
+        let later = h.guest(write(40 << 20, 2));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "new I/O waits behind the resize"
+        );
+        for (c, job, _) in &w1 {
+            h.reply(*c, *job, ReplicaReply::Ok(Bytes::new()));
+        }
+        let sends = Harness::sends(&h.take());
+        let mut targets: Vec<usize> = sends.iter().map(|s| s.0).collect();
+        targets.sort_unstable();
+        assert_eq!(
+            targets,
+            [0, 1, 2, 3, 4],
+            "every active replica grows, the write-only one too"
+        );
+        assert!(sends
+            .iter()
+            .all(|s| s.2 == ReplicaRequest::Control(ControlOp::Resize(64 << 20))));
+        let size = Bytes::copy_from_slice(&(64u64 << 20).to_le_bytes());
+        for (c, job, _) in &sends {
+            let reply = if *c == 1 {
+                ReplicaReply::Failed("too_large: the device holds less".into())
+            } else {
+                ReplicaReply::Ok(size.clone())
+            };
+            h.reply(*c, *job, reply);
+        }
+        let effects = h.take();
+        let results = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if *guest == grow => Some(results.clone()),
+                _ => None,
+            })
+            .expect("the resize completes");
+        assert_eq!(results.len(), 5);
+        assert_eq!(results.iter().filter(|(_, r)| r.is_err()).count(), 1);
+        assert!(
+            matches!(h.core.mode(ClientId(1)), ReplicaMode::Error { cause } if cause.contains("grow")),
+            "a replica that did not grow is dropped: it could not take writes past the old end"
+        );
+        assert!(effects.contains(&Effect::Disconnect { client: ClientId(1) }));
+        let resumed = Harness::sends(&effects);
+        let mut resumed_at: Vec<usize> = resumed.iter().map(|s| s.0).collect();
+        resumed_at.sort_unstable();
+        assert_eq!(
+            resumed_at,
+            [0, 2, 3, 4],
+            "the held write goes to the replicas that grew"
+        );
+        assert!(resumed
+            .iter()
+            .all(|s| matches!(&s.2, ReplicaRequest::Write { offset, .. } if *offset == 40 << 20)));
+        let _ = later;
+    }
+
+    #[test]
+    fn a_resize_check_is_not_a_barrier_and_a_refusal_keeps_the_replica() {
+        let mut h = Harness::new(3);
+        h.guest(write(0, 1));
+        h.take();
+        let check = h.guest(GuestOp::Control(ControlOp::ResizeCheck(1 << 40)));
+        let sends = Harness::sends(&h.take());
+        assert_eq!(sends.len(), 3, "asked at once, while the write is in flight");
+        h.guest(write(4096, 2));
+        assert_eq!(Harness::sends(&h.take()).len(), 3, "I/O goes on during the check");
+        h.reply(
+            sends[0].0,
+            sends[0].1,
+            ReplicaReply::Failed("too_large: at most 1 GiB".into()),
+        );
+        h.reply(sends[1].0, sends[1].1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(sends[2].0, sends[2].1, ReplicaReply::Ok(Bytes::new()));
+        let effects = h.take();
+        assert!(effects.iter().any(
+            |e| matches!(e, Effect::ControlDone { guest, results } if *guest == check && results.len() == 3)
+        ));
+        assert!(h.core.modes().all(|(_, m)| m.label() == "RW"));
+    }
+
+    #[test]
+    fn a_resize_that_never_answers_drops_the_replica_after_its_own_timeout() {
+        let mut h = Harness::new(3);
+        h.guest(GuestOp::Control(ControlOp::Resize(1 << 30)));
+        let sends = Harness::sends(&h.take());
+        h.reply(sends[0].0, sends[0].1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(sends[1].0, sends[1].1, ReplicaReply::Ok(Bytes::new()));
+        h.advance(Duration::from_secs(10));
+        assert_eq!(
+            h.core.mode(ClientId(sends[2].0)).label(),
+            "RW",
+            "a grow may take a sync"
+        );
+        h.advance(CoreConfig::RESIZE_TIMEOUT);
+        assert_eq!(h.core.mode(ClientId(sends[2].0)).label(), "ERR");
     }
 
     #[test]

@@ -13,6 +13,16 @@
 //! admits it when its bucket has refilled. No thread sleeps, and with no
 //! limit set an op goes straight through. Rebuild copies, drains, settles
 //! and snapshot operations bypass the throttle.
+//!
+//! ## The size
+//!
+//! The volume's size is the one mutable fact besides the replicas' state: an
+//! online expansion ([`Volume::expand`]) grows it. It lives in one atomic the
+//! handle and the owner share; the target reads it for every command. The
+//! owner raises it when the core sends the [`ControlOp::Resize`] barrier,
+//! in the same turn: an initiator that sees the new size sends I/O past the
+//! old end only after that, and the core holds such I/O behind the barrier
+//! until every active replica grew (or was dropped for failing to).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +36,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, RwLock};
 
 use super::core::{
-    ClientId, ControlOp, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, VolumeCore, VolumeError,
+    ClientId, ControlOp, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, ReplicaRequest,
+    VolumeCore, VolumeError,
 };
 use super::link::{write_crc, Link, Outgoing};
 use super::metrics::VolumeMetrics;
@@ -47,12 +58,12 @@ pub enum StartReplica {
     Unusable { cause: String },
 }
 
-/// Static facts about the volume.
+/// Static facts about the volume. Its size is not one of them: it grows
+/// online (see [`Volume::size_bytes`]).
 #[derive(Clone, Debug)]
 pub struct VolumeSpec {
     pub name: crate::name::VolumeName,
     pub volume: VolumeId,
-    pub size_bytes: u64,
     pub epoch: Epoch,
     pub addresses: Vec<String>,
 }
@@ -60,6 +71,7 @@ pub struct VolumeSpec {
 /// A point-in-time view of the volume, for `volume info` and health checks.
 #[derive(Clone, Debug)]
 pub struct VolumeStatus {
+    pub size_bytes: u64,
     pub replicas: Vec<ReplicaStatus>,
     pub in_flight: usize,
     pub healthy: usize,
@@ -96,10 +108,12 @@ enum Command {
         reply: oneshot::Sender<usize>,
     },
     /// Start I/O to a connected replica as write-only (rebuild begins).
+    /// Refused (with why) when the replica is smaller than the volume: an
+    /// expansion was sent while it was being prepared, and it missed it.
     Attach {
         replica: usize,
         conn: Box<super::link::Handshaken>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// Rebuild finished: the replica holds everything.
     Promote {
@@ -122,6 +136,11 @@ enum Reply {
 #[derive(Clone)]
 pub struct Volume {
     spec: Arc<VolumeSpec>,
+    /// Bytes; shared with the owner task, which raises it (see the module docs).
+    size: Arc<AtomicU64>,
+    /// Held by an expansion from its first question to the replicas to its
+    /// answer: two expansions at once would interleave their checks and grows.
+    pub(super) expanding: Arc<tokio::sync::Mutex<()>>,
     tx: mpsc::UnboundedSender<Command>,
     /// COMPARE AND WRITE must be atomic against every other write: writes
     /// take this shared, COMPARE AND WRITE exclusive. Uncontended, it costs a
@@ -131,8 +150,14 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Start the owner task over the given replicas.
-    pub fn start(spec: VolumeSpec, replicas: Vec<StartReplica>, config: CoreConfig) -> Volume {
+    /// Start the owner task over the given replicas, every ready one of
+    /// which holds `size_bytes`.
+    pub fn start(
+        spec: VolumeSpec,
+        size_bytes: u64,
+        replicas: Vec<StartReplica>,
+        config: CoreConfig,
+    ) -> Volume {
         let metrics = Arc::new(VolumeMetrics::new());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -164,8 +189,10 @@ impl Volume {
             metrics.set_mode(addr, m);
         }
         let core = VolumeCore::new(config, modes, Instant::now());
+        let size = Arc::new(AtomicU64::new(size_bytes));
         let owner = Owner {
             core,
+            size: size.clone(),
             addresses: spec.addresses.clone(),
             membership_changed: false,
             events_tx: events_tx.clone(),
@@ -183,6 +210,8 @@ impl Volume {
         tokio::spawn(owner.run(rx, events_rx));
         Volume {
             spec,
+            size,
+            expanding: Arc::new(tokio::sync::Mutex::new(())),
             tx,
             caw: Arc::new(RwLock::new(())),
             metrics,
@@ -191,6 +220,11 @@ impl Volume {
 
     pub fn spec(&self) -> &VolumeSpec {
         &self.spec
+    }
+
+    /// The volume's size now, in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// A point-in-time status; `None` if the owner task has stopped.
@@ -237,7 +271,8 @@ impl Volume {
             conn: Box::new(conn),
             reply,
         })
-        .await
+        .await?
+        .map_err(VolumeError::Unavailable)
     }
 
     /// Wait until every write sent before this call has been answered by
@@ -323,7 +358,7 @@ impl Volume {
 impl BlockDevice for Volume {
     fn geometry(&self) -> Geometry {
         Geometry {
-            size_bytes: self.spec.size_bytes,
+            size_bytes: self.size_bytes(),
             logical_block_size: 512,
             // Replicas checksum and store 4 KiB blocks: tell initiators, so
             // that they align I/O and avoid read-modify-write.
@@ -390,7 +425,7 @@ impl BlockDevice for Volume {
         // Replicas do not report their allocation maps to the controller:
         // "mapped" is always a correct answer (an initiator may not rely on a
         // deallocated report), just not the most informative one.
-        let len = max_len.min(self.spec.size_bytes.saturating_sub(offset));
+        let len = max_len.min(self.size_bytes().saturating_sub(offset));
         Ok((Provisioning::Mapped, len))
     }
 }
@@ -412,6 +447,8 @@ fn throttle_cost(op: &GuestOp) -> Option<Cost> {
 struct Owner {
     core: VolumeCore,
     spec: Arc<VolumeSpec>,
+    /// The volume's size, shared with every [`Volume`] handle.
+    size: Arc<AtomicU64>,
     links: Vec<Option<Link>>,
     /// Requests for each replica produced in this turn, sent to its link as
     /// one batch at the end of the turn (by replica index, like `links`).
@@ -599,6 +636,16 @@ impl Owner {
                 let _ = reply.send(index);
             }
             Command::Attach { replica, conn, reply } => {
+                let size = self.size.load(Ordering::Acquire);
+                if conn.identity.size_bytes < size {
+                    let _ = reply.send(Err(format!(
+                        "replica {} holds {} bytes, the volume {size}: it was expanded while the replica was \
+                         being prepared; its rebuild grows it first when it is retried",
+                        self.addresses.get(replica).map_or("?", String::as_str),
+                        conn.identity.size_bytes
+                    )));
+                    return;
+                }
                 if replica < self.addresses.len() && !self.core.mode(ClientId(replica)).is_active() {
                     let link = conn.start(
                         ClientId(replica),
@@ -610,7 +657,7 @@ impl Owner {
                     self.core
                         .set_mode(ClientId(replica), ReplicaMode::WriteOnly, effects);
                 }
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             Command::Promote { replica } => {
                 if replica < self.addresses.len()
@@ -676,6 +723,7 @@ impl Owner {
             })
             .collect();
         VolumeStatus {
+            size_bytes: self.size.load(Ordering::Acquire),
             replicas,
             in_flight: self.core.in_flight(),
             healthy: self.core.healthy_count(),
@@ -689,6 +737,10 @@ impl Owner {
         for effect in effects.drain(..) {
             match effect {
                 Effect::Send { client, job, request } => {
+                    if let ReplicaRequest::Control(ControlOp::Resize(size)) = &request {
+                        // The barrier is out: I/O past the old end now waits behind it.
+                        self.size.fetch_max(*size, Ordering::AcqRel);
+                    }
                     let payload_crc = match crc_for {
                         Some((j, crc)) if j == job => crc,
                         _ => {

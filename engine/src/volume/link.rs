@@ -289,6 +289,14 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
+        ReplicaRequest::Control(ControlOp::Resize(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: false,
+        },
+        ReplicaRequest::Control(ControlOp::ResizeCheck(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: true,
+        },
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
     }
@@ -362,6 +370,10 @@ async fn read_loop(
             | Message::Pong
             | Message::SnapshotDeleteOk
             | Message::SnapshotRevertOk => ReplicaReply::Ok(Default::default()),
+            // The replica's size after a resize (or now, for a check).
+            Message::ResizeOk { size_bytes } => {
+                ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&size_bytes.to_le_bytes()))
+            }
             // Control answers travel to the management API as their
             // protobuf encoding.
             Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),

@@ -1,12 +1,15 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
 //! state, the driver task that runs it ([`driver`]), one link per replica
-//! connection ([`link`]), the volume's metrics and its QoS limits ([`qos`]).
+//! connection ([`link`]), online expansion ([`expand`]), the volume's metrics
+//! and its QoS limits ([`qos`]).
 
 pub mod core;
 pub mod driver;
+pub mod expand;
 pub mod link;
 pub mod metrics;
 pub mod qos;
 pub mod rebuild;
 
 pub use driver::{StartReplica, Volume, VolumeSpec, VolumeStatus};
+pub use expand::{ExpandError, Expansion};

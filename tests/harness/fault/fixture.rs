@@ -408,6 +408,22 @@ impl FaultVolume {
         Ok(audit)
     }
 
+    /// Grows the volume by `by` with `basalt volume expand`, while I/O goes on, and the ledger with it (the
+    /// new blocks read as zeros); returns the new size in bytes.
+    pub fn expand(&self, by: ByteSize) -> Result<u64, FaultError> {
+        let size = self.info()?["size_bytes"].as_u64().unwrap_or(0);
+        let to = size + by.bytes();
+        let api = self.controller()?.api.to_string();
+        let mut cmd = std::process::Command::new(basalt_binary()?);
+        cmd.args(["volume", "expand", "--api", &api, "--size", &to.to_string()]);
+        run_checked(&mut cmd)?;
+        self.ledger
+            .lock()
+            .expect("ledger lock")
+            .grow(to / BLOCK_BYTES as u64);
+        Ok(to)
+    }
+
     /// `basalt snapshot create NAME`; `Ok(false)` if the controller refused (e.g. a rebuild is running).
     pub fn snapshot_create(&self, name: &str) -> Result<bool, FaultError> {
         self.snapshot_command(&["create", name])

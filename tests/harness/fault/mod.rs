@@ -26,7 +26,7 @@ pub mod workload;
 use std::time::Duration;
 
 pub use fixture::FaultVolume;
-pub use initiator::{CommandOutcome, InitiatorError, Session};
+pub use initiator::{capacity_blocks, CommandOutcome, InitiatorError, Session};
 pub use ledger::{BlockIndex, Generation, Ledger, Loss, LossKind};
 pub use proxy::{Link, Proxy};
 pub use soak::{FaultKind, Plan, Schedule, SoakConfig, SoakReport};
