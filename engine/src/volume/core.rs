@@ -149,6 +149,14 @@ pub enum GuestOp {
     /// flush there would only write back the guest's unflushed data, which
     /// cost a delta rebuild ~60 ms for nothing. Allowed while degraded.
     Settle,
+    /// Which of blocks `start_lba..start_lba + count` (4 KiB blocks, at most
+    /// 2^20) hold data, asked of every read-write replica (a write-only one
+    /// is still incomplete): completes like a control operation, with each
+    /// replica's list (see `volume::allocation`). A read, ordered like one.
+    Allocation {
+        start_lba: u64,
+        count: u64,
+    },
 }
 
 /// What the core asks of one replica.
@@ -179,6 +187,11 @@ pub enum ReplicaRequest {
     WriteV {
         extents: Vec<Extent>,
         data: Bytes,
+    },
+    /// The blocks of `start_lba..start_lba + count` that hold data.
+    BlockCrcs {
+        start_lba: u64,
+        count: u64,
     },
 }
 
@@ -602,16 +615,7 @@ impl VolumeCore {
                     .filter(|(_, m)| m.is_active())
                     .map(|(c, _)| c)
                     .collect();
-                for &client in &targets {
-                    self.send(client, job, ReplicaRequest::Flush, out);
-                }
-                let drain = Job::Control {
-                    guest,
-                    waiting: targets,
-                    results: Vec::new(),
-                    barrier: false,
-                };
-                self.jobs.insert(job, drain);
+                self.ask_each(job, guest, targets, ReplicaRequest::Flush, out);
                 return;
             }
             GuestOp::Settle => {
@@ -660,6 +664,20 @@ impl VolumeCore {
                 self.dispatch_copy_read(job, out);
                 return;
             }
+            GuestOp::Allocation { start_lba, count } => {
+                let job = self.new_job();
+                let targets: Vec<ClientId> = self
+                    .modes()
+                    .filter(|(_, m)| **m == ReplicaMode::ReadWrite)
+                    .map(|(c, _)| c)
+                    .collect();
+                let request = ReplicaRequest::BlockCrcs { start_lba, count };
+                self.ask_each(job, guest, targets, request, out);
+                // Not degraded, so at least one read-write replica was asked;
+                // completes at once otherwise.
+                self.maybe_complete(job, out);
+                return;
+            }
             GuestOp::Control(op) => {
                 let job = self.new_job();
                 let targets: Vec<ClientId> = self
@@ -702,6 +720,28 @@ impl VolumeCore {
                 range,
             },
         );
+    }
+
+    /// Send `request` to each of `targets` as job `job`, collecting their
+    /// answers for `guest` like a (non-barrier) control operation's.
+    fn ask_each(
+        &mut self,
+        job: JobId,
+        guest: GuestId,
+        targets: Vec<ClientId>,
+        request: ReplicaRequest,
+        out: &mut Vec<Effect>,
+    ) {
+        for &client in &targets {
+            self.send(client, job, request.clone(), out);
+        }
+        let collect = Job::Control {
+            guest,
+            waiting: targets,
+            results: Vec::new(),
+            barrier: false,
+        };
+        self.jobs.insert(job, collect);
     }
 
     /// A write to `offset..offset+len` is being sent: any read of that range
@@ -1736,6 +1776,42 @@ mod tests {
             "but a merge that never ends is"
         );
     }
+    #[test]
+    fn an_allocation_query_asks_every_read_write_replica_and_not_the_one_being_rebuilt() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        h.take();
+        let q = h.guest(GuestOp::Allocation {
+            start_lba: 16,
+            count: 256,
+        });
+        let sends = Harness::sends(&h.take());
+        let asked: Vec<usize> = sends.iter().map(|s| s.0).collect();
+        assert_eq!(asked, vec![0, 1], "the write-only replica is not asked");
+        assert!(sends.iter().all(|s| s.2
+            == ReplicaRequest::BlockCrcs {
+                start_lba: 16,
+                count: 256
+            }));
+        h.reply(0, sends[0].1, ReplicaReply::Ok(Bytes::from_static(&[1; 8])));
+        assert!(h.take().is_empty(), "waits for every read-write replica");
+        h.lost(1);
+        let results = h
+            .take()
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if guest == q => Some(results),
+                _ => None,
+            })
+            .expect("done once every asked replica answered or left");
+        assert_eq!(results.len(), 2);
+        assert!(results.contains(&(ClientId(0), Ok(Bytes::from_static(&[1; 8])))));
+        assert!(
+            results.iter().any(|(c, r)| *c == ClientId(1) && r.is_err()),
+            "a replica that left is an answer missing, which the caller treats as mapped"
+        );
+    }
+
     fn rebuilding(h: &mut Harness, target: usize) {
         let mut effects = Vec::new();
         h.core

@@ -276,12 +276,7 @@ impl Volume {
         let result = rx
             .await
             .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
-        result.map_err(|e| match e {
-            VolumeError::Degraded { .. } | VolumeError::Unavailable(_) => {
-                DeviceError::Unavailable(e.to_string())
-            }
-            VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
-        })
+        result.map_err(device_error)
     }
 
     async fn write_unlocked(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
@@ -356,11 +351,34 @@ impl BlockDevice for Volume {
     }
 
     async fn provisioning(&self, offset: u64, max_len: u64) -> Result<(Provisioning, u64), DeviceError> {
-        // Replicas do not report their allocation maps to the controller:
-        // "mapped" is always a correct answer (an initiator may not rely on a
-        // deallocated report), just not the most informative one.
-        let len = max_len.min(self.spec.size_bytes.saturating_sub(offset));
-        Ok((Provisioning::Mapped, len))
+        use super::allocation::{first_run, BLOCK, WINDOW_BLOCKS};
+        let end = offset.saturating_add(max_len).min(self.spec.size_bytes);
+        if offset >= end {
+            return Ok((Provisioning::Mapped, 0));
+        }
+        // One window of blocks from the one holding `offset`; the initiator
+        // asks again from where the answer stops.
+        let start_lba = offset / BLOCK;
+        let count = end.div_ceil(BLOCK).saturating_sub(start_lba).min(WINDOW_BLOCKS);
+        let window_end = end.min((start_lba + count) * BLOCK);
+        let answers = self
+            .ask(|reply| Command::Io {
+                op: GuestOp::Allocation { start_lba, count },
+                reply: Reply::Control(reply),
+            })
+            .await
+            .and_then(|answer| answer)
+            .map_err(device_error)?;
+        let answers: Vec<Result<Bytes, String>> = answers.into_iter().map(|(_, a)| a).collect();
+        Ok(first_run(offset, window_end, &answers))
+    }
+}
+
+/// How a volume error reaches the SCSI layer.
+fn device_error(e: VolumeError) -> DeviceError {
+    match e {
+        VolumeError::Degraded { .. } | VolumeError::Unavailable(_) => DeviceError::Unavailable(e.to_string()),
+        VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
     }
 }
 
@@ -478,6 +496,7 @@ impl Owner {
                     }
                     GuestOp::Drain => ("drain", 0),
                     GuestOp::Settle => ("settle", 0),
+                    GuestOp::Allocation { .. } => ("allocation", 0),
                 };
                 self.guests.insert(
                     id,

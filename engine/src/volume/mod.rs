@@ -1,7 +1,9 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
 //! state, the driver task that runs it ([`driver`]), one link per replica
-//! connection ([`link`]) and the volume's metrics.
+//! connection ([`link`]), the volume's metrics, and what GET LBA STATUS
+//! answers from the replicas' allocation ([`allocation`]).
 
+pub mod allocation;
 pub mod core;
 pub mod driver;
 pub mod link;
