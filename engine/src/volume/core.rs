@@ -96,6 +96,16 @@ pub enum ControlOp {
 }
 
 impl ControlOp {
+    /// What the operation is, in the words of error messages and logs.
+    pub fn what(&self) -> &'static str {
+        match self {
+            ControlOp::SnapshotCreate(_) => "snapshot create",
+            ControlOp::SnapshotList => "snapshot list",
+            ControlOp::SnapshotDelete(_) => "snapshot delete",
+            ControlOp::SnapshotRevert(_) => "snapshot revert",
+        }
+    }
+
     /// Create and revert are barriers: writes in flight drain first, and
     /// new I/O waits until every replica has answered, so each replica
     /// freezes (or rewinds) exactly the same history. List and delete are
@@ -225,6 +235,43 @@ pub enum VolumeError {
     /// Every read-write replica failed to read the range.
     #[error("unrecoverable read at byte offset {offset}: {reason}")]
     Unreadable { offset: u64, reason: String },
+}
+
+/// Removing a read-write replica would leave fewer than `min_healthy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("it would leave {remaining} read-write replicas, fewer than min-healthy ({min_healthy})")]
+pub struct WouldDegrade {
+    pub remaining: usize,
+    pub min_healthy: usize,
+}
+
+/// What the replicas' answers to an operation that changes the snapshot
+/// chain (create, delete, revert) mean for the volume (see [`chain_verdict`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// Enough replicas applied it; those that failed it (each with why) no
+    /// longer hold the others' chain and must be dropped (and rebuilt).
+    Applied { diverged: Vec<(ClientId, String)> },
+    /// Fewer than `min_healthy` (or none) applied it: the operation failed as
+    /// a whole, and every replica stays.
+    Failed { failures: Vec<(ClientId, String)> },
+}
+
+/// Decide what a chain-changing operation's answers mean. A replica that
+/// failed it holds another chain than the others, so the volume cannot keep
+/// it; but dropping replicas until fewer than `min_healthy` are left would
+/// turn a failed snapshot into a failed volume, so then the operation fails.
+pub fn chain_verdict(results: &[(ClientId, Result<Bytes, String>)], min_healthy: usize) -> ChainVerdict {
+    let failures: Vec<(ClientId, String)> = results
+        .iter()
+        .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
+        .collect();
+    let succeeded = results.len() - failures.len();
+    if succeeded == 0 || succeeded < min_healthy {
+        ChainVerdict::Failed { failures }
+    } else {
+        ChainVerdict::Applied { diverged: failures }
+    }
 }
 
 /// Inputs to the core.
@@ -1166,6 +1213,30 @@ impl VolumeCore {
         self.pump(out);
     }
 
+    /// Remove `client` for good (`basalt replica rm`), unless it is
+    /// read-write and the volume would be left with fewer than
+    /// `min_healthy` read-write replicas. Decided and done in one step, so
+    /// that removals arriving together are each judged against what the
+    /// others left.
+    pub fn remove_replica(
+        &mut self,
+        client: ClientId,
+        cause: String,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), WouldDegrade> {
+        if self.replicas[client.0].mode == ReplicaMode::ReadWrite {
+            let remaining = self.healthy_count() - 1;
+            if remaining < self.config.min_healthy {
+                return Err(WouldDegrade {
+                    remaining,
+                    min_healthy: self.config.min_healthy,
+                });
+            }
+        }
+        self.drop_replica(client, cause, out);
+        Ok(())
+    }
+
     fn fail(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
         let replica = &mut self.replicas[client.0];
         if !replica.mode.is_active() {
@@ -1776,6 +1847,65 @@ mod tests {
             "but a merge that never ends is"
         );
     }
+    #[test]
+    fn a_removal_is_refused_once_the_others_left_too_few_read_write_replicas() {
+        let mut h = Harness::new(3);
+        let mut out = Vec::new();
+        assert_eq!(h.core.remove_replica(ClientId(0), "rm".into(), &mut out), Ok(()));
+        assert_eq!(
+            h.core.remove_replica(ClientId(1), "rm".into(), &mut out),
+            Err(WouldDegrade {
+                remaining: 1,
+                min_healthy: 2
+            })
+        );
+        assert_eq!(h.core.healthy_count(), 2);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm again".into(), &mut out),
+            Ok(()),
+            "a replica already out can always be removed"
+        );
+        rebuilding(&mut h, 0);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm".into(), &mut out),
+            Ok(()),
+            "so can one being rebuilt: it does not count towards min-healthy"
+        );
+    }
+
+    #[test]
+    fn a_chain_operation_drops_the_replicas_that_failed_it_unless_too_few_applied_it() {
+        let ok = |c| (ClientId(c), Ok(Bytes::new()));
+        let failed = |c| (ClientId(c), Err(format!("disk {c} full")));
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), ok(2)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![(ClientId(1), "disk 1 full".into())]
+            }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), ok(1)], 2),
+            ChainVerdict::Applied { diverged: vec![] }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), failed(2)], 2),
+            ChainVerdict::Failed {
+                failures: vec![
+                    (ClientId(1), "disk 1 full".into()),
+                    (ClientId(2), "disk 2 full".into())
+                ]
+            }
+        );
+        assert!(matches!(
+            chain_verdict(&[failed(0)], 1),
+            ChainVerdict::Failed { .. }
+        ));
+        assert!(
+            matches!(chain_verdict(&[], 1), ChainVerdict::Failed { .. }),
+            "nobody applied it"
+        );
+    }
+
     #[test]
     fn an_allocation_query_asks_every_read_write_replica_and_not_the_one_being_rebuilt() {
         let mut h = Harness::new(3);
