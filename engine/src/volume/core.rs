@@ -109,6 +109,18 @@ pub enum ControlOp {
 }
 
 impl ControlOp {
+    /// What the operation is, in the words of error messages and logs.
+    pub fn what(&self) -> &'static str {
+        match self {
+            ControlOp::SnapshotCreate(_) => "snapshot create",
+            ControlOp::SnapshotList => "snapshot list",
+            ControlOp::SnapshotDelete(_) => "snapshot delete",
+            ControlOp::SnapshotRevert(_) => "snapshot revert",
+            ControlOp::Resize(_) => "resize",
+            ControlOp::ResizeCheck(_) => "resize check",
+        }
+    }
+
     /// Create, revert and resize are barriers: writes in flight drain first,
     /// and new I/O waits until every replica has answered, so each replica
     /// freezes (or rewinds) exactly the same history, and no I/O past the old
@@ -174,6 +186,14 @@ pub enum GuestOp {
     /// flush there would only write back the guest's unflushed data, which
     /// cost a delta rebuild ~60 ms for nothing. Allowed while degraded.
     Settle,
+    /// Which of blocks `start_lba..start_lba + count` (4 KiB blocks, at most
+    /// 2^20) hold data, asked of every read-write replica (a write-only one
+    /// is still incomplete): completes like a control operation, with each
+    /// replica's list (see `volume::allocation`). A read, ordered like one.
+    Allocation {
+        start_lba: u64,
+        count: u64,
+    },
 }
 
 /// What the core asks of one replica.
@@ -204,6 +224,11 @@ pub enum ReplicaRequest {
     WriteV {
         extents: Vec<Extent>,
         data: Bytes,
+    },
+    /// The blocks of `start_lba..start_lba + count` that hold data.
+    BlockCrcs {
+        start_lba: u64,
+        count: u64,
     },
 }
 
@@ -237,6 +262,43 @@ pub enum VolumeError {
     /// Every read-write replica failed to read the range.
     #[error("unrecoverable read at byte offset {offset}: {reason}")]
     Unreadable { offset: u64, reason: String },
+}
+
+/// Removing a read-write replica would leave fewer than `min_healthy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("it would leave {remaining} read-write replicas, fewer than min-healthy ({min_healthy})")]
+pub struct WouldDegrade {
+    pub remaining: usize,
+    pub min_healthy: usize,
+}
+
+/// What the replicas' answers to an operation that changes the snapshot
+/// chain (create, delete, revert) mean for the volume (see [`chain_verdict`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// Enough replicas applied it; those that failed it (each with why) no
+    /// longer hold the others' chain and must be dropped (and rebuilt).
+    Applied { diverged: Vec<(ClientId, String)> },
+    /// Fewer than `min_healthy` (or none) applied it: the operation failed as
+    /// a whole, and every replica stays.
+    Failed { failures: Vec<(ClientId, String)> },
+}
+
+/// Decide what a chain-changing operation's answers mean. A replica that
+/// failed it holds another chain than the others, so the volume cannot keep
+/// it; but dropping replicas until fewer than `min_healthy` are left would
+/// turn a failed snapshot into a failed volume, so then the operation fails.
+pub fn chain_verdict(results: &[(ClientId, Result<Bytes, String>)], min_healthy: usize) -> ChainVerdict {
+    let failures: Vec<(ClientId, String)> = results
+        .iter()
+        .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
+        .collect();
+    let succeeded = results.len() - failures.len();
+    if succeeded == 0 || succeeded < min_healthy {
+        ChainVerdict::Failed { failures }
+    } else {
+        ChainVerdict::Applied { diverged: failures }
+    }
 }
 
 /// Inputs to the core.
@@ -634,17 +696,7 @@ impl VolumeCore {
                     .filter(|(_, m)| m.is_active())
                     .map(|(c, _)| c)
                     .collect();
-                for &client in &targets {
-                    self.send(client, job, ReplicaRequest::Flush, out);
-                }
-                let drain = Job::Control {
-                    guest,
-                    waiting: targets,
-                    results: Vec::new(),
-                    barrier: false,
-                    drops_failed: false,
-                };
-                self.jobs.insert(job, drain);
+                self.ask_each(job, guest, targets, ReplicaRequest::Flush, out);
                 return;
             }
             GuestOp::Settle => {
@@ -693,6 +745,20 @@ impl VolumeCore {
                 self.dispatch_copy_read(job, out);
                 return;
             }
+            GuestOp::Allocation { start_lba, count } => {
+                let job = self.new_job();
+                let targets: Vec<ClientId> = self
+                    .modes()
+                    .filter(|(_, m)| **m == ReplicaMode::ReadWrite)
+                    .map(|(c, _)| c)
+                    .collect();
+                let request = ReplicaRequest::BlockCrcs { start_lba, count };
+                self.ask_each(job, guest, targets, request, out);
+                // Not degraded, so at least one read-write replica was asked;
+                // completes at once otherwise.
+                self.maybe_complete(job, out);
+                return;
+            }
             GuestOp::Control(op) => {
                 let job = self.new_job();
                 let targets: Vec<ClientId> = self
@@ -737,6 +803,29 @@ impl VolumeCore {
                 range,
             },
         );
+    }
+
+    /// Send `request` to each of `targets` as job `job`, collecting their
+    /// answers for `guest` like a (non-barrier) control operation's.
+    fn ask_each(
+        &mut self,
+        job: JobId,
+        guest: GuestId,
+        targets: Vec<ClientId>,
+        request: ReplicaRequest,
+        out: &mut Vec<Effect>,
+    ) {
+        for &client in &targets {
+            self.send(client, job, request.clone(), out);
+        }
+        let collect = Job::Control {
+            guest,
+            waiting: targets,
+            results: Vec::new(),
+            barrier: false,
+            drops_failed: false,
+        };
+        self.jobs.insert(job, collect);
     }
 
     /// A write to `offset..offset+len` is being sent: any read of that range
@@ -1171,6 +1260,30 @@ impl VolumeCore {
     pub fn drop_replica(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
         self.fail(client, cause, out);
         self.pump(out);
+    }
+
+    /// Remove `client` for good (`basalt replica rm`), unless it is
+    /// read-write and the volume would be left with fewer than
+    /// `min_healthy` read-write replicas. Decided and done in one step, so
+    /// that removals arriving together are each judged against what the
+    /// others left.
+    pub fn remove_replica(
+        &mut self,
+        client: ClientId,
+        cause: String,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), WouldDegrade> {
+        if self.replicas[client.0].mode == ReplicaMode::ReadWrite {
+            let remaining = self.healthy_count() - 1;
+            if remaining < self.config.min_healthy {
+                return Err(WouldDegrade {
+                    remaining,
+                    min_healthy: self.config.min_healthy,
+                });
+            }
+        }
+        self.drop_replica(client, cause, out);
+        Ok(())
     }
 
     fn fail(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
@@ -1893,6 +2006,101 @@ mod tests {
             "but a merge that never ends is"
         );
     }
+    #[test]
+    fn a_removal_is_refused_once_the_others_left_too_few_read_write_replicas() {
+        let mut h = Harness::new(3);
+        let mut out = Vec::new();
+        assert_eq!(h.core.remove_replica(ClientId(0), "rm".into(), &mut out), Ok(()));
+        assert_eq!(
+            h.core.remove_replica(ClientId(1), "rm".into(), &mut out),
+            Err(WouldDegrade {
+                remaining: 1,
+                min_healthy: 2
+            })
+        );
+        assert_eq!(h.core.healthy_count(), 2);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm again".into(), &mut out),
+            Ok(()),
+            "a replica already out can always be removed"
+        );
+        rebuilding(&mut h, 0);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm".into(), &mut out),
+            Ok(()),
+            "so can one being rebuilt: it does not count towards min-healthy"
+        );
+    }
+
+    #[test]
+    fn a_chain_operation_drops_the_replicas_that_failed_it_unless_too_few_applied_it() {
+        let ok = |c| (ClientId(c), Ok(Bytes::new()));
+        let failed = |c| (ClientId(c), Err(format!("disk {c} full")));
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), ok(2)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![(ClientId(1), "disk 1 full".into())]
+            }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), ok(1)], 2),
+            ChainVerdict::Applied { diverged: vec![] }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), failed(2)], 2),
+            ChainVerdict::Failed {
+                failures: vec![
+                    (ClientId(1), "disk 1 full".into()),
+                    (ClientId(2), "disk 2 full".into())
+                ]
+            }
+        );
+        assert!(matches!(
+            chain_verdict(&[failed(0)], 1),
+            ChainVerdict::Failed { .. }
+        ));
+        assert!(
+            matches!(chain_verdict(&[], 1), ChainVerdict::Failed { .. }),
+            "nobody applied it"
+        );
+    }
+
+    #[test]
+    fn an_allocation_query_asks_every_read_write_replica_and_not_the_one_being_rebuilt() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        h.take();
+        let q = h.guest(GuestOp::Allocation {
+            start_lba: 16,
+            count: 256,
+        });
+        let sends = Harness::sends(&h.take());
+        let asked: Vec<usize> = sends.iter().map(|s| s.0).collect();
+        assert_eq!(asked, vec![0, 1], "the write-only replica is not asked");
+        assert!(sends.iter().all(|s| s.2
+            == ReplicaRequest::BlockCrcs {
+                start_lba: 16,
+                count: 256
+            }));
+        h.reply(0, sends[0].1, ReplicaReply::Ok(Bytes::from_static(&[1; 8])));
+        assert!(h.take().is_empty(), "waits for every read-write replica");
+        h.lost(1);
+        let results = h
+            .take()
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if guest == q => Some(results),
+                _ => None,
+            })
+            .expect("done once every asked replica answered or left");
+        assert_eq!(results.len(), 2);
+        assert!(results.contains(&(ClientId(0), Ok(Bytes::from_static(&[1; 8])))));
+        assert!(
+            results.iter().any(|(c, r)| *c == ClientId(1) && r.is_err()),
+            "a replica that left is an answer missing, which the caller treats as mapped"
+        );
+    }
+
     fn rebuilding(h: &mut Harness, target: usize) {
         let mut effects = Vec::new();
         h.core

@@ -299,6 +299,7 @@ fn to_message(request: ReplicaRequest) -> Message {
         },
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
+        ReplicaRequest::BlockCrcs { start_lba, count } => Message::BlockCrcs { start_lba, count },
     }
 }
 
@@ -380,6 +381,7 @@ async fn read_loop(
             Message::SnapshotListOk(snapshots) => {
                 ReplicaReply::Ok(pb::SnapshotList { snapshots }.encode_to_vec().into())
             }
+            Message::BlockCrcsOk(blocks) => ReplicaReply::Ok(super::allocation::encode(&blocks)),
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },
                 ..

@@ -1,8 +1,10 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
 //! state, the driver task that runs it ([`driver`]), one link per replica
-//! connection ([`link`]), online expansion ([`expand`]), the volume's metrics
-//! and its QoS limits ([`qos`]).
+//! connection ([`link`]), online expansion ([`expand`]), the volume's metrics,
+//! its QoS limits ([`qos`]), and what GET LBA STATUS answers from the
+//! replicas' allocation ([`allocation`]).
 
+pub mod allocation;
 pub mod core;
 pub mod driver;
 pub mod expand;
