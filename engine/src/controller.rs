@@ -25,7 +25,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use basalt_proto::auth::VolumeSecret;
 use basalt_proto::{Epoch, VolumeId};
+
+use basalt_proto::frame::ReplyError;
 
 use crate::volume::core::CoreConfig;
 use crate::volume::link::{Handshaken, LinkError};
@@ -45,6 +48,9 @@ pub struct ControllerConfig {
     /// How long to wait for every replica to answer at start before going
     /// on with those that did.
     pub startup_wait: Duration,
+    /// The volume's secret: the controller proves it to every replica, and
+    /// every replica proves it back.
+    pub secret: VolumeSecret,
 }
 
 /// Why the controller cannot start serving.
@@ -70,7 +76,7 @@ pub enum StartError {
 
 /// Survey, choose, fence, and start the volume.
 pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError> {
-    let surveyed = survey(&config.replicas, config.startup_wait).await;
+    let surveyed = survey(&config.replicas, &config.secret, config.startup_wait).await;
 
     // Which volume is this? The one asked for, or the one most replicas hold.
     let volume = match config.volume_id {
@@ -219,6 +225,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         size_bytes: config.size_bytes,
         epoch,
         addresses: config.replicas.clone(),
+        secret: config.secret.clone(),
     };
     tracing::info!(volume = %volume, epoch = epoch.0, healthy = usable, "volume assembled");
     let core = CoreConfig {
@@ -262,7 +269,11 @@ pub async fn reconcile(assembled: &Assembled, rebuilder: &std::sync::Arc<Rebuild
 
 /// Say Hello to every replica (in parallel), retrying those that do not
 /// answer until `wait` has passed.
-async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, LinkError>> {
+async fn survey(
+    addrs: &[String],
+    secret: &VolumeSecret,
+    wait: Duration,
+) -> Vec<Result<Handshaken, LinkError>> {
     let deadline = Instant::now() + wait;
     let tasks = addrs.iter().map(|addr| {
         let addr = addr.clone();
@@ -273,9 +284,25 @@ async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, Link
                 // A writer from the start: this connection becomes the data
                 // link, and taking over as writer also shuts out whatever an
                 // older controller still has in flight to this replica.
-                match Handshaken::connect_writer(&addr, VolumeId(uuid::Uuid::nil()), Epoch(0), attempt).await
+                match Handshaken::connect_writer(
+                    &addr,
+                    VolumeId(uuid::Uuid::nil()),
+                    Epoch(0),
+                    secret,
+                    attempt,
+                )
+                .await
                 {
                     Ok(h) => return Ok(h),
+                    // A replica that does not know our secret (or finds ours wrong) will not learn it by
+                    // being asked again: say so at once.
+                    Err(
+                        e @ (LinkError::NotProven { .. }
+                        | LinkError::Refused {
+                            error: ReplyError::AuthFailed,
+                            ..
+                        }),
+                    ) => return Err(e),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(e) => {
                         tracing::debug!(replica = %addr, error = %e, "replica not answering yet; retrying");

@@ -44,6 +44,14 @@
 //! `AdoptSyncPoint` puts a freshly rebuilt replica on the source's flush
 //! numbering (or takes it off any numbering while it is being rebuilt).
 //!
+//! ## Authentication
+//!
+//! Hello carries the client's nonce; HelloOk the replica's nonce and its
+//! proof that it knows the volume's secret; the client answers with `Auth`,
+//! its own proof. Only a connection whose Auth was valid is served, and
+//! nothing a Hello asks for that changes the replica (raising the epoch,
+//! taking the writer role) happens before it: see [`crate::auth`].
+//!
 //! ## Pipelining
 //!
 //! Requests are pipelined: a sender does not wait for a reply before sending
@@ -70,6 +78,7 @@ mod tests;
 
 use bytes::Bytes;
 
+use crate::auth::{Nonce, Proof};
 use crate::pb::replica as pb;
 use crate::{Epoch, Revision, VolumeId};
 
@@ -132,10 +141,13 @@ impl ProtocolVersion {
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
-    pub const CURRENT: ProtocolVersion = ProtocolVersion(2);
-    /// The oldest version this build still understands: v1 peers lack what a rebuild sends (no build
-    /// that speaks only v1 was ever released, so none is kept working).
-    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(2);
+    ///
+    /// v3 authenticates both sides of every connection (`Auth`, nonces and proofs in Hello) and
+    /// records the volume's membership on its replicas (`SetMembership`).
+    pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
+    /// The oldest version this build still understands: a v2 peer neither proves itself nor asks the
+    /// other side to, and accepting one would leave open the door that v3 closes.
+    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
     pub fn is_supported(self) -> bool {
@@ -191,6 +203,8 @@ pub enum Op {
     RunCrcs = 0x13,
     ReadV = 0x14,
     WriteV = 0x15,
+    Auth = 0x17,
+    SetMembership = 0x18,
 }
 
 /// Set in the op byte of every reply.
@@ -198,7 +212,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 21] = [
+    pub const ALL: [Op; 23] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -220,6 +234,8 @@ impl Op {
         Op::RunCrcs,
         Op::ReadV,
         Op::WriteV,
+        Op::Auth,
+        Op::SetMembership,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -251,6 +267,8 @@ impl Op {
             Op::RunCrcs => "run_crcs",
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
+            Op::Auth => "auth",
+            Op::SetMembership => "set_membership",
         }
     }
 }
@@ -296,6 +314,15 @@ pub enum ReplyError {
         "a newer writer connection has taken over this replica; this connection may no longer change it"
     )]
     Superseded,
+    #[error(
+        "the client could not prove it knows the volume's secret: check --secret-file (or \
+         BASALT_VOLUME_SECRET) on both sides"
+    )]
+    AuthFailed,
+    #[error("the connection has not authenticated: send Hello, then Auth with a valid proof, first")]
+    NotAuthenticated,
+    #[error("the membership is older than the one the replica recorded ({current}); a newer controller changed it")]
+    StaleMembership { current: u64 },
 }
 
 impl ReplyError {
@@ -315,6 +342,9 @@ impl ReplyError {
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
             ReplyError::Superseded => 13,
+            ReplyError::AuthFailed => 16,
+            ReplyError::NotAuthenticated => 17,
+            ReplyError::StaleMembership { .. } => 18,
         }
     }
 
@@ -326,6 +356,7 @@ impl ReplyError {
             ReplyError::OutOfRange { size_bytes } => size_bytes,
             ReplyError::Unaligned { alignment } => alignment,
             ReplyError::VersionMismatch { newest } => u64::from(newest),
+            ReplyError::StaleMembership { current } => current,
             _ => 0,
         }
     }
@@ -353,6 +384,9 @@ impl ReplyError {
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
             13 => ReplyError::Superseded,
+            16 => ReplyError::AuthFailed,
+            17 => ReplyError::NotAuthenticated,
+            18 => ReplyError::StaleMembership { current: detail },
             _ => return None,
         })
     }
@@ -373,6 +407,9 @@ impl ReplyError {
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
             ReplyError::Superseded => "superseded",
+            ReplyError::AuthFailed => "auth_failed",
+            ReplyError::NotAuthenticated => "not_authenticated",
+            ReplyError::StaleMembership { .. } => "stale_membership",
         }
     }
 }
@@ -383,9 +420,10 @@ impl ReplyError {
 pub enum Message {
     /// Handshake; must be the first request on a connection. `volume` is the
     /// volume the controller expects, or the nil UUID to ask "who are you?"
-    /// (discovery; nothing is checked). The frame's epoch, if higher than the
-    /// replica's, raises it durably (that is how a new controller fences the
-    /// old one); a lower epoch changes nothing and the reply reports the
+    /// (discovery; the volume is not checked, the secret still is). The
+    /// frame's epoch, if higher than the replica's, raises it durably once
+    /// the connection has authenticated (that is how a new controller fences
+    /// the old one); a lower epoch changes nothing and the reply reports the
     /// replica's epoch, so a controller can survey replicas before choosing
     /// its epoch.
     Hello {
@@ -395,11 +433,39 @@ pub enum Message {
         /// Make this connection the replica's only writer (see
         /// `replica.proto`); probes and metadata connections say `false`.
         writer: bool,
+        /// The client's challenge for this connection.
+        nonce: Nonce,
     },
+    /// The replica says which volume it serves (what its proof covers), but
+    /// not how far it has got: that only to an authenticated client, in
+    /// `AuthOk`.
     HelloOk {
         version: ProtocolVersion,
-        replica: ReplicaIdentity,
+        volume: VolumeId,
+        /// The replica's challenge for this connection.
+        nonce: Nonce,
+        /// The replica's proof over both nonces (see [`crate::auth`]).
+        proof: Proof,
     },
+
+    /// The client's proof over both nonces of the connection; answered
+    /// `AuthOk` once the Hello's epoch raise and writer role took effect, or
+    /// `AuthFailed` (and the connection is closed).
+    Auth {
+        proof: Proof,
+    },
+    /// `replica` as it is after the Hello took effect.
+    AuthOk {
+        replica: ReplicaIdentity,
+        /// The membership the replica last recorded, if any.
+        membership: Option<pb::Membership>,
+    },
+
+    /// Record the volume's membership durably (written before the reply).
+    /// Refused from a connection that is not the replica's writer, and for a
+    /// generation older than the one recorded.
+    SetMembership(pb::Membership),
+    SetMembershipOk,
 
     /// Read `len` bytes at byte `offset`.
     Read {
@@ -638,6 +704,10 @@ impl Message {
             M::ReadVOk { .. } => (Op::ReadV, true),
             M::WriteV { .. } => (Op::WriteV, false),
             M::WriteVOk => (Op::WriteV, true),
+            M::Auth { .. } => (Op::Auth, false),
+            M::AuthOk { .. } => (Op::Auth, true),
+            M::SetMembership(_) => (Op::SetMembership, false),
+            M::SetMembershipOk => (Op::SetMembership, true),
             M::Failed { op, .. } => (*op, true),
         }
     }

@@ -10,9 +10,11 @@ use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_duration, parse_volume_size};
+use basalt_engine::api_auth::RequireToken;
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
 use basalt_engine::volume::core::CoreConfig;
 use basalt_engine::volume::rebuild::Rebuilder;
+use tonic::service::interceptor::InterceptedService;
 
 /// Longest wait at start for up-to-date replicas to be reconciled before the
 /// volume serves (they carry the same flushed history, so normally only a
@@ -52,6 +54,10 @@ pub struct Args {
     pub replica_timeout: Duration,
     #[command(flatten)]
     pub access: super::access::Access,
+    #[command(flatten)]
+    pub secret: super::secrets::SecretArgs,
+    #[command(flatten)]
+    pub api_token: super::secrets::ApiTokenArgs,
     /// Threads that run the volume's I/O (iSCSI sessions, the volume's owner
     /// task, replica links). One keeps every hop of an I/O on one thread:
     /// tasks hand work to each other without cross-thread wake-ups, and a
@@ -86,6 +92,10 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
             "--min-healthy must be between 1 and the number of replicas ({replicas}); got {min_healthy}"
         );
     }
+    // Before anything else: without the secret no replica would talk to us, and without a token the
+    // API would obey anyone.
+    let secret = args.secret.load()?;
+    let token = args.api_token.load()?;
     let config = ControllerConfig {
         name: args.name.clone(),
         size_bytes: args.size,
@@ -94,6 +104,7 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         min_healthy,
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
+        secret,
     };
     // Check the login policy and bind every listener before assembling, so
     // a bad flag fails before any replica's epoch is raised.
@@ -144,7 +155,7 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(api)
+            .add_service(InterceptedService::new(api, RequireToken(token)))
             .serve_with_incoming_shutdown(tokio_stream_listener(api_listener), async move {
                 api_shutdown.cancelled().await
             })

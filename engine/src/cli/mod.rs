@@ -6,6 +6,7 @@ pub mod client;
 pub mod controller;
 pub mod health;
 pub mod replica;
+pub mod secrets;
 pub mod serve_file;
 pub mod snapshot;
 pub mod volume;

@@ -47,6 +47,8 @@ pub struct VolumeSpec {
     pub size_bytes: u64,
     pub epoch: Epoch,
     pub addresses: Vec<String>,
+    /// What every connection to a replica proves it knows (and checks the replica knows).
+    pub secret: basalt_proto::auth::VolumeSecret,
 }
 
 /// A point-in-time view of the volume, for `volume info` and health checks.

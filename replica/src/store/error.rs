@@ -84,6 +84,17 @@ pub enum StoreError {
         /// Size requested.
         requested: u64,
     },
+    /// A controller tried to record a membership older than the one recorded.
+    #[error(
+        "membership generation {requested} is older than the recorded generation {current}: a newer \
+         controller changed the volume's members since"
+    )]
+    StaleMembership {
+        /// The recorded generation.
+        current: u64,
+        /// The generation that was refused.
+        requested: u64,
+    },
     /// The directory holds another volume.
     #[error(
         "{dir} holds volume {on_disk}, not {requested}: this replica directory belongs to another volume"
