@@ -5,7 +5,15 @@
 //! 1. Survey: every replica that answers within the startup wait, with the
 //!    volume's UUID (`--volume-id`, or the one most replicas share) and size,
 //!    is usable; the others are logged with the reason and left in ERR (they
-//!    are re-added when they answer again).
+//!    are re-added when they answer again). Every connection proves the
+//!    volume's secret both ways (`basalt_proto::auth`).
+//!    Membership: each replica reports the membership it last recorded
+//!    (`replica add` / `rm` write one to every active replica); the newest
+//!    one found -- highest generation, ties broken by the epoch it was
+//!    written at -- names the volume's replicas, whatever `--replica` says: a
+//!    listed replica that is not a member is not used (the log says why), a
+//!    member missing from the list is surveyed and used all the same. When
+//!    no replica has recorded one (a new volume), the list is the membership.
 //! 2. Fence: every usable replica is raised to a new epoch, one above every
 //!    epoch seen, before any I/O: from then on it refuses every frame of an
 //!    older controller, so a controller cut off by a partition can never
@@ -26,6 +34,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use basalt_proto::auth::VolumeSecret;
+use basalt_proto::pb::replica::Membership;
 use basalt_proto::{Epoch, VolumeId};
 
 use basalt_proto::frame::ReplyError;
@@ -43,7 +52,8 @@ pub struct ControllerConfig {
     pub replicas: Vec<String>,
     /// The volume's UUID; `None` to take the one most replicas report.
     pub volume_id: Option<VolumeId>,
-    pub min_healthy: usize,
+    /// Fewest read-write replicas to serve; `None`: a majority of the members.
+    pub min_healthy: Option<usize>,
     pub replica_timeout: Duration,
     /// How long to wait for every replica to answer at start before going
     /// on with those that did.
@@ -72,6 +82,49 @@ pub enum StartError {
          serves"
     )]
     AmbiguousVolume { found: String },
+    #[error("--min-healthy is {min_healthy}, but the volume has {members} replicas; give at most {members}")]
+    MinHealthy { min_healthy: usize, members: usize },
+}
+
+/// The newest of the memberships the replicas recorded: the highest generation, ties broken by the
+/// epoch it was written at (two controllers that each recorded the same generation: the newer one wins).
+pub fn newest_membership<'a>(found: impl IntoIterator<Item = &'a Membership>) -> Option<&'a Membership> {
+    found.into_iter().max_by_key(|m| (m.generation, m.epoch))
+}
+
+/// Which replicas a controller uses, given its `--replica` list and the newest recorded membership.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MemberPlan {
+    /// The volume's replicas: the listed members in list order, then members the list lacks.
+    pub members: Vec<String>,
+    /// Listed replicas that are not members: not used.
+    pub not_members: Vec<String>,
+    /// Members the list lacks: used all the same.
+    pub unlisted: Vec<String>,
+}
+
+/// The replicas to use: the membership's when one was recorded, else the list (a new volume).
+pub fn plan_members(listed: &[String], newest: Option<&Membership>) -> MemberPlan {
+    let Some(m) = newest else {
+        return MemberPlan {
+            members: listed.to_vec(),
+            not_members: Vec::new(),
+            unlisted: Vec::new(),
+        };
+    };
+    let (kept, not_members): (Vec<String>, Vec<String>) =
+        listed.iter().cloned().partition(|a| m.members.contains(a));
+    let unlisted: Vec<String> = m
+        .members
+        .iter()
+        .filter(|a| !listed.contains(a))
+        .cloned()
+        .collect();
+    MemberPlan {
+        members: kept.into_iter().chain(unlisted.iter().cloned()).collect(),
+        not_members,
+        unlisted,
+    }
 }
 
 /// Survey, choose, fence, and start the volume.
@@ -103,8 +156,56 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         }
     };
 
+    // Whose replicas? The newest membership any replica of this volume recorded.
+    let newest = newest_membership(
+        surveyed
+            .iter()
+            .flatten()
+            .filter(|h| h.identity.volume == volume)
+            .filter_map(|h| h.membership.as_ref()),
+    )
+    .cloned();
+    let plan = plan_members(&config.replicas, newest.as_ref());
+    if let Some(m) = &newest {
+        for addr in &plan.not_members {
+            tracing::warn!(
+                replica = %addr, generation = m.generation, written_at_epoch = m.epoch,
+                "replica listed in --replica is not used: it is not a member of the volume (removed with \
+                 `basalt replica rm`; the newest recorded membership is {})", m.members.join(", ")
+            );
+        }
+        for addr in &plan.unlisted {
+            tracing::info!(
+                replica = %addr, generation = m.generation,
+                "replica missing from --replica is used: it is a member of the volume (added with \
+                 `basalt replica add`)"
+            );
+        }
+    }
+    let mut by_address: HashMap<String, Result<Handshaken, LinkError>> =
+        config.replicas.iter().cloned().zip(surveyed).collect();
+    let unlisted = survey(&plan.unlisted, &config.secret, config.startup_wait).await;
+    by_address.extend(plan.unlisted.iter().cloned().zip(unlisted));
+    let addresses = plan.members;
+    let min_healthy = config
+        .min_healthy
+        .unwrap_or(CoreConfig::majority(addresses.len()));
+    if min_healthy == 0 || min_healthy > addresses.len() {
+        return Err(StartError::MinHealthy {
+            min_healthy,
+            members: addresses.len(),
+        });
+    }
+    let surveyed = addresses.iter().map(|a| {
+        by_address.remove(a).unwrap_or_else(|| {
+            Err(LinkError::Protocol {
+                addr: a.clone(),
+                detail: "not surveyed".into(),
+            })
+        })
+    });
+
     let mut decisions: Vec<Result<Handshaken, String>> = surveyed
-        .into_iter()
         .map(|s| {
             let h = s.map_err(|e| format!("unreachable: {e}"))?;
             let id = h.identity;
@@ -131,7 +232,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
     // Fence first: raise every usable replica to the new epoch before any
     // I/O, the ones that are behind too -- an older controller that could
     // still reach them must not gather a majority of acknowledgements there.
-    for (addr, d) in config.replicas.iter().zip(decisions.iter_mut()) {
+    for (addr, d) in addresses.iter().zip(decisions.iter_mut()) {
         if let Ok(h) = d {
             let before = h.identity;
             if let Err(e) = h.raise_epoch(addr, epoch).await {
@@ -148,9 +249,8 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
     // majority of the replicas at least one holds every acknowledged write:
     // fewer reachable than --min-healthy and we cannot know which is latest.
     let usable = decisions.iter().filter(|d| d.is_ok()).count();
-    if usable < config.min_healthy {
-        let details = config
-            .replicas
+    if usable < min_healthy {
+        let details = addresses
             .iter()
             .zip(&decisions)
             .filter_map(|(a, d)| d.as_ref().err().map(|why| format!("{a}: {why}")))
@@ -158,8 +258,8 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
             .join("; ");
         return Err(StartError::TooFewReplicas {
             usable,
-            configured: config.replicas.len(),
-            min_healthy: config.min_healthy,
+            configured: addresses.len(),
+            min_healthy,
             details,
         });
     }
@@ -192,7 +292,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         .into_iter()
         .enumerate()
         .map(|(i, d)| {
-            let addr = &config.replicas[i];
+            let addr = &addresses[i];
             match d {
                 Ok(h) if i == reference => {
                     tracing::info!(
@@ -224,13 +324,14 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         volume,
         size_bytes: config.size_bytes,
         epoch,
-        addresses: config.replicas.clone(),
+        addresses,
         secret: config.secret.clone(),
+        membership_generation: newest.map_or(0, |m| m.generation),
     };
     tracing::info!(volume = %volume, epoch = epoch.0, healthy = usable, "volume assembled");
     let core = CoreConfig {
         replica_timeout: config.replica_timeout,
-        min_healthy: config.min_healthy,
+        min_healthy,
     };
     Ok(Assembled {
         volume: Volume::start(spec, replicas, core),
@@ -313,4 +414,55 @@ async fn survey(
         }
     });
     futures::future::join_all(tasks).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership(generation: u64, epoch: u64, members: &[&str]) -> Membership {
+        Membership {
+            generation,
+            members: members.iter().map(|s| s.to_string()).collect(),
+            epoch,
+        }
+    }
+
+    fn list(addrs: &[&str]) -> Vec<String> {
+        addrs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_highest_generation_wins_and_the_epoch_breaks_ties() {
+        let old = membership(2, 9, &["a", "b", "c"]);
+        let new = membership(3, 4, &["a", "b"]);
+        let tie_newer_epoch = membership(3, 5, &["a", "c"]);
+        assert_eq!(
+            newest_membership([&old, &new]),
+            Some(&new),
+            "generation first, not epoch"
+        );
+        assert_eq!(
+            newest_membership([&new, &tie_newer_epoch, &old]),
+            Some(&tie_newer_epoch)
+        );
+        assert_eq!(newest_membership(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn without_a_recorded_membership_the_list_is_the_membership() {
+        let plan = plan_members(&list(&["a", "b", "c"]), None);
+        assert_eq!(plan.members, list(&["a", "b", "c"]));
+        assert!(plan.not_members.is_empty() && plan.unlisted.is_empty());
+    }
+
+    #[test]
+    fn a_removed_replica_in_a_stale_list_is_not_used_and_an_added_one_is() {
+        // `replica rm c`, then `replica add d`: the controller restarts with the original list.
+        let m = membership(2, 7, &["a", "b", "d"]);
+        let plan = plan_members(&list(&["a", "b", "c"]), Some(&m));
+        assert_eq!(plan.members, list(&["a", "b", "d"]));
+        assert_eq!(plan.not_members, list(&["c"]));
+        assert_eq!(plan.unlisted, list(&["d"]));
+    }
 }

@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use super::args::{parse_duration, parse_volume_size};
 use basalt_engine::api_auth::RequireToken;
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
-use basalt_engine::volume::core::CoreConfig;
 use basalt_engine::volume::rebuild::Rebuilder;
 use tonic::service::interceptor::InterceptedService;
 
@@ -85,12 +84,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Run a controller until `shutdown` is cancelled.
 pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let replicas = args.replicas.len();
-    let min_healthy = args.min_healthy.unwrap_or(CoreConfig::majority(replicas));
-    if min_healthy == 0 || min_healthy > replicas {
-        anyhow::bail!(
-            "--min-healthy must be between 1 and the number of replicas ({replicas}); got {min_healthy}"
-        );
+    if args.min_healthy == Some(0) {
+        anyhow::bail!("--min-healthy must be at least 1 (and at most the number of replicas)");
     }
     // Before anything else: without the secret no replica would talk to us, and without a token the
     // API would obey anyone.
@@ -101,7 +96,8 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         size_bytes: args.size,
         replicas: args.replicas.clone(),
         volume_id: args.volume_id.map(basalt_proto::VolumeId),
-        min_healthy,
+        // A majority of the volume's members, which may differ from the list (see `controller`).
+        min_healthy: args.min_healthy,
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
         secret,

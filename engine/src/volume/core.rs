@@ -86,13 +86,16 @@ impl ReplicaMode {
 }
 
 /// A snapshot operation, carried to every active replica on the data
-/// connection so that it is ordered exactly with the writes around it.
+/// connection so that it is ordered exactly with the writes around it; or
+/// the volume's membership, recorded by every active replica (on the data
+/// connection because only the replica's writer may record it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlOp {
     SnapshotCreate(String),
     SnapshotList,
     SnapshotDelete(String),
     SnapshotRevert(String),
+    SetMembership(basalt_proto::pb::replica::Membership),
 }
 
 impl ControlOp {

@@ -308,6 +308,7 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
+        ReplicaRequest::Control(ControlOp::SetMembership(m)) => Message::SetMembership(m),
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
     }
@@ -380,7 +381,8 @@ async fn read_loop(
             | Message::UnmapOk
             | Message::Pong
             | Message::SnapshotDeleteOk
-            | Message::SnapshotRevertOk => ReplicaReply::Ok(Default::default()),
+            | Message::SnapshotRevertOk
+            | Message::SetMembershipOk => ReplicaReply::Ok(Default::default()),
             // Control answers travel to the management API as their
             // protobuf encoding.
             Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
