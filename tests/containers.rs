@@ -202,6 +202,8 @@ impl VolumeSet {
             .args(args)
             .env("BASALT_IMAGE", &self.image)
             .env("BASALT_VOLUME_ID", &self.volume_id)
+            .env("BASALT_VOLUME_SECRET", basalt_tests::TEST_VOLUME_SECRET)
+            .env("BASALT_API_TOKEN", basalt_tests::TEST_API_TOKEN)
             .env("BASALT_NAME", &self.name)
             .env("BASALT_SIZE", VOLUME_SIZE.to_string())
             .env("BASALT_ISCSI_PORT", self.iscsi_port.to_string())
@@ -468,6 +470,8 @@ fn host_names_resolve_inside_the_image() {
                 "--read-only",
                 "--network",
                 &tag,
+                "-e",
+                &format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET),
                 &image,
                 "health",
                 "--timeout",
@@ -687,6 +691,10 @@ fn new_controller_container_serves_flushed_data_at_a_higher_epoch() {
         &publish,
         "-e",
         "BASALT_HEALTH_API=127.0.0.1:9600",
+        "-e",
+        &format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET),
+        "-e",
+        &format!("BASALT_API_TOKEN={}", basalt_tests::TEST_API_TOKEN),
         &set.image,
         "controller",
         "--name",
