@@ -669,6 +669,8 @@ fn new_controller_container_serves_flushed_data_at_a_higher_epoch() {
 
     // Another controller container (another name, another host port) on the same replicas.
     let name = format!("{}-controller2", set.project);
+    let secret_env = format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET);
+    let token_env = format!("BASALT_API_TOKEN={}", basalt_tests::TEST_API_TOKEN);
     set.iscsi_port = basalt_tests::free_port().unwrap();
     let publish = format!("127.0.0.1:{}:3260", set.iscsi_port);
     set.extra.push(name.clone());
@@ -692,9 +694,9 @@ fn new_controller_container_serves_flushed_data_at_a_higher_epoch() {
         "-e",
         "BASALT_HEALTH_API=127.0.0.1:9600",
         "-e",
-        &format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET),
+        &secret_env,
         "-e",
-        &format!("BASALT_API_TOKEN={}", basalt_tests::TEST_API_TOKEN),
+        &token_env,
         &set.image,
         "controller",
         "--name",
