@@ -1752,9 +1752,7 @@ async fn a_replica_that_cannot_prove_the_secret_is_refused_by_the_client() {
 #[tokio::test]
 async fn set_membership_is_durable_refuses_older_generations_and_is_reported_at_auth() {
     use basalt_proto::pb::replica::Membership;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::create(dir.path(), VolumeId::random(), 16 * MIB).unwrap());
-    let replica = Replica::serve(store, dir).await;
+    let replica = Replica::start().await;
     let controller = replica.client(3).await;
     assert_eq!(controller.membership(), None, "a new replica records none");
     let members = |generation| Membership {
@@ -1767,7 +1765,7 @@ async fn set_membership_is_durable_refuses_older_generations_and_is_reported_at_
         refusal(controller.set_membership(members(1)).await),
         ReplyError::StaleMembership { current: 2 }
     );
-    // A reader (not the writer) may not change it.
+    // Every authenticated client learns it, a reader too; only the writer may change it.
     let reader = ReplicaClient::connect_as(replica.addr, replica.volume, Epoch(3), false, &secret())
         .await
         .unwrap();
