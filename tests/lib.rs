@@ -437,6 +437,21 @@ pub const TEST_VOLUME_SECRET: &str = "basalt-e2e-test-volume-secret";
 /// The management API token of every controller the harness starts.
 pub const TEST_API_TOKEN: &str = "basalt-e2e-test-api-token";
 
+/// Attaches the harness's API token to a gRPC call (the controller refuses calls without it): the
+/// interceptor of every management API client a test or benchmark opens itself.
+pub type AddApiToken = fn(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status>;
+
+/// The [`AddApiToken`] interceptor: `authorization: Bearer TEST_API_TOKEN`.
+pub fn add_api_token(
+    mut request: tonic::Request<()>,
+) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {TEST_API_TOKEN}")
+        .parse()
+        .map_err(|_| tonic::Status::internal("the test API token is not a header value"))?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
 /// A `basalt` command with the harness's volume secret and API token in its environment
 /// (`BASALT_VOLUME_SECRET`, `BASALT_API_TOKEN`): what every role and every CLI call needs.
 pub fn basalt_command() -> Result<Command> {

@@ -337,18 +337,7 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
 /// The replica modes the controller reports, over one kept gRPC connection.
 struct ModeProbe {
     runtime: tokio::runtime::Runtime,
-    client: ControllerServiceClient<InterceptedService<tonic::transport::Channel, AddToken>>,
-}
-
-/// Attaches the harness's API token to every call (the controller refuses calls without it).
-type AddToken = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
-fn add_token(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    let value = format!("Bearer {}", basalt_tests::TEST_API_TOKEN)
-        .parse()
-        .map_err(|_| tonic::Status::internal("the test API token is not a header value"))?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
+    client: ControllerServiceClient<InterceptedService<tonic::transport::Channel, basalt_tests::AddApiToken>>,
 }
 
 impl ModeProbe {
@@ -359,7 +348,10 @@ impl ModeProbe {
         let channel = runtime
             .block_on(tonic::transport::Channel::from_shared(format!("http://{api}"))?.connect())
             .with_context(|| format!("connect to the controller's API at {api}"))?;
-        let client = ControllerServiceClient::with_interceptor(channel, add_token as AddToken);
+        let client = ControllerServiceClient::with_interceptor(
+            channel,
+            basalt_tests::add_api_token as basalt_tests::AddApiToken,
+        );
         Ok(ModeProbe { runtime, client })
     }
 

@@ -13,4 +13,5 @@ pub mod api;
 pub mod api_auth;
 pub mod controller;
 pub mod http;
+pub mod name;
 pub mod volume;

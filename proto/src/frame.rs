@@ -27,7 +27,7 @@
 //!
 //! ## Why control operations travel on the data path
 //!
-//! Info, snapshot create/list/delete/revert and SetEpoch are ops of this same
+//! Info, snapshot create/list/delete/revert, SetEpoch and Resize are ops of this same
 //! frame enum, with prost-encoded payloads from `protos/basalt/replica.proto`,
 //! rather than a separate gRPC service: one address to configure, one
 //! connection to authenticate and monitor, one epoch check for everything a
@@ -137,16 +137,20 @@ pub struct ProtocolVersion(pub u16);
 impl ProtocolVersion {
     /// The version this build speaks best.
     ///
+    /// v3 added the day-two operations: growing a replica online (`Resize`), authenticating both
+    /// sides of every connection (`Auth`, nonces and proofs in Hello) and recording the volume's
+    /// membership on its replicas (`SetMembership`). A v2 replica would refuse an expansion as an
+    /// unknown op and would neither prove itself nor check the other side, so the two sides must
+    /// disagree at the first frame instead.
+    ///
     /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
-    ///
-    /// v3 authenticates both sides of every connection (`Auth`, nonces and proofs in Hello) and
-    /// records the volume's membership on its replicas (`SetMembership`).
     pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
     /// The oldest version this build still understands: a v2 peer neither proves itself nor asks the
-    /// other side to, and accepting one would leave open the door that v3 closes.
+    /// other side to (accepting one would leave open the door that v3 closes), nor knows what a
+    /// controller sends on day two (an expansion).
     pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
@@ -203,6 +207,7 @@ pub enum Op {
     RunCrcs = 0x13,
     ReadV = 0x14,
     WriteV = 0x15,
+    Resize = 0x16,
     Auth = 0x17,
     SetMembership = 0x18,
 }
@@ -212,7 +217,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 23] = [
+    pub const ALL: [Op; 24] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -234,6 +239,7 @@ impl Op {
         Op::RunCrcs,
         Op::ReadV,
         Op::WriteV,
+        Op::Resize,
         Op::Auth,
         Op::SetMembership,
     ];
@@ -267,6 +273,7 @@ impl Op {
             Op::RunCrcs => "run_crcs",
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
+            Op::Resize => "resize",
             Op::Auth => "auth",
             Op::SetMembership => "set_membership",
         }
@@ -314,6 +321,10 @@ pub enum ReplyError {
         "a newer writer connection has taken over this replica; this connection may no longer change it"
     )]
     Superseded,
+    #[error("the replica holds {size_bytes} bytes; a volume can grow, never shrink")]
+    ShrinkRefused { size_bytes: u64 },
+    #[error("the replica cannot hold that size: its storage holds a volume of at most {max_bytes} bytes")]
+    TooLarge { max_bytes: u64 },
     #[error(
         "the client could not prove it knows the volume's secret: check --secret-file (or \
          BASALT_VOLUME_SECRET) on both sides"
@@ -342,6 +353,8 @@ impl ReplyError {
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
             ReplyError::Superseded => 13,
+            ReplyError::ShrinkRefused { .. } => 14,
+            ReplyError::TooLarge { .. } => 15,
             ReplyError::AuthFailed => 16,
             ReplyError::NotAuthenticated => 17,
             ReplyError::StaleMembership { .. } => 18,
@@ -356,6 +369,8 @@ impl ReplyError {
             ReplyError::OutOfRange { size_bytes } => size_bytes,
             ReplyError::Unaligned { alignment } => alignment,
             ReplyError::VersionMismatch { newest } => u64::from(newest),
+            ReplyError::ShrinkRefused { size_bytes } => size_bytes,
+            ReplyError::TooLarge { max_bytes } => max_bytes,
             ReplyError::StaleMembership { current } => current,
             _ => 0,
         }
@@ -384,6 +399,8 @@ impl ReplyError {
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
             13 => ReplyError::Superseded,
+            14 => ReplyError::ShrinkRefused { size_bytes: detail },
+            15 => ReplyError::TooLarge { max_bytes: detail },
             16 => ReplyError::AuthFailed,
             17 => ReplyError::NotAuthenticated,
             18 => ReplyError::StaleMembership { current: detail },
@@ -407,6 +424,8 @@ impl ReplyError {
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
             ReplyError::Superseded => "superseded",
+            ReplyError::ShrinkRefused { .. } => "shrink_refused",
+            ReplyError::TooLarge { .. } => "too_large",
             ReplyError::AuthFailed => "auth_failed",
             ReplyError::NotAuthenticated => "not_authenticated",
             ReplyError::StaleMembership { .. } => "stale_membership",
@@ -649,6 +668,23 @@ pub enum Message {
         position: SyncPoint,
     },
 
+    /// Grow the volume to `size_bytes` (a multiple of 4096), durably, before
+    /// answering: the new blocks read as zeros. The same size is a no-op, so
+    /// a retried expansion succeeds; a smaller one is refused with
+    /// [`ReplyError::ShrinkRefused`], one the replica's storage cannot hold
+    /// with [`ReplyError::TooLarge`]. With `check_only`, nothing changes: the
+    /// replica only says whether it could (a controller asks every replica
+    /// before it expands any, so that one that cannot refuses the whole
+    /// expansion instead of being dropped from the volume). The reply
+    /// carries the replica's size (after the grow, or unchanged for a check).
+    Resize {
+        size_bytes: u64,
+        check_only: bool,
+    },
+    ResizeOk {
+        size_bytes: u64,
+    },
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -704,6 +740,8 @@ impl Message {
             M::ReadVOk { .. } => (Op::ReadV, true),
             M::WriteV { .. } => (Op::WriteV, false),
             M::WriteVOk => (Op::WriteV, true),
+            M::Resize { .. } => (Op::Resize, false),
+            M::ResizeOk { .. } => (Op::Resize, true),
             M::Auth { .. } => (Op::Auth, false),
             M::AuthOk { .. } => (Op::Auth, true),
             M::SetMembership(_) => (Op::SetMembership, false),

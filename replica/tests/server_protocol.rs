@@ -1589,6 +1589,13 @@ async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
         (3, Message::SetEpoch),
         (4, Message::Read { offset: 0, len: 4096 }),
         (5, Message::Ping),
+        (
+            6,
+            Message::Resize {
+                size_bytes: 96 * MIB,
+                check_only: false,
+            },
+        ),
     ] {
         raw.send(Frame::new(RequestId(id), Epoch(9), request))
             .await
@@ -1605,9 +1612,11 @@ async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
             "request {id}: {reply:?}"
         );
     }
-    // Nothing happened: the controller's epoch and writer role are intact, and so is the data.
+    // Nothing happened: the controller's epoch and writer role are intact, and so are the data and
+    // the size.
     controller.write(4096, block(2), true).await.unwrap();
     assert_eq!(controller.read(0, 4096).await.unwrap(), block(1));
+    assert_eq!(controller.info().await.unwrap().size_bytes, 64 * MIB);
 }
 
 #[tokio::test]
@@ -1783,4 +1792,77 @@ async fn set_membership_is_durable_refuses_older_generations_and_is_reported_at_
     replica.task.await.unwrap().unwrap();
     let store = Arc::new(Store::open(replica._dir.path()).unwrap());
     assert_eq!(store.membership().map(|m| m.generation), Some(3));
+}
+
+async fn resize(client: &ReplicaClient, size_bytes: u64, check_only: bool) -> Result<u64, ClientError> {
+    match client
+        .call(Message::Resize {
+            size_bytes,
+            check_only,
+        })
+        .await?
+    {
+        Message::ResizeOk { size_bytes } => Ok(size_bytes),
+        other => panic!("a resize answered with {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resize_grows_the_replica_durably_is_idempotent_and_refuses_a_shrink() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    client.write(64 * MIB - 4096, block(1), false).await.unwrap();
+    assert_eq!(
+        refusal(client.write(64 * MIB, block(2), false).await),
+        ReplyError::OutOfRange { size_bytes: 64 * MIB }
+    );
+    // A check answers the current size and changes nothing.
+    assert_eq!(resize(&client, 96 * MIB, true).await.unwrap(), 64 * MIB);
+    assert_eq!(client.info().await.unwrap().size_bytes, 64 * MIB);
+    assert_eq!(
+        refusal(resize(&client, 32 * MIB, true).await),
+        ReplyError::ShrinkRefused { size_bytes: 64 * MIB }
+    );
+
+    assert_eq!(resize(&client, 96 * MIB, false).await.unwrap(), 96 * MIB);
+    // Retried (the controller lost the answer): the same size again is fine.
+    assert_eq!(resize(&client, 96 * MIB, false).await.unwrap(), 96 * MIB);
+    client.write(64 * MIB, block(2), false).await.unwrap();
+    assert_eq!(client.read(64 * MIB, 4096).await.unwrap(), block(2));
+    assert_eq!(client.read(64 * MIB - 4096, 4096).await.unwrap(), block(1));
+    assert_eq!(
+        refusal(resize(&client, 64 * MIB, false).await),
+        ReplyError::ShrinkRefused { size_bytes: 96 * MIB }
+    );
+    assert_eq!(
+        refusal(resize(&client, 96 * MIB + 512, false).await),
+        ReplyError::BadRequest
+    );
+    assert!(matches!(
+        refusal(resize(&client, u64::MAX - 4095, false).await),
+        ReplyError::TooLarge { .. }
+    ));
+    // A new connection's Hello reports the new size.
+    let again = replica.client(1).await;
+    assert_eq!(again.identity().size_bytes, 96 * MIB);
+}
+
+#[tokio::test]
+async fn a_resize_is_fenced_by_the_epoch_and_the_writer_role() {
+    let replica = Replica::start().await;
+    let old = replica.client(1).await;
+    let _newer = replica.client(2).await;
+    assert!(matches!(
+        refusal(resize(&old, 96 * MIB, false).await),
+        ReplyError::StaleEpoch { .. }
+    ));
+    let superseded = replica.client(2).await;
+    let writer = replica.client(2).await;
+    assert_eq!(
+        refusal(resize(&superseded, 96 * MIB, false).await),
+        ReplyError::Superseded
+    );
+    // A check changes nothing, so any connection at the epoch may ask.
+    assert_eq!(resize(&superseded, 96 * MIB, true).await.unwrap(), 64 * MIB);
+    assert_eq!(writer.info().await.unwrap().size_bytes, 64 * MIB);
 }

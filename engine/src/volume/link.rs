@@ -309,8 +309,17 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
         ReplicaRequest::Control(ControlOp::SetMembership(m)) => Message::SetMembership(m),
+        ReplicaRequest::Control(ControlOp::Resize(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: false,
+        },
+        ReplicaRequest::Control(ControlOp::ResizeCheck(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: true,
+        },
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
+        ReplicaRequest::BlockCrcs { start_lba, count } => Message::BlockCrcs { start_lba, count },
     }
 }
 
@@ -383,12 +392,17 @@ async fn read_loop(
             | Message::SnapshotDeleteOk
             | Message::SnapshotRevertOk
             | Message::SetMembershipOk => ReplicaReply::Ok(Default::default()),
+            // The replica's size after a resize (or now, for a check).
+            Message::ResizeOk { size_bytes } => {
+                ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&size_bytes.to_le_bytes()))
+            }
             // Control answers travel to the management API as their
             // protobuf encoding.
             Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
             Message::SnapshotListOk(snapshots) => {
                 ReplicaReply::Ok(pb::SnapshotList { snapshots }.encode_to_vec().into())
             }
+            Message::BlockCrcsOk(blocks) => ReplicaReply::Ok(super::allocation::encode(&blocks)),
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },
                 ..
