@@ -14,7 +14,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
-    basalt_binary, free_local_addr, io, run_checked, ByteSize, Daemon, IscsiUrl, Result, StopPolicy,
+    basalt_binary, basalt_command, free_local_addr, io, run_checked, ByteSize, Daemon, IscsiUrl, Result,
+    StopPolicy,
 };
 
 /// Volume name every cluster serves (`iqn.2026-11.io.basalt:vol`).
@@ -81,7 +82,7 @@ impl Cluster {
     /// (Re)starts replica `i` on its address and directory.
     pub fn start_replica(&mut self, i: usize) -> Result<()> {
         let r = &self.replicas[i];
-        let mut cmd = Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.env("RUST_LOG", "info")
             .arg("replica")
             .arg("--dir")
@@ -138,7 +139,7 @@ impl Cluster {
         self.controllers += 1;
         let portal = free_local_addr()?;
         let api = free_local_addr()?;
-        let mut cmd = Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.env("RUST_LOG", "info")
             .arg("controller")
             .args(["--name", VOLUME_NAME])
@@ -175,7 +176,7 @@ impl Cluster {
     /// `basalt replica export`. The replica must be stopped.
     pub fn export_replica(&self, i: usize) -> Result<PathBuf> {
         let out = self.dir.path().join(format!("r{}.img", i + 1));
-        let mut cmd = Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.args(["replica", "export", "--dir"])
             .arg(&self.replicas[i].dir)
             .arg("--out")
@@ -187,7 +188,7 @@ impl Cluster {
 
 /// `basalt volume info --api ADDR --json`, parsed.
 pub fn volume_info(api: SocketAddr) -> Result<Value> {
-    let mut cmd = Command::new(basalt_binary()?);
+    let mut cmd = basalt_command()?;
     cmd.args(["volume", "info", "--json", "--api", &api.to_string()]);
     let out = run_checked(&mut cmd)?;
     serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {

@@ -60,6 +60,8 @@ pub struct Args {
     /// wake-ups; raise it only for a replica that needs more than one core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     io_threads: u16,
+    #[command(flatten)]
+    secret: super::secrets::SecretArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -72,12 +74,16 @@ enum ReplicaCommand {
         api: String,
         /// The replica's address (its --listen).
         address: String,
+        #[command(flatten)]
+        auth: super::secrets::ClientTokenArgs,
     },
     /// Remove a replica from a running volume for good.
     Rm {
         #[arg(long, default_value = "127.0.0.1:9600")]
         api: String,
         address: String,
+        #[command(flatten)]
+        auth: super::secrets::ClientTokenArgs,
     },
     /// Write a stopped replica's volume image (or one snapshot's) to a raw
     /// file: for debugging, offline copies, and comparing replicas.
@@ -100,8 +106,8 @@ enum ReplicaCommand {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Some(ReplicaCommand::Add { api, address }) => return membership(&api, address, true),
-        Some(ReplicaCommand::Rm { api, address }) => return membership(&api, address, false),
+        Some(ReplicaCommand::Add { api, address, auth }) => return membership(&api, &auth, address, true),
+        Some(ReplicaCommand::Rm { api, address, auth }) => return membership(&api, &auth, address, false),
         Some(ReplicaCommand::Export {
             dir,
             device,
@@ -117,6 +123,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {}
     }
+    // Before anything else: a replica that would serve anyone is not started at all.
+    let secret = args.secret.load()?;
     let runtime = match args.io_threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread()
@@ -126,10 +134,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build(),
     }
     .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, secret))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+async fn serve(args: Args, secret: basalt_proto::auth::VolumeSecret) -> anyhow::Result<()> {
     // clap requires these when no subcommand is given.
     let (Some(size), Some(listen)) = (args.size, args.listen) else {
         anyhow::bail!("`basalt replica` needs --dir or --device, --size and --listen (or a subcommand: add, rm, export)");
@@ -162,7 +170,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let shutdown = super::shutdown_signal();
 
-    let server = Server::bind(listen, store.clone(), metrics.clone()).await?;
+    let server = Server::bind(listen, store.clone(), metrics.clone(), secret).await?;
     let mut announce = format!("listening {}\n", server.local_addr());
     if let Some(addr) = args.metrics {
         let listener = bind_metrics(addr).await.with_context(|| {
@@ -184,10 +192,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// `basalt replica add|rm`: ask the controller.
-fn membership(api: &str, address: String, add: bool) -> anyhow::Result<()> {
+fn membership(
+    api: &str,
+    auth: &super::secrets::ClientTokenArgs,
+    address: String,
+    add: bool,
+) -> anyhow::Result<()> {
     use basalt_proto::pb::controller::ReplicaRequest;
     super::client::block_on(async move {
-        let mut client = super::client::connect(api).await?;
+        let mut client = super::client::connect(api, auth).await?;
         let request = ReplicaRequest { address };
         let reply = if add {
             client.replica_add(request).await

@@ -19,6 +19,8 @@ pub struct Common {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -53,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     block_on(async move {
         match args.command {
             SnapshotCommand::Ls { common } => {
-                let mut client = connect(&common.api).await?;
+                let mut client = connect(&common.api, &common.auth).await?;
                 let reply = client
                     .snapshot_list(SnapshotListRequest {})
                     .await
@@ -106,7 +108,7 @@ enum Op {
 }
 
 async fn chain_op(op: Op, name: String, common: Common) -> anyhow::Result<()> {
-    let mut client = connect(&common.api).await?;
+    let mut client = connect(&common.api, &common.auth).await?;
     let request = SnapshotRequest { name: name.clone() };
     let (reply, done) = match op {
         Op::Create => (client.snapshot_create(request).await, "created"),

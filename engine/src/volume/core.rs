@@ -92,13 +92,17 @@ impl ReplicaMode {
 }
 
 /// A snapshot operation, carried to every active replica on the data
-/// connection so that it is ordered exactly with the writes around it.
+/// connection so that it is ordered exactly with the writes around it; or
+/// the volume's membership, recorded by every active replica (on the data
+/// connection because only the replica's writer may record it); or a
+/// resize of every active replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlOp {
     SnapshotCreate(String),
     SnapshotList,
     SnapshotDelete(String),
     SnapshotRevert(String),
+    SetMembership(basalt_proto::pb::replica::Membership),
     /// Grow every active replica to this many bytes (an online expansion).
     Resize(u64),
     /// Ask every active replica whether it could grow to this many bytes,
@@ -118,6 +122,7 @@ impl ControlOp {
             ControlOp::SnapshotRevert(_) => "snapshot revert",
             ControlOp::Resize(_) => "resize",
             ControlOp::ResizeCheck(_) => "resize check",
+            ControlOp::SetMembership(_) => "membership record",
         }
     }
 
