@@ -44,6 +44,15 @@
 //! `AdoptSyncPoint` puts a freshly rebuilt replica on the source's flush
 //! numbering (or takes it off any numbering while it is being rebuilt).
 //!
+//! A clone of a snapshot (another volume, whose replicas may live anywhere)
+//! reads its source over this same protocol: `SnapshotRuns` and
+//! `ReadSnapshot` list and read a snapshot's view of the volume, and
+//! `SnapshotHold` / `SnapshotRelease` / `HoldList` keep the snapshot from
+//! being deleted while a clone still needs it. A clone connects as a
+//! non-writer at epoch 0 (a survey) and these ops are not fenced by the
+//! epoch: the source's controller may change epochs meanwhile, and a
+//! snapshot's content never changes.
+//!
 //! ## Pipelining
 //!
 //! Requests are pipelined: a sender does not wait for a reply before sending
@@ -132,10 +141,13 @@ impl ProtocolVersion {
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
-    pub const CURRENT: ProtocolVersion = ProtocolVersion(2);
-    /// The oldest version this build still understands: v1 peers lack what a rebuild sends (no build
-    /// that speaks only v1 was ever released, so none is kept working).
-    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(2);
+    ///
+    /// v3 added the day-two operations (expansion, authenticated peers and membership, clones from a
+    /// snapshot); a v2 peer would refuse them as unknown operations mid-way, so it is refused at Hello.
+    pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
+    /// The oldest version this build still understands: older peers lack what a rebuild or a clone
+    /// sends (no build that speaks only v2 is kept working).
+    pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
     pub fn is_supported(self) -> bool {
@@ -191,6 +203,11 @@ pub enum Op {
     RunCrcs = 0x13,
     ReadV = 0x14,
     WriteV = 0x15,
+    SnapshotRuns = 0x19,
+    ReadSnapshot = 0x1a,
+    SnapshotHold = 0x1b,
+    SnapshotRelease = 0x1c,
+    HoldList = 0x1d,
 }
 
 /// Set in the op byte of every reply.
@@ -198,7 +215,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 21] = [
+    pub const ALL: [Op; 26] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -220,6 +237,11 @@ impl Op {
         Op::RunCrcs,
         Op::ReadV,
         Op::WriteV,
+        Op::SnapshotRuns,
+        Op::ReadSnapshot,
+        Op::SnapshotHold,
+        Op::SnapshotRelease,
+        Op::HoldList,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -251,6 +273,11 @@ impl Op {
             Op::RunCrcs => "run_crcs",
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
+            Op::SnapshotRuns => "snapshot_runs",
+            Op::ReadSnapshot => "read_snapshot",
+            Op::SnapshotHold => "snapshot_hold",
+            Op::SnapshotRelease => "snapshot_release",
+            Op::HoldList => "hold_list",
         }
     }
 }
@@ -296,6 +323,14 @@ pub enum ReplyError {
         "a newer writer connection has taken over this replica; this connection may no longer change it"
     )]
     Superseded,
+    #[error("the snapshot is held by a clone that still reads from it; wait until the clone is hydrated or release the hold")]
+    SnapshotHeld,
+    #[error(
+        "the replica is a clone still hydrating from its source; this request must wait until it is hydrated"
+    )]
+    Hydrating,
+    #[error("the clone's source cannot be read (unreachable, or it no longer holds the snapshot)")]
+    SourceUnavailable,
 }
 
 impl ReplyError {
@@ -315,6 +350,9 @@ impl ReplyError {
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
             ReplyError::Superseded => 13,
+            ReplyError::SnapshotHeld => 20,
+            ReplyError::Hydrating => 21,
+            ReplyError::SourceUnavailable => 22,
         }
     }
 
@@ -353,6 +391,9 @@ impl ReplyError {
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
             13 => ReplyError::Superseded,
+            20 => ReplyError::SnapshotHeld,
+            21 => ReplyError::Hydrating,
+            22 => ReplyError::SourceUnavailable,
             _ => return None,
         })
     }
@@ -373,6 +414,9 @@ impl ReplyError {
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
             ReplyError::Superseded => "superseded",
+            ReplyError::SnapshotHeld => "snapshot_held",
+            ReplyError::Hydrating => "hydrating",
+            ReplyError::SourceUnavailable => "source_unavailable",
         }
     }
 }
@@ -583,6 +627,53 @@ pub enum Message {
         position: SyncPoint,
     },
 
+    /// The runs of blocks holding data in snapshot `snapshot`'s view of the volume (what the volume
+    /// read when it was taken: the snapshot's own blocks over everything older), in blocks
+    /// `start_lba..start_lba + count`, in block order. A clone hydrating from this snapshot copies
+    /// exactly these. The replica may stop early: `end_lba` says up to where the listing is
+    /// complete. Not fenced by the epoch: a clone of the volume asks, not its controller, and a
+    /// snapshot never changes.
+    SnapshotRuns {
+        snapshot: String,
+        start_lba: u64,
+        count: u64,
+    },
+    SnapshotRunsOk {
+        runs: Vec<BlockRun>,
+        end_lba: u64,
+    },
+
+    /// Read `len` bytes at byte `offset` of snapshot `snapshot`'s view (see
+    /// [`Message::SnapshotRuns`]), every block CRC-checked; not fenced by the epoch either.
+    ReadSnapshot {
+        snapshot: String,
+        offset: u64,
+        len: u32,
+    },
+    ReadSnapshotOk {
+        data: Bytes,
+    },
+
+    /// Hold snapshot `snapshot` for `holder` (a clone replica), durably: the replica refuses to
+    /// delete it, or to revert past it, until every hold on it is released. Idempotent.
+    SnapshotHold {
+        snapshot: String,
+        holder: String,
+    },
+    SnapshotHoldOk,
+
+    /// Release `holder`'s hold on `snapshot`, durably. Releasing a hold that does not exist
+    /// succeeds (a retried release, or one already done by hand).
+    SnapshotRelease {
+        snapshot: String,
+        holder: String,
+    },
+    SnapshotReleaseOk,
+
+    /// Every hold on this replica's snapshots.
+    HoldList,
+    HoldListOk(Vec<pb::SnapshotHold>),
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -638,6 +729,16 @@ impl Message {
             M::ReadVOk { .. } => (Op::ReadV, true),
             M::WriteV { .. } => (Op::WriteV, false),
             M::WriteVOk => (Op::WriteV, true),
+            M::SnapshotRuns { .. } => (Op::SnapshotRuns, false),
+            M::SnapshotRunsOk { .. } => (Op::SnapshotRuns, true),
+            M::ReadSnapshot { .. } => (Op::ReadSnapshot, false),
+            M::ReadSnapshotOk { .. } => (Op::ReadSnapshot, true),
+            M::SnapshotHold { .. } => (Op::SnapshotHold, false),
+            M::SnapshotHoldOk => (Op::SnapshotHold, true),
+            M::SnapshotRelease { .. } => (Op::SnapshotRelease, false),
+            M::SnapshotReleaseOk => (Op::SnapshotRelease, true),
+            M::HoldList => (Op::HoldList, false),
+            M::HoldListOk(_) => (Op::HoldList, true),
             M::Failed { op, .. } => (*op, true),
         }
     }

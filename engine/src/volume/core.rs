@@ -93,6 +93,15 @@ pub enum ControlOp {
     SnapshotList,
     SnapshotDelete(String),
     SnapshotRevert(String),
+    /// Every replica's holds (clones reading one of the volume's snapshots).
+    HoldList,
+    /// Release a clone's hold on a snapshot, by hand.
+    SnapshotRelease {
+        name: String,
+        holder: String,
+    },
+    /// Every replica's identity and progress (a clone's hydration).
+    Info,
 }
 
 impl ControlOp {

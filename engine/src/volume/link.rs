@@ -289,6 +289,12 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
+        ReplicaRequest::Control(ControlOp::HoldList) => Message::HoldList,
+        ReplicaRequest::Control(ControlOp::SnapshotRelease { name, holder }) => Message::SnapshotRelease {
+            snapshot: name,
+            holder,
+        },
+        ReplicaRequest::Control(ControlOp::Info) => Message::Info,
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
     }
@@ -361,13 +367,16 @@ async fn read_loop(
             | Message::UnmapOk
             | Message::Pong
             | Message::SnapshotDeleteOk
-            | Message::SnapshotRevertOk => ReplicaReply::Ok(Default::default()),
+            | Message::SnapshotRevertOk
+            | Message::SnapshotReleaseOk => ReplicaReply::Ok(Default::default()),
             // Control answers travel to the management API as their
             // protobuf encoding.
             Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
             Message::SnapshotListOk(snapshots) => {
                 ReplicaReply::Ok(pb::SnapshotList { snapshots }.encode_to_vec().into())
             }
+            Message::HoldListOk(holds) => ReplicaReply::Ok(pb::HoldList { holds }.encode_to_vec().into()),
+            Message::InfoOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },
                 ..

@@ -94,6 +94,7 @@ mod connection;
 mod metrics;
 
 pub mod client;
+pub mod clone;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -403,6 +404,9 @@ impl From<StoreError> for Refusal {
                 ReplyError::BadRequest
             }
             StoreError::VolumeMismatch { .. } => ReplyError::VolumeMismatch,
+            StoreError::SnapshotHeld { .. } => ReplyError::SnapshotHeld,
+            StoreError::Hydrating { .. } => ReplyError::Hydrating,
+            StoreError::SourceUnavailable { .. } => ReplyError::SourceUnavailable,
             StoreError::Io { .. }
             | StoreError::Failed { .. }
             | StoreError::Corrupt { .. }
