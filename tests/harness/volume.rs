@@ -40,6 +40,8 @@ pub struct Cluster {
     pub size: ByteSize,
     pub volume_id: String,
     pub replicas: Vec<Replica>,
+    /// Extra arguments every replica of this cluster is started with (a clone's `--clone-from ...`).
+    replica_args: Vec<String>,
     controllers: usize,
     // Last: everything above is stopped before the directory goes.
     pub dir: TempDir,
@@ -48,6 +50,28 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` replicas of a new volume of `size` (no controller yet).
     pub fn start(n: usize, size: ByteSize) -> Result<Cluster> {
+        Cluster::start_with(n, size, Vec::new())
+    }
+
+    /// Starts `n` replicas of a new volume that is a clone of snapshot `snapshot` of the volume whose
+    /// replicas listen on `sources`, each with `extra` arguments too.
+    pub fn start_clone(
+        n: usize,
+        size: ByteSize,
+        sources: &[String],
+        snapshot: &str,
+        extra: &[&str],
+    ) -> Result<Cluster> {
+        let mut args: Vec<String> = sources
+            .iter()
+            .flat_map(|s| ["--clone-from".to_string(), s.clone()])
+            .collect();
+        args.extend(["--clone-snapshot".to_string(), snapshot.to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Cluster::start_with(n, size, args)
+    }
+
+    fn start_with(n: usize, size: ByteSize, replica_args: Vec<String>) -> Result<Cluster> {
         basalt_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("basalt-e2e-volume-")
@@ -58,6 +82,7 @@ impl Cluster {
             size,
             volume_id,
             replicas: Vec::new(),
+            replica_args,
             controllers: 0,
             dir,
         };
@@ -88,7 +113,8 @@ impl Cluster {
             .arg(&r.dir)
             .args(["--size", &self.size.bytes().to_string()])
             .args(["--listen", &r.addr.to_string()])
-            .args(["--volume-id", &self.volume_id]);
+            .args(["--volume-id", &self.volume_id])
+            .args(&self.replica_args);
         let what = format!("replica-r{}", i + 1);
         let mut daemon = Daemon::spawn(
             &what,
@@ -194,6 +220,22 @@ pub fn volume_info(api: SocketAddr) -> Result<Value> {
         what: "basalt volume info --json".into(),
         detail: e.to_string(),
     })
+}
+
+/// `basalt snapshot ARGS... --api API`: whether it succeeded, and its stdout + stderr.
+pub fn snapshot_cli(api: SocketAddr, args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(basalt_binary()?)
+        .arg("snapshot")
+        .args(args)
+        .args(["--api", &api.to_string()])
+        .output()
+        .map_err(io("run basalt snapshot"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
 }
 
 /// The mode ("RW", "WO", "ERR") of the replica at `addr`, from `volume info`.

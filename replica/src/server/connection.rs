@@ -704,16 +704,19 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
         }),
         Message::Info => shared.fenced(epoch, |store| Ok(Message::InfoOk(info(store)))),
         Message::BlockCrcs { start_lba, count } => shared.fenced(epoch, |store| {
-            store.check_hydrated("a checksum listing")?;
             let end = start_lba.saturating_add(count.min(MAX_BLOCK_CRCS));
+            // A hydrating clone lists its whole view: what it has not copied yet is fetched first.
+            store.fetch_absent(start_lba..end.min(store.size_bytes() / BLOCK))?;
             let list = store.block_crcs(start_lba..end);
             Ok(Message::BlockCrcsOk(
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
             ))
         }),
         Message::RunCrcs { runs } => shared.fenced(epoch, |store| {
-            store.check_hydrated("a checksum listing")?;
             let ranges = run_ranges(&runs, store.size_bytes() / BLOCK)?;
+            for range in &ranges {
+                store.fetch_absent(range.clone())?;
+            }
             let (list, end_lba) = store.block_crcs_in(&ranges, MAX_BLOCK_CRCS as usize);
             Ok(Message::RunCrcsOk {
                 crcs: list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),

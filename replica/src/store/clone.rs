@@ -22,7 +22,8 @@
 //! * a read that touches one first fetches it from the source ([`SnapshotSource`]) into the base,
 //!   then reads as usual (a read that must not wait, `Wait::No`, says so instead);
 //! * a write of part of one (a read-modify-write) fetches it the same way first;
-//! * a discard of one puts a tombstone in the head, as it would over any older layer's block.
+//! * a discard of one puts a tombstone in the head, as it would over any older layer's block;
+//! * a checksum listing (a rebuild comparing replicas) fetches the absent blocks it covers first.
 //!
 //! The background copy ([`Store::fill_base`] then [`Store::advance_hydration`]) goes through the
 //! source in block order and fills the base with what it holds; a block that some layer holds by
@@ -37,9 +38,11 @@
 //! (named after the source snapshot, `NAME-origin` if the clone already has a snapshot of that
 //! name) in one meta commit, and the clone no longer needs its source: from then on it is an
 //! ordinary volume whose chain a rebuild copies like any other. Until then a clone refuses what
-//! needs its whole view -- checksum listings and layer reads for a rebuild, a reset, reading one of
-//! its snapshots for a clone of the clone -- with [`StoreError::Hydrating`]: a rebuild onto or from
-//! a hydrating replica would copy a view with holes.
+//! needs its whole chain -- layer reads for a rebuild that replays snapshots, a reset, reading one
+//! of its snapshots for a clone of the clone -- with [`StoreError::Hydrating`]: those would copy
+//! layers without the base beneath them. A delta rebuild between clone replicas (a restarted one,
+//! or the reconciliation a new controller runs) needs only checksum listings and reads, which
+//! fetch what they need, so it runs while they hydrate.
 //!
 //! ## The source's side: holds
 //!
@@ -284,8 +287,9 @@ impl Store {
     }
 
     /// Fetches the absent blocks among `blocks` from the source into the base layer, so that what
-    /// follows reads (or patches) them from disk. A no-op for a volume that is not hydrating.
-    pub(crate) fn fetch_absent(&self, blocks: Range<u64>) -> Result<(), StoreError> {
+    /// follows reads (or patches, or lists the checksums of) them from disk. A no-op for a volume
+    /// that is not hydrating. Waits for the source: call it off the runtime's threads.
+    pub fn fetch_absent(&self, blocks: Range<u64>) -> Result<(), StoreError> {
         if !self.clone.filling() {
             return Ok(());
         }
