@@ -14,7 +14,7 @@ use std::time::Duration;
 use basalt_tests::fault::fixture::HEAL_TIMEOUT;
 use basalt_tests::fault::ledger::encode_blocks;
 use basalt_tests::fault::{
-    soak, BlockIndex, CommandOutcome, FaultError, FaultVolume, Session, SoakConfig, WorkloadConfig,
+    soak, BlockIndex, CommandOutcome, FaultError, FaultVolume, IoStats, Session, SoakConfig, WorkloadConfig,
 };
 use basalt_tests::volume::replica_mode;
 use basalt_tests::ByteSize;
@@ -34,7 +34,8 @@ fn seed_from_env() -> Option<u64> {
 }
 
 /// Every fault kind once (replica SIGKILL, SIGSTOP hang, network cut, network blackhole, controller
-/// SIGKILL + new controller) with snapshots taken and deleted, all under I/O at queue depth 16: every
+/// SIGKILL + new controller, an online expansion with a replica down) with snapshots taken and deleted, all
+/// under I/O at queue depth 16: every
 /// acknowledged write is read back intact after each episode and the replicas' images agree block for block.
 #[test]
 fn fixed_seed_fault_episodes_lose_nothing() -> Result {
@@ -82,6 +83,12 @@ fn soak() -> Result {
     Ok(())
 }
 
+/// Writes (and flushes) acknowledged before a fault is injected, and after it before the next step: enough
+/// that the fault lands on a volume with flushed data and writes in flight, and that what the fault
+/// interrupted is followed by writes the recovery must also keep.
+const IO_BEFORE_A_FAULT: u64 = 500;
+const FLUSHES_BEFORE_A_FAULT: u64 = 20;
+
 /// Workload for the failover tests: smaller than the soak's, flushing often.
 const FAILOVER_IO: WorkloadConfig = WorkloadConfig {
     queue_depth: 8,
@@ -105,16 +112,16 @@ fn controller_killed_new_one_serves_every_flushed_write() -> Result {
     volume.start_controller()?;
     let first_epoch = epoch(&volume)?;
     volume.start_io(FAILOVER_IO, 1)?;
-    std::thread::sleep(Duration::from_secs(2));
+    // Killed in the middle of I/O: after flushed writes, with more in flight.
+    volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
     volume.kill_controller();
     volume.start_controller()?;
-    // The workload logs in to the new portal by itself; let it write through the new controller too.
-    std::thread::sleep(Duration::from_secs(2));
+    // The workload logs in to the new portal by itself; it must write through the new controller too.
+    volume.wait_until("the initiator logged in again to the new controller", |stats| {
+        IoStats::get(&stats.logins) >= 2
+    })?;
+    volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
     volume.stop_io()?;
-    assert!(
-        volume.stats.logins.load(std::sync::atomic::Ordering::Relaxed) >= 2,
-        "the initiator logged in again to the new controller"
-    );
 
     let info = volume.wait_all_read_write(HEAL_TIMEOUT)?;
     assert!(
@@ -233,13 +240,15 @@ fn controller_failover_after_replica_rebuilds_still_serves() -> Result {
     volume.start_controller()?;
     volume.start_io(FAILOVER_IO, 3)?;
     for victim in [1, 2] {
-        std::thread::sleep(Duration::from_secs(1));
+        volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
         volume.kill_replica(victim);
-        std::thread::sleep(Duration::from_millis(1500));
+        // The controller drops it, and writes go on without it: the rebuild has something to bring over.
+        volume.wait_for_mode(victim, "ERR")?;
+        volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
         volume.restart_replica(victim)?;
         volume.wait_all_read_write(HEAL_TIMEOUT)?;
     }
-    std::thread::sleep(Duration::from_secs(1));
+    volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
     volume.kill_controller();
     if let Err(e) = volume.start_controller() {
         panic!(
@@ -247,7 +256,11 @@ fn controller_failover_after_replica_rebuilds_still_serves() -> Result {
             basalt_tests::fault::fixture::refused_to_serve(&e).unwrap_or_else(|| e.to_string())
         );
     }
-    std::thread::sleep(Duration::from_secs(1));
+    let logins = IoStats::get(&volume.stats.logins);
+    volume.wait_until("the initiator logged in to the new controller", |stats| {
+        IoStats::get(&stats.logins) > logins
+    })?;
+    volume.wait_for_io(IO_BEFORE_A_FAULT, FLUSHES_BEFORE_A_FAULT)?;
     volume.stop_io()?;
     volume.wait_all_read_write(HEAL_TIMEOUT)?;
     let back = volume.read_back()?;

@@ -155,3 +155,62 @@ fn allocated_bytes(dir: &Path) -> Result<u64> {
     }
     Ok(total)
 }
+
+/// GET LBA STATUS answers from the replicas' allocation: `qemu-img map` through qemu's iSCSI driver shows a
+/// thin 3-replica volume as data exactly where it was written, and as holes (reading as zeros) where nothing
+/// was written or a range was discarded.
+#[test]
+fn qemu_img_map_shows_data_where_written_and_holes_elsewhere() -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let mut cluster = Cluster::start(3, ByteSize::mib(64))?;
+    let controller = cluster.start_controller(&[])?;
+    let (ok, out) = qemu_io(
+        &controller.url,
+        &[
+            "write -P 0x11 1M 64k",
+            "write -P 0x22 8M 4M",
+            "write -P 0x33 20M 4k",
+            "discard 9M 1M",
+            "flush",
+        ],
+    )?;
+    assert!(ok, "qemu-io: {out}");
+    let url = controller.url.to_string();
+    let map = basalt_tests::run_checked(std::process::Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        &url,
+    ]))?;
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).expect("qemu-img map prints JSON");
+    // Adjacent entries with data, merged: (start, length) in bytes.
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    let mut covered = 0;
+    for entry in map.as_array().expect("a list of extents") {
+        let (start, length) = (
+            entry["start"].as_u64().unwrap(),
+            entry["length"].as_u64().unwrap(),
+        );
+        assert_eq!(start, covered, "extents cover the volume in order: {map}");
+        covered += length;
+        if entry["data"] == true {
+            match data.last_mut() {
+                Some((s, l)) if *s + *l == start => *l += length,
+                _ => data.push((start, length)),
+            }
+        } else {
+            assert_eq!(entry["zero"], true, "a hole reads as zeros: {entry}");
+        }
+    }
+    assert_eq!(covered, 64 * MIB);
+    assert_eq!(
+        data,
+        vec![
+            (MIB, 64 << 10),
+            (8 * MIB, MIB),
+            (10 * MIB, 2 * MIB),
+            (20 * MIB, 4 << 10)
+        ],
+        "data exactly where written and not discarded: {map}"
+    );
+    Ok(())
+}

@@ -33,6 +33,8 @@ use basalt_tests::fio::{Direction, Extent, FioJob, Pattern, Verify};
 use basalt_tests::{fio_libiscsi, ByteSize, Lun, TargetKind};
 use clap::Parser;
 
+mod qos;
+
 /// Benchmark iSCSI targets side by side with fio's libiscsi engine (run via benches/iscsi/run.sh).
 #[derive(Parser, Debug)]
 struct Args {
@@ -58,6 +60,10 @@ struct Args {
     /// Where fio's JSON output goes (default: benches/.cache/iscsi).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of comparing targets: QoS limits (2,000 IOPS, 50 MiB/s) on one basalt-r3 volume, beside the
+    /// same volume with no limit and with limits too high to bite (--targets and --only do not apply).
+    #[arg(long)]
+    qos: bool,
 }
 
 /// One measured job: what it does, independent of the target.
@@ -111,6 +117,20 @@ const JOBS: [Job; 6] = [
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace.join("benches/.cache/iscsi"));
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    if args.qos {
+        if args.rounds == 0 || args.runtime == 0 {
+            bail!("need at least one round and a runtime of at least 1 s");
+        }
+        return qos::run(args.runtime, args.ramp, args.rounds, args.size_mib, &out);
+    }
     let kinds = args
         .targets
         .iter()
@@ -136,14 +156,6 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let fio = fio_libiscsi()?;
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace.join("benches/.cache/iscsi"));
-    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
     let size = ByteSize::mib(args.size_mib);
 
     let mut luns = Vec::new();

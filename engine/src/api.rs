@@ -8,14 +8,14 @@ use basalt_proto::pb::controller as pb;
 use basalt_proto::pb::controller::controller_service_server::{ControllerService, ControllerServiceServer};
 use tonic::{Request, Response, Status};
 
-use basalt_proto::frame::ReplyError;
 use basalt_proto::pb::replica as rpb;
 use prost::Message as _;
 
 use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
-use crate::volume::driver::ControlResults;
+use crate::volume::driver::{ChainDone, ChainError, ControlResults, RemoveError};
+use crate::volume::qos::{Direction, Limit, LimitKind, QosChange, QosError, QosLimits};
 use crate::volume::rebuild::Rebuilder;
-use crate::volume::Volume;
+use crate::volume::{ExpandError, Expansion, Volume};
 
 /// Reports sessions logged in to the volume's iSCSI target.
 pub type SessionCount = Arc<dyn Fn() -> usize + Send + Sync>;
@@ -65,86 +65,57 @@ fn volume_status(e: VolumeError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-impl Api {
-    /// Apply a chain-changing operation everywhere. Replicas that failed it
-    /// no longer hold the same chain as the others: they are dropped (and
-    /// rebuilt later). If fewer than `min_healthy` succeeded the operation
-    /// failed as a whole.
-    async fn chain_op(&self, op: ControlOp, what: &str) -> Result<Response<pb::SnapshotReply>, Status> {
-        let status = self
-            .volume
-            .status()
-            .await
-            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
-        if let Some(r) = status.replicas.iter().find(|r| r.mode == ReplicaMode::WriteOnly) {
-            return Err(Status::failed_precondition(format!(
-                "replica {} is being rebuilt; a rebuild copies the chain as it is, so {what} must wait until it \
-                 is RW (see `basalt volume info`)",
-                r.address
-            )));
+/// The status code of a refused expansion: a size that can never work is an
+/// invalid argument; replicas that cannot hold it, or none to ask, a failed
+/// precondition; a volume that could not run it, unavailable.
+fn expand_status(e: ExpandError) -> Status {
+    let message = e.to_string();
+    match e {
+        ExpandError::Unaligned { .. } | ExpandError::Shrink { .. } | ExpandError::TooLarge { .. } => {
+            Status::invalid_argument(message)
         }
+        ExpandError::Refused { .. } | ExpandError::NoReplica => Status::failed_precondition(message),
+        ExpandError::Volume(_) | ExpandError::NoneGrew { .. } => Status::unavailable(message),
+    }
+}
+
+fn chain_status(e: ChainError) -> Status {
+    match e {
+        ChainError::Volume(e) => volume_status(e),
+        e => Status::failed_precondition(e.to_string()),
+    }
+}
+
+impl Api {
+    /// Run a chain-changing operation (`change`, a `Volume::snapshot_*`
+    /// call) while no rebuild looks at the chain. What a replica that fails
+    /// it means is the volume's decision, taken in its owner task.
+    async fn chain_op(
+        &self,
+        what: &str,
+        change: impl std::future::Future<Output = Result<ChainDone, ChainError>>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
         // Held until the operation is done: no rebuild looks at a chain
         // while it changes.
-        let _chain = self.rebuilder.reserve_chain().await.map_err(|rebuilding| {
-            let addrs: Vec<&str> = rebuilding
-                .iter()
-                .filter_map(|&i| status.replicas.get(i).map(|r| r.address.as_str()))
-                .collect();
-            Status::failed_precondition(format!(
-                "a rebuild is running (replicas: {}); a rebuild copies the snapshot chain as it is, so {what} \
-                 must wait until it is done (see `basalt volume info`)",
-                addrs.join(", ")
-            ))
-        })?;
-        if matches!(op, ControlOp::SnapshotCreate(_)) {
-            // A snapshot is a barrier: all I/O waits while every replica
-            // syncs its head. A flush first, while I/O goes on, leaves the
-            // barrier only what is written in between to sync (the first
-            // snapshot under load paused writes for 700 ms without it).
-            // Only a shortcut: a failure here is the snapshot's to report.
-            if let Err(e) = self.volume.drain_revisions().await {
-                tracing::debug!(error = %e, "the flush before a snapshot failed");
+        let _chain = match self.rebuilder.reserve_chain().await {
+            Ok(guard) => guard,
+            Err(rebuilding) => {
+                let addrs = self.addresses().await?;
+                let addrs: Vec<&str> = rebuilding
+                    .iter()
+                    .filter_map(|&i| addrs.get(i).map(String::as_str))
+                    .collect();
+                return Err(Status::failed_precondition(format!(
+                    "a rebuild is running (replicas: {}); a rebuild copies the snapshot chain as it is, so {what} \
+                     must wait until it is done (see `basalt volume info`)",
+                    addrs.join(", ")
+                )));
             }
-        }
-        let results = self.volume.control(op).await.map_err(volume_status)?;
-        let addrs = self.addresses().await?;
-        let failures: Vec<(usize, String)> = results
-            .iter()
-            .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
-            .collect();
-        let succeeded = results.len() - failures.len();
-        let min_healthy = self
-            .volume
-            .status()
-            .await
-            .map(|s| s.min_healthy)
-            .unwrap_or(usize::MAX);
-        if succeeded == 0 || succeeded < min_healthy {
-            let why = failures
-                .iter()
-                .map(|(c, e)| format!("{}: {e}", addrs[*c]))
-                .collect::<Vec<_>>();
-            return Err(Status::failed_precondition(format!(
-                "{what} failed: {}",
-                why.join("; ")
-            )));
-        }
-        let mut dropped = Vec::new();
-        for (c, e) in failures {
-            // A replica that refused because a clone holds the snapshot is not failing: its chain
-            // is the one the hold protects (the holds are checked before, so only a hold placed
-            // meanwhile gets here).
-            if e.starts_with(ReplyError::SnapshotHeld.name()) {
-                tracing::warn!(replica = %addrs[c], error = %e, "{what} refused there: the snapshot is held");
-                continue;
-            }
-            self.volume.drop_replica(
-                c,
-                format!("{what} failed there ({e}); its snapshot chain differs"),
-            );
-            dropped.push(addrs[c].clone());
-        }
-        Ok(Response::new(pb::SnapshotReply { dropped }))
+        };
+        let done = change.await.map_err(chain_status)?;
+        Ok(Response::new(pb::SnapshotReply {
+            dropped: done.dropped,
+        }))
     }
 
     /// Replica addresses by index (the list grows when replicas are added).
@@ -302,33 +273,17 @@ impl ControllerService for Api {
         request: Request<pb::ReplicaRequest>,
     ) -> Result<Response<pb::ReplicaReply>, Status> {
         let address = request.into_inner().address;
-        let addrs = self.addresses().await?;
-        let Some(index) = addrs.iter().position(|a| *a == address) else {
-            return Err(Status::not_found(format!(
-                "no replica {address} in this volume; `basalt volume info` lists them"
-            )));
-        };
-        let status = self
-            .volume
-            .status()
-            .await
-            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
-        let remaining = status
-            .replicas
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| *i != index && r.mode == ReplicaMode::ReadWrite)
-            .count();
-        if status.replicas[index].mode == ReplicaMode::ReadWrite && remaining < status.min_healthy {
-            return Err(Status::failed_precondition(format!(
-                "removing {address} would leave {remaining} read-write replicas, fewer than min-healthy ({}); \
-                 add and rebuild another replica first",
-                status.min_healthy
-            )));
-        }
+        // Forgotten first, so that the rebuilder does not bring it back the
+        // moment it is dropped; remembered again if it stays.
         self.rebuilder.forget(&address);
-        self.volume
-            .drop_replica(index, "removed with `basalt replica rm`".into());
+        if let Err(e) = self.volume.remove_replica(address.clone()).await {
+            self.rebuilder.unforget(&address);
+            return Err(match e {
+                RemoveError::NotFound { .. } => Status::not_found(e.to_string()),
+                RemoveError::WouldDegrade { .. } => Status::failed_precondition(e.to_string()),
+                RemoveError::Volume(e) => volume_status(e),
+            });
+        }
         Ok(Response::new(pb::ReplicaReply {
             message: format!("replica {address} removed from the volume"),
         }))
@@ -341,7 +296,7 @@ impl ControllerService for Api {
         let name = request.into_inner().name;
         check_snapshot_name(&name)?;
         let reply = self
-            .chain_op(ControlOp::SnapshotCreate(name.clone()), "snapshot create")
+            .chain_op("snapshot create", self.volume.snapshot_create(name.clone()))
             .await?;
         tracing::info!(snapshot = %name, "snapshot created");
         Ok(reply)
@@ -393,7 +348,7 @@ impl ControllerService for Api {
         self.refuse_if_held(std::slice::from_ref(&name), "deleted")
             .await?;
         let reply = self
-            .chain_op(ControlOp::SnapshotDelete(name.clone()), "snapshot delete")
+            .chain_op("snapshot delete", self.volume.snapshot_delete(name.clone()))
             .await?;
         tracing::info!(snapshot = %name, "snapshot deleted (merged into its child)");
         Ok(reply)
@@ -431,7 +386,7 @@ impl ControllerService for Api {
         // The snapshots after it go: none may be held by a clone.
         self.refuse_if_held(&newer, "dropped by a revert").await?;
         let reply = self
-            .chain_op(ControlOp::SnapshotRevert(name.clone()), "snapshot revert")
+            .chain_op("snapshot revert", self.volume.snapshot_revert(name.clone()))
             .await?;
         tracing::warn!(snapshot = %name, "volume reverted: later snapshots and writes discarded");
         Ok(reply)
@@ -495,10 +450,10 @@ impl ControllerService for Api {
             "degraded"
         };
         Ok(Response::new(pb::VolumeInfoReply {
-            name: spec.name.clone(),
+            name: spec.name.to_string(),
             iqn: self.iqn.clone(),
             volume_uuid: spec.volume.0.as_bytes().to_vec(),
-            size_bytes: spec.size_bytes,
+            size_bytes: status.size_bytes,
             epoch: spec.epoch.0,
             state: state.to_string(),
             min_healthy: status.min_healthy as u32,
@@ -519,6 +474,8 @@ impl ControllerService for Api {
             // Every replica that answered is hydrated, and one that did not (or is not RW) is not
             // counted as one: a rebuild brings it the clone's whole view anyway.
             hydrated: clones.values().all(|c| c.hydrated),
+            qos: self.volume.qos().await.map(|l| qos_to_pb(&l)),
+            qos_stats: Some(qos_stats(m)),
         }))
     }
 
@@ -566,5 +523,109 @@ impl ControllerService for Api {
                 "released {holder:?}'s hold on {name:?}; if that clone is not hydrated, it can no longer be"
             ),
         }))
+    }
+
+    async fn volume_set_qos(
+        &self,
+        request: Request<pb::VolumeSetQosRequest>,
+    ) -> Result<Response<pb::VolumeSetQosReply>, Status> {
+        let request = request.into_inner();
+        // Every limit is checked before anything changes.
+        let set = qos_from_pb(&request.limits.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(format!("limits.{}: {e}", e.kind().key())))?;
+        let limits = self
+            .volume
+            .set_qos(QosChange {
+                clear: request.clear,
+                set,
+            })
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(pb::VolumeSetQosReply {
+            limits: Some(qos_to_pb(&limits)),
+        }))
+    }
+    async fn volume_expand(
+        &self,
+        request: Request<pb::VolumeExpandRequest>,
+    ) -> Result<Response<pb::VolumeExpandReply>, Status> {
+        let requested = request.into_inner().new_size_bytes;
+        let expansion = self.volume.expand(requested).await.map_err(expand_status)?;
+        let reply = match expansion {
+            Expansion::Unchanged { size_bytes } => pb::VolumeExpandReply {
+                size_bytes,
+                changed: false,
+                dropped: Vec::new(),
+                message: format!("the volume already holds {size_bytes} bytes; nothing to do"),
+            },
+            Expansion::Grown { from, to, dropped } => {
+                let message = if dropped.is_empty() {
+                    format!("expanded from {from} to {to} bytes on every replica")
+                } else {
+                    format!(
+                        "expanded from {from} to {to} bytes; dropped (grown when rebuilt): {}",
+                        dropped
+                            .iter()
+                            .map(|(a, why)| format!("{a} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                pb::VolumeExpandReply {
+                    size_bytes: to,
+                    changed: true,
+                    dropped: dropped.into_iter().map(|(a, _)| a).collect(),
+                    message,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+/// One limit's field in the API's message.
+fn qos_field(limits: &mut pb::QosLimits, kind: LimitKind) -> &mut Option<pb::QosLimit> {
+    match kind {
+        LimitKind::ReadIops => &mut limits.read_iops,
+        LimitKind::WriteIops => &mut limits.write_iops,
+        LimitKind::Iops => &mut limits.iops,
+        LimitKind::ReadBps => &mut limits.read_bps,
+        LimitKind::WriteBps => &mut limits.write_bps,
+        LimitKind::Bps => &mut limits.bps,
+    }
+}
+
+/// Limits as the API carries them.
+pub fn qos_to_pb(limits: &QosLimits) -> pb::QosLimits {
+    let mut out = pb::QosLimits::default();
+    for (kind, l) in limits.iter() {
+        *qos_field(&mut out, kind) = Some(pb::QosLimit {
+            rate: l.rate(),
+            burst: l.burst(),
+        });
+    }
+    out
+}
+
+/// Limits from the API, each checked (a burst of 0 is the default burst);
+/// the first bad one is refused.
+pub fn qos_from_pb(limits: &pb::QosLimits) -> Result<QosLimits, QosError> {
+    let mut source = *limits;
+    let mut out = QosLimits::default();
+    for kind in LimitKind::ALL {
+        if let Some(l) = qos_field(&mut source, kind).take() {
+            let burst = (l.burst != 0).then_some(l.burst);
+            out.set(kind, Some(Limit::new(kind, l.rate, burst)?));
+        }
+    }
+    Ok(out)
+}
+
+fn qos_stats(m: &crate::volume::metrics::VolumeMetrics) -> pb::QosStats {
+    pb::QosStats {
+        read_throttled_seconds: m.throttled_seconds(Direction::Read),
+        write_throttled_seconds: m.throttled_seconds(Direction::Write),
+        read_waiting: m.qos_waiting(Direction::Read),
+        write_waiting: m.qos_waiting(Direction::Write),
     }
 }

@@ -3,13 +3,22 @@
 //! others with it, then serve.
 //!
 //! 1. Survey: every replica that answers within the startup wait, with the
-//!    volume's UUID (`--volume-id`, or the one most replicas share) and size,
-//!    is usable; the others are logged with the reason and left in ERR (they
-//!    are re-added when they answer again).
+//!    volume's UUID (`--volume-id`, or the one most replicas share), is
+//!    usable; the others are logged with the reason and left in ERR (they are
+//!    re-added when they answer again).
+//!    The volume's size is the largest among the usable replicas: an
+//!    expansion is acknowledged only once every active replica grew, so the
+//!    largest is the latest (one that was started and not finished counts
+//!    too: it is finished, never undone). `--size` is the size of a new
+//!    volume: smaller than the replicas' is fine (they were expanded since;
+//!    logged), larger is refused -- a restart is not an expansion, `basalt
+//!    volume expand` is.
 //! 2. Fence: every usable replica is raised to a new epoch, one above every
 //!    epoch seen, before any I/O: from then on it refuses every frame of an
 //!    older controller, so a controller cut off by a partition can never
-//!    write again.
+//!    write again. Then every usable replica smaller than the volume (it
+//!    missed an expansion) is grown to its size, before anything is read
+//!    from or copied to it.
 //! 3. Choose: at least `--min-healthy` (a majority) must be usable -- writes
 //!    are acknowledged only by a majority, so a majority always contains a
 //!    replica holding every acknowledged write. The reference is the one at
@@ -25,8 +34,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use basalt_proto::frame::Message;
 use basalt_proto::{Epoch, VolumeId};
 
+use crate::name::VolumeName;
 use crate::volume::core::CoreConfig;
 use crate::volume::link::{Handshaken, LinkError};
 use crate::volume::rebuild::Rebuilder;
@@ -35,7 +46,7 @@ use crate::volume::{StartReplica, Volume, VolumeSpec};
 /// What a controller is asked to serve.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    pub name: String,
+    pub name: VolumeName,
     pub size_bytes: u64,
     pub replicas: Vec<String>,
     /// The volume's UUID; `None` to take the one most replicas report.
@@ -66,6 +77,24 @@ pub enum StartError {
          serves"
     )]
     AmbiguousVolume { found: String },
+    #[error(
+        "--size is {asked} bytes but the replicas hold a {holds}-byte volume: a controller does not grow a volume \
+         when it starts. Start it with --size {holds} (or less) and grow the volume with `basalt volume expand \
+         --api ADDR --size SIZE`"
+    )]
+    LargerThanReplicas { asked: u64, holds: u64 },
+}
+
+/// The volume's size: the largest of the usable replicas' (`None` when no
+/// replica is usable: then `--size`, for a new volume). A `--size` above it
+/// is refused: growing the volume is an expansion's job, which asks every
+/// replica first.
+pub fn volume_size(asked: u64, usable: impl IntoIterator<Item = u64>) -> Result<u64, StartError> {
+    match usable.into_iter().max() {
+        None => Ok(asked),
+        Some(holds) if asked > holds => Err(StartError::LargerThanReplicas { asked, holds }),
+        Some(holds) => Ok(holds),
+    }
 }
 
 /// Survey, choose, fence, and start the volume.
@@ -105,15 +134,19 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
             if id.volume != volume {
                 return Err(format!("holds volume {}, not {volume}", id.volume));
             }
-            if id.size_bytes != config.size_bytes {
-                return Err(format!(
-                    "holds {} bytes, the volume is {} bytes; a volume's size never changes",
-                    id.size_bytes, config.size_bytes
-                ));
-            }
             Ok(h)
         })
         .collect();
+
+    let sizes = decisions.iter().flatten().map(|h| h.identity.size_bytes);
+    let size = volume_size(config.size_bytes, sizes)?;
+    if size > config.size_bytes {
+        tracing::info!(
+            size_bytes = size,
+            asked = config.size_bytes,
+            "the replicas hold a volume expanded past --size: serving it at its size"
+        );
+    }
 
     let highest_epoch = decisions
         .iter()
@@ -134,6 +167,32 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
                 // Remember what it held before we raised it: that is what
                 // says how far it had got.
                 h.identity = before;
+            }
+        }
+    }
+
+    // A replica that missed an expansion (it was down, or the controller
+    // died half-way through one) grows now, before it is read or rebuilt.
+    for (addr, d) in config.replicas.iter().zip(decisions.iter_mut()) {
+        if let Ok(h) = d {
+            if h.identity.size_bytes < size {
+                let from = h.identity.size_bytes;
+                let grow = Message::Resize {
+                    size_bytes: size,
+                    check_only: false,
+                };
+                match h.request(addr, epoch, grow).await {
+                    Ok(Message::ResizeOk { size_bytes }) if size_bytes == size => {
+                        tracing::info!(replica = %addr, from, to = size, "replica missed an expansion: grown");
+                        h.identity.size_bytes = size;
+                    }
+                    Ok(other) => *d = Err(format!("answered a grow to {size} bytes with {other:?}")),
+                    Err(e) => {
+                        *d = Err(format!(
+                            "missed an expansion and could not grow to {size} bytes: {e}"
+                        ))
+                    }
+                }
             }
         }
     }
@@ -216,17 +275,16 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
     let spec = VolumeSpec {
         name: config.name.clone(),
         volume,
-        size_bytes: config.size_bytes,
         epoch,
         addresses: config.replicas.clone(),
     };
-    tracing::info!(volume = %volume, epoch = epoch.0, healthy = usable, "volume assembled");
+    tracing::info!(volume = %volume, epoch = epoch.0, size_bytes = size, healthy = usable, "volume assembled");
     let core = CoreConfig {
         replica_timeout: config.replica_timeout,
         min_healthy: config.min_healthy,
     };
     Ok(Assembled {
-        volume: Volume::start(spec, replicas, core),
+        volume: Volume::start(spec, size, replicas, core),
         reconcile,
     })
 }
@@ -286,4 +344,25 @@ async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, Link
         }
     });
     futures::future::join_all(tasks).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_replica_sets_the_size_and_a_larger_size_flag_is_refused() {
+        let g = 1u64 << 30;
+        assert_eq!(volume_size(10 * g, [10 * g, 10 * g]).unwrap(), 10 * g);
+        // Expanded since the controller was first started with --size 10G.
+        assert_eq!(volume_size(10 * g, [20 * g, 20 * g, 20 * g]).unwrap(), 20 * g);
+        // One replica missed the expansion: it is grown, not the volume shrunk.
+        assert_eq!(volume_size(10 * g, [20 * g, 10 * g]).unwrap(), 20 * g);
+        // A new volume: nothing usable yet.
+        assert_eq!(volume_size(10 * g, []).unwrap(), 10 * g);
+        assert!(matches!(
+            volume_size(30 * g, [20 * g, 20 * g]),
+            Err(StartError::LargerThanReplicas { asked, holds }) if asked == 30 * g && holds == 20 * g
+        ));
+    }
 }

@@ -12,4 +12,5 @@
 pub mod api;
 pub mod controller;
 pub mod http;
+pub mod name;
 pub mod volume;

@@ -1,6 +1,7 @@
 //! The real `basalt replica` binary: it serves the wire protocol, stops
-//! cleanly on SIGTERM with its writes flushed, and refuses a store that does
-//! not match its arguments with a message that says so.
+//! cleanly on SIGTERM with its writes flushed, serves an existing store at
+//! its own size whatever `--size` says (and logs it), and refuses a size it
+//! cannot use with a message that says so.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -83,21 +84,48 @@ fn sigterm_finishes_and_flushes_then_the_store_reopens_with_the_data() {
 }
 
 #[test]
-fn a_store_of_another_size_is_refused_with_a_clear_message() {
+fn a_store_of_another_size_is_served_at_its_own_size_and_the_log_says_so() {
+    // A --size is the size of a new store: after an expansion a replica restarted with its first --size
+    // keeps the grown size, and a larger --size never grows it behind its controller's back.
     let dir = tempfile::tempdir().unwrap();
-    Store::create(dir.path(), VolumeId::random(), 16 << 20).unwrap();
-    let out = basalt()
-        .args(["replica", "--dir"])
-        .arg(dir.path())
-        .args(["--size", "32M", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("16777216") && stderr.contains("33554432"),
-        "{stderr}"
-    );
+    let id = VolumeId::random();
+    Store::create(dir.path(), id, 16 << 20).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (asked, said) in [
+        ("8M", "expanded past --size"),
+        ("32M", "smaller volume than --size"),
+    ] {
+        let log_path = dir.path().join(format!("replica-{asked}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = basalt()
+            .env("RUST_LOG", "info")
+            .args(["replica", "--dir"])
+            .arg(dir.path())
+            .args(["--size", asked, "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr: SocketAddr = line
+            .strip_prefix("listening ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("serves with --size {asked}: {line:?}"));
+        let identity = runtime.block_on(async {
+            ReplicaClient::connect(addr, id, Epoch(1))
+                .await
+                .unwrap()
+                .identity()
+        });
+        assert_eq!(identity.size_bytes, 16 << 20, "--size {asked}");
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        assert!(child.wait().unwrap().success());
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains(said), "--size {asked}: {log}");
+    }
 
     let out = basalt()
         .args(["replica", "--dir"])

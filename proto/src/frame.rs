@@ -27,7 +27,7 @@
 //!
 //! ## Why control operations travel on the data path
 //!
-//! Info, snapshot create/list/delete/revert and SetEpoch are ops of this same
+//! Info, snapshot create/list/delete/revert, SetEpoch and Resize are ops of this same
 //! frame enum, with prost-encoded payloads from `protos/basalt/replica.proto`,
 //! rather than a separate gRPC service: one address to configure, one
 //! connection to authenticate and monitor, one epoch check for everything a
@@ -137,16 +137,19 @@ pub struct ProtocolVersion(pub u16);
 impl ProtocolVersion {
     /// The version this build speaks best.
     ///
+    /// v3 added the day-two operations (`Resize` for an expansion; `SnapshotRuns`, `ReadSnapshot`,
+    /// `SnapshotHold`, `SnapshotRelease` and `HoldList` for clones from a snapshot); a v2 replica
+    /// would refuse them as unknown ops and close the connection mid-way, so the two sides must
+    /// disagree at the first frame instead.
+    ///
     /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
-    ///
-    /// v3 added the day-two operations (expansion, authenticated peers and membership, clones from a
-    /// snapshot); a v2 peer would refuse them as unknown operations mid-way, so it is refused at Hello.
     pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
-    /// The oldest version this build still understands: older peers lack what a rebuild or a clone
-    /// sends (no build that speaks only v2 is kept working).
+    /// The oldest version this build still understands: v2 peers lack what a controller sends on
+    /// day two (an expansion, a clone's reads of its source), v1 peers what a rebuild sends (no
+    /// build that speaks only v1 or v2 was ever released, so none is kept working).
     pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
@@ -203,6 +206,7 @@ pub enum Op {
     RunCrcs = 0x13,
     ReadV = 0x14,
     WriteV = 0x15,
+    Resize = 0x16,
     SnapshotRuns = 0x19,
     ReadSnapshot = 0x1a,
     SnapshotHold = 0x1b,
@@ -215,7 +219,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 26] = [
+    pub const ALL: [Op; 27] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -237,6 +241,7 @@ impl Op {
         Op::RunCrcs,
         Op::ReadV,
         Op::WriteV,
+        Op::Resize,
         Op::SnapshotRuns,
         Op::ReadSnapshot,
         Op::SnapshotHold,
@@ -273,6 +278,7 @@ impl Op {
             Op::RunCrcs => "run_crcs",
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
+            Op::Resize => "resize",
             Op::SnapshotRuns => "snapshot_runs",
             Op::ReadSnapshot => "read_snapshot",
             Op::SnapshotHold => "snapshot_hold",
@@ -323,6 +329,10 @@ pub enum ReplyError {
         "a newer writer connection has taken over this replica; this connection may no longer change it"
     )]
     Superseded,
+    #[error("the replica holds {size_bytes} bytes; a volume can grow, never shrink")]
+    ShrinkRefused { size_bytes: u64 },
+    #[error("the replica cannot hold that size: its storage holds a volume of at most {max_bytes} bytes")]
+    TooLarge { max_bytes: u64 },
     #[error("the snapshot is held by a clone that still reads from it; wait until the clone is hydrated or release the hold")]
     SnapshotHeld,
     #[error(
@@ -350,6 +360,8 @@ impl ReplyError {
             ReplyError::BadRequest => 11,
             ReplyError::ShuttingDown => 12,
             ReplyError::Superseded => 13,
+            ReplyError::ShrinkRefused { .. } => 14,
+            ReplyError::TooLarge { .. } => 15,
             ReplyError::SnapshotHeld => 20,
             ReplyError::Hydrating => 21,
             ReplyError::SourceUnavailable => 22,
@@ -364,6 +376,8 @@ impl ReplyError {
             ReplyError::OutOfRange { size_bytes } => size_bytes,
             ReplyError::Unaligned { alignment } => alignment,
             ReplyError::VersionMismatch { newest } => u64::from(newest),
+            ReplyError::ShrinkRefused { size_bytes } => size_bytes,
+            ReplyError::TooLarge { max_bytes } => max_bytes,
             _ => 0,
         }
     }
@@ -391,6 +405,8 @@ impl ReplyError {
             11 => ReplyError::BadRequest,
             12 => ReplyError::ShuttingDown,
             13 => ReplyError::Superseded,
+            14 => ReplyError::ShrinkRefused { size_bytes: detail },
+            15 => ReplyError::TooLarge { max_bytes: detail },
             20 => ReplyError::SnapshotHeld,
             21 => ReplyError::Hydrating,
             22 => ReplyError::SourceUnavailable,
@@ -414,6 +430,8 @@ impl ReplyError {
             ReplyError::BadRequest => "bad_request",
             ReplyError::ShuttingDown => "shutting_down",
             ReplyError::Superseded => "superseded",
+            ReplyError::ShrinkRefused { .. } => "shrink_refused",
+            ReplyError::TooLarge { .. } => "too_large",
             ReplyError::SnapshotHeld => "snapshot_held",
             ReplyError::Hydrating => "hydrating",
             ReplyError::SourceUnavailable => "source_unavailable",
@@ -627,6 +645,23 @@ pub enum Message {
         position: SyncPoint,
     },
 
+    /// Grow the volume to `size_bytes` (a multiple of 4096), durably, before
+    /// answering: the new blocks read as zeros. The same size is a no-op, so
+    /// a retried expansion succeeds; a smaller one is refused with
+    /// [`ReplyError::ShrinkRefused`], one the replica's storage cannot hold
+    /// with [`ReplyError::TooLarge`]. With `check_only`, nothing changes: the
+    /// replica only says whether it could (a controller asks every replica
+    /// before it expands any, so that one that cannot refuses the whole
+    /// expansion instead of being dropped from the volume). The reply
+    /// carries the replica's size (after the grow, or unchanged for a check).
+    Resize {
+        size_bytes: u64,
+        check_only: bool,
+    },
+    ResizeOk {
+        size_bytes: u64,
+    },
+
     /// The runs of blocks holding data in snapshot `snapshot`'s view of the volume (what the volume
     /// read when it was taken: the snapshot's own blocks over everything older), in blocks
     /// `start_lba..start_lba + count`, in block order. A clone hydrating from this snapshot copies
@@ -729,6 +764,8 @@ impl Message {
             M::ReadVOk { .. } => (Op::ReadV, true),
             M::WriteV { .. } => (Op::WriteV, false),
             M::WriteVOk => (Op::WriteV, true),
+            M::Resize { .. } => (Op::Resize, false),
+            M::ResizeOk { .. } => (Op::Resize, true),
             M::SnapshotRuns { .. } => (Op::SnapshotRuns, false),
             M::SnapshotRunsOk { .. } => (Op::SnapshotRuns, true),
             M::ReadSnapshot { .. } => (Op::ReadSnapshot, false),

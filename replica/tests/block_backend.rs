@@ -231,7 +231,37 @@ fn a_blank_device_is_formatted_and_only_its_first_64_kib_are_looked_at() {
         .open(&path)
         .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, b"junk", SIGNATURE_BYTES + 10))
         .unwrap();
-    BlockBackend::open(&path, &options()).unwrap();
+    let never = DeviceOptions {
+        format: Format::Never,
+        ..options()
+    };
+    let before = BlockBackend::open(&path, &never).err().unwrap();
+    assert!(
+        matches!(before, DeviceError::NotFormatted { .. }),
+        "blank before: {before}"
+    );
+
+    let backend = BlockBackend::open(&path, &options()).unwrap();
+    let (uuid, clusters) = (backend.uuid(), backend.total_clusters());
+    let cluster_bytes = u64::from(small_geometry().cluster_bytes);
+    assert_eq!(
+        backend.cluster_bytes(),
+        cluster_bytes,
+        "formatted with the geometry asked for"
+    );
+    assert!(clusters > 0 && clusters * cluster_bytes < 16 * MIB);
+    assert_eq!(backend.free_clusters(), clusters, "a fresh format holds nothing");
+    drop(backend);
+    let head = std::fs::read(&path).unwrap();
+    assert_eq!(&head[..8], b"BASALTBD", "a Basalt superblock at the start");
+
+    // Formatted for good: it opens where only a Basalt device may, as the same store.
+    let again = BlockBackend::open(&path, &never).unwrap();
+    assert_eq!(
+        (again.uuid(), again.total_clusters()),
+        (uuid, clusters),
+        "the same store, not a new format"
+    );
 }
 
 #[test]

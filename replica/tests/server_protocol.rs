@@ -1477,3 +1477,76 @@ async fn vectored_requests_outside_the_volume_are_refused_and_a_refused_write_v_
         "the first extent of a refused WriteV was not written"
     );
 }
+
+async fn resize(client: &ReplicaClient, size_bytes: u64, check_only: bool) -> Result<u64, ClientError> {
+    match client
+        .call(Message::Resize {
+            size_bytes,
+            check_only,
+        })
+        .await?
+    {
+        Message::ResizeOk { size_bytes } => Ok(size_bytes),
+        other => panic!("a resize answered with {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resize_grows_the_replica_durably_is_idempotent_and_refuses_a_shrink() {
+    let replica = Replica::start().await;
+    let client = replica.client(1).await;
+    client.write(64 * MIB - 4096, block(1), false).await.unwrap();
+    assert_eq!(
+        refusal(client.write(64 * MIB, block(2), false).await),
+        ReplyError::OutOfRange { size_bytes: 64 * MIB }
+    );
+    // A check answers the current size and changes nothing.
+    assert_eq!(resize(&client, 96 * MIB, true).await.unwrap(), 64 * MIB);
+    assert_eq!(client.info().await.unwrap().size_bytes, 64 * MIB);
+    assert_eq!(
+        refusal(resize(&client, 32 * MIB, true).await),
+        ReplyError::ShrinkRefused { size_bytes: 64 * MIB }
+    );
+
+    assert_eq!(resize(&client, 96 * MIB, false).await.unwrap(), 96 * MIB);
+    // Retried (the controller lost the answer): the same size again is fine.
+    assert_eq!(resize(&client, 96 * MIB, false).await.unwrap(), 96 * MIB);
+    client.write(64 * MIB, block(2), false).await.unwrap();
+    assert_eq!(client.read(64 * MIB, 4096).await.unwrap(), block(2));
+    assert_eq!(client.read(64 * MIB - 4096, 4096).await.unwrap(), block(1));
+    assert_eq!(
+        refusal(resize(&client, 64 * MIB, false).await),
+        ReplyError::ShrinkRefused { size_bytes: 96 * MIB }
+    );
+    assert_eq!(
+        refusal(resize(&client, 96 * MIB + 512, false).await),
+        ReplyError::BadRequest
+    );
+    assert!(matches!(
+        refusal(resize(&client, u64::MAX - 4095, false).await),
+        ReplyError::TooLarge { .. }
+    ));
+    // A new connection's Hello reports the new size.
+    let again = replica.client(1).await;
+    assert_eq!(again.identity().size_bytes, 96 * MIB);
+}
+
+#[tokio::test]
+async fn a_resize_is_fenced_by_the_epoch_and_the_writer_role() {
+    let replica = Replica::start().await;
+    let old = replica.client(1).await;
+    let _newer = replica.client(2).await;
+    assert!(matches!(
+        refusal(resize(&old, 96 * MIB, false).await),
+        ReplyError::StaleEpoch { .. }
+    ));
+    let superseded = replica.client(2).await;
+    let writer = replica.client(2).await;
+    assert_eq!(
+        refusal(resize(&superseded, 96 * MIB, false).await),
+        ReplyError::Superseded
+    );
+    // A check changes nothing, so any connection at the epoch may ask.
+    assert_eq!(resize(&superseded, 96 * MIB, true).await.unwrap(), 64 * MIB);
+    assert_eq!(writer.info().await.unwrap().size_bytes, 64 * MIB);
+}

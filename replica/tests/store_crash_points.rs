@@ -4,7 +4,7 @@
 //! process crash can cut the store's sequence of writes, punches, creates, renames and removes --
 //! including the microsecond windows a random `kill -9` almost never hits (between a log append and
 //! its data write, between a batch's one log append and its data writes, inside a snapshot create,
-//! between the steps of a merge).
+//! between the steps of a merge, inside a grow of the volume).
 //!
 //! It runs twice: over the host-directory backend, crashing between backend calls, and over the
 //! block-device backend, crashing between any two *device* writes (journal records, checkpoints,
@@ -12,7 +12,8 @@
 //!
 //! After each crash the storage is reopened with the real backend and checked: flushed writes are
 //! intact, later blocks are old or new with a valid checksum, acknowledged snapshots exist with their
-//! exact content.
+//! exact content, and the volume has its old size or its new one (the new one once the grow
+//! returned), with every block of it readable.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -28,6 +29,8 @@ use basalt_replica::store::{Backend, DirBackend, Object, Store, StoreError};
 
 const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * 4096;
+/// The volume's size after the script's grow.
+const GROWN_BLOCKS: u64 = 96;
 
 /// The stand-in device of the block runs: sparse, far larger than the volume needs, so snapshots,
 /// logs and blob copies all fit.
@@ -189,6 +192,8 @@ enum Step {
     Flush,
     SnapshotCreate(&'static str),
     SnapshotDelete(&'static str),
+    /// Grow the volume to this many blocks.
+    Grow(u64),
     /// `Write` steps handed to `Store::write_batch` together.
     Batch(&'static [Step]),
 }
@@ -287,6 +292,19 @@ const SCRIPT: &[Step] = &[
         value: 4,
     },
     Step::SnapshotCreate("b"),
+    Step::Grow(GROWN_BLOCKS),
+    Step::Write {
+        lba: 70,
+        first_sector: 0,
+        sectors: 16,
+        value: 21,
+    },
+    Step::Write {
+        lba: 95,
+        first_sector: 5,
+        sectors: 3,
+        value: 22,
+    },
     Step::Batch(BATCH_ACROSS_GROUPS),
     Step::Write {
         lba: 0,
@@ -339,17 +357,23 @@ struct Model {
     snapshots: BTreeMap<&'static str, Vec<u8>>,
     creating: Option<(&'static str, Vec<u8>)>,
     deleting: Option<&'static str>,
+    /// The volume's size in blocks once the last grow returned, and a grow under way.
+    size_blocks: u64,
+    growing: Option<u64>,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
-            durable: vec![vec![0; 4096]; BLOCKS as usize],
-            latest: vec![vec![0; 4096]; BLOCKS as usize],
+            // Blocks past the volume's end read as zeros once it grows over them.
+            durable: vec![vec![0; 4096]; GROWN_BLOCKS as usize],
+            latest: vec![vec![0; 4096]; GROWN_BLOCKS as usize],
             since_flush: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             creating: None,
             deleting: None,
+            size_blocks: BLOCKS,
+            growing: None,
         }
     }
 
@@ -385,6 +409,7 @@ impl Model {
             Step::Flush => {}
             Step::SnapshotCreate(name) => self.creating = Some((name, self.latest.concat())),
             Step::SnapshotDelete(name) => self.deleting = Some(name),
+            Step::Grow(blocks) => self.growing = Some(blocks),
             Step::Batch(writes) => {
                 for &write in writes {
                     self.announce(write);
@@ -405,6 +430,10 @@ impl Model {
             Step::SnapshotDelete(name) => {
                 self.deleting = None;
                 self.snapshots.remove(name);
+            }
+            Step::Grow(blocks) => {
+                self.growing = None;
+                self.size_blocks = blocks;
             }
             _ => {}
         }
@@ -443,6 +472,7 @@ fn run_step(store: &Store, step: Step) -> Result<(), StoreError> {
         Step::Flush => store.flush().map(|_| ()),
         Step::SnapshotCreate(name) => store.snapshot_create(name).map(|_| ()),
         Step::SnapshotDelete(name) => store.snapshot_delete(name),
+        Step::Grow(blocks) => store.grow(blocks * 4096).map(|_| ()),
     }
 }
 
@@ -569,6 +599,8 @@ fn run_until_crash(place: &Place, base_model: &Model, budget: Option<i64>) -> (M
         snapshots: base_model.snapshots.clone(),
         creating: None,
         deleting: None,
+        size_blocks: base_model.size_blocks,
+        growing: None,
     };
     let store = place
         .crashing_backend(&counter)
@@ -593,7 +625,14 @@ fn verify(place: &Place, model: &Model, k: i64) {
     let store = place
         .open()
         .unwrap_or_else(|e| panic!("crash point {k}: reopen failed: {e}"));
-    for lba in 0..BLOCKS {
+    let blocks = store.size_bytes() / 4096;
+    assert!(
+        blocks == model.size_blocks || Some(blocks) == model.growing,
+        "crash point {k}: the volume has {blocks} blocks, neither its size ({}) nor the one it was growing to ({:?})",
+        model.size_blocks,
+        model.growing
+    );
+    for lba in 0..blocks {
         let mut got = vec![0u8; 4096];
         if let Err(e) = store.read(lba * 4096, &mut got) {
             panic!("crash point {k}: block {lba}: {e}");
@@ -619,11 +658,16 @@ fn verify(place: &Place, model: &Model, k: i64) {
             _ => panic!("crash point {k}: unexpected snapshot {name}"),
         };
         store.snapshot_revert(name).unwrap();
-        let mut got = vec![0u8; SIZE as usize];
+        // A revert keeps the volume's size; past the snapshot's own end it reads zeros, as the
+        // model's content does.
+        let mut got = vec![0u8; store.size_bytes() as usize];
         store
             .read(0, &mut got)
             .unwrap_or_else(|e| panic!("crash point {k}: snapshot {name}: {e}"));
-        assert!(got == *want, "crash point {k}: snapshot {name} changed");
+        assert!(
+            got == want[..got.len()],
+            "crash point {k}: snapshot {name} changed"
+        );
     }
 }
 
@@ -664,7 +708,7 @@ fn a_crash_between_any_two_device_writes_keeps_flushed_writes_and_snapshots_inta
 /// A second reopen sees the same volume as the first (recovery converged and made itself durable).
 fn verify_reopen_is_stable(place: &Place, k: i64) {
     let read_all = |store: &Store| {
-        let mut buf = vec![0u8; SIZE as usize];
+        let mut buf = vec![0u8; store.size_bytes() as usize];
         store
             .read(0, &mut buf)
             .unwrap_or_else(|e| panic!("crash point {k}: {e}"));

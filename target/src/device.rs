@@ -1,7 +1,7 @@
 //! The block device a logical unit serves.
 //!
 //! The SCSI layer speaks in bytes, already range-checked against
-//! [`Geometry::size_bytes`] and aligned to the logical block size, so an
+//! [`Geometry::size_bytes`] (as the device reports it at that command) and aligned to the logical block size, so an
 //! implementation only has to move data. Methods return `impl Future + Send`
 //! so that the target can be generic over a device (a file here, the
 //! replicated volume in `basalt-engine`) without boxing every I/O.
@@ -10,7 +10,9 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-/// Shape of a device, fixed for its lifetime.
+/// Shape of a device. Everything but the capacity is fixed for its lifetime;
+/// the capacity may grow (an online expansion), never shrink: the SCSI layer
+/// reads it per command and tells initiators when it changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
     /// Capacity in bytes; a multiple of `logical_block_size`.
@@ -62,6 +64,9 @@ pub enum Provisioning {
 
 /// An async block device. All offsets and lengths are in bytes.
 pub trait BlockDevice: Send + Sync + 'static {
+    /// The device's shape now. Called for every command, so it must be cheap
+    /// (a copy, an atomic load); the capacity it reports may grow between
+    /// calls, and I/O up to the reported end must be accepted from then on.
     fn geometry(&self) -> Geometry;
 
     /// Read `len` bytes at `offset`.

@@ -163,8 +163,7 @@ async fn libiscsi_conformance_suites_for_the_transport_pass() {
         );
     }
     // Every session logged out or was dropped.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(tp.portal.session_count(), 0);
+    wait_for_sessions("after the test suites", || tp.portal.session_count(), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -333,19 +333,17 @@ async fn logout_waits_for_commands_in_flight_then_answers() {
     let bhs = ini.command(itt, &[0], 0, false, false, true);
     ini.send(bhs, &[]).await;
     lu.wait_started(1).await;
-    let releaser = {
-        let lu = lu.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            lu.release(1);
-        })
-    };
     let mut bhs = Bhs::new(Opcode::LogoutRequest);
     bhs.set_immediate(true);
     bhs.0[1] = 0x80;
     bhs.set_itt(Itt(99));
     bhs.set_u32(24, ini.cmdsn);
     ini.send(bhs, &[]).await;
+    assert!(
+        ini.quiet_for(Duration::from_millis(200)).await,
+        "nothing is answered while the command is held, the logout included"
+    );
+    lu.release(1);
     let first = ini.recv().await;
     assert_eq!(
         (first.opcode(), first.itt()),
@@ -355,9 +353,7 @@ async fn logout_waits_for_commands_in_flight_then_answers() {
     let second = ini.recv().await;
     assert_eq!((second.opcode(), second.bhs.0[2]), (0x26, 0));
     assert!(ini.recv_opt().await.is_none(), "connection closed after logout");
-    releaser.await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(target.session_count(), 0);
+    wait_for_sessions("after the logout", || target.session_count(), 0).await;
 }
 
 #[tokio::test]
@@ -396,8 +392,12 @@ async fn nop_out_is_echoed_and_silent_initiators_are_dropped() {
         ini.closed_within(Duration::from_secs(3)).await,
         "silent initiator was not dropped"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(target.session_count(), 0);
+    wait_for_sessions(
+        "after the silent initiator was dropped",
+        || target.session_count(),
+        0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -802,7 +802,6 @@ async fn session_reinstatement_replaces_the_old_session_of_the_same_isid() {
         old.closed_within(Duration::from_secs(3)).await,
         "the old session was closed"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(target.session_count(), 1);
+    wait_for_sessions("after the reinstatement", || target.session_count(), 1).await;
     still_healthy(&mut new, 5).await;
 }

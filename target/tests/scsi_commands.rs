@@ -628,3 +628,112 @@ async fn unrecoverable_read_is_a_medium_error_naming_the_failing_lba() {
         (0x5, 0x20, 0x00)
     );
 }
+
+/// A file-backed device whose capacity grows when the test says so (as a
+/// replicated volume's does after an online expansion).
+struct GrowingDevice {
+    inner: FileDevice,
+    size_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for GrowingDevice {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size_bytes: self.size_bytes.load(std::sync::atomic::Ordering::Acquire),
+            ..self.inner.geometry()
+        }
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush().await
+    }
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.inner.unmap(offset, len).await
+    }
+    async fn write_same(&self, offset: u64, len: u64, pattern: Bytes) -> Result<(), DeviceError> {
+        self.inner.write_same(offset, len, pattern).await
+    }
+    async fn compare_and_write(&self, offset: u64, compare: Bytes, data: Bytes) -> Result<(), DeviceError> {
+        self.inner.compare_and_write(offset, compare, data).await
+    }
+    async fn provisioning(&self, offset: u64, max_len: u64) -> Result<(Provisioning, u64), DeviceError> {
+        self.inner.provisioning(offset, max_len).await
+    }
+}
+
+fn read_capacity16() -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = 0x9E;
+    c[1] = 0x10;
+    c[13] = 32;
+    c
+}
+
+fn last_lba16(r: &ScsiResult) -> u64 {
+    good(r);
+    u64::from_be_bytes(r.data_in[0..8].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn a_grown_capacity_is_reported_after_one_capacity_data_has_changed_attention_per_nexus() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = FileDeviceOptions {
+        size: Some(2 * BLOCKS * BS as u64),
+        logical_block_size: BS as u32,
+    };
+    let device = Arc::new(GrowingDevice {
+        inner: FileDevice::open(dir.path().join("lun0.img"), opts).unwrap(),
+        size_bytes: (BLOCKS * BS as u64).into(),
+    });
+    let h = Harness {
+        lu: ScsiLogicalUnit::new(device.clone(), LuConfig::new("grow")),
+        _dir: Some(dir),
+    };
+    let (a, b) = (nexus("iqn.a", 1), nexus("iqn.b", 2));
+    h.login(&a).await;
+    h.login(&b).await;
+    assert_eq!(
+        last_lba16(&h.exec(&a, &read_capacity16(), &[], 32).await),
+        BLOCKS - 1
+    );
+    // Past the end: refused before the device grows.
+    let past = write10(BLOCKS as u32, 1);
+    assert_eq!(
+        sense_of(&h.exec(&a, &past, &[7; BS], BS as u32).await),
+        (0x5, 0x21, 0x00)
+    );
+
+    device
+        .size_bytes
+        .store(2 * BLOCKS * BS as u64, std::sync::atomic::Ordering::Release);
+    // Each nexus learns of it once, on its next command (INQUIRY does not consume it).
+    good(&h.exec(&a, &[0x12, 0, 0, 0, 36, 0], &[], 36).await);
+    for who in [&a, &b] {
+        let r = h.exec(who, &read_capacity16(), &[], 32).await;
+        assert_eq!(sense_of(&r), (0x6, 0x2A, 0x09), "CAPACITY DATA HAS CHANGED");
+        assert_eq!(
+            last_lba16(&h.exec(who, &read_capacity16(), &[], 32).await),
+            2 * BLOCKS - 1
+        );
+    }
+    // READ CAPACITY(10) too, and the new blocks take I/O.
+    let r = h.exec(&b, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8).await;
+    good(&r);
+    assert_eq!(
+        u32::from_be_bytes(r.data_in[0..4].try_into().unwrap()),
+        (2 * BLOCKS - 1) as u32
+    );
+    good(&h.exec(&a, &past, &[7; BS], BS as u32).await);
+    let r = h.exec(&b, &read10(BLOCKS as u32, 1), &[], BS as u32).await;
+    good(&r);
+    assert_eq!(&r.data_in[..], &[7; BS][..]);
+    // A nexus that logs in later gets its power-on attention only.
+    let c = nexus("iqn.c", 3);
+    h.login(&c).await;
+    good(&h.exec(&c, &read_capacity16(), &[], 32).await);
+}

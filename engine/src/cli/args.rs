@@ -38,7 +38,14 @@ pub fn parse_volume_size(text: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-/// A duration in milliseconds or with a unit (`500ms`, `5s`, `2m`).
+/// Longest duration a flag takes: 7 days. Far above any timeout or wait an
+/// operator means, and far below where adding it to a clock reading would
+/// overflow (`Instant + Duration` panics on overflow, and the volume adds its
+/// timeouts to the time each request is sent).
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// A duration in milliseconds or with a unit (`500ms`, `5s`, `2m`), at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -46,12 +53,22 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration: use e.g. 500ms, 5s or 2m"))?;
-    Ok(match unit {
-        "ms" | "" => std::time::Duration::from_millis(n),
-        "s" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
+    let millis_per_unit: u64 = match unit {
+        "ms" | "" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
         other => return Err(format!("`{other}` is not a duration unit: use ms, s or m")),
-    })
+    };
+    n.checked_mul(millis_per_unit)
+        .map(std::time::Duration::from_millis)
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| {
+            format!(
+                "`{text}` is too long: a duration may be at most {} days ({}m)",
+                MAX_DURATION.as_secs() / 86_400,
+                MAX_DURATION.as_secs() / 60
+            )
+        })
 }
 
 #[cfg(test)]
@@ -82,5 +99,30 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(std::time::Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(std::time::Duration::from_secs(5)));
         assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_overflowed() {
+        for absurd in [
+            "307445734561825861m",
+            "18446744073709551615s",
+            "18446744073709551615",
+            "10081m",
+            "604800001ms",
+        ] {
+            let err = parse_duration(absurd).expect_err(absurd);
+            assert!(
+                err.contains("too long") && err.contains("7 days"),
+                "{absurd}: {err}"
+            );
+        }
+        assert_eq!(
+            parse_duration("10080m"),
+            Ok(MAX_DURATION),
+            "7 days is still accepted"
+        );
+        assert!(parse_duration("99999999999999999999s")
+            .unwrap_err()
+            .contains("not a duration"));
     }
 }

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use basalt_target::iscsi::portal::{target_iqn, Portal, PortalConfig, Target, TargetConfig};
+use basalt_target::iscsi::portal::{Portal, PortalConfig, Target, TargetConfig};
 use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_duration, parse_volume_size};
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
+use basalt_engine::name::VolumeName;
 use basalt_engine::volume::core::CoreConfig;
+use basalt_engine::volume::qos::QosChange;
 use basalt_engine::volume::rebuild::Rebuilder;
 
 /// Longest wait at start for up-to-date replicas to be reconciled before the
@@ -22,9 +24,11 @@ const RECONCILE_LIMIT: Duration = Duration::from_secs(120);
 /// Arguments of `basalt controller`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// Volume name; the target is served as iqn.2026-11.io.basalt:NAME.
+    /// Volume name; the target is served as iqn.2026-11.io.basalt:NAME
+    /// (1 to 63 characters from a-z, 0-9, '-' and '.', starting and ending
+    /// with a letter or a digit).
     #[arg(long)]
-    pub name: String,
+    pub name: VolumeName,
     /// Volume size (e.g. 10G); must match every replica's.
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
@@ -62,6 +66,9 @@ pub struct Args {
     /// At start, wait this long for every replica to answer.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub startup_wait: Duration,
+    /// QoS limits at start (change them later with `basalt volume qos`).
+    #[command(flatten)]
+    pub qos: super::qos::QosFlags<true>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -95,9 +102,10 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
     };
-    // Check the login policy and bind every listener before assembling, so
-    // a bad flag fails before any replica's epoch is raised.
+    // Check the login policy and the limits and bind every listener before
+    // assembling, so a bad flag fails before any replica's epoch is raised.
     let auth = args.access.auth()?;
+    let qos = args.qos.limits()?;
     let iscsi = tokio::net::TcpListener::bind(args.iscsi)
         .await
         .with_context(|| format!("cannot listen for iSCSI on {}", args.iscsi))?;
@@ -119,19 +127,29 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let rebuilder = Rebuilder::new();
     reconcile(&assembled, &rebuilder, RECONCILE_LIMIT).await;
     let volume = assembled.volume;
+    if !qos.is_empty() {
+        // Before the portal opens: no initiator I/O runs unlimited.
+        volume
+            .set_qos(QosChange {
+                clear: true,
+                set: qos,
+            })
+            .await
+            .context("setting the QoS limits")?;
+    }
     tokio::spawn(rebuilder.clone().watch(volume.clone(), shutdown.clone()));
-    let iqn = target_iqn(&args.name);
+    let iqn = args.name.iqn();
     let lu = ScsiLogicalUnit::new(
         Arc::new(volume.clone()),
         LuConfig::new(volume.spec().volume.0.simple().to_string()),
     );
     let target = Target::new(TargetConfig {
-        alias: Some(args.name.clone()),
+        alias: Some(args.name.to_string()),
         auth,
         allow: args.access.allow_list(),
         ..TargetConfig::new(iqn.clone(), Arc::new(lu))
     })
-    .map_err(|e| anyhow::anyhow!("invalid volume name {:?}: {e}", args.name))?;
+    .map_err(|e| anyhow::anyhow!("volume {}: {e}", args.name))?;
     let portal = Portal::new(PortalConfig::default(), [target]);
 
     let sessions_portal = portal.clone();

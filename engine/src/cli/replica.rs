@@ -48,7 +48,8 @@ pub struct Args {
     #[arg(long, requires = "device")]
     format: bool,
     /// Volume size: bytes, or with a binary suffix K, M, G, T (`10G`, `512M`);
-    /// a multiple of 4096. Must match the size of an existing store.
+    /// a multiple of 4096. The size of a new store: an existing one keeps its
+    /// own (a volume grows only with `basalt volume expand`).
     #[arg(long, value_parser = super::args::parse_volume_size, required = true)]
     size: Option<u64>,
     /// Address for the data-path protocol (data and control), e.g. `0.0.0.0:7100`.
@@ -240,6 +241,8 @@ async fn open_or_create(
         if let Some(request) = &clone {
             check_same_origin(&store, request)?;
         }
+        // A clone too: once made, it is a volume like any other, grown only by its controller.
+        log_size_difference(&store, size, &source);
         return Ok(store);
     }
     let volume = volume.unwrap_or_else(VolumeId::random);
@@ -363,8 +366,8 @@ impl StoreSource {
         })
     }
 
-    /// The existing store, `None` if there is none; one of another size or (when `volume` is
-    /// given) another id is refused.
+    /// The existing store, `None` if there is none; one of another id (when `volume` is given) is
+    /// refused, and one of another size opens at its own size (see [`log_size_difference`]).
     fn open_checked(
         &self,
         size: u64,
@@ -376,14 +379,6 @@ impl StoreSource {
             opened => opened?,
         };
         let location = self.to_string();
-        if store.size_bytes() != size {
-            return Err(StoreError::SizeMismatch {
-                dir: location,
-                on_disk: store.size_bytes(),
-                requested: size,
-            }
-            .into());
-        }
         if let Some(requested) = volume.filter(|&v| v != store.volume_id()) {
             return Err(StoreError::VolumeMismatch {
                 dir: location,
@@ -441,6 +436,27 @@ impl StoreSource {
             .context("running cp to copy the store")?;
         anyhow::ensure!(status.success(), "copying {} failed ({status})", from.display());
         Ok(copy)
+    }
+}
+
+/// Says what an existing store's size means when it is not `--size`: a volume
+/// grows only through its controller (`basalt volume expand`), so the stored
+/// size wins either way.
+fn log_size_difference(store: &Store, requested: u64, source: &StoreSource) {
+    let stored = store.size_bytes();
+    if stored > requested {
+        tracing::info!(
+            store = %source, size_bytes = stored, requested,
+            "the store holds a volume expanded past --size; serving it at its stored size (--size is the size \
+             of a new store)"
+        );
+    } else if stored < requested {
+        tracing::warn!(
+            store = %source, size_bytes = stored, requested,
+            "the store holds a smaller volume than --size; serving it at its stored size: a replica never \
+             grows at start (grow a volume with `basalt volume expand`; its controller grows this replica \
+             when it rejoins a larger volume)"
+        );
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use basalt_target::file::{FileDevice, FileDeviceOptions};
-use basalt_target::iscsi::{target_iqn, Portal, PortalConfig, Target, TargetConfig};
+use basalt_target::iscsi::{Portal, PortalConfig, Target, TargetConfig};
 use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 
 /// Arguments of `basalt serve-file`.
@@ -24,9 +24,11 @@ pub struct Args {
     /// Portal address to listen on.
     #[arg(long, default_value = "0.0.0.0:3260")]
     pub iscsi: SocketAddr,
-    /// Volume name: the target is iqn.2026-11.io.basalt:<NAME>.
+    /// Volume name: the target is iqn.2026-11.io.basalt:<NAME> (1 to 63
+    /// characters from a-z, 0-9, '-' and '.', starting and ending with a
+    /// letter or a digit).
     #[arg(long, default_value = "vol0")]
-    pub name: String,
+    pub name: basalt_engine::name::VolumeName,
     /// Logical block size in bytes (512 or 4096).
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
     pub block_size: u32,
@@ -58,11 +60,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     .with_context(|| format!("opening {} for serve-file", args.file.display()))?;
     let lu = Arc::new(ScsiLogicalUnit::new(
         Arc::new(device),
-        LuConfig::new(args.name.clone()),
+        LuConfig::new(args.name.to_string()),
     ));
-    let name = target_iqn(&args.name);
+    let name = args.name.iqn();
     let target = Target::new(TargetConfig {
-        alias: Some(args.name.clone()),
+        alias: Some(args.name.to_string()),
         auth,
         allow: args.access.allow_list(),
         ..TargetConfig::new(name.clone(), lu)

@@ -1,4 +1,5 @@
-//! `basalt volume up|info`: run a whole volume locally, and look at one.
+//! `basalt volume up|info|expand`: run a whole volume locally, look at one,
+//! grow one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use basalt_proto::pb::controller::{ReplicaStatus, VolumeInfoReply, VolumeInfoRequest};
+
+use basalt_engine::name::VolumeName;
 
 use super::args::parse_volume_size;
 
@@ -23,14 +26,23 @@ pub enum VolumeCommand {
     Up(UpArgs),
     /// Show a running volume: size, epoch, replicas and their modes, I/O.
     Info(InfoArgs),
+    /// Show or change a running volume's QoS limits (IOPS, bandwidth).
+    Qos(super::qos::QosArgs),
+    /// Grow a running volume online (every replica grows before the answer;
+    /// logged-in initiators are told the new capacity). Never shrinks.
+    Expand(super::expand::ExpandArgs),
 }
 
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Volume name (the target is iqn.2026-11.io.basalt:NAME).
+    /// Volume name (the target is iqn.2026-11.io.basalt:NAME, the data
+    /// DIR/NAME): 1 to 63 characters from a-z, 0-9, '-' and '.', starting
+    /// and ending with a letter or a digit.
     #[arg(long)]
-    pub name: String,
-    /// Volume size, e.g. 10G (fixed at creation).
+    pub name: VolumeName,
+    /// Volume size, e.g. 10G: the size of a new volume. An existing one keeps
+    /// its own (grown online with `basalt volume expand`); a larger --size
+    /// than it holds is refused.
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
     /// Number of replicas.
@@ -52,6 +64,9 @@ pub struct UpArgs {
     /// (default: a majority).
     #[arg(long)]
     pub min_healthy: Option<usize>,
+    /// QoS limits at start (change them later with `basalt volume qos`).
+    #[command(flatten)]
+    pub qos: super::qos::QosFlags<true>,
 }
 
 #[derive(clap::Args)]
@@ -71,6 +86,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         VolumeCommand::Up(a) => up(a),
         VolumeCommand::Info(a) => info(a),
+        VolumeCommand::Qos(a) => super::qos::run(a),
+        VolumeCommand::Expand(a) => super::expand::expand(a),
     }
 }
 
@@ -78,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct VolumeRecord {
     uuid: uuid::Uuid,
+    /// The size it was created with (its replicas know the current one).
     size_bytes: u64,
 }
 
@@ -87,11 +105,14 @@ fn load_or_create_record(dir: &Path, size: u64) -> anyhow::Result<VolumeRecord> 
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let record: VolumeRecord = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a Basalt volume record; move it away", path.display()))?;
+        // Not an error: the volume may have been expanded since it was
+        // created. Its replicas serve their own size, and the controller
+        // refuses a --size above it.
         if record.size_bytes != size {
-            bail!(
-                "volume at {} is {} bytes, not {size}: a volume's size is fixed at creation (pass --size {})",
+            eprintln!(
+                "basalt: volume at {} was created with {} bytes; --size {size} only matters to a new volume \
+                 (the replicas keep the size they hold)",
                 dir.display(),
-                record.size_bytes,
                 record.size_bytes
             );
         }
@@ -165,6 +186,8 @@ fn spawn(exe: &Path, args: &[String]) -> anyhow::Result<Child> {
 }
 
 fn up(a: UpArgs) -> anyhow::Result<()> {
+    // A bad limit fails here, before any process starts.
+    a.qos.limits()?;
     let exe = std::env::current_exe().context("locating the basalt binary")?;
     let dir = a.data.join(&a.name);
     let record = load_or_create_record(&dir, a.size)?;
@@ -191,7 +214,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut args = vec![
         "controller".into(),
         "--name".into(),
-        a.name.clone(),
+        a.name.to_string(),
         "--size".into(),
         size,
         "--iscsi".into(),
@@ -213,6 +236,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         args.push("--min-healthy".into());
         args.push(m.to_string());
     }
+    args.extend(a.qos.to_args());
     children.0.push(("controller".into(), spawn(&exe, &args)?));
 
     println!(
@@ -225,7 +249,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     for (i, r) in replica_addrs.iter().enumerate() {
         println!("  replica r{}: {r}", i + 1);
     }
-    println!("iSCSI: iscsi://{}/iqn.2026-11.io.basalt:{}/0", a.iscsi, a.name);
+    println!("iSCSI: iscsi://{}/{}/0", a.iscsi, a.name.iqn());
     println!("API:   {}   (basalt volume info --api {})", a.api, a.api);
     println!("Ctrl-C stops the volume.");
 
@@ -305,6 +329,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "bytes_read": io.bytes_read, "bytes_written": io.bytes_written, "errors": io.errors,
                 "in_flight": io.in_flight,
             },
+            "qos": qos_json(&reply),
         });
         println!("{v}");
         return Ok(());
@@ -355,7 +380,26 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         "io       reads {} ({} B), writes {} ({} B), flushes {}, unmaps {}, errors {}, in flight {}",
         io.reads, io.bytes_read, io.writes, io.bytes_written, io.flushes, io.unmaps, io.errors, io.in_flight
     );
+    let stats = reply.qos_stats.unwrap_or_default();
+    println!(
+        "qos      {}; throttled read {:.3} s, write {:.3} s; waiting read {}, write {}",
+        super::qos::describe(&reply.qos.unwrap_or_default())?,
+        stats.read_throttled_seconds,
+        stats.write_throttled_seconds,
+        stats.read_waiting,
+        stats.write_waiting
+    );
     Ok(())
+}
+
+/// The `qos` object of `volume info --json`.
+fn qos_json(reply: &VolumeInfoReply) -> serde_json::Value {
+    let stats = reply.qos_stats.unwrap_or_default();
+    serde_json::json!({
+        "limits": super::qos::to_json(&reply.qos.unwrap_or_default()),
+        "throttled_seconds": { "read": stats.read_throttled_seconds, "write": stats.write_throttled_seconds },
+        "waiting": { "read": stats.read_waiting, "write": stats.write_waiting },
+    })
 }
 
 async fn fetch_info(api: &str) -> anyhow::Result<VolumeInfoReply> {

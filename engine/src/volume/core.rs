@@ -27,6 +27,12 @@
 //!   elsewhere (a rebuild copy, a repair) is therefore taken as overtaken if
 //!   an overlapping write was still unacknowledged at its source when it was
 //!   sent, and is read again (a copy) or not used (a repair).
+//! * An expansion ([`ControlOp::Resize`]) is a barrier like a snapshot
+//!   create, sent to every active replica (a write-only one too: it gets
+//!   every write past the old end from then on); a replica that fails it is
+//!   dropped, so that once it completes every active replica holds the new
+//!   size. The driver publishes the new size the moment the barrier is sent:
+//!   any I/O past the old end arrives after it and waits behind it.
 //! * Reads go to one read-write replica (the least busy), never to a
 //!   write-only (rebuilding) one. A failed read is retried on another replica;
 //!   a checksum mismatch is repaired by writing the good block back, unless a
@@ -36,7 +42,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use basalt_proto::frame::Extent;
+use basalt_proto::frame::{Extent, ReplyError};
 use bytes::Bytes;
 
 /// Index of a replica in the volume's configured replica list. Guaranteed by
@@ -102,15 +108,49 @@ pub enum ControlOp {
     },
     /// Every replica's identity and progress (a clone's hydration).
     Info,
+    /// Grow every active replica to this many bytes (an online expansion).
+    Resize(u64),
+    /// Ask every active replica whether it could grow to this many bytes,
+    /// changing nothing: an expansion asks first, so that a replica that
+    /// cannot (its device is too small) refuses the expansion rather than
+    /// being dropped by it.
+    ResizeCheck(u64),
 }
 
 impl ControlOp {
-    /// Create and revert are barriers: writes in flight drain first, and
-    /// new I/O waits until every replica has answered, so each replica
-    /// freezes (or rewinds) exactly the same history. List and delete are
-    /// not: a merge runs online while I/O goes on.
+    /// What the operation is, in the words of error messages and logs.
+    pub fn what(&self) -> &'static str {
+        match self {
+            ControlOp::SnapshotCreate(_) => "snapshot create",
+            ControlOp::SnapshotList => "snapshot list",
+            ControlOp::SnapshotDelete(_) => "snapshot delete",
+            ControlOp::SnapshotRevert(_) => "snapshot revert",
+            ControlOp::Resize(_) => "resize",
+            ControlOp::ResizeCheck(_) => "resize check",
+            ControlOp::HoldList => "hold list",
+            ControlOp::SnapshotRelease { .. } => "snapshot release",
+            ControlOp::Info => "replica info",
+        }
+    }
+
+    /// Create, revert and resize are barriers: writes in flight drain first,
+    /// and new I/O waits until every replica has answered, so each replica
+    /// freezes (or rewinds) exactly the same history, and no I/O past the old
+    /// end reaches a replica before it grew. List, delete and a resize check
+    /// are not: a merge runs online while I/O goes on.
     fn is_barrier(&self) -> bool {
-        matches!(self, ControlOp::SnapshotCreate(_) | ControlOp::SnapshotRevert(_))
+        matches!(
+            self,
+            ControlOp::SnapshotCreate(_) | ControlOp::SnapshotRevert(_) | ControlOp::Resize(_)
+        )
+    }
+
+    /// Whether a replica that fails the operation is dropped from the
+    /// volume by the core itself: a replica that did not grow cannot take
+    /// the writes past the old end. For the other operations the caller
+    /// decides what a failed answer means.
+    fn drops_failed(&self) -> bool {
+        matches!(self, ControlOp::Resize(_))
     }
 }
 
@@ -158,6 +198,14 @@ pub enum GuestOp {
     /// flush there would only write back the guest's unflushed data, which
     /// cost a delta rebuild ~60 ms for nothing. Allowed while degraded.
     Settle,
+    /// Which of blocks `start_lba..start_lba + count` (4 KiB blocks, at most
+    /// 2^20) hold data, asked of every read-write replica (a write-only one
+    /// is still incomplete): completes like a control operation, with each
+    /// replica's list (see `volume::allocation`). A read, ordered like one.
+    Allocation {
+        start_lba: u64,
+        count: u64,
+    },
 }
 
 /// What the core asks of one replica.
@@ -188,6 +236,11 @@ pub enum ReplicaRequest {
     WriteV {
         extents: Vec<Extent>,
         data: Bytes,
+    },
+    /// The blocks of `start_lba..start_lba + count` that hold data.
+    BlockCrcs {
+        start_lba: u64,
+        count: u64,
     },
 }
 
@@ -221,6 +274,59 @@ pub enum VolumeError {
     /// Every read-write replica failed to read the range.
     #[error("unrecoverable read at byte offset {offset}: {reason}")]
     Unreadable { offset: u64, reason: String },
+}
+
+/// Removing a read-write replica would leave fewer than `min_healthy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("it would leave {remaining} read-write replicas, fewer than min-healthy ({min_healthy})")]
+pub struct WouldDegrade {
+    pub remaining: usize,
+    pub min_healthy: usize,
+}
+
+/// What the replicas' answers to an operation that changes the snapshot
+/// chain (create, delete, revert) mean for the volume (see [`chain_verdict`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// Enough replicas applied it; those that failed it (each with why) no
+    /// longer hold the others' chain and must be dropped (and rebuilt).
+    /// Those that refused it because a clone holds the snapshot stay: they
+    /// keep the very chain the hold protects, and dropping them would turn a
+    /// clone's hold into a lost replica.
+    Applied {
+        diverged: Vec<(ClientId, String)>,
+        held: Vec<(ClientId, String)>,
+    },
+    /// Fewer than `min_healthy` (or none) applied it: the operation failed as
+    /// a whole, and every replica stays.
+    Failed { failures: Vec<(ClientId, String)> },
+}
+
+/// Whether a replica's refusal (as the link words it: the error's name
+/// first) says a clone holds the snapshot.
+fn is_held_refusal(error: &str) -> bool {
+    error.starts_with(ReplyError::SnapshotHeld.name())
+}
+
+/// Decide what a chain-changing operation's answers mean. A replica that
+/// failed it holds another chain than the others, so the volume cannot keep
+/// it; but dropping replicas until fewer than `min_healthy` are left would
+/// turn a failed snapshot into a failed volume, so then the operation fails.
+/// A replica that refused because a clone holds the snapshot is never
+/// dropped (the controller checks the holds before it asks any replica, so
+/// only a hold placed in between gets here).
+pub fn chain_verdict(results: &[(ClientId, Result<Bytes, String>)], min_healthy: usize) -> ChainVerdict {
+    let failures: Vec<(ClientId, String)> = results
+        .iter()
+        .filter_map(|(c, r)| r.as_ref().err().map(|e| (*c, e.clone())))
+        .collect();
+    let succeeded = results.len() - failures.len();
+    if succeeded == 0 || succeeded < min_healthy {
+        ChainVerdict::Failed { failures }
+    } else {
+        let (held, diverged) = failures.into_iter().partition(|(_, e)| is_held_refusal(e));
+        ChainVerdict::Applied { diverged, held }
+    }
 }
 
 /// Inputs to the core.
@@ -286,6 +392,10 @@ impl CoreConfig {
     /// Deleting a snapshot merges its blocks into its child, online; a big
     /// snapshot on a slow disk can take minutes.
     pub const SNAPSHOT_MERGE_TIMEOUT: Duration = Duration::from_secs(600);
+    /// A grow syncs the head and replaces the metadata, like a snapshot
+    /// create; I/O is paused while it runs, so a replica that takes longer is
+    /// dropped.
+    pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Majority of `replicas`: with 3 replicas the volume survives one loss;
     /// two partitions can never both hold a majority.
@@ -330,6 +440,8 @@ enum Job {
         waiting: Vec<ClientId>,
         results: Vec<(ClientId, Result<Bytes, String>)>,
         barrier: bool,
+        /// A replica that fails it is dropped ([`ControlOp::drops_failed`]).
+        drops_failed: bool,
     },
     /// A read sent to one replica; `tried` are replicas that already failed
     /// it, `bad` those that reported a checksum mismatch (to be repaired).
@@ -518,6 +630,7 @@ impl VolumeCore {
             ReplicaRequest::Control(ControlOp::SnapshotDelete(_) | ControlOp::SnapshotRevert(_)) => {
                 CoreConfig::SNAPSHOT_MERGE_TIMEOUT
             }
+            ReplicaRequest::Control(ControlOp::Resize(_)) => CoreConfig::RESIZE_TIMEOUT,
             _ => self.config.replica_timeout,
         };
         self.replicas[client.0].outstanding.insert(
@@ -611,16 +724,7 @@ impl VolumeCore {
                     .filter(|(_, m)| m.is_active())
                     .map(|(c, _)| c)
                     .collect();
-                for &client in &targets {
-                    self.send(client, job, ReplicaRequest::Flush, out);
-                }
-                let drain = Job::Control {
-                    guest,
-                    waiting: targets,
-                    results: Vec::new(),
-                    barrier: false,
-                };
-                self.jobs.insert(job, drain);
+                self.ask_each(job, guest, targets, ReplicaRequest::Flush, out);
                 return;
             }
             GuestOp::Settle => {
@@ -669,6 +773,20 @@ impl VolumeCore {
                 self.dispatch_copy_read(job, out);
                 return;
             }
+            GuestOp::Allocation { start_lba, count } => {
+                let job = self.new_job();
+                let targets: Vec<ClientId> = self
+                    .modes()
+                    .filter(|(_, m)| **m == ReplicaMode::ReadWrite)
+                    .map(|(c, _)| c)
+                    .collect();
+                let request = ReplicaRequest::BlockCrcs { start_lba, count };
+                self.ask_each(job, guest, targets, request, out);
+                // Not degraded, so at least one read-write replica was asked;
+                // completes at once otherwise.
+                self.maybe_complete(job, out);
+                return;
+            }
             GuestOp::Control(op) => {
                 let job = self.new_job();
                 let targets: Vec<ClientId> = self
@@ -677,6 +795,7 @@ impl VolumeCore {
                     .map(|(c, _)| c)
                     .collect();
                 let barrier = op.is_barrier();
+                let drops_failed = op.drops_failed();
                 for &client in &targets {
                     self.send(client, job, ReplicaRequest::Control(op.clone()), out);
                 }
@@ -688,6 +807,7 @@ impl VolumeCore {
                         waiting: targets,
                         results: Vec::new(),
                         barrier,
+                        drops_failed,
                     },
                 );
                 return;
@@ -711,6 +831,29 @@ impl VolumeCore {
                 range,
             },
         );
+    }
+
+    /// Send `request` to each of `targets` as job `job`, collecting their
+    /// answers for `guest` like a (non-barrier) control operation's.
+    fn ask_each(
+        &mut self,
+        job: JobId,
+        guest: GuestId,
+        targets: Vec<ClientId>,
+        request: ReplicaRequest,
+        out: &mut Vec<Effect>,
+    ) {
+        for &client in &targets {
+            self.send(client, job, request.clone(), out);
+        }
+        let collect = Job::Control {
+            guest,
+            waiting: targets,
+            results: Vec::new(),
+            barrier: false,
+            drops_failed: false,
+        };
+        self.jobs.insert(job, collect);
     }
 
     /// A write to `offset..offset+len` is being sent: any read of that range
@@ -973,18 +1116,30 @@ impl VolumeCore {
                 self.fail(client, cause, out);
                 self.maybe_complete(job_id, out);
             }
-            Job::Control { waiting, results, .. } => {
+            Job::Control {
+                waiting,
+                results,
+                drops_failed,
+                ..
+            } => {
                 waiting.retain(|c| *c != client);
-                results.push((
-                    client,
-                    match reply {
-                        ReplicaReply::Ok(data) => Ok(data),
-                        ReplicaReply::ChecksumMismatch { lba } => {
-                            Err(format!("checksum mismatch at block {lba}"))
-                        }
-                        ReplicaReply::Failed(e) => Err(e),
-                    },
-                ));
+                let result = match reply {
+                    ReplicaReply::Ok(data) => Ok(data),
+                    ReplicaReply::ChecksumMismatch { lba } => {
+                        Err(format!("checksum mismatch at block {lba}"))
+                    }
+                    ReplicaReply::Failed(e) => Err(e),
+                };
+                let dropped = match (&result, *drops_failed) {
+                    (Err(e), true) => Some(format!("failed to grow with the volume: {e}")),
+                    _ => None,
+                };
+                results.push((client, result));
+                if let Some(cause) = dropped {
+                    // It answered: this job no longer waits for it, and
+                    // `fail` finds nothing of it outstanding here.
+                    self.fail(client, cause, out);
+                }
                 self.maybe_complete(job_id, out);
             }
             Job::Repair => {
@@ -1133,6 +1288,30 @@ impl VolumeCore {
     pub fn drop_replica(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
         self.fail(client, cause, out);
         self.pump(out);
+    }
+
+    /// Remove `client` for good (`basalt replica rm`), unless it is
+    /// read-write and the volume would be left with fewer than
+    /// `min_healthy` read-write replicas. Decided and done in one step, so
+    /// that removals arriving together are each judged against what the
+    /// others left.
+    pub fn remove_replica(
+        &mut self,
+        client: ClientId,
+        cause: String,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), WouldDegrade> {
+        if self.replicas[client.0].mode == ReplicaMode::ReadWrite {
+            let remaining = self.healthy_count() - 1;
+            if remaining < self.config.min_healthy {
+                return Err(WouldDegrade {
+                    remaining,
+                    min_healthy: self.config.min_healthy,
+                });
+            }
+        }
+        self.drop_replica(client, cause, out);
+        Ok(())
     }
 
     fn fail(&mut self, client: ClientId, cause: String, out: &mut Vec<Effect>) {
@@ -1733,6 +1912,116 @@ mod tests {
     }
 
     #[test]
+    fn a_resize_drains_writes_reaches_every_active_replica_and_drops_one_that_fails_it() {
+        let mut h = Harness::new(5);
+        rebuilding(&mut h, 4);
+        h.guest(write(0, 1));
+        let w1 = Harness::sends(&h.take());
+        assert_eq!(w1.len(), 5, "the write-only replica gets writes too");
+        let grow = h.guest(GuestOp::Control(ControlOp::Resize(64 << 20)));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "the resize waits for the write in flight"
+        );
+        let later = h.guest(write(40 << 20, 2));
+        assert!(
+            Harness::sends(&h.take()).is_empty(),
+            "new I/O waits behind the resize"
+        );
+        for (c, job, _) in &w1 {
+            h.reply(*c, *job, ReplicaReply::Ok(Bytes::new()));
+        }
+        let sends = Harness::sends(&h.take());
+        let mut targets: Vec<usize> = sends.iter().map(|s| s.0).collect();
+        targets.sort_unstable();
+        assert_eq!(
+            targets,
+            [0, 1, 2, 3, 4],
+            "every active replica grows, the write-only one too"
+        );
+        assert!(sends
+            .iter()
+            .all(|s| s.2 == ReplicaRequest::Control(ControlOp::Resize(64 << 20))));
+        let size = Bytes::copy_from_slice(&(64u64 << 20).to_le_bytes());
+        for (c, job, _) in &sends {
+            let reply = if *c == 1 {
+                ReplicaReply::Failed("too_large: the device holds less".into())
+            } else {
+                ReplicaReply::Ok(size.clone())
+            };
+            h.reply(*c, *job, reply);
+        }
+        let effects = h.take();
+        let results = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if *guest == grow => Some(results.clone()),
+                _ => None,
+            })
+            .expect("the resize completes");
+        assert_eq!(results.len(), 5);
+        assert_eq!(results.iter().filter(|(_, r)| r.is_err()).count(), 1);
+        assert!(
+            matches!(h.core.mode(ClientId(1)), ReplicaMode::Error { cause } if cause.contains("grow")),
+            "a replica that did not grow is dropped: it could not take writes past the old end"
+        );
+        assert!(effects.contains(&Effect::Disconnect { client: ClientId(1) }));
+        let resumed = Harness::sends(&effects);
+        let mut resumed_at: Vec<usize> = resumed.iter().map(|s| s.0).collect();
+        resumed_at.sort_unstable();
+        assert_eq!(
+            resumed_at,
+            [0, 2, 3, 4],
+            "the held write goes to the replicas that grew"
+        );
+        assert!(resumed
+            .iter()
+            .all(|s| matches!(&s.2, ReplicaRequest::Write { offset, .. } if *offset == 40 << 20)));
+        let _ = later;
+    }
+
+    #[test]
+    fn a_resize_check_is_not_a_barrier_and_a_refusal_keeps_the_replica() {
+        let mut h = Harness::new(3);
+        h.guest(write(0, 1));
+        h.take();
+        let check = h.guest(GuestOp::Control(ControlOp::ResizeCheck(1 << 40)));
+        let sends = Harness::sends(&h.take());
+        assert_eq!(sends.len(), 3, "asked at once, while the write is in flight");
+        h.guest(write(4096, 2));
+        assert_eq!(Harness::sends(&h.take()).len(), 3, "I/O goes on during the check");
+        h.reply(
+            sends[0].0,
+            sends[0].1,
+            ReplicaReply::Failed("too_large: at most 1 GiB".into()),
+        );
+        h.reply(sends[1].0, sends[1].1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(sends[2].0, sends[2].1, ReplicaReply::Ok(Bytes::new()));
+        let effects = h.take();
+        assert!(effects.iter().any(
+            |e| matches!(e, Effect::ControlDone { guest, results } if *guest == check && results.len() == 3)
+        ));
+        assert!(h.core.modes().all(|(_, m)| m.label() == "RW"));
+    }
+
+    #[test]
+    fn a_resize_that_never_answers_drops_the_replica_after_its_own_timeout() {
+        let mut h = Harness::new(3);
+        h.guest(GuestOp::Control(ControlOp::Resize(1 << 30)));
+        let sends = Harness::sends(&h.take());
+        h.reply(sends[0].0, sends[0].1, ReplicaReply::Ok(Bytes::new()));
+        h.reply(sends[1].0, sends[1].1, ReplicaReply::Ok(Bytes::new()));
+        h.advance(Duration::from_secs(10));
+        assert_eq!(
+            h.core.mode(ClientId(sends[2].0)).label(),
+            "RW",
+            "a grow may take a sync"
+        );
+        h.advance(CoreConfig::RESIZE_TIMEOUT);
+        assert_eq!(h.core.mode(ClientId(sends[2].0)).label(), "ERR");
+    }
+
+    #[test]
     fn a_long_merge_is_not_mistaken_for_a_hung_replica() {
         let mut h = Harness::new(3);
         h.guest(GuestOp::Control(ControlOp::SnapshotDelete("big".into())));
@@ -1745,6 +2034,146 @@ mod tests {
             "but a merge that never ends is"
         );
     }
+    #[test]
+    fn a_removal_is_refused_once_the_others_left_too_few_read_write_replicas() {
+        let mut h = Harness::new(3);
+        let mut out = Vec::new();
+        assert_eq!(h.core.remove_replica(ClientId(0), "rm".into(), &mut out), Ok(()));
+        assert_eq!(
+            h.core.remove_replica(ClientId(1), "rm".into(), &mut out),
+            Err(WouldDegrade {
+                remaining: 1,
+                min_healthy: 2
+            })
+        );
+        assert_eq!(h.core.healthy_count(), 2);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm again".into(), &mut out),
+            Ok(()),
+            "a replica already out can always be removed"
+        );
+        rebuilding(&mut h, 0);
+        assert_eq!(
+            h.core.remove_replica(ClientId(0), "rm".into(), &mut out),
+            Ok(()),
+            "so can one being rebuilt: it does not count towards min-healthy"
+        );
+    }
+
+    #[test]
+    fn a_chain_operation_drops_the_replicas_that_failed_it_unless_too_few_applied_it() {
+        let ok = |c| (ClientId(c), Ok(Bytes::new()));
+        let failed = |c| (ClientId(c), Err(format!("disk {c} full")));
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), ok(2)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![(ClientId(1), "disk 1 full".into())],
+                held: vec![]
+            }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), ok(1)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![],
+                held: vec![]
+            }
+        );
+        assert_eq!(
+            chain_verdict(&[ok(0), failed(1), failed(2)], 2),
+            ChainVerdict::Failed {
+                failures: vec![
+                    (ClientId(1), "disk 1 full".into()),
+                    (ClientId(2), "disk 2 full".into())
+                ]
+            }
+        );
+        assert!(matches!(
+            chain_verdict(&[failed(0)], 1),
+            ChainVerdict::Failed { .. }
+        ));
+        assert!(
+            matches!(chain_verdict(&[], 1), ChainVerdict::Failed { .. }),
+            "nobody applied it"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_refused_a_chain_operation_because_a_clone_holds_the_snapshot_is_never_dropped() {
+        let ok = |c| (ClientId(c), Ok(Bytes::new()));
+        let held = |c| {
+            (
+                ClientId(c),
+                Err(format!(
+                    "{}: snapshot s1 is held by clone-a",
+                    ReplyError::SnapshotHeld.name()
+                )),
+            )
+        };
+        let failed = |c| (ClientId(c), Err(format!("disk {c} full")));
+        assert_eq!(
+            chain_verdict(&[ok(0), held(1), failed(2), ok(3)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![(ClientId(2), "disk 2 full".into())],
+                held: vec![(
+                    ClientId(1),
+                    "snapshot_held: snapshot s1 is held by clone-a".into()
+                )]
+            }
+        );
+        // Held refusals count as not applied: too few applied it, so it failed and nobody goes.
+        assert_eq!(
+            chain_verdict(&[ok(0), held(1), held(2)], 2),
+            ChainVerdict::Failed {
+                failures: vec![
+                    (
+                        ClientId(1),
+                        "snapshot_held: snapshot s1 is held by clone-a".into()
+                    ),
+                    (
+                        ClientId(2),
+                        "snapshot_held: snapshot s1 is held by clone-a".into()
+                    )
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn an_allocation_query_asks_every_read_write_replica_and_not_the_one_being_rebuilt() {
+        let mut h = Harness::new(3);
+        rebuilding(&mut h, 2);
+        h.take();
+        let q = h.guest(GuestOp::Allocation {
+            start_lba: 16,
+            count: 256,
+        });
+        let sends = Harness::sends(&h.take());
+        let asked: Vec<usize> = sends.iter().map(|s| s.0).collect();
+        assert_eq!(asked, vec![0, 1], "the write-only replica is not asked");
+        assert!(sends.iter().all(|s| s.2
+            == ReplicaRequest::BlockCrcs {
+                start_lba: 16,
+                count: 256
+            }));
+        h.reply(0, sends[0].1, ReplicaReply::Ok(Bytes::from_static(&[1; 8])));
+        assert!(h.take().is_empty(), "waits for every read-write replica");
+        h.lost(1);
+        let results = h
+            .take()
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::ControlDone { guest, results } if guest == q => Some(results),
+                _ => None,
+            })
+            .expect("done once every asked replica answered or left");
+        assert_eq!(results.len(), 2);
+        assert!(results.contains(&(ClientId(0), Ok(Bytes::from_static(&[1; 8])))));
+        assert!(
+            results.iter().any(|(c, r)| *c == ClientId(1) && r.is_err()),
+            "a replica that left is an answer missing, which the caller treats as mapped"
+        );
+    }
+
     fn rebuilding(h: &mut Harness, target: usize) {
         let mut effects = Vec::new();
         h.core

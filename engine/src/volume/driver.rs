@@ -6,6 +6,23 @@
 //! and completes initiator requests. No lock guards the volume state, and no
 //! lock is held across a replica round trip. [`Volume`] is the handle the
 //! iSCSI target uses: it implements `BlockDevice`.
+//!
+//! Initiator reads, writes, unmaps and flushes pass the volume's QoS limits
+//! ([`super::qos::Throttle`]) before they reach the core: an op without
+//! tokens waits in the throttle's queue, and a timer in the same `select!`
+//! admits it when its bucket has refilled. No thread sleeps, and with no
+//! limit set an op goes straight through. Rebuild copies, drains, settles
+//! and snapshot operations bypass the throttle.
+//!
+//! ## The size
+//!
+//! The volume's size is the one mutable fact besides the replicas' state: an
+//! online expansion ([`Volume::expand`]) grows it. It lives in one atomic the
+//! handle and the owner share; the target reads it for every command. The
+//! owner raises it when the core sends the [`ControlOp::Resize`] barrier,
+//! in the same turn: an initiator that sees the new size sends I/O past the
+//! old end only after that, and the core holds such I/O behind the barrier
+//! until every active replica grew (or was dropped for failing to).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +36,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, RwLock};
 
 use super::core::{
-    ClientId, ControlOp, CoreConfig, Effect, Event, GuestId, GuestOp, ReplicaMode, VolumeCore, VolumeError,
+    chain_verdict, ChainVerdict, ClientId, ControlOp, CoreConfig, Effect, Event, GuestId, GuestOp,
+    ReplicaMode, ReplicaRequest, VolumeCore, VolumeError, WouldDegrade,
 };
 use super::link::{write_crc, Link, Outgoing};
 use super::metrics::VolumeMetrics;
+use super::qos::{Admitted, Cost, QosChange, QosLimits, Throttle};
 
 /// How often the core looks for replicas past their timeout. A hung replica
 /// is dropped at most this long after its timeout expires.
@@ -39,12 +58,12 @@ pub enum StartReplica {
     Unusable { cause: String },
 }
 
-/// Static facts about the volume.
+/// Static facts about the volume. Its size is not one of them: it grows
+/// online (see [`Volume::size_bytes`]).
 #[derive(Clone, Debug)]
 pub struct VolumeSpec {
-    pub name: String,
+    pub name: crate::name::VolumeName,
     pub volume: VolumeId,
-    pub size_bytes: u64,
     pub epoch: Epoch,
     pub addresses: Vec<String>,
 }
@@ -52,6 +71,7 @@ pub struct VolumeSpec {
 /// A point-in-time view of the volume, for `volume info` and health checks.
 #[derive(Clone, Debug)]
 pub struct VolumeStatus {
+    pub size_bytes: u64,
     pub replicas: Vec<ReplicaStatus>,
     pub in_flight: usize,
     pub healthy: usize,
@@ -68,6 +88,49 @@ pub struct ReplicaStatus {
 
 /// Every active replica's answer to a control operation, by replica index.
 pub type ControlResults = Vec<(usize, Result<Bytes, String>)>;
+
+/// Why `basalt replica rm` did not remove a replica.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("no replica {address} in this volume; `basalt volume info` lists them")]
+    NotFound { address: String },
+    #[error(
+        "removing {address} would leave {} read-write replicas, fewer than min-healthy ({}); add and \
+         rebuild another replica first",
+        refusal.remaining,
+        refusal.min_healthy
+    )]
+    WouldDegrade { address: String, refusal: WouldDegrade },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// Why a snapshot create, delete or revert did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(
+        "replica {address} is being rebuilt; a rebuild copies the chain as it is, so {what} must wait until \
+         it is RW (see `basalt volume info`)"
+    )]
+    Rebuilding { what: &'static str, address: String },
+    /// Too few replicas applied it (see [`chain_verdict`]); each failure
+    /// names its replica.
+    #[error("{what} failed: {}", failures.join("; "))]
+    Failed {
+        what: &'static str,
+        failures: Vec<String>,
+    },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// A snapshot create, delete or revert that the volume applied.
+#[derive(Debug, Default)]
+pub struct ChainDone {
+    /// Replicas that failed it and were dropped from the volume (their chain
+    /// differs now; they are rebuilt when they come back).
+    pub dropped: Vec<String>,
+}
 
 enum Command {
     Io {
@@ -88,26 +151,54 @@ enum Command {
         reply: oneshot::Sender<usize>,
     },
     /// Start I/O to a connected replica as write-only (rebuild begins).
+    /// Refused (with why) when the replica is smaller than the volume: an
+    /// expansion was sent while it was being prepared, and it missed it.
     Attach {
         replica: usize,
         conn: Box<super::link::Handshaken>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// Rebuild finished: the replica holds everything.
     Promote {
         replica: usize,
+    },
+    /// Change the QoS limits (if `change` is given); answers the limits now
+    /// in force.
+    Qos {
+        change: Option<QosChange>,
+        reply: oneshot::Sender<QosLimits>,
+    },
+    /// Remove a replica for good, if the volume can spare it.
+    Remove {
+        address: String,
+        reply: oneshot::Sender<Result<(), RemoveError>>,
+    },
+    /// A snapshot create, delete or revert, under the volume's policy for
+    /// replicas that fail it.
+    Chain {
+        op: ControlOp,
+        reply: oneshot::Sender<Result<ChainDone, ChainError>>,
     },
 }
 
 enum Reply {
     Io(oneshot::Sender<Result<Bytes, VolumeError>>),
     Control(oneshot::Sender<Result<ControlResults, VolumeError>>),
+    Chain {
+        what: &'static str,
+        reply: oneshot::Sender<Result<ChainDone, ChainError>>,
+    },
 }
 
 /// The handle to a running volume. Cheap to clone.
 #[derive(Clone)]
 pub struct Volume {
     spec: Arc<VolumeSpec>,
+    /// Bytes; shared with the owner task, which raises it (see the module docs).
+    size: Arc<AtomicU64>,
+    /// Held by an expansion from its first question to the replicas to its
+    /// answer: two expansions at once would interleave their checks and grows.
+    pub(super) expanding: Arc<tokio::sync::Mutex<()>>,
     tx: mpsc::UnboundedSender<Command>,
     /// COMPARE AND WRITE must be atomic against every other write: writes
     /// take this shared, COMPARE AND WRITE exclusive. Uncontended, it costs a
@@ -117,8 +208,14 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Start the owner task over the given replicas.
-    pub fn start(spec: VolumeSpec, replicas: Vec<StartReplica>, config: CoreConfig) -> Volume {
+    /// Start the owner task over the given replicas, every ready one of
+    /// which holds `size_bytes`.
+    pub fn start(
+        spec: VolumeSpec,
+        size_bytes: u64,
+        replicas: Vec<StartReplica>,
+        config: CoreConfig,
+    ) -> Volume {
         let metrics = Arc::new(VolumeMetrics::new());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -150,8 +247,10 @@ impl Volume {
             metrics.set_mode(addr, m);
         }
         let core = VolumeCore::new(config, modes, Instant::now());
+        let size = Arc::new(AtomicU64::new(size_bytes));
         let owner = Owner {
             core,
+            size: size.clone(),
             addresses: spec.addresses.clone(),
             membership_changed: false,
             events_tx: events_tx.clone(),
@@ -162,11 +261,15 @@ impl Volume {
             guests: HashMap::new(),
             next_guest: 1,
             metrics: metrics.clone(),
+            throttle: Throttle::new(QosLimits::default(), Instant::now()),
+            admitted: Vec::new(),
         };
         let spec = owner.spec.clone();
         tokio::spawn(owner.run(rx, events_rx));
         Volume {
             spec,
+            size,
+            expanding: Arc::new(tokio::sync::Mutex::new(())),
             tx,
             caw: Arc::new(RwLock::new(())),
             metrics,
@@ -175,6 +278,11 @@ impl Volume {
 
     pub fn spec(&self) -> &VolumeSpec {
         &self.spec
+    }
+
+    /// The volume's size now, in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// A point-in-time status; `None` if the owner task has stopped.
@@ -190,6 +298,47 @@ impl Volume {
             reply: Reply::Control(reply),
         })
         .await?
+    }
+
+    /// Freeze the head as snapshot `name` on every active replica.
+    pub async fn snapshot_create(&self, name: String) -> Result<ChainDone, ChainError> {
+        // A snapshot is a barrier: all I/O waits while every replica syncs
+        // its head. A flush first, while I/O goes on, leaves the barrier only
+        // what is written in between to sync (the first snapshot under load
+        // paused writes for 700 ms without it). Only a shortcut: a failure
+        // here is the snapshot's to report.
+        if let Err(e) = self.drain_revisions().await {
+            tracing::debug!(error = %e, "the flush before a snapshot failed");
+        }
+        self.change_chain(ControlOp::SnapshotCreate(name)).await
+    }
+
+    /// Merge snapshot `name` into its child on every active replica.
+    pub async fn snapshot_delete(&self, name: String) -> Result<ChainDone, ChainError> {
+        self.change_chain(ControlOp::SnapshotDelete(name)).await
+    }
+
+    /// Discard the head and every snapshot after `name` on every active
+    /// replica.
+    pub async fn snapshot_revert(&self, name: String) -> Result<ChainDone, ChainError> {
+        self.change_chain(ControlOp::SnapshotRevert(name)).await
+    }
+
+    /// Run a chain-changing operation. The owner refuses it while a replica
+    /// is being rebuilt, and decides what the answers mean (see
+    /// [`chain_verdict`]): replicas that failed it are dropped in the same
+    /// step, before any other command reaches the volume.
+    async fn change_chain(&self, op: ControlOp) -> Result<ChainDone, ChainError> {
+        self.ask(|reply| Command::Chain { op, reply }).await?
+    }
+
+    /// Remove the replica at `address` for good (`basalt replica rm`):
+    /// refused if it is read-write and fewer than min-healthy read-write
+    /// replicas would be left. The owner decides and drops in one step, so
+    /// removals arriving together can never go below min-healthy between
+    /// them.
+    pub async fn remove_replica(&self, address: String) -> Result<(), RemoveError> {
+        self.ask(|reply| Command::Remove { address, reply }).await?
     }
 
     /// Send the owner task a command and wait for its answer; the only
@@ -221,7 +370,8 @@ impl Volume {
             conn: Box::new(conn),
             reply,
         })
-        .await
+        .await?
+        .map_err(VolumeError::Unavailable)
     }
 
     /// Wait until every write sent before this call has been answered by
@@ -245,6 +395,21 @@ impl Volume {
             reply: Reply::Control(reply),
         })
         .await?
+    }
+
+    /// The QoS limits in force; `None` if the owner task has stopped.
+    pub async fn qos(&self) -> Option<QosLimits> {
+        self.ask(|reply| Command::Qos { change: None, reply }).await.ok()
+    }
+
+    /// Change the QoS limits at once (ops waiting for a lifted limit are
+    /// admitted); answers the limits now in force.
+    pub async fn set_qos(&self, change: QosChange) -> Result<QosLimits, VolumeError> {
+        self.ask(|reply| Command::Qos {
+            change: Some(change),
+            reply,
+        })
+        .await
     }
 
     /// The rebuild of `replica` is complete: it serves reads again.
@@ -276,12 +441,7 @@ impl Volume {
         let result = rx
             .await
             .map_err(|_| DeviceError::Unavailable("the volume is shutting down".into()))?;
-        result.map_err(|e| match e {
-            VolumeError::Degraded { .. } | VolumeError::Unavailable(_) => {
-                DeviceError::Unavailable(e.to_string())
-            }
-            VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
-        })
+        result.map_err(device_error)
     }
 
     async fn write_unlocked(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
@@ -292,7 +452,7 @@ impl Volume {
 impl BlockDevice for Volume {
     fn geometry(&self) -> Geometry {
         Geometry {
-            size_bytes: self.spec.size_bytes,
+            size_bytes: self.size_bytes(),
             logical_block_size: 512,
             // Replicas checksum and store 4 KiB blocks: tell initiators, so
             // that they align I/O and avoid read-modify-write.
@@ -356,11 +516,51 @@ impl BlockDevice for Volume {
     }
 
     async fn provisioning(&self, offset: u64, max_len: u64) -> Result<(Provisioning, u64), DeviceError> {
-        // Replicas do not report their allocation maps to the controller:
-        // "mapped" is always a correct answer (an initiator may not rely on a
-        // deallocated report), just not the most informative one.
-        let len = max_len.min(self.spec.size_bytes.saturating_sub(offset));
-        Ok((Provisioning::Mapped, len))
+        use super::allocation::{first_run, BLOCK, WINDOW_BLOCKS};
+        let end = offset.saturating_add(max_len).min(self.size_bytes());
+        if offset >= end {
+            return Ok((Provisioning::Mapped, 0));
+        }
+        // One window of blocks from the one holding `offset`; the initiator
+        // asks again from where the answer stops.
+        let start_lba = offset / BLOCK;
+        let count = end.div_ceil(BLOCK).saturating_sub(start_lba).min(WINDOW_BLOCKS);
+        let window_end = end.min((start_lba + count) * BLOCK);
+        let answers = self
+            .ask(|reply| Command::Io {
+                op: GuestOp::Allocation { start_lba, count },
+                reply: Reply::Control(reply),
+            })
+            .await
+            .and_then(|answer| answer)
+            .map_err(device_error)?;
+        let answers: Vec<Result<Bytes, String>> = answers.into_iter().map(|(_, a)| a).collect();
+        Ok(first_run(offset, window_end, &answers))
+    }
+}
+
+/// How a volume error reaches the SCSI layer.
+fn device_error(e: VolumeError) -> DeviceError {
+    match e {
+        VolumeError::Degraded { .. } | VolumeError::Unavailable(_) => DeviceError::Unavailable(e.to_string()),
+        VolumeError::Unreadable { offset, reason } => DeviceError::Medium { offset, reason },
+    }
+}
+
+/// What an op takes from the QoS buckets; `None` for the volume's own work
+/// (rebuild copies, drains, settles, snapshot operations), which is never
+/// throttled. See [`super::qos`] for why each op counts as it does.
+fn throttle_cost(op: &GuestOp) -> Option<Cost> {
+    match op {
+        GuestOp::Read { len, .. } => Some(Cost::read(u64::from(*len))),
+        GuestOp::Write { data, .. } => Some(Cost::write(data.len() as u64)),
+        GuestOp::Flush => Some(Cost::FLUSH),
+        GuestOp::Unmap { .. } => Some(Cost::UNMAP),
+        GuestOp::Control(_)
+        | GuestOp::Copy { .. }
+        | GuestOp::Drain
+        | GuestOp::Settle
+        | GuestOp::Allocation { .. } => None,
     }
 }
 
@@ -368,6 +568,8 @@ impl BlockDevice for Volume {
 struct Owner {
     core: VolumeCore,
     spec: Arc<VolumeSpec>,
+    /// The volume's size, shared with every [`Volume`] handle.
+    size: Arc<AtomicU64>,
     links: Vec<Option<Link>>,
     /// Requests for each replica produced in this turn, sent to its link as
     /// one batch at the end of the turn (by replica index, like `links`).
@@ -383,6 +585,10 @@ struct Owner {
     /// For links started later (rebuilt replicas); also keeps the event
     /// channel open with no replica connected.
     events_tx: mpsc::UnboundedSender<Event>,
+    /// Initiator ops waiting for their QoS tokens.
+    throttle: Throttle<(GuestId, GuestOp)>,
+    /// Ops the throttle let through in this turn (kept for its allocation).
+    admitted: Vec<Admitted<(GuestId, GuestOp)>>,
 }
 
 struct Pending {
@@ -400,6 +606,11 @@ impl Owner {
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Fires when the oldest throttled op's tokens are there (armed only
+        // while ops wait).
+        let throttle_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(throttle_timer);
+        let mut armed: Option<Instant> = None;
         let mut effects = Vec::new();
         loop {
             tokio::select! {
@@ -424,9 +635,32 @@ impl Owner {
                     }
                     None => return,
                 },
+                _ = &mut throttle_timer, if armed.is_some() => {
+                    armed = None;
+                    self.release_throttled(&mut effects);
+                }
                 _ = tick.tick() => self.core.apply(Instant::now(), Event::Tick, &mut effects),
             }
             self.carry_out(&mut effects);
+            if let Some(at) = self.throttle.wake_at() {
+                // Tokens that came while this turn ran: no need to wait for
+                // the timer (on a busy loop it might lose to the branches
+                // above for a while).
+                if Instant::now() >= at {
+                    self.release_throttled(&mut effects);
+                    self.carry_out(&mut effects);
+                }
+                match self.throttle.wake_at() {
+                    Some(at) if armed != Some(at) => {
+                        throttle_timer.as_mut().reset(tokio::time::Instant::from_std(at));
+                        armed = Some(at);
+                    }
+                    Some(_) => {}
+                    None => armed = None,
+                }
+            } else {
+                armed = None;
+            }
             let healthy = self.core.healthy_count() >= self.core.config().min_healthy;
             if std::mem::take(&mut self.membership_changed) && healthy {
                 self.membership_flush(&mut effects);
@@ -462,33 +696,63 @@ impl Owner {
         );
     }
 
+    /// Hand a request to the core (through the QoS throttle for initiator
+    /// I/O), remembering who waits for its answer.
+    fn admit(&mut self, op: GuestOp, reply: Reply, effects: &mut Vec<Effect>) {
+        let now = Instant::now();
+        let id = GuestId(self.next_guest);
+        self.next_guest += 1;
+        let (kind, bytes) = match &op {
+            GuestOp::Read { len, .. } => ("read", u64::from(*len)),
+            GuestOp::Write { data, .. } => ("write", data.len() as u64),
+            GuestOp::Flush => ("flush", 0),
+            GuestOp::Unmap { len, .. } => ("unmap", *len),
+            GuestOp::Control(_) => ("control", 0),
+            GuestOp::Copy { extents, .. } => ("rebuild", extents.iter().map(|e| u64::from(e.len)).sum()),
+            GuestOp::Drain => ("drain", 0),
+            GuestOp::Settle => ("settle", 0),
+            GuestOp::Allocation { .. } => ("allocation", 0),
+        };
+        self.guests.insert(
+            id,
+            Pending {
+                reply,
+                kind,
+                bytes,
+                started: now,
+            },
+        );
+        match throttle_cost(&op) {
+            Some(cost) => {
+                self.throttle.offer(cost, (id, op), now, &mut self.admitted);
+                self.admit_throttled(effects);
+            }
+            None => self.core.apply(now, Event::Guest { id, op }, effects),
+        }
+    }
+
     fn command(&mut self, cmd: Command, effects: &mut Vec<Effect>) {
         match cmd {
-            Command::Io { op, reply } => {
-                let id = GuestId(self.next_guest);
-                self.next_guest += 1;
-                let (kind, bytes) = match &op {
-                    GuestOp::Read { len, .. } => ("read", u64::from(*len)),
-                    GuestOp::Write { data, .. } => ("write", data.len() as u64),
-                    GuestOp::Flush => ("flush", 0),
-                    GuestOp::Unmap { len, .. } => ("unmap", *len),
-                    GuestOp::Control(_) => ("control", 0),
-                    GuestOp::Copy { extents, .. } => {
-                        ("rebuild", extents.iter().map(|e| u64::from(e.len)).sum())
-                    }
-                    GuestOp::Drain => ("drain", 0),
-                    GuestOp::Settle => ("settle", 0),
+            Command::Io { op, reply } => self.admit(op, reply, effects),
+            Command::Remove { address, reply } => {
+                let result = match self.addresses.iter().position(|a| *a == address) {
+                    None => Err(RemoveError::NotFound { address }),
+                    Some(i) => self
+                        .core
+                        .remove_replica(ClientId(i), "removed with `basalt replica rm`".into(), effects)
+                        .map_err(|refusal| RemoveError::WouldDegrade { address, refusal }),
                 };
-                self.guests.insert(
-                    id,
-                    Pending {
-                        reply,
-                        kind,
-                        bytes,
-                        started: Instant::now(),
-                    },
-                );
-                self.core.apply(Instant::now(), Event::Guest { id, op }, effects);
+                let _ = reply.send(result);
+            }
+            Command::Chain { op, reply } => {
+                let what = op.what();
+                let rebuilding = self.core.modes().find(|(_, m)| **m == ReplicaMode::WriteOnly);
+                if let Some((c, _)) = rebuilding {
+                    let address = self.addresses[c.0].clone();
+                    let _ = reply.send(Err(ChainError::Rebuilding { what, address }));
+                } else {
+                    self.admit(GuestOp::Control(op), Reply::Chain { what, reply }, effects);
+                }
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -516,6 +780,16 @@ impl Owner {
                 let _ = reply.send(index);
             }
             Command::Attach { replica, conn, reply } => {
+                let size = self.size.load(Ordering::Acquire);
+                if conn.identity.size_bytes < size {
+                    let _ = reply.send(Err(format!(
+                        "replica {} holds {} bytes, the volume {size}: it was expanded while the replica was \
+                         being prepared; its rebuild grows it first when it is retried",
+                        self.addresses.get(replica).map_or("?", String::as_str),
+                        conn.identity.size_bytes
+                    )));
+                    return;
+                }
                 if replica < self.addresses.len() && !self.core.mode(ClientId(replica)).is_active() {
                     let link = conn.start(
                         ClientId(replica),
@@ -527,7 +801,7 @@ impl Owner {
                     self.core
                         .set_mode(ClientId(replica), ReplicaMode::WriteOnly, effects);
                 }
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
             }
             Command::Promote { replica } => {
                 if replica < self.addresses.len()
@@ -537,6 +811,47 @@ impl Owner {
                         .set_mode(ClientId(replica), ReplicaMode::ReadWrite, effects);
                 }
             }
+            Command::Qos { change, reply } => {
+                if let Some(change) = change {
+                    let limits = self.throttle.limits().changed(&change);
+                    self.throttle
+                        .set_limits(limits, Instant::now(), &mut self.admitted);
+                    self.metrics.set_qos_limits(&limits);
+                    tracing::info!(%limits, "QoS limits set");
+                    self.admit_throttled(effects);
+                    self.export_waiting();
+                }
+                let _ = reply.send(self.throttle.limits());
+            }
+        }
+    }
+
+    /// Admit the throttled ops whose tokens are there by now.
+    fn release_throttled(&mut self, effects: &mut Vec<Effect>) {
+        self.throttle.release(Instant::now(), &mut self.admitted);
+        self.admit_throttled(effects);
+    }
+
+    /// Hand what the throttle let through to the core, in its order.
+    fn admit_throttled(&mut self, effects: &mut Vec<Effect>) {
+        let mut admitted = std::mem::take(&mut self.admitted);
+        for a in admitted.drain(..) {
+            if !a.waited.is_zero() {
+                self.metrics.observe_throttled(a.direction, a.waited);
+            }
+            let (id, op) = a.item;
+            self.core.apply(Instant::now(), Event::Guest { id, op }, effects);
+        }
+        self.admitted = admitted;
+        // Nothing waits without limits (clearing them releases every op).
+        if !self.throttle.limits().is_empty() {
+            self.export_waiting();
+        }
+    }
+
+    fn export_waiting(&self) {
+        for d in super::qos::Direction::ALL {
+            self.metrics.set_qos_waiting(d, self.throttle.waiting(d));
         }
     }
 
@@ -552,6 +867,7 @@ impl Owner {
             })
             .collect();
         VolumeStatus {
+            size_bytes: self.size.load(Ordering::Acquire),
             replicas,
             in_flight: self.core.in_flight(),
             healthy: self.core.healthy_count(),
@@ -559,12 +875,55 @@ impl Owner {
         }
     }
 
+    /// Apply the volume's policy to the answers to a chain-changing
+    /// operation (see [`chain_verdict`]), dropping the replicas that failed
+    /// it.
+    fn chain_done(
+        &mut self,
+        what: &'static str,
+        results: &[(ClientId, Result<Bytes, String>)],
+        effects: &mut Vec<Effect>,
+    ) -> Result<ChainDone, ChainError> {
+        match chain_verdict(results, self.core.config().min_healthy) {
+            ChainVerdict::Failed { failures } => Err(ChainError::Failed {
+                what,
+                failures: failures
+                    .into_iter()
+                    .map(|(c, e)| format!("{}: {e}", self.addresses[c.0]))
+                    .collect(),
+            }),
+            ChainVerdict::Applied { diverged, held } => {
+                for (c, e) in held {
+                    tracing::warn!(
+                        replica = %self.addresses[c.0],
+                        error = %e,
+                        "{what} refused there: a clone holds the snapshot; the replica stays"
+                    );
+                }
+                let mut dropped = Vec::new();
+                for (c, e) in diverged {
+                    let cause = format!("{what} failed there ({e}); its snapshot chain differs");
+                    self.core.drop_replica(c, cause, effects);
+                    dropped.push(self.addresses[c.0].clone());
+                }
+                Ok(ChainDone { dropped })
+            }
+        }
+    }
+
     fn carry_out(&mut self, effects: &mut Vec<Effect>) {
         // Consecutive sends of one write share one payload CRC.
         let mut crc_for: Option<(super::core::JobId, Option<u32>)> = None;
+        // What deciding on a chain operation's answers causes (replicas
+        // dropped), carried out after this batch.
+        let mut followups = Vec::new();
         for effect in effects.drain(..) {
             match effect {
                 Effect::Send { client, job, request } => {
+                    if let ReplicaRequest::Control(ControlOp::Resize(size)) = &request {
+                        // The barrier is out: I/O past the old end now waits behind it.
+                        self.size.fetch_max(*size, Ordering::AcqRel);
+                    }
                     let payload_crc = match crc_for {
                         Some((j, crc)) if j == job => crc,
                         _ => {
@@ -595,18 +954,23 @@ impl Owner {
                             Reply::Control(tx) => {
                                 let _ = tx.send(result.map(|_| Vec::new()));
                             }
+                            Reply::Chain { reply, .. } => {
+                                let _ = reply
+                                    .send(result.map(|_| ChainDone::default()).map_err(ChainError::from));
+                            }
                         }
                     }
                 }
-                Effect::ControlDone { guest, results } => {
-                    if let Some(Pending {
-                        reply: Reply::Control(tx),
-                        ..
-                    }) = self.guests.remove(&guest)
-                    {
+                Effect::ControlDone { guest, results } => match self.guests.remove(&guest).map(|p| p.reply) {
+                    Some(Reply::Control(tx)) => {
                         let _ = tx.send(Ok(results.into_iter().map(|(c, r)| (c.0, r)).collect()));
                     }
-                }
+                    Some(Reply::Chain { what, reply }) => {
+                        let outcome = self.chain_done(what, &results, &mut followups);
+                        let _ = reply.send(outcome);
+                    }
+                    _ => {}
+                },
                 Effect::ModeChanged { client, mode } => {
                     let addr = &self.addresses[client.0];
                     match &mode {
@@ -632,6 +996,9 @@ impl Owner {
                     self.links[client.0] = None;
                 }
             }
+        }
+        if !followups.is_empty() {
+            self.carry_out(&mut followups);
         }
         for (link, outbox) in self.links.iter().zip(&mut self.outbox) {
             if let (Some(link), false) = (link, outbox.is_empty()) {

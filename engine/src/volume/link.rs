@@ -295,8 +295,17 @@ fn to_message(request: ReplicaRequest) -> Message {
             holder,
         },
         ReplicaRequest::Control(ControlOp::Info) => Message::Info,
+        ReplicaRequest::Control(ControlOp::Resize(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: false,
+        },
+        ReplicaRequest::Control(ControlOp::ResizeCheck(size_bytes)) => Message::Resize {
+            size_bytes,
+            check_only: true,
+        },
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
+        ReplicaRequest::BlockCrcs { start_lba, count } => Message::BlockCrcs { start_lba, count },
     }
 }
 
@@ -369,6 +378,10 @@ async fn read_loop(
             | Message::SnapshotDeleteOk
             | Message::SnapshotRevertOk
             | Message::SnapshotReleaseOk => ReplicaReply::Ok(Default::default()),
+            // The replica's size after a resize (or now, for a check).
+            Message::ResizeOk { size_bytes } => {
+                ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&size_bytes.to_le_bytes()))
+            }
             // Control answers travel to the management API as their
             // protobuf encoding.
             Message::SnapshotCreateOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
@@ -377,6 +390,7 @@ async fn read_loop(
             }
             Message::HoldListOk(holds) => ReplicaReply::Ok(pb::HoldList { holds }.encode_to_vec().into()),
             Message::InfoOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
+            Message::BlockCrcsOk(blocks) => ReplicaReply::Ok(super::allocation::encode(&blocks)),
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },
                 ..

@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use super::core::ReplicaMode;
+use super::qos::{Direction, LimitKind, QosLimits};
 
 /// Latency buckets from 50 µs (a page-cache hit over loopback) to 10 s (past
 /// the replica timeout), so both fast paths and stalls are visible.
@@ -31,6 +33,15 @@ pub struct VolumeMetrics {
     /// Rebuild progress of the replica being rebuilt, in bytes.
     pub rebuild_done: IntGaugeVec,
     pub rebuild_total: IntGaugeVec,
+    /// Time initiator ops spent waiting for QoS tokens, by direction
+    /// (the series, by [`Direction`] index: no label lookup per op).
+    qos_throttled: [Counter; 2],
+    /// Initiator ops waiting for QoS tokens now, by direction.
+    qos_waiting: [IntGauge; 2],
+    /// The QoS limits in force (rate per second, and burst), by limit; a
+    /// limit not set has no series.
+    pub qos_limit: IntGaugeVec,
+    pub qos_burst: IntGaugeVec,
 }
 
 impl Default for VolumeMetrics {
@@ -101,6 +112,52 @@ impl VolumeMetrics {
             &["replica"],
         )
         .expect("valid metric");
+        let qos_throttled = CounterVec::new(
+            Opts::new(
+                "basalt_volume_qos_throttled_seconds_total",
+                "Time initiator I/Os waited for QoS tokens (summed over I/Os), by direction",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let qos_waiting = IntGaugeVec::new(
+            Opts::new(
+                "basalt_volume_qos_waiting",
+                "Initiator I/Os waiting for QoS tokens, by direction",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let qos_limit = IntGaugeVec::new(
+            Opts::new(
+                "basalt_volume_qos_limit",
+                "QoS limit in force: I/Os or bytes per second (read_iops, write_iops, iops, read_bps, ...)",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        let qos_burst = IntGaugeVec::new(
+            Opts::new(
+                "basalt_volume_qos_burst",
+                "Burst of the QoS limit in force: I/Os or bytes",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        // Present from the start, at zero, so that dashboards and rate() see
+        // the series before the first throttled I/O.
+        let by_direction = Direction::ALL.map(|d| {
+            (
+                qos_throttled.with_label_values(&[d.label()]),
+                qos_waiting.with_label_values(&[d.label()]),
+            )
+        });
+        registry
+            .register(Box::new(qos_throttled.clone()))
+            .expect("unique metric");
+        for g in [&qos_waiting, &qos_limit, &qos_burst] {
+            registry.register(Box::new(g.clone())).expect("unique metric");
+        }
         registry
             .register(Box::new(rebuild_done.clone()))
             .expect("unique metric");
@@ -134,6 +191,51 @@ impl VolumeMetrics {
             replica_errors,
             rebuild_done,
             rebuild_total,
+            qos_throttled: by_direction.clone().map(|(t, _)| t),
+            qos_waiting: by_direction.map(|(_, w)| w),
+            qos_limit,
+            qos_burst,
+        }
+    }
+
+    /// An op waited `waited` for its QoS tokens.
+    pub fn observe_throttled(&self, direction: Direction, waited: Duration) {
+        self.qos_throttled[direction.index()].inc_by(waited.as_secs_f64());
+    }
+
+    /// Seconds ops of `direction` spent throttled so far.
+    pub fn throttled_seconds(&self, direction: Direction) -> f64 {
+        self.qos_throttled[direction.index()].get()
+    }
+
+    pub fn set_qos_waiting(&self, direction: Direction, waiting: usize) {
+        self.qos_waiting[direction.index()].set(waiting as i64);
+    }
+
+    pub fn qos_waiting(&self, direction: Direction) -> u64 {
+        self.qos_waiting[direction.index()].get().max(0) as u64
+    }
+
+    /// Export the limits in force: one series per limit set.
+    pub fn set_qos_limits(&self, limits: &QosLimits) {
+        for kind in LimitKind::ALL {
+            match limits.get(kind) {
+                Some(l) => {
+                    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    self.qos_limit
+                        .with_label_values(&[kind.key()])
+                        .set(clamp(l.rate()));
+                    self.qos_burst
+                        .with_label_values(&[kind.key()])
+                        .set(clamp(l.burst()));
+                }
+                None => {
+                    // Absent series mean "no limit" (an error only says it
+                    // was not there to remove).
+                    let _ = self.qos_limit.remove_label_values(&[kind.key()]);
+                    let _ = self.qos_burst.remove_label_values(&[kind.key()]);
+                }
+            }
         }
     }
 

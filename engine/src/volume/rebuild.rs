@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  1. connect + Hello at the volume's epoch   (the replica now refuses older controllers)
+//!     grow it to the volume's size            (it missed an expansion while it was away)
 //!     and choose the source                   the first RW replica whose write-intent record
 //!                                              answers for the target, else the first RW one
 //!  2. make the target's chain the source's    (before WO: snapshots are immutable, so no
@@ -30,6 +31,19 @@
 //!
 //! Only allocated blocks travel, and for a replica that comes back with most
 //! of its data only the blocks whose checksums differ (a delta rebuild).
+//!
+//! ## Expansions
+//!
+//! A target smaller than the volume missed an expansion: it is grown first,
+//! before its chain is touched (the new blocks read as zeros, as they do on
+//! every replica that grew, so nothing past its old end needs a copy that a
+//! write did not already bring). An expansion that comes while the rebuild
+//! runs reaches the target once it is attached (a write-only replica is
+//! active); one that comes between the grow and the attach would be missed,
+//! so the volume refuses to attach a replica smaller than itself and the
+//! rebuild is retried (and grows it again). The checksum listings are taken
+//! over the volume's size as it is after the attach, so they cover every
+//! block a grown volume has.
 //!
 //! ## The write-intent record (steps 3, 5 and 9)
 //!
@@ -231,7 +245,10 @@ pub enum RebuildError {
         found: String,
         expected: String,
     },
-    #[error("replica {addr} is {found} bytes, the volume is {expected} bytes")]
+    #[error(
+        "replica {addr} is {found} bytes, larger than the volume ({expected} bytes): it belongs to a volume \
+         that grew beyond this one, and a volume never shrinks"
+    )]
     Size { addr: String, found: u64, expected: u64 },
     #[error(
         "replica {addr} has accepted epoch {found}, newer than ours ({ours}): this controller is fenced"
@@ -536,7 +553,7 @@ async fn rebuild(
     progress: &Progress,
 ) -> Result<Promoted, RebuildError> {
     let spec = volume.spec();
-    let (epoch, size) = (spec.epoch, spec.size_bytes);
+    let (epoch, size) = (spec.epoch, volume.size_bytes());
     // The rebuild's own connection to the target first: its Hello raises
     // the epoch, and it holds the writer role (for a chain replay) until
     // the link below takes it over.
@@ -556,12 +573,30 @@ async fn rebuild(
             expected: spec.volume.to_string(),
         });
     }
-    if id.size_bytes != size {
+    if id.size_bytes > size {
         return Err(RebuildError::Size {
             addr: addr.into(),
             found: id.size_bytes,
             expected: size,
         });
+    }
+    if id.size_bytes < size {
+        let grow = Message::Resize {
+            size_bytes: size,
+            check_only: false,
+        };
+        match ask(&target, addr, "growing it to the volume's size", grow).await? {
+            Message::ResizeOk { size_bytes } if size_bytes == size => {
+                tracing::info!(replica = %addr, from = id.size_bytes, to = size,
+                    "rebuild: the replica missed an expansion; grown before anything is copied");
+            }
+            other => {
+                return Err(RebuildError::Volume(format!(
+                    "replica {addr} answered a grow to {size} bytes with {:?}",
+                    other.op()
+                )))
+            }
+        }
     }
     progress.lap("connect_target");
     // Its epoch is ours now (Hello raised it): older controllers are fenced
@@ -629,6 +664,10 @@ async fn rebuild(
         .await
         .map_err(|e| RebuildError::Volume(e.to_string()))?;
     progress.lap("settle");
+    // An expansion since the start reached the target (it is attached, and
+    // the attach refuses a target smaller than the volume): list up to the
+    // end the volume has now.
+    let volume_blocks = volume.size_bytes() / BLOCK;
     // Step 5: where to compare.
     let regions = match target_since {
         Some((position, WrittenAnswer::Regions(own))) => {

@@ -16,7 +16,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use prost::Message as _;
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::header::{frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_FUA, HEADER_LEN, MAGIC};
+use super::header::{
+    frame_crc, payload_crc, RawHeader, CRC_OFFSET, FLAG_CHECK_ONLY, FLAG_FUA, HEADER_LEN, MAGIC,
+};
 use super::{
     pb, BlockCrc, BlockRun, Extent, ExtentsError, Frame, LayerBlock, LayerBlockState, Message, Op,
     ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, SyncPoint, WrittenAnswer, MAX_PAYLOAD,
@@ -185,7 +187,11 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
     if raw.reserved != 0 {
         return Err(DecodeError::Reserved { value: raw.reserved });
     }
-    let allowed_flags = if op == Op::Write && !is_reply { FLAG_FUA } else { 0 };
+    let allowed_flags = match (op, is_reply) {
+        (Op::Write, false) => FLAG_FUA,
+        (Op::Resize, false) => FLAG_CHECK_ONLY,
+        _ => 0,
+    };
     if raw.flags & !allowed_flags != 0 {
         return Err(DecodeError::BadFlags { op, flags: raw.flags });
     }
@@ -342,6 +348,19 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
             no_payload()?;
             M::FlushOk {
                 revision: Revision(raw.offset),
+            }
+        }
+        (Op::Resize, false) => {
+            no_payload()?;
+            M::Resize {
+                size_bytes: raw.offset,
+                check_only: raw.flags & FLAG_CHECK_ONLY != 0,
+            }
+        }
+        (Op::Resize, true) => {
+            no_payload()?;
+            M::ResizeOk {
+                size_bytes: raw.offset,
             }
         }
         (Op::Info, true) => {

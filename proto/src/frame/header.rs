@@ -27,6 +27,9 @@ pub(super) const CRC_OFFSET: usize = 48;
 /// Write flag: the write must be durable before it is acknowledged.
 pub(super) const FLAG_FUA: u8 = 0x01;
 
+/// Resize flag: only say whether the resize could be done; change nothing.
+pub(super) const FLAG_CHECK_ONLY: u8 = 0x02;
+
 /// The header fields, decoded but not yet interpreted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RawHeader {
@@ -282,6 +285,20 @@ impl Frame {
             }
             M::FlushOk { revision } => {
                 raw.offset = revision.0;
+                Bytes::new()
+            }
+            M::Resize {
+                size_bytes,
+                check_only,
+            } => {
+                raw.offset = *size_bytes;
+                if *check_only {
+                    raw.flags |= FLAG_CHECK_ONLY;
+                }
+                Bytes::new()
+            }
+            M::ResizeOk { size_bytes } => {
+                raw.offset = *size_bytes;
                 Bytes::new()
             }
             M::InfoOk(info) => pb_bytes(info),

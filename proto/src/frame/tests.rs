@@ -88,10 +88,10 @@ fn arb_write_v() -> impl Strategy<Value = Message> {
 
 fn arb_error() -> impl Strategy<Value = ReplyError> {
     // Every status code, with any detail: from_wire defines the set.
-    let codes: Vec<u16> = (1u16..=13).chain(20..=22).collect();
+    let codes: Vec<u16> = (1u16..=15).chain(20..=22).collect();
     (proptest::sample::select(codes), any::<u16>(), any::<u64>()).prop_map(|(code, small, detail)| {
         let detail = if code == 9 { u64::from(small) } else { detail };
-        ReplyError::from_wire(code, detail).expect("codes 1..=13 and 20..=22 are defined")
+        ReplyError::from_wire(code, detail).expect("codes 1..=15 and 20..=22 are defined")
     })
 }
 
@@ -211,6 +211,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
         arb_bytes(9000).prop_map(|data| M::ReadVOk { data }),
         arb_write_v(),
         Just(M::WriteVOk),
+        (any::<u64>(), any::<bool>()).prop_map(|(size_bytes, check_only)| M::Resize {
+            size_bytes,
+            check_only
+        }),
+        any::<u64>().prop_map(|size_bytes| M::ResizeOk { size_bytes }),
         (".{0,40}", any::<u64>(), any::<u64>()).prop_map(|(snapshot, start_lba, count)| M::SnapshotRuns {
             snapshot,
             start_lba,
@@ -502,7 +507,8 @@ fn version_negotiation_picks_the_highest_common_version() {
     assert_eq!(ProtocolVersion::negotiate(v(1), v(3)), Some(v(3)));
     // A peer that speaks only v1, before vectored I/O and run checksums: a rebuild could not run.
     assert_eq!(ProtocolVersion::negotiate(v(1), v(1)), None);
-    // A peer that speaks at most v2, before the day-two operations.
+    // A v2 peer knows neither Resize nor the clone ops: an expansion or a hydration would close its
+    // connection.
     assert_eq!(ProtocolVersion::negotiate(v(1), v(2)), None);
     // A peer that only speaks versions newer than ours.
     let newer = v(ProtocolVersion::CURRENT.0 + 1);
@@ -972,4 +978,83 @@ proptest! {
         }
         prop_assert_eq!(got, expected.to_vec());
     }
+}
+
+#[test]
+fn a_resize_carries_its_size_and_check_flag_and_refuses_anything_else() {
+    let resize = |check_only| {
+        wire(&Frame::new(
+            RequestId(5),
+            Epoch(2),
+            Message::Resize {
+                size_bytes: 20 << 30,
+                check_only,
+            },
+        ))
+    };
+    for check_only in [false, true] {
+        let mut buf = resize(check_only);
+        let frame = FrameCodec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            frame.message,
+            Message::Resize {
+                size_bytes: 20 << 30,
+                check_only
+            }
+        );
+    }
+    // The FUA flag means nothing to a resize, and no other flag either.
+    for flags in [0x01, 0x04, 0x80] {
+        let mut buf = resize(false);
+        buf[7] = flags;
+        fix_crc(&mut buf);
+        assert!(
+            matches!(
+                decode_error(&mut buf),
+                DecodeError::BadFlags { op: Op::Resize, .. }
+            ),
+            "flags {flags:#x}"
+        );
+    }
+    // The check flag is the request's: a reply may not carry it.
+    let mut buf = wire(&Frame::new(
+        RequestId(5),
+        Epoch(2),
+        Message::ResizeOk { size_bytes: 1 << 30 },
+    ));
+    buf[7] = 0x02;
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::BadFlags { op: Op::Resize, .. }
+    ));
+    // A resize carries no data and no length.
+    let mut buf = resize(false);
+    set_payload(&mut buf, &[1, 2, 3]);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::UnexpectedPayload { op: Op::Resize, .. }
+    ));
+    let mut buf = resize(false);
+    buf[32..40].copy_from_slice(&7u64.to_le_bytes());
+    fix_crc(&mut buf);
+    assert!(matches!(
+        decode_error(&mut buf),
+        DecodeError::UnexpectedPayload { op: Op::Resize, .. }
+    ));
+}
+
+#[test]
+fn the_refusals_of_a_resize_keep_their_detail_on_the_wire() {
+    for error in [
+        ReplyError::ShrinkRefused { size_bytes: 1 << 30 },
+        ReplyError::TooLarge { max_bytes: 3 << 40 },
+    ] {
+        let frame = Frame::new(RequestId(1), Epoch(1), Message::failed(Op::Resize, error));
+        let mut buf = wire(&frame);
+        assert_eq!(FrameCodec.decode(&mut buf).unwrap().unwrap(), frame);
+        assert_eq!(ReplyError::from_wire(error.code(), error.detail()), Some(error));
+    }
+    assert_eq!(ReplyError::ShrinkRefused { size_bytes: 0 }.code(), 14);
+    assert_eq!(ReplyError::TooLarge { max_bytes: 0 }.code(), 15);
 }

@@ -180,7 +180,15 @@ pub async fn prepare(
                 }
                 _ => volume = Some(identity.volume),
             }
-            source_bytes = identity.size_bytes;
+            // The smallest source replica's size: every one of them held the snapshot, so none was
+            // smaller than the volume when it was taken (replicas only grow), while a larger one may
+            // have been grown since (expanded) or not yet (down during the expansion). The
+            // snapshot's view lies below it, and every source replica can answer for all of it.
+            source_bytes = if source_bytes == 0 {
+                identity.size_bytes
+            } else {
+                source_bytes.min(identity.size_bytes)
+            };
             if identity.size_bytes > clone_bytes {
                 return Err(CloneError::TooSmall {
                     clone_bytes,

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConnId, Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
-use crate::store::{SnapshotInfo, Store, StoreError, BLOCK_SIZE as BLOCK, SECTOR_SIZE};
+use crate::store::{Growth, SnapshotInfo, Store, StoreError, BLOCK_SIZE as BLOCK, SECTOR_SIZE};
 
 /// Most block checksums answered per request: the answer (12 bytes each)
 /// stays well under the frame payload limit.
@@ -786,6 +786,26 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             store.snapshot_delete(&name)?;
             tracing::info!(snapshot = %name, "snapshot deleted");
             Ok(Message::SnapshotDeleteOk)
+        }),
+        Message::Resize {
+            size_bytes,
+            check_only: true,
+        } => shared.fenced(epoch, |store| {
+            store.check_grow(size_bytes)?;
+            Ok(Message::ResizeOk {
+                size_bytes: store.size_bytes(),
+            })
+        }),
+        Message::Resize {
+            size_bytes,
+            check_only: false,
+        } => shared.fenced_write(epoch, conn, |store| {
+            if let Growth::From(before) = store.grow(size_bytes)? {
+                tracing::info!(from = before, to = size_bytes, "volume grown");
+            }
+            Ok(Message::ResizeOk {
+                size_bytes: store.size_bytes(),
+            })
         }),
         Message::SnapshotRevert { name } => shared.fenced_write(epoch, conn, |store| {
             store.snapshot_revert(&name)?;

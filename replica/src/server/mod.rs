@@ -400,9 +400,11 @@ impl From<StoreError> for Refusal {
             StoreError::StaleEpoch { current, .. } => ReplyError::StaleEpoch { current: *current },
             StoreError::NoSuchSnapshot(_) => ReplyError::NoSuchSnapshot,
             StoreError::SnapshotExists(_) => ReplyError::SnapshotExists,
-            StoreError::InvalidSnapshotName { .. } | StoreError::BadSyncPoint { .. } => {
-                ReplyError::BadRequest
-            }
+            StoreError::InvalidSnapshotName { .. }
+            | StoreError::BadSyncPoint { .. }
+            | StoreError::InvalidSize { .. } => ReplyError::BadRequest,
+            StoreError::Shrink { size, .. } => ReplyError::ShrinkRefused { size_bytes: *size },
+            StoreError::TooLarge { max, .. } => ReplyError::TooLarge { max_bytes: *max },
             StoreError::VolumeMismatch { .. } => ReplyError::VolumeMismatch,
             StoreError::SnapshotHeld { .. } => ReplyError::SnapshotHeld,
             StoreError::Hydrating { .. } => ReplyError::Hydrating,
@@ -410,8 +412,6 @@ impl From<StoreError> for Refusal {
             StoreError::Io { .. }
             | StoreError::Failed { .. }
             | StoreError::Corrupt { .. }
-            | StoreError::InvalidSize { .. }
-            | StoreError::SizeMismatch { .. }
             | StoreError::AlreadyExists { .. }
             | StoreError::InUse { .. }
             | StoreError::NotAVolume { .. } => ReplyError::Io,

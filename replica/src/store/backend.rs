@@ -154,6 +154,12 @@ pub trait Backend: Send + Sync {
     fn sync_namespace(&self) -> io::Result<()>;
     /// Where this backend keeps its data, for error messages.
     fn location(&self) -> String;
+    /// The largest volume this storage can hold (data, index logs and metadata together), checked
+    /// before a volume grows; `None` when only the store's own limit applies (a host directory's
+    /// sparse files take space as they are written, like any thin volume).
+    fn max_volume_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The content of an object, from [`Backend::read_whole`].

@@ -339,11 +339,11 @@ impl Store {
             });
         }
         let end = first + (data.len() / BLOCK) as u64;
-        if end > self.size_bytes / BLOCK_SIZE {
+        if end > self.size_bytes() / BLOCK_SIZE {
             return Err(StoreError::OutOfRange {
                 offset: first * BLOCK_SIZE,
                 len: data.len() as u64,
-                size: self.size_bytes,
+                size: self.size_bytes(),
             });
         }
         self.check_not_failed()?;
@@ -594,7 +594,7 @@ impl Store {
                 .map(|s| chain.layer(s.layer).cloned())
                 .collect::<Result<_, _>>()?
         };
-        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let volume_blocks = self.size_bytes() / BLOCK_SIZE;
         let layers = layers
             .into_iter()
             .map(|layer| {
@@ -617,7 +617,7 @@ impl Store {
         max_blocks: u64,
     ) -> Result<(Vec<Range<u64>>, u64), StoreError> {
         let view = self.snapshot_view(name)?;
-        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let volume_blocks = self.size_bytes() / BLOCK_SIZE;
         let end = blocks
             .end
             .min(volume_blocks)

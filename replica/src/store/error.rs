@@ -99,18 +99,30 @@ pub enum StoreError {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// The directory holds a volume of another size.
+    /// A grow to a size below the volume's: volumes never shrink (the blocks past the new end may
+    /// hold data, and every initiator has been told the larger capacity).
     #[error(
-        "{dir} holds a volume of {on_disk} bytes, not the {requested} bytes requested: use the right \
-         directory or size"
+        "the volume holds {size} bytes, more than the {requested} bytes asked for: a volume can grow, \
+         never shrink"
     )]
-    SizeMismatch {
-        /// The replica directory.
-        dir: String,
-        /// Size recorded in the volume metadata.
-        on_disk: u64,
-        /// Size requested.
+    Shrink {
+        /// The volume's size.
+        size: u64,
+        /// The size asked for.
         requested: u64,
+    },
+    /// A grow to a size the storage under the store cannot hold.
+    #[error(
+        "a volume of {requested} bytes does not fit on {location}: it holds a volume of at most {max} \
+         bytes; give this replica larger storage (a larger device) or grow the volume less"
+    )]
+    TooLarge {
+        /// Where the store lives.
+        location: String,
+        /// The size asked for.
+        requested: u64,
+        /// The largest volume the storage holds.
+        max: u64,
     },
     /// The directory holds another volume.
     #[error(

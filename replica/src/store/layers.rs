@@ -119,7 +119,7 @@ impl Store {
         let _ops = lock(&self.ops);
         let layer = self.snapshot_layer(name)?;
         let held_before = held(&layer);
-        let index = load_index(&*self.backend, &layer, self.size_bytes / BLOCK_SIZE)?;
+        let index = load_index(&*self.backend, &layer, self.size_bytes() / BLOCK_SIZE)?;
         let blocks = Arc::new(index.blocks);
         *lock(&self.layer_indexes.0) = Some(CachedIndex {
             layer: layer.id,
@@ -140,7 +140,7 @@ impl Store {
         limit: usize,
     ) -> Result<LayerListing, StoreError> {
         let (_, index) = self.snapshot_index(snapshot)?;
-        let end = blocks.end.min(self.size_bytes / BLOCK_SIZE).max(blocks.start);
+        let end = blocks.end.min(self.size_bytes() / BLOCK_SIZE).max(blocks.start);
         let limit = limit.max(1);
         let mut listed = Vec::new();
         for &(lba, state) in index.range(blocks.start..end) {
@@ -204,8 +204,8 @@ impl Store {
         let mut chain = wlock(&self.chain);
         let mut meta = lock(&self.meta);
         let new_id = LayerId(meta.next_layer);
-        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
-        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes).and_then(|layer| {
+        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes())?;
+        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes()).and_then(|layer| {
             *lock(&layer.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
             Ok(layer)
         });
@@ -506,7 +506,7 @@ mod tests {
         store.flush().unwrap();
         let before = layer_objects(dir.path());
         let next = LayerId(lock(&store.meta).next_layer);
-        Store::create_layer_objects(&*store.backend, next, store.size_bytes).unwrap();
+        Store::create_layer_objects(&*store.backend, next, store.size_bytes()).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(layer_objects(dir.path()), before, "the uncommitted head is gone");

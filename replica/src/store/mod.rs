@@ -79,6 +79,7 @@
 pub mod backend;
 pub mod clone;
 mod error;
+mod grow;
 mod intent;
 pub mod layers;
 mod log;
@@ -100,6 +101,7 @@ use basalt_proto::{Epoch, Revision, VolumeId};
 pub use backend::{Backend, DirBackend, Object};
 pub use clone::{CloneOrigin, CloneStatus, Hold, SnapshotSource};
 pub use error::StoreError;
+pub use grow::Growth;
 pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
 
 use log::{BlockState, LayerIndex, Record, RECORD_LEN};
@@ -329,7 +331,8 @@ enum Held<G> {
 pub struct Store {
     backend: Arc<dyn Backend>,
     volume: VolumeId,
-    size_bytes: u64,
+    /// Changes only by [`Store::grow`], under the chain lock held exclusively (see [`grow`]).
+    size_bytes: AtomicU64,
     chain: RwLock<Chain>,
     map: RwLock<VolumeMap>,
     stripes: Box<[RwLock<()>]>,
@@ -502,8 +505,12 @@ impl Store {
         Store::open_with_backend(Self::dir_backend(dir)?)
     }
 
-    /// Opens the volume in `dir`, or creates it if there is none. An existing volume of another size,
-    /// or (when `volume` is given) of another id, is refused.
+    /// Opens the volume in `dir`, or creates it of `size_bytes` if there is none. An existing volume
+    /// of another id (when `volume` is given) is refused; one of another size opens at its own size,
+    /// whatever `size_bytes` says: a volume changes size only by [`Store::grow`] (an expansion through
+    /// its controller), so a replica restarted with the size it was first given after an expansion
+    /// keeps the larger size, and a larger `size_bytes` never grows it behind its controller's back
+    /// (its controller grows it when it rejoins a larger volume). The caller logs the difference.
     pub fn open_or_create(
         dir: &Path,
         size_bytes: u64,
@@ -512,13 +519,6 @@ impl Store {
         let backend = Self::dir_backend(dir)?;
         match VolumeMeta::load(&*backend)? {
             Some(meta) => {
-                if meta.size_bytes != size_bytes {
-                    return Err(StoreError::SizeMismatch {
-                        dir: backend.location(),
-                        on_disk: meta.size_bytes,
-                        requested: size_bytes,
-                    });
-                }
                 if let Some(v) = volume.filter(|&v| v != meta.volume) {
                     return Err(StoreError::VolumeMismatch {
                         dir: backend.location(),
@@ -740,7 +740,7 @@ impl Store {
         let clone = clone::CloneState::from_meta(meta.clone.as_ref());
         let store = Store {
             volume: meta.volume,
-            size_bytes: meta.size_bytes,
+            size_bytes: AtomicU64::new(meta.size_bytes),
             chain: RwLock::new(Chain { layers, head }),
             map: RwLock::new(map),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
@@ -777,7 +777,7 @@ impl Store {
 
     /// The volume's size in bytes.
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     /// The highest epoch accepted (durable).
@@ -827,12 +827,9 @@ impl Store {
         if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(StoreError::Unaligned { offset, len });
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.size_bytes) {
-            return Err(StoreError::OutOfRange {
-                offset,
-                len,
-                size: self.size_bytes,
-            });
+        let size = self.size_bytes();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(StoreError::OutOfRange { offset, len, size });
         }
         Ok(())
     }
@@ -1010,7 +1007,7 @@ impl Store {
     /// without snapshots, or whose recent writes have covered it, is the common case; a thin volume
     /// or a fresh head over a snapshot is not, and keeps the lookup-first order.
     fn head_is_dense(&self, chain: &Chain) -> bool {
-        let blocks = self.size_bytes / BLOCK_SIZE;
+        let blocks = self.size_bytes() / BLOCK_SIZE;
         chain.head.data_blocks.load(Ordering::Relaxed) >= blocks - blocks / 16
     }
 
@@ -1721,7 +1718,7 @@ impl Store {
     /// the record cannot say (other lineage, too old, ahead of this replica, split history).
     pub fn written_since(&self, since: Option<SyncPoint>, start_lba: u64) -> (WrittenAnswer, u64) {
         self.intent
-            .written_since(since, self.revision(), start_lba, self.size_bytes / BLOCK_SIZE)
+            .written_since(since, self.revision(), start_lba, self.size_bytes() / BLOCK_SIZE)
     }
 
     /// Puts this replica on another flush numbering: its flush `own` is `point.revision` of
@@ -1822,7 +1819,7 @@ impl Store {
 
         let mut meta = lock(&self.meta);
         let new_id = LayerId(meta.next_layer);
-        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
+        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes())?;
         let created_unix_ms = now_unix_ms();
         let mut next = meta.clone();
         next.snapshots.push(SnapshotRecord {
@@ -1834,7 +1831,7 @@ impl Store {
         next.next_layer += 1;
         next.revision = revision;
         let parent = meta.snapshots.last().map(|s| s.name.clone());
-        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)
+        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes())
             .and_then(|layer| {
                 *lock(&layer.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
                 Ok(layer)
@@ -1918,7 +1915,7 @@ impl Store {
 
     /// Carries out a journaled merge (see the module documentation). The caller holds `ops`.
     fn run_merge(&self, merge: PendingMerge) -> Result<(), StoreError> {
-        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let volume_blocks = self.size_bytes() / BLOCK_SIZE;
         let (from, into, into_is_head) = {
             let chain = rlock(&self.chain);
             (
@@ -2052,8 +2049,8 @@ impl Store {
         }
         let target = meta.snapshots[i].layer;
         let new_id = LayerId(meta.next_layer);
-        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes)?;
-        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes)?;
+        Self::create_layer_objects(&*self.backend, new_id, self.size_bytes())?;
+        let new_head = Self::open_layer(&*self.backend, new_id, self.size_bytes())?;
         *lock(&new_head.log) = Some(LogAppender::open(&*self.backend, &new_id.log_object(), 0, 0)?);
 
         let revision = Revision(self.next_revision.fetch_add(1, Ordering::AcqRel) + 1);
@@ -2082,7 +2079,7 @@ impl Store {
         chain.head = new_head;
 
         // Rebuild the merged view from the layers that remain.
-        let volume_blocks = self.size_bytes / BLOCK_SIZE;
+        let volume_blocks = self.size_bytes() / BLOCK_SIZE;
         let mut map = MapBuilder::default();
         for (&id, layer) in &chain.layers {
             if id == new_id {

@@ -132,12 +132,12 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
         let bs = self.block_size();
         let mut p = vec![0u8; 64];
         p[5] = MAX_COMPARE_AND_WRITE_BLOCKS;
-        let granularity: u16 = 1 << self.geometry.physical_block_exponent;
+        let granularity: u16 = 1 << self.geometry().physical_block_exponent;
         p[6..8].copy_from_slice(&granularity.to_be_bytes());
         let max_transfer = (u64::from(MAX_TRANSFER_BYTES) / bs) as u32;
         p[8..12].copy_from_slice(&max_transfer.to_be_bytes());
         p[12..16].copy_from_slice(&max_transfer.to_be_bytes());
-        if self.geometry.thin {
+        if self.geometry().thin {
             p[20..24].copy_from_slice(&((MAX_UNMAP_BYTES / bs) as u32).to_be_bytes());
             p[24..28].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
             p[28..32].copy_from_slice(&u32::from(granularity).to_be_bytes());
@@ -148,7 +148,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
 
     fn provisioning_page(&self) -> Vec<u8> {
         let mut p = vec![0u8; 8];
-        if self.geometry.thin {
+        if self.geometry().thin {
             // LBPU, LBPWS, LBPWS10, LBPRZ (unmapped blocks read as zeros).
             p[5] = 0x80 | 0x40 | 0x20 | 0x04;
             // PROVISIONING TYPE 2: thin.

@@ -16,6 +16,18 @@
 //! only held for short, synchronous sections and never across an `.await`;
 //! the data path takes it once per command, to check attentions and
 //! reservations, and then runs unlocked against the device.
+//!
+//! ## A capacity that grows
+//!
+//! The capacity is the device's, read per command ([`BlockDevice::geometry`]):
+//! range checks, READ CAPACITY and the VPD pages always see the current size.
+//! A device that grows (an online expansion) needs to tell nobody: while it
+//! holds the state lock for the unit attention check, a command compares the
+//! capacity with the one the LU last reported, and on a change queues CAPACITY
+//! DATA HAS CHANGED (SPC-4, 2Ah/09h) for every nexus logged in, once each, so
+//! each initiator learns of it on its next command and rescans. The device
+//! needs no channel back into the LU, and the command set no knowledge of what
+//! the device is.
 
 mod inquiry;
 pub mod mode;
@@ -107,6 +119,8 @@ struct LuState {
     mode: ModeState,
     /// Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT=1.
     removal_prevented: HashSet<ItNexus>,
+    /// The capacity in bytes initiators were last told of (see the module docs).
+    reported_capacity: u64,
 }
 
 impl LuState {
@@ -127,12 +141,29 @@ impl LuState {
     fn next_attention(&mut self, nexus: &ItNexus) -> Option<Asc> {
         self.attentions.get_mut(nexus).and_then(VecDeque::pop_front)
     }
+
+    /// The device now holds `capacity` bytes: if that is news, every nexus
+    /// gets CAPACITY DATA HAS CHANGED (queued once, however often it changed).
+    fn note_capacity(&mut self, capacity: u64) {
+        if capacity == self.reported_capacity {
+            return;
+        }
+        tracing::info!(
+            from = self.reported_capacity,
+            to = capacity,
+            "capacity changed; every initiator is told with a unit attention"
+        );
+        self.reported_capacity = capacity;
+        let all: Vec<ItNexus> = self.nexuses.iter().cloned().collect();
+        for n in all {
+            self.queue_attention(&n, Asc::CAPACITY_DATA_HAS_CHANGED);
+        }
+    }
 }
 
 /// A SCSI block logical unit over a [`BlockDevice`].
 pub struct ScsiLogicalUnit<D: BlockDevice> {
     device: Arc<D>,
-    geometry: Geometry,
     config: LuConfig,
     state: Mutex<LuState>,
 }
@@ -142,13 +173,21 @@ type Reply = Result<Bytes, Failure>;
 
 impl<D: BlockDevice> ScsiLogicalUnit<D> {
     pub fn new(device: Arc<D>, config: LuConfig) -> ScsiLogicalUnit<D> {
-        let geometry = device.geometry();
+        let state = LuState {
+            reported_capacity: device.geometry().size_bytes,
+            ..LuState::default()
+        };
         ScsiLogicalUnit {
             device,
-            geometry,
             config,
-            state: Mutex::new(LuState::default()),
+            state: Mutex::new(state),
         }
+    }
+
+    /// The device's shape now: the capacity may have grown since the last
+    /// command (see the module docs).
+    fn geometry(&self) -> Geometry {
+        self.device.geometry()
     }
 
     pub fn device(&self) -> &Arc<D> {
@@ -163,7 +202,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
     }
 
     fn block_size(&self) -> u64 {
-        u64::from(self.geometry.logical_block_size)
+        u64::from(self.geometry().logical_block_size)
     }
 
     /// Whether `lun` (flat, or in the 8-byte SAM encoding the transport may
@@ -264,6 +303,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             };
         }
         let mut st = self.state();
+        st.note_capacity(self.geometry().size_bytes);
         if !lun_independent {
             if let Some(asc) = st.next_attention(&cmd.nexus) {
                 return Err(Failure::check(SenseKey::UnitAttention, asc));

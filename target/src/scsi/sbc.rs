@@ -68,7 +68,7 @@ fn length_byte(cdb: &[u8]) -> u16 {
 impl<D: BlockDevice> ScsiLogicalUnit<D> {
     fn check_range(&self, e: Extent) -> Result<(), Failure> {
         match e.lba.checked_add(e.blocks) {
-            Some(end) if end <= self.geometry.block_count() => Ok(()),
+            Some(end) if end <= self.geometry().block_count() => Ok(()),
             _ => Err(Failure::lba_out_of_range()),
         }
     }
@@ -117,19 +117,19 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             // An LBA without PMI is an error (SBC-3 §5.15).
             return Err(Failure::invalid_cdb_field(2, None));
         }
-        let last = self.geometry.block_count() - 1;
+        let last = self.geometry().block_count() - 1;
         let mut d = u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes().to_vec();
-        d.extend_from_slice(&self.geometry.logical_block_size.to_be_bytes());
+        d.extend_from_slice(&self.geometry().logical_block_size.to_be_bytes());
         Ok(Bytes::from(d))
     }
 
     pub(super) fn read_capacity16(&self, cdb: &[u8]) -> Result<Bytes, Failure> {
         let alloc = be(cdb, 10, 4);
         let mut d = vec![0u8; 32];
-        d[0..8].copy_from_slice(&(self.geometry.block_count() - 1).to_be_bytes());
-        d[8..12].copy_from_slice(&self.geometry.logical_block_size.to_be_bytes());
-        d[13] = self.geometry.physical_block_exponent & 0x0F;
-        if self.geometry.thin {
+        d[0..8].copy_from_slice(&(self.geometry().block_count() - 1).to_be_bytes());
+        d[8..12].copy_from_slice(&self.geometry().logical_block_size.to_be_bytes());
+        d[13] = self.geometry().physical_block_exponent & 0x0F;
+        if self.geometry().thin {
             d[14] = 0x80 | 0x40; // LBPME, LBPRZ
         }
         Ok(truncate(d, alloc))
@@ -257,7 +257,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             return Err(Failure::invalid_cdb_field(1, Some(4)));
         }
         let mut e = extent(cdb);
-        let count = self.geometry.block_count();
+        let count = self.geometry().block_count();
         if e.blocks == 0 {
             // WSNZ=0: zero blocks means "to the end of the medium".
             if e.lba > count {
@@ -276,7 +276,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
         // With UNMAP on a thin device the blocks are deallocated whatever
         // the data (as Linux LIO does): LBPRZ tells the initiator they now
         // read as zeros, and libiscsi's WriteSame.UnmapUntilEnd expects it.
-        if unmap && self.geometry.thin {
+        if unmap && self.geometry().thin {
             self.device.unmap(offset, len).await.map_err(self.fail())?;
         } else {
             let pattern = if ndob {
@@ -296,7 +296,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
     }
 
     pub(super) async fn unmap(&self, cdb: &[u8], params: &[u8]) -> Result<Bytes, Failure> {
-        if !self.geometry.thin {
+        if !self.geometry().thin {
             return Err(Failure::illegal(Asc::INVALID_COMMAND_OPERATION_CODE));
         }
         if cdb[1] & 0x01 != 0 {
@@ -343,7 +343,7 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
     pub(super) async fn get_lba_status(&self, cdb: &[u8]) -> Result<Bytes, Failure> {
         let lba = be(cdb, 2, 8);
         let alloc = be(cdb, 10, 4);
-        let count = self.geometry.block_count();
+        let count = self.geometry().block_count();
         if lba >= count {
             return Err(Failure::lba_out_of_range());
         }

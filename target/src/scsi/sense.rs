@@ -56,6 +56,7 @@ impl Asc {
     pub const POWER_ON_RESET_OCCURRED: Asc = Asc(0x29, 0x00);
     pub const BUS_DEVICE_RESET_OCCURRED: Asc = Asc(0x29, 0x03);
     pub const MODE_PARAMETERS_CHANGED: Asc = Asc(0x2A, 0x01);
+    pub const CAPACITY_DATA_HAS_CHANGED: Asc = Asc(0x2A, 0x09);
     pub const RESERVATIONS_PREEMPTED: Asc = Asc(0x2A, 0x03);
     pub const RESERVATIONS_RELEASED: Asc = Asc(0x2A, 0x04);
     pub const REGISTRATIONS_PREEMPTED: Asc = Asc(0x2A, 0x05);

@@ -196,8 +196,8 @@ impl<D: BlockDevice> ScsiLogicalUnit<D> {
             },
             _ => return Err(Failure::invalid_cdb_field(3, Some(7))),
         }
-        let blocks = self.geometry.block_count();
-        let bs = self.geometry.logical_block_size;
+        let blocks = self.geometry().block_count();
+        let bs = self.geometry().logical_block_size;
         let descriptor: Vec<u8> = if dbd {
             Vec::new()
         } else if llbaa {

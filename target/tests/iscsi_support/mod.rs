@@ -51,6 +51,31 @@ pub async fn start_portal(config: PortalConfig, targets: Vec<Arc<Target>>) -> Te
     }
 }
 
+/// Longest wait for a session count to reach what a test expects: far above
+/// the moment a connection task takes to unregister its session, on any
+/// machine the tests run on.
+pub const SESSION_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait until `count()` (a target's or a portal's session count) is `want`,
+/// failing after [`SESSION_WAIT`]. A session leaves the registry when its
+/// connection task ends, a moment after the initiator sees the logout answer
+/// or the close: a test that sleeps first and asserts after passes or fails
+/// depending on the machine's load.
+pub async fn wait_for_sessions(what: &str, count: impl Fn() -> usize, want: usize) {
+    let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+    loop {
+        let now = count();
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {now} session(s) after {SESSION_WAIT:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A file-backed SCSI LU of `size` bytes in a temporary directory.
 pub fn file_lu(dir: &tempfile::TempDir, size: u64) -> Arc<ScsiLogicalUnit<FileDevice>> {
     let device = FileDevice::open(
@@ -262,6 +287,19 @@ impl RawInitiator {
         self.recv_opt()
             .await
             .expect("target closed the connection unexpectedly")
+    }
+
+    /// True if the target sends nothing (and keeps the connection open) for
+    /// `window`; whatever it does send stays buffered for the next `recv`.
+    /// For checking that something is *not* answered yet: the window bounds
+    /// how long the test watches, it synchronises nothing.
+    pub async fn quiet_for(&mut self, window: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        tokio::time::timeout(window, self.stream.read_buf(&mut self.buf))
+            .await
+            .is_err()
     }
 
     /// True if the target closes the connection within `within` (any PDUs

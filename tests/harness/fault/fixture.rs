@@ -23,12 +23,17 @@ use super::ledger::{decode_block, BlockIndex, Ledger, Loss, BLOCK_BYTES};
 use super::proxy::{Link, Proxy};
 use super::workload::{read_back, IoStats, ReadBack, Workload, WorkloadConfig};
 use super::FaultError;
-use crate::volume::{volume_info, Cluster, Controller};
+use crate::volume::{replica_mode, volume_info, Cluster, Controller};
 use crate::{basalt_binary, io, run_checked, ByteSize};
 
 /// How long a healed volume may take to have every replica back in read-write mode: the controller
 /// re-adds a returning replica after a back-off of up to 30 s, then rebuilds it (a delta, by checksums).
 pub const HEAL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a test waits for the workload to make the progress it asks for (a few hundred writes and
+/// flushes, a login to a new controller): well under a second on an idle machine, seconds on a loaded
+/// shared one with a debug build; past this the volume is stuck, not slow.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The controller's --replica-timeout in the harness (the `Cluster` fixture's value): a replica silent for
 /// this long is dropped. Hangs are drawn on both sides of it.
@@ -243,6 +248,72 @@ impl FaultVolume {
         }
     }
 
+    /// Waits until `ready` holds of the workload's counters (checked every 20 ms, and that the controller
+    /// still runs), for at most [`PROGRESS_TIMEOUT`]. Tests wait for what they need to have happened --
+    /// writes acknowledged, a login to a new controller -- never for a fixed time, which is too short on a
+    /// loaded machine and needlessly long on an idle one.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        mut ready: impl FnMut(&IoStats) -> bool,
+    ) -> Result<(), FaultError> {
+        let start = Instant::now();
+        while !ready(&self.stats) {
+            if let Some(c) = self.controller.as_mut() {
+                c.daemon.check_running()?;
+            }
+            if start.elapsed() > PROGRESS_TIMEOUT {
+                return Err(FaultError::NoProgress {
+                    what: what.into(),
+                    waited: PROGRESS_TIMEOUT,
+                    stats: format!("{:?}", self.stats),
+                    info: self.info().map(|i| i.to_string()).unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits until the workload has had `writes` more writes and `flushes` more flushes acknowledged than
+    /// when called.
+    pub fn wait_for_io(&mut self, writes: u64, flushes: u64) -> Result<(), FaultError> {
+        let (w0, f0) = (
+            IoStats::get(&self.stats.writes_acked),
+            IoStats::get(&self.stats.flushes_ok),
+        );
+        let what = format!("{writes} more writes and {flushes} more flushes acknowledged");
+        self.wait_until(&what, |stats| {
+            IoStats::get(&stats.writes_acked) >= w0 + writes
+                && IoStats::get(&stats.flushes_ok) >= f0 + flushes
+        })
+    }
+
+    /// Waits until `volume info` shows replica `i` in `mode` ("RW", "WO", "ERR"), for at most
+    /// [`PROGRESS_TIMEOUT`].
+    pub fn wait_for_mode(&mut self, i: usize, mode: &str) -> Result<(), FaultError> {
+        let addr = self.replica_address(i);
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.controller.as_mut() {
+                c.daemon.check_running()?;
+            }
+            let info = self.info()?;
+            if replica_mode(&info, addr).as_deref() == Some(mode) {
+                return Ok(());
+            }
+            if start.elapsed() > PROGRESS_TIMEOUT {
+                return Err(FaultError::NoProgress {
+                    what: format!("replica {addr} in mode {mode}"),
+                    waited: PROGRESS_TIMEOUT,
+                    stats: format!("{:?}", self.stats),
+                    info: info.to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Logs in to the current controller (a fresh session, for checks).
     pub fn session(&self) -> Result<Arc<Session>, FaultError> {
         let controller = self.controller()?;
@@ -335,6 +406,22 @@ impl FaultVolume {
             self.cluster.start_replica(i)?;
         }
         Ok(audit)
+    }
+
+    /// Grows the volume by `by` with `basalt volume expand`, while I/O goes on, and the ledger with it (the
+    /// new blocks read as zeros); returns the new size in bytes.
+    pub fn expand(&self, by: ByteSize) -> Result<u64, FaultError> {
+        let size = self.info()?["size_bytes"].as_u64().unwrap_or(0);
+        let to = size + by.bytes();
+        let api = self.controller()?.api.to_string();
+        let mut cmd = std::process::Command::new(basalt_binary()?);
+        cmd.args(["volume", "expand", "--api", &api, "--size", &to.to_string()]);
+        run_checked(&mut cmd)?;
+        self.ledger
+            .lock()
+            .expect("ledger lock")
+            .grow(to / BLOCK_BYTES as u64);
+        Ok(to)
     }
 
     /// `basalt snapshot create NAME`; `Ok(false)` if the controller refused (e.g. a rebuild is running).

@@ -110,8 +110,9 @@ impl std::fmt::Display for CommandOutcome {
     }
 }
 
-/// Sense key UNIT ATTENTION: a new nexus is told once about the power-on reset; retried at login.
-const UNIT_ATTENTION: u8 = 0x6;
+/// Sense key UNIT ATTENTION: a new nexus is told once about the power-on reset (retried at login), every
+/// nexus about a grown capacity (the workload retries).
+pub const UNIT_ATTENTION: u8 = 0x6;
 
 /// A command waiting for its status: the Data-In received so far and who to tell.
 struct Pending {
@@ -327,6 +328,16 @@ impl Session {
             .await
     }
 
+    /// READ CAPACITY(16): GOOD with the 32-byte parameter data (see [`capacity_blocks`]), or the unit
+    /// attention a grown volume raises first (CAPACITY DATA HAS CHANGED).
+    pub async fn read_capacity(&self) -> CommandOutcome {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x9e;
+        cdb[1] = 0x10;
+        cdb[13] = 32;
+        self.command(&cdb, CommandKind::Read(32), Bytes::new()).await
+    }
+
     /// SYNCHRONIZE CACHE(10) of the whole LUN: GOOD means every write acknowledged before it was sent is
     /// durable on the replicas.
     pub async fn flush(&self) -> CommandOutcome {
@@ -378,6 +389,17 @@ impl Session {
         }
         // The reader (or `die`) always resolves the sender; a dropped sender means the session died.
         rx.await.unwrap_or(CommandOutcome::Disconnected)
+    }
+}
+
+/// The number of logical blocks a GOOD READ CAPACITY(16) reports (its last LBA plus one).
+pub fn capacity_blocks(outcome: &CommandOutcome) -> Option<u64> {
+    match outcome {
+        CommandOutcome::Good(data) => data
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(|b| u64::from_be_bytes(b) + 1),
+        _ => None,
     }
 }
 

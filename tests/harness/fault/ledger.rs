@@ -247,6 +247,14 @@ impl Ledger {
         self.blocks.len() as u64
     }
 
+    /// The volume grew to `blocks` blocks: the new ones are zeros, never written (a volume never shrinks, so
+    /// a smaller count changes nothing).
+    pub fn grow(&mut self, blocks: u64) {
+        if blocks as usize > self.blocks.len() {
+            self.blocks.resize(blocks as usize, BlockRecord::default());
+        }
+    }
+
     /// Claims `count` blocks from `first` for one write, if none has a write in flight; returns the new
     /// generation of each block. The claim ends with [`Ledger::acknowledged`] or [`Ledger::unresolved`].
     pub fn reserve(&mut self, first: BlockIndex, count: u64) -> Option<Vec<Generation>> {

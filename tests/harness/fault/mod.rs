@@ -26,7 +26,7 @@ pub mod workload;
 use std::time::Duration;
 
 pub use fixture::FaultVolume;
-pub use initiator::{CommandOutcome, InitiatorError, Session};
+pub use initiator::{capacity_blocks, CommandOutcome, InitiatorError, Session};
 pub use ledger::{BlockIndex, Generation, Ledger, Loss, LossKind};
 pub use proxy::{Link, Proxy};
 pub use soak::{FaultKind, Plan, Schedule, SoakConfig, SoakReport};
@@ -48,6 +48,15 @@ pub enum FaultError {
     NotHealed { waited: Duration, info: String },
     #[error("replica audit failed: {0}")]
     Audit(String),
+    #[error(
+        "{what} did not happen within {waited:?} (workload so far: {stats}; last `volume info`: {info})"
+    )]
+    NoProgress {
+        what: String,
+        waited: Duration,
+        stats: String,
+        info: String,
+    },
     #[error("seed {seed:#x}, episode {episode} [{plan}]: {source}; replay with BASALT_FAULT_SEED={seed:#x}")]
     Episode {
         seed: u64,

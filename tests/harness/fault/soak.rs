@@ -39,17 +39,26 @@ pub enum FaultKind {
     BlackholeReplica,
     /// SIGKILL the controller and start a new one; the initiator logs in to the new portal.
     KillController,
+    /// SIGKILL a replica, grow the volume online while it is down (the initiator's session sees the unit
+    /// attention, later episodes write past the old end), then restart it with its old --size: it is grown
+    /// and rebuilt.
+    ExpandVolume,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::KillReplica,
         FaultKind::HangReplica,
         FaultKind::CutReplica,
         FaultKind::BlackholeReplica,
         FaultKind::KillController,
+        FaultKind::ExpandVolume,
     ];
 }
+
+/// How much an [`FaultKind::ExpandVolume`] episode grows the volume: a few episodes' worth stays small
+/// enough for the whole-volume read-back and the audits.
+const EXPANSION: ByteSize = ByteSize::mib(4);
 
 /// One episode's schedule.
 #[derive(Clone, Debug)]
@@ -106,7 +115,7 @@ impl Schedule {
         let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..=hi));
         let timeout = REPLICA_TIMEOUT.as_millis() as u64;
         let hold = match kind {
-            FaultKind::KillReplica => ms(&mut self.rng, 300, 3000),
+            FaultKind::KillReplica | FaultKind::ExpandVolume => ms(&mut self.rng, 300, 3000),
             // Both sides of --replica-timeout: a short stall the controller rides out, or a drop + rebuild.
             FaultKind::HangReplica | FaultKind::BlackholeReplica => ms(&mut self.rng, 500, 2 * timeout),
             FaultKind::CutReplica => ms(&mut self.rng, 300, 3000),
@@ -425,6 +434,16 @@ fn run_episode(
             volume.set_link(r, Link::Blackhole);
             hold(volume, plan, &mut snapshot, report)?;
             volume.set_link(r, Link::Up);
+        }
+        FaultKind::ExpandVolume => {
+            volume.kill_replica(r);
+            std::thread::sleep(plan.hold / 2);
+            let size = volume.expand(EXPANSION)?;
+            if config.verbose {
+                eprintln!("fault harness: episode {episode}: volume grown to {size} bytes");
+            }
+            hold(volume, plan, &mut snapshot, report)?;
+            volume.restart_replica(r)?;
         }
         FaultKind::KillController => {
             volume.kill_controller();

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::initiator::{CommandOutcome, InitiatorError, Session, MAX_WRITE_BYTES};
+use super::initiator::{CommandOutcome, InitiatorError, Session, MAX_WRITE_BYTES, UNIT_ATTENTION};
 use super::ledger::{decode_block, encode_blocks, BlockIndex, Decoded, Ledger, Loss, BLOCK_BYTES};
 
 /// Longest a single command may stay unanswered. A hung replica is dropped after the controller's
@@ -217,6 +217,9 @@ async fn run_worker(w: Worker, mut rng: StdRng) -> Result<(), InitiatorError> {
             if outcome.is_good() {
                 w.ledger.lock().expect("ledger lock").flush_completed(covers);
                 w.stats.flushes_ok.fetch_add(1, Ordering::Relaxed);
+            } else if is_unit_attention(&outcome) {
+                // Not executed: the target tells of a change (a grown capacity) first, as SCSI says.
+                continue;
             } else {
                 w.stats.flushes_failed.fetch_add(1, Ordering::Relaxed);
                 if outcome != CommandOutcome::Disconnected {
@@ -253,6 +256,12 @@ async fn run_worker(w: Worker, mut rng: StdRng) -> Result<(), InitiatorError> {
                 w.ledger.lock().expect("ledger lock").unresolved(first, count);
                 w.stats.writes_unknown.fetch_add(1, Ordering::Relaxed);
             }
+            // Not executed (the target tells of a change first, e.g. a grown capacity): the write never
+            // happened, so its generation stays merely possible, and the worker goes on as an initiator's
+            // mid-layer does, without counting a failure.
+            ref ua if is_unit_attention(ua) => {
+                w.ledger.lock().expect("ledger lock").unresolved(first, count);
+            }
             _ => {
                 w.ledger.lock().expect("ledger lock").unresolved(first, count);
                 w.stats.writes_failed.fetch_add(1, Ordering::Relaxed);
@@ -260,6 +269,26 @@ async fn run_worker(w: Worker, mut rng: StdRng) -> Result<(), InitiatorError> {
             }
         }
     }
+}
+
+fn is_unit_attention(outcome: &CommandOutcome) -> bool {
+    matches!(outcome, CommandOutcome::CheckCondition { key, .. } if *key == UNIT_ATTENTION)
+}
+
+/// A READ(16), issued again after a unit attention (which it was refused for, unexecuted).
+async fn read_past_attentions(
+    session: &Session,
+    lba: u64,
+    blocks: u32,
+) -> Result<CommandOutcome, InitiatorError> {
+    // A nexus holds a few attentions at most (power on, capacity changed); more means a loop.
+    for _ in 0..4 {
+        let outcome = within_timeout("a READ(16)", session.read(lba, blocks)).await?;
+        if !is_unit_attention(&outcome) {
+            return Ok(outcome);
+        }
+    }
+    within_timeout("a READ(16)", session.read(lba, blocks)).await
 }
 
 async fn within_timeout(
@@ -310,7 +339,7 @@ pub async fn read_back(
             let first = next;
             reads.spawn(async move {
                 let lbas = (count * (BLOCK_BYTES as u64 / 512)) as u32;
-                let outcome = within_timeout("a READ(16)", session.read(BlockIndex(first).lba(), lbas)).await;
+                let outcome = read_past_attentions(&session, BlockIndex(first).lba(), lbas).await;
                 (first, count, outcome)
             });
             next += count;

@@ -397,6 +397,21 @@ impl Layout {
         self.data_offset() + volume_bytes.div_ceil(c) * c + 2 * log + 2 * c
     }
 
+    /// The largest volume (a multiple of 4 KiB) whose [`Layout::needed_bytes`] fit on the device.
+    fn max_volume_bytes(&self) -> u64 {
+        // needed_bytes grows with the volume: a binary search over 4 KiB blocks.
+        let (mut fits, mut too_big) = (0u64, self.device_bytes / 4096 + 1);
+        while too_big - fits > 1 {
+            let mid = fits + (too_big - fits) / 2;
+            if self.needed_bytes(mid * 4096) <= self.device_bytes {
+                fits = mid;
+            } else {
+                too_big = mid;
+            }
+        }
+        fits * 4096
+    }
+
     fn encode(&self) -> [u8; SUPER_LEN] {
         let mut out = [0u8; SUPER_LEN];
         out[0..8].copy_from_slice(SUPER_MAGIC);
@@ -1349,6 +1364,12 @@ impl Backend for BlockBackend {
 
     fn location(&self) -> String {
         self.shared.medium.location()
+    }
+
+    /// The same bound [`BlockBackend::open`] checks a volume against at start (see
+    /// [`Layout::needed_bytes`]), so that a volume grown to it still opens on this device.
+    fn max_volume_bytes(&self) -> Option<u64> {
+        Some(self.shared.layout.max_volume_bytes())
     }
 }
 

@@ -353,3 +353,46 @@ fn a_clone_smaller_than_its_source_is_refused_and_nothing_is_created() {
         Err(StoreError::NotAVolume { .. })
     ));
 }
+
+#[test]
+fn a_clone_grows_while_it_hydrates_and_after() {
+    let (src_dir, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = source(src_dir.path());
+    let (clone, direct) = clone_of(&source, dir.path(), SOURCE_BYTES);
+    clone.attach_source(direct.clone());
+    assert!(!hydrate(&clone, &source, 2, 1), "one step is not all of it");
+
+    // Grown mid-hydration: the blocks past the old end are the clone's own, never fetched.
+    clone.grow(2 * SOURCE_BYTES).unwrap();
+    assert!(clone.is_hydrating());
+    let past = SOURCE_BYTES / BLOCK_SIZE + 3;
+    let fetched = direct.blocks_read.load(Ordering::Relaxed);
+    assert_eq!(read_block(&clone, past), block(0), "new blocks read as zeros");
+    assert_eq!(
+        direct.blocks_read.load(Ordering::Relaxed),
+        fetched,
+        "past the source's end: never fetched"
+    );
+    clone.write(past * BLOCK_SIZE, &block(0xd3)).unwrap();
+    assert_eq!(read_block(&clone, 6), gold_view(6), "above the cursor: fetched");
+    assert!(hydrate(&clone, &source, 2, 1000));
+    assert_eq!(
+        clone.clone_status().unwrap().hydrated_bytes,
+        SOURCE_BYTES,
+        "hydration covers the source, not the grown size"
+    );
+    clone.flush().unwrap();
+    drop(clone);
+
+    // Reopened at its grown size without its source, then grown again as an ordinary volume.
+    let clone = Store::open(dir.path()).unwrap();
+    assert_eq!(clone.size_bytes(), 2 * SOURCE_BYTES);
+    assert!(!clone.is_hydrating());
+    for lba in 0..10 {
+        assert_eq!(read_block(&clone, lba), gold_view(lba), "block {lba}");
+    }
+    assert_eq!(read_block(&clone, past), block(0xd3));
+    clone.grow(3 * SOURCE_BYTES).unwrap();
+    assert_eq!(read_block(&clone, past), block(0xd3));
+    assert_eq!(read_block(&clone, 2 * SOURCE_BYTES / BLOCK_SIZE + 1), block(0));
+}
