@@ -8,12 +8,11 @@
 //! saying why, on a host that cannot run it: it never passes without having run.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use basalt_tests::host::LoopDevice;
 use basalt_tests::volume::{qemu_io, Cluster, Controller, Replica};
-use basalt_tests::{basalt_binary, ByteSize, Daemon, StopPolicy};
+use basalt_tests::{basalt_command, ByteSize, Daemon, StopPolicy};
 
 const VOLUME: ByteSize = ByteSize::mib(64);
 /// Room for the 64 MiB volume, its index logs and ~10 MiB of metadata (default 1 MiB clusters).
@@ -32,7 +31,7 @@ fn unsupported() -> Option<String> {
 }
 
 fn start_device_replica(cluster: &Cluster, device: &std::path::Path, addr: SocketAddr) -> Daemon {
-    let mut cmd = Command::new(basalt_binary().unwrap());
+    let mut cmd = basalt_command().unwrap();
     cmd.env("RUST_LOG", "info")
         .arg("replica")
         .arg("--device")
@@ -91,7 +90,8 @@ fn a_replica_on_a_loop_device_serves_a_volume_and_keeps_it_across_restarts() {
     });
 
     // A second replica on the same device is refused while the first holds it.
-    let second = Command::new(basalt_binary().unwrap())
+    let second = basalt_command()
+        .unwrap()
         .arg("replica")
         .arg("--device")
         .arg(&device)
@@ -127,7 +127,8 @@ fn a_replica_on_a_loop_device_serves_a_volume_and_keeps_it_across_restarts() {
 
     // `replica export --device` reads the stopped replica's volume.
     let image = cluster.log_dir().join("export.img");
-    let out = Command::new(basalt_binary().unwrap())
+    let out = basalt_command()
+        .unwrap()
         .args(["replica", "export", "--device"])
         .arg(&device)
         .arg("--out")

@@ -1,13 +1,14 @@
 //! Clones from a snapshot, end to end: a 3-replica clone of a snapshot of a 3-replica volume, each with
 //! its own controller, checked through qemu-io; the source snapshot held until the clone is hydrated;
-//! a clone replica killed mid-hydration; bad input refused with nothing created.
+//! a clone replica killed mid-hydration; bad input refused with nothing created. The clone is a volume
+//! with a secret of its own, and reads its source with the source volume's (a wrong one is refused).
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
+use basalt_tests::volume::CLONE_VOLUME_SECRET;
 use basalt_tests::volume::{qemu_io, replica_mode, snapshot_cli, volume_info, Cluster};
-use basalt_tests::{basalt_binary, wait_for, ByteSize, Result};
+use basalt_tests::{basalt_command, wait_for, ByteSize, Result, TEST_VOLUME_SECRET};
 use serde_json::Value;
 
 /// How long a clone may take to hydrate its source's 12 MiB at 2 MiB/s, on a loaded 2-core machine,
@@ -54,13 +55,8 @@ fn a_clone_serves_its_snapshot_at_once_hydrates_in_the_background_and_outlives_i
     assert!(qemu_io(&src.url, &["write -P 0xee 0 1M", "flush"])?.0);
 
     // The clone: larger than its source, its copy paced so that it is still running below.
-    let mut clone = Cluster::start_clone(
-        3,
-        ByteSize::mib(48),
-        &source.replica_addrs(),
-        "gold",
-        &["--hydrate-rate", "2M"],
-    )?;
+    let mut clone = Cluster::start_clone(3, ByteSize::mib(48), &source, "gold", &["--hydrate-rate", "2M"])?;
+    assert_ne!(clone.secret, source.secret, "the clone has a secret of its own");
     let cln = clone.start_controller(&[])?;
 
     // Usable at once: the snapshot's data, not what the source wrote after it.
@@ -173,10 +169,17 @@ fn a_clone_serves_its_snapshot_at_once_hydrates_in_the_background_and_outlives_i
     Ok(())
 }
 
-/// `basalt replica` as a clone with `args`, expected to fail: its stderr.
-fn clone_refused(dir: &std::path::Path, args: &[&str]) -> Result<String> {
+/// `basalt replica` as a clone with `args`, expected to fail: its stderr. The clone's own secret is
+/// [`CLONE_VOLUME_SECRET`]; `source_secret` goes in `BASALT_CLONE_SOURCE_SECRET` (none if `None`).
+fn clone_refused(dir: &std::path::Path, source_secret: Option<&str>, args: &[&str]) -> Result<String> {
     let listen = basalt_tests::free_local_addr()?;
-    let out = Command::new(basalt_binary()?)
+    let mut cmd = basalt_command()?;
+    cmd.env("BASALT_VOLUME_SECRET", CLONE_VOLUME_SECRET);
+    match source_secret {
+        Some(secret) => cmd.env("BASALT_CLONE_SOURCE_SECRET", secret),
+        None => cmd.env_remove("BASALT_CLONE_SOURCE_SECRET"),
+    };
+    let out = cmd
         .arg("replica")
         .arg("--dir")
         .arg(dir)
@@ -194,8 +197,8 @@ fn clone_refused(dir: &std::path::Path, args: &[&str]) -> Result<String> {
 }
 
 #[test]
-fn a_clone_of_a_missing_source_an_unknown_snapshot_or_too_small_is_refused_and_nothing_changes() -> Result<()>
-{
+fn a_clone_of_a_missing_source_an_unknown_snapshot_too_small_or_with_a_wrong_source_secret_is_refused_and_nothing_changes(
+) -> Result<()> {
     let mut source = Cluster::start(1, ByteSize::mib(16))?;
     let src = source.start_controller(&["--min-healthy", "1"])?;
     let (ok, out) = snapshot(src.api, &["create", "gold"]);
@@ -206,17 +209,20 @@ fn a_clone_of_a_missing_source_an_unknown_snapshot_or_too_small_is_refused_and_n
 
     let err = clone_refused(
         &dir,
+        Some(TEST_VOLUME_SECRET),
         &["--size", "16M", "--clone-from", &from, "--clone-snapshot", "nope"],
     )?;
     assert!(err.contains("no snapshot") && err.contains("nope"), "{err}");
     let err = clone_refused(
         &dir,
+        Some(TEST_VOLUME_SECRET),
         &["--size", "8M", "--clone-from", &from, "--clone-snapshot", "gold"],
     )?;
     assert!(err.contains("smaller than its source"), "{err}");
     let unreachable = basalt_tests::free_local_addr()?.to_string();
     let err = clone_refused(
         &dir,
+        Some(TEST_VOLUME_SECRET),
         &[
             "--size",
             "16M",
@@ -230,6 +236,7 @@ fn a_clone_of_a_missing_source_an_unknown_snapshot_or_too_small_is_refused_and_n
     let other = "0b0b0b0b-0b0b-4b0b-8b0b-0b0b0b0b0b0b";
     let err = clone_refused(
         &dir,
+        Some(TEST_VOLUME_SECRET),
         &[
             "--size",
             "16M",
@@ -245,6 +252,7 @@ fn a_clone_of_a_missing_source_an_unknown_snapshot_or_too_small_is_refused_and_n
     // A clone of two sources, one of them down: the reachable one is not left holding anything.
     let err = clone_refused(
         &dir,
+        Some(TEST_VOLUME_SECRET),
         &[
             "--size",
             "16M",
@@ -257,6 +265,38 @@ fn a_clone_of_a_missing_source_an_unknown_snapshot_or_too_small_is_refused_and_n
         ],
     )?;
     assert!(err.contains(&unreachable), "{err}");
+    // The source's secret: missing, or not the source volume's (the clone's own, the likely
+    // confusion; or a file that overrides the right one in the environment).
+    let clone_args = ["--size", "16M", "--clone-from", &from, "--clone-snapshot", "gold"];
+    let err = clone_refused(&dir, None, &clone_args)?;
+    assert!(
+        err.contains("--clone-source-secret-file") && err.contains("BASALT_CLONE_SOURCE_SECRET"),
+        "{err}"
+    );
+    let err = clone_refused(&dir, Some(CLONE_VOLUME_SECRET), &clone_args)?;
+    assert!(
+        err.contains(&from) && err.contains("source volume's secret"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(CLONE_VOLUME_SECRET),
+        "a secret is never shown: {err}"
+    );
+    let wrong = scratch.path().join("wrong-source-secret");
+    std::fs::write(&wrong, "not-the-source-volume-secret\n")
+        .map_err(basalt_tests::io("write a secret file"))?;
+    let wrong_flag = wrong.to_string_lossy().into_owned();
+    let mut with_file = clone_args.to_vec();
+    with_file.extend(["--clone-source-secret-file", &wrong_flag]);
+    let err = clone_refused(&dir, Some(TEST_VOLUME_SECRET), &with_file)?;
+    assert!(
+        err.contains(&from) && err.contains("source volume's secret"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-source-volume-secret"),
+        "a secret is never shown: {err}"
+    );
     assert!(holds(src.api).is_empty(), "a refused clone leaves no hold behind");
     let (ok, out) = snapshot(src.api, &["release", "gold", "--holder", "nobody"]);
     assert!(!ok && out.contains("no hold"), "{out}");

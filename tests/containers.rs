@@ -202,6 +202,8 @@ impl VolumeSet {
             .args(args)
             .env("BASALT_IMAGE", &self.image)
             .env("BASALT_VOLUME_ID", &self.volume_id)
+            .env("BASALT_VOLUME_SECRET", basalt_tests::TEST_VOLUME_SECRET)
+            .env("BASALT_API_TOKEN", basalt_tests::TEST_API_TOKEN)
             .env("BASALT_NAME", &self.name)
             .env("BASALT_SIZE", VOLUME_SIZE.to_string())
             .env("BASALT_ISCSI_PORT", self.iscsi_port.to_string())
@@ -468,6 +470,8 @@ fn host_names_resolve_inside_the_image() {
                 "--read-only",
                 "--network",
                 &tag,
+                "-e",
+                &format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET),
                 &image,
                 "health",
                 "--timeout",
@@ -665,6 +669,8 @@ fn new_controller_container_serves_flushed_data_at_a_higher_epoch() {
 
     // Another controller container (another name, another host port) on the same replicas.
     let name = format!("{}-controller2", set.project);
+    let secret_env = format!("BASALT_VOLUME_SECRET={}", basalt_tests::TEST_VOLUME_SECRET);
+    let token_env = format!("BASALT_API_TOKEN={}", basalt_tests::TEST_API_TOKEN);
     set.iscsi_port = basalt_tests::free_port().unwrap();
     let publish = format!("127.0.0.1:{}:3260", set.iscsi_port);
     set.extra.push(name.clone());
@@ -687,6 +693,10 @@ fn new_controller_container_serves_flushed_data_at_a_higher_epoch() {
         &publish,
         "-e",
         "BASALT_HEALTH_API=127.0.0.1:9600",
+        "-e",
+        &secret_env,
+        "-e",
+        &token_env,
         &set.image,
         "controller",
         "--name",

@@ -1,18 +1,18 @@
 //! Online expansion, end to end (`basalt volume expand`): real replica and controller processes, qemu-io
 //! through qemu's iSCSI driver, and the harness initiator keeping a session open across the grow.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use basalt_tests::fault::{capacity_blocks, CommandOutcome, Session};
 use basalt_tests::volume::{qemu_io, replica_mode, volume_info, Cluster, Controller};
-use basalt_tests::{basalt_binary, read_file, wait_for, ByteSize, Result};
+use basalt_tests::{basalt_command, read_file, wait_for, ByteSize, Result};
 
 const MIB: u64 = 1 << 20;
 
 /// `basalt volume expand --api ADDR --size SIZE`, whatever its exit status.
 fn expand(controller: &Controller, size: &str) -> Result<Output> {
-    let mut cmd = Command::new(basalt_binary()?);
+    let mut cmd = basalt_command()?;
     cmd.args([
         "volume",
         "expand",

@@ -56,7 +56,8 @@ fn helm(request: Value) -> Value {
 }
 
 /// The rendered objects of a release `name` in namespace `ns` with `values`; fails the test on any error.
-fn render_as(values: Value, name: &str, ns: &str) -> Rendered {
+fn render_as(mut values: Value, name: &str, ns: &str) -> Rendered {
+    with_auth(&mut values);
     let answer =
         helm(json!({"op": "render", "chart": chart_dir(), "values": values, "name": name, "namespace": ns}));
     assert_eq!(answer["ok"], true, "rendering failed: {}", answer["error"]);
@@ -74,6 +75,14 @@ fn render_as(values: Value, name: &str, ns: &str) -> Rendered {
 
 fn render(values: Value) -> Rendered {
     render_as(values, "vol1", "storage")
+}
+
+/// `values` with the (required) auth Secret named, unless the test names its own.
+fn with_auth(values: &mut Value) {
+    if let Some(map) = values.as_object_mut() {
+        map.entry("auth")
+            .or_insert_with(|| json!({"existingSecret": "vol1-auth"}));
+    }
 }
 
 /// The schema's verdict on `values`: Ok, or the error text.
@@ -164,7 +173,7 @@ fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
 
 #[test]
 fn chart_lints_clean_with_default_and_custom_values() {
-    for values in [
+    for mut values in [
         json!({}),
         json!({"replicas": {"count": 5, "zoneSpread": {"enabled": true}, "storage": {"type": "hostPath"}},
                "metrics": {"serviceMonitor": {"enabled": true}},
@@ -173,6 +182,7 @@ fn chart_lints_clean_with_default_and_custom_values() {
         json!({"replicas": {"storage": {"type": "blockDevice",
                "blockDevice": {"source": "hostPath", "path": "/dev/sdb", "format": true}}}}),
     ] {
+        with_auth(&mut values);
         let answer =
             helm(json!({"op": "lint", "chart": chart_dir(), "values": values, "namespace": "storage"}));
         assert_eq!(answer["ok"], true, "{answer}");
@@ -577,8 +587,11 @@ fn notes_tell_the_portal_and_iqn() {
 
 #[test]
 fn schema_rejects_bad_values_and_says_where() {
-    assert_eq!(validate(json!({})), Ok(()));
-    for (values, path) in [
+    assert_eq!(validate(json!({"auth": {"existingSecret": "a"}})), Ok(()));
+    // Without the auth Secret the chart refuses to install: no volume runs without a secret and a token.
+    let err = validate(json!({})).expect_err("the auth Secret is required");
+    assert!(err.contains("auth") && err.contains("existingSecret"), "{err}");
+    for (mut values, path) in [
         (json!({"replicas": {"count": 0}}), "/replicas/count"),
         (json!({"replicas": {"count": "three"}}), "/replicas/count"),
         (json!({"volume": {"size": "10 gigs"}}), "/volume/size"),
@@ -613,7 +626,9 @@ fn schema_rejects_bad_values_and_says_where() {
         ),
         (json!({"replicaCount": 3}), "replicaCount"),
         (json!({"chap": {"enabled": true}}), "/chap"),
+        (json!({"auth": {"existingSecret": ""}}), "/auth/existingSecret"),
     ] {
+        with_auth(&mut values);
         let err = validate(values.clone()).expect_err(&format!("{values} must be rejected"));
         assert!(
             err.contains(path),
@@ -623,4 +638,40 @@ fn schema_rejects_bad_values_and_says_where() {
     // And rendering refuses them too, as `helm install` would.
     let answer = helm(json!({"op": "render", "chart": chart_dir(), "values": {"replicas": {"count": 0}}}));
     assert_eq!(answer["ok"], false);
+}
+
+#[test]
+fn the_volume_secret_and_api_token_come_from_a_secret_never_the_command_line() {
+    let r =
+        render(json!({"auth": {"existingSecret": "db-auth", "volumeSecretKey": "vs", "apiTokenKey": "tok"}}));
+    let from = |workload: &Value, name: &str| {
+        container(workload)["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))["valueFrom"]["secretKeyRef"]
+            .clone()
+    };
+    assert_eq!(
+        from(r.controller(), "BASALT_VOLUME_SECRET"),
+        json!({"name": "db-auth", "key": "vs"})
+    );
+    assert_eq!(
+        from(r.controller(), "BASALT_API_TOKEN"),
+        json!({"name": "db-auth", "key": "tok"})
+    );
+    assert_eq!(
+        from(r.replicas(), "BASALT_VOLUME_SECRET"),
+        json!({"name": "db-auth", "key": "vs"})
+    );
+    for args in [r.controller_args(), r.replica_args()] {
+        assert!(
+            args.iter().all(|a| !a.contains("secret") && !a.contains("token")),
+            "no secret on the command line: {args:?}"
+        );
+    }
+    // The replicas' pods get no API token: they have no use for it.
+    let replica_env = container(r.replicas())["env"].as_array().expect("env").clone();
+    assert!(replica_env.iter().all(|e| e["name"] != "BASALT_API_TOKEN"));
 }

@@ -430,6 +430,37 @@ pub fn basalt_binary() -> Result<PathBuf> {
         .map_err(HarnessError::BasaltBuild)
 }
 
+/// The volume secret every volume the harness starts shares (replicas, controllers, probes), given
+/// through the environment as `basalt volume up` does. A fixed value: each test's volume has its own UUID,
+/// and the secret only has to be the same on both sides.
+pub const TEST_VOLUME_SECRET: &str = "basalt-e2e-test-volume-secret";
+/// The management API token of every controller the harness starts.
+pub const TEST_API_TOKEN: &str = "basalt-e2e-test-api-token";
+
+/// Attaches the harness's API token to a gRPC call (the controller refuses calls without it): the
+/// interceptor of every management API client a test or benchmark opens itself.
+pub type AddApiToken = fn(tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status>;
+
+/// The [`AddApiToken`] interceptor: `authorization: Bearer TEST_API_TOKEN`.
+pub fn add_api_token(
+    mut request: tonic::Request<()>,
+) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {TEST_API_TOKEN}")
+        .parse()
+        .map_err(|_| tonic::Status::internal("the test API token is not a header value"))?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// A `basalt` command with the harness's volume secret and API token in its environment
+/// (`BASALT_VOLUME_SECRET`, `BASALT_API_TOKEN`): what every role and every CLI call needs.
+pub fn basalt_command() -> Result<Command> {
+    let mut cmd = Command::new(basalt_binary()?);
+    cmd.env("BASALT_VOLUME_SECRET", TEST_VOLUME_SECRET)
+        .env("BASALT_API_TOKEN", TEST_API_TOKEN);
+    Ok(cmd)
+}
+
 fn build_basalt() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("BASALT_BIN") {
         return require_tool(&bin.to_string_lossy());
@@ -735,7 +766,7 @@ impl Lun {
                 self.server = Some(server);
             }
             TargetKind::BasaltServeFile => {
-                let mut cmd = Command::new(basalt_binary()?);
+                let mut cmd = basalt_command()?;
                 cmd.arg("serve-file")
                     .arg("--file")
                     .arg(&self.backing)

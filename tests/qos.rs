@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use basalt_proto::pb::controller as pb;
@@ -15,7 +14,7 @@ use basalt_proto::pb::controller::controller_service_client::ControllerServiceCl
 use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
 use basalt_tests::volume::{volume_info, Cluster};
 use basalt_tests::{
-    basalt_binary, fio_libiscsi, free_local_addr, io, run_checked, ByteSize, IscsiUrl, Result,
+    basalt_command, fio_libiscsi, free_local_addr, io, run_checked, ByteSize, IscsiUrl, Result,
 };
 use serde_json::Value;
 
@@ -39,7 +38,7 @@ fn timed_writes(url: &IscsiUrl, log_dir: &std::path::Path, name: &str, n: u64) -
 
 /// `basalt volume qos --api API ARGS...`: exit status, stdout, stderr.
 fn volume_qos(api: SocketAddr, args: &[&str]) -> Result<(bool, String, String)> {
-    let mut cmd = Command::new(basalt_binary()?);
+    let mut cmd = basalt_command()?;
     cmd.args(["volume", "qos", "--api", &api.to_string()]).args(args);
     let out = cmd.output().map_err(io("run basalt volume qos"))?;
     Ok((
@@ -127,7 +126,7 @@ fn a_write_iops_limit_throttles_fio_and_changes_and_clears_at_run_time() -> Resu
         exported.is_some_and(|s| s > 0.0),
         "throttled time exported: {exported:?}"
     );
-    let mut cmd = Command::new(basalt_binary()?);
+    let mut cmd = basalt_command()?;
     cmd.args(["volume", "info", "--api", &api.to_string()]);
     let text = String::from_utf8_lossy(&run_checked(&mut cmd)?.stdout).into_owned();
     assert!(
@@ -215,7 +214,7 @@ fn bad_limits_are_refused_by_the_cli_and_the_api_and_change_nothing() -> Result<
         ],
         vec!["volume", "up", "--name", "x", "--size", "16M", "--qos-bps", "1"],
     ] {
-        let out = Command::new(basalt_binary()?)
+        let out = basalt_command()?
             .args(&args)
             .current_dir(cluster.log_dir())
             .output()
@@ -231,9 +230,15 @@ fn bad_limits_are_refused_by_the_cli_and_the_api_and_change_nothing() -> Result<
         .build()
         .map_err(io("start a runtime"))?;
     runtime.block_on(async {
-        let mut client = ControllerServiceClient::connect(format!("http://{api}"))
+        let channel = tonic::transport::Channel::from_shared(format!("http://{api}"))
+            .expect("a valid URI")
+            .connect()
             .await
             .expect("the controller's API answers");
+        let mut client = ControllerServiceClient::with_interceptor(
+            channel,
+            basalt_tests::add_api_token as basalt_tests::AddApiToken,
+        );
         let limit = |rate, burst| Some(pb::QosLimit { rate, burst });
         for (limits, field) in [
             (

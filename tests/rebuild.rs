@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_tests::volume::{qemu_io, replica_mode, volume_info, Cluster, Replica};
-use basalt_tests::{basalt_binary, free_local_addr, read_file, run_checked, wait_for, ByteSize, Result};
+use basalt_tests::{basalt_command, free_local_addr, read_file, run_checked, wait_for, ByteSize, Result};
 
 /// Export every listed replica (all stopped) and assert they hold identical bytes.
 fn assert_replicas_identical(cluster: &Cluster, which: &[usize]) -> Result<()> {
@@ -140,7 +140,7 @@ fn replica_add_rebuilds_a_new_empty_replica() -> Result<()> {
         daemon: None,
     });
     cluster.start_replica(2)?;
-    let mut add = Command::new(basalt_binary()?);
+    let mut add = basalt_command()?;
     add.args([
         "replica",
         "add",
@@ -167,7 +167,7 @@ fn replica_add_rebuilds_a_new_empty_replica() -> Result<()> {
 
 /// `basalt snapshot ARGS... --api API`, returning (success, stdout + stderr).
 fn snapshot(api: std::net::SocketAddr, args: &[&str]) -> Result<(bool, String)> {
-    let out = Command::new(basalt_binary()?)
+    let out = basalt_command()?
         .arg("snapshot")
         .args(args)
         .args(["--api", &api.to_string()])
@@ -204,7 +204,7 @@ fn assert_snapshot_identical(cluster: &Cluster, which: &[usize], name: &str) -> 
     let mut images = Vec::new();
     for &i in which {
         let out = cluster.dir.path().join(format!("{name}-r{}.img", i + 1));
-        let mut export = Command::new(basalt_binary()?);
+        let mut export = basalt_command()?;
         export
             .args(["replica", "export", "--snapshot", name, "--dir"])
             .arg(&cluster.replicas[i].dir);

@@ -6,12 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use basalt_tests::volume::{qemu_io, volume_info, Cluster};
-use basalt_tests::{basalt_binary, read_file, require_tool, wait_for, ByteSize, Result};
+use basalt_tests::{basalt_command, read_file, require_tool, wait_for, ByteSize, Result};
 use serde_json::Value;
 
 /// `basalt snapshot ARGS... --api API`, returning (success, stdout + stderr).
 fn snapshot(api: std::net::SocketAddr, args: &[&str]) -> Result<(bool, String)> {
-    let out = Command::new(basalt_binary()?)
+    let out = basalt_command()?
         .arg("snapshot")
         .args(args)
         .args(["--api", &api.to_string()])
@@ -89,7 +89,7 @@ fn snapshots_are_taken_listed_and_merged_away_on_every_replica() -> Result<()> {
     for i in 0..3 {
         let dir = &cluster.replicas[i].dir;
         let out = cluster.dir.path().join(format!("after-r{i}.img"));
-        let mut export = Command::new(basalt_binary()?);
+        let mut export = basalt_command()?;
         export
             .args(["replica", "export", "--snapshot", "after", "--dir"])
             .arg(dir)

@@ -15,12 +15,11 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use basalt_tests::fio::{Direction, Extent, FioJob, Pattern, Verify};
-use basalt_tests::{basalt_binary, fio_libiscsi, run_checked, ByteSize, Lun, TargetKind};
+use basalt_tests::{basalt_command, fio_libiscsi, run_checked, ByteSize, Lun, TargetKind};
 
 /// The IOPS limit the 4 KiB jobs run under (issue 14's figure).
 const LIMIT_IOPS: u64 = 2_000;
@@ -62,7 +61,7 @@ const SETTINGS: [&str; 3] = ["none", "high", "limited"];
 
 /// Set the volume's limits for `setting` with `basalt volume qos` (replacing whatever was set).
 fn apply(api: SocketAddr, setting: &str, job: &QosJob) -> anyhow::Result<()> {
-    let mut cmd = Command::new(basalt_binary()?);
+    let mut cmd = basalt_command()?;
     cmd.args(["volume", "qos", "--api", &api.to_string(), "--clear"]);
     match setting {
         "none" => {}

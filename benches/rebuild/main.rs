@@ -32,9 +32,10 @@ use basalt_proto::pb::controller::controller_service_client::ControllerServiceCl
 use basalt_proto::pb::controller::VolumeInfoRequest;
 use basalt_tests::fio::{Extent, FioJob, Pattern, Verify};
 use basalt_tests::volume::{qemu_io, Cluster, Controller};
-use basalt_tests::{basalt_binary, die_with_parent, fio_libiscsi, run_checked, ByteSize};
+use basalt_tests::{basalt_binary, basalt_command, die_with_parent, fio_libiscsi, run_checked, ByteSize};
 use clap::Parser;
 use serde_json::Value;
+use tonic::service::interceptor::InterceptedService;
 
 /// Rebuild and snapshot-pause benchmarks of a 3-replica Basalt volume (run via benches/rebuild/run.sh).
 #[derive(Parser, Debug)]
@@ -336,7 +337,7 @@ fn restart_victim(cluster: &mut Cluster, controller: &Controller) -> anyhow::Res
 /// The replica modes the controller reports, over one kept gRPC connection.
 struct ModeProbe {
     runtime: tokio::runtime::Runtime,
-    client: ControllerServiceClient<tonic::transport::Channel>,
+    client: ControllerServiceClient<InterceptedService<tonic::transport::Channel, basalt_tests::AddApiToken>>,
 }
 
 impl ModeProbe {
@@ -344,9 +345,13 @@ impl ModeProbe {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let client = runtime
-            .block_on(ControllerServiceClient::connect(format!("http://{api}")))
+        let channel = runtime
+            .block_on(tonic::transport::Channel::from_shared(format!("http://{api}"))?.connect())
             .with_context(|| format!("connect to the controller's API at {api}"))?;
+        let client = ControllerServiceClient::with_interceptor(
+            channel,
+            basalt_tests::add_api_token as basalt_tests::AddApiToken,
+        );
         Ok(ModeProbe { runtime, client })
     }
 
@@ -589,7 +594,7 @@ fn snapshot_pause(
     let from = unix_ms();
     let mut creates = Vec::new();
     for i in 0..args.snapshots {
-        let mut cmd = Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.args(["snapshot", "create", "--api", &controller.api.to_string()])
             .arg(format!("bench-{i}"));
         let start = Instant::now();

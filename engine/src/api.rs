@@ -262,6 +262,7 @@ impl ControllerService for Api {
             }
             ReplicaMode::Error { .. } => {}
         }
+        self.record_membership(&format!("replica add {address}")).await?;
         self.rebuilder.start(&self.volume, index, address.clone());
         Ok(Response::new(pb::ReplicaReply {
             message: format!("replica {address} added; rebuilding (watch with `basalt volume info --watch`)"),
@@ -284,6 +285,7 @@ impl ControllerService for Api {
                 RemoveError::Volume(e) => volume_status(e),
             });
         }
+        self.record_membership(&format!("replica rm {address}")).await?;
         Ok(Response::new(pb::ReplicaReply {
             message: format!("replica {address} removed from the volume"),
         }))
@@ -627,5 +629,56 @@ fn qos_stats(m: &crate::volume::metrics::VolumeMetrics) -> pb::QosStats {
         write_throttled_seconds: m.throttled_seconds(Direction::Write),
         read_waiting: m.qos_waiting(Direction::Read),
         write_waiting: m.qos_waiting(Direction::Write),
+    }
+}
+
+impl Api {
+    /// Records the volume's members (every replica it knows and was not removed) on every active
+    /// replica, durably, under the next membership generation: a controller started later with a stale
+    /// `--replica` list follows it (see `crate::controller`). Fails unless at least `min_healthy`
+    /// replicas recorded it -- a majority, of which any later majority holds at least one -- so that a
+    /// change the API acknowledges is one a restarted controller finds.
+    async fn record_membership(&self, change: &str) -> Result<(), Status> {
+        let mut generation = self.volume.membership.lock().await;
+        let status = self
+            .volume
+            .status()
+            .await
+            .ok_or_else(|| Status::unavailable("the volume is shutting down"))?;
+        let members: Vec<String> = status
+            .replicas
+            .iter()
+            .map(|r| r.address.clone())
+            .filter(|a| !self.rebuilder.is_forgotten(a))
+            .collect();
+        let next = *generation + 1;
+        let membership = rpb::Membership {
+            generation: next,
+            members: members.clone(),
+            epoch: self.volume.spec().epoch.0,
+        };
+        let results = self
+            .volume
+            .control(ControlOp::SetMembership(membership))
+            .await
+            .map_err(volume_status)?;
+        let recorded = results.iter().filter(|(_, r)| r.is_ok()).count();
+        for (c, e) in results
+            .iter()
+            .filter_map(|(c, r)| r.as_ref().err().map(|e| (c, e)))
+        {
+            let addr = status.replicas.get(*c).map(|r| r.address.as_str()).unwrap_or("?");
+            tracing::warn!(replica = %addr, error = %e, "replica did not record the new membership");
+        }
+        if recorded == 0 || recorded < status.min_healthy {
+            return Err(Status::unavailable(format!(
+                "{change}: the new membership was recorded by {recorded} replicas, fewer than min-healthy ({}); \
+                 a restarted controller might not follow it. Bring replicas back and repeat the command",
+                status.min_healthy
+            )));
+        }
+        *generation = next;
+        tracing::info!(generation = next, members = %members.join(", "), %change, "membership recorded");
+        Ok(())
     }
 }

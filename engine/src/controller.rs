@@ -3,10 +3,18 @@
 //! others with it, then serve.
 //!
 //! 1. Survey: every replica that answers within the startup wait, with the
-//!    volume's UUID (`--volume-id`, or the one most replicas share), is
-//!    usable; the others are logged with the reason and left in ERR (they are
-//!    re-added when they answer again).
-//!    The volume's size is the largest among the usable replicas: an
+//!    volume's UUID (`--volume-id`, or the one most replicas share) and size,
+//!    is usable; the others are logged with the reason and left in ERR (they
+//!    are re-added when they answer again). Every connection proves the
+//!    volume's secret both ways (`basalt_proto::auth`).
+//!    Membership: each replica reports the membership it last recorded
+//!    (`replica add` / `rm` write one to every active replica); the newest
+//!    one found -- highest generation, ties broken by the epoch it was
+//!    written at -- names the volume's replicas, whatever `--replica` says: a
+//!    listed replica that is not a member is not used (the log says why), a
+//!    member missing from the list is surveyed and used all the same. When
+//!    no replica has recorded one (a new volume), the list is the membership.
+//!    The volume's size is the largest among the usable members: an
 //!    expansion is acknowledged only once every active replica grew, so the
 //!    largest is the latest (one that was started and not finished counts
 //!    too: it is finished, never undone). `--size` is the size of a new
@@ -34,7 +42,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use basalt_proto::frame::Message;
+use basalt_proto::auth::VolumeSecret;
+use basalt_proto::frame::{Message, ReplyError};
+use basalt_proto::pb::replica::Membership;
 use basalt_proto::{Epoch, VolumeId};
 
 use crate::name::VolumeName;
@@ -51,11 +61,15 @@ pub struct ControllerConfig {
     pub replicas: Vec<String>,
     /// The volume's UUID; `None` to take the one most replicas report.
     pub volume_id: Option<VolumeId>,
-    pub min_healthy: usize,
+    /// Fewest read-write replicas to serve; `None`: a majority of the members.
+    pub min_healthy: Option<usize>,
     pub replica_timeout: Duration,
     /// How long to wait for every replica to answer at start before going
     /// on with those that did.
     pub startup_wait: Duration,
+    /// The volume's secret: the controller proves it to every replica, and
+    /// every replica proves it back.
+    pub secret: VolumeSecret,
 }
 
 /// Why the controller cannot start serving.
@@ -77,6 +91,8 @@ pub enum StartError {
          serves"
     )]
     AmbiguousVolume { found: String },
+    #[error("--min-healthy is {min_healthy}, but the volume has {members} replicas; give at most {members}")]
+    MinHealthy { min_healthy: usize, members: usize },
     #[error(
         "--size is {asked} bytes but the replicas hold a {holds}-byte volume: a controller does not grow a volume \
          when it starts. Start it with --size {holds} (or less) and grow the volume with `basalt volume expand \
@@ -97,9 +113,50 @@ pub fn volume_size(asked: u64, usable: impl IntoIterator<Item = u64>) -> Result<
     }
 }
 
+/// The newest of the memberships the replicas recorded: the highest generation, ties broken by the
+/// epoch it was written at (two controllers that each recorded the same generation: the newer one wins).
+pub fn newest_membership<'a>(found: impl IntoIterator<Item = &'a Membership>) -> Option<&'a Membership> {
+    found.into_iter().max_by_key(|m| (m.generation, m.epoch))
+}
+
+/// Which replicas a controller uses, given its `--replica` list and the newest recorded membership.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MemberPlan {
+    /// The volume's replicas: the listed members in list order, then members the list lacks.
+    pub members: Vec<String>,
+    /// Listed replicas that are not members: not used.
+    pub not_members: Vec<String>,
+    /// Members the list lacks: used all the same.
+    pub unlisted: Vec<String>,
+}
+
+/// The replicas to use: the membership's when one was recorded, else the list (a new volume).
+pub fn plan_members(listed: &[String], newest: Option<&Membership>) -> MemberPlan {
+    let Some(m) = newest else {
+        return MemberPlan {
+            members: listed.to_vec(),
+            not_members: Vec::new(),
+            unlisted: Vec::new(),
+        };
+    };
+    let (kept, not_members): (Vec<String>, Vec<String>) =
+        listed.iter().cloned().partition(|a| m.members.contains(a));
+    let unlisted: Vec<String> = m
+        .members
+        .iter()
+        .filter(|a| !listed.contains(a))
+        .cloned()
+        .collect();
+    MemberPlan {
+        members: kept.into_iter().chain(unlisted.iter().cloned()).collect(),
+        not_members,
+        unlisted,
+    }
+}
+
 /// Survey, choose, fence, and start the volume.
 pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError> {
-    let surveyed = survey(&config.replicas, config.startup_wait).await;
+    let surveyed = survey(&config.replicas, &config.secret, config.startup_wait).await;
 
     // Which volume is this? The one asked for, or the one most replicas hold.
     let volume = match config.volume_id {
@@ -126,8 +183,56 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         }
     };
 
+    // Whose replicas? The newest membership any replica of this volume recorded.
+    let newest = newest_membership(
+        surveyed
+            .iter()
+            .flatten()
+            .filter(|h| h.identity.volume == volume)
+            .filter_map(|h| h.membership.as_ref()),
+    )
+    .cloned();
+    let plan = plan_members(&config.replicas, newest.as_ref());
+    if let Some(m) = &newest {
+        for addr in &plan.not_members {
+            tracing::warn!(
+                replica = %addr, generation = m.generation, written_at_epoch = m.epoch,
+                "replica listed in --replica is not used: it is not a member of the volume (removed with \
+                 `basalt replica rm`; the newest recorded membership is {})", m.members.join(", ")
+            );
+        }
+        for addr in &plan.unlisted {
+            tracing::info!(
+                replica = %addr, generation = m.generation,
+                "replica missing from --replica is used: it is a member of the volume (added with \
+                 `basalt replica add`)"
+            );
+        }
+    }
+    let mut by_address: HashMap<String, Result<Handshaken, LinkError>> =
+        config.replicas.iter().cloned().zip(surveyed).collect();
+    let unlisted = survey(&plan.unlisted, &config.secret, config.startup_wait).await;
+    by_address.extend(plan.unlisted.iter().cloned().zip(unlisted));
+    let addresses = plan.members;
+    let min_healthy = config
+        .min_healthy
+        .unwrap_or(CoreConfig::majority(addresses.len()));
+    if min_healthy == 0 || min_healthy > addresses.len() {
+        return Err(StartError::MinHealthy {
+            min_healthy,
+            members: addresses.len(),
+        });
+    }
+    let surveyed = addresses.iter().map(|a| {
+        by_address.remove(a).unwrap_or_else(|| {
+            Err(LinkError::Protocol {
+                addr: a.clone(),
+                detail: "not surveyed".into(),
+            })
+        })
+    });
+
     let mut decisions: Vec<Result<Handshaken, String>> = surveyed
-        .into_iter()
         .map(|s| {
             let h = s.map_err(|e| format!("unreachable: {e}"))?;
             let id = h.identity;
@@ -158,7 +263,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
     // Fence first: raise every usable replica to the new epoch before any
     // I/O, the ones that are behind too -- an older controller that could
     // still reach them must not gather a majority of acknowledgements there.
-    for (addr, d) in config.replicas.iter().zip(decisions.iter_mut()) {
+    for (addr, d) in addresses.iter().zip(decisions.iter_mut()) {
         if let Ok(h) = d {
             let before = h.identity;
             if let Err(e) = h.raise_epoch(addr, epoch).await {
@@ -173,7 +278,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
 
     // A replica that missed an expansion (it was down, or the controller
     // died half-way through one) grows now, before it is read or rebuilt.
-    for (addr, d) in config.replicas.iter().zip(decisions.iter_mut()) {
+    for (addr, d) in addresses.iter().zip(decisions.iter_mut()) {
         if let Ok(h) = d {
             if h.identity.size_bytes < size {
                 let from = h.identity.size_bytes;
@@ -201,9 +306,8 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
     // majority of the replicas at least one holds every acknowledged write:
     // fewer reachable than --min-healthy and we cannot know which is latest.
     let usable = decisions.iter().filter(|d| d.is_ok()).count();
-    if usable < config.min_healthy {
-        let details = config
-            .replicas
+    if usable < min_healthy {
+        let details = addresses
             .iter()
             .zip(&decisions)
             .filter_map(|(a, d)| d.as_ref().err().map(|why| format!("{a}: {why}")))
@@ -211,8 +315,8 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
             .join("; ");
         return Err(StartError::TooFewReplicas {
             usable,
-            configured: config.replicas.len(),
-            min_healthy: config.min_healthy,
+            configured: addresses.len(),
+            min_healthy,
             details,
         });
     }
@@ -245,7 +349,7 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         .into_iter()
         .enumerate()
         .map(|(i, d)| {
-            let addr = &config.replicas[i];
+            let addr = &addresses[i];
             match d {
                 Ok(h) if i == reference => {
                     tracing::info!(
@@ -276,12 +380,14 @@ pub async fn assemble(config: &ControllerConfig) -> Result<Assembled, StartError
         name: config.name.clone(),
         volume,
         epoch,
-        addresses: config.replicas.clone(),
+        addresses,
+        secret: config.secret.clone(),
+        membership_generation: newest.map_or(0, |m| m.generation),
     };
     tracing::info!(volume = %volume, epoch = epoch.0, size_bytes = size, healthy = usable, "volume assembled");
     let core = CoreConfig {
         replica_timeout: config.replica_timeout,
-        min_healthy: config.min_healthy,
+        min_healthy,
     };
     Ok(Assembled {
         volume: Volume::start(spec, size, replicas, core),
@@ -320,7 +426,11 @@ pub async fn reconcile(assembled: &Assembled, rebuilder: &std::sync::Arc<Rebuild
 
 /// Say Hello to every replica (in parallel), retrying those that do not
 /// answer until `wait` has passed.
-async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, LinkError>> {
+async fn survey(
+    addrs: &[String],
+    secret: &VolumeSecret,
+    wait: Duration,
+) -> Vec<Result<Handshaken, LinkError>> {
     let deadline = Instant::now() + wait;
     let tasks = addrs.iter().map(|addr| {
         let addr = addr.clone();
@@ -331,9 +441,25 @@ async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, Link
                 // A writer from the start: this connection becomes the data
                 // link, and taking over as writer also shuts out whatever an
                 // older controller still has in flight to this replica.
-                match Handshaken::connect_writer(&addr, VolumeId(uuid::Uuid::nil()), Epoch(0), attempt).await
+                match Handshaken::connect_writer(
+                    &addr,
+                    VolumeId(uuid::Uuid::nil()),
+                    Epoch(0),
+                    secret,
+                    attempt,
+                )
+                .await
                 {
                     Ok(h) => return Ok(h),
+                    // A replica that does not know our secret (or finds ours wrong) will not learn it by
+                    // being asked again: say so at once.
+                    Err(
+                        e @ (LinkError::NotProven { .. }
+                        | LinkError::Refused {
+                            error: ReplyError::AuthFailed,
+                            ..
+                        }),
+                    ) => return Err(e),
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(e) => {
                         tracing::debug!(replica = %addr, error = %e, "replica not answering yet; retrying");
@@ -349,6 +475,52 @@ async fn survey(addrs: &[String], wait: Duration) -> Vec<Result<Handshaken, Link
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn membership(generation: u64, epoch: u64, members: &[&str]) -> Membership {
+        Membership {
+            generation,
+            members: members.iter().map(|s| s.to_string()).collect(),
+            epoch,
+        }
+    }
+
+    fn list(addrs: &[&str]) -> Vec<String> {
+        addrs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_highest_generation_wins_and_the_epoch_breaks_ties() {
+        let old = membership(2, 9, &["a", "b", "c"]);
+        let new = membership(3, 4, &["a", "b"]);
+        let tie_newer_epoch = membership(3, 5, &["a", "c"]);
+        assert_eq!(
+            newest_membership([&old, &new]),
+            Some(&new),
+            "generation first, not epoch"
+        );
+        assert_eq!(
+            newest_membership([&new, &tie_newer_epoch, &old]),
+            Some(&tie_newer_epoch)
+        );
+        assert_eq!(newest_membership(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn without_a_recorded_membership_the_list_is_the_membership() {
+        let plan = plan_members(&list(&["a", "b", "c"]), None);
+        assert_eq!(plan.members, list(&["a", "b", "c"]));
+        assert!(plan.not_members.is_empty() && plan.unlisted.is_empty());
+    }
+
+    #[test]
+    fn a_removed_replica_in_a_stale_list_is_not_used_and_an_added_one_is() {
+        // `replica rm c`, then `replica add d`: the controller restarts with the original list.
+        let m = membership(2, 7, &["a", "b", "d"]);
+        let plan = plan_members(&list(&["a", "b", "c"]), Some(&m));
+        assert_eq!(plan.members, list(&["a", "b", "d"]));
+        assert_eq!(plan.not_members, list(&["c"]));
+        assert_eq!(plan.unlisted, list(&["d"]));
+    }
 
     #[test]
     fn the_largest_replica_sets_the_size_and_a_larger_size_flag_is_refused() {

@@ -1,4 +1,8 @@
 //! A minimal HTTP endpoint for Prometheus scrapes: `GET /metrics`.
+//!
+//! It needs no token, unlike the management API (`crate::api_auth`): it only reads counters and gauges
+//! (I/O totals, replica modes, latencies), changes nothing, and answers nothing but `GET /metrics`, so a
+//! scraper cannot act on the volume through it; Prometheus scrapes without credentials by default.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -10,6 +10,7 @@
 //! 5. `basalt_replica::store` — each replica appends it to its head.
 
 pub mod api;
+pub mod api_auth;
 pub mod controller;
 pub mod http;
 pub mod name;

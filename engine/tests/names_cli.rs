@@ -4,8 +4,12 @@
 
 use std::process::{Command, Output};
 
+/// Run `basalt` with a volume secret and an API token in its environment (as `volume up` gives them),
+/// so that a refusal can only be the name's.
 fn basalt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .env("BASALT_VOLUME_SECRET", "names-cli-test-secret")
+        .env("BASALT_API_TOKEN", "names-cli-test-token")
         .args(args)
         .output()
         .expect("the basalt binary runs")

@@ -13,8 +13,17 @@ use basalt_replica::server::ReplicaClient;
 use basalt_replica::store::Store;
 use bytes::Bytes;
 
+/// The volume secret these replicas are started with (through the environment, as `volume up` does).
+const SECRET: &str = "replica-cli-test-secret";
+
+fn secret() -> basalt_proto::auth::VolumeSecret {
+    basalt_proto::auth::VolumeSecret::new(SECRET).unwrap()
+}
+
 fn basalt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_basalt"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_basalt"));
+    command.env("BASALT_VOLUME_SECRET", SECRET);
+    command
 }
 
 /// Starts `basalt replica` on a free port and returns it with its address.
@@ -51,7 +60,7 @@ fn sigterm_finishes_and_flushes_then_the_store_reopens_with_the_data() {
     let (mut child, addr) = start_replica(dir.path(), "16M");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let before = runtime.block_on(async {
-        let client = ReplicaClient::connect(addr, VolumeId(uuid::Uuid::nil()), Epoch(1))
+        let client = ReplicaClient::connect(addr, VolumeId(uuid::Uuid::nil()), Epoch(1), &secret())
             .await
             .unwrap();
         for i in 0..16u8 {
@@ -115,7 +124,7 @@ fn a_store_of_another_size_is_served_at_its_own_size_and_the_log_says_so() {
             .and_then(|a| a.trim().parse().ok())
             .unwrap_or_else(|| panic!("serves with --size {asked}: {line:?}"));
         let identity = runtime.block_on(async {
-            ReplicaClient::connect(addr, id, Epoch(1))
+            ReplicaClient::connect(addr, id, Epoch(1), &secret())
                 .await
                 .unwrap()
                 .identity()
@@ -135,4 +144,42 @@ fn a_store_of_another_size_is_served_at_its_own_size_and_the_log_says_so() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4 KiB"));
+}
+
+#[test]
+fn a_replica_without_a_usable_secret_refuses_to_start_and_says_how_to_give_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = basalt()
+        .env_remove("BASALT_VOLUME_SECRET")
+        .args(["replica", "--dir"])
+        .arg(dir.path())
+        .args(["--size", "16M", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--secret-file") && stderr.contains("BASALT_VOLUME_SECRET"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("volume.meta").exists(),
+        "nothing was created before the refusal"
+    );
+
+    let short = dir.path().join("short-secret");
+    std::fs::write(&short, "tooshort\n").unwrap();
+    let out = basalt()
+        .args(["replica", "--dir"])
+        .arg(dir.path().join("store"))
+        .args(["--size", "16M", "--listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("at least 16") && !stderr.contains("tooshort"),
+        "the refusal says why without showing the secret: {stderr}"
+    );
 }

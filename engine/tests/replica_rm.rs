@@ -6,17 +6,41 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_engine::api_auth::{ApiToken, RequireToken, WithToken};
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
 use basalt_engine::name::VolumeName;
 use basalt_engine::volume::rebuild::Rebuilder;
+use basalt_proto::auth::VolumeSecret;
 use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
 use basalt_proto::pb::controller::{ReplicaRequest, VolumeInfoRequest};
 use basalt_proto::VolumeId;
 use basalt_replica::server::{Metrics, Server};
 use basalt_replica::store::Store;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 const SIZE: u64 = 16 << 20;
+
+fn secret() -> VolumeSecret {
+    VolumeSecret::new("replica-rm-test-secret").unwrap()
+}
+
+fn token() -> ApiToken {
+    ApiToken::new("replica-rm-test-api-token").unwrap()
+}
+
+/// A management API client that carries the token, as the CLI's does.
+async fn api_client(
+    api: std::net::SocketAddr,
+) -> ControllerServiceClient<InterceptedService<Channel, WithToken>> {
+    let channel = Channel::from_shared(format!("http://{api}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ControllerServiceClient::with_interceptor(channel, WithToken(token()))
+}
 
 /// Three replica servers of one volume, each over its own store.
 async fn replicas(dir: &tempfile::TempDir, shutdown: &CancellationToken) -> Vec<String> {
@@ -24,9 +48,14 @@ async fn replicas(dir: &tempfile::TempDir, shutdown: &CancellationToken) -> Vec<
     let mut addrs = Vec::new();
     for i in 0..3 {
         let store = Store::create(&dir.path().join(format!("r{i}")), volume, SIZE).unwrap();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(store), Metrics::new())
-            .await
-            .unwrap();
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(store),
+            Metrics::new(),
+            secret(),
+        )
+        .await
+        .unwrap();
         addrs.push(server.local_addr().to_string());
         tokio::spawn(server.run(shutdown.clone()));
     }
@@ -43,9 +72,10 @@ async fn concurrent_removals_never_leave_fewer_read_write_replicas_than_min_heal
         size_bytes: SIZE,
         replicas: addrs.clone(),
         volume_id: None,
-        min_healthy: 2,
+        min_healthy: Some(2),
         replica_timeout: Duration::from_secs(5),
         startup_wait: Duration::from_secs(5),
+        secret: secret(),
     };
     let assembled = assemble(&config).await.unwrap();
     let rebuilder = Rebuilder::new();
@@ -64,22 +94,16 @@ async fn concurrent_removals_never_leave_fewer_read_write_replicas_than_min_heal
     });
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(api)
+            .add_service(InterceptedService::new(api, RequireToken(token())))
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
     );
-    let client = ControllerServiceClient::connect(format!("http://{api_addr}"))
-        .await
-        .unwrap();
+    let client = api_client(api_addr).await;
 
     // Every replica removed at once, each by its own client (as three
     // operators would): with min-healthy 2 of 3, exactly one may go.
     let mut clients = Vec::new();
     for _ in &addrs {
-        clients.push(
-            ControllerServiceClient::connect(format!("http://{api_addr}"))
-                .await
-                .unwrap(),
-        );
+        clients.push(api_client(api_addr).await);
     }
     let removals = addrs.iter().zip(clients).map(|(address, mut client)| {
         let request = ReplicaRequest {

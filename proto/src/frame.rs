@@ -51,7 +51,16 @@
 //! being deleted while a clone still needs it. A clone connects as a
 //! non-writer at epoch 0 (a survey) and these ops are not fenced by the
 //! epoch: the source's controller may change epochs meanwhile, and a
-//! snapshot's content never changes.
+//! snapshot's content never changes. It authenticates like every other
+//! client, with the source volume's secret.
+//!
+//! ## Authentication
+//!
+//! Hello carries the client's nonce; HelloOk the replica's nonce and its
+//! proof that it knows the volume's secret; the client answers with `Auth`,
+//! its own proof. Only a connection whose Auth was valid is served, and
+//! nothing a Hello asks for that changes the replica (raising the epoch,
+//! taking the writer role) happens before it: see [`crate::auth`].
 //!
 //! ## Pipelining
 //!
@@ -79,6 +88,7 @@ mod tests;
 
 use bytes::Bytes;
 
+use crate::auth::{Nonce, Proof};
 use crate::pb::replica as pb;
 use crate::{Epoch, Revision, VolumeId};
 
@@ -137,19 +147,21 @@ pub struct ProtocolVersion(pub u16);
 impl ProtocolVersion {
     /// The version this build speaks best.
     ///
-    /// v3 added the day-two operations (`Resize` for an expansion; `SnapshotRuns`, `ReadSnapshot`,
-    /// `SnapshotHold`, `SnapshotRelease` and `HoldList` for clones from a snapshot); a v2 replica
-    /// would refuse them as unknown ops and close the connection mid-way, so the two sides must
-    /// disagree at the first frame instead.
+    /// v3 added the day-two operations: growing a replica online (`Resize`), authenticating both
+    /// sides of every connection (`Auth`, nonces and proofs in Hello), recording the volume's
+    /// membership on its replicas (`SetMembership`) and cloning from a snapshot (`SnapshotRuns`,
+    /// `ReadSnapshot`, `SnapshotHold`, `SnapshotRelease` and `HoldList`). A v2 replica would refuse
+    /// an expansion or a clone's reads as unknown ops and would neither prove itself nor check the
+    /// other side, so the two sides must disagree at the first frame instead.
     ///
     /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
     /// the first copy of a rebuild as an unknown operation; now the two sides disagree at the first
     /// frame, with a message that says to upgrade the older one.
     pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
-    /// The oldest version this build still understands: v2 peers lack what a controller sends on
-    /// day two (an expansion, a clone's reads of its source), v1 peers what a rebuild sends (no
-    /// build that speaks only v1 or v2 was ever released, so none is kept working).
+    /// The oldest version this build still understands: a v2 peer neither proves itself nor asks the
+    /// other side to (accepting one would leave open the door that v3 closes), nor knows what a
+    /// controller sends on day two (an expansion, a clone's reads of its source).
     pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
@@ -207,6 +219,8 @@ pub enum Op {
     ReadV = 0x14,
     WriteV = 0x15,
     Resize = 0x16,
+    Auth = 0x17,
+    SetMembership = 0x18,
     SnapshotRuns = 0x19,
     ReadSnapshot = 0x1a,
     SnapshotHold = 0x1b,
@@ -219,7 +233,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 27] = [
+    pub const ALL: [Op; 29] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -242,6 +256,8 @@ impl Op {
         Op::ReadV,
         Op::WriteV,
         Op::Resize,
+        Op::Auth,
+        Op::SetMembership,
         Op::SnapshotRuns,
         Op::ReadSnapshot,
         Op::SnapshotHold,
@@ -279,6 +295,8 @@ impl Op {
             Op::ReadV => "read_v",
             Op::WriteV => "write_v",
             Op::Resize => "resize",
+            Op::Auth => "auth",
+            Op::SetMembership => "set_membership",
             Op::SnapshotRuns => "snapshot_runs",
             Op::ReadSnapshot => "read_snapshot",
             Op::SnapshotHold => "snapshot_hold",
@@ -333,6 +351,15 @@ pub enum ReplyError {
     ShrinkRefused { size_bytes: u64 },
     #[error("the replica cannot hold that size: its storage holds a volume of at most {max_bytes} bytes")]
     TooLarge { max_bytes: u64 },
+    #[error(
+        "the client could not prove it knows the volume's secret: check --secret-file (or \
+         BASALT_VOLUME_SECRET) on both sides"
+    )]
+    AuthFailed,
+    #[error("the connection has not authenticated: send Hello, then Auth with a valid proof, first")]
+    NotAuthenticated,
+    #[error("the membership is older than the one the replica recorded ({current}); a newer controller changed it")]
+    StaleMembership { current: u64 },
     #[error("the snapshot is held by a clone that still reads from it; wait until the clone is hydrated or release the hold")]
     SnapshotHeld,
     #[error(
@@ -362,6 +389,9 @@ impl ReplyError {
             ReplyError::Superseded => 13,
             ReplyError::ShrinkRefused { .. } => 14,
             ReplyError::TooLarge { .. } => 15,
+            ReplyError::AuthFailed => 16,
+            ReplyError::NotAuthenticated => 17,
+            ReplyError::StaleMembership { .. } => 18,
             ReplyError::SnapshotHeld => 20,
             ReplyError::Hydrating => 21,
             ReplyError::SourceUnavailable => 22,
@@ -378,6 +408,7 @@ impl ReplyError {
             ReplyError::VersionMismatch { newest } => u64::from(newest),
             ReplyError::ShrinkRefused { size_bytes } => size_bytes,
             ReplyError::TooLarge { max_bytes } => max_bytes,
+            ReplyError::StaleMembership { current } => current,
             _ => 0,
         }
     }
@@ -407,6 +438,9 @@ impl ReplyError {
             13 => ReplyError::Superseded,
             14 => ReplyError::ShrinkRefused { size_bytes: detail },
             15 => ReplyError::TooLarge { max_bytes: detail },
+            16 => ReplyError::AuthFailed,
+            17 => ReplyError::NotAuthenticated,
+            18 => ReplyError::StaleMembership { current: detail },
             20 => ReplyError::SnapshotHeld,
             21 => ReplyError::Hydrating,
             22 => ReplyError::SourceUnavailable,
@@ -432,6 +466,9 @@ impl ReplyError {
             ReplyError::Superseded => "superseded",
             ReplyError::ShrinkRefused { .. } => "shrink_refused",
             ReplyError::TooLarge { .. } => "too_large",
+            ReplyError::AuthFailed => "auth_failed",
+            ReplyError::NotAuthenticated => "not_authenticated",
+            ReplyError::StaleMembership { .. } => "stale_membership",
             ReplyError::SnapshotHeld => "snapshot_held",
             ReplyError::Hydrating => "hydrating",
             ReplyError::SourceUnavailable => "source_unavailable",
@@ -445,9 +482,10 @@ impl ReplyError {
 pub enum Message {
     /// Handshake; must be the first request on a connection. `volume` is the
     /// volume the controller expects, or the nil UUID to ask "who are you?"
-    /// (discovery; nothing is checked). The frame's epoch, if higher than the
-    /// replica's, raises it durably (that is how a new controller fences the
-    /// old one); a lower epoch changes nothing and the reply reports the
+    /// (discovery; the volume is not checked, the secret still is). The
+    /// frame's epoch, if higher than the replica's, raises it durably once
+    /// the connection has authenticated (that is how a new controller fences
+    /// the old one); a lower epoch changes nothing and the reply reports the
     /// replica's epoch, so a controller can survey replicas before choosing
     /// its epoch.
     Hello {
@@ -457,11 +495,39 @@ pub enum Message {
         /// Make this connection the replica's only writer (see
         /// `replica.proto`); probes and metadata connections say `false`.
         writer: bool,
+        /// The client's challenge for this connection.
+        nonce: Nonce,
     },
+    /// The replica says which volume it serves (what its proof covers), but
+    /// not how far it has got: that only to an authenticated client, in
+    /// `AuthOk`.
     HelloOk {
         version: ProtocolVersion,
-        replica: ReplicaIdentity,
+        volume: VolumeId,
+        /// The replica's challenge for this connection.
+        nonce: Nonce,
+        /// The replica's proof over both nonces (see [`crate::auth`]).
+        proof: Proof,
     },
+
+    /// The client's proof over both nonces of the connection; answered
+    /// `AuthOk` once the Hello's epoch raise and writer role took effect, or
+    /// `AuthFailed` (and the connection is closed).
+    Auth {
+        proof: Proof,
+    },
+    /// `replica` as it is after the Hello took effect.
+    AuthOk {
+        replica: ReplicaIdentity,
+        /// The membership the replica last recorded, if any.
+        membership: Option<pb::Membership>,
+    },
+
+    /// Record the volume's membership durably (written before the reply).
+    /// Refused from a connection that is not the replica's writer, and for a
+    /// generation older than the one recorded.
+    SetMembership(pb::Membership),
+    SetMembershipOk,
 
     /// Read `len` bytes at byte `offset`.
     Read {
@@ -766,6 +832,10 @@ impl Message {
             M::WriteVOk => (Op::WriteV, true),
             M::Resize { .. } => (Op::Resize, false),
             M::ResizeOk { .. } => (Op::Resize, true),
+            M::Auth { .. } => (Op::Auth, false),
+            M::AuthOk { .. } => (Op::Auth, true),
+            M::SetMembership(_) => (Op::SetMembership, false),
+            M::SetMembershipOk => (Op::SetMembership, true),
             M::SnapshotRuns { .. } => (Op::SnapshotRuns, false),
             M::SnapshotRunsOk { .. } => (Op::SnapshotRuns, true),
             M::ReadSnapshot { .. } => (Op::ReadSnapshot, false),

@@ -9,6 +9,9 @@
 //!   `protoc` needed): the replica control payloads and the controller's gRPC
 //!   management API.
 //!
+//! [`auth`] holds the volume secret and the challenge-response every
+//! data-path connection passes before it is served.
+//!
 //! Replica control operations (info, snapshots, SetEpoch) are ops of the
 //! data-path frame enum, with protobuf payloads, not a second service: one
 //! address, one connection, one epoch check, and a snapshot is ordered
@@ -20,6 +23,7 @@
 //! [`VolumeId`]) are defined here because this is the lowest crate in the
 //! dependency graph.
 
+pub mod auth;
 pub mod frame;
 pub mod types;
 

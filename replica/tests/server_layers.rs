@@ -12,10 +12,19 @@ use tokio_util::sync::CancellationToken;
 
 const BLOCK: usize = 4096;
 
+fn secret() -> basalt_proto::auth::VolumeSecret {
+    basalt_proto::auth::VolumeSecret::new("server-layers-test-secret").unwrap()
+}
+
 async fn serve(store: Store) -> (SocketAddr, CancellationToken) {
-    let server = Server::bind("127.0.0.1:0".parse().unwrap(), Arc::new(store), Metrics::new())
-        .await
-        .unwrap();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(store),
+        Metrics::new(),
+        secret(),
+    )
+    .await
+    .unwrap();
     let addr = server.local_addr();
     let stop = CancellationToken::new();
     tokio::spawn(server.run(stop.clone()));
@@ -32,7 +41,9 @@ async fn a_snapshot_layer_is_listed_and_read_over_the_wire_and_reset_empties_the
     store.unmap(0, BLOCK as u64).unwrap();
     store.snapshot_create("b").unwrap();
     let (addr, stop) = serve(store).await;
-    let client = ReplicaClient::connect(addr, volume, Epoch(1)).await.unwrap();
+    let client = ReplicaClient::connect(addr, volume, Epoch(1), &secret())
+        .await
+        .unwrap();
 
     let listed = client
         .call(Message::LayerBlocks {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use basalt_proto::auth::{Challenge, HandshakeError, Nonce, Prover, VolumeSecret};
 use basalt_proto::frame::{
     BlockCrc, BlockRun, Extent, Frame, FrameCodec, Message, Op, ProtocolVersion, ReplyError, RequestId,
     SyncPoint, WrittenAnswer, HEADER_LEN, MAX_CRC_RUNS, MAX_PAYLOAD,
@@ -25,6 +26,16 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
+
+/// The volume secret the test replicas and their clients share.
+fn secret() -> VolumeSecret {
+    VolumeSecret::new("server-protocol-test-secret").unwrap()
+}
+
+/// A secret that is not the volume's.
+fn wrong_secret() -> VolumeSecret {
+    VolumeSecret::new("not-the-volumes-secret").unwrap()
+}
 
 /// A running in-process replica.
 struct Replica {
@@ -46,7 +57,7 @@ impl Replica {
     async fn serve(store: Arc<Store>, dir: tempfile::TempDir) -> Replica {
         let volume = store.volume_id();
         let metrics = Metrics::new();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), store, metrics.clone())
+        let server = Server::bind("127.0.0.1:0".parse().unwrap(), store, metrics.clone(), secret())
             .await
             .unwrap();
         let addr = server.local_addr();
@@ -73,7 +84,7 @@ impl Replica {
     }
 
     async fn client(&self, epoch: u64) -> ReplicaClient {
-        ReplicaClient::connect(self.addr, self.volume, Epoch(epoch))
+        ReplicaClient::connect(self.addr, self.volume, Epoch(epoch), &secret())
             .await
             .unwrap()
     }
@@ -83,17 +94,54 @@ impl Replica {
         Framed::new(TcpStream::connect(self.addr).await.unwrap(), FrameCodec)
     }
 
-    fn hello(&self, epoch: u64) -> Frame {
-        Frame::new(
-            RequestId(1),
-            Epoch(epoch),
-            Message::Hello {
-                volume: self.volume,
-                min_version: ProtocolVersion::MIN_SUPPORTED,
-                max_version: ProtocolVersion::CURRENT,
-                writer: true,
-            },
-        )
+    /// A raw connection that said Hello at `epoch` (as a writer) and answered the replica's challenge
+    /// with `secret`'s proof; the replica's answer to that Auth.
+    async fn hello_and_auth(
+        &self,
+        epoch: u64,
+        secret: &VolumeSecret,
+    ) -> (Framed<TcpStream, FrameCodec>, Frame) {
+        let mut raw = self.raw().await;
+        let client = Nonce::random();
+        let hello = Message::Hello {
+            volume: self.volume,
+            min_version: ProtocolVersion::MIN_SUPPORTED,
+            max_version: ProtocolVersion::CURRENT,
+            writer: true,
+            nonce: client,
+        };
+        raw.send(Frame::new(RequestId(1), Epoch(epoch), hello))
+            .await
+            .unwrap();
+        let reply = raw.next().await.unwrap().unwrap().message;
+        let Message::HelloOk {
+            volume, nonce, proof, ..
+        } = reply
+        else {
+            panic!("expected HelloOk, got {reply:?}");
+        };
+        let challenge = Challenge {
+            volume,
+            client,
+            replica: nonce,
+        };
+        assert!(
+            challenge.verify(&self::secret(), Prover::Replica, &proof),
+            "the replica proves the volume's secret"
+        );
+        let proof = challenge.prove(secret, Prover::Client);
+        raw.send(Frame::new(RequestId(2), Epoch(epoch), Message::Auth { proof }))
+            .await
+            .unwrap();
+        let reply = raw.next().await.unwrap().unwrap();
+        (raw, reply)
+    }
+
+    /// A raw connection that said Hello at `epoch` and authenticated.
+    async fn authenticated(&self, epoch: u64) -> Framed<TcpStream, FrameCodec> {
+        let (raw, reply) = self.hello_and_auth(epoch, &secret()).await;
+        assert!(matches!(reply.message, Message::AuthOk { .. }), "{reply:?}");
+        raw
     }
 }
 
@@ -319,13 +367,7 @@ async fn stale_epoch_write_is_refused_and_never_applied() {
     );
 
     // Data requests cannot raise the epoch: only Hello and SetEpoch do.
-    let raw = replica.raw().await;
-    let mut raw = raw;
-    raw.send(replica.hello(2)).await.unwrap();
-    assert!(matches!(
-        raw.next().await.unwrap().unwrap().message,
-        Message::HelloOk { .. }
-    ));
+    let mut raw = replica.authenticated(2).await;
     let ahead = Frame::new(
         RequestId(2),
         Epoch(3),
@@ -362,17 +404,17 @@ async fn stale_epoch_write_is_refused_and_never_applied() {
 #[tokio::test]
 async fn hello_checks_the_volume_and_a_nil_volume_discovers_it() {
     let replica = Replica::start().await;
-    let wrong = ReplicaClient::connect(replica.addr, VolumeId::random(), Epoch(1)).await;
+    let wrong = ReplicaClient::connect(replica.addr, VolumeId::random(), Epoch(1), &secret()).await;
     assert_eq!(refusal(wrong.map(|_| ())), ReplyError::VolumeMismatch);
 
-    let probe = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(0))
+    let probe = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(0), &secret())
         .await
         .unwrap();
     assert_eq!(probe.identity().volume, replica.volume);
     assert_eq!(probe.identity().size_bytes, 64 * MIB);
     // The probe's lower epoch changed nothing and is reported as such.
     let controller = replica.client(3).await;
-    let probe2 = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(1))
+    let probe2 = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(1), &secret())
         .await
         .unwrap();
     assert_eq!(probe2.identity().epoch, Epoch(3));
@@ -400,7 +442,7 @@ async fn requests_before_hello_and_unknown_versions_are_refused() {
         reply.message,
         Message::Failed {
             op: Op::Write,
-            error: ReplyError::BadRequest,
+            error: ReplyError::NotAuthenticated,
             ..
         }
     ));
@@ -413,6 +455,7 @@ async fn requests_before_hello_and_unknown_versions_are_refused() {
             min_version: ProtocolVersion(ProtocolVersion::CURRENT.0 + 1),
             max_version: ProtocolVersion(u16::MAX),
             writer: false,
+            nonce: Nonce::random(),
         },
     );
     raw.send(future_only).await.unwrap();
@@ -464,9 +507,7 @@ async fn out_of_range_and_unaligned_requests_get_error_replies() {
 /// Writes raw bytes on a fresh Hello'd connection and returns whether the
 /// server closed it (EOF) as it should.
 async fn server_closes_after(replica: &Replica, garbage: &[u8]) -> bool {
-    let mut raw = replica.raw().await;
-    raw.send(replica.hello(1)).await.unwrap();
-    raw.next().await.unwrap().unwrap();
+    let raw = replica.authenticated(1).await;
     let mut stream = raw.into_inner();
     stream.write_all(garbage).await.unwrap();
     let mut buf = [0u8; 64];
@@ -534,9 +575,7 @@ async fn malformed_frames_close_their_connection_and_the_server_keeps_serving() 
 #[tokio::test]
 async fn a_reply_sent_to_the_replica_is_refused() {
     let replica = Replica::start().await;
-    let mut raw = replica.raw().await;
-    raw.send(replica.hello(1)).await.unwrap();
-    raw.next().await.unwrap().unwrap();
+    let mut raw = replica.authenticated(1).await;
     raw.send(Frame::new(RequestId(5), Epoch(1), Message::WriteOk))
         .await
         .unwrap();
@@ -650,9 +689,14 @@ async fn metrics_endpoint_serves_counters_and_latency_histograms() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::create(dir.path(), VolumeId::random(), 16 * MIB).unwrap());
     let metrics = Metrics::new();
-    let server = Server::bind("127.0.0.1:0".parse().unwrap(), store.clone(), metrics.clone())
-        .await
-        .unwrap();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        store.clone(),
+        metrics.clone(),
+        secret(),
+    )
+    .await
+    .unwrap();
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     let listener = basalt_replica::server::bind_metrics("127.0.0.1:0".parse().unwrap())
@@ -667,7 +711,7 @@ async fn metrics_endpoint_serves_counters_and_latency_histograms() {
     ));
     tokio::spawn(server.run(shutdown.clone()));
 
-    let client = ReplicaClient::connect(addr, store.volume_id(), Epoch(1))
+    let client = ReplicaClient::connect(addr, store.volume_id(), Epoch(1), &secret())
         .await
         .unwrap();
     client.write(0, block(1), false).await.unwrap();
@@ -1476,6 +1520,315 @@ async fn vectored_requests_outside_the_volume_are_refused_and_a_refused_write_v_
         block(0),
         "the first extent of a refused WriteV was not written"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Authentication: only a client that knows the volume's secret is served, and the replica proves the
+// same to the client.
+// ---------------------------------------------------------------------------------------------------
+
+/// Whether the replica closed `raw` (EOF or a reset) within a few seconds.
+async fn closed(raw: &mut Framed<TcpStream, FrameCodec>) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), raw.next()).await,
+        Ok(None) | Ok(Some(Err(_)))
+    )
+}
+
+#[tokio::test]
+async fn a_client_with_the_wrong_secret_is_refused_and_its_connection_closed() {
+    let replica = Replica::start().await;
+    let controller = replica.client(1).await;
+    controller.write(0, block(1), true).await.unwrap();
+
+    let (mut raw, reply) = replica.hello_and_auth(1, &wrong_secret()).await;
+    let Message::Failed { error, message, .. } = reply.message else {
+        panic!("expected a refusal, got {reply:?}");
+    };
+    assert_eq!(error, ReplyError::AuthFailed);
+    assert!(
+        message.contains("could not prove it knows the volume's secret") && message.contains("--secret-file"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("server-protocol-test-secret"),
+        "the secret is never shown"
+    );
+    assert!(closed(&mut raw).await, "the refused connection is closed");
+
+    controller.ping().await.unwrap();
+    assert_eq!(controller.read(0, 4096).await.unwrap(), block(1));
+}
+
+#[tokio::test]
+async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
+    let replica = Replica::start().await;
+    let controller = replica.client(1).await;
+    controller.write(0, block(1), true).await.unwrap();
+    // A snapshot the clone ops below could read or hold, were they served.
+    controller.snapshot_create("gold").await.unwrap();
+
+    let mut raw = replica.raw().await;
+    let hello = Message::Hello {
+        volume: replica.volume,
+        min_version: ProtocolVersion::MIN_SUPPORTED,
+        max_version: ProtocolVersion::CURRENT,
+        writer: true,
+        nonce: Nonce::random(),
+    };
+    raw.send(Frame::new(RequestId(1), Epoch(9), hello)).await.unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert!(matches!(reply.message, Message::HelloOk { .. }), "{reply:?}");
+    for (id, request) in [
+        (
+            2,
+            Message::Write {
+                offset: 0,
+                data: block(0xee),
+                fua: true,
+            },
+        ),
+        (3, Message::SetEpoch),
+        (4, Message::Read { offset: 0, len: 4096 }),
+        (5, Message::Ping),
+        (
+            6,
+            Message::Resize {
+                size_bytes: 96 * MIB,
+                check_only: false,
+            },
+        ),
+        (
+            7,
+            Message::SnapshotRuns {
+                snapshot: "gold".into(),
+                start_lba: 0,
+                count: 16,
+            },
+        ),
+        (
+            8,
+            Message::ReadSnapshot {
+                snapshot: "gold".into(),
+                offset: 0,
+                len: 4096,
+            },
+        ),
+        (
+            9,
+            Message::SnapshotHold {
+                snapshot: "gold".into(),
+                holder: "intruder".into(),
+            },
+        ),
+        (
+            10,
+            Message::SnapshotRelease {
+                snapshot: "gold".into(),
+                holder: "intruder".into(),
+            },
+        ),
+        (11, Message::HoldList),
+    ] {
+        raw.send(Frame::new(RequestId(id), Epoch(9), request))
+            .await
+            .unwrap();
+        let reply = raw.next().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                reply.message,
+                Message::Failed {
+                    error: ReplyError::NotAuthenticated,
+                    ..
+                }
+            ),
+            "request {id}: {reply:?}"
+        );
+    }
+    // Nothing happened: the controller's epoch and writer role are intact, and so are the data, the
+    // size and the snapshot (held by nobody).
+    controller.write(4096, block(2), true).await.unwrap();
+    assert_eq!(controller.read(0, 4096).await.unwrap(), block(1));
+    assert_eq!(controller.info().await.unwrap().size_bytes, 64 * MIB);
+    match controller.call(Message::HoldList).await.unwrap() {
+        Message::HoldListOk(holds) => assert!(holds.is_empty(), "{holds:?}"),
+        other => panic!("HoldList answered {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unauthenticated_hello_of_a_higher_epoch_neither_fences_nor_disturbs_the_controller() {
+    let replica = Replica::start().await;
+    let controller = replica.client(1).await;
+    let writes: Vec<_> = (0..64u64)
+        .map(|i| controller.write(i * 4096, block(i as u8 + 1), false))
+        .collect();
+    // An intruder without the secret says Hello as a writer of a much higher epoch, mid-I/O.
+    let (mut raw, reply) = replica.hello_and_auth(1000, &wrong_secret()).await;
+    assert!(
+        matches!(
+            reply.message,
+            Message::Failed {
+                error: ReplyError::AuthFailed,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    assert!(closed(&mut raw).await);
+    for w in writes {
+        w.await.expect("the controller's I/O goes on");
+    }
+    controller
+        .flush()
+        .await
+        .expect("not fenced: the epoch was not raised");
+    controller
+        .write(0, block(0x42), true)
+        .await
+        .expect("still the writer: the intruder did not take the role");
+    let probe = ReplicaClient::connect(replica.addr, VolumeId(uuid::Uuid::nil()), Epoch(0), &secret())
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.identity().epoch,
+        Epoch(1),
+        "the replica's epoch is unchanged"
+    );
+}
+
+#[tokio::test]
+async fn auth_before_hello_is_refused() {
+    let replica = Replica::start().await;
+    let mut raw = replica.raw().await;
+    let proof = basalt_proto::auth::Proof([7; 32]);
+    raw.send(Frame::new(RequestId(1), Epoch(1), Message::Auth { proof }))
+        .await
+        .unwrap();
+    let reply = raw.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Failed {
+                op: Op::Auth,
+                error: ReplyError::NotAuthenticated,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_hello_and_auth_are_refused() {
+    let replica = Replica::start().await;
+    // A genuine exchange, recorded frame by frame.
+    let nonce = Nonce::random();
+    let hello = Frame::new(
+        RequestId(1),
+        Epoch(2),
+        Message::Hello {
+            volume: replica.volume,
+            min_version: ProtocolVersion::MIN_SUPPORTED,
+            max_version: ProtocolVersion::CURRENT,
+            writer: true,
+            nonce,
+        },
+    );
+    let mut genuine = replica.raw().await;
+    genuine.send(hello.clone()).await.unwrap();
+    let Message::HelloOk {
+        volume,
+        nonce: theirs,
+        ..
+    } = genuine.next().await.unwrap().unwrap().message
+    else {
+        panic!("expected HelloOk");
+    };
+    let proof = Challenge {
+        volume,
+        client: nonce,
+        replica: theirs,
+    }
+    .prove(&secret(), Prover::Client);
+    let auth = Frame::new(RequestId(2), Epoch(2), Message::Auth { proof });
+    genuine.send(auth.clone()).await.unwrap();
+    let reply = genuine.next().await.unwrap().unwrap();
+    assert!(matches!(reply.message, Message::AuthOk { .. }), "{reply:?}");
+    drop(genuine);
+
+    // The same frames on a new connection: the replica picked a new nonce, so the old proof is worthless.
+    let mut replay = replica.raw().await;
+    replay.send(hello).await.unwrap();
+    let reply = replay.next().await.unwrap().unwrap();
+    assert!(matches!(reply.message, Message::HelloOk { .. }), "{reply:?}");
+    replay.send(auth).await.unwrap();
+    let reply = replay.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message,
+            Message::Failed {
+                error: ReplyError::AuthFailed,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_prove_the_secret_is_refused_by_the_client() {
+    let replica = Replica::start().await;
+    // The client holds another secret than the replica: the replica's proof does not check out, and the
+    // client stops before it sends anything the replica would act on.
+    let refused = ReplicaClient::connect(replica.addr, replica.volume, Epoch(5), &wrong_secret()).await;
+    match refused {
+        Err(ClientError::Handshake(HandshakeError::ReplicaNotProven)) => {}
+        Err(other) => panic!("expected the replica's proof to fail, got {other}"),
+        Ok(_) => panic!("a replica with another secret was accepted"),
+    }
+    let probe = replica.client(0).await;
+    assert_eq!(
+        probe.identity().epoch,
+        Epoch(0),
+        "the refused Hello raised nothing"
+    );
+}
+
+#[tokio::test]
+async fn set_membership_is_durable_refuses_older_generations_and_is_reported_at_auth() {
+    use basalt_proto::pb::replica::Membership;
+    let replica = Replica::start().await;
+    let controller = replica.client(3).await;
+    assert_eq!(controller.membership(), None, "a new replica records none");
+    let members = |generation| Membership {
+        generation,
+        members: vec!["10.0.0.1:7100".into(), "10.0.0.2:7100".into()],
+        epoch: 3,
+    };
+    controller.set_membership(members(2)).await.unwrap();
+    assert_eq!(
+        refusal(controller.set_membership(members(1)).await),
+        ReplyError::StaleMembership { current: 2 }
+    );
+    // Every authenticated client learns it, a reader too; only the writer may change it.
+    let reader = ReplicaClient::connect_as(replica.addr, replica.volume, Epoch(3), false, &secret())
+        .await
+        .unwrap();
+    assert_eq!(reader.membership(), Some(&members(2)));
+    let newer = replica.client(3).await;
+    assert_eq!(
+        refusal(controller.set_membership(members(3)).await),
+        ReplyError::Superseded
+    );
+    newer.set_membership(members(3)).await.unwrap();
+    drop((controller, newer, reader));
+
+    // Durable: a restarted replica reports it.
+    replica.shutdown.cancel();
+    replica.task.await.unwrap().unwrap();
+    let store = Arc::new(Store::open(replica._dir.path()).unwrap());
+    assert_eq!(store.membership().map(|m| m.generation), Some(3));
 }
 
 async fn resize(client: &ReplicaClient, size_bytes: u64, check_only: bool) -> Result<u64, ClientError> {

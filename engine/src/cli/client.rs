@@ -1,27 +1,41 @@
-//! Connecting the CLI to a controller's management API.
+//! Connecting the CLI to a controller's management API: every call carries the API token (see
+//! `basalt_engine::api_auth`).
 
 use std::time::Duration;
 
 use anyhow::Context;
+use basalt_engine::api_auth::WithToken;
 use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use super::secrets::ClientTokenArgs;
 
 /// How long the CLI waits for a controller before saying it is not there.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A client of the controller at `api` (`host:port` or an `http://` URL).
-pub async fn connect(api: &str) -> anyhow::Result<ControllerServiceClient<Channel>> {
+/// A management API client that sends the token with every call.
+pub type ApiClient = ControllerServiceClient<InterceptedService<Channel, WithToken>>;
+
+/// A client of the controller at `api` (`host:port` or an `http://` URL), sending the token `auth` names.
+pub async fn connect(api: &str, auth: &ClientTokenArgs) -> anyhow::Result<ApiClient> {
+    let token = auth.load()?;
     let url = if api.starts_with("http") {
         api.to_string()
     } else {
         format!("http://{api}")
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, ControllerServiceClient::connect(url))
+    let endpoint = Channel::from_shared(url).with_context(|| format!("{api} is not a valid API address"))?;
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| anyhow::anyhow!("no answer from the controller at {api} within {CONNECT_TIMEOUT:?}"))?
         .with_context(|| {
             format!("cannot reach the controller's API at {api} (is the volume running? check --api)")
-        })
+        })?;
+    Ok(ControllerServiceClient::with_interceptor(
+        channel,
+        WithToken(token),
+    ))
 }
 
 /// Run `f` on a one-thread runtime (the CLI's commands are single requests).

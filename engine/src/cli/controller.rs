@@ -10,11 +10,12 @@ use basalt_target::scsi::{LuConfig, ScsiLogicalUnit};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{parse_duration, parse_volume_size};
+use basalt_engine::api_auth::RequireToken;
 use basalt_engine::controller::{assemble, reconcile, ControllerConfig};
 use basalt_engine::name::VolumeName;
-use basalt_engine::volume::core::CoreConfig;
 use basalt_engine::volume::qos::QosChange;
 use basalt_engine::volume::rebuild::Rebuilder;
+use tonic::service::interceptor::InterceptedService;
 
 /// Longest wait at start for up-to-date replicas to be reconciled before the
 /// volume serves (they carry the same flushed history, so normally only a
@@ -56,6 +57,10 @@ pub struct Args {
     pub replica_timeout: Duration,
     #[command(flatten)]
     pub access: super::access::Access,
+    #[command(flatten)]
+    pub secret: super::secrets::SecretArgs,
+    #[command(flatten)]
+    pub api_token: super::secrets::ApiTokenArgs,
     /// Threads that run the volume's I/O (iSCSI sessions, the volume's owner
     /// task, replica links). One keeps every hop of an I/O on one thread:
     /// tasks hand work to each other without cross-thread wake-ups, and a
@@ -86,21 +91,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Run a controller until `shutdown` is cancelled.
 pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let replicas = args.replicas.len();
-    let min_healthy = args.min_healthy.unwrap_or(CoreConfig::majority(replicas));
-    if min_healthy == 0 || min_healthy > replicas {
-        anyhow::bail!(
-            "--min-healthy must be between 1 and the number of replicas ({replicas}); got {min_healthy}"
-        );
+    if args.min_healthy == Some(0) {
+        anyhow::bail!("--min-healthy must be at least 1 (and at most the number of replicas)");
     }
+    // Before anything else: without the secret no replica would talk to us, and without a token the
+    // API would obey anyone.
+    let secret = args.secret.load()?;
+    let token = args.api_token.load()?;
     let config = ControllerConfig {
         name: args.name.clone(),
         size_bytes: args.size,
         replicas: args.replicas.clone(),
         volume_id: args.volume_id.map(basalt_proto::VolumeId),
-        min_healthy,
+        // A majority of the volume's members, which may differ from the list (see `controller`).
+        min_healthy: args.min_healthy,
         replica_timeout: args.replica_timeout,
         startup_wait: args.startup_wait,
+        secret,
     };
     // Check the login policy and the limits and bind every listener before
     // assembling, so a bad flag fails before any replica's epoch is raised.
@@ -162,7 +169,7 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(api)
+            .add_service(InterceptedService::new(api, RequireToken(token)))
             .serve_with_incoming_shutdown(tokio_stream_listener(api_listener), async move {
                 api_shutdown.cancelled().await
             })

@@ -16,11 +16,13 @@ pub struct ExpandArgs {
     /// (a volume never shrinks). The same size again changes nothing.
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 pub fn expand(args: ExpandArgs) -> anyhow::Result<()> {
     block_on(async move {
-        let mut client = connect(&args.api).await?;
+        let mut client = connect(&args.api, &args.auth).await?;
         let reply = client
             .volume_expand(VolumeExpandRequest {
                 new_size_bytes: args.size,

@@ -9,16 +9,21 @@
 //! ```text
 //!   basalt health --api ADDR           controller: gRPC VolumeInfo answers        (liveness)
 //!   basalt health --api ADDR --ready   ... and the volume is serving I/O          (readiness)
-//!   basalt health --replica HOST:PORT  replica: data-path Hello, then Ping        (liveness and readiness)
+//!   basalt health --replica HOST:PORT  replica: data-path Hello, Auth, then Ping  (liveness and readiness)
 //!   basalt health                      whichever role $BASALT_HEALTH_API or $BASALT_HEALTH_REPLICA names
 //! ```
 //!
-//! The replica probe says Hello with the nil volume ("who are you?", nothing
-//! is checked) and epoch 0: a Hello whose epoch is lower than the replica's
-//! changes nothing, so a probe can never raise an epoch and fence the real
-//! controller. Hello runs on the replica's store (it reports identity and
-//! revision from it), Ping is answered without touching the disk: together
-//! they show the store is open and the connection loop is not stuck.
+//! The replica probe says Hello with the nil volume ("who are you?", the
+//! volume is not checked) and epoch 0: a Hello whose epoch is lower than the
+//! replica's changes nothing, so a probe can never raise an epoch and fence
+//! the real controller. Like every client it authenticates with the volume's
+//! secret (`--secret-file` or `BASALT_VOLUME_SECRET`, which the replica's
+//! container already has) and checks the replica's proof, so "healthy" also
+//! means "this replica holds the secret we expect". Auth answers from the
+//! replica's store (identity and revision), Ping without touching the disk:
+//! together they show the store is open and the connection loop is not stuck.
+//! The controller probe sends the API token (`--token-file` or
+//! `BASALT_API_TOKEN`).
 //!
 //! Exit status 0 with one line on stdout when healthy; 1 with one line on
 //! stderr saying what is wrong (from `main`) otherwise. Host names are
@@ -28,7 +33,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use basalt_proto::frame::{Frame, FrameCodec, Message, ProtocolVersion, ReplyError, RequestId};
+use basalt_engine::api_auth::{ApiToken, WithToken};
+use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
+use basalt_proto::frame::{Frame, FrameCodec, Message, ReplyError, RequestId};
 use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
 use basalt_proto::pb::controller::VolumeInfoRequest;
 use basalt_proto::{Epoch, VolumeId};
@@ -66,6 +73,12 @@ pub struct Args {
     /// Give up (unhealthy) after this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The volume's secret, for a replica probe.
+    #[command(flatten)]
+    pub secret: super::secrets::SecretArgs,
+    /// The API token, for a controller probe.
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 /// The controller a container's `HEALTHCHECK` probes when no flag says otherwise.
@@ -130,6 +143,12 @@ pub enum HealthError {
         "replica {addr} sent an unreadable frame: {detail} (is that a Basalt replica's data-path port?)"
     )]
     Protocol { addr: String, detail: String },
+    #[error("refusing replica {addr}: {source}")]
+    NotProven {
+        addr: String,
+        #[source]
+        source: HandshakeError,
+    },
     #[error("replica {addr} refused {what}: {error}: {message}")]
     Refused {
         addr: String,
@@ -169,16 +188,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     let line = runtime.block_on(async {
         match &target {
-            Target::Controller { api, ready } => probe_controller(api, *ready, args.timeout).await,
-            Target::Replica { addr } => probe_replica(addr, args.timeout).await,
+            Target::Controller { api, ready } => {
+                probe_controller(api, &args.auth.load()?, *ready, args.timeout).await
+            }
+            Target::Replica { addr } => probe_replica(addr, &args.secret.load()?, args.timeout).await,
         }
     })?;
     println!("{line}");
     Ok(())
 }
 
-/// Hello then Ping on the replica's data-path port; the healthy line.
-pub async fn probe_replica(addr: &str, timeout: Duration) -> anyhow::Result<String> {
+/// Hello, Auth, then Ping on the replica's data-path port; the healthy line.
+pub async fn probe_replica(addr: &str, secret: &VolumeSecret, timeout: Duration) -> anyhow::Result<String> {
     let probe = async {
         // Resolve first, separately, so that a resolver failure (the static-glibc NSS
         // trap, a wrong service name) is reported as such and not as "connection refused".
@@ -201,23 +222,26 @@ pub async fn probe_replica(addr: &str, timeout: Duration) -> anyhow::Result<Stri
                 cause,
             })?;
         let mut conn = Framed::new(stream, FrameCodec);
-        let hello = Message::Hello {
-            volume: VolumeId(uuid::Uuid::nil()),
-            min_version: ProtocolVersion::MIN_SUPPORTED,
-            max_version: ProtocolVersion::CURRENT,
-            // A probe must never take writing away from the controller.
-            writer: false,
-        };
+        let handshake = ClientHandshake::new(VolumeId(uuid::Uuid::nil()));
+        // A probe must never take writing away from the controller.
+        let hello = handshake.hello(false);
         // Hello at epoch 0 never raises the replica's epoch (a probe must not
         // fence the controller); the Ping then carries the epoch the replica
         // reported, because a replica refuses requests of an older epoch
         // than its own once a controller has raised it.
-        let identity = match call(&mut conn, addr, RequestId(1), Epoch(0), hello, "Hello").await? {
-            Message::HelloOk { version, replica } => (version, replica),
-            other => return Err(unexpected(addr, "Hello", &other)),
+        let answer = call(&mut conn, addr, RequestId(1), Epoch(0), hello, "Hello").await?;
+        let (version, auth) = handshake
+            .answer(secret, answer)
+            .map_err(|source| HealthError::NotProven {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let identity = match call(&mut conn, addr, RequestId(2), Epoch(0), auth, "Auth").await? {
+            Message::AuthOk { replica, .. } => (version, replica),
+            other => return Err(unexpected(addr, "Auth", &other)),
         };
         let epoch = identity.1.epoch;
-        match call(&mut conn, addr, RequestId(2), epoch, Message::Ping, "Ping").await? {
+        match call(&mut conn, addr, RequestId(3), epoch, Message::Ping, "Ping").await? {
             Message::Pong => {}
             other => return Err(unexpected(addr, "Ping", &other)),
         }
@@ -285,21 +309,29 @@ fn unexpected(addr: &str, what: &'static str, m: &Message) -> HealthError {
     }
 }
 
-/// VolumeInfo through the controller's gRPC API; the healthy line.
-pub async fn probe_controller(api: &str, ready: bool, timeout: Duration) -> anyhow::Result<String> {
+/// VolumeInfo through the controller's gRPC API, with the API token; the healthy line.
+pub async fn probe_controller(
+    api: &str,
+    token: &ApiToken,
+    ready: bool,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let url = if api.starts_with("http://") || api.starts_with("https://") {
         api.to_string()
     } else {
         format!("http://{api}")
     };
     let probe = async {
-        let mut client =
-            ControllerServiceClient::connect(url)
-                .await
-                .map_err(|e| HealthError::ApiUnreachable {
-                    addr: api.to_string(),
-                    detail: error_chain(&e),
-                })?;
+        let unreachable = |e: &dyn std::error::Error| HealthError::ApiUnreachable {
+            addr: api.to_string(),
+            detail: error_chain(e),
+        };
+        let channel = tonic::transport::Channel::from_shared(url)
+            .map_err(|e| unreachable(&e))?
+            .connect()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let mut client = ControllerServiceClient::with_interceptor(channel, WithToken(token.clone()));
         let info = client
             .volume_info(VolumeInfoRequest {})
             .await
@@ -356,6 +388,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn secret() -> VolumeSecret {
+        VolumeSecret::new("health-test-secret-0123").unwrap()
+    }
+
     /// A listener that accepts and answers nothing: a hung role.
     async fn silent_listener() -> (tokio::net::TcpListener, String) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -367,13 +403,15 @@ mod tests {
     async fn replica_probe_of_a_closed_port_says_connect_failed() {
         let (l, addr) = silent_listener().await;
         drop(l);
-        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        let e = probe_replica(&addr, &secret(), Duration::from_secs(3))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("cannot connect"), "{e}");
     }
 
     #[tokio::test]
     async fn replica_probe_of_an_unknown_host_says_resolve_failed() {
-        let e = probe_replica("no-such-host.invalid:9700", Duration::from_secs(10))
+        let e = probe_replica("no-such-host.invalid:9700", &secret(), Duration::from_secs(10))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("cannot resolve"), "{e}");
@@ -387,7 +425,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(s);
         });
-        let e = probe_replica(&addr, Duration::from_millis(300))
+        let e = probe_replica(&addr, &secret(), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("did not answer within"), "{e}");
@@ -402,13 +440,16 @@ mod tests {
             s.write_all(&[b'H'; 64]).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        let e = probe_replica(&addr, &secret(), Duration::from_secs(3))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("unreadable frame"), "{e}");
     }
 
     /// A scripted replica: answers Hello and Ping like the real one.
     #[tokio::test]
     async fn replica_probe_says_hello_at_epoch_zero_then_pings_at_the_replicas_epoch() {
+        use basalt_proto::auth::{Challenge, Nonce, Prover};
         use basalt_proto::frame::ReplicaIdentity;
         let (l, addr) = silent_listener().await;
         let volume = VolumeId::random();
@@ -416,18 +457,37 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             let mut conn = Framed::new(s, FrameCodec);
             let mut seen = Vec::new();
+            let mut challenge = None;
             while let Some(Ok(frame)) = conn.next().await {
                 seen.push((frame.epoch, frame.message.op().0));
                 let answer = match frame.message {
-                    Message::Hello { .. } => Message::HelloOk {
-                        version: ProtocolVersion::CURRENT,
-                        replica: ReplicaIdentity {
+                    Message::Hello { nonce, .. } => {
+                        challenge = Some(Challenge {
                             volume,
-                            size_bytes: 1 << 20,
-                            epoch: Epoch(7),
-                            revision: basalt_proto::Revision(3),
-                        },
-                    },
+                            client: nonce,
+                            replica: Nonce::random(),
+                        });
+                        let challenge = challenge.expect("just set");
+                        Message::HelloOk {
+                            version: basalt_proto::frame::ProtocolVersion::CURRENT,
+                            volume,
+                            nonce: challenge.replica,
+                            proof: challenge.prove(&secret(), Prover::Replica),
+                        }
+                    }
+                    Message::Auth { proof } => {
+                        let proven = challenge.is_some_and(|c| c.verify(&secret(), Prover::Client, &proof));
+                        assert!(proven, "the probe proves the volume's secret");
+                        Message::AuthOk {
+                            replica: ReplicaIdentity {
+                                volume,
+                                size_bytes: 1 << 20,
+                                epoch: Epoch(7),
+                                revision: basalt_proto::Revision(3),
+                            },
+                            membership: None,
+                        }
+                    }
                     Message::Ping => Message::Pong,
                     _ => break,
                 };
@@ -435,7 +495,9 @@ mod tests {
             }
             seen
         });
-        let line = probe_replica(&addr, Duration::from_secs(3)).await.unwrap();
+        let line = probe_replica(&addr, &secret(), Duration::from_secs(3))
+            .await
+            .unwrap();
         assert!(
             line.contains(&volume.to_string()) && line.contains("epoch 7"),
             "{line}"
@@ -444,7 +506,7 @@ mod tests {
         use basalt_proto::frame::Op;
         assert_eq!(
             seen,
-            vec![(Epoch(0), Op::Hello), (Epoch(7), Op::Ping)],
+            vec![(Epoch(0), Op::Hello), (Epoch(0), Op::Auth), (Epoch(7), Op::Ping)],
             "Ping at the replica's own epoch"
         );
     }
@@ -460,7 +522,9 @@ mod tests {
                 conn.send(Frame::new(frame.id, Epoch(1), failed)).await.unwrap();
             }
         });
-        let e = probe_replica(&addr, Duration::from_secs(3)).await.unwrap_err();
+        let e = probe_replica(&addr, &secret(), Duration::from_secs(3))
+            .await
+            .unwrap_err();
         assert!(
             e.to_string().contains("refused Hello") && e.to_string().contains("shutting down"),
             "{e}"
@@ -551,7 +615,7 @@ mod tests {
     async fn controller_probe_of_a_closed_port_says_unreachable() {
         let (l, addr) = silent_listener().await;
         drop(l);
-        let e = probe_controller(&addr, false, Duration::from_secs(3))
+        let e = probe_controller(&addr, &ApiToken::generate(), false, Duration::from_secs(3))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("unreachable"), "{e}");

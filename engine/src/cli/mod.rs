@@ -8,6 +8,7 @@ pub mod expand;
 pub mod health;
 pub mod qos;
 pub mod replica;
+pub mod secrets;
 pub mod serve_file;
 pub mod snapshot;
 pub mod volume;

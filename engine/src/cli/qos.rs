@@ -220,6 +220,8 @@ pub struct QosArgs {
     pub clear: bool,
     #[command(flatten)]
     pub limits: QosFlags<false>,
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 /// `basalt volume qos`: change the limits (if any flag is given), then print
@@ -229,7 +231,7 @@ pub fn run(a: QosArgs) -> anyhow::Result<()> {
     // controller is not asked at all.
     let set = a.limits.limits()?;
     let limits = super::client::block_on(async {
-        let mut client = super::client::connect(&a.api).await?;
+        let mut client = super::client::connect(&a.api, &a.auth).await?;
         if a.clear || !a.limits.is_empty() {
             let reply = client
                 .volume_set_qos(pb::VolumeSetQosRequest {

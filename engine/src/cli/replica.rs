@@ -13,7 +13,10 @@
 //! checked and holds the snapshot before the store is created (or nothing is
 //! created), the replica serves at once, and it copies its source in the
 //! background, resuming where it was after a restart (the store remembers its
-//! source: the flags are needed only the first time).
+//! source: the flags are needed only the first time). The source replicas
+//! check the SOURCE volume's secret, not the clone's: the clone replica takes
+//! it from `--clone-source-secret-file` or `BASALT_CLONE_SOURCE_SECRET`, and
+//! needs it until it is hydrated (after a restart too: it is never stored).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -21,11 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use basalt_proto::auth::VolumeSecret;
 use basalt_proto::VolumeId;
 use basalt_replica::server::clone::{self, CloneRequest};
 use basalt_replica::server::{bind_metrics, serve_metrics, Metrics, Server};
 use basalt_replica::store::backend::block::{BlockBackend, DeviceOptions, Format};
 use basalt_replica::store::{Backend, CloneOrigin, DirBackend, Store, StoreError};
+
+use super::secrets::CloneSourceSecretArgs;
 
 /// Arguments of `basalt replica`: serve a replica, or (with a subcommand)
 /// manage one.
@@ -87,6 +93,10 @@ pub struct Args {
     /// fetched at once, whatever the pace.
     #[arg(long, default_value = "128M", value_parser = super::args::parse_size)]
     hydrate_rate: u64,
+    #[command(flatten)]
+    secret: super::secrets::SecretArgs,
+    #[command(flatten)]
+    clone_source_secret: super::secrets::CloneSourceSecretArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -99,12 +109,16 @@ enum ReplicaCommand {
         api: String,
         /// The replica's address (its --listen).
         address: String,
+        #[command(flatten)]
+        auth: super::secrets::ClientTokenArgs,
     },
     /// Remove a replica from a running volume for good.
     Rm {
         #[arg(long, default_value = "127.0.0.1:9600")]
         api: String,
         address: String,
+        #[command(flatten)]
+        auth: super::secrets::ClientTokenArgs,
     },
     /// Write a stopped replica's volume image (or one snapshot's) to a raw
     /// file: for debugging, offline copies, and comparing replicas.
@@ -127,8 +141,8 @@ enum ReplicaCommand {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Some(ReplicaCommand::Add { api, address }) => return membership(&api, address, true),
-        Some(ReplicaCommand::Rm { api, address }) => return membership(&api, address, false),
+        Some(ReplicaCommand::Add { api, address, auth }) => return membership(&api, &auth, address, true),
+        Some(ReplicaCommand::Rm { api, address, auth }) => return membership(&api, &auth, address, false),
         Some(ReplicaCommand::Export {
             dir,
             device,
@@ -144,6 +158,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {}
     }
+    // Before anything else: a replica that would serve anyone is not started at all.
+    let secret = args.secret.load()?;
+    let source_secret = args.clone_source_secret.load()?;
     let runtime = match args.io_threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread()
@@ -153,10 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build(),
     }
     .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, secret, source_secret))
 }
 
-async fn serve(args: Args) -> anyhow::Result<()> {
+async fn serve(args: Args, secret: VolumeSecret, source_secret: Option<VolumeSecret>) -> anyhow::Result<()> {
     // clap requires these when no subcommand is given.
     let (Some(size), Some(listen)) = (args.size, args.listen) else {
         anyhow::bail!("`basalt replica` needs --dir or --device, --size and --listen (or a subcommand: add, rm, export)");
@@ -177,6 +194,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             sources: args.clone_from.clone(),
             source_volume: args.clone_source_volume.map(VolumeId),
             snapshot,
+            source_secret: source_secret.clone().ok_or_else(CloneSourceSecretArgs::missing)?,
         }),
         (true, _) => None,
         (false, None) => anyhow::bail!("--clone-from needs --clone-snapshot NAME: the snapshot to clone"),
@@ -196,9 +214,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let store = Arc::new(store);
     let metrics = Metrics::new();
     let shutdown = super::shutdown_signal();
-    let hydration = start_hydration(&store, args.hydrate_rate, &shutdown);
+    let hydration = start_hydration(&store, source_secret, args.hydrate_rate, &shutdown)?;
 
-    let server = Server::bind(listen, store.clone(), metrics.clone()).await?;
+    let server = Server::bind(listen, store.clone(), metrics.clone(), secret).await?;
     let mut announce = format!("listening {}\n", server.local_addr());
     if let Some(addr) = args.metrics {
         let listener = bind_metrics(addr).await.with_context(|| {
@@ -291,36 +309,50 @@ fn check_same_origin(store: &Store, request: &CloneRequest) -> anyhow::Result<()
 }
 
 /// Starts copying a clone's source in the background, if the store is a clone whose holds are not
-/// all released yet.
+/// all released yet; such a clone cannot go on without the source volume's secret.
 fn start_hydration(
     store: &Arc<Store>,
+    source_secret: Option<VolumeSecret>,
     rate: u64,
     shutdown: &tokio_util::sync::CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let status = store.clone_status().filter(|s| !s.released)?;
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(status) = store.clone_status().filter(|s| !s.released) else {
+        return Ok(None);
+    };
+    let source_secret = source_secret.ok_or_else(|| {
+        CloneSourceSecretArgs::missing().context(format!(
+            "this store is a clone of snapshot {:?} of volume {} that still reads its source",
+            status.origin.snapshot, status.origin.source_volume
+        ))
+    })?;
     tracing::info!(
         snapshot = %status.origin.snapshot, source = %status.origin.source_volume,
         hydrated_bytes = status.hydrated_bytes, total_bytes = status.origin.source_size_bytes,
         "clone: hydrating from its source in the background"
     );
-    let reader = clone::SourceReader::new(status.origin, tokio::runtime::Handle::current());
+    let reader = clone::SourceReader::new(status.origin, source_secret, tokio::runtime::Handle::current());
     store.attach_source(reader.clone());
     let options = clone::HydrateOptions {
         rate: (rate > 0).then_some(rate),
     };
-    Some(tokio::spawn(clone::hydrate(
+    Ok(Some(tokio::spawn(clone::hydrate(
         store.clone(),
         reader,
         options,
         shutdown.clone(),
-    )))
+    ))))
 }
 
 /// `basalt replica add|rm`: ask the controller.
-fn membership(api: &str, address: String, add: bool) -> anyhow::Result<()> {
+fn membership(
+    api: &str,
+    auth: &super::secrets::ClientTokenArgs,
+    address: String,
+    add: bool,
+) -> anyhow::Result<()> {
     use basalt_proto::pb::controller::ReplicaRequest;
     super::client::block_on(async move {
-        let mut client = super::client::connect(api).await?;
+        let mut client = super::client::connect(api, auth).await?;
         let request = ReplicaRequest { address };
         let reply = if add {
             client.replica_add(request).await

@@ -22,6 +22,8 @@ pub struct Common {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -72,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     block_on(async move {
         match args.command {
             SnapshotCommand::Ls { common } => {
-                let mut client = connect(&common.api).await?;
+                let mut client = connect(&common.api, &common.auth).await?;
                 let reply = client
                     .snapshot_list(SnapshotListRequest {})
                     .await
@@ -127,7 +129,7 @@ enum Op {
 }
 
 async fn chain_op(op: Op, name: String, common: Common) -> anyhow::Result<()> {
-    let mut client = connect(&common.api).await?;
+    let mut client = connect(&common.api, &common.auth).await?;
     let request = SnapshotRequest { name: name.clone() };
     let (reply, done) = match op {
         Op::Create => (client.snapshot_create(request).await, "created"),
@@ -173,7 +175,7 @@ fn format_unix(secs: i64) -> String {
 
 /// `basalt snapshot holds`.
 async fn holds(common: Common) -> anyhow::Result<()> {
-    let mut client = connect(&common.api).await?;
+    let mut client = connect(&common.api, &common.auth).await?;
     let reply = client
         .snapshot_holds(SnapshotHoldsRequest {})
         .await
@@ -209,7 +211,7 @@ async fn holds(common: Common) -> anyhow::Result<()> {
 
 /// `basalt snapshot release`.
 async fn release(name: String, holder: String, common: Common) -> anyhow::Result<()> {
-    let mut client = connect(&common.api).await?;
+    let mut client = connect(&common.api, &common.auth).await?;
     let reply = client
         .snapshot_release(SnapshotReleaseRequest { name, holder })
         .await

@@ -80,6 +80,8 @@ pub struct InfoArgs {
     /// Show live progress bars (rebuilds, modes) until Ctrl-C.
     #[arg(long)]
     pub watch: bool,
+    #[command(flatten)]
+    pub auth: super::secrets::ClientTokenArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -130,6 +132,39 @@ fn load_or_create_record(dir: &Path, size: u64) -> anyhow::Result<VolumeRecord> 
     Ok(record)
 }
 
+/// Name of the volume's secret file in its data directory.
+const SECRET_FILE: &str = "secret";
+/// Name of the management API token file in the volume's data directory.
+const TOKEN_FILE: &str = "api-token";
+
+/// The contents of `dir/name`, generated with `generate` and stored (mode 0600, written, fsynced,
+/// renamed, directory fsynced) the first time: a volume keeps its secret and token across restarts, or
+/// its replicas would refuse the next controller.
+fn load_or_generate(dir: &Path, name: &str, generate: impl FnOnce() -> Vec<u8>) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(&generate())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(path)
+}
+
 /// A free port on 127.0.0.1 (the OS picks it; it stays free long enough for
 /// the child we start next to bind it).
 fn free_local_port() -> anyhow::Result<u16> {
@@ -173,9 +208,16 @@ impl Drop for Children {
     }
 }
 
-fn spawn(exe: &Path, args: &[String]) -> anyhow::Result<Child> {
+/// Starts `exe args` with the volume's secret and API token in its environment (never on its command
+/// line, where `ps` shows it).
+fn spawn(exe: &Path, args: &[String], secrets: &[(&str, Vec<u8>)]) -> anyhow::Result<Child> {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    for (name, value) in secrets {
+        command.env(name, std::ffi::OsStr::from_bytes(value));
+    }
+    command
         .args(args)
         .stdin(Stdio::null())
         // Own process group: Ctrl-C reaches only `volume up`, which then
@@ -191,6 +233,25 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the basalt binary")?;
     let dir = a.data.join(&a.name);
     let record = load_or_create_record(&dir, a.size)?;
+    let secret_path = load_or_generate(&dir, SECRET_FILE, || {
+        basalt_proto::auth::VolumeSecret::generate().expose().to_vec()
+    })?;
+    let token_path = load_or_generate(&dir, TOKEN_FILE, || {
+        basalt_engine::api_auth::ApiToken::generate()
+            .expose()
+            .as_bytes()
+            .to_vec()
+    })?;
+    let secrets = [
+        (
+            super::secrets::SECRET_ENV,
+            super::secrets::read_private(&secret_path, "volume secret")?,
+        ),
+        (
+            super::secrets::TOKEN_ENV,
+            super::secrets::read_private(&token_path, "API token")?,
+        ),
+    ];
     let size = a.size.to_string();
     let mut children = Children(Vec::new());
     let mut replica_addrs = Vec::new();
@@ -208,7 +269,9 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
             "--volume-id".into(),
             record.uuid.to_string(),
         ];
-        children.0.push((format!("replica r{i}"), spawn(&exe, &args)?));
+        children
+            .0
+            .push((format!("replica r{i}"), spawn(&exe, &args, &secrets[..1])?));
         replica_addrs.push(addr);
     }
     let mut args = vec![
@@ -237,7 +300,9 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         args.push(m.to_string());
     }
     args.extend(a.qos.to_args());
-    children.0.push(("controller".into(), spawn(&exe, &args)?));
+    children
+        .0
+        .push(("controller".into(), spawn(&exe, &args, &secrets)?));
 
     println!(
         "volume {} ({} bytes, {} replicas, data in {})",
@@ -250,7 +315,17 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         println!("  replica r{}: {r}", i + 1);
     }
     println!("iSCSI: iscsi://{}/{}/0", a.iscsi, a.name.iqn());
-    println!("API:   {}   (basalt volume info --api {})", a.api, a.api);
+    println!(
+        "API:   {}   (basalt volume info --api {} --token-file {})",
+        a.api,
+        a.api,
+        token_path.display()
+    );
+    println!(
+        "Secrets (0600): volume secret {}, API token {}",
+        secret_path.display(),
+        token_path.display()
+    );
     println!("Ctrl-C stops the volume.");
 
     // Wait for Ctrl-C / SIGTERM, or for the controller to exit.
@@ -294,9 +369,9 @@ fn signal_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicB
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
     if a.watch {
-        return watch(&a.api);
+        return watch(&a.api, &a.auth);
     }
-    let reply = super::client::block_on(fetch_info(&a.api))?;
+    let reply = super::client::block_on(fetch_info(&a.api, &a.auth))?;
     let io = reply.io.unwrap_or_default();
     let uuid = uuid::Uuid::from_slice(&reply.volume_uuid)
         .map(|u| u.to_string())
@@ -402,8 +477,8 @@ fn qos_json(reply: &VolumeInfoReply) -> serde_json::Value {
     })
 }
 
-async fn fetch_info(api: &str) -> anyhow::Result<VolumeInfoReply> {
-    let mut client = super::client::connect(api).await?;
+async fn fetch_info(api: &str, auth: &super::secrets::ClientTokenArgs) -> anyhow::Result<VolumeInfoReply> {
+    let mut client = super::client::connect(api, auth).await?;
     let reply = client
         .volume_info(VolumeInfoRequest {})
         .await
@@ -419,7 +494,7 @@ fn eta(r: &ReplicaStatus) -> Option<f64> {
 
 /// `volume info --watch`: a live progress bar per rebuilding replica, and
 /// the modes, until interrupted.
-fn watch(api: &str) -> anyhow::Result<()> {
+fn watch(api: &str, auth: &super::secrets::ClientTokenArgs) -> anyhow::Result<()> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template(
@@ -430,7 +505,7 @@ fn watch(api: &str) -> anyhow::Result<()> {
     let mut shown: std::collections::HashMap<String, ProgressBar> = std::collections::HashMap::new();
     super::client::block_on(async {
         loop {
-            let reply = fetch_info(api).await?;
+            let reply = fetch_info(api, auth).await?;
             for r in &reply.replicas {
                 let bar = shown.entry(r.address.clone()).or_insert_with(|| {
                     let b = bars.add(ProgressBar::new(1));

@@ -92,7 +92,10 @@ impl ReplicaMode {
 }
 
 /// A snapshot operation, carried to every active replica on the data
-/// connection so that it is ordered exactly with the writes around it.
+/// connection so that it is ordered exactly with the writes around it; or
+/// the volume's membership, recorded by every active replica (on the data
+/// connection because only the replica's writer may record it); or a
+/// resize of every active replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlOp {
     SnapshotCreate(String),
@@ -108,6 +111,7 @@ pub enum ControlOp {
     },
     /// Every replica's identity and progress (a clone's hydration).
     Info,
+    SetMembership(basalt_proto::pb::replica::Membership),
     /// Grow every active replica to this many bytes (an online expansion).
     Resize(u64),
     /// Ask every active replica whether it could grow to this many bytes,
@@ -130,6 +134,7 @@ impl ControlOp {
             ControlOp::HoldList => "hold list",
             ControlOp::SnapshotRelease { .. } => "snapshot release",
             ControlOp::Info => "replica info",
+            ControlOp::SetMembership(_) => "membership record",
         }
     }
 

@@ -66,6 +66,11 @@ pub struct VolumeSpec {
     pub volume: VolumeId,
     pub epoch: Epoch,
     pub addresses: Vec<String>,
+    /// What every connection to a replica proves it knows (and checks the replica knows).
+    pub secret: basalt_proto::auth::VolumeSecret,
+    /// The generation of the membership the volume started with (0: none recorded yet); each
+    /// `replica add` / `rm` records the next one (see [`Volume::membership`]).
+    pub membership_generation: u64,
 }
 
 /// A point-in-time view of the volume, for `volume info` and health checks.
@@ -205,6 +210,9 @@ pub struct Volume {
     /// few atomic operations per write.
     caw: Arc<RwLock<()>>,
     pub metrics: Arc<VolumeMetrics>,
+    /// The generation of the membership last recorded. Held across a change (decide, record on every
+    /// replica, answer), so two `replica add` / `rm` never record the same generation.
+    pub membership: Arc<tokio::sync::Mutex<u64>>,
 }
 
 impl Volume {
@@ -267,6 +275,7 @@ impl Volume {
         let spec = owner.spec.clone();
         tokio::spawn(owner.run(rx, events_rx));
         Volume {
+            membership: Arc::new(tokio::sync::Mutex::new(spec.membership_generation)),
             spec,
             size,
             expanding: Arc::new(tokio::sync::Mutex::new(())),

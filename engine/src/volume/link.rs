@@ -1,4 +1,5 @@
-//! One replica connection: the handshake, then two tasks.
+//! One replica connection: the handshake (Hello, the replica's proof checked,
+//! our Auth: see `basalt_proto::auth`), then two tasks.
 //!
 //! ```text
 //!   driver ──(JobId, ReplicaRequest)──► writer task ──frames, batched writev──► replica
@@ -15,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
 use basalt_proto::frame::{
-    payload_crc, Frame, FrameBatchWriter, FrameCodec, Message, ProtocolVersion, ReplicaIdentity, ReplyError,
-    RequestId,
+    payload_crc, Frame, FrameBatchWriter, FrameCodec, Message, ReplicaIdentity, ReplyError, RequestId,
 };
 use basalt_proto::{Epoch, VolumeId};
 use futures::StreamExt;
@@ -55,27 +56,37 @@ pub enum LinkError {
     },
     #[error("replica {addr} broke the protocol during the handshake: {detail}")]
     Protocol { addr: String, detail: String },
+    #[error("refusing replica {addr}: {source}")]
+    NotProven {
+        addr: String,
+        #[source]
+        source: HandshakeError,
+    },
 }
 
 /// A connected replica whose identity is known, before its I/O tasks start.
 pub struct Handshaken {
     pub identity: ReplicaIdentity,
+    /// The membership the replica had recorded when it authenticated us.
+    pub membership: Option<pb::Membership>,
     reader: FramedRead<OwnedReadHalf, FrameCodec>,
     writer: FrameBatchWriter<OwnedWriteHalf>,
     next_id: u64,
 }
 
 impl Handshaken {
-    /// Connect to `addr` and say Hello. `volume` may be nil (survey: the
-    /// replica tells who it is); an `epoch` above the replica's raises it
-    /// durably, which is how a new controller fences older ones.
+    /// Connect to `addr`, say Hello, and authenticate both ways with
+    /// `secret`. `volume` may be nil (survey: the replica tells who it is);
+    /// an `epoch` above the replica's raises it durably, which is how a new
+    /// controller fences older ones.
     pub async fn connect(
         addr: &str,
         volume: VolumeId,
         epoch: Epoch,
+        secret: &VolumeSecret,
         timeout: Duration,
     ) -> Result<Handshaken, LinkError> {
-        Self::connect_as(addr, volume, epoch, timeout, false).await
+        Self::connect_as(addr, volume, epoch, secret, timeout, false).await
     }
 
     /// Like [`Handshaken::connect`], for a connection that will carry the
@@ -86,15 +97,17 @@ impl Handshaken {
         addr: &str,
         volume: VolumeId,
         epoch: Epoch,
+        secret: &VolumeSecret,
         timeout: Duration,
     ) -> Result<Handshaken, LinkError> {
-        Self::connect_as(addr, volume, epoch, timeout, true).await
+        Self::connect_as(addr, volume, epoch, secret, timeout, true).await
     }
 
     async fn connect_as(
         addr: &str,
         volume: VolumeId,
         epoch: Epoch,
+        secret: &VolumeSecret,
         timeout: Duration,
         writer: bool,
     ) -> Result<Handshaken, LinkError> {
@@ -118,18 +131,24 @@ impl Handshaken {
                     epoch,
                     revision: Default::default(),
                 },
+                membership: None,
                 reader: FramedRead::new(r, FrameCodec),
                 writer: FrameBatchWriter::new(w),
                 next_id: 1,
             };
-            let hello = Message::Hello {
-                volume,
-                min_version: ProtocolVersion::MIN_SUPPORTED,
-                max_version: ProtocolVersion::CURRENT,
-                writer,
-            };
-            match conn.call(addr, epoch, hello).await? {
-                Message::HelloOk { replica, .. } => conn.identity = replica,
+            let handshake = ClientHandshake::new(volume);
+            let hello = conn.call(addr, epoch, handshake.hello(writer)).await?;
+            let (_, auth) = handshake
+                .answer(secret, hello)
+                .map_err(|source| LinkError::NotProven {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            match conn.call(addr, epoch, auth).await? {
+                Message::AuthOk { replica, membership } => {
+                    conn.identity = replica;
+                    conn.membership = membership;
+                }
                 other => return Err(unexpected(addr, &other)),
             }
             Ok(conn)
@@ -295,6 +314,7 @@ fn to_message(request: ReplicaRequest) -> Message {
             holder,
         },
         ReplicaRequest::Control(ControlOp::Info) => Message::Info,
+        ReplicaRequest::Control(ControlOp::SetMembership(m)) => Message::SetMembership(m),
         ReplicaRequest::Control(ControlOp::Resize(size_bytes)) => Message::Resize {
             size_bytes,
             check_only: false,
@@ -377,7 +397,8 @@ async fn read_loop(
             | Message::Pong
             | Message::SnapshotDeleteOk
             | Message::SnapshotRevertOk
-            | Message::SnapshotReleaseOk => ReplicaReply::Ok(Default::default()),
+            | Message::SnapshotReleaseOk
+            | Message::SetMembershipOk => ReplicaReply::Ok(Default::default()),
             // The replica's size after a resize (or now, for a check).
             Message::ResizeOk { size_bytes } => {
                 ReplicaReply::Ok(bytes::Bytes::copy_from_slice(&size_bytes.to_le_bytes()))

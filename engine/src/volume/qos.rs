@@ -50,9 +50,10 @@
 //! * **Not throttled:** rebuild copies, snapshot operations, drains and
 //!   settles. They are the volume's own work, and holding them back would
 //!   lengthen the window in which a replica is missing.
-//! * **Default burst:** one second's worth of the rate (Ceph's default; what
-//!   QEMU's `*-max-length` defaults to): a short spike (a journal commit, a
-//!   boot) runs at full speed, the average is held.
+//! * **Default burst:** one second's worth of the rate: a short spike (a
+//!   journal commit, a boot) runs at full speed, and no window of a second
+//!   or more gets more than twice the limit. A smaller burst must still hold
+//!   10 ms of the rate (see [`Limit::new`]).
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -123,7 +123,7 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use super::core::ReplicaMode;
 use super::link::{Handshaken, LinkError, REQUEST_TIMEOUT};
-use super::Volume;
+use super::{Volume, VolumeSpec};
 
 /// Largest single copy: 1 MiB (256 blocks). Big enough to stream, small
 /// enough that a copy overtaken by a guest write costs little to redo.
@@ -513,6 +513,7 @@ impl Rebuilder {
                     &r.address,
                     basalt_proto::VolumeId(uuid::Uuid::nil()),
                     basalt_proto::Epoch(0),
+                    &volume.spec().secret,
                     Duration::from_secs(1),
                 )
                 .await;
@@ -557,7 +558,7 @@ async fn rebuild(
     // The rebuild's own connection to the target first: its Hello raises
     // the epoch, and it holds the writer role (for a chain replay) until
     // the link below takes it over.
-    let target = client(addr, spec.volume, epoch, true).await?;
+    let target = client(addr, spec, true).await?;
     let id = target.identity();
     if id.epoch > epoch {
         return Err(RebuildError::Fenced {
@@ -612,8 +613,7 @@ async fn rebuild(
         .map(|r| r.address.clone())
         .collect();
     let volume_blocks = size / BLOCK;
-    let (source_addr, source) =
-        choose_source(&candidates, &target, addr, spec.volume, epoch, volume_blocks).await?;
+    let (source_addr, source) = choose_source(&candidates, &target, addr, spec, volume_blocks).await?;
     let replicas = Pair {
         source,
         target,
@@ -643,7 +643,7 @@ async fn rebuild(
     progress.lap("leave_numbering");
 
     // The link takes the target's writer role over from the replay.
-    let conn = Handshaken::connect_writer(addr, spec.volume, epoch, CONNECT_TIMEOUT).await?;
+    let conn = Handshaken::connect_writer(addr, spec.volume, epoch, &spec.secret, CONNECT_TIMEOUT).await?;
     progress.lap("connect_link");
 
     volume
@@ -877,12 +877,11 @@ async fn choose_source(
     candidates: &[String],
     target: &ReplicaClient,
     addr: &str,
-    volume: basalt_proto::VolumeId,
-    epoch: basalt_proto::Epoch,
+    spec: &VolumeSpec,
     volume_blocks: u64,
 ) -> Result<(String, ReplicaClient), RebuildError> {
     let first = candidates.first().ok_or(RebuildError::NoSource)?;
-    let first_client = client(first, volume, epoch, false).await?;
+    let first_client = client(first, spec, false).await?;
     let (position, own) = record_verdict(target, addr, None, volume_blocks).await?;
     if own.is_some() {
         return Ok((first.clone(), first_client));
@@ -894,7 +893,7 @@ async fn choose_source(
             (0, Some(c)) => Ok(c),
             (_, kept) => {
                 first_client = kept;
-                client(candidate, volume, epoch, false).await
+                client(candidate, spec, false).await
             }
         };
         let c = match connected {
@@ -921,7 +920,7 @@ async fn choose_source(
     }
     let source = match first_client {
         Some(c) => c,
-        None => client(first, volume, epoch, false).await?,
+        None => client(first, spec, false).await?,
     };
     tracing::info!(replica = %addr, source = %first, records = %why_not.join("; "),
         "rebuild: no read-write replica's write-intent record answers for this replica");
@@ -1050,12 +1049,7 @@ impl TargetWriteback {
 /// A pipelined connection for the chain replay (many requests in flight,
 /// replies matched by id), at the volume's epoch; with `writer` it takes the
 /// replica's writer role.
-async fn client(
-    addr: &str,
-    volume: basalt_proto::VolumeId,
-    epoch: basalt_proto::Epoch,
-    writer: bool,
-) -> Result<ReplicaClient, RebuildError> {
+async fn client(addr: &str, spec: &VolumeSpec, writer: bool) -> Result<ReplicaClient, RebuildError> {
     let resolved = tokio::net::lookup_host(addr)
         .await
         .and_then(|mut a| {
@@ -1066,7 +1060,7 @@ async fn client(
             addr: addr.to_string(),
             source,
         })?;
-    let connect = ReplicaClient::connect_as(resolved, volume, epoch, writer);
+    let connect = ReplicaClient::connect_as(resolved, spec.volume, spec.epoch, writer, &spec.secret);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(source)) => Err(RebuildError::Replica {
@@ -1690,8 +1684,10 @@ mod tests {
     /// within its bound instead of hanging the rebuild.
     #[tokio::test]
     async fn a_replica_that_stops_answering_fails_the_request_within_its_bound() {
+        use basalt_proto::auth::{Challenge, Nonce, Prover, VolumeSecret};
         use basalt_proto::frame::{Frame, FrameCodec, ProtocolVersion, ReplicaIdentity};
         use futures::{SinkExt, StreamExt};
+        let test_secret = || VolumeSecret::new("rebuild-test-secret-0123").unwrap();
         use tokio_util::codec::Framed;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1700,17 +1696,33 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let mut frames = Framed::new(stream, FrameCodec);
             let hello = frames.next().await.unwrap().unwrap();
-            let replica = ReplicaIdentity {
-                volume: basalt_proto::VolumeId(uuid::Uuid::nil()),
-                size_bytes: 1 << 20,
-                epoch: hello.epoch,
-                revision: basalt_proto::Revision(0),
+            let Message::Hello { nonce, .. } = hello.message else {
+                panic!("expected Hello");
+            };
+            let volume = basalt_proto::VolumeId::random();
+            let challenge = Challenge {
+                volume,
+                client: nonce,
+                replica: Nonce::random(),
             };
             let ok = Message::HelloOk {
                 version: ProtocolVersion::CURRENT,
-                replica,
+                volume,
+                nonce: challenge.replica,
+                proof: challenge.prove(&test_secret(), Prover::Replica),
             };
             frames.send(Frame::new(hello.id, hello.epoch, ok)).await.unwrap();
+            let auth = frames.next().await.unwrap().unwrap();
+            let ok = Message::AuthOk {
+                replica: ReplicaIdentity {
+                    volume,
+                    size_bytes: 1 << 20,
+                    epoch: auth.epoch,
+                    revision: basalt_proto::Revision(0),
+                },
+                membership: None,
+            };
+            frames.send(Frame::new(auth.id, auth.epoch, ok)).await.unwrap();
             // Read what comes and never answer.
             while frames.next().await.is_some() {}
         });
@@ -1719,6 +1731,7 @@ mod tests {
             basalt_proto::VolumeId(uuid::Uuid::nil()),
             basalt_proto::Epoch(1),
             false,
+            &test_secret(),
         )
         .await
         .expect("the handshake is answered");

@@ -24,6 +24,7 @@ use super::{
     ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, SyncPoint, WrittenAnswer, MAX_PAYLOAD,
     REPLY_BIT,
 };
+use crate::auth::{Nonce, Proof, CHALLENGE_LEN};
 use crate::{Epoch, Revision, VolumeId};
 
 /// Why bytes received could not be a frame. Any of these ends the
@@ -285,6 +286,11 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 min_version: ProtocolVersion(min),
                 max_version: ProtocolVersion(max),
                 writer: hello.writer,
+                nonce: Nonce(challenge(
+                    op,
+                    &hello.client_nonce,
+                    "client nonce must be 32 bytes",
+                )?),
             }
         }
         (Op::Hello, true) => {
@@ -296,13 +302,42 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
             })?;
             M::HelloOk {
                 version: ProtocolVersion(version),
+                volume: volume_id(op, &reply.volume_uuid)?,
+                nonce: Nonce(challenge(
+                    op,
+                    &reply.replica_nonce,
+                    "replica nonce must be 32 bytes",
+                )?),
+                proof: Proof(challenge(
+                    op,
+                    &reply.replica_proof,
+                    "replica proof must be 32 bytes",
+                )?),
+            }
+        }
+        (Op::Auth, true) => {
+            control()?;
+            let reply = pb::AuthReply::decode(payload).map_err(bad_pb)?;
+            M::AuthOk {
                 replica: ReplicaIdentity {
                     volume: volume_id(op, &reply.volume_uuid)?,
                     size_bytes: reply.size_bytes,
                     epoch: Epoch(reply.epoch),
                     revision: Revision(reply.revision),
                 },
+                membership: reply.membership,
             }
+        }
+        (Op::Auth, false) => {
+            control()?;
+            let auth = pb::Auth::decode(payload).map_err(bad_pb)?;
+            M::Auth {
+                proof: Proof(challenge(op, &auth.proof, "proof must be 32 bytes")?),
+            }
+        }
+        (Op::SetMembership, false) => {
+            control()?;
+            M::SetMembership(pb::Membership::decode(payload).map_err(bad_pb)?)
         }
         (Op::Read, false) => {
             if raw.payload_len != 0 {
@@ -623,6 +658,7 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 (Op::Reset, false) => M::Reset,
                 (Op::Reset, true) => M::ResetOk,
                 (Op::WriteV, true) => M::WriteVOk,
+                (Op::SetMembership, true) => M::SetMembershipOk,
                 (Op::SnapshotHold, true) => M::SnapshotHoldOk,
                 (Op::SnapshotRelease, true) => M::SnapshotReleaseOk,
                 (Op::HoldList, false) => M::HoldList,
@@ -639,6 +675,11 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
         }
     };
     Ok(frame(message))
+}
+
+/// A nonce or proof: exactly [`CHALLENGE_LEN`] bytes, or the frame is refused with `what`.
+fn challenge(op: Op, bytes: &[u8], what: &'static str) -> Result<[u8; CHALLENGE_LEN], DecodeError> {
+    bytes.try_into().map_err(|_| DecodeError::BadField { op, what })
 }
 
 /// A list of 12-byte block checksums.

@@ -241,19 +241,37 @@ impl Frame {
                 min_version,
                 max_version,
                 writer,
+                nonce,
             } => pb_bytes(&pb::Hello {
                 volume_uuid: volume.0.as_bytes().to_vec(),
                 min_version: u32::from(min_version.0),
                 max_version: u32::from(max_version.0),
                 writer: *writer,
+                client_nonce: nonce.0.to_vec(),
             }),
-            M::HelloOk { version, replica } => pb_bytes(&pb::HelloReply {
+            M::HelloOk {
+                version,
+                volume,
+                nonce,
+                proof,
+            } => pb_bytes(&pb::HelloReply {
                 version: u32::from(version.0),
+                volume_uuid: volume.0.as_bytes().to_vec(),
+                replica_nonce: nonce.0.to_vec(),
+                replica_proof: proof.0.to_vec(),
+                ..Default::default()
+            }),
+            M::AuthOk { replica, membership } => pb_bytes(&pb::AuthReply {
                 volume_uuid: replica.volume.0.as_bytes().to_vec(),
                 size_bytes: replica.size_bytes,
                 epoch: replica.epoch.0,
                 revision: replica.revision.0,
+                membership: membership.clone(),
             }),
+            M::Auth { proof } => pb_bytes(&pb::Auth {
+                proof: proof.0.to_vec(),
+            }),
+            M::SetMembership(membership) => pb_bytes(membership),
             M::Read { offset, len } => {
                 if *len > MAX_PAYLOAD {
                     return Err(EncodeError::Oversize { len: u64::from(*len) });
@@ -459,6 +477,7 @@ impl Frame {
             | M::Reset
             | M::ResetOk
             | M::WriteVOk
+            | M::SetMembershipOk
             | M::SnapshotHoldOk
             | M::SnapshotReleaseOk
             | M::HoldList => Bytes::new(),

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
+use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
 use basalt_proto::frame::{
     EncodeError, EncodedFrame, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
     ReplicaIdentity, ReplyError, RequestId,
@@ -71,6 +72,8 @@ pub enum ClientError {
     },
     #[error("replica answered {op} with an unexpected {got}; the replica is not speaking this protocol")]
     UnexpectedReply { op: Op, got: &'static str },
+    #[error("refusing the replica: {0}")]
+    Handshake(#[from] HandshakeError),
 }
 
 impl ClientError {
@@ -122,6 +125,7 @@ impl Inner {
 pub struct ReplicaClient {
     inner: Arc<Inner>,
     identity: ReplicaIdentity,
+    membership: Option<pb::Membership>,
     version: ProtocolVersion,
     tasks: [tokio::task::JoinHandle<()>; 2],
 }
@@ -136,12 +140,15 @@ impl Drop for ReplicaClient {
 }
 
 impl ReplicaClient {
-    /// Connects to `addr` and says Hello for `volume` at `epoch`. A nil
-    /// `volume` (`VolumeId(Uuid::nil())`) asks the replica who it is instead of
-    /// checking. An `epoch` higher than the replica's raises it durably
-    /// (fencing older controllers); a lower one changes nothing, and
-    /// [`ReplicaClient::identity`] shows the replica's epoch: a controller
-    /// surveys replicas this way before it picks its epoch.
+    /// Connects to `addr`, says Hello for `volume` at `epoch`, and
+    /// authenticates both ways with `secret` (see `basalt_proto::auth`): a
+    /// replica that cannot prove it knows the secret is refused
+    /// ([`ClientError::Handshake`]), and one that finds our proof wrong
+    /// refuses us. A nil `volume` (`VolumeId(Uuid::nil())`) asks the replica
+    /// who it is instead of checking. An `epoch` higher than the replica's
+    /// raises it durably (fencing older controllers); a lower one changes
+    /// nothing, and [`ReplicaClient::identity`] shows the replica's epoch: a
+    /// controller surveys replicas this way before it picks its epoch.
     ///
     /// The connection takes the replica's writer role; see
     /// [`ReplicaClient::connect_as`] for one that only reads.
@@ -149,8 +156,9 @@ impl ReplicaClient {
         addr: SocketAddr,
         volume: VolumeId,
         epoch: Epoch,
+        secret: &VolumeSecret,
     ) -> Result<ReplicaClient, ClientError> {
-        Self::connect_as(addr, volume, epoch, true).await
+        Self::connect_as(addr, volume, epoch, true, secret).await
     }
 
     /// Like [`ReplicaClient::connect`]; with `as_writer: false` the connection
@@ -162,6 +170,7 @@ impl ReplicaClient {
         volume: VolumeId,
         epoch: Epoch,
         as_writer: bool,
+        secret: &VolumeSecret,
     ) -> Result<ReplicaClient, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
@@ -195,26 +204,43 @@ impl ReplicaClient {
                 epoch,
                 revision: Revision(0),
             },
+            membership: None,
             version: ProtocolVersion::CURRENT,
             tasks: [writer, reader],
         };
-        let hello = client.call(Message::Hello {
-            volume,
-            min_version: ProtocolVersion::MIN_SUPPORTED,
-            max_version: ProtocolVersion::CURRENT,
-            writer: as_writer,
-        });
-        match hello.await? {
-            Message::HelloOk { version, replica } => {
+        let handshake = ClientHandshake::new(volume);
+        let hello = client.call(handshake.hello(as_writer)).await?;
+        let (version, auth) = handshake.answer(secret, hello)?;
+        match client.call(auth).await? {
+            Message::AuthOk { replica, membership } => {
                 client.identity = replica;
+                client.membership = membership;
                 client.version = version;
                 Ok(client)
             }
-            other => Err(unexpected(Op::Hello, &other)),
+            other => Err(unexpected(Op::Auth, &other)),
         }
     }
 
-    /// The replica as it introduced itself at Hello.
+    /// The membership the replica had recorded when it authenticated us.
+    pub fn membership(&self) -> Option<&pb::Membership> {
+        self.membership.as_ref()
+    }
+
+    /// Records the volume's membership on the replica, durably (this
+    /// connection must be the replica's writer).
+    pub fn set_membership(
+        &self,
+        membership: pb::Membership,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        expect(
+            self.call(Message::SetMembership(membership)),
+            Op::SetMembership,
+            |m| matches!(m, Message::SetMembershipOk).then_some(()),
+        )
+    }
+
+    /// The replica as it introduced itself once authenticated (after the Hello's epoch took effect).
     pub fn identity(&self) -> ReplicaIdentity {
         self.identity
     }

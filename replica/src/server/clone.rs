@@ -19,8 +19,11 @@
 //! not fenced by the epoch (a snapshot never changes). Whichever source replica answers serves: all
 //! of them hold the same snapshot, since it is immutable.
 //!
-//! Every connection to a source goes through [`connect_source`]: once replicas authenticate their
-//! peers, the source volume's secret is presented there, and nowhere else.
+//! Every connection to a source goes through [`connect_source`], which authenticates with the
+//! *source* volume's secret (a different one from the clone's own: the clone is another volume),
+//! and nowhere else. That secret is given to the clone replica like its own (from a file or the
+//! environment, never the command line) and is never stored in the clone's `volume.meta`: a clone
+//! restarted before it is hydrated needs it again.
 //!
 //! Hydration is paced ([`HydrateOptions::rate`]) so that a clone does not take its source's disk
 //! from the source's own guest, and it survives everything a replica may go through: the cursor is
@@ -30,6 +33,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use basalt_proto::auth::{HandshakeError, VolumeSecret};
 use basalt_proto::frame::{BlockRun, Message, ReplyError};
 use basalt_proto::{Epoch, VolumeId};
 use bytes::Bytes;
@@ -64,6 +68,11 @@ pub enum CloneError {
         #[source]
         source: ClientError,
     },
+    #[error(
+        "source replica {addr} and this clone do not share the source volume's secret: give the SOURCE \
+         volume's secret (not the clone's own) with --clone-source-secret-file or BASALT_CLONE_SOURCE_SECRET"
+    )]
+    SourceSecret { addr: String },
     #[error("source replica {addr} did not answer within {timeout:?}; is it running and reachable?")]
     Timeout { addr: String, timeout: Duration },
     #[error(
@@ -91,9 +100,13 @@ pub enum CloneError {
 }
 
 /// Connects to the source replica at `addr`, checking it serves `volume` (nil: any, the caller
-/// checks the identity). The one place a clone connects to its source: the source volume's
-/// secret, once peers authenticate, is presented here.
-pub async fn connect_source(addr: &str, volume: VolumeId) -> Result<ReplicaClient, CloneError> {
+/// checks the identity), and authenticates both ways with `secret`, the source volume's. The one
+/// place a clone connects to its source.
+pub async fn connect_source(
+    addr: &str,
+    volume: VolumeId,
+    secret: &VolumeSecret,
+) -> Result<ReplicaClient, CloneError> {
     let resolved = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| CloneError::Resolve {
@@ -106,11 +119,21 @@ pub async fn connect_source(addr: &str, volume: VolumeId) -> Result<ReplicaClien
             detail: "no address found".into(),
         })?;
     // Epoch 0 is below any epoch the source has: the Hello is a survey that changes nothing there.
-    let connect = ReplicaClient::connect_as(resolved, volume, Epoch(0), false);
+    let connect = ReplicaClient::connect_as(resolved, volume, Epoch(0), false, secret);
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Err(_) => Err(CloneError::Timeout {
             addr: addr.to_string(),
             timeout: CONNECT_TIMEOUT,
+        }),
+        // Either side may be the first to find the other's proof wrong.
+        Ok(Err(
+            ClientError::Handshake(HandshakeError::ReplicaNotProven)
+            | ClientError::Replica {
+                error: ReplyError::AuthFailed,
+                ..
+            },
+        )) => Err(CloneError::SourceSecret {
+            addr: addr.to_string(),
         }),
         Ok(result) => result.map_err(|source| CloneError::Source {
             addr: addr.to_string(),
@@ -149,6 +172,8 @@ pub struct CloneRequest {
     /// The source volume, if known: every source replica must serve it.
     pub source_volume: Option<VolumeId>,
     pub snapshot: String,
+    /// The source volume's secret, which every source replica checks.
+    pub source_secret: VolumeSecret,
 }
 
 /// Checks every source replica (same volume, the snapshot exists, the clone is large enough) and
@@ -168,7 +193,12 @@ pub async fn prepare(
     let mut outcome = Ok(());
     for addr in &request.sources {
         let step = async {
-            let client = connect_source(addr, volume.unwrap_or(VolumeId(uuid::Uuid::nil()))).await?;
+            let client = connect_source(
+                addr,
+                volume.unwrap_or(VolumeId(uuid::Uuid::nil())),
+                &request.source_secret,
+            )
+            .await?;
             let identity = client.identity();
             match volume {
                 Some(expected) if expected != identity.volume => {
@@ -241,17 +271,25 @@ pub async fn prepare(
 /// Reads the source snapshot's view from whichever source replica answers (see the module docs).
 pub struct SourceReader {
     origin: CloneOrigin,
+    /// The source volume's secret (never stored with the clone).
+    secret: VolumeSecret,
     runtime: tokio::runtime::Handle,
     /// The connection in use and the index of its address, if any.
     current: tokio::sync::Mutex<Option<(usize, Arc<ReplicaClient>)>>,
 }
 
 impl SourceReader {
-    /// A reader of `origin`'s snapshot; it connects when first asked. `runtime` runs its I/O when
-    /// the store calls it from a blocking thread.
-    pub fn new(origin: CloneOrigin, runtime: tokio::runtime::Handle) -> Arc<SourceReader> {
+    /// A reader of `origin`'s snapshot, authenticating with `secret` (the source volume's); it
+    /// connects when first asked. `runtime` runs its I/O when the store calls it from a blocking
+    /// thread.
+    pub fn new(
+        origin: CloneOrigin,
+        secret: VolumeSecret,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<SourceReader> {
         Arc::new(SourceReader {
             origin,
+            secret,
             runtime,
             current: tokio::sync::Mutex::new(None),
         })
@@ -269,7 +307,7 @@ impl SourceReader {
             let addr = &sources[i];
             let client = match current.as_ref().filter(|(at, _)| *at == i) {
                 Some((_, client)) => client.clone(),
-                None => match connect_source(addr, self.origin.source_volume).await {
+                None => match connect_source(addr, self.origin.source_volume, &self.secret).await {
                     Ok(client) => Arc::new(client),
                     Err(e) => {
                         failures.push(e.to_string());
@@ -334,7 +372,7 @@ impl SourceReader {
                 snapshot: self.origin.snapshot.clone(),
                 holder: self.origin.holder.clone(),
             };
-            let outcome = match connect_source(addr, self.origin.source_volume).await {
+            let outcome = match connect_source(addr, self.origin.source_volume, &self.secret).await {
                 Ok(client) => ask(&client, addr, release).await.map(|_| ()),
                 Err(e) => Err(e),
             };

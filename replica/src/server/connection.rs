@@ -1,9 +1,10 @@
 //! One controller connection: the reader task, the ordered lane, the read
 //! workers and the writer task drawn in the parent module's diagram.
 //!
-//! Connection state is an enum: before Hello only Hello (and Ping) are
-//! accepted, so a controller cannot send I/O without having checked that it
-//! talks to the right volume in a protocol version both sides speak.
+//! Connection state is an enum: before Hello only Hello is accepted, between
+//! Hello and a valid Auth only Auth, so a client cannot send anything that is
+//! executed without having proved it knows the volume's secret, checked that
+//! it talks to the right volume, and agreed on a protocol version.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use basalt_proto::auth::{Challenge, Nonce, Prover};
 use basalt_proto::frame::{
     BlockCrc, BlockRun, DecodeError, Extent, Frame, FrameBatchWriter, FrameCodec, Message, Op,
     ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_CRC_RUNS,
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ConnId, Refusal, Shared, BUDGET_UNIT, MAX_IN_FLIGHT_BYTES};
-use crate::store::{Growth, SnapshotInfo, Store, StoreError, BLOCK_SIZE as BLOCK, SECTOR_SIZE};
+use crate::store::{Growth, Membership, SnapshotInfo, Store, StoreError, BLOCK_SIZE as BLOCK, SECTOR_SIZE};
 
 /// Most block checksums answered per request: the answer (12 bytes each)
 /// stays well under the frame payload limit.
@@ -75,7 +77,23 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Session {
     AwaitingHello,
-    Ready { version: ProtocolVersion },
+    /// Hello answered; nothing it asked for takes effect until Auth proves the client.
+    AwaitingAuth(PendingHello),
+    Ready {
+        version: ProtocolVersion,
+    },
+}
+
+/// A Hello that was answered and waits for the client's proof.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PendingHello {
+    version: ProtocolVersion,
+    /// Both nonces of this connection and the volume: what the client's proof must cover.
+    challenge: Challenge,
+    /// What the Hello asked for, carried out after a valid Auth: its epoch (raised to if higher than
+    /// the replica's) and whether it takes the writer role.
+    epoch: Epoch,
+    writer: bool,
 }
 
 /// A request accepted for execution, with what it costs and when it came.
@@ -117,6 +135,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let outcome = read_requests(
         FramedRead::new(rx, FrameCodec),
         &Dispatch {
+            peer,
             shared: &shared,
             reply_tx: &reply_tx,
             lane_tx: &lane_tx,
@@ -153,6 +172,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 
 /// What the reader needs to hand requests on.
 struct Dispatch<'a> {
+    peer: SocketAddr,
     shared: &'a Arc<Shared>,
     reply_tx: &'a mpsc::Sender<Frame>,
     lane_tx: &'a mpsc::Sender<Job>,
@@ -219,10 +239,6 @@ async fn read_requests(
             continue;
         }
         match (session, message) {
-            (_, Message::Ping) => {
-                let result = dispatch.shared.check_epoch(epoch).map(|()| Message::Pong);
-                dispatch.answer(id, op, received, result).await;
-            }
             (
                 Session::AwaitingHello,
                 Message::Hello {
@@ -230,35 +246,76 @@ async fn read_requests(
                     min_version,
                     max_version,
                     writer,
+                    nonce,
                 },
             ) => {
-                let shared = dispatch.shared.clone();
-                conn.writer = writer;
-                let result = tokio::task::spawn_blocking(move || {
-                    let hello = hello(&shared, volume, epoch, min_version, max_version);
-                    if hello.is_ok() {
-                        shared.take_writer(conn, epoch);
+                // Checks only: nothing changes before the client has proved itself.
+                let result = hello(dispatch.shared, volume, min_version, max_version, nonce).map(|pending| {
+                    session = Session::AwaitingAuth(PendingHello {
+                        epoch,
+                        writer,
+                        ..pending
+                    });
+                    Message::HelloOk {
+                        version: pending.version,
+                        volume: pending.challenge.volume,
+                        nonce: pending.challenge.replica,
+                        proof: pending.challenge.prove(&dispatch.shared.secret, Prover::Replica),
                     }
-                    hello
-                })
-                .await
-                .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("Hello task failed: {e}"))));
-                if let Ok(Message::HelloOk { version, .. }) = &result {
-                    session = Session::Ready { version: *version };
+                });
+                dispatch.answer(id, op, received, result).await;
+            }
+            (Session::AwaitingAuth(pending), Message::Auth { proof }) => {
+                if !pending
+                    .challenge
+                    .verify(&dispatch.shared.secret, Prover::Client, &proof)
+                {
+                    // Counted in request_errors_total{op="auth",status="auth_failed"}.
+                    tracing::warn!(
+                        peer = %dispatch.peer,
+                        "refused a client that could not prove it knows the volume's secret (wrong or missing \
+                         --secret-file on its side?); closing its connection"
+                    );
+                    refuse(Refusal::new(
+                        ReplyError::AuthFailed,
+                        "the controller could not prove it knows the volume's secret: check --secret-file (or \
+                         BASALT_VOLUME_SECRET) on the controller and on this replica",
+                    ))
+                    .await;
+                    return Ok(());
+                }
+                conn.writer = pending.writer;
+                let result = authenticated(dispatch.shared, conn, pending.epoch).await;
+                if result.is_ok() {
+                    session = Session::Ready {
+                        version: pending.version,
+                    };
                 }
                 dispatch.answer(id, op, received, result).await;
             }
             (Session::AwaitingHello, _) => {
+                refuse(Refusal::new(
+                    ReplyError::NotAuthenticated,
+                    format!("{op} before Hello: send Hello, then Auth, first"),
+                ))
+                .await;
+            }
+            (Session::AwaitingAuth(_), _) => {
+                refuse(Refusal::new(
+                    ReplyError::NotAuthenticated,
+                    format!("{op} before Auth: prove the volume's secret with Auth first"),
+                ))
+                .await;
+            }
+            (Session::Ready { .. }, Message::Hello { .. } | Message::Auth { .. }) => {
                 refuse(Refusal::bad_request(format!(
-                    "{op} before Hello: send Hello first"
+                    "{op} already done on this connection; use SetEpoch to raise the epoch"
                 )))
                 .await;
             }
-            (Session::Ready { .. }, Message::Hello { .. }) => {
-                refuse(Refusal::bad_request(
-                    "Hello already done on this connection; use SetEpoch to raise the epoch",
-                ))
-                .await;
+            (Session::Ready { .. }, Message::Ping) => {
+                let result = dispatch.shared.check_epoch(epoch).map(|()| Message::Pong);
+                dispatch.answer(id, op, received, result).await;
             }
             (Session::Ready { .. }, message) => {
                 let cost = match &message {
@@ -787,6 +844,16 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             tracing::info!(snapshot = %name, "snapshot deleted");
             Ok(Message::SnapshotDeleteOk)
         }),
+        Message::SetMembership(m) => shared.fenced_write(epoch, conn, |store| {
+            let generation = m.generation;
+            store.set_membership(Membership {
+                generation: m.generation,
+                members: m.members,
+                epoch: Epoch(m.epoch),
+            })?;
+            tracing::info!(generation, "volume membership recorded");
+            Ok(Message::SetMembershipOk)
+        }),
         Message::Resize {
             size_bytes,
             check_only: true,
@@ -918,15 +985,16 @@ fn run_ranges(runs: &[BlockRun], volume_blocks: u64) -> Result<Vec<Range<u64>>, 
     Ok(ranges)
 }
 
-/// The handshake: check the volume, agree on a version, raise the epoch if
-/// the controller's is newer, and introduce the replica.
+/// The first half of the handshake: check the volume, agree on a version,
+/// and pick this side's nonce. Changes nothing: the client has not proved
+/// anything yet.
 fn hello(
     shared: &Shared,
     volume: basalt_proto::VolumeId,
-    epoch: Epoch,
     min_version: ProtocolVersion,
     max_version: ProtocolVersion,
-) -> Result<Message, Refusal> {
+    client_nonce: Nonce,
+) -> Result<PendingHello, Refusal> {
     let store = &shared.store;
     if !volume.0.is_nil() && volume != store.volume_id() {
         return Err(Refusal::new(
@@ -949,18 +1017,16 @@ fn hello(
             ),
         )
     })?;
-    // A lower epoch is a survey, not an operation: report, change nothing.
-    if epoch > store.epoch() {
-        shared.raise_epoch(epoch)?;
-    }
-    Ok(Message::HelloOk {
+    Ok(PendingHello {
         version,
-        replica: ReplicaIdentity {
+        challenge: Challenge {
             volume: store.volume_id(),
-            size_bytes: store.size_bytes(),
-            epoch: store.epoch(),
-            revision: store.revision(),
+            client: client_nonce,
+            replica: Nonce::random(),
         },
+        // Filled in by the caller from the Hello frame.
+        epoch: Epoch::default(),
+        writer: false,
     })
 }
 
@@ -979,6 +1045,40 @@ fn unix_seconds(t: std::time::SystemTime) -> i64 {
     match t.duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The client proved itself: carry out what its Hello asked for (raise the
+/// epoch if the Hello's is newer, take the writer role) and introduce the
+/// replica as it now is.
+async fn authenticated(shared: &Arc<Shared>, conn: ConnId, epoch: Epoch) -> Result<Message, Refusal> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        // A lower epoch is a survey, not an operation: report, change nothing.
+        if epoch > shared.store.epoch() {
+            shared.raise_epoch(epoch)?;
+        }
+        shared.take_writer(conn, epoch);
+        let store = &shared.store;
+        Ok(Message::AuthOk {
+            replica: ReplicaIdentity {
+                volume: store.volume_id(),
+                size_bytes: store.size_bytes(),
+                epoch: store.epoch(),
+                revision: store.revision(),
+            },
+            membership: store.membership().map(membership_pb),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(Refusal::new(ReplyError::Io, format!("Auth task failed: {e}"))))
+}
+
+fn membership_pb(m: Membership) -> pb::Membership {
+    pb::Membership {
+        generation: m.generation,
+        members: m.members,
+        epoch: m.epoch.0,
     }
 }
 

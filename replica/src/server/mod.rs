@@ -48,9 +48,22 @@
 //!   returned when the reply is queued, so a fast sender is slowed down by
 //!   TCP instead of filling the replica's memory.
 //!
+//! ## Authentication
+//!
+//! A connection is served only after it proved that it knows the volume's
+//! secret (Hello, then Auth: see `basalt_proto::auth`), and the replica
+//! proves the same to it in its HelloOk. Before a valid Auth, the only
+//! requests answered are Hello and Auth; everything else is refused
+//! `NotAuthenticated` and executes nothing. What a Hello asks for that
+//! changes the replica -- raising the epoch, taking the writer role -- is
+//! carried out only once its Auth checks out, so a client without the secret
+//! can neither fence the real controller nor shut its link out. A failed
+//! Auth is answered `AuthFailed`, logged (without any secret or proof), and
+//! closes the connection.
+//!
 //! ## Epoch fencing
 //!
-//! Every request but Hello must carry exactly the store's current epoch:
+//! Every request but Hello and Auth must carry exactly the store's current epoch:
 //! a lower one is answered `StaleEpoch{current}` (a newer controller owns the
 //! volume; logged), a higher one `EpochNotRaised{current}` (only Hello and
 //! SetEpoch raise the epoch, durably, so that a replica never adopts an epoch
@@ -100,6 +113,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use basalt_proto::auth::VolumeSecret;
 use basalt_proto::frame::ReplyError;
 use basalt_proto::Epoch;
 use tokio::net::{TcpListener, TcpStream};
@@ -204,6 +218,8 @@ pub struct Server {
 pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub metrics: Metrics,
+    /// The volume's secret: every connection proves it knows it, and so does the replica.
+    pub secret: VolumeSecret,
     /// Taken shared by every request while it checks its epoch and executes,
     /// exclusively by an epoch change: see "Epoch fencing" above.
     fence: RwLock<()>,
@@ -409,6 +425,7 @@ impl From<StoreError> for Refusal {
             StoreError::SnapshotHeld { .. } => ReplyError::SnapshotHeld,
             StoreError::Hydrating { .. } => ReplyError::Hydrating,
             StoreError::SourceUnavailable { .. } => ReplyError::SourceUnavailable,
+            StoreError::StaleMembership { current, .. } => ReplyError::StaleMembership { current: *current },
             StoreError::Io { .. }
             | StoreError::Failed { .. }
             | StoreError::Corrupt { .. }
@@ -427,8 +444,14 @@ impl From<StoreError> for Refusal {
 }
 
 impl Server {
-    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]).
-    pub async fn bind(addr: SocketAddr, store: Arc<Store>, metrics: Metrics) -> Result<Server, ServerError> {
+    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]). Only clients that know
+    /// `secret` are served.
+    pub async fn bind(
+        addr: SocketAddr,
+        store: Arc<Store>,
+        metrics: Metrics,
+        secret: VolumeSecret,
+    ) -> Result<Server, ServerError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -437,6 +460,7 @@ impl Server {
             shared: Arc::new(Shared {
                 store,
                 metrics,
+                secret,
                 fence: RwLock::new(()),
                 writer: std::sync::atomic::AtomicU64::new(0),
                 next_conn: std::sync::atomic::AtomicU64::new(1),

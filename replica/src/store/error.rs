@@ -111,6 +111,17 @@ pub enum StoreError {
         /// The size asked for.
         requested: u64,
     },
+    /// A controller tried to record a membership older than the one recorded.
+    #[error(
+        "membership generation {requested} is older than the recorded generation {current}: a newer \
+         controller changed the volume's members since"
+    )]
+    StaleMembership {
+        /// The recorded generation.
+        current: u64,
+        /// The generation that was refused.
+        requested: u64,
+    },
     /// A grow to a size the storage under the store cannot hold.
     #[error(
         "a volume of {requested} bytes does not fit on {location}: it holds a volume of at most {max} \

@@ -4,6 +4,9 @@
 //! flush: the revision lives in the head's index log flush markers and is copied here whenever the meta
 //! is rewritten anyway. Every change goes through [`Backend::replace_blob`] (write, fsync, rename, fsync
 //! the directory), so a crash leaves either the old or the new chain, never a mix.
+//!
+//! It also holds the volume's membership as the controller last recorded it (`replica add` / `rm`), so that
+//! a controller started later with a stale replica list can follow the newest one.
 
 use basalt_proto::{Epoch, Revision, VolumeId};
 
@@ -41,6 +44,10 @@ pub(crate) struct VolumeMeta {
     /// deleted nor reverted past until its holds are released.
     #[serde(default)]
     pub holds: Vec<HoldRecord>,
+    /// The volume's members as a controller last recorded them; `None` until one does (a meta written
+    /// before memberships existed reads as `None`).
+    #[serde(default)]
+    pub membership: Option<Membership>,
 }
 
 /// Where a clone comes from and how far it has copied it.
@@ -73,6 +80,17 @@ pub(crate) struct HoldRecord {
     pub snapshot: String,
     pub holder: String,
     pub since_unix_ms: u64,
+}
+
+/// Which replicas make up the volume, as its controller decided (see `Store::set_membership`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Membership {
+    /// Raised by one at every change: the highest is the newest.
+    pub generation: u64,
+    /// The members' data-path addresses, as the controller dials them.
+    pub members: Vec<String>,
+    /// The epoch of the controller that wrote it.
+    pub epoch: Epoch,
 }
 
 /// One snapshot in the chain.

@@ -106,6 +106,7 @@ pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
 
 use log::{BlockState, LayerIndex, Record, RECORD_LEN};
 use map::{Entry, MapBuilder, VolumeMap};
+pub use meta::Membership;
 use meta::{PendingMerge, SnapshotRecord, VolumeMeta};
 use types::BLOCK;
 
@@ -623,6 +624,7 @@ impl Store {
             pending_merge: None,
             clone,
             holds: Vec::new(),
+            membership: None,
         };
         intent::IntentRecord::create(backend.clone())?;
         meta.store(&*backend)?;
@@ -816,6 +818,33 @@ impl Store {
         next.store(&*self.backend)?;
         *meta = next;
         self.epoch.store(epoch.0, Ordering::Release);
+        Ok(())
+    }
+
+    /// The membership last recorded here, if any.
+    pub fn membership(&self) -> Option<Membership> {
+        lock(&self.meta).membership.clone()
+    }
+
+    /// Records the volume's membership durably (the meta is written, fsynced, renamed, the directory
+    /// fsynced) before returning. Recording the same generation again is allowed (a controller that
+    /// retries after a lost reply); an older generation is refused, so a stale controller cannot roll the
+    /// membership back.
+    pub fn set_membership(&self, membership: Membership) -> Result<(), StoreError> {
+        let mut meta = lock(&self.meta);
+        if let Some(current) = &meta.membership {
+            if membership.generation < current.generation {
+                return Err(StoreError::StaleMembership {
+                    current: current.generation,
+                    requested: membership.generation,
+                });
+            }
+        }
+        let mut next = meta.clone();
+        next.membership = Some(membership);
+        next.revision = next.revision.max(self.revision());
+        next.store(&*self.backend)?;
+        *meta = next;
         Ok(())
     }
 

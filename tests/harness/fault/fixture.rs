@@ -24,7 +24,7 @@ use super::proxy::{Link, Proxy};
 use super::workload::{read_back, IoStats, ReadBack, Workload, WorkloadConfig};
 use super::FaultError;
 use crate::volume::{replica_mode, volume_info, Cluster, Controller};
-use crate::{basalt_binary, io, run_checked, ByteSize};
+use crate::{basalt_command, io, run_checked, ByteSize};
 
 /// How long a healed volume may take to have every replica back in read-write mode: the controller
 /// re-adds a returning replica after a back-off of up to 30 s, then rebuilds it (a delta, by checksums).
@@ -414,7 +414,7 @@ impl FaultVolume {
         let size = self.info()?["size_bytes"].as_u64().unwrap_or(0);
         let to = size + by.bytes();
         let api = self.controller()?.api.to_string();
-        let mut cmd = std::process::Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.args(["volume", "expand", "--api", &api, "--size", &to.to_string()]);
         run_checked(&mut cmd)?;
         self.ledger
@@ -437,7 +437,7 @@ impl FaultVolume {
     /// The snapshot chain, oldest first.
     pub fn snapshot_list(&self) -> Result<Vec<String>, FaultError> {
         let api = self.controller()?.api.to_string();
-        let mut cmd = std::process::Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.args(["snapshot", "ls", "--json", "--api", &api]);
         let out = run_checked(&mut cmd)?;
         let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {
@@ -456,7 +456,7 @@ impl FaultVolume {
 
     fn snapshot_command(&self, args: &[&str]) -> Result<bool, FaultError> {
         let api = self.controller()?.api.to_string();
-        let mut cmd = std::process::Command::new(basalt_binary()?);
+        let mut cmd = basalt_command()?;
         cmd.arg("snapshot").args(args).args(["--api", &api]);
         match run_checked(&mut cmd) {
             Ok(_) => Ok(true),
