@@ -149,6 +149,75 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Every hold on the volume's snapshots, merged across replicas.
+    async fn holds(&self) -> Result<Vec<pb::SnapshotHoldInfo>, Status> {
+        let results = self
+            .volume
+            .control(ControlOp::HoldList)
+            .await
+            .map_err(volume_status)?;
+        let addrs = self.addresses().await?;
+        let mut holds: Vec<pb::SnapshotHoldInfo> = Vec::new();
+        for (c, result) in results {
+            let list = result
+                .and_then(|bytes| {
+                    rpb::HoldList::decode(bytes).map_err(|e| format!("undecodable hold list: {e}"))
+                })
+                .map_err(|e| Status::unavailable(format!("{} did not list its holds: {e}", addrs[c])))?;
+            for hold in list.holds {
+                let known = holds
+                    .iter_mut()
+                    .find(|h| h.snapshot == hold.snapshot && h.holder == hold.holder);
+                match known {
+                    Some(h) => h.replicas.push(addrs[c].clone()),
+                    None => holds.push(pb::SnapshotHoldInfo {
+                        snapshot: hold.snapshot,
+                        holder: hold.holder,
+                        since_unix: hold.since_unix,
+                        replicas: vec![addrs[c].clone()],
+                    }),
+                }
+            }
+        }
+        Ok(holds)
+    }
+
+    /// Refuses, naming the clones, if any of `names` is held: it would be `what` (the check runs
+    /// before any replica is asked, so a refused operation changes nothing anywhere).
+    async fn refuse_if_held(&self, names: &[String], what: &str) -> Result<(), Status> {
+        let holds = self.holds().await?;
+        let held: Vec<String> = holds
+            .iter()
+            .filter(|h| names.contains(&h.snapshot))
+            .map(|h| format!("{} by {:?}", h.snapshot, h.holder))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "a clone still reads {} and it would be {what}: wait until the clone is hydrated (`basalt volume \
+             info` on the clone), or if the clone was abandoned release its hold with `basalt snapshot release \
+             NAME --holder HOLDER`; nothing was changed",
+            held.join(", ")
+        )))
+    }
+
+    /// Each replica's clone status (by replica index), for those that are clones and answered.
+    async fn clone_statuses(&self) -> std::collections::BTreeMap<usize, rpb::CloneStatus> {
+        let Ok(results) = self.volume.control(ControlOp::Info).await else {
+            return Default::default();
+        };
+        results
+            .into_iter()
+            .filter_map(|(c, r)| {
+                let info = rpb::ReplicaInfo::decode(r.ok()?).ok()?;
+                Some((c, info.clone?))
+            })
+            .collect()
+    }
+}
+
 /// A chain's shape, for comparing replicas: names and parents in order.
 fn shape(chain: &[rpb::SnapshotInfo]) -> Vec<(&str, &str)> {
     chain
@@ -278,6 +347,8 @@ impl ControllerService for Api {
     ) -> Result<Response<pb::SnapshotReply>, Status> {
         let name = request.into_inner().name;
         check_snapshot_name(&name)?;
+        self.refuse_if_held(std::slice::from_ref(&name), "deleted")
+            .await?;
         let reply = self
             .chain_op("snapshot delete", self.volume.snapshot_delete(name.clone()))
             .await?;
@@ -302,16 +373,20 @@ impl ControllerService for Api {
         // All or none: check every replica holds the snapshot before any
         // replica discards anything.
         let addrs = self.addresses().await?;
+        let mut newer = Vec::new();
         for (c, chain) in self.chains().await? {
             let chain = chain
                 .map_err(|e| Status::unavailable(format!("{} did not list its snapshots: {e}", addrs[c])))?;
-            if !chain.iter().any(|s| s.name == name) {
+            let Some(i) = chain.iter().position(|s| s.name == name) else {
                 return Err(Status::not_found(format!(
                     "no snapshot {name:?} on replica {}; nothing was reverted",
                     addrs[c]
                 )));
-            }
+            };
+            newer.extend(chain[i + 1..].iter().map(|s| s.name.clone()));
         }
+        // The snapshots after it go: none may be held by a clone.
+        self.refuse_if_held(&newer, "dropped by a revert").await?;
         let reply = self
             .chain_op("snapshot revert", self.volume.snapshot_revert(name.clone()))
             .await?;
@@ -331,6 +406,8 @@ impl ControllerService for Api {
         let spec = self.volume.spec();
         let m = &self.volume.metrics;
         let progress = |i: usize| self.rebuilder.progress(i);
+        let clones = self.clone_statuses().await;
+        let clone_of = |i: usize| clones.get(&i);
         let replicas = status
             .replicas
             .iter()
@@ -352,6 +429,8 @@ impl ControllerService for Api {
                     .map(|p| p.delta.load(Ordering::Relaxed))
                     .unwrap_or(false),
                 removed: self.rebuilder.is_forgotten(&r.address),
+                hydrated_bytes: clone_of(i).map_or(0, |c| c.hydrated_bytes),
+                hydrate_total_bytes: clone_of(i).map_or(0, |c| c.total_bytes),
             })
             .collect();
         let io = pb::IoCounters {
@@ -383,8 +462,68 @@ impl ControllerService for Api {
             replicas,
             io: Some(io),
             sessions: (self.sessions)() as u32,
+            clone_of: clones
+                .values()
+                .next()
+                .map(|c| {
+                    format!(
+                        "snapshot {} of volume {}",
+                        c.snapshot,
+                        uuid::Uuid::from_slice(&c.source_volume_uuid).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default(),
+            // Every replica that answered is hydrated, and one that did not (or is not RW) is not
+            // counted as one: a rebuild brings it the clone's whole view anyway.
+            hydrated: clones.values().all(|c| c.hydrated),
             qos: self.volume.qos().await.map(|l| qos_to_pb(&l)),
             qos_stats: Some(qos_stats(m)),
+        }))
+    }
+
+    async fn snapshot_holds(
+        &self,
+        _: Request<pb::SnapshotHoldsRequest>,
+    ) -> Result<Response<pb::SnapshotHoldsReply>, Status> {
+        Ok(Response::new(pb::SnapshotHoldsReply {
+            holds: self.holds().await?,
+        }))
+    }
+
+    async fn snapshot_release(
+        &self,
+        request: Request<pb::SnapshotReleaseRequest>,
+    ) -> Result<Response<pb::SnapshotReleaseReply>, Status> {
+        let pb::SnapshotReleaseRequest { name, holder } = request.into_inner();
+        check_snapshot_name(&name)?;
+        let known = self.holds().await?;
+        if !known.iter().any(|h| h.snapshot == name && h.holder == holder) {
+            return Err(Status::not_found(format!(
+                "no hold by {holder:?} on snapshot {name:?}; `basalt snapshot holds` lists them"
+            )));
+        }
+        let op = ControlOp::SnapshotRelease {
+            name: name.clone(),
+            holder: holder.clone(),
+        };
+        let results = self.volume.control(op).await.map_err(volume_status)?;
+        let addrs = self.addresses().await?;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|(c, r)| r.as_ref().err().map(|e| format!("{}: {e}", addrs[*c])))
+            .collect();
+        if !failed.is_empty() {
+            // Nothing to drop: a release changes no chain. The hold stays where it failed.
+            return Err(Status::unavailable(format!(
+                "the hold was not released everywhere ({}); retry",
+                failed.join("; ")
+            )));
+        }
+        tracing::warn!(snapshot = %name, %holder, "hold released by hand: that clone can no longer read this snapshot");
+        Ok(Response::new(pb::SnapshotReleaseReply {
+            message: format!(
+                "released {holder:?}'s hold on {name:?}; if that clone is not hydrated, it can no longer be"
+            ),
         }))
     }
 

@@ -44,6 +44,16 @@
 //! `AdoptSyncPoint` puts a freshly rebuilt replica on the source's flush
 //! numbering (or takes it off any numbering while it is being rebuilt).
 //!
+//! A clone of a snapshot (another volume, whose replicas may live anywhere)
+//! reads its source over this same protocol: `SnapshotRuns` and
+//! `ReadSnapshot` list and read a snapshot's view of the volume, and
+//! `SnapshotHold` / `SnapshotRelease` / `HoldList` keep the snapshot from
+//! being deleted while a clone still needs it. A clone connects as a
+//! non-writer at epoch 0 (a survey) and these ops are not fenced by the
+//! epoch: the source's controller may change epochs meanwhile, and a
+//! snapshot's content never changes. It authenticates like every other
+//! client, with the source volume's secret.
+//!
 //! ## Authentication
 //!
 //! Hello carries the client's nonce; HelloOk the replica's nonce and its
@@ -138,10 +148,11 @@ impl ProtocolVersion {
     /// The version this build speaks best.
     ///
     /// v3 added the day-two operations: growing a replica online (`Resize`), authenticating both
-    /// sides of every connection (`Auth`, nonces and proofs in Hello) and recording the volume's
-    /// membership on its replicas (`SetMembership`). A v2 replica would refuse an expansion as an
-    /// unknown op and would neither prove itself nor check the other side, so the two sides must
-    /// disagree at the first frame instead.
+    /// sides of every connection (`Auth`, nonces and proofs in Hello), recording the volume's
+    /// membership on its replicas (`SetMembership`) and cloning from a snapshot (`SnapshotRuns`,
+    /// `ReadSnapshot`, `SnapshotHold`, `SnapshotRelease` and `HoldList`). A v2 replica would refuse
+    /// an expansion or a clone's reads as unknown ops and would neither prove itself nor check the
+    /// other side, so the two sides must disagree at the first frame instead.
     ///
     /// v2 added vectored I/O (`ReadV`, `WriteV`) and checksums of many runs (`RunCrcs`), which a
     /// rebuild relies on. Without the bump, a v1 replica would have passed the Hello and then refused
@@ -150,7 +161,7 @@ impl ProtocolVersion {
     pub const CURRENT: ProtocolVersion = ProtocolVersion(3);
     /// The oldest version this build still understands: a v2 peer neither proves itself nor asks the
     /// other side to (accepting one would leave open the door that v3 closes), nor knows what a
-    /// controller sends on day two (an expansion).
+    /// controller sends on day two (an expansion, a clone's reads of its source).
     pub const MIN_SUPPORTED: ProtocolVersion = ProtocolVersion(3);
 
     /// Whether this build can decode frames of this version.
@@ -210,6 +221,11 @@ pub enum Op {
     Resize = 0x16,
     Auth = 0x17,
     SetMembership = 0x18,
+    SnapshotRuns = 0x19,
+    ReadSnapshot = 0x1a,
+    SnapshotHold = 0x1b,
+    SnapshotRelease = 0x1c,
+    HoldList = 0x1d,
 }
 
 /// Set in the op byte of every reply.
@@ -217,7 +233,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Op {
     /// All ops, in code order.
-    pub const ALL: [Op; 24] = [
+    pub const ALL: [Op; 29] = [
         Op::Hello,
         Op::Read,
         Op::Write,
@@ -242,6 +258,11 @@ impl Op {
         Op::Resize,
         Op::Auth,
         Op::SetMembership,
+        Op::SnapshotRuns,
+        Op::ReadSnapshot,
+        Op::SnapshotHold,
+        Op::SnapshotRelease,
+        Op::HoldList,
     ];
 
     /// The op with this request code (the reply bit cleared).
@@ -276,6 +297,11 @@ impl Op {
             Op::Resize => "resize",
             Op::Auth => "auth",
             Op::SetMembership => "set_membership",
+            Op::SnapshotRuns => "snapshot_runs",
+            Op::ReadSnapshot => "read_snapshot",
+            Op::SnapshotHold => "snapshot_hold",
+            Op::SnapshotRelease => "snapshot_release",
+            Op::HoldList => "hold_list",
         }
     }
 }
@@ -334,6 +360,14 @@ pub enum ReplyError {
     NotAuthenticated,
     #[error("the membership is older than the one the replica recorded ({current}); a newer controller changed it")]
     StaleMembership { current: u64 },
+    #[error("the snapshot is held by a clone that still reads from it; wait until the clone is hydrated or release the hold")]
+    SnapshotHeld,
+    #[error(
+        "the replica is a clone still hydrating from its source; this request must wait until it is hydrated"
+    )]
+    Hydrating,
+    #[error("the clone's source cannot be read (unreachable, or it no longer holds the snapshot)")]
+    SourceUnavailable,
 }
 
 impl ReplyError {
@@ -358,6 +392,9 @@ impl ReplyError {
             ReplyError::AuthFailed => 16,
             ReplyError::NotAuthenticated => 17,
             ReplyError::StaleMembership { .. } => 18,
+            ReplyError::SnapshotHeld => 20,
+            ReplyError::Hydrating => 21,
+            ReplyError::SourceUnavailable => 22,
         }
     }
 
@@ -404,6 +441,9 @@ impl ReplyError {
             16 => ReplyError::AuthFailed,
             17 => ReplyError::NotAuthenticated,
             18 => ReplyError::StaleMembership { current: detail },
+            20 => ReplyError::SnapshotHeld,
+            21 => ReplyError::Hydrating,
+            22 => ReplyError::SourceUnavailable,
             _ => return None,
         })
     }
@@ -429,6 +469,9 @@ impl ReplyError {
             ReplyError::AuthFailed => "auth_failed",
             ReplyError::NotAuthenticated => "not_authenticated",
             ReplyError::StaleMembership { .. } => "stale_membership",
+            ReplyError::SnapshotHeld => "snapshot_held",
+            ReplyError::Hydrating => "hydrating",
+            ReplyError::SourceUnavailable => "source_unavailable",
         }
     }
 }
@@ -685,6 +728,53 @@ pub enum Message {
         size_bytes: u64,
     },
 
+    /// The runs of blocks holding data in snapshot `snapshot`'s view of the volume (what the volume
+    /// read when it was taken: the snapshot's own blocks over everything older), in blocks
+    /// `start_lba..start_lba + count`, in block order. A clone hydrating from this snapshot copies
+    /// exactly these. The replica may stop early: `end_lba` says up to where the listing is
+    /// complete. Not fenced by the epoch: a clone of the volume asks, not its controller, and a
+    /// snapshot never changes.
+    SnapshotRuns {
+        snapshot: String,
+        start_lba: u64,
+        count: u64,
+    },
+    SnapshotRunsOk {
+        runs: Vec<BlockRun>,
+        end_lba: u64,
+    },
+
+    /// Read `len` bytes at byte `offset` of snapshot `snapshot`'s view (see
+    /// [`Message::SnapshotRuns`]), every block CRC-checked; not fenced by the epoch either.
+    ReadSnapshot {
+        snapshot: String,
+        offset: u64,
+        len: u32,
+    },
+    ReadSnapshotOk {
+        data: Bytes,
+    },
+
+    /// Hold snapshot `snapshot` for `holder` (a clone replica), durably: the replica refuses to
+    /// delete it, or to revert past it, until every hold on it is released. Idempotent.
+    SnapshotHold {
+        snapshot: String,
+        holder: String,
+    },
+    SnapshotHoldOk,
+
+    /// Release `holder`'s hold on `snapshot`, durably. Releasing a hold that does not exist
+    /// succeeds (a retried release, or one already done by hand).
+    SnapshotRelease {
+        snapshot: String,
+        holder: String,
+    },
+    SnapshotReleaseOk,
+
+    /// Every hold on this replica's snapshots.
+    HoldList,
+    HoldListOk(Vec<pb::SnapshotHold>),
+
     /// The request `op` failed; `message` says why in words.
     Failed {
         op: Op,
@@ -746,6 +836,16 @@ impl Message {
             M::AuthOk { .. } => (Op::Auth, true),
             M::SetMembership(_) => (Op::SetMembership, false),
             M::SetMembershipOk => (Op::SetMembership, true),
+            M::SnapshotRuns { .. } => (Op::SnapshotRuns, false),
+            M::SnapshotRunsOk { .. } => (Op::SnapshotRuns, true),
+            M::ReadSnapshot { .. } => (Op::ReadSnapshot, false),
+            M::ReadSnapshotOk { .. } => (Op::ReadSnapshot, true),
+            M::SnapshotHold { .. } => (Op::SnapshotHold, false),
+            M::SnapshotHoldOk => (Op::SnapshotHold, true),
+            M::SnapshotRelease { .. } => (Op::SnapshotRelease, false),
+            M::SnapshotReleaseOk => (Op::SnapshotRelease, true),
+            M::HoldList => (Op::HoldList, false),
+            M::HoldListOk(_) => (Op::HoldList, true),
             M::Failed { op, .. } => (*op, true),
         }
     }

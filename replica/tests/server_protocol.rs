@@ -1565,6 +1565,8 @@ async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
     let replica = Replica::start().await;
     let controller = replica.client(1).await;
     controller.write(0, block(1), true).await.unwrap();
+    // A snapshot the clone ops below could read or hold, were they served.
+    controller.snapshot_create("gold").await.unwrap();
 
     let mut raw = replica.raw().await;
     let hello = Message::Hello {
@@ -1596,6 +1598,37 @@ async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
                 check_only: false,
             },
         ),
+        (
+            7,
+            Message::SnapshotRuns {
+                snapshot: "gold".into(),
+                start_lba: 0,
+                count: 16,
+            },
+        ),
+        (
+            8,
+            Message::ReadSnapshot {
+                snapshot: "gold".into(),
+                offset: 0,
+                len: 4096,
+            },
+        ),
+        (
+            9,
+            Message::SnapshotHold {
+                snapshot: "gold".into(),
+                holder: "intruder".into(),
+            },
+        ),
+        (
+            10,
+            Message::SnapshotRelease {
+                snapshot: "gold".into(),
+                holder: "intruder".into(),
+            },
+        ),
+        (11, Message::HoldList),
     ] {
         raw.send(Frame::new(RequestId(id), Epoch(9), request))
             .await
@@ -1612,11 +1645,15 @@ async fn a_client_that_skips_auth_cannot_write_or_raise_the_epoch() {
             "request {id}: {reply:?}"
         );
     }
-    // Nothing happened: the controller's epoch and writer role are intact, and so are the data and
-    // the size.
+    // Nothing happened: the controller's epoch and writer role are intact, and so are the data, the
+    // size and the snapshot (held by nobody).
     controller.write(4096, block(2), true).await.unwrap();
     assert_eq!(controller.read(0, 4096).await.unwrap(), block(1));
     assert_eq!(controller.info().await.unwrap().size_bytes, 64 * MIB);
+    match controller.call(Message::HoldList).await.unwrap() {
+        Message::HoldListOk(holds) => assert!(holds.is_empty(), "{holds:?}"),
+        other => panic!("HoldList answered {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -15,11 +15,16 @@ use tempfile::TempDir;
 
 use crate::{
     basalt_binary, basalt_command, free_local_addr, io, run_checked, ByteSize, Daemon, IscsiUrl, Result,
-    StopPolicy,
+    StopPolicy, TEST_VOLUME_SECRET,
 };
 
 /// Volume name every cluster serves (`iqn.2026-11.io.basalt:vol`).
 pub const VOLUME_NAME: &str = "vol";
+
+/// The secret of a clone's volume ([`Cluster::start_clone`]): not the source's
+/// ([`TEST_VOLUME_SECRET`]), so that a clone replica that presented its own secret to its source, or
+/// took the source's for its own, would fail.
+pub const CLONE_VOLUME_SECRET: &str = "basalt-e2e-test-clone-volume-secret";
 
 /// How long a replica or controller may take to come up on this shared 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,6 +46,12 @@ pub struct Cluster {
     pub size: ByteSize,
     pub volume_id: String,
     pub replicas: Vec<Replica>,
+    /// Extra arguments every replica of this cluster is started with (a clone's `--clone-from ...`).
+    replica_args: Vec<String>,
+    /// The volume's secret, given to its replicas and controllers through `BASALT_VOLUME_SECRET`.
+    pub secret: String,
+    /// A clone's SOURCE volume's secret, given to its replicas through `BASALT_CLONE_SOURCE_SECRET`.
+    source_secret: Option<String>,
     controllers: usize,
     // Last: everything above is stopped before the directory goes.
     pub dir: TempDir,
@@ -49,6 +60,42 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` replicas of a new volume of `size` (no controller yet).
     pub fn start(n: usize, size: ByteSize) -> Result<Cluster> {
+        Cluster::start_with(n, size, Vec::new(), TEST_VOLUME_SECRET.to_string(), None)
+    }
+
+    /// Starts `n` replicas of a new volume that is a clone of snapshot `snapshot` of `source`, each
+    /// with `extra` arguments too. The clone is another volume with a secret of its own
+    /// ([`CLONE_VOLUME_SECRET`]); its replicas get the source's secret to read the source with.
+    pub fn start_clone(
+        n: usize,
+        size: ByteSize,
+        source: &Cluster,
+        snapshot: &str,
+        extra: &[&str],
+    ) -> Result<Cluster> {
+        let mut args: Vec<String> = source
+            .replica_addrs()
+            .into_iter()
+            .flat_map(|s| ["--clone-from".to_string(), s])
+            .collect();
+        args.extend(["--clone-snapshot".to_string(), snapshot.to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Cluster::start_with(
+            n,
+            size,
+            args,
+            CLONE_VOLUME_SECRET.to_string(),
+            Some(source.secret.clone()),
+        )
+    }
+
+    fn start_with(
+        n: usize,
+        size: ByteSize,
+        replica_args: Vec<String>,
+        secret: String,
+        source_secret: Option<String>,
+    ) -> Result<Cluster> {
         basalt_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("basalt-e2e-volume-")
@@ -59,6 +106,9 @@ impl Cluster {
             size,
             volume_id,
             replicas: Vec::new(),
+            replica_args,
+            secret,
+            source_secret,
             controllers: 0,
             dir,
         };
@@ -84,12 +134,17 @@ impl Cluster {
         let r = &self.replicas[i];
         let mut cmd = basalt_command()?;
         cmd.env("RUST_LOG", "info")
+            .env("BASALT_VOLUME_SECRET", &self.secret)
             .arg("replica")
             .arg("--dir")
             .arg(&r.dir)
             .args(["--size", &self.size.bytes().to_string()])
             .args(["--listen", &r.addr.to_string()])
-            .args(["--volume-id", &self.volume_id]);
+            .args(["--volume-id", &self.volume_id])
+            .args(&self.replica_args);
+        if let Some(source_secret) = &self.source_secret {
+            cmd.env("BASALT_CLONE_SOURCE_SECRET", source_secret);
+        }
         let what = format!("replica-r{}", i + 1);
         let mut daemon = Daemon::spawn(
             &what,
@@ -141,6 +196,7 @@ impl Cluster {
         let api = free_local_addr()?;
         let mut cmd = basalt_command()?;
         cmd.env("RUST_LOG", "info")
+            .env("BASALT_VOLUME_SECRET", &self.secret)
             .arg("controller")
             .args(["--name", VOLUME_NAME])
             .args(["--size", &self.size.bytes().to_string()])
@@ -195,6 +251,22 @@ pub fn volume_info(api: SocketAddr) -> Result<Value> {
         what: "basalt volume info --json".into(),
         detail: e.to_string(),
     })
+}
+
+/// `basalt snapshot ARGS... --api API`: whether it succeeded, and its stdout + stderr.
+pub fn snapshot_cli(api: SocketAddr, args: &[&str]) -> Result<(bool, String)> {
+    let out = basalt_command()?
+        .arg("snapshot")
+        .args(args)
+        .args(["--api", &api.to_string()])
+        .output()
+        .map_err(io("run basalt snapshot"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
 }
 
 /// The mode ("RW", "WO", "ERR") of the replica at `addr`, from `volume info`.

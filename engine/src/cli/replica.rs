@@ -7,6 +7,16 @@
 //! SIGTERM or Ctrl-C stops accepting, finishes what it accepted, flushes and
 //! exits 0. Once listening it prints `listening <addr>` on stdout (and
 //! `metrics <addr>` if enabled), so that scripts and tests can use port 0.
+//!
+//! With `--clone-from`, a new store is a clone of a snapshot of another
+//! volume (`basalt_replica::server::clone`): every source replica named is
+//! checked and holds the snapshot before the store is created (or nothing is
+//! created), the replica serves at once, and it copies its source in the
+//! background, resuming where it was after a restart (the store remembers its
+//! source: the flags are needed only the first time). The source replicas
+//! check the SOURCE volume's secret, not the clone's: the clone replica takes
+//! it from `--clone-source-secret-file` or `BASALT_CLONE_SOURCE_SECRET`, and
+//! needs it until it is hydrated (after a restart too: it is never stored).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,10 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use basalt_proto::auth::VolumeSecret;
 use basalt_proto::VolumeId;
+use basalt_replica::server::clone::{self, CloneRequest};
 use basalt_replica::server::{bind_metrics, serve_metrics, Metrics, Server};
 use basalt_replica::store::backend::block::{BlockBackend, DeviceOptions, Format};
-use basalt_replica::store::{Backend, Store, StoreError};
+use basalt_replica::store::{Backend, CloneOrigin, DirBackend, Store, StoreError};
+
+use super::secrets::CloneSourceSecretArgs;
 
 /// Arguments of `basalt replica`: serve a replica, or (with a subcommand)
 /// manage one.
@@ -60,8 +74,29 @@ pub struct Args {
     /// wake-ups; raise it only for a replica that needs more than one core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     io_threads: u16,
+    /// Make a new store a clone of a snapshot of another volume: the address
+    /// (host:port) of a replica of the source volume. Repeat it for every
+    /// source replica: each holds the snapshot until the clone is hydrated,
+    /// and any of them is read. Needs --clone-snapshot and --volume-id (the
+    /// clone's, the same on each of its replicas).
+    #[arg(long = "clone-from", requires_all = ["clone_snapshot", "volume_id"])]
+    clone_from: Vec<String>,
+    /// The source snapshot to clone.
+    #[arg(long, requires = "clone_from")]
+    clone_snapshot: Option<String>,
+    /// The source volume's UUID: every --clone-from replica must serve it.
+    #[arg(long, requires = "clone_from")]
+    clone_source_volume: Option<uuid::Uuid>,
+    /// Most bytes a second a clone copies from its source in the background,
+    /// so that the source's own I/O keeps most of its disk (K, M, G
+    /// suffixes; 0: as fast as it goes). Reads of blocks not copied yet are
+    /// fetched at once, whatever the pace.
+    #[arg(long, default_value = "128M", value_parser = super::args::parse_size)]
+    hydrate_rate: u64,
     #[command(flatten)]
     secret: super::secrets::SecretArgs,
+    #[command(flatten)]
+    clone_source_secret: super::secrets::CloneSourceSecretArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -125,6 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // Before anything else: a replica that would serve anyone is not started at all.
     let secret = args.secret.load()?;
+    let source_secret = args.clone_source_secret.load()?;
     let runtime = match args.io_threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread()
@@ -134,10 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build(),
     }
     .context("starting the async runtime")?;
-    runtime.block_on(serve(args, secret))
+    runtime.block_on(serve(args, secret, source_secret))
 }
 
-async fn serve(args: Args, secret: basalt_proto::auth::VolumeSecret) -> anyhow::Result<()> {
+async fn serve(args: Args, secret: VolumeSecret, source_secret: Option<VolumeSecret>) -> anyhow::Result<()> {
     // clap requires these when no subcommand is given.
     let (Some(size), Some(listen)) = (args.size, args.listen) else {
         anyhow::bail!("`basalt replica` needs --dir or --device, --size and --listen (or a subcommand: add, rm, export)");
@@ -153,11 +189,20 @@ async fn serve(args: Args, secret: basalt_proto::auth::VolumeSecret) -> anyhow::
     } else {
         Format::IfBlank
     };
+    let clone = match (args.clone_from.is_empty(), args.clone_snapshot.clone()) {
+        (false, Some(snapshot)) => Some(CloneRequest {
+            sources: args.clone_from.clone(),
+            source_volume: args.clone_source_volume.map(VolumeId),
+            snapshot,
+            source_secret: source_secret.clone().ok_or_else(CloneSourceSecretArgs::missing)?,
+        }),
+        (true, _) => None,
+        (false, None) => anyhow::bail!("--clone-from needs --clone-snapshot NAME: the snapshot to clone"),
+    };
     let shown = source.to_string();
     let opening = std::time::Instant::now();
-    let store = tokio::task::spawn_blocking(move || source.open_or_create(size, volume, format))
+    let store = open_or_create(source, size, volume, format, clone)
         .await
-        .context("opening the store")?
         .with_context(|| format!("cannot open the replica store on {shown}"))?;
     // How long the open (with its crash recovery) took: a replica's restart, and so a delta rebuild,
     // waits for it.
@@ -169,6 +214,7 @@ async fn serve(args: Args, secret: basalt_proto::auth::VolumeSecret) -> anyhow::
     let store = Arc::new(store);
     let metrics = Metrics::new();
     let shutdown = super::shutdown_signal();
+    let hydration = start_hydration(&store, source_secret, args.hydrate_rate, &shutdown)?;
 
     let server = Server::bind(listen, store.clone(), metrics.clone(), secret).await?;
     let mut announce = format!("listening {}\n", server.local_addr());
@@ -188,7 +234,113 @@ async fn serve(args: Args, secret: basalt_proto::auth::VolumeSecret) -> anyhow::
 
     let result = server.run(shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(hydration) = hydration {
+        // It stops at the cancellation; its progress is durable up to its last step.
+        let _ = hydration.await;
+    }
     result.context("the replica server failed")
+}
+
+/// Opens the store, or creates it -- as a clone if `clone` says so, after holding the snapshot on
+/// every source replica (see the module docs).
+async fn open_or_create(
+    source: StoreSource,
+    size: u64,
+    volume: Option<VolumeId>,
+    format: Format,
+    clone: Option<CloneRequest>,
+) -> anyhow::Result<Store> {
+    let source = Arc::new(source);
+    let opener = source.clone();
+    let existing = tokio::task::spawn_blocking(move || opener.open_checked(size, volume, format))
+        .await
+        .context("opening the store")??;
+    if let Some(store) = existing {
+        if let Some(request) = &clone {
+            check_same_origin(&store, request)?;
+        }
+        // A clone too: once made, it is a volume like any other, grown only by its controller.
+        log_size_difference(&store, size, &source);
+        return Ok(store);
+    }
+    let volume = volume.unwrap_or_else(VolumeId::random);
+    let origin = match &clone {
+        None => None,
+        Some(request) => {
+            // Unique per clone replica, so that each releases only its own hold; readable, so that
+            // an operator can tell whose hold refuses a snapshot delete.
+            let tag = uuid::Uuid::new_v4().simple().to_string();
+            let holder = format!("clone {volume} replica {}", &tag[..8]);
+            let origin = clone::prepare(request, size, &holder)
+                .await
+                .context("cannot make the clone; nothing was created")?;
+            tracing::info!(
+                snapshot = %origin.snapshot, source = %origin.source_volume, %holder,
+                "source checked and held on every source replica; creating the clone"
+            );
+            Some(origin)
+        }
+    };
+    tokio::task::spawn_blocking(move || source.create(size, volume, format, origin))
+        .await
+        .context("creating the store")?
+}
+
+/// Refuses to serve an existing store with `--clone-from` flags that say it is something else.
+fn check_same_origin(store: &Store, request: &CloneRequest) -> anyhow::Result<()> {
+    let Some(status) = store.clone_status() else {
+        anyhow::bail!(
+            "this store already holds volume {}, which is not a clone: drop --clone-from to serve it, or \
+             give an empty directory to make a clone",
+            store.volume_id()
+        );
+    };
+    let origin = &status.origin;
+    let other_volume = request.source_volume.is_some_and(|v| v != origin.source_volume);
+    if origin.snapshot != request.snapshot || other_volume {
+        anyhow::bail!(
+            "this store is a clone of snapshot {:?} of volume {}, not of what --clone-snapshot and \
+             --clone-source-volume say: drop the --clone-* flags to resume it, or give an empty directory",
+            origin.snapshot,
+            origin.source_volume
+        );
+    }
+    Ok(())
+}
+
+/// Starts copying a clone's source in the background, if the store is a clone whose holds are not
+/// all released yet; such a clone cannot go on without the source volume's secret.
+fn start_hydration(
+    store: &Arc<Store>,
+    source_secret: Option<VolumeSecret>,
+    rate: u64,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(status) = store.clone_status().filter(|s| !s.released) else {
+        return Ok(None);
+    };
+    let source_secret = source_secret.ok_or_else(|| {
+        CloneSourceSecretArgs::missing().context(format!(
+            "this store is a clone of snapshot {:?} of volume {} that still reads its source",
+            status.origin.snapshot, status.origin.source_volume
+        ))
+    })?;
+    tracing::info!(
+        snapshot = %status.origin.snapshot, source = %status.origin.source_volume,
+        hydrated_bytes = status.hydrated_bytes, total_bytes = status.origin.source_size_bytes,
+        "clone: hydrating from its source in the background"
+    );
+    let reader = clone::SourceReader::new(status.origin, source_secret, tokio::runtime::Handle::current());
+    store.attach_source(reader.clone());
+    let options = clone::HydrateOptions {
+        rate: (rate > 0).then_some(rate),
+    };
+    Ok(Some(tokio::spawn(clone::hydrate(
+        store.clone(),
+        reader,
+        options,
+        shutdown.clone(),
+    ))))
 }
 
 /// `basalt replica add|rm`: ask the controller.
@@ -231,42 +383,34 @@ impl std::fmt::Display for StoreSource {
 }
 
 impl StoreSource {
-    /// The store, created of `size` if there is none; an existing one of
-    /// another id (when `volume` is given) is refused, and one of another size
-    /// opens at its own size (logged: see [`Store::open_or_create`]).
-    fn open_or_create(&self, size: u64, volume: Option<VolumeId>, format: Format) -> anyhow::Result<Store> {
-        let store = self.open_or_create_any_size(size, volume, format)?;
-        log_size_difference(&store, size, self);
-        Ok(store)
+    /// The backend of a store to open or create (a blank device is formatted as `format` allows).
+    fn backend(&self, size: u64, format: Format) -> anyhow::Result<Arc<dyn Backend>> {
+        Ok(match self {
+            StoreSource::Dir(dir) => Arc::new(DirBackend::new(dir)?),
+            StoreSource::Device(device) => {
+                let options = DeviceOptions {
+                    volume_bytes: Some(size),
+                    format,
+                    ..DeviceOptions::default()
+                };
+                Arc::new(BlockBackend::open(device, &options)?)
+            }
+        })
     }
 
-    fn open_or_create_any_size(
+    /// The existing store, `None` if there is none; one of another id (when `volume` is given) is
+    /// refused, and one of another size opens at its own size (see [`log_size_difference`]).
+    fn open_checked(
         &self,
         size: u64,
         volume: Option<VolumeId>,
         format: Format,
-    ) -> anyhow::Result<Store> {
-        let device = match self {
-            StoreSource::Dir(dir) => return Ok(Store::open_or_create(dir, size, volume)?),
-            StoreSource::Device(device) => device,
-        };
-        let options = DeviceOptions {
-            volume_bytes: Some(size),
-            format,
-            ..DeviceOptions::default()
-        };
-        let backend: Arc<dyn Backend> = Arc::new(BlockBackend::open(device, &options)?);
-        let store = match Store::open_with_backend(backend.clone()) {
-            Err(StoreError::NotAVolume { .. }) => {
-                return Ok(Store::create_with_backend(
-                    backend,
-                    volume.unwrap_or_else(VolumeId::random),
-                    size,
-                )?)
-            }
+    ) -> anyhow::Result<Option<Store>> {
+        let store = match Store::open_with_backend(self.backend(size, format)?) {
+            Err(StoreError::NotAVolume { .. }) => return Ok(None),
             opened => opened?,
         };
-        let location = device.display().to_string();
+        let location = self.to_string();
         if let Some(requested) = volume.filter(|&v| v != store.volume_id()) {
             return Err(StoreError::VolumeMismatch {
                 dir: location,
@@ -275,7 +419,22 @@ impl StoreSource {
             }
             .into());
         }
-        Ok(store)
+        Ok(Some(store))
+    }
+
+    /// A new store: a clone of `origin`, or empty.
+    fn create(
+        &self,
+        size: u64,
+        volume: VolumeId,
+        format: Format,
+        origin: Option<CloneOrigin>,
+    ) -> anyhow::Result<Store> {
+        let backend = self.backend(size, format)?;
+        Ok(match origin {
+            Some(origin) => Store::create_clone(backend, volume, size, origin)?,
+            None => Store::create_with_backend(backend, volume, size)?,
+        })
     }
 
     /// The existing store, for offline tools: a device is never formatted here.

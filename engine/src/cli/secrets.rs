@@ -18,6 +18,8 @@ use basalt_proto::auth::VolumeSecret;
 pub const SECRET_ENV: &str = "BASALT_VOLUME_SECRET";
 /// Environment variable holding the management API's token.
 pub const TOKEN_ENV: &str = "BASALT_API_TOKEN";
+/// Environment variable holding a clone's SOURCE volume's secret (see [`CloneSourceSecretArgs`]).
+pub const CLONE_SOURCE_SECRET_ENV: &str = "BASALT_CLONE_SOURCE_SECRET";
 
 /// How to make a secret or a token, for the messages that ask for one.
 const HOW_TO_GENERATE: &str =
@@ -40,19 +42,79 @@ impl SecretArgs {
     }
 
     fn load_from(&self, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<VolumeSecret> {
-        let (bytes, origin) = match &self.secret_file {
-            Some(path) => (read_private(path, "volume secret")?, format!("--secret-file {}", path.display())),
-            None => match env(SECRET_ENV).filter(|v| !v.is_empty()) {
-                Some(value) => (value.into_encoded_bytes(), SECRET_ENV.to_string()),
-                None => anyhow::bail!(
+        load_secret(self.secret_file.as_deref(), "--secret-file", SECRET_ENV, "volume secret", env)?.ok_or_else(
+            || {
+                anyhow::anyhow!(
                     "no volume secret: pass --secret-file PATH or set {SECRET_ENV}; the controller and every \
                      replica of a volume need the same secret ({HOW_TO_GENERATE}; `basalt volume up` makes one \
                      for you)"
-                ),
+                )
             },
-        };
-        VolumeSecret::new(bytes).with_context(|| format!("the volume secret from {origin} is not usable"))
+        )
     }
+}
+
+/// The secret of the volume a clone replica copies (`basalt replica --clone-from`): the SOURCE
+/// volume's, which its replicas check, and not the clone's own (`--secret-file`), which the clone's
+/// controller and replicas share. Only a clone that is still reading its source needs it.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct CloneSourceSecretArgs {
+    /// File holding the SOURCE volume's secret, for a clone (--clone-from) to authenticate to the
+    /// source replicas; needed until the clone is hydrated, also after a restart. Without it, the
+    /// BASALT_CLONE_SOURCE_SECRET environment variable.
+    #[arg(long, value_name = "PATH")]
+    pub clone_source_secret_file: Option<PathBuf>,
+}
+
+impl CloneSourceSecretArgs {
+    /// The source volume's secret, from the file or the environment; `None` if neither gives one.
+    pub fn load(&self) -> anyhow::Result<Option<VolumeSecret>> {
+        self.load_from(|name| std::env::var_os(name))
+    }
+
+    fn load_from(
+        &self,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> anyhow::Result<Option<VolumeSecret>> {
+        load_secret(
+            self.clone_source_secret_file.as_deref(),
+            "--clone-source-secret-file",
+            CLONE_SOURCE_SECRET_ENV,
+            "source volume secret",
+            env,
+        )
+    }
+
+    /// What to say when a clone needs the source's secret and has none.
+    pub fn missing() -> anyhow::Error {
+        anyhow::anyhow!(
+            "no secret for the clone's source volume: pass --clone-source-secret-file PATH or set \
+             {CLONE_SOURCE_SECRET_ENV} to the SOURCE volume's secret (the one its replicas were started with; \
+             --secret-file is the clone's own)"
+        )
+    }
+}
+
+/// A secret from `file` (named `flag` in messages) or else the environment variable `env_name`;
+/// `None` if neither gives one. The message of an unusable one names where it came from, never its
+/// content.
+fn load_secret(
+    file: Option<&Path>,
+    flag: &str,
+    env_name: &str,
+    what: &str,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> anyhow::Result<Option<VolumeSecret>> {
+    let (bytes, origin) = match file {
+        Some(path) => (read_private(path, what)?, format!("{flag} {}", path.display())),
+        None => match env(env_name).filter(|v| !v.is_empty()) {
+            Some(value) => (value.into_encoded_bytes(), env_name.to_string()),
+            None => return Ok(None),
+        },
+    };
+    VolumeSecret::new(bytes)
+        .map(Some)
+        .with_context(|| format!("the {what} from {origin} is not usable"))
 }
 
 /// Reads a file holding a secret or a token, warning (once, without its content) when others than its
@@ -165,6 +227,30 @@ mod tests {
             text.contains("at least 16") && !text.contains("hunter2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_clone_source_secret_is_its_own_variable_and_optional() {
+        let none = CloneSourceSecretArgs::default().load_from(|_| None).unwrap();
+        assert!(none.is_none());
+        // The clone's own secret in the environment is not taken for the source's.
+        let env = |name: &str| {
+            (name == CLONE_SOURCE_SECRET_ENV)
+                .then(|| "the-source-volume-secret".into())
+                .or_else(|| (name == SECRET_ENV).then(|| "the-clone-volume-secret0".into()))
+        };
+        let secret = CloneSourceSecretArgs::default().load_from(env).unwrap().unwrap();
+        assert_eq!(secret.expose(), b"the-source-volume-secret");
+        let err = CloneSourceSecretArgs::default()
+            .load_from(|_| Some("hunter2".into()))
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(CLONE_SOURCE_SECRET_ENV) && !text.contains("hunter2"),
+            "{text}"
+        );
+        let missing = CloneSourceSecretArgs::missing().to_string();
+        assert!(missing.contains("--clone-source-secret-file") && missing.contains(CLONE_SOURCE_SECRET_ENV));
     }
 
     #[test]

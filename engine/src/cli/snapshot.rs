@@ -1,7 +1,10 @@
-//! `basalt snapshot create|ls|rm|revert`: a volume's snapshots, through its
-//! controller (every replica takes, lists, merges or reverts together).
+//! `basalt snapshot create|ls|rm|revert|holds|release`: a volume's snapshots,
+//! through its controller (every replica takes, lists, merges or reverts
+//! together), and the holds clones of the volume have on them.
 
-use basalt_proto::pb::controller::{SnapshotListRequest, SnapshotRequest};
+use basalt_proto::pb::controller::{
+    SnapshotHoldsRequest, SnapshotListRequest, SnapshotReleaseRequest, SnapshotRequest,
+};
 
 use super::client::{block_on, connect, status_message};
 
@@ -46,6 +49,22 @@ pub enum SnapshotCommand {
     /// discarded. Refused while initiators are logged in.
     Revert {
         name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List the holds clones have on this volume's snapshots (a held
+    /// snapshot cannot be deleted until its clones are hydrated).
+    Holds {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Release a clone's hold on a snapshot by hand: for a clone that was
+    /// abandoned before it was hydrated (it can then never be).
+    Release {
+        name: String,
+        /// The holder, as `basalt snapshot holds` lists it.
+        #[arg(long)]
+        holder: String,
         #[command(flatten)]
         common: Common,
     },
@@ -97,6 +116,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             SnapshotCommand::Create { name, common } => chain_op(Op::Create, name, common).await,
             SnapshotCommand::Rm { name, common } => chain_op(Op::Delete, name, common).await,
             SnapshotCommand::Revert { name, common } => chain_op(Op::Revert, name, common).await,
+            SnapshotCommand::Holds { common } => holds(common).await,
+            SnapshotCommand::Release { name, holder, common } => release(name, holder, common).await,
         }
     })
 }
@@ -150,6 +171,58 @@ fn format_unix(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// `basalt snapshot holds`.
+async fn holds(common: Common) -> anyhow::Result<()> {
+    let mut client = connect(&common.api, &common.auth).await?;
+    let reply = client
+        .snapshot_holds(SnapshotHoldsRequest {})
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    if common.json {
+        let holds: Vec<_> = reply
+            .holds
+            .iter()
+            .map(|h| {
+                serde_json::json!({"snapshot": h.snapshot, "holder": h.holder,
+                    "since_unix": h.since_unix, "replicas": h.replicas})
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "holds": holds }));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<22} {:<48} REPLICAS",
+        "SNAPSHOT", "SINCE (UTC)", "HOLDER"
+    );
+    for h in &reply.holds {
+        println!(
+            "{:<24} {:<22} {:<48} {}",
+            h.snapshot,
+            format_unix(h.since_unix),
+            h.holder,
+            h.replicas.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `basalt snapshot release`.
+async fn release(name: String, holder: String, common: Common) -> anyhow::Result<()> {
+    let mut client = connect(&common.api, &common.auth).await?;
+    let reply = client
+        .snapshot_release(SnapshotReleaseRequest { name, holder })
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    if common.json {
+        println!("{}", serde_json::json!({ "message": reply.message }));
+    } else {
+        println!("{}", reply.message);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

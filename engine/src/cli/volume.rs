@@ -388,6 +388,9 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                         "done_bytes": r.rebuild_done_bytes, "total_bytes": r.rebuild_total_bytes,
                         "rate_bytes_per_sec": r.rebuild_rate, "eta_secs": eta(r), "delta": r.rebuild_delta,
                     })),
+                    "hydration": (r.hydrate_total_bytes > 0).then(|| serde_json::json!({
+                        "done_bytes": r.hydrated_bytes, "total_bytes": r.hydrate_total_bytes,
+                    })),
                 })
             })
             .collect();
@@ -395,6 +398,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             "name": reply.name, "iqn": reply.iqn, "volume_uuid": uuid, "size_bytes": reply.size_bytes,
             "epoch": reply.epoch, "state": reply.state, "min_healthy": reply.min_healthy,
             "sessions": reply.sessions, "replicas": replicas,
+            "clone_of": (!reply.clone_of.is_empty()).then_some(&reply.clone_of), "hydrated": reply.hydrated,
             "io": {
                 "reads": io.reads, "writes": io.writes, "flushes": io.flushes, "unmaps": io.unmaps,
                 "bytes_read": io.bytes_read, "bytes_written": io.bytes_written, "errors": io.errors,
@@ -411,6 +415,14 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     println!("epoch    {}", reply.epoch);
     println!("state    {} (min healthy {})", reply.state, reply.min_healthy);
     println!("sessions {}", reply.sessions);
+    if !reply.clone_of.is_empty() {
+        let state = if reply.hydrated {
+            "hydrated: independent of its source"
+        } else {
+            "hydrating: its source must stay"
+        };
+        println!("clone of {} ({state})", reply.clone_of);
+    }
     println!("replicas");
     for r in &reply.replicas {
         let mut note = if r.cause.is_empty() {
@@ -427,6 +439,12 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 r.rebuild_rate / (1 << 20) as f64,
                 eta(r).unwrap_or(0.0)
             );
+        }
+        if r.hydrate_total_bytes > 0 && r.hydrated_bytes < r.hydrate_total_bytes {
+            note.push_str(&format!(
+                "  hydrating: {} of {} bytes",
+                r.hydrated_bytes, r.hydrate_total_bytes
+            ));
         }
         println!(
             "  {:<22} {:<3} revision {:<8} outstanding {:<4} errors {}{note}",

@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use basalt_proto::frame::Extent;
+use basalt_proto::frame::{Extent, ReplyError};
 use bytes::Bytes;
 
 /// Index of a replica in the volume's configured replica list. Guaranteed by
@@ -102,6 +102,15 @@ pub enum ControlOp {
     SnapshotList,
     SnapshotDelete(String),
     SnapshotRevert(String),
+    /// Every replica's holds (clones reading one of the volume's snapshots).
+    HoldList,
+    /// Release a clone's hold on a snapshot, by hand.
+    SnapshotRelease {
+        name: String,
+        holder: String,
+    },
+    /// Every replica's identity and progress (a clone's hydration).
+    Info,
     SetMembership(basalt_proto::pb::replica::Membership),
     /// Grow every active replica to this many bytes (an online expansion).
     Resize(u64),
@@ -122,6 +131,9 @@ impl ControlOp {
             ControlOp::SnapshotRevert(_) => "snapshot revert",
             ControlOp::Resize(_) => "resize",
             ControlOp::ResizeCheck(_) => "resize check",
+            ControlOp::HoldList => "hold list",
+            ControlOp::SnapshotRelease { .. } => "snapshot release",
+            ControlOp::Info => "replica info",
             ControlOp::SetMembership(_) => "membership record",
         }
     }
@@ -283,16 +295,31 @@ pub struct WouldDegrade {
 pub enum ChainVerdict {
     /// Enough replicas applied it; those that failed it (each with why) no
     /// longer hold the others' chain and must be dropped (and rebuilt).
-    Applied { diverged: Vec<(ClientId, String)> },
+    /// Those that refused it because a clone holds the snapshot stay: they
+    /// keep the very chain the hold protects, and dropping them would turn a
+    /// clone's hold into a lost replica.
+    Applied {
+        diverged: Vec<(ClientId, String)>,
+        held: Vec<(ClientId, String)>,
+    },
     /// Fewer than `min_healthy` (or none) applied it: the operation failed as
     /// a whole, and every replica stays.
     Failed { failures: Vec<(ClientId, String)> },
+}
+
+/// Whether a replica's refusal (as the link words it: the error's name
+/// first) says a clone holds the snapshot.
+fn is_held_refusal(error: &str) -> bool {
+    error.starts_with(ReplyError::SnapshotHeld.name())
 }
 
 /// Decide what a chain-changing operation's answers mean. A replica that
 /// failed it holds another chain than the others, so the volume cannot keep
 /// it; but dropping replicas until fewer than `min_healthy` are left would
 /// turn a failed snapshot into a failed volume, so then the operation fails.
+/// A replica that refused because a clone holds the snapshot is never
+/// dropped (the controller checks the holds before it asks any replica, so
+/// only a hold placed in between gets here).
 pub fn chain_verdict(results: &[(ClientId, Result<Bytes, String>)], min_healthy: usize) -> ChainVerdict {
     let failures: Vec<(ClientId, String)> = results
         .iter()
@@ -302,7 +329,8 @@ pub fn chain_verdict(results: &[(ClientId, Result<Bytes, String>)], min_healthy:
     if succeeded == 0 || succeeded < min_healthy {
         ChainVerdict::Failed { failures }
     } else {
-        ChainVerdict::Applied { diverged: failures }
+        let (held, diverged) = failures.into_iter().partition(|(_, e)| is_held_refusal(e));
+        ChainVerdict::Applied { diverged, held }
     }
 }
 
@@ -2044,12 +2072,16 @@ mod tests {
         assert_eq!(
             chain_verdict(&[ok(0), failed(1), ok(2)], 2),
             ChainVerdict::Applied {
-                diverged: vec![(ClientId(1), "disk 1 full".into())]
+                diverged: vec![(ClientId(1), "disk 1 full".into())],
+                held: vec![]
             }
         );
         assert_eq!(
             chain_verdict(&[ok(0), ok(1)], 2),
-            ChainVerdict::Applied { diverged: vec![] }
+            ChainVerdict::Applied {
+                diverged: vec![],
+                held: vec![]
+            }
         );
         assert_eq!(
             chain_verdict(&[ok(0), failed(1), failed(2)], 2),
@@ -2067,6 +2099,47 @@ mod tests {
         assert!(
             matches!(chain_verdict(&[], 1), ChainVerdict::Failed { .. }),
             "nobody applied it"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_refused_a_chain_operation_because_a_clone_holds_the_snapshot_is_never_dropped() {
+        let ok = |c| (ClientId(c), Ok(Bytes::new()));
+        let held = |c| {
+            (
+                ClientId(c),
+                Err(format!(
+                    "{}: snapshot s1 is held by clone-a",
+                    ReplyError::SnapshotHeld.name()
+                )),
+            )
+        };
+        let failed = |c| (ClientId(c), Err(format!("disk {c} full")));
+        assert_eq!(
+            chain_verdict(&[ok(0), held(1), failed(2), ok(3)], 2),
+            ChainVerdict::Applied {
+                diverged: vec![(ClientId(2), "disk 2 full".into())],
+                held: vec![(
+                    ClientId(1),
+                    "snapshot_held: snapshot s1 is held by clone-a".into()
+                )]
+            }
+        );
+        // Held refusals count as not applied: too few applied it, so it failed and nobody goes.
+        assert_eq!(
+            chain_verdict(&[ok(0), held(1), held(2)], 2),
+            ChainVerdict::Failed {
+                failures: vec![
+                    (
+                        ClientId(1),
+                        "snapshot_held: snapshot s1 is held by clone-a".into()
+                    ),
+                    (
+                        ClientId(2),
+                        "snapshot_held: snapshot s1 is held by clone-a".into()
+                    )
+                ]
+            }
         );
     }
 

@@ -901,7 +901,14 @@ impl Owner {
                     .map(|(c, e)| format!("{}: {e}", self.addresses[c.0]))
                     .collect(),
             }),
-            ChainVerdict::Applied { diverged } => {
+            ChainVerdict::Applied { diverged, held } => {
+                for (c, e) in held {
+                    tracing::warn!(
+                        replica = %self.addresses[c.0],
+                        error = %e,
+                        "{what} refused there: a clone holds the snapshot; the replica stays"
+                    );
+                }
                 let mut dropped = Vec::new();
                 for (c, e) in diverged {
                     let cause = format!("{what} failed there ({e}); its snapshot chain differs");

@@ -308,6 +308,12 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::Control(ControlOp::SnapshotList) => Message::SnapshotList,
         ReplicaRequest::Control(ControlOp::SnapshotDelete(name)) => Message::SnapshotDelete { name },
         ReplicaRequest::Control(ControlOp::SnapshotRevert(name)) => Message::SnapshotRevert { name },
+        ReplicaRequest::Control(ControlOp::HoldList) => Message::HoldList,
+        ReplicaRequest::Control(ControlOp::SnapshotRelease { name, holder }) => Message::SnapshotRelease {
+            snapshot: name,
+            holder,
+        },
+        ReplicaRequest::Control(ControlOp::Info) => Message::Info,
         ReplicaRequest::Control(ControlOp::SetMembership(m)) => Message::SetMembership(m),
         ReplicaRequest::Control(ControlOp::Resize(size_bytes)) => Message::Resize {
             size_bytes,
@@ -391,6 +397,7 @@ async fn read_loop(
             | Message::Pong
             | Message::SnapshotDeleteOk
             | Message::SnapshotRevertOk
+            | Message::SnapshotReleaseOk
             | Message::SetMembershipOk => ReplicaReply::Ok(Default::default()),
             // The replica's size after a resize (or now, for a check).
             Message::ResizeOk { size_bytes } => {
@@ -402,6 +409,8 @@ async fn read_loop(
             Message::SnapshotListOk(snapshots) => {
                 ReplicaReply::Ok(pb::SnapshotList { snapshots }.encode_to_vec().into())
             }
+            Message::HoldListOk(holds) => ReplicaReply::Ok(pb::HoldList { holds }.encode_to_vec().into()),
+            Message::InfoOk(info) => ReplicaReply::Ok(info.encode_to_vec().into()),
             Message::BlockCrcsOk(blocks) => ReplicaReply::Ok(super::allocation::encode(&blocks)),
             Message::Failed {
                 error: ReplyError::ChecksumMismatch { lba },

@@ -488,11 +488,22 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 data: payload.slice(list_len..),
             }
         }
-        (Op::LayerBlocks, false) => M::LayerBlocks {
-            snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
-            start_lba: raw.offset,
-            count: raw.length,
-        },
+        (Op::LayerBlocks | Op::SnapshotRuns, false) => {
+            let snapshot = pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name;
+            let (start_lba, count) = (raw.offset, raw.length);
+            match op {
+                Op::LayerBlocks => M::LayerBlocks {
+                    snapshot,
+                    start_lba,
+                    count,
+                },
+                _ => M::SnapshotRuns {
+                    snapshot,
+                    start_lba,
+                    count,
+                },
+            }
+        }
         (Op::LayerBlocks, true) => {
             if !payload.len().is_multiple_of(LayerBlock::WIRE_LEN) {
                 return Err(DecodeError::BadField {
@@ -523,20 +534,58 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 end_lba: raw.offset,
             }
         }
-        (Op::ReadLayer, false) => {
+        (Op::ReadLayer | Op::ReadSnapshot, false) => {
             if raw.length > u64::from(MAX_PAYLOAD) {
                 return Err(DecodeError::Oversize { len: raw.length });
             }
-            M::ReadLayer {
-                snapshot: pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name,
-                offset: raw.offset,
-                len: raw.length as u32,
+            let snapshot = pb::SnapshotRequest::decode(payload).map_err(bad_pb)?.name;
+            let (offset, len) = (raw.offset, raw.length as u32);
+            match op {
+                Op::ReadLayer => M::ReadLayer {
+                    snapshot,
+                    offset,
+                    len,
+                },
+                _ => M::ReadSnapshot {
+                    snapshot,
+                    offset,
+                    len,
+                },
             }
         }
-        (Op::ReadLayer, true) => {
+        (Op::ReadLayer | Op::ReadSnapshot, true) => {
             no_offset()?;
             length_is_payload()?;
-            M::ReadLayerOk { data: payload }
+            match op {
+                Op::ReadLayer => M::ReadLayerOk { data: payload },
+                _ => M::ReadSnapshotOk { data: payload },
+            }
+        }
+        (Op::SnapshotRuns, true) => {
+            no_length()?;
+            if !payload.len().is_multiple_of(BlockRun::WIRE_LEN) {
+                return Err(DecodeError::BadField {
+                    op,
+                    what: "run list must be a whole number of 16-byte runs",
+                });
+            }
+            M::SnapshotRunsOk {
+                runs: block_runs(&payload),
+                end_lba: raw.offset,
+            }
+        }
+        (Op::SnapshotHold | Op::SnapshotRelease, false) => {
+            control()?;
+            let request = pb::SnapshotHoldRequest::decode(payload).map_err(bad_pb)?;
+            let (snapshot, holder) = (request.name, request.holder);
+            match op {
+                Op::SnapshotHold => M::SnapshotHold { snapshot, holder },
+                _ => M::SnapshotRelease { snapshot, holder },
+            }
+        }
+        (Op::HoldList, true) => {
+            control()?;
+            M::HoldListOk(pb::HoldList::decode(payload).map_err(bad_pb)?.holds)
         }
         (Op::WrittenSince, false) => {
             no_length()?;
@@ -610,6 +659,9 @@ fn interpret(raw: RawHeader, payload: Bytes) -> Result<Frame, DecodeError> {
                 (Op::Reset, true) => M::ResetOk,
                 (Op::WriteV, true) => M::WriteVOk,
                 (Op::SetMembership, true) => M::SetMembershipOk,
+                (Op::SnapshotHold, true) => M::SnapshotHoldOk,
+                (Op::SnapshotRelease, true) => M::SnapshotReleaseOk,
+                (Op::HoldList, false) => M::HoldList,
                 // Every (op, reply) pair with a payload or an offset is
                 // matched above; this arm cannot be reached, but a decoder
                 // answers with an error rather than trusting that.

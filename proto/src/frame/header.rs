@@ -289,7 +289,10 @@ impl Frame {
                 data.clone()
             }
             // Read answers: the data, its length in the length field too.
-            M::ReadOk { data } | M::ReadLayerOk { data } | M::ReadVOk { data } => {
+            M::ReadOk { data }
+            | M::ReadLayerOk { data }
+            | M::ReadVOk { data }
+            | M::ReadSnapshotOk { data } => {
                 raw.length = data.len() as u64;
                 data.clone()
             }
@@ -323,14 +326,7 @@ impl Frame {
                 Bytes::new()
             }
             M::BlockCrcsOk(list) => put_block_crcs(list),
-            M::RunCrcs { runs } => {
-                let mut buf = bytes::BytesMut::with_capacity(runs.len() * BlockRun::WIRE_LEN);
-                for r in runs {
-                    buf.extend_from_slice(&r.lba.to_le_bytes());
-                    buf.extend_from_slice(&r.blocks.to_le_bytes());
-                }
-                buf.freeze()
-            }
+            M::RunCrcs { runs } => put_block_runs(runs),
             M::RunCrcsOk { crcs, end_lba } => {
                 raw.offset = *end_lba;
                 put_block_crcs(crcs)
@@ -352,6 +348,11 @@ impl Frame {
                 data.clone()
             }
             M::LayerBlocks {
+                snapshot,
+                start_lba,
+                count,
+            }
+            | M::SnapshotRuns {
                 snapshot,
                 start_lba,
                 count,
@@ -380,6 +381,11 @@ impl Frame {
                 snapshot,
                 offset,
                 len,
+            }
+            | M::ReadSnapshot {
+                snapshot,
+                offset,
+                len,
             } => {
                 if *len > MAX_PAYLOAD {
                     return Err(EncodeError::Oversize { len: u64::from(*len) });
@@ -390,6 +396,17 @@ impl Frame {
                     name: snapshot.clone(),
                 })
             }
+            M::SnapshotRunsOk { runs, end_lba } => {
+                raw.offset = *end_lba;
+                put_block_runs(runs)
+            }
+            M::SnapshotHold { snapshot, holder } | M::SnapshotRelease { snapshot, holder } => {
+                pb_bytes(&pb::SnapshotHoldRequest {
+                    name: snapshot.clone(),
+                    holder: holder.clone(),
+                })
+            }
+            M::HoldListOk(holds) => pb_bytes(&pb::HoldList { holds: holds.clone() }),
             M::WrittenSince { since, start_lba } => {
                 raw.offset = *start_lba;
                 let mut buf = bytes::BytesMut::new();
@@ -460,7 +477,10 @@ impl Frame {
             | M::Reset
             | M::ResetOk
             | M::WriteVOk
-            | M::SetMembershipOk => Bytes::new(),
+            | M::SetMembershipOk
+            | M::SnapshotHoldOk
+            | M::SnapshotReleaseOk
+            | M::HoldList => Bytes::new(),
         };
         let len = head.len() + payload.len();
         raw.payload_len = u32::try_from(len)
@@ -502,6 +522,15 @@ fn put_block_crcs(list: &[BlockCrc]) -> Bytes {
     for b in list {
         buf.extend_from_slice(&b.lba.to_le_bytes());
         buf.extend_from_slice(&b.crc.to_le_bytes());
+    }
+    buf.freeze()
+}
+
+fn put_block_runs(runs: &[BlockRun]) -> Bytes {
+    let mut buf = bytes::BytesMut::with_capacity(runs.len() * BlockRun::WIRE_LEN);
+    for r in runs {
+        buf.extend_from_slice(&r.lba.to_le_bytes());
+        buf.extend_from_slice(&r.blocks.to_le_bytes());
     }
     buf.freeze()
 }

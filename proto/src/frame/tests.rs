@@ -102,10 +102,10 @@ fn arb_membership() -> impl Strategy<Value = pb::Membership> {
 
 fn arb_error() -> impl Strategy<Value = ReplyError> {
     // Every status code, with any detail: from_wire defines the set.
-    let codes: Vec<u16> = (1..=18).collect();
+    let codes: Vec<u16> = (1u16..=18).chain(20..=22).collect();
     (proptest::sample::select(codes), any::<u16>(), any::<u64>()).prop_map(|(code, small, detail)| {
         let detail = if code == 9 { u64::from(small) } else { detail };
-        ReplyError::from_wire(code, detail).expect("codes 1..=18 are defined")
+        ReplyError::from_wire(code, detail).expect("codes 1..=18 and 20..=22 are defined")
     })
 }
 
@@ -169,6 +169,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 revision: id.revision.0,
                 snapshots,
                 head_allocated_bytes: head,
+                clone: None,
             })),
         ".{0,40}".prop_map(|name| M::SnapshotCreate { name }),
         arb_snapshot().prop_map(M::SnapshotCreateOk),
@@ -247,6 +248,42 @@ fn arb_message() -> impl Strategy<Value = Message> {
             check_only
         }),
         any::<u64>().prop_map(|size_bytes| M::ResizeOk { size_bytes }),
+        (".{0,40}", any::<u64>(), any::<u64>()).prop_map(|(snapshot, start_lba, count)| M::SnapshotRuns {
+            snapshot,
+            start_lba,
+            count
+        }),
+        (
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20),
+            any::<u64>()
+        )
+            .prop_map(|(v, end_lba)| M::SnapshotRunsOk {
+                runs: v
+                    .into_iter()
+                    .map(|(lba, blocks)| BlockRun { lba, blocks })
+                    .collect(),
+                end_lba
+            }),
+        (".{0,40}", any::<u64>(), 0..=MAX_PAYLOAD).prop_map(|(snapshot, offset, len)| M::ReadSnapshot {
+            snapshot,
+            offset,
+            len
+        }),
+        arb_bytes(9000).prop_map(|data| M::ReadSnapshotOk { data }),
+        (".{0,40}", ".{0,40}").prop_map(|(snapshot, holder)| M::SnapshotHold { snapshot, holder }),
+        Just(M::SnapshotHoldOk),
+        (".{0,40}", ".{0,40}").prop_map(|(snapshot, holder)| M::SnapshotRelease { snapshot, holder }),
+        Just(M::SnapshotReleaseOk),
+        Just(M::HoldList),
+        proptest::collection::vec((".{0,20}", ".{0,20}", any::<i64>()), 0..4).prop_map(|v| M::HoldListOk(
+            v.into_iter()
+                .map(|(snapshot, holder, since_unix)| pb::SnapshotHold {
+                    snapshot,
+                    holder,
+                    since_unix
+                })
+                .collect()
+        )),
         (
             proptest::sample::select(Op::ALL.to_vec()),
             arb_error(),
@@ -502,8 +539,8 @@ fn version_negotiation_picks_the_highest_common_version() {
     assert_eq!(ProtocolVersion::negotiate(v(1), v(3)), Some(v(3)));
     // A peer that speaks only v1, before vectored I/O and run checksums: a rebuild could not run.
     assert_eq!(ProtocolVersion::negotiate(v(1), v(1)), None);
-    // A v2 peer does not know Resize (an expansion would close its connection) and neither proves
-    // itself nor checks the other side.
+    // A v2 peer knows neither Resize nor the clone ops (an expansion or a hydration would close its
+    // connection), and neither proves itself nor checks the other side.
     assert_eq!(ProtocolVersion::negotiate(v(1), v(2)), None);
     // A peer that only speaks versions newer than ours.
     let newer = v(ProtocolVersion::CURRENT.0 + 1);

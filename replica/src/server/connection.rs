@@ -40,6 +40,11 @@ const MAX_BLOCK_CRCS: u64 = 1 << 20;
 /// far under the frame limit, and 256 MiB of snapshot data to copy per page.
 const MAX_LAYER_BLOCKS: usize = 1 << 16;
 
+/// Most blocks of a snapshot's view one `SnapshotRuns` answer covers: 256 MiB
+/// of the volume, at most 2^15 runs (512 KiB) even where every other block
+/// holds data, so the answer stays far under the frame limit.
+const MAX_SNAPSHOT_RUN_BLOCKS: u64 = 1 << 16;
+
 /// Requests queued on the ordered lane. The byte budget is the real bound;
 /// this only has to be large enough never to be the one that stops a
 /// pipelined controller (a queue depth of 1,024 small writes).
@@ -351,9 +356,12 @@ async fn read_requests(
                         }
                         None => dispatch.spawn_read(job),
                     }
-                } else if let Message::ReadLayer { .. } = job.message {
+                } else if let Message::ReadLayer { .. } | Message::ReadSnapshot { .. } = job.message {
                     dispatch.spawn_read(job);
-                } else if is_plain_write(&job) && dispatch.lane_pending.load(Ordering::Acquire) == 0 {
+                } else if is_plain_write(&job)
+                    && dispatch.lane_pending.load(Ordering::Acquire) == 0
+                    && (whole_blocks(&job) || !dispatch.shared.store.is_hydrating())
+                {
                     writes.push(job);
                     if batch_full(&writes) {
                         dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;
@@ -588,6 +596,20 @@ fn is_plain_write(job: &Job) -> bool {
     )
 }
 
+/// Whether a write covers whole blocks only. A hydrating clone's sub-block
+/// write may have to fetch its block from the source first (see
+/// `store::clone`), which waits for the network: it goes to the lane, never
+/// on the reader task.
+fn whole_blocks(job: &Job) -> bool {
+    let aligned =
+        |offset: u64, len: usize| offset.is_multiple_of(BLOCK) && (len as u64).is_multiple_of(BLOCK);
+    match &job.message {
+        Message::Write { offset, data, .. } => aligned(*offset, data.len()),
+        Message::WriteV { extents, .. } => extents.iter().all(|e| aligned(e.offset, e.len as usize)),
+        _ => false,
+    }
+}
+
 /// Whether a batch of `jobs` plain writes is as large as one may be.
 fn batch_full(jobs: &[Job]) -> bool {
     let bytes = jobs.iter().map(|job| match &job.message {
@@ -740,6 +762,8 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
         Message::Info => shared.fenced(epoch, |store| Ok(Message::InfoOk(info(store)))),
         Message::BlockCrcs { start_lba, count } => shared.fenced(epoch, |store| {
             let end = start_lba.saturating_add(count.min(MAX_BLOCK_CRCS));
+            // A hydrating clone lists its whole view: what it has not copied yet is fetched first.
+            store.fetch_absent(start_lba..end.min(store.size_bytes() / BLOCK))?;
             let list = store.block_crcs(start_lba..end);
             Ok(Message::BlockCrcsOk(
                 list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
@@ -747,6 +771,9 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
         }),
         Message::RunCrcs { runs } => shared.fenced(epoch, |store| {
             let ranges = run_ranges(&runs, store.size_bytes() / BLOCK)?;
+            for range in &ranges {
+                store.fetch_absent(range.clone())?;
+            }
             let (list, end_lba) = store.block_crcs_in(&ranges, MAX_BLOCK_CRCS as usize);
             Ok(Message::RunCrcsOk {
                 crcs: list.into_iter().map(|(lba, crc)| BlockCrc { lba, crc }).collect(),
@@ -852,6 +879,60 @@ fn execute(shared: &Shared, epoch: Epoch, conn: ConnId, message: Message) -> Res
             tracing::info!(snapshot = %name, "volume reverted to snapshot");
             Ok(Message::SnapshotRevertOk)
         }),
+        // A clone's requests: not fenced by the epoch (see `basalt_proto::frame`).
+        Message::SnapshotRuns {
+            snapshot,
+            start_lba,
+            count,
+        } => {
+            let store = &shared.store;
+            let end = start_lba.saturating_add(count);
+            let (runs, end_lba) = store.snapshot_runs(&snapshot, start_lba..end, MAX_SNAPSHOT_RUN_BLOCKS)?;
+            Ok(Message::SnapshotRunsOk {
+                runs: runs
+                    .into_iter()
+                    .map(|r| BlockRun {
+                        lba: r.start,
+                        blocks: r.end - r.start,
+                    })
+                    .collect(),
+                end_lba,
+            })
+        }
+        Message::ReadSnapshot {
+            snapshot,
+            offset,
+            len,
+        } => {
+            let mut buf = BytesMut::zeroed(len as usize);
+            shared.store.read_snapshot(&snapshot, offset, &mut buf)?;
+            metrics.bytes_read(buf.len());
+            Ok(Message::ReadSnapshotOk { data: buf.freeze() })
+        }
+        Message::SnapshotHold { snapshot, holder } => {
+            check_holder(&holder)?;
+            shared.store.snapshot_hold(&snapshot, &holder)?;
+            tracing::info!(%snapshot, %holder, "snapshot held by a clone");
+            Ok(Message::SnapshotHoldOk)
+        }
+        Message::SnapshotRelease { snapshot, holder } => {
+            if shared.store.snapshot_release(&snapshot, &holder)? {
+                tracing::info!(%snapshot, %holder, "hold on the snapshot released");
+            }
+            Ok(Message::SnapshotReleaseOk)
+        }
+        Message::HoldList => Ok(Message::HoldListOk(
+            shared
+                .store
+                .holds()
+                .into_iter()
+                .map(|h| pb::SnapshotHold {
+                    snapshot: h.snapshot,
+                    holder: h.holder,
+                    since_unix: unix_seconds(h.since),
+                })
+                .collect(),
+        )),
         other => {
             let op = other.op().0;
             Err(Refusal::bad_request(format!("{op} is not executed on this path")))
@@ -949,6 +1030,24 @@ fn hello(
     })
 }
 
+/// A holder's name is for an operator to read in an error message and to type
+/// into `basalt snapshot release`: printable, and short.
+fn check_holder(holder: &str) -> Result<(), Refusal> {
+    if holder.is_empty() || holder.len() > 256 || holder.chars().any(char::is_control) {
+        return Err(Refusal::bad_request(format!(
+            "invalid holder name {holder:?}: 1-256 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
 /// The client proved itself: carry out what its Hello asked for (raise the
 /// epoch if the Hello's is newer, take the writer role) and introduce the
 /// replica as it now is.
@@ -991,17 +1090,20 @@ fn info(store: &Store) -> pb::ReplicaInfo {
         revision: store.revision().0,
         snapshots: store.snapshot_list().iter().map(snapshot_pb).collect(),
         head_allocated_bytes: store.head_allocated_bytes(),
+        clone: store.clone_status().map(|c| pb::CloneStatus {
+            source_volume_uuid: c.origin.source_volume.0.as_bytes().to_vec(),
+            snapshot: c.origin.snapshot,
+            hydrated_bytes: c.hydrated_bytes,
+            total_bytes: c.origin.source_size_bytes,
+            hydrated: c.hydrated,
+        }),
     }
 }
 
 fn snapshot_pb(s: &SnapshotInfo) -> pb::SnapshotInfo {
-    let created_unix = match s.created.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    };
     pb::SnapshotInfo {
         name: s.name.clone(),
-        created_unix,
+        created_unix: unix_seconds(s.created),
         parent: s.parent.clone().unwrap_or_default(),
         allocated_bytes: s.allocated_bytes,
     }

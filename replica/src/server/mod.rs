@@ -107,6 +107,7 @@ mod connection;
 mod metrics;
 
 pub mod client;
+pub mod clone;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -421,6 +422,9 @@ impl From<StoreError> for Refusal {
             StoreError::Shrink { size, .. } => ReplyError::ShrinkRefused { size_bytes: *size },
             StoreError::TooLarge { max, .. } => ReplyError::TooLarge { max_bytes: *max },
             StoreError::VolumeMismatch { .. } => ReplyError::VolumeMismatch,
+            StoreError::SnapshotHeld { .. } => ReplyError::SnapshotHeld,
+            StoreError::Hydrating { .. } => ReplyError::Hydrating,
+            StoreError::SourceUnavailable { .. } => ReplyError::SourceUnavailable,
             StoreError::StaleMembership { current, .. } => ReplyError::StaleMembership { current: *current },
             StoreError::Io { .. }
             | StoreError::Failed { .. }

@@ -57,6 +57,34 @@ pub enum StoreError {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// A clone still reads the snapshot: deleting it (or reverting past it) would pull its data away.
+    #[error(
+        "snapshot {name:?} is held by {} (a clone still copying it): wait until the clone is hydrated \
+         (`basalt volume info` on the clone), or release the hold with `basalt snapshot release` if the \
+         clone was abandoned",
+        holders.join(", ")
+    )]
+    SnapshotHeld {
+        /// The held snapshot.
+        name: String,
+        /// Who holds it.
+        holders: Vec<String>,
+    },
+    /// The volume is a clone whose base layer is not complete yet, and the request needs it complete.
+    #[error("this replica is a clone still hydrating from its source ({detail}); retry once it is hydrated")]
+    Hydrating {
+        /// Why the request needs the whole base layer.
+        detail: String,
+    },
+    /// A clone needed a block of its source and could not read it.
+    #[error(
+        "cannot read the clone's source: {detail}; check that a replica of the source volume is \
+         reachable and still holds the snapshot"
+    )]
+    SourceUnavailable {
+        /// What failed.
+        detail: String,
+    },
     /// A rebuild asked to renumber this replica's flushes from a revision it never made.
     #[error("cannot adopt the sync point: {detail}")]
     BadSyncPoint {

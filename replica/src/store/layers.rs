@@ -107,6 +107,9 @@ impl Store {
 
     /// Snapshot `name`'s layer and its own index, from the cache or from its log.
     fn snapshot_index(&self, name: &str) -> Result<(Arc<Layer>, OwnBlocks), StoreError> {
+        // A snapshot of a hydrating clone reads through to a base layer that has holes, which a
+        // rebuild replaying the snapshot's own layer would not copy (see `clone`).
+        self.check_hydrated("copying a snapshot layer")?;
         let layer = self.snapshot_layer(name)?;
         if let Some(blocks) = self.layer_indexes.get(&layer) {
             return Ok((layer, blocks));
@@ -195,6 +198,9 @@ impl Store {
     pub fn reset(&self) -> Result<(), StoreError> {
         let _ops = lock(&self.ops);
         self.check_not_failed()?;
+        // A hydrating clone's base layer would go with everything else, and nothing would bring
+        // it back: a rebuild replays snapshots, and the base is none yet.
+        self.check_hydrated("a reset")?;
         let mut chain = wlock(&self.chain);
         let mut meta = lock(&self.meta);
         let new_id = LayerId(meta.next_layer);
@@ -234,6 +240,7 @@ impl Store {
         );
         *wlock(&self.map) = VolumeMap::default();
         self.layer_indexes.clear();
+        self.views.chain_changed();
         drop(chain);
         for id in old.layers.keys() {
             for name in [id.data_object(), id.log_object()] {

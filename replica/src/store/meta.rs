@@ -37,10 +37,49 @@ pub(crate) struct VolumeMeta {
     pub next_layer: u32,
     /// A snapshot delete that was journaled but not finished: it is re-run at open.
     pub pending_merge: Option<PendingMerge>,
+    /// Set when this volume is a clone of another volume's snapshot (see [`super::clone`]).
+    #[serde(default)]
+    pub clone: Option<CloneMeta>,
+    /// Clones of this volume that still read one of its snapshots: such a snapshot is neither
+    /// deleted nor reverted past until its holds are released.
+    #[serde(default)]
+    pub holds: Vec<HoldRecord>,
     /// The volume's members as a controller last recorded them; `None` until one does (a meta written
     /// before memberships existed reads as `None`).
     #[serde(default)]
     pub membership: Option<Membership>,
+}
+
+/// Where a clone comes from and how far it has copied it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CloneMeta {
+    pub source_volume: VolumeId,
+    pub snapshot: String,
+    pub source_size_bytes: u64,
+    /// The name this replica's holds on the source carry.
+    pub holder: String,
+    /// The source replicas' addresses, as given when the clone was made.
+    pub sources: Vec<String>,
+    pub hydration: Hydration,
+}
+
+/// A clone's progress: filling its base layer, or done with its source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Hydration {
+    /// The base layer `base` (the bottom of the chain, listed in no snapshot) holds every block of
+    /// the source's view below block `hydrated_below`, and some above it.
+    Filling { base: LayerId, hydrated_below: u64 },
+    /// The base layer is complete and is the oldest snapshot now; `released` once the holds on
+    /// the source are all released.
+    Hydrated { released: bool },
+}
+
+/// One hold on a snapshot (see [`VolumeMeta::holds`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HoldRecord {
+    pub snapshot: String,
+    pub holder: String,
+    pub since_unix_ms: u64,
 }
 
 /// Which replicas make up the volume, as its controller decided (see `Store::set_membership`).
@@ -71,12 +110,30 @@ pub(crate) struct PendingMerge {
 }
 
 impl VolumeMeta {
-    /// Every layer of the chain, oldest first, the head last.
+    /// Every layer of the chain, oldest first, the head last: a clone's base layer, while it is
+    /// filled, first of all.
     pub fn layers(&self) -> Vec<LayerId> {
-        self.snapshots
-            .iter()
-            .map(|s| s.layer)
+        self.filling_base()
+            .into_iter()
+            .chain(self.snapshots.iter().map(|s| s.layer))
             .chain(std::iter::once(self.head))
+            .collect()
+    }
+
+    /// The base layer of a clone that is still being hydrated.
+    pub fn filling_base(&self) -> Option<LayerId> {
+        match self.clone.as_ref().map(|c| c.hydration) {
+            Some(Hydration::Filling { base, .. }) => Some(base),
+            _ => None,
+        }
+    }
+
+    /// The holders of snapshot `name`.
+    pub fn holders_of(&self, name: &str) -> Vec<String> {
+        self.holds
+            .iter()
+            .filter(|h| h.snapshot == name)
+            .map(|h| h.holder.clone())
             .collect()
     }
 

@@ -77,6 +77,7 @@
 //! the hard limit at open).
 
 pub mod backend;
+pub mod clone;
 mod error;
 mod grow;
 mod intent;
@@ -98,6 +99,7 @@ use basalt_proto::frame::{SyncPoint, WrittenAnswer};
 use basalt_proto::{Epoch, Revision, VolumeId};
 
 pub use backend::{Backend, DirBackend, Object};
+pub use clone::{CloneOrigin, CloneStatus, Hold, SnapshotSource};
 pub use error::StoreError;
 pub use grow::Growth;
 pub use types::{LayerId, Lba, BLOCK_SIZE, SECTOR_SIZE};
@@ -356,6 +358,10 @@ pub struct Store {
     revision_shift: std::sync::atomic::AtomicI64,
     /// Records the head's log held after its last flush marker when the store was opened.
     recovered_unflushed: u64,
+    /// A clone's hydration ([`clone`]); inert for a volume that is not a clone.
+    clone: clone::CloneState,
+    /// The snapshot view a clone of this volume is reading ([`clone`]).
+    views: clone::ViewCache,
 }
 
 /// A flush whose marker is appended and whose syncs are still to do (see [`Store::flush_begin`]).
@@ -537,6 +543,26 @@ impl Store {
         volume: VolumeId,
         size_bytes: u64,
     ) -> Result<Store, StoreError> {
+        Store::create_volume(backend, volume, size_bytes, None)
+    }
+
+    /// Creates a new volume that is a clone of `origin` (see [`clone`]): usable at once, its blocks
+    /// read from the source until they are copied. Its size must be at least the source's.
+    pub fn create_clone(
+        backend: Arc<dyn Backend>,
+        volume: VolumeId,
+        size_bytes: u64,
+        origin: CloneOrigin,
+    ) -> Result<Store, StoreError> {
+        Store::create_volume(backend, volume, size_bytes, Some(origin))
+    }
+
+    fn create_volume(
+        backend: Arc<dyn Backend>,
+        volume: VolumeId,
+        size_bytes: u64,
+        origin: Option<CloneOrigin>,
+    ) -> Result<Store, StoreError> {
         let invalid = |reason| {
             Err(StoreError::InvalidSize {
                 size: size_bytes,
@@ -552,6 +578,9 @@ impl Store {
         if size_bytes > MAX_VOLUME_BYTES {
             return invalid("it is larger than the 1 PiB maximum");
         }
+        if origin.as_ref().is_some_and(|o| o.source_size_bytes > size_bytes) {
+            return invalid("a clone cannot be smaller than the volume it is cloned from");
+        }
         if VolumeMeta::load(&*backend)?.is_some() {
             return Err(StoreError::AlreadyExists {
                 dir: backend.location(),
@@ -566,8 +595,23 @@ impl Store {
                 .remove(name)
                 .map_err(StoreError::io(format!("removing stale {name}")))?;
         }
-        let head = LayerId(1);
-        Self::create_layer_objects(&*backend, head, size_bytes)?;
+        // A clone's base layer is the bottom of its chain, so it takes the lowest id.
+        let base = origin.as_ref().map(|_| LayerId(1));
+        let head = LayerId(if base.is_some() { 2 } else { 1 });
+        for id in base.into_iter().chain([head]) {
+            Self::create_layer_objects(&*backend, id, size_bytes)?;
+        }
+        let clone = origin.zip(base).map(|(origin, base)| meta::CloneMeta {
+            source_volume: origin.source_volume,
+            snapshot: origin.snapshot,
+            source_size_bytes: origin.source_size_bytes,
+            holder: origin.holder,
+            sources: origin.sources,
+            hydration: meta::Hydration::Filling {
+                base,
+                hydrated_below: 0,
+            },
+        });
         let meta = VolumeMeta {
             format: meta::FORMAT_VERSION,
             volume,
@@ -578,6 +622,8 @@ impl Store {
             head,
             next_layer: head.0 + 1,
             pending_merge: None,
+            clone,
+            holds: Vec::new(),
             membership: None,
         };
         intent::IntentRecord::create(backend.clone())?;
@@ -659,7 +705,8 @@ impl Store {
             if id == meta.head {
                 revision = revision.max(index.last_revision.unwrap_or_default());
             }
-            let keep_open = id == meta.head;
+            // A clone's base layer is appended to until it is complete.
+            let keep_open = id == meta.head || meta.filling_base() == Some(id);
             layer.data_blocks.store(index.data_blocks(), Ordering::Relaxed);
             layer.tombstones.store(index.tombstones(), Ordering::Relaxed);
             if index.needs_rewrite {
@@ -692,6 +739,7 @@ impl Store {
         })?;
         let head = layers[&meta.head].clone();
         let pending = meta.pending_merge;
+        let clone = clone::CloneState::from_meta(meta.clone.as_ref());
         let store = Store {
             volume: meta.volume,
             size_bytes: AtomicU64::new(meta.size_bytes),
@@ -709,6 +757,8 @@ impl Store {
             intent,
             revision_shift: Default::default(),
             recovered_unflushed: tail.len() as u64,
+            clone,
+            views: Default::default(),
             backend,
         };
         if let Some(merge) = pending {
@@ -909,6 +959,13 @@ impl Store {
 
     fn read_as(&self, offset: u64, buf: &mut [u8], wait: Wait) -> Result<bool, StoreError> {
         self.check_range(offset, buf.len() as u64)?;
+        // A clone's blocks not copied from its source yet are fetched first (see [`clone`]).
+        let blocks = offset / BLOCK_SIZE..(offset + buf.len() as u64).div_ceil(BLOCK_SIZE);
+        match wait {
+            Wait::Yes => self.fetch_absent(blocks)?,
+            Wait::No if self.any_absent(blocks) => return Ok(false),
+            Wait::No => {}
+        }
         let chain = rlock(&self.chain);
         let mut done = 0;
         for (lba, within, n) in Self::pieces(offset, buf.len() as u64) {
@@ -1130,6 +1187,7 @@ impl Store {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         self.check_range(offset, data.len() as u64)?;
         self.check_not_failed()?;
+        self.fetch_partial_blocks(offset, data.len() as u64)?;
         let chain = rlock(&self.chain);
         let mut done = 0;
         for (lba, within, n) in Self::pieces(offset, data.len() as u64) {
@@ -1307,6 +1365,21 @@ impl Store {
         }
     }
 
+    /// Fetches a clone's absent blocks that a write or discard of `len` bytes at `offset` covers only
+    /// in part: their read-modify-write must start from the source's data, not from zeros.
+    fn fetch_partial_blocks(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let end = offset + len;
+        if len > 0 && !offset.is_multiple_of(BLOCK_SIZE) {
+            let lba = offset / BLOCK_SIZE;
+            self.fetch_absent(lba..lba + 1)?;
+        }
+        if len > 0 && !end.is_multiple_of(BLOCK_SIZE) {
+            let lba = end / BLOCK_SIZE;
+            self.fetch_absent(lba..lba + 1)?;
+        }
+        Ok(())
+    }
+
     /// Read-modify-write of part of one block (a sector write or a sector discard).
     fn patch_block(
         &self,
@@ -1338,6 +1411,7 @@ impl Store {
     pub fn unmap(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
         self.check_not_failed()?;
+        self.fetch_partial_blocks(offset, len)?;
         let chain = rlock(&self.chain);
         let end = offset + len;
         let first_full = offset.div_ceil(BLOCK_SIZE);
@@ -1361,12 +1435,23 @@ impl Store {
         let mut cursor = first_full;
         while cursor < end_full {
             let head = chain.head.id;
-            let lbas: Vec<u64> = rlock(&self.map)
-                .range(cursor..end_full)
-                .filter(|(_, e)| !(e.layer == head && e.state == BlockState::Tombstone))
-                .take(IO_CHUNK_BLOCKS as usize)
-                .map(|(lba, _)| lba)
-                .collect();
+            let lbas: Vec<u64> = {
+                let map = rlock(&self.map);
+                let chunk = IO_CHUNK_BLOCKS as usize;
+                let mut lbas: Vec<u64> = map
+                    .range(cursor..end_full)
+                    .filter(|(_, e)| !(e.layer == head && e.state == BlockState::Tombstone))
+                    .take(chunk)
+                    .map(|(lba, _)| lba)
+                    .collect();
+                // A clone's absent blocks read as the source's data until discarded here too. Both
+                // lists are in order, so the first `chunk` of their union is in their first `chunk`s.
+                lbas.extend(self.clone.absent(&map, cursor..end_full).take(chunk));
+                lbas.sort_unstable();
+                lbas.dedup();
+                lbas.truncate(chunk);
+                lbas
+            };
             let Some(&last) = lbas.last() else { break };
             cursor = last + 1;
             let _stripes = self.lock_stripes_write(lbas.iter().copied());
@@ -1383,9 +1468,10 @@ impl Store {
             let map = rlock(&self.map);
             lbas.iter()
                 .copied()
-                .filter(|&l| {
-                    map.get(l)
-                        .is_some_and(|e| !(e.layer == head.id && e.state == BlockState::Tombstone))
+                .filter(|&l| match map.get(l) {
+                    Some(e) => !(e.layer == head.id && e.state == BlockState::Tombstone),
+                    // Unheld, it reads as zeros -- unless it is a clone's absent block.
+                    None => self.clone.is_absent_unheld(l),
                 })
                 .collect()
         };
@@ -1496,6 +1582,23 @@ impl Store {
             chain.head.clone()
         };
         self.sync_layer(&head)
+    }
+
+    /// Appends the records of `blocks` to a layer's log, in one append; a failure fails the store.
+    fn append_block_records(&self, layer: &Layer, blocks: &[(u64, BlockState)]) -> Result<(), StoreError> {
+        let mut records = Vec::with_capacity(blocks.len() * RECORD_LEN);
+        log::encode_into(
+            &mut records,
+            blocks
+                .iter()
+                .map(|&(lba, state)| Record::Block { lba: Lba(lba), state }),
+        );
+        layer.append_log(&records, blocks.len() as u64).map_err(|e| {
+            self.fail(StoreError::Io {
+                context: format!("appending to the index log of {}", layer.id),
+                source: e,
+            })
+        })
     }
 
     /// Appends a flush marker for `revision` to a layer's log; a failure fails the store (the log's
@@ -1819,6 +1922,7 @@ impl Store {
     pub fn snapshot_delete(&self, name: &str) -> Result<(), StoreError> {
         let _ops = lock(&self.ops);
         self.check_not_failed()?;
+        self.check_not_held([name])?;
         let merge = {
             let mut meta = lock(&self.meta);
             let i = meta
@@ -1884,19 +1988,7 @@ impl Store {
             if copies.is_empty() {
                 continue;
             }
-            let mut records = Vec::with_capacity(copies.len() * RECORD_LEN);
-            log::encode_into(
-                &mut records,
-                copies
-                    .iter()
-                    .map(|&(lba, state)| Record::Block { lba: Lba(lba), state }),
-            );
-            into.append_log(&records, copies.len() as u64).map_err(|e| {
-                self.fail(StoreError::Io {
-                    context: format!("appending to the index log of {}", into.id),
-                    source: e,
-                })
-            })?;
+            self.append_block_records(&into, &copies)?;
             for &(lba, state) in &copies {
                 if let BlockState::Data { .. } = state {
                     // Copied as stored, CRC included: a block that was corrupt in the snapshot stays
@@ -1956,6 +2048,7 @@ impl Store {
             next.store(&*self.backend)?;
             *meta = next;
             chain.layers.remove(&from.id);
+            self.views.chain_changed();
         }
         for name in [from.id.data_object(), from.id.log_object()] {
             if let Err(e) = self.backend.remove(&name) {
@@ -1975,6 +2068,14 @@ impl Store {
         let i = meta
             .snapshot_index(name)
             .ok_or_else(|| StoreError::NoSuchSnapshot(name.to_string()))?;
+        // The snapshots newer than the target go: none of them may be held.
+        if let Some((held, holders)) = meta.snapshots[i + 1..]
+            .iter()
+            .map(|s| (s.name.clone(), meta.holders_of(&s.name)))
+            .find(|(_, holders)| !holders.is_empty())
+        {
+            return Err(StoreError::SnapshotHeld { name: held, holders });
+        }
         let target = meta.snapshots[i].layer;
         let new_id = LayerId(meta.next_layer);
         Self::create_layer_objects(&*self.backend, new_id, self.size_bytes())?;
@@ -2017,6 +2118,7 @@ impl Store {
             map.add_layer(id, index.blocks);
         }
         *wlock(&self.map) = map.build();
+        self.views.chain_changed();
         drop(chain);
         for id in dropped {
             for name in [id.data_object(), id.log_object()] {
