@@ -670,22 +670,12 @@ impl Store {
             }
             let stop = states[j - 1].0 + 1;
             let out = &mut buf[(lba - first) as usize * BLOCK..(stop - first) as usize * BLOCK];
-            let source = &view.layers[layer].0;
-            source
-                .data
-                .read_at(out, Lba(lba).byte_offset())
-                .map_err(StoreError::io(format!(
-                    "reading {}..{stop} of {}",
-                    Lba(lba),
-                    source.id
-                )))?;
-            for (k, &(block, _, state)) in states[i..j].iter().enumerate() {
-                if let BlockState::Data { crc } = state {
-                    if crc32fast::hash(&out[k * BLOCK..(k + 1) * BLOCK]) != crc {
-                        return Err(StoreError::ChecksumMismatch { lba: block });
-                    }
-                }
-            }
+            // The run holds data blocks only (the loop above stops at anything else).
+            let crcs = states[i..j].iter().filter_map(|&(block, _, state)| match state {
+                BlockState::Data { crc } => Some((block, crc)),
+                BlockState::Tombstone => None,
+            });
+            super::layers::read_run_checked(&view.layers[layer].0, lba, out, crcs)?;
             i = j;
         }
         Ok(())

@@ -253,6 +253,31 @@ impl Store {
     }
 }
 
+/// Reads one run of consecutive data blocks of `layer`, starting at block `start`, into `bytes` with one
+/// `pread`, and checks each block against its CRC (`crcs`: the run's blocks in order, with their CRCs).
+pub(super) fn read_run_checked(
+    layer: &Layer,
+    start: u64,
+    bytes: &mut [u8],
+    crcs: impl Iterator<Item = (u64, u32)>,
+) -> Result<(), StoreError> {
+    let stop = start + (bytes.len() / BLOCK) as u64;
+    layer
+        .data
+        .read_at(bytes, Lba(start).byte_offset())
+        .map_err(StoreError::io(format!(
+            "reading {}..{stop} of {}",
+            Lba(start),
+            layer.id
+        )))?;
+    for (k, (lba, crc)) in crcs.enumerate() {
+        if crc32fast::hash(&bytes[k * BLOCK..(k + 1) * BLOCK]) != crc {
+            return Err(StoreError::ChecksumMismatch { lba });
+        }
+    }
+    Ok(())
+}
+
 /// Reads whole blocks `first..` of one layer into `out`: runs of data blocks with one `pread` each,
 /// every block checked against its CRC, zeros for blocks the layer does not hold as data.
 fn read_layer_blocks(
@@ -279,19 +304,7 @@ fn read_layer_blocks(
         }
         let (start, stop) = (data[i].0, data[j - 1].0 + 1);
         let bytes = &mut out[((start - first) as usize) * BLOCK..((stop - first) as usize) * BLOCK];
-        layer
-            .data
-            .read_at(bytes, Lba(start).byte_offset())
-            .map_err(StoreError::io(format!(
-                "reading {}..{stop} of {}",
-                Lba(start),
-                layer.id
-            )))?;
-        for (k, &(lba, crc)) in data[i..j].iter().enumerate() {
-            if crc32fast::hash(&bytes[k * BLOCK..(k + 1) * BLOCK]) != crc {
-                return Err(StoreError::ChecksumMismatch { lba });
-            }
-        }
+        read_run_checked(layer, start, bytes, data[i..j].iter().copied())?;
         i = j;
     }
     Ok(())
