@@ -32,7 +32,7 @@ docker info >/dev/null 2>&1 || {
 
 bin=${BASALT_BIN:-}
 if [ -z "$bin" ]; then
-  cargo build --release -p basalt-engine --bin basalt
+  cargo build --release -p basalt --bin basalt
   # cargo's output directory is build/ (see .cargo/config.toml), unless CARGO_TARGET_DIR says otherwise.
   bin=${CARGO_TARGET_DIR:-build}/release/basalt
 fi

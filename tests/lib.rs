@@ -420,7 +420,7 @@ impl Drop for Daemon {
 
 /// The `basalt` binary, built once per test process with the same cargo profile as the running test.
 ///
-/// `CARGO_BIN_EXE_basalt` exists only inside the engine crate, so we ask cargo to build it into the same
+/// `CARGO_BIN_EXE_basalt` exists only inside the `basalt` (cli) crate, so we ask cargo to build it into the same
 /// target directory (`build/<profile>/basalt`); cargo releases its build lock before it runs tests. Set
 /// `BASALT_BIN` to use a binary built elsewhere.
 pub fn basalt_binary() -> Result<PathBuf> {
@@ -492,7 +492,7 @@ fn build_basalt() -> Result<PathBuf> {
             "build",
             "--quiet",
             "-p",
-            "basalt-engine",
+            "basalt",
             "--bin",
             "basalt",
             "--profile",

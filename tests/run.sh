@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 # The end-to-end tests start `basalt serve-file`; build it up front so that a compile error shows here, once,
 # rather than inside every end-to-end test (the tests would build it themselves otherwise).
-cargo build -p basalt-engine --bin basalt
+cargo build -p basalt --bin basalt
 
 status=0
 cargo test --workspace --all-targets --no-fail-fast "$@" || status=$?

@@ -11,5 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 ./tests/setup.sh
-cargo build --release -p basalt-engine --bin basalt
+cargo build --release -p basalt --bin basalt
 BASALT_BIN="$PWD/build/release/basalt" exec cargo run --release --quiet -p basalt-tests --bin rebuild-bench -- "$@"

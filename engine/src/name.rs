@@ -28,7 +28,10 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A volume name that is valid everywhere Basalt uses it (see the module docs).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Deserializing checks the rules too: a record read back from a store or a
+/// request body cannot smuggle in a bad name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct VolumeName(String);
 
 /// Why a string is not a volume name. Every message ends with the rules
@@ -103,6 +106,20 @@ impl FromStr for VolumeName {
 
     fn from_str(s: &str) -> Result<VolumeName, NameError> {
         VolumeName::new(s)
+    }
+}
+
+impl TryFrom<String> for VolumeName {
+    type Error = NameError;
+
+    fn try_from(s: String) -> Result<VolumeName, NameError> {
+        VolumeName::new(&s)
+    }
+}
+
+impl From<VolumeName> for String {
+    fn from(name: VolumeName) -> String {
+        name.0
     }
 }
 

@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 ./tests/setup.sh
-cargo build --release -p basalt-engine --bin basalt
+cargo build --release -p basalt --bin basalt
 exec cargo run --release --quiet -p basalt-tests --bin conformance-report -- "$@"

@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
-mod cli;
+mod commands;
 
 #[derive(Parser)]
 #[command(
@@ -20,29 +20,29 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve one replica of a volume from a host directory or a raw block device.
-    Replica(cli::replica::Args),
+    Replica(commands::replica::Args),
     /// Expose a plain file as an iSCSI LUN (for tests and benchmarks).
-    ServeFile(cli::serve_file::Args),
+    ServeFile(commands::serve_file::Args),
     /// Serve one replicated volume over iSCSI (the target controller).
-    Controller(cli::controller::Args),
+    Controller(commands::controller::Args),
     /// Run a whole volume locally, or look at a running one.
-    Volume(cli::volume::Args),
+    Volume(commands::volume::Args),
     /// Create, list, delete and revert a volume's snapshots.
-    Snapshot(cli::snapshot::Args),
+    Snapshot(commands::snapshot::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
-    Health(cli::health::Args),
+    Health(commands::health::Args),
 }
 
 fn main() -> std::process::ExitCode {
-    cli::init_logging();
+    commands::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Replica(args) => cli::replica::run(args),
-        Command::ServeFile(args) => cli::serve_file::run(args),
-        Command::Controller(args) => cli::controller::run(args),
-        Command::Volume(args) => cli::volume::run(args),
-        Command::Snapshot(args) => cli::snapshot::run(args),
-        Command::Health(args) => cli::health::run(args),
+        Command::Replica(args) => commands::replica::run(args),
+        Command::ServeFile(args) => commands::serve_file::run(args),
+        Command::Controller(args) => commands::controller::run(args),
+        Command::Volume(args) => commands::volume::run(args),
+        Command::Snapshot(args) => commands::snapshot::run(args),
+        Command::Health(args) => commands::health::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,1 @@
+//! The agent's REST/JSON API under `/v1`.

@@ -1,0 +1,306 @@
+//! The cluster model: what the store holds, and under which keys.
+//!
+//! Desired state and observed state are kept apart so that the writer of each
+//! record is always the same party:
+//! * a [`NodeRecord`] is written by that node's agent (registration);
+//! * a node is *up* while its liveness key ([`keys::node_alive`]) exists: the
+//!   key is attached to a lease that the agent keeps alive, so it disappears
+//!   on its own when the agent stops renewing it;
+//! * a [`VolumeRecord`] (the volume's spec and where its services are placed)
+//!   is written by the API and by the agents that move services (failover,
+//!   replica replacement), always with a revision check;
+//! * a [`ServiceStatus`] is written by the agent that runs the service.
+//!
+//! Every record is JSON, so that `etcdctl get --prefix /basalt/` is readable
+//! by an operator.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use basalt_engine::name::VolumeName;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The keys of the store. Every key starts with [`keys::ROOT`] so that one
+/// etcd cluster can hold other data too.
+pub mod keys {
+    use super::{NodeName, ServiceId};
+    use basalt_engine::name::VolumeName;
+
+    pub const ROOT: &str = "/basalt/";
+    /// Prefix of every node's registration.
+    pub const NODES: &str = "/basalt/nodes/";
+    /// Prefix of every node's liveness key (leased).
+    pub const NODES_ALIVE: &str = "/basalt/alive/";
+    /// Prefix of every volume's record.
+    pub const VOLUMES: &str = "/basalt/volumes/";
+    /// Prefix of every service's observed status.
+    pub const STATUS: &str = "/basalt/status/";
+    /// Prefix of every volume's secrets (the peer secret and the API token).
+    pub const SECRETS: &str = "/basalt/secrets/";
+
+    pub fn node(name: &NodeName) -> String {
+        format!("{NODES}{name}")
+    }
+    pub fn node_alive(name: &NodeName) -> String {
+        format!("{NODES_ALIVE}{name}")
+    }
+    pub fn volume(name: &VolumeName) -> String {
+        format!("{VOLUMES}{name}")
+    }
+    /// Prefix of the statuses of one volume's services.
+    pub fn volume_status(name: &VolumeName) -> String {
+        format!("{STATUS}{name}/")
+    }
+    pub fn service_status(name: &VolumeName, service: &ServiceId) -> String {
+        format!("{STATUS}{name}/{service}")
+    }
+    pub fn volume_secrets(name: &VolumeName) -> String {
+        format!("{SECRETS}{name}")
+    }
+}
+
+/// A node's name: the same rules as a volume name (it becomes part of keys,
+/// directory names and container names), checked by [`VolumeName`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeName(String);
+
+impl NodeName {
+    pub fn new(name: &str) -> Result<NodeName, String> {
+        VolumeName::new(name)
+            .map(|_| NodeName(name.to_string()))
+            .map_err(|e| e.to_string().replace("volume name", "node name"))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NodeName {
+    type Error = String;
+    fn try_from(s: String) -> Result<NodeName, String> {
+        NodeName::new(&s)
+    }
+}
+
+impl From<NodeName> for String {
+    fn from(n: NodeName) -> String {
+        n.0
+    }
+}
+
+impl FromStr for NodeName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NodeName, String> {
+        NodeName::new(s)
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A host as its agent registered it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: NodeName,
+    /// The address other hosts (controllers, initiators, agents) reach this
+    /// host's services at.
+    pub address: std::net::IpAddr,
+    /// The agent's REST API, as other agents and clients reach it.
+    pub api_url: String,
+    /// Topology labels (`zone`, `rack`, ...).
+    pub labels: BTreeMap<String, String>,
+    pub pools: Vec<PoolRecord>,
+    /// Ports this host's services are given, `first..=last`.
+    pub ports: PortRange,
+    /// No new replica or controller is placed here.
+    pub cordoned: bool,
+    /// Replicas move away from here (implies cordoned).
+    pub draining: bool,
+}
+
+/// Where replicas may live on a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub name: String,
+    pub kind: PoolKind,
+    /// Bytes placement may give to replicas here (the configured cap, or the
+    /// filesystem's or device's size).
+    pub capacity_bytes: u64,
+    /// Bytes free on the filesystem or device as last measured (reported, not
+    /// used by placement, which counts sizes it has given out).
+    pub free_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", content = "path")]
+pub enum PoolKind {
+    /// A host directory: each replica gets a subdirectory.
+    Directory(std::path::PathBuf),
+    /// A raw block device: it holds one replica.
+    BlockDevice(std::path::PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// A node's liveness, under [`keys::node_alive`], attached to the agent's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAlive {
+    /// Unix seconds when the agent started.
+    pub since_unix: u64,
+}
+
+/// A volume: what was asked for, and where its services are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub spec: VolumeSpec,
+    pub placement: Placement,
+    pub phase: VolumePhase,
+    /// The node the volume is attached to (its initiator's host), if any.
+    pub attached_to: Option<NodeName>,
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: VolumeName,
+    pub uuid: Uuid,
+    pub size_bytes: u64,
+    pub replicas: u8,
+    /// Fewest read-write replicas with which the volume serves I/O (default:
+    /// a majority).
+    pub min_healthy: Option<u8>,
+    /// Only nodes carrying all these labels hold replicas.
+    pub selector: BTreeMap<String, String>,
+    /// Replicas go to distinct values of this label where the nodes allow it.
+    pub spread_key: String,
+    pub qos: QosSpec,
+    /// The snapshot this volume was cloned from.
+    pub source: Option<SnapshotRef>,
+}
+
+/// QoS limits as the API takes them (`None`: unlimited); checked against the
+/// engine's ranges (`basalt_engine::volume::qos`) when set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosSpec {
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
+    pub total_iops: Option<u64>,
+    pub read_bytes_per_sec: Option<u64>,
+    pub write_bytes_per_sec: Option<u64>,
+    pub total_bytes_per_sec: Option<u64>,
+}
+
+/// `VOLUME/SNAPSHOT`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    pub volume: VolumeName,
+    pub snapshot: String,
+}
+
+/// Where a volume's services run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub replicas: Vec<ReplicaSlot>,
+    pub controller: Option<ControllerSlot>,
+}
+
+/// One replica's home. `id` is stable for the life of the replica (a
+/// replacement gets a new one), so a status and a data directory can be
+/// told apart from a predecessor's on the same node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSlot {
+    pub id: u32,
+    pub node: NodeName,
+    pub pool: String,
+    /// The replica's data-path port on its node.
+    pub port: u16,
+}
+
+/// Where the controller runs, and the epoch it was started with: a new
+/// controller (failover) is always started with a higher epoch than every
+/// earlier one, which fences the old one at the replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerSlot {
+    pub node: NodeName,
+    pub iscsi_port: u16,
+    pub api_port: u16,
+    pub generation: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumePhase {
+    /// Recorded; services are being started.
+    Creating,
+    /// The controller serves I/O.
+    Ready,
+    /// Fewer healthy replicas than asked for.
+    Degraded,
+    /// `rm` asked; services are being stopped and data removed.
+    Deleting,
+}
+
+/// One service of a volume: replica `id`, or the controller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceId {
+    Replica(u32),
+    Controller,
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceId::Replica(id) => write!(f, "replica-{id}"),
+            ServiceId::Controller => f.write_str("controller"),
+        }
+    }
+}
+
+/// What the agent running a service last saw of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub node: NodeName,
+    pub state: ServiceState,
+    /// The last error starting or running it, for `volume inspect`.
+    pub message: Option<String>,
+    /// Times it was restarted since the agent started.
+    pub restarts: u32,
+    /// Unix seconds of this report.
+    pub updated_unix: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Starting,
+    Running,
+    /// Exited; restarting after a back-off.
+    Failed,
+    Stopped,
+}
+
+/// The secrets of a volume: the peer secret that proves its controller to
+/// its replicas, and its management API's token. Kept under
+/// [`keys::volume_secrets`], never in a `VolumeRecord` (which is listed and
+/// shown), written to 0600 files for the services that need them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSecrets {
+    pub peer_secret: String,
+    pub api_token: String,
+}
+
+impl fmt::Debug for VolumeSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VolumeSecrets { .. }")
+    }
+}

@@ -1,0 +1,1 @@
+//! Making this host's services match the store.

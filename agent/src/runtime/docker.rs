@@ -1,0 +1,1 @@
+//! Services as Docker containers through the Engine API (the `docker` runtime).
