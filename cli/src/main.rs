@@ -31,6 +31,8 @@ enum Command {
     Snapshot(commands::snapshot::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
     Health(commands::health::Args),
+    /// List, inspect, cordon, uncordon and drain the cluster's nodes (node agent).
+    Node(commands::cluster::node::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Volume(args) => commands::volume::run(args),
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Health(args) => commands::health::run(args),
+        Command::Node(args) => commands::cluster::node::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

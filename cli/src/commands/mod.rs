@@ -3,6 +3,7 @@
 pub mod access;
 pub mod args;
 pub mod client;
+pub mod cluster;
 pub mod controller;
 pub mod expand;
 pub mod health;
