@@ -8,7 +8,7 @@
 //! ```
 //!
 //! A change (put, delete, lease grant, lease end) is planned against the state in memory (the
-//! revision checks, see [`state`]), appended to the log as one frame and synced (`fdatasync`);
+//! revision checks, in `embedded/state.rs`), appended to the log as one frame and synced (`fdatasync`);
 //! only then is it applied in memory, made visible to readers and watchers, and acknowledged.
 //! Changes are serialised by one mutex around the log, so the state a change was planned against
 //! is the state it is applied to; readers take a read lock on the state and never wait for a
@@ -80,6 +80,9 @@ const SNAPSHOT_TMP_FILE: &str = "store.snapshot.tmp";
 /// further behind lists again, which is cheap on a one-host cluster; this many covers the bursts
 /// a one-host cluster makes (every service of every volume reporting at once) many times over.
 pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
+/// How many bytes of keys and values watches can be served from: with the count above, the
+/// history's memory stays bounded even if some values are large.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
 /// The log is compacted into a snapshot when it grows past this and past the last snapshot's
 /// size: replay at open stays short, and a large state is not rewritten more often than the
 /// changes to it amount to its own size.
@@ -93,6 +96,8 @@ const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 pub struct Options {
     /// How many recent events watches are served from.
     pub history_events: usize,
+    /// How many bytes of keys and values (roughly) those events may hold at most.
+    pub history_bytes: usize,
     /// The log size past which it is compacted into a snapshot.
     pub compact_after_bytes: u64,
 }
@@ -101,6 +106,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             history_events: DEFAULT_HISTORY_EVENTS,
+            history_bytes: DEFAULT_HISTORY_BYTES,
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
         }
     }
@@ -154,6 +160,8 @@ impl EmbeddedStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (State::new(options.history_events), 0),
             Err(e) => return Err(io_error(format!("reading {}", snapshot_path.display()))(e)),
         };
+
+        state.limit_history_bytes(options.history_bytes);
 
         let log_path = dir.join(LOG_FILE);
         let mut file = OpenOptions::new()
@@ -231,15 +239,14 @@ impl EmbeddedStore {
 
 impl Store for EmbeddedStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>>> {
-        let found = read(&self.inner.state).kvs.get(key).cloned();
-        Box::pin(async move { Ok(found) })
+        Box::pin(async move { Ok(read(&self.inner.state).kvs.get(key).cloned()) })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<(Vec<KeyValue>, Revision)>> {
-        let state = read(&self.inner.state);
-        let listed = (state.list(prefix), state.revision);
-        drop(state);
-        Box::pin(async move { Ok(listed) })
+        Box::pin(async move {
+            let state = read(&self.inner.state);
+            Ok((state.list(prefix), state.revision))
+        })
     }
 
     fn put<'a>(
@@ -265,26 +272,22 @@ impl Store for EmbeddedStore {
     }
 
     fn watch<'a>(&'a self, prefix: &'a str, from: Revision) -> BoxFuture<'a, Result<Watch>> {
-        let opened = open_watch(&self.inner, prefix, from);
-        Box::pin(async move { opened })
+        Box::pin(async move { open_watch(&self.inner, prefix, from) })
     }
 
     fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId>> {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            let lease = blocking({
-                let inner = inner.clone();
-                move || inner.commit(|state, _| state.plan_grant(ttl))
-            })
-            .await?;
+        Box::pin(blocking(move || {
+            let lease = inner.commit(|state, _| state.plan_grant(ttl))?;
+            // Here rather than after the await: a grant whose caller went away must still be
+            // timed by the expiry task.
             inner.lease_granted.send_modify(|n| *n = n.wrapping_add(1));
             Ok(lease)
-        })
+        }))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
-        let renewed = write(&self.inner.state).keep_alive(lease, Instant::now());
-        Box::pin(async move { renewed })
+        Box::pin(async move { write(&self.inner.state).keep_alive(lease, Instant::now()) })
     }
 
     /// Ends `lease` and deletes its keys, in one change. Revoking a lease that is already gone
