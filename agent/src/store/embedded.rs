@@ -32,10 +32,11 @@
 //!   frames the snapshot already contains: frames carry a sequence number and replay skips those
 //!   the snapshot covers. Revisions come from the frames and the snapshot, so they never go back.
 //!
-//! If a write or a sync fails, what reached the disk is unknown: the store refuses further changes
-//! ([`StoreError::Unavailable`]) until the agent is restarted and the log is read again (the failed
-//! change was not acknowledged; after the restart it may or may not be there, like a request to
-//! etcd that timed out).
+//! An append that fails (a full disk) is cut back off the log and refused, and the store carries
+//! on. If a sync fails, or a failed append cannot be cut off, what reached the disk is unknown:
+//! the store refuses further changes ([`StoreError::Unavailable`]) until the agent is restarted
+//! and the log is read again (the failed change was not acknowledged; after the restart it may or
+//! may not be there, like a request to etcd that timed out).
 //!
 //! Watches are served from a bounded history of the latest events in memory (one per revision);
 //! a watch from before it, or one that falls that far behind, gets [`StoreError::Compacted`] and
@@ -139,7 +140,8 @@ impl EmbeddedStore {
     }
 
     /// Opens (creating if needed) the store in `dir`: takes the directory's lock, reads the
-    /// snapshot and replays the log, cuts off a torn tail, and syncs what it read.
+    /// snapshot and replays the log, cuts off a torn tail, and syncs what it read. The reading is
+    /// done on the calling thread: it happens once, before the agent serves anything.
     pub fn open_with(dir: &Path, options: Options) -> Result<Arc<EmbeddedStore>> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             StoreError::Unavailable("the embedded store must be opened inside a tokio runtime".to_string())
@@ -221,6 +223,7 @@ impl EmbeddedStore {
                 len,
                 snapshot_len,
                 compact_after: options.compact_after_bytes,
+                retry_compaction_at: 0,
                 broken: None,
             }),
             revision: watch::Sender::new(revision),
@@ -343,6 +346,10 @@ impl Inner {
         if log.wants_compaction() {
             let state = read(&self.state);
             if let Err(e) = log.compact(&self.dir, &state) {
+                // Not before the log has grown as much again: a full disk would otherwise cost a
+                // whole snapshot written in vain with every change.
+                log.retry_compaction_at = log.len.saturating_add(log.compact_after);
+                let _ = std::fs::remove_file(self.dir.join(SNAPSHOT_TMP_FILE));
                 tracing::warn!(error = %e, dir = %self.dir.display(), "compacting the cluster store's log failed; it keeps growing until a compaction succeeds");
             }
         }
@@ -358,6 +365,8 @@ struct Log {
     len: u64,
     snapshot_len: u64,
     compact_after: u64,
+    /// After a failed compaction, the length at which to try again.
+    retry_compaction_at: u64,
     /// Why the store refuses changes, after a write whose outcome on disk is unknown.
     broken: Option<String>,
 }
@@ -398,7 +407,7 @@ impl Log {
     }
 
     fn wants_compaction(&self) -> bool {
-        self.len > self.compact_after && self.len > self.snapshot_len
+        self.len > self.compact_after && self.len > self.snapshot_len && self.len >= self.retry_compaction_at
     }
 
     /// Replaces the snapshot with `state` and empties the log (see the module docs for the order
@@ -415,15 +424,17 @@ impl Log {
         self.snapshot_len = bytes.len() as u64;
         // From here the log's frames are all in the snapshot: losing them is harmless, but the
         // log must not end up with new frames after stale ones it cannot account for.
+        // A truncation that fails leaves the log as it was: its frames are skipped at replay.
         let magic = LOG_MAGIC.len() as u64;
-        if let Err(e) = self.file.set_len(magic).and_then(|()| self.file.sync_all()) {
+        self.file.set_len(magic)?;
+        self.len = magic;
+        if let Err(e) = self.file.sync_all() {
             self.broken = Some(format!(
-                "emptying {} after a compaction failed ({e}); restart the agent",
+                "syncing {} after emptying it failed ({e}); restart the agent",
                 self.path.display()
             ));
             return Err(e);
         }
-        self.len = magic;
         Ok(())
     }
 }
@@ -449,7 +460,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
         let _ = file.read_to_string(&mut holder);
         let holder = match holder.trim() {
             "" => "another process".to_string(),
-            pid => format!("process {pid}"),
+            pid => format!("process {}", pid.chars().take(20).collect::<String>()),
         };
         return Err(StoreError::Unavailable(format!(
             "{} is in use by {holder} (it holds the lock on {}); stop that agent, or give this one another data directory",
