@@ -56,6 +56,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,11 @@ pub struct Options {
     pub history_bytes: usize,
     /// The log size past which it is compacted into a snapshot.
     pub compact_after_bytes: u64,
+    /// For crash tests only: the store performs this many more changes to its files (writes,
+    /// syncs, renames, truncations, removals), then fails every later one without doing it, as if
+    /// the process had been killed at that point (`kill -9` keeps every completed system call).
+    #[doc(hidden)]
+    pub crash_after: Option<Arc<AtomicI64>>,
 }
 
 impl Default for Options {
@@ -109,6 +115,7 @@ impl Default for Options {
             history_events: DEFAULT_HISTORY_EVENTS,
             history_bytes: DEFAULT_HISTORY_BYTES,
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
+            crash_after: None,
         }
     }
 }
@@ -149,8 +156,12 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
         let lock = lock_dir(dir)?;
         let now = Instant::now();
+        let disk = Disk(options.crash_after.clone());
 
-        remove_if_exists(&dir.join(SNAPSHOT_TMP_FILE))?;
+        let tmp = dir.join(SNAPSHOT_TMP_FILE);
+        disk.allow("removing the snapshot being written")
+            .and_then(|()| remove_if_exists(&tmp))
+            .map_err(io_error(format!("removing {}", tmp.display())))?;
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let (mut state, snapshot_len) = match std::fs::read(&snapshot_path) {
             Ok(bytes) => {
@@ -183,11 +194,13 @@ impl EmbeddedStore {
                 dropped_bytes = bytes.len() - contents.valid_len,
                 "cutting off the end of the cluster store's log: a change that was being written when the last process stopped, never acknowledged"
             );
-            file.set_len(len)
+            disk.allow("cutting off a torn tail")
+                .and_then(|()| file.set_len(len))
                 .map_err(io_error(format!("truncating {}", log_path.display())))?;
         }
         if len == 0 {
-            file.write_all(LOG_MAGIC)
+            disk.allow("writing the log's magic")
+                .and_then(|()| file.write_all(LOG_MAGIC))
                 .map_err(io_error(format!("writing {}", log_path.display())))?;
             len = LOG_MAGIC.len() as u64;
         }
@@ -208,9 +221,12 @@ impl EmbeddedStore {
         }
         // What the previous process wrote may still be only in the page cache: make it durable
         // before building on it (see the module docs).
-        file.sync_all()
+        disk.allow("syncing the log at open")
+            .and_then(|()| file.sync_all())
             .map_err(io_error(format!("syncing {}", log_path.display())))?;
-        fsync_dir(dir)?;
+        disk.allow("syncing the directory at open")
+            .and_then(|()| fsync_dir(dir))
+            .map_err(io_error(format!("syncing the directory {}", dir.display())))?;
 
         let revision = state.revision;
         let (lease_granted, wake) = watch::channel(0);
@@ -225,6 +241,7 @@ impl EmbeddedStore {
                 compact_after: options.compact_after_bytes,
                 retry_compaction_at: 0,
                 broken: None,
+                disk,
             }),
             revision: watch::Sender::new(revision),
             lease_granted,
@@ -349,7 +366,11 @@ impl Inner {
                 // Not before the log has grown as much again: a full disk would otherwise cost a
                 // whole snapshot written in vain with every change.
                 log.retry_compaction_at = log.len.saturating_add(log.compact_after);
-                let _ = std::fs::remove_file(self.dir.join(SNAPSHOT_TMP_FILE));
+                let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
+                let _ = log
+                    .disk
+                    .allow("removing a failed snapshot")
+                    .and_then(|()| remove_if_exists(&tmp));
                 tracing::warn!(error = %e, dir = %self.dir.display(), "compacting the cluster store's log failed; it keeps growing until a compaction succeeds");
             }
         }
@@ -369,6 +390,7 @@ struct Log {
     retry_compaction_at: u64,
     /// Why the store refuses changes, after a write whose outcome on disk is unknown.
     broken: Option<String>,
+    disk: Disk,
 }
 
 impl Log {
@@ -383,9 +405,15 @@ impl Log {
 
     /// Appends one frame and syncs it.
     fn append(&mut self, frame: &[u8]) -> Result<()> {
-        if let Err(e) = self.file.write_all(frame) {
+        let disk = &self.disk;
+        if let Err(e) = disk.allow("appending").and_then(|()| self.file.write_all(frame)) {
             // Cut a partial frame off, or later frames would follow damage.
-            let reason = match self.file.set_len(self.len).and_then(|()| self.file.sync_data()) {
+            let cut = disk
+                .allow("cutting off a failed append")
+                .and_then(|()| self.file.set_len(self.len))
+                .and_then(|()| disk.allow("syncing the cut"))
+                .and_then(|()| self.file.sync_data());
+            let reason = match cut {
                 Ok(()) => None,
                 Err(cut) => Some(format!(
                     "a failed append to {} could not be cut off ({cut}); restart the agent",
@@ -395,7 +423,10 @@ impl Log {
             self.broken = reason;
             return Err(io_error(format!("appending to {}", self.path.display()))(e));
         }
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = disk
+            .allow("syncing an append")
+            .and_then(|()| self.file.sync_data())
+        {
             self.broken = Some(format!(
                 "syncing {} failed ({e}); restart the agent so that the log is read again",
                 self.path.display()
@@ -415,20 +446,30 @@ impl Log {
     fn compact(&mut self, dir: &Path, state: &State) -> io::Result<()> {
         let bytes = codec::encode_snapshot(&state.snapshot()).map_err(io::Error::other)?;
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
+        let disk = &self.disk;
+        disk.allow("creating a snapshot")?;
         let mut file = File::create(&tmp)?;
+        disk.allow("writing a snapshot")?;
         file.write_all(&bytes)?;
+        disk.allow("syncing a snapshot")?;
         file.sync_all()?;
         drop(file);
+        disk.allow("renaming a snapshot")?;
         std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-        File::open(dir)?.sync_all()?;
+        disk.allow("syncing the directory after a rename")?;
+        fsync_dir(dir)?;
         self.snapshot_len = bytes.len() as u64;
         // From here the log's frames are all in the snapshot: losing them is harmless, but the
         // log must not end up with new frames after stale ones it cannot account for.
         // A truncation that fails leaves the log as it was: its frames are skipped at replay.
         let magic = LOG_MAGIC.len() as u64;
+        disk.allow("emptying the log")?;
         self.file.set_len(magic)?;
         self.len = magic;
-        if let Err(e) = self.file.sync_all() {
+        if let Err(e) = disk
+            .allow("syncing the emptied log")
+            .and_then(|()| self.file.sync_all())
+        {
             self.broken = Some(format!(
                 "syncing {} after emptying it failed ({e}); restart the agent",
                 self.path.display()
@@ -597,19 +638,31 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
     l.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_error(format!("removing {}", path.display()))(e))
+/// The gate every change to the store's files passes: open, unless a crash test set a budget of
+/// changes (see [`Options::crash_after`]) and it is spent.
+#[derive(Clone, Debug)]
+struct Disk(Option<Arc<AtomicI64>>);
+
+impl Disk {
+    fn allow(&self, what: &str) -> io::Result<()> {
+        match &self.0 {
+            Some(left) if left.fetch_sub(1, Ordering::SeqCst) <= 0 => {
+                Err(io::Error::other(format!("crash test: stopped before {what}")))
+            }
+            _ => Ok(()),
         }
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(format!("syncing the directory {}", dir.display())))
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn io_error(context: String) -> impl FnOnce(io::Error) -> StoreError {
