@@ -20,8 +20,8 @@
 //!   every acknowledged change is in the log (or in the snapshot) on reopen;
 //! * a crash during an append leaves at most one incomplete frame at the end of the log, never
 //!   acknowledged (the previous frame was synced before it was written): the reader recognises it
-//!   (short, failing its CRC as the last frame, or zeros) and cuts it off. A frame that fails its
-//!   CRC with others after it is damage, not a crash, and the store refuses to open
+//!   (short, failing its CRC as the last frame, or zeros) and cuts it off. A bad frame with a
+//!   whole frame after it is damage, not a crash, and the store refuses to open
 //!   ([`StoreError::Corrupt`]) rather than lose what follows;
 //! * at open, the log is synced before anything is served: frames a killed process wrote but
 //!   never synced may still be only in the page cache, and the new process must not build on them
