@@ -99,6 +99,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the cluster store at {path} is damaged: {reason}; restore it from a backup or move it away to start empty")]
     Corrupt { path: String, reason: String },
+    #[error("the request for {key} cannot be served: {reason}")]
+    InvalidRequest { key: String, reason: String },
     #[error("{key} holds a record this agent cannot read: {reason}")]
     BadRecord { key: String, reason: String },
     #[error("{context}: {source}")]
@@ -132,7 +134,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Revision>>;
 
     /// Delete `key` if `expect` holds (deleting an absent key with
-    /// `Expect::Any` succeeds); returns the new revision.
+    /// `Expect::Any` succeeds); returns the new revision (the current one
+    /// when there was nothing to delete: no change, no event).
     fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, Result<Revision>>;
 
     /// Changes under `prefix` with revisions `>= from`.
