@@ -80,6 +80,8 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         let status = match &e {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            // What the request would store is beyond the store's limits.
+            StoreError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             StoreError::Unavailable(_) | StoreError::LeaseExpired(_) | StoreError::Compacted { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -87,10 +89,10 @@ impl From<StoreError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        let code = if status == StatusCode::CONFLICT {
-            "conflict"
-        } else {
-            "store_failed"
+        let code = match status {
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::BAD_REQUEST => "bad_request",
+            _ => "store_failed",
         };
         ApiError::new(status, code, format!("the cluster store failed: {e}"))
     }
