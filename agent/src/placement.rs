@@ -559,5 +559,6 @@ pub fn place_controller(
     }
 }
 
+/// Builders shared with the failover tests.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
