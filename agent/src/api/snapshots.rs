@@ -21,7 +21,7 @@ use super::error::{ApiError, ApiResult};
 use super::views::{CreateSnapshot, Qos, SnapshotList, SnapshotResult, SnapshotView, VolumeView};
 use super::volumes::{check_qos, load_volume, qos_limits, update_volume, view};
 use super::ApiContext;
-use crate::model::{keys, NodeRecord, VolumePhase, VolumeSecrets};
+use crate::model::{keys, NodeRecord, SnapshotRef, VolumePhase, VolumeSecrets};
 use crate::store;
 
 /// A client of one volume's controller, sending its token with every call.
@@ -85,7 +85,7 @@ pub fn check_snapshot_name(name: &str) -> ApiResult<()> {
 }
 
 /// A connected client of `name`'s controller, or why there is none.
-async fn controller(ctx: &ApiContext, name: &VolumeName) -> ApiResult<ControllerClient> {
+pub(super) async fn controller(ctx: &ApiContext, name: &VolumeName) -> ApiResult<ControllerClient> {
     let store = &*ctx.store;
     let record = load_volume(store, name).await?.value;
     let not_serving = |why: String| {
@@ -146,6 +146,21 @@ fn from_status(name: &VolumeName, s: tonic::Status) -> ApiError {
         code,
         format!("volume {:?}: {}", name.as_str(), s.message()),
     )
+}
+
+/// Refuse a clone of a snapshot its volume does not have: a clone of a misspelt snapshot would never
+/// leave phase creating. Asks the source's controller, which must serve anyway for a clone to copy it.
+pub(super) async fn check_clone_source(ctx: &ApiContext, source: &SnapshotRef) -> ApiResult<()> {
+    let list = list(ctx, &source.volume).await?;
+    if list.snapshots.iter().any(|s| s.name == source.snapshot) {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "from_snapshot: volume {:?} has no snapshot {:?}; list them with GET /v1/volumes/{}/snapshots",
+        source.volume.as_str(),
+        source.snapshot,
+        source.volume.as_str()
+    )))
 }
 
 /// `POST /v1/volumes/{name}/snapshots`.

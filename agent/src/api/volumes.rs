@@ -267,6 +267,7 @@ pub async fn create(ctx: &ApiContext, req: CreateVolume) -> ApiResult<(StatusCod
                 )));
             }
             let source_size = source_volume.spec.size_bytes;
+            super::snapshots::check_clone_source(ctx, source).await?;
             match req.size_bytes {
                 Some(s) if s < source_size => {
                     return Err(ApiError::bad_request(format!(
