@@ -597,6 +597,22 @@ async fn the_cli_is_a_client_of_the_api() -> TestResult {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_host_cluster_places_replicas_together_and_says_so() -> TestResult {
+    let api = Api::start(1).await?;
+    let v = api.client().create_volume(&volume("alone", GIB, 3)).await?;
+    assert_eq!(v.placement.replicas.len(), 3);
+    assert!(v.placement.replicas.iter().all(|r| r.node.as_str() == "node-0"));
+    assert!(v.shared_failure_domain, "{v:?}");
+    let inspected = api.client().inspect_volume("alone").await?;
+    assert!(
+        inspected.warnings.iter().any(|w| w.contains("share a node")),
+        "{:?}",
+        inspected.warnings
+    );
+    Ok(())
+}
+
 /// The schemathesis command tests/setup.sh installs (in a venv, ~/.cache/basalt-schemathesis or
 /// `BASALT_SCHEMATHESIS_VENV`).
 fn schemathesis() -> Result<PathBuf, String> {
