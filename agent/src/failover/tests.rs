@@ -209,7 +209,7 @@ fn a_replica_within_its_grace_period_is_left_alone() {
 
 #[test]
 fn a_replica_past_its_grace_period_is_replaced_on_a_node_without_one() {
-    let (vol, mut world) = c_down_for(300, &[(0, "a"), (1, "b")]);
+    let (vol, world) = c_down_for(300, &[(0, "a"), (1, "b")]);
     let plan = world.decide(&vol);
     let [Action::ReplaceReplica {
         lost,
@@ -292,7 +292,7 @@ fn a_replica_is_not_given_up_while_too_few_others_run() {
 
 #[test]
 fn a_replica_reported_running_by_another_node_does_not_count() {
-    let (vol, mut world) = c_down_for(1000, &[(0, "a"), (1, "c")]);
+    let (vol, world) = c_down_for(1000, &[(0, "a"), (1, "c")]);
     let plan = world.decide(&vol);
     assert!(plan.actions.is_empty(), "{plan:?}");
 }
