@@ -420,7 +420,13 @@ failover:
 /// A YAML or rule error as the operator reads it: file, line, column, key,
 /// what is wrong, and the key meant when a typo is close to one.
 fn invalid(file: &str, error: serde_path_to_error::Error<serde_norway::Error>) -> ConfigError {
-    let key = error.path().to_string();
+    // The path ends in `?` where the reader stopped inside a key it could
+    // not read (broken YAML): the key is what comes before.
+    let path = error.path().to_string();
+    let key = match path.find('?') {
+        Some(at) => path[..at].trim_end_matches('.').to_string(),
+        None => path,
+    };
     let inner = error.inner();
     let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
     let mut message = inner.to_string();

@@ -97,7 +97,7 @@ impl Usage {
             .fold(0u64, |sum, (_, used)| sum.saturating_add(*used))
     }
 
-    /// Ports given out on `node`, lowest first, that lie in `range`.
+    /// The ports of `range` not given out on `node`, lowest first.
     pub fn free_ports(&self, node: &NodeName, range: PortRange) -> impl Iterator<Item = u16> + '_ {
         let taken = self.ports.get(node);
         (range.first..=range.last).filter(move |port| !taken.is_some_and(|t| t.contains(port)))

@@ -451,7 +451,7 @@ fn broken_yaml_is_located() {
         .expect_err("unclosed")
         .to_string();
     assert!(
-        rendered.starts_with("agent.yaml:3:") && rendered.contains("flow mapping"),
+        rendered.starts_with("agent.yaml:3:1: key `node.labels`: ") && rendered.contains("flow mapping"),
         "{rendered}"
     );
 }
