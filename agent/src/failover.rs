@@ -288,11 +288,9 @@ fn decide_replicas(
     for slot in lost {
         let request = Request {
             replicas: 1,
-            size_bytes: volume.spec.size_bytes,
-            selector: volume.spec.selector.clone(),
-            spread_key: volume.spec.spread_key.clone(),
             exclude: exclude.clone(),
             first_id: next_id,
+            ..Request::for_volume(&volume.spec)
         };
         // A node in a spread domain the volume lacks first; any node else.
         let spreading: Vec<NodeView> = observed
