@@ -209,11 +209,21 @@ impl Host {
         Host { name, current_dir }
     }
 
+    /// `path` from the current directory, without `.` components (the
+    /// path is shown in records and messages).
     fn absolute(&self, path: PathBuf) -> PathBuf {
         if path.is_absolute() {
             path
         } else {
-            self.current_dir.join(path)
+            let relative: PathBuf = path
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .collect();
+            if relative.as_os_str().is_empty() {
+                self.current_dir.clone()
+            } else {
+                self.current_dir.join(relative)
+            }
         }
     }
 }
