@@ -111,12 +111,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use basalt_proto::client::{ClientError, ReplicaClient};
 use basalt_proto::frame::{
     BlockCrc, BlockRun, Extent, LayerBlock, LayerBlockState, Message, SyncPoint, WrittenAnswer, MAX_CRC_RUNS,
     MAX_EXTENTS, MAX_VECTORED_BYTES,
 };
 use basalt_proto::pb::replica as pb;
-use basalt_replica::server::{ClientError, ReplicaClient};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};

@@ -110,9 +110,7 @@ pub use meta::Membership;
 use meta::{PendingMerge, SnapshotRecord, VolumeMeta};
 use types::BLOCK;
 
-/// Largest volume: 1 PiB. Far above the 64 TiB requirement; it bounds the per-layer segment table of
-/// the directory backend (1,024 slots of 1 TiB).
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+pub use basalt_proto::MAX_VOLUME_BYTES;
 
 /// Number of stripe locks. 1,024 makes two unrelated concurrent I/Os collide with probability ~0.1%.
 const STRIPES: usize = 1024;
