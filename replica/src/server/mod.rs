@@ -39,8 +39,8 @@
 //!   reads); fdatasync, cache misses and snapshot work run on blocking
 //!   threads. Why not everything on blocking threads: a 4 KiB page-cache copy
 //!   takes a few microseconds, the hand-off to a blocking thread and back two
-//!   wake-ups and two context switches, which measured as most of a replica's
-//!   CPU per 4 KiB write on a 2-core machine (`benches/README.md`). The cost:
+//!   wake-ups and two context switches, most of a replica's CPU per 4 KiB
+//!   write on a small machine (`benches/README.md`). The cost:
 //!   a buffered write can be throttled by dirty-page writeback (bounded by the
 //!   kernel's dirty limits), and it then holds up this connection's frames.
 //! * **Bounded memory.** The reader takes a budget of in-flight bytes
@@ -186,11 +186,10 @@ impl Shared {
     /// blocking thread (it may wait for the disk's queue), one at a time. Without it a guest that
     /// writes fast and seldom flushes leaves hundreds of MiB dirty, and the next flush -- the guest's,
     /// a snapshot's, the drain that ends a rebuild -- writes them all back while new writes wait
-    /// behind it: 120-200 ms stalls at the end of a rebuild under a 16K IOPS load, ~100 ms with this
-    /// (the final drain 1.2-1.4 s -> ~0.1 s). Costs nothing on durability (only a flush makes anything
-    /// durable), and some disk bandwidth where a page rewritten after its writeback is written twice:
-    /// every 32 MiB halved the stall again but cost the guest ~10% of its IOPS during a rebuild; every
-    /// 64 MiB cost none measurable (`benches/rebuild/run.sh --phases loaded`, three runs each).
+    /// behind it, and the guest stalls (at the end of a rebuild under load, most visibly). Costs
+    /// nothing on durability (only a flush makes anything durable), and some disk bandwidth where a
+    /// page rewritten after its writeback is written twice: a smaller step stalls less but costs the
+    /// guest IOPS during a rebuild, this one costs none measurable (`benches/README.md`, "Rebuild").
     pub(super) fn wrote(&self, n: usize) {
         use std::sync::atomic::Ordering;
         self.metrics.bytes_written(n);

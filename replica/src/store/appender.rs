@@ -12,17 +12,18 @@ use basalt_proto::Revision;
 use super::{lock, log, Backend, BlockState, Layer, Lba, Object, Record, StoreError, RECORD_LEN};
 
 /// Bytes of index log mapped at a time, and the step in which a mapped log file grows (preallocated,
-/// zero-filled): 1 MiB holds ~43,000 records. Mapping the next window costs one `fallocate` and one
-/// `mmap` (tens of microseconds, every ~43,000 writes); the price is up to 1 MiB of zeros at the end
-/// of each log that was appended to, read and skipped at open.
+/// zero-filled): 1 MiB holds ~43,000 records, so the `fallocate` and `mmap` of the next window come
+/// once every ~43,000 writes; the price is up to 1 MiB of zeros at the end of each log that was
+/// appended to, read and skipped at open.
 const LOG_WINDOW: u64 = 1 << 20;
 
 /// The open index log of a writable layer.
 ///
 /// Appends go through a shared memory mapping of the log where the backend offers one
 /// ([`Object::map_for_append`]): a write's record is then a `memcpy` into the page cache instead of
-/// a `pwrite` -- which, appending past the end of the file, also updated its size in the file
-/// system's journal every time; that was a third of a 4 KiB store write. The order the crash rules
+/// a `pwrite`, which, appending past the end of the file, would also update its size in the file
+/// system's journal every time: a large share of a 4 KiB store write (`benches/README.md`, "Store").
+/// The order the crash rules
 /// need ([`log`]: record before data) holds the same way: the record is in the page cache before the
 /// data's `pwrite` starts, and a `kill -9` leaves the page cache alone. The file is preallocated a
 /// [`LOG_WINDOW`] at a time, so the log ends in zeros, which the log's parser takes as its clean end.

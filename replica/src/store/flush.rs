@@ -61,7 +61,7 @@ impl Store {
     /// clean shutdown -- not at a place in the controller's stream. Revisions number the stream's
     /// flushes, the same flush on every replica; one taken here would shift this replica's
     /// numbering against the others', and the write-intent record would then answer for the wrong
-    /// flush (see [`intent`]). The next numbered flush stamps what this one made durable.
+    /// flush (see `intent`). The next numbered flush stamps what this one made durable.
     pub fn flush_unnumbered(&self) -> Result<(), StoreError> {
         self.check_not_failed()?;
         let head = {

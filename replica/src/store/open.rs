@@ -297,8 +297,8 @@ impl Store {
             }
             layers.insert(id, Arc::new(layer));
         }
-        // The map is built while the logs and the intent record are written and synced: a head of
-        // 262,144 blocks takes ~10 ms of CPU for the one and as long in fsync waits for the others.
+        // The map is built while the logs and the intent record are written and synced: the one is
+        // CPU, the others mostly fsync waits, of about the same length for a large head.
         let (map, intent) = std::thread::scope(|scope| {
             let map = scope.spawn(|| map.build());
             let durable = rewrites

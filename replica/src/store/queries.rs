@@ -47,9 +47,9 @@ impl Store {
     /// A range of up to [`POINT_LISTED_BLOCKS`] blocks is listed by looking each block up in the
     /// hash table, with the slots of the blocks ahead prefetched (across ranges), as a read does: a
     /// range listing searches the ordered entries first, several cache misses that wait for one
-    /// another, and then looks every block it lists up in the hash table anyway, for its CRC. A
-    /// record's ~2,000 regions of a block or two took 2-5 ms to list that way (the more so on a
-    /// replica that never restarted, whose ordered entries are all in a B-tree).
+    /// another, and then looks every block it lists up in the hash table anyway, for its CRC. For a
+    /// record's thousands of regions of a block or two those waits add up to milliseconds (the more
+    /// so on a replica that never restarted, whose ordered entries are all in a B-tree).
     pub fn block_crcs_in(&self, ranges: &[Range<u64>], max: usize) -> (Vec<(u64, u32)>, u64) {
         let map = rlock(&self.map);
         let small = |blocks: &&Range<u64>| blocks.end - blocks.start <= POINT_LISTED_BLOCKS;
@@ -90,7 +90,7 @@ impl Store {
     }
 
     /// This replica's sync point: its lineage, its durable revision and the epoch that flush was made
-    /// under (see [`intent`]).
+    /// under (see `intent`).
     pub fn sync_point(&self) -> SyncPoint {
         self.intent.position(self.revision())
     }

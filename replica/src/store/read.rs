@@ -117,8 +117,9 @@ impl Store {
     /// then says the head holds the block, checking it against that entry's CRC.
     ///
     /// Why: the map slot a random read needs is almost never in the CPU cache (the kernel's copy of
-    /// the previous block evicted it), and waiting for it cost about a tenth of a cached 4 KiB
-    /// `pread` -- a third of the store's whole overhead over a plain file. Prefetching the slot and
+    /// the previous block evicted it), and waiting for it is a sizeable part of a cached 4 KiB
+    /// `pread` and of what the store adds over a plain file (`benches/README.md`, "Store").
+    /// Prefetching the slot and
     /// then doing the `pread` hides that wait behind the syscall. The price is a wasted `pread` for
     /// a block the head does not hold, which is why this order is only taken when the head holds
     /// nearly every block ([`Store::head_is_dense`]); otherwise, and whenever the head does not hold

@@ -61,9 +61,9 @@ impl Store {
         let mut chain = wlock(&self.chain);
         let old = chain.head.clone();
         // Freeze the head: data synced, log ending in a marker. The log is rewritten only when most
-        // of it is superseded; otherwise the marker is appended, like a flush's. Rewriting it always
-        // cost the first snapshot of a head holding 1 GiB a 6 MiB log written and synced while all
-        // I/O waited (700 ms).
+        // of it is superseded; otherwise the marker is appended, like a flush's: rewriting it always
+        // would make the first snapshot of a large head write and sync a whole new log while all I/O
+        // waits.
         let revision = Revision(self.next_revision.fetch_add(1, Ordering::AcqRel) + 1);
         if old.log_wants_compaction() {
             let blocks: Vec<(u64, BlockState)> = rlock(&self.map).blocks_of(old.id).collect();

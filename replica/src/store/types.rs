@@ -6,6 +6,7 @@
 use std::fmt;
 
 pub use basalt_proto::BLOCK_SIZE;
+
 /// [`BLOCK_SIZE`] as a `usize`, for buffer arithmetic.
 pub const BLOCK: usize = BLOCK_SIZE as usize;
 /// The alignment required of every offset and length at the API: the SCSI logical block size we

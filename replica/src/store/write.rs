@@ -56,7 +56,7 @@ impl Store {
         let head = &chain.head;
         let blocks: usize = runs.iter().map(|(_, data)| data.len() / BLOCK).sum();
         // Up to a queue depth's worth of blocks, the CRCs and records stay on the stack: a single
-        // 4 KiB write is a few microseconds, and two heap allocations were a few percent of it.
+        // 4 KiB write is a few microseconds, so two heap allocations would be a visible share of it.
         let (mut small_crcs, mut small_records) = ([0u32; STACK_BLOCKS], [0u8; STACK_BLOCKS * RECORD_LEN]);
         let (mut large_crcs, mut large_records) = (Vec::new(), Vec::new());
         let (crcs, records): (&mut [u32], &mut [u8]) = if blocks <= STACK_BLOCKS {

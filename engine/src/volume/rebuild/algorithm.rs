@@ -2,17 +2,20 @@
 //! chains match, attach write-only, compare checksums where the write-intent record says, copy what
 //! differs, promote, and make the copy durable at one drain.
 
+use std::sync::atomic::Ordering;
+
+use basalt_proto::client::ReplicaClient;
+use basalt_proto::frame::{BlockRun, Message, SyncPoint, WrittenAnswer};
+use futures::stream::StreamExt;
+
+use crate::volume::core::ReplicaMode;
+use crate::volume::link::Handshaken;
+use crate::volume::{Volume, VolumeSpec};
+
 use super::delta::{copies_of, copy_len, crcs_in, runs_to_copy, union_runs};
 use super::pacing::{CopyPacer, TargetWriteback};
 use super::replicas::{ask, client, Pair, CONNECT_TIMEOUT};
 use super::{Progress, RebuildError, BLOCK};
-use crate::volume::core::ReplicaMode;
-use crate::volume::link::Handshaken;
-use crate::volume::{Volume, VolumeSpec};
-use basalt_proto::client::ReplicaClient;
-use basalt_proto::frame::{BlockRun, Message, SyncPoint, WrittenAnswer};
-use futures::stream::StreamExt;
-use std::sync::atomic::Ordering;
 
 /// Run one rebuild to completion (see the module docs).
 pub(super) async fn rebuild(
@@ -277,9 +280,9 @@ impl Promoted {
     /// rebuilds it, and no rebuild takes it as a source that can say what
     /// another replica missed. It runs after the promotion, not before:
     /// writing back a delta's scattered blocks is the disk's slowest work
-    /// (2,610 random 4 KiB blocks: ~50 ms on the disk we measure on, as much
-    /// as the whole rest of the rebuild), and nothing about the data the
-    /// guest sees or the durability of what it flushed waits for it.
+    /// (as long as the whole rest of a delta rebuild: `benches/README.md`,
+    /// "Rebuild"), and nothing about the data the guest sees or the
+    /// durability of what it flushed waits for it.
     pub(super) async fn make_durable(
         &self,
         volume: &Volume,

@@ -1,15 +1,18 @@
 //! Step 2: make the target's snapshot chain the source's -- keep the common prefix, drop the rest,
 //! and replay the source's remaining snapshots layer by layer (see "The snapshot chain" in [`super`]).
 
-use super::replicas::{call_bounded, Pair};
-use super::{Progress, RebuildError, BLOCK, MAX_COPY};
-use crate::volume::Volume;
+use std::sync::atomic::Ordering;
+
 use basalt_proto::client::ReplicaClient;
 use basalt_proto::frame::{LayerBlock, LayerBlockState, Message};
 use basalt_proto::pb::replica as pb;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use std::sync::atomic::Ordering;
+
+use crate::volume::Volume;
+
+use super::replicas::{call_bounded, Pair};
+use super::{Progress, RebuildError, BLOCK, MAX_COPY};
 
 /// Layer runs (a source read and a target write, or a tombstone run) in
 /// flight at once while a chain is replayed: like [`COPY_DEPTH`], enough to

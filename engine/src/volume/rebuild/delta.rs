@@ -1,27 +1,26 @@
 //! What to compare and what to copy: the regions both write-intent records name, the checksums in
 //! them, the blocks whose checksums differ, gathered into copies of one vectored request each.
 
-use super::replicas::ask;
-use super::{RebuildError, BLOCK, MAX_COPY};
 use basalt_proto::client::ReplicaClient;
 use basalt_proto::frame::{
     BlockCrc, BlockRun, Extent, Message, MAX_CRC_RUNS, MAX_EXTENTS, MAX_VECTORED_BYTES,
 };
 
+use super::replicas::ask;
+use super::{RebuildError, BLOCK, MAX_COPY};
+
 /// Most runs one copy gathers (see [`copies_of`]), each an extent of one
 /// vectored read and one vectored write. A delta rebuild copies mostly
 /// single 4 KiB blocks scattered over the volume (the ones a returning
-/// replica missed); one copy each cost a round trip through the core and
-/// both replicas' I/O loops per block: 2,600 blocks took 45-65 ms in the
-/// rebuild bench. Copying 2,600 such blocks between replica processes on 2
-/// cores ([`COPY_DEPTH`] in flight, medians of three sweeps): 38-44 ms one
-/// to a copy, 15-22 ms anywhere from 16 to 128 to a copy (the sweeps did not
-/// tell these apart), 20-26 ms 256 to a copy (a whole [`MAX_COPY`] of single
-/// blocks: the target's first write then waits for 1 MiB scattered reads
-/// that the sources run side by side). 64 halves the requests of 32, and a
-/// copy of 64 blocks holds the target's write lane, and the guest writes
-/// queued behind it, for well under a millisecond, and costs little to read
-/// again when a guest write overtakes it.
+/// replica missed), and one copy per block costs a round trip through the
+/// core and both replicas' I/O loops for each. Gathering them pays off from
+/// a few dozen to a copy; a whole [`MAX_COPY`] of single blocks is slower
+/// again, because the target's first write then waits for 1 MiB of
+/// scattered reads (the sweep is in `benches/README.md`, "Rebuild"). 64
+/// halves the requests of 32, and a copy of 64 blocks holds the target's
+/// write lane, and the guest writes queued behind it, for well under a
+/// millisecond, and costs little to read again when a guest write
+/// overtakes it.
 const COPY_EXTENTS: usize = 64;
 
 // A copy must fit in one vectored request.

@@ -105,6 +105,18 @@
 //! A rebuild holds two connections of its own (to the source and to the
 //! target) besides the volume's links, and closes both when it ends, however
 //! it ends. Its completion log line lists the time of each step.
+//!
+//! ## Where things are
+//!
+//! | file | what it does |
+//! | --- | --- |
+//! | `mod.rs` | this overview, [`RebuildError`], [`Progress`] |
+//! | `supervisor.rs` | the [`Rebuilder`]: running rebuilds, the chain lock, re-adding failed replicas |
+//! | `algorithm.rs` | one rebuild, steps 1 to 9 above |
+//! | `chain.rs` | step 2: the snapshot chain made the source's, layers replayed |
+//! | `delta.rs` | steps 5 to 7: where to compare, what differs, how it is gathered into copies |
+//! | `pacing.rs` | how fast the copy goes beside a busy guest; the target's writeback |
+//! | `replicas.rs` | the rebuild's own bounded connections to its source and target |
 
 mod algorithm;
 mod chain;
@@ -126,7 +138,8 @@ pub use supervisor::Rebuilder;
 /// enough that a copy overtaken by a guest write costs little to redo.
 const MAX_COPY: u64 = 1 << 20;
 
-const BLOCK: u64 = 4096;
+/// The replicas' block: checksums and copies are counted in it.
+const BLOCK: u64 = basalt_proto::BLOCK_SIZE;
 
 /// Why a rebuild stopped.
 #[derive(Debug, thiserror::Error)]

@@ -2,22 +2,23 @@
 //! busy guest ([`CopyPacer`]), with the target flushed along the way so the final drain stays short
 //! ([`TargetWriteback`]).
 
+use std::time::{Duration, Instant};
+
+use basalt_proto::client::ClientError;
+use basalt_proto::frame::Extent;
+
+use crate::volume::Volume;
+
 use super::delta::copy_len;
 use super::replicas::Pair;
 use super::{RebuildError, BLOCK, MAX_COPY};
-use crate::volume::Volume;
-use basalt_proto::client::ClientError;
-use basalt_proto::frame::Extent;
-use std::time::{Duration, Instant};
 
 /// Copies in flight at once during a rebuild: enough to keep a replica busy
 /// over loopback without starving guest I/O of the core's attention. Small
-/// copies used to run deeper (up to 256 single blocks, whose round trips
-/// otherwise left both replicas idle); gathered into copies of
-/// [`COPY_EXTENTS`] they need not: 2,600 scattered blocks (41 copies of 64)
-/// copied in 15-22 ms with 8 or 16 in flight, 25 ms with all 41 at once --
-/// thousands of scattered reads at once only queue up on the sources'
-/// blocking pools while the target waits for its first write.
+/// copies need no more, because they are gathered into copies of
+/// [`COPY_EXTENTS`] blocks: deeper only queues thousands of scattered reads
+/// on the sources' blocking pools while the target waits for its first
+/// write (`benches/README.md`, "Rebuild").
 const COPY_DEPTH: usize = 16;
 
 /// Bytes of copies in flight while the guest is busy (see [`CopyPacer`]):
@@ -47,11 +48,11 @@ const TARGET_FLUSH_BYTES: u64 = 64 << 20;
 /// Flushes of the target while the copy goes on, one every
 /// [`TARGET_FLUSH_BYTES`] copied, each running while the next bytes are
 /// copied. Durability is the final drain's business; these only keep the
-/// target's unwritten page cache small. Without them a full rebuild left
-/// ~1 GiB dirty on the target, and the drain's flush wrote it back in one
-/// go (800 ms): every guest write waits for the write-only target too, and
-/// the target's writes queue behind that writeback, so the guest stalled
-/// for 437 ms just before the replica turned RW.
+/// target's unwritten page cache small. Without them a full rebuild leaves
+/// the whole copy dirty on the target, and the drain's flush writes it back
+/// in one go: every guest write waits for the write-only target too, and
+/// the target's writes queue behind that writeback, so the guest stalls
+/// just before the replica turns RW (`benches/README.md`, "Rebuild").
 ///
 /// The flushes travel on the rebuild's own connection to the target, not
 /// through the volume: the target is off any shared flush numbering from
@@ -107,12 +108,13 @@ fn copy_depth(average: u64, budget: u64) -> usize {
 /// copies of [`MAX_COPY`] bytes' worth in flight. While the guest does I/O
 /// the copy yields: at most [`BUSY_COPY_BYTES`] in flight and
 /// [`BUSY_COPY_RATE`] bytes a second. On a small machine the copy and the
-/// guest share the same cores (controller, replicas, loopback): at full
-/// speed (~700 MB/s) the copy left the guest 2k of its 12k write IOPS, and
-/// two copies in flight alone still ~560 MB/s and 4k, against a goal of
-/// half. The rebuild under load has a 15 s goal for 1 GiB and took under
-/// 3 s, so there is time to give back. The guest's rate is read from the
-/// volume's own I/O counters every [`PACE_INTERVAL`].
+/// guest share the same cores (controller, replicas, loopback): a copy at
+/// full speed leaves the guest a small fraction of its IOPS, and bounding
+/// the bytes in flight alone is not enough, against a goal of keeping half.
+/// A rebuild under load has a 15 s goal for 1 GiB and needs far less at full
+/// speed, so there is time to give back (`benches/README.md`, "Rebuild").
+/// The guest's rate is read from the volume's own I/O counters every
+/// [`PACE_INTERVAL`].
 pub(super) struct CopyPacer<'a> {
     volume: &'a Volume,
     idle_depth: usize,

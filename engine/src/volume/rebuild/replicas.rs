@@ -2,13 +2,19 @@
 //! (a replica that stops answering fails the rebuild, which is retried, instead of hanging it), and
 //! the write-intent and flush-numbering questions of steps 3, 5 and 9.
 
-use super::RebuildError;
-use crate::volume::link::{LinkError, REQUEST_TIMEOUT};
-use crate::volume::VolumeSpec;
-use basalt_proto::client::{ClientError, ReplicaClient};
-use basalt_proto::frame::{Message, SyncPoint, WrittenAnswer};
 use std::time::Duration;
 
+use basalt_proto::client::{ClientError, ReplicaClient};
+use basalt_proto::frame::{Message, SyncPoint, WrittenAnswer};
+
+use crate::volume::link::{LinkError, REQUEST_TIMEOUT};
+use crate::volume::VolumeSpec;
+
+use super::RebuildError;
+
+/// Longest a rebuild waits to connect to a replica and finish its
+/// handshake: a replica that cannot do that in 5 s is not one to copy to or
+/// from now, and the supervisor probes it again later.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pipelined connection for the chain replay (many requests in flight,

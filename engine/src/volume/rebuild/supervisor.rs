@@ -2,25 +2,28 @@
 //! lock shared with snapshot operations, and the watch that re-adds a failed replica once it answers
 //! again (with back-off, see [`next_probe`]).
 
-use super::algorithm::rebuild;
-use super::{Progress, RebuildError};
-use crate::volume::core::ReplicaMode;
-use crate::volume::link::{Handshaken, LinkError};
-use crate::volume::Volume;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
+
+use crate::volume::core::ReplicaMode;
+use crate::volume::link::{Handshaken, LinkError};
+use crate::volume::Volume;
+
+use super::algorithm::rebuild;
+use super::{Progress, RebuildError};
 
 /// Back-off between attempts to re-add a failed replica.
 /// A replica whose host answers but whose port refuses the connection (the
 /// process is restarting: the common case) is probed every
 /// `REFUSED_RETRY`: a refused connect over loopback or a LAN is one SYN and
 /// one RST, nothing worth measuring, and every moment a returning replica
-/// waits to be noticed it misses writes it must copy later. A delta rebuild
-/// is judged against 5 % of a full one (~70 ms here), so the 20 ms interval
-/// this once was cost up to a third of it. A probe that times out (the host
+/// waits to be noticed it misses writes it must copy later: a delta rebuild
+/// is judged against 5 % of a full one, tens of milliseconds, so even a
+/// 20 ms interval would be a large share of it. A probe that times out (the host
 /// is gone or cut off) backs off from `RETRY_MIN`, doubling up to
 /// `PROBE_RETRY_MAX`: one connection attempt every 5 s costs nothing worth
 /// measuring, and a replica whose network comes back is rebuilt within ~5 s
@@ -30,19 +33,16 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 /// down (its process crashed and nobody restarts it): it is then probed
 /// every `REFUSED_SLOW_RETRY`, not 200 times a second for hours.
 const REFUSED_RETRY: Duration = Duration::from_millis(5);
-
 const REFUSED_FAST_FOR: Duration = Duration::from_secs(10);
-
 const REFUSED_SLOW_RETRY: Duration = Duration::from_secs(1);
-
 const RETRY_MIN: Duration = Duration::from_millis(20);
 
 /// How often the watch asks the volume which replicas failed, when no probe
 /// is due sooner: a replica that just failed is not back within 20 ms.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 
+/// See [`REFUSED_RETRY`] for these two.
 const PROBE_RETRY_MAX: Duration = Duration::from_secs(5);
-
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What the last look at a failed replica found.
