@@ -209,11 +209,21 @@ impl Host {
         Host { name, current_dir }
     }
 
+    /// `path` from the current directory, without `.` components (the
+    /// path is shown in records and messages).
     fn absolute(&self, path: PathBuf) -> PathBuf {
         if path.is_absolute() {
             path
         } else {
-            self.current_dir.join(path)
+            let relative: PathBuf = path
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .collect();
+            if relative.as_os_str().is_empty() {
+                self.current_dir.clone()
+            } else {
+                self.current_dir.join(relative)
+            }
         }
     }
 }
@@ -420,7 +430,13 @@ failover:
 /// A YAML or rule error as the operator reads it: file, line, column, key,
 /// what is wrong, and the key meant when a typo is close to one.
 fn invalid(file: &str, error: serde_path_to_error::Error<serde_norway::Error>) -> ConfigError {
-    let key = error.path().to_string();
+    // The path ends in `?` where the reader stopped inside a key it could
+    // not read (broken YAML): the key is what comes before.
+    let path = error.path().to_string();
+    let key = match path.find('?') {
+        Some(at) => path[..at].trim_end_matches('.').to_string(),
+        None => path,
+    };
     let inner = error.inner();
     let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
     let mut message = inner.to_string();

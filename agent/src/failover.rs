@@ -32,6 +32,7 @@
 //!   whose spread domain no survivor occupies.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::time::Duration;
 
 use crate::model::{
@@ -107,6 +108,67 @@ pub enum Hold {
     NoPlaceForReplica { replica: u32, reason: String },
     /// No node can take the controller.
     NoPlaceForController { reason: String },
+}
+
+impl fmt::Display for MoveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MoveReason::NoController => "the volume has no controller",
+            MoveReason::NodeDown => "its node is down",
+            MoveReason::NodeDraining => "its node is draining",
+            MoveReason::NodeGone => "its node is no longer registered",
+        })
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::MoveController { from, to, reason } => {
+                match from {
+                    Some(from) => write!(f, "controller moves from node {} ", from.node)?,
+                    None => f.write_str("controller is placed ")?,
+                }
+                write!(f, "to node {} with generation {} ({reason})", to.node, to.generation)
+            }
+            Action::ReplaceReplica {
+                lost,
+                replacement,
+                down_since_unix,
+            } => write!(
+                f,
+                "replica {} on node {} (down since unix time {down_since_unix}) is replaced by replica {} on node {}",
+                lost.id, lost.node, replacement.id, replacement.node
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::ReplicaInGrace {
+                replica,
+                node,
+                until_unix,
+            } => write!(
+                f,
+                "replica {replica}: node {node} is down; it is replaced if still down at unix time {until_unix} (failover.replica_grace)"
+            ),
+            Hold::TooFewSurvivors {
+                replica,
+                running,
+                needed,
+            } => write!(
+                f,
+                "replica {replica} is lost but not replaced: {running} other replicas run and the volume needs {needed} to serve and rebuild from; bring its node back"
+            ),
+            Hold::NoPlaceForReplica { replica, reason } => {
+                write!(f, "replica {replica} is lost and no node can take a replacement: {reason}")
+            }
+            Hold::NoPlaceForController { reason } => write!(f, "the controller cannot move: {reason}"),
+        }
+    }
 }
 
 /// The decisions for one volume.
@@ -288,11 +350,9 @@ fn decide_replicas(
     for slot in lost {
         let request = Request {
             replicas: 1,
-            size_bytes: volume.spec.size_bytes,
-            selector: volume.spec.selector.clone(),
-            spread_key: volume.spec.spread_key.clone(),
             exclude: exclude.clone(),
             first_id: next_id,
+            ..Request::for_volume(&volume.spec)
         };
         // A node in a spread domain the volume lacks first; any node else.
         let spreading: Vec<NodeView> = observed

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use basalt_proto::client::ReplicaClient;
 use basalt_proto::{Epoch, VolumeId};
-use basalt_replica::server::ReplicaClient;
 use basalt_replica::store::Store;
 use bytes::Bytes;
 

@@ -1,6 +1,6 @@
 //! # basalt-proto: what crosses the wire
 //!
-//! Two wire formats live here, and nothing else:
+//! Two wire formats live here, with the client side of the data path:
 //!
 //! * [`frame`]: the controller <-> replica **data path**: length-prefixed,
 //!   CRC-protected binary frames carrying the sender's [`Epoch`], pipelined and
@@ -10,7 +10,10 @@
 //!   management API.
 //!
 //! [`auth`] holds the volume secret and the challenge-response every
-//! data-path connection passes before it is served.
+//! data-path connection passes before it is served; [`client`] is the
+//! controller's end of the data path ([`client::ReplicaClient`]), and
+//! [`peer`] the dead-peer detection both ends turn on, so a controller
+//! speaks to replicas without depending on the replica's store.
 //!
 //! Replica control operations (info, snapshots, SetEpoch) are ops of the
 //! data-path frame enum, with protobuf payloads, not a second service: one
@@ -20,14 +23,17 @@
 //! [`frame`]).
 //!
 //! The domain newtypes shared by every crate ([`Epoch`], [`Revision`],
-//! [`VolumeId`]) are defined here because this is the lowest crate in the
-//! dependency graph.
+//! [`VolumeId`]) and the units both ends of the data path agree on
+//! ([`BLOCK_SIZE`], [`MAX_VOLUME_BYTES`]) are defined here because this is
+//! the lowest crate in the dependency graph.
 
 pub mod auth;
+pub mod client;
 pub mod frame;
+pub mod peer;
 pub mod types;
 
-pub use types::{Epoch, Revision, VolumeId};
+pub use types::{Epoch, Revision, VolumeId, BLOCK_SIZE, MAX_VOLUME_BYTES};
 
 /// Protobuf messages and gRPC services generated from `protos/`.
 pub mod pb {

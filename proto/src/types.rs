@@ -1,9 +1,22 @@
-//! Domain newtypes shared by every Basalt crate.
+//! Domain newtypes and units shared by every Basalt crate.
 //!
-//! They exist so that an epoch can never be passed where a revision is
-//! expected, and so that their ordering rules live in one place.
+//! The newtypes exist so that an epoch can never be passed where a revision
+//! is expected, and so that their ordering rules live in one place. The
+//! units are here because a controller checks them before it asks a replica
+//! for anything (a volume size, a growth) and the replica's store enforces
+//! them: one definition keeps both ends agreeing.
 
 use std::fmt;
+
+/// A replica store's unit of allocation, checksumming and indexing. A volume
+/// is a whole number of blocks, so a controller refuses any other size before
+/// it reaches the replicas.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// Largest volume: 1 PiB. Far above the 64 TiB requirement; it bounds the
+/// per-layer segment table of the replica's directory backend (1,024 slots of
+/// 1 TiB).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A controller generation. A replica accepts requests only from the highest
 /// epoch it has seen; a controller raises the epoch on its replicas before it

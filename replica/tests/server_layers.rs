@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use basalt_proto::client::{ClientError, ReplicaClient};
 use basalt_proto::frame::{LayerBlock, LayerBlockState, Message, Op, ReplyError};
 use basalt_proto::{Epoch, VolumeId};
-use basalt_replica::server::{ClientError, Metrics, ReplicaClient, Server};
+use basalt_replica::server::{Metrics, Server};
 use basalt_replica::store::Store;
 use tokio_util::sync::CancellationToken;
 

@@ -11,12 +11,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use basalt_proto::auth::{Challenge, HandshakeError, Nonce, Prover, VolumeSecret};
+use basalt_proto::client::{ClientError, ReplicaClient};
 use basalt_proto::frame::{
     BlockCrc, BlockRun, Extent, Frame, FrameCodec, Message, Op, ProtocolVersion, ReplyError, RequestId,
     SyncPoint, WrittenAnswer, HEADER_LEN, MAX_CRC_RUNS, MAX_PAYLOAD,
 };
 use basalt_proto::{Epoch, VolumeId};
-use basalt_replica::server::{ClientError, Metrics, ReplicaClient, Server};
+use basalt_replica::server::{Metrics, Server};
 use basalt_replica::store::{Backend, DirBackend, Object, Store};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -824,7 +825,7 @@ fn set_loopback(up: bool) {
 /// again at once, and the epoch fence still shuts out an older controller.
 #[test]
 fn a_cut_network_closes_both_ends_within_the_dead_peer_bound_and_a_new_writer_gets_in() {
-    use basalt_replica::server::DEAD_PEER_TIMEOUT;
+    use basalt_proto::peer::DEAD_PEER_TIMEOUT;
     use std::time::Instant;
     /// Scheduling on a loaded 2-core machine, and the keepalive interval the kernel checks at.
     const SLACK: Duration = Duration::from_secs(5);

@@ -69,12 +69,12 @@ fn no_file_means_every_default() {
             last: 7999
         }
     );
-    assert_eq!(config.data_dir, PathBuf::from("/srv/agent/./basalt-data"));
+    assert_eq!(config.data_dir, PathBuf::from("/srv/agent/basalt-data"));
     assert_eq!(
         config.pools,
         [PoolConfig {
             name: "default".to_string(),
-            kind: PoolKindConfig::Directory(PathBuf::from("/srv/agent/./basalt-data/pools/default")),
+            kind: PoolKindConfig::Directory(PathBuf::from("/srv/agent/basalt-data/pools/default")),
             capacity_bytes: None,
         }]
     );
@@ -196,6 +196,18 @@ failover:
         }
     );
     assert_eq!(config.failover.replica_grace, Duration::from_secs(600));
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_current_directory() {
+    let here = parse("data_dir: .\n").expect("valid");
+    assert_eq!(here.data_dir, PathBuf::from("/srv/agent"));
+    let nested = parse("data_dir: ./a/./b\nendpoints:\n  docker: plugin.sock\n").expect("valid");
+    assert_eq!(nested.data_dir, PathBuf::from("/srv/agent/a/b"));
+    assert_eq!(
+        nested.endpoints.docker,
+        Some(PathBuf::from("/srv/agent/plugin.sock"))
+    );
 }
 
 #[test]
@@ -451,7 +463,7 @@ fn broken_yaml_is_located() {
         .expect_err("unclosed")
         .to_string();
     assert!(
-        rendered.starts_with("agent.yaml:3:") && rendered.contains("flow mapping"),
+        rendered.starts_with("agent.yaml:3:1: key `node.labels`: ") && rendered.contains("flow mapping"),
         "{rendered}"
     );
 }

@@ -209,7 +209,7 @@ fn a_replica_within_its_grace_period_is_left_alone() {
 
 #[test]
 fn a_replica_past_its_grace_period_is_replaced_on_a_node_without_one() {
-    let (vol, mut world) = c_down_for(300, &[(0, "a"), (1, "b")]);
+    let (vol, world) = c_down_for(300, &[(0, "a"), (1, "b")]);
     let plan = world.decide(&vol);
     let [Action::ReplaceReplica {
         lost,
@@ -292,7 +292,7 @@ fn a_replica_is_not_given_up_while_too_few_others_run() {
 
 #[test]
 fn a_replica_reported_running_by_another_node_does_not_count() {
-    let (vol, mut world) = c_down_for(1000, &[(0, "a"), (1, "c")]);
+    let (vol, world) = c_down_for(1000, &[(0, "a"), (1, "c")]);
     let plan = world.decide(&vol);
     assert!(plan.actions.is_empty(), "{plan:?}");
 }
@@ -313,6 +313,35 @@ fn no_place_for_a_replacement_is_said_and_nothing_changes() {
     };
     assert!(reason.contains("already holds a replica"), "{reason}");
     assert_eq!(apply(&vol, &plan), vol);
+}
+
+#[test]
+fn decisions_read_as_sentences_for_the_log() {
+    let (vol, world) = c_down_for(1000, &[(0, "a"), (1, "b")]);
+    let plan = world.decide(&vol);
+    assert_eq!(
+        plan.actions[0].to_string(),
+        format!(
+            "replica 2 on node c (down since unix time {}) is replaced by replica 3 on node d",
+            NOW - 1000
+        )
+    );
+    let (vol, world) = c_down_for(10, &[]);
+    let held: Vec<String> = world.decide(&vol).holds.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        held,
+        [format!(
+            "replica 2: node c is down; it is replaced if still down at unix time {} (failover.replica_grace)",
+            NOW - 10 + 300
+        )]
+    );
+    let vol = three_way("x");
+    let world = World::new(&vol, vec![node("a", None)], running_on(&[]));
+    let moved = world.decide(&vol).actions[0].to_string();
+    assert_eq!(
+        moved,
+        "controller moves from node x to node a with generation 4 (its node is no longer registered)"
+    );
 }
 
 #[test]

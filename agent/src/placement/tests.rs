@@ -345,6 +345,18 @@ pub(crate) fn slot(id: u32, n: &str, pool: &str, port: u16) -> ReplicaSlot {
 }
 
 #[test]
+fn a_volume_spec_asks_for_all_its_replicas() {
+    let mut vol = volume("v1", 10 * GIB, Placement::default());
+    vol.spec.replicas = 3;
+    vol.spec.selector.insert("disk".to_string(), "ssd".to_string());
+    let req = Request::for_volume(&vol.spec);
+    assert_eq!((req.replicas, req.size_bytes, req.first_id), (3, 10 * GIB, 0));
+    assert_eq!(req.selector, vol.spec.selector);
+    assert_eq!(req.spread_key, "zone");
+    assert!(req.exclude.is_empty());
+}
+
+#[test]
 fn usage_counts_every_replica_and_controller() {
     let placement = Placement {
         replicas: vec![slot(0, "a", "p", 7100), slot(1, "b", "p", 7100)],

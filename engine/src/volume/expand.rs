@@ -24,7 +24,7 @@
 //! already has says yes, so an expansion retried after a lost answer
 //! completes.
 
-use basalt_replica::store::{BLOCK_SIZE, MAX_VOLUME_BYTES};
+use basalt_proto::{BLOCK_SIZE, MAX_VOLUME_BYTES};
 
 use super::core::{ControlOp, VolumeError};
 use super::Volume;

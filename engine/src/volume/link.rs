@@ -120,7 +120,7 @@ impl Handshaken {
                 })?;
             let _ = stream.set_nodelay(true);
             // A replica cut off the network never closes: fail within the bound, not after ~15 min.
-            if let Err(e) = basalt_replica::server::detect_dead_peer(&stream) {
+            if let Err(e) = basalt_proto::peer::detect_dead_peer(&stream) {
                 tracing::warn!(replica = %addr, error = %e, "cannot turn on dead-peer detection");
             }
             let (r, w) = stream.into_split();

@@ -1,8 +1,8 @@
 //! The replicated volume: a state machine ([`core`]) that owns the volume's
 //! state, the driver task that runs it ([`driver`]), one link per replica
 //! connection ([`link`]), online expansion ([`expand`]), the volume's metrics,
-//! its QoS limits ([`qos`]), and what GET LBA STATUS answers from the
-//! replicas' allocation ([`allocation`]).
+//! its QoS limits ([`qos`]), what GET LBA STATUS answers from the
+//! replicas' allocation ([`allocation`]), and online rebuild ([`rebuild`]).
 
 pub mod allocation;
 pub mod core;

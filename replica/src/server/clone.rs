@@ -39,8 +39,8 @@ use basalt_proto::{Epoch, VolumeId};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{ClientError, ReplicaClient};
 use crate::store::{CloneOrigin, SnapshotSource, Store, StoreError, BLOCK_SIZE};
+use basalt_proto::client::{ClientError, ReplicaClient};
 
 /// Longest wait for a source replica to accept a connection and answer Hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -114,7 +114,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let _ = stream.set_nodelay(true);
     // A controller whose network is cut never says goodbye; without this its
     // connection (and the tasks and buffers behind it) would stay forever.
-    if let Err(e) = super::detect_dead_peer(&stream) {
+    if let Err(e) = basalt_proto::peer::detect_dead_peer(&stream) {
         tracing::warn!(%peer, error = %e, "cannot turn on dead-peer detection; a cut controller may linger");
     }
     shared.metrics.connection_opened();

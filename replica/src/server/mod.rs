@@ -39,8 +39,8 @@
 //!   reads); fdatasync, cache misses and snapshot work run on blocking
 //!   threads. Why not everything on blocking threads: a 4 KiB page-cache copy
 //!   takes a few microseconds, the hand-off to a blocking thread and back two
-//!   wake-ups and two context switches, which measured as most of a replica's
-//!   CPU per 4 KiB write on a 2-core machine (`benches/README.md`). The cost:
+//!   wake-ups and two context switches, most of a replica's CPU per 4 KiB
+//!   write on a small machine (`benches/README.md`). The cost:
 //!   a buffered write can be throttled by dirty-page writeback (bounded by the
 //!   kernel's dirty limits), and it then holds up this connection's frames.
 //! * **Bounded memory.** The reader takes a budget of in-flight bytes
@@ -83,16 +83,9 @@
 //!
 //! ## Dead peers
 //!
-//! A cut network (a container disconnected from its network, a host that
-//! lost power) sends neither FIN nor RST: without help the socket of the
-//! other side stays ESTABLISHED, idle forever or retransmitting for about 15
-//! minutes (`tcp_retries2`). So every data-path socket, the replica's and the
-//! controller's ([`detect_dead_peer`]), has TCP keepalive and
-//! `TCP_USER_TIMEOUT`: the kernel closes it with `ETIMEDOUT` once the peer
-//! has not answered for [`DEAD_PEER_TIMEOUT`], whether or not data was in
-//! flight. A replica therefore drops a vanished controller's connection (and
-//! what it held) within that bound, and a controller's pending requests to a
-//! vanished replica fail within it instead of hanging. A controller that
+//! Every accepted socket gets the data path's dead-peer detection
+//! (`basalt_proto::peer`), so a controller that vanished without FIN or RST
+//! loses its connection, and what it held, within a bound. A controller that
 //! comes back need not wait for that: a new writer connection at the same or
 //! a higher epoch takes the writer role at once, and the old connection's
 //! changes are refused `Superseded`; one at a lower epoch never takes it.
@@ -106,23 +99,20 @@
 mod connection;
 mod metrics;
 
-pub mod client;
 pub mod clone;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
 
 use basalt_proto::auth::VolumeSecret;
 use basalt_proto::frame::ReplyError;
 use basalt_proto::Epoch;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::store::{Store, StoreError, SECTOR_SIZE};
 
-pub use client::{ClientError, ReplicaClient};
 pub use metrics::{bind_metrics, serve_metrics, Metrics};
 
 /// Budget of request bytes (payloads of writes, lengths of reads; at least
@@ -133,63 +123,6 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 
 /// The budget is counted in 4 KiB units (a tokio semaphore counts permits).
 const BUDGET_UNIT: usize = 4096;
-
-/// Longest time a data-path peer may leave the other side without an answer
-/// (data unacknowledged, or keepalive probes unanswered) before the kernel
-/// closes the connection: see "Dead peers" above. Twice the controller's
-/// default replica timeout (5 s), so a replica never gives up on a controller
-/// that would still wait for it; short enough that a cut is over, from both
-/// sides, well within the time an operator watches a reconnect.
-pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Idle time before the first keepalive probe: half of [`DEAD_PEER_TIMEOUT`],
-/// so an idle connection is probed several times before it is given up. One
-/// 52-byte probe per idle connection every few seconds costs nothing.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
-
-/// Between keepalive probes: once a second, so the timeout is noticed within
-/// a second of passing.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Probes before an idle connection is given up, for kernels that ignore
-/// `TCP_USER_TIMEOUT` on idle sockets: 5 s idle + 5 x 1 s = the same bound.
-const KEEPALIVE_PROBES: u32 = 5;
-
-/// Turns on dead-peer detection for a data-path socket (see "Dead peers"
-/// above): keepalive probes after [`KEEPALIVE_IDLE`] of silence and
-/// `TCP_USER_TIMEOUT` of [`DEAD_PEER_TIMEOUT`], after which reads and writes
-/// fail with `ETIMEDOUT`. Both ends of a connection call it: each must notice
-/// on its own that the other is gone.
-pub fn detect_dead_peer(stream: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let secs = |d: Duration| libc::c_int::try_from(d.as_secs()).unwrap_or(libc::c_int::MAX);
-    let millis = libc::c_int::try_from(DEAD_PEER_TIMEOUT.as_millis()).unwrap_or(libc::c_int::MAX);
-    let probes = libc::c_int::try_from(KEEPALIVE_PROBES).unwrap_or(libc::c_int::MAX);
-    for (level, name, value) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(KEEPALIVE_IDLE)),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(KEEPALIVE_INTERVAL)),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, probes),
-        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, millis),
-    ] {
-        // SAFETY: `fd` is the open socket `stream` owns for the whole call,
-        // and the option value is a c_int the kernel copies before returning.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -253,11 +186,10 @@ impl Shared {
     /// blocking thread (it may wait for the disk's queue), one at a time. Without it a guest that
     /// writes fast and seldom flushes leaves hundreds of MiB dirty, and the next flush -- the guest's,
     /// a snapshot's, the drain that ends a rebuild -- writes them all back while new writes wait
-    /// behind it: 120-200 ms stalls at the end of a rebuild under a 16K IOPS load, ~100 ms with this
-    /// (the final drain 1.2-1.4 s -> ~0.1 s). Costs nothing on durability (only a flush makes anything
-    /// durable), and some disk bandwidth where a page rewritten after its writeback is written twice:
-    /// every 32 MiB halved the stall again but cost the guest ~10% of its IOPS during a rebuild; every
-    /// 64 MiB cost none measurable (`benches/rebuild/run.sh --phases loaded`, three runs each).
+    /// behind it, and the guest stalls (at the end of a rebuild under load, most visibly). Costs
+    /// nothing on durability (only a flush makes anything durable), and some disk bandwidth where a
+    /// page rewritten after its writeback is written twice: a smaller step stalls less but costs the
+    /// guest IOPS during a rebuild, this one costs none measurable (`benches/README.md`, "Rebuild").
     pub(super) fn wrote(&self, n: usize) {
         use std::sync::atomic::Ordering;
         self.metrics.bytes_written(n);

@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-/// The store's unit of allocation, checksumming and indexing.
-pub const BLOCK_SIZE: u64 = 4096;
+pub use basalt_proto::BLOCK_SIZE;
+
 /// [`BLOCK_SIZE`] as a `usize`, for buffer arithmetic.
 pub const BLOCK: usize = BLOCK_SIZE as usize;
 /// The alignment required of every offset and length at the API: the SCSI logical block size we

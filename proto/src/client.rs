@@ -26,6 +26,13 @@
 //! * **Failure is total.** When the connection breaks, every pending and
 //!   every later request fails with [`ClientError::Disconnected`], with the
 //!   reason; reconnecting is the caller's decision.
+//!
+//! It lives in `basalt-proto`, beside the frames and the handshake it
+//! speaks, rather than in `basalt-replica` with the server: a controller
+//! needs the client and nothing of the store, and the client needs nothing
+//! but the frames, the handshake and [`crate::peer`]. A crate of its own
+//! would cut no dependency (this one already builds on tokio for
+//! [`FrameBatchWriter`]) and would split one protocol across two crates.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,13 +42,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
-use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
-use basalt_proto::frame::{
+use crate::auth::{ClientHandshake, HandshakeError, VolumeSecret};
+use crate::frame::{
     EncodeError, EncodedFrame, Frame, FrameBatchWriter, FrameCodec, Message, Op, ProtocolVersion,
     ReplicaIdentity, ReplyError, RequestId,
 };
-use basalt_proto::pb::replica as pb;
-use basalt_proto::{Epoch, Revision, VolumeId};
+use crate::pb::replica as pb;
+use crate::{Epoch, Revision, VolumeId};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::net::TcpStream;
@@ -177,7 +184,7 @@ impl ReplicaClient {
             .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         // A replica cut off the network never closes: fail within the bound, not after ~15 min.
-        if let Err(e) = super::detect_dead_peer(&stream) {
+        if let Err(e) = crate::peer::detect_dead_peer(&stream) {
             tracing::warn!(%addr, error = %e, "cannot turn on dead-peer detection");
         }
         let (rx, tx) = stream.into_split();
