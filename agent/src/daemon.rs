@@ -87,8 +87,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         RuntimeConfig::Docker { socket, image } => Arc::new(crate::runtime::docker::DockerRuntime::new(
             socket.clone(),
             image.clone(),
-            config.data_dir.clone(),
-        )?),
+            config.node.name.clone(),
+        )),
     };
 
     let tasks = cancel.child_token();
