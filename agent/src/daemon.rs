@@ -109,13 +109,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         metrics.clone(),
         tasks.clone(),
     ));
-    let api_task = api_listener.map(|listener| {
-        tokio::spawn(crate::api::serve(
-            listener,
-            crate::api::ApiContext::new(store.clone(), config.node.name.clone(), metrics.clone()),
-            tasks.clone(),
-        ))
-    });
+    // SEAM(agent-api): the REST API (`crate::api::serve(listener, ctx, cancel)`) is served here once
+    // the agent-api branch is merged; until then the agent holds its port and answers nothing.
+    let api_task: Option<tokio::task::JoinHandle<()>> = None;
+    let _api_listener = api_listener;
     if let Some(api) = &config.endpoints.api {
         tracing::info!(api = %api.listen, "agent serving");
     }

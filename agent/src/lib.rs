@@ -28,7 +28,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
-// TEMP pub mod daemon;
+pub mod daemon;
 pub mod failover;
 pub mod metrics;
 pub mod model;

@@ -99,6 +99,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the cluster store at {path} is damaged: {reason}; restore it from a backup or move it away to start empty")]
     Corrupt { path: String, reason: String },
+    #[error("the request for {key} cannot be served: {reason}")]
+    InvalidRequest { key: String, reason: String },
     #[error("{key} holds a record this agent cannot read: {reason}")]
     BadRecord { key: String, reason: String },
     #[error("{context}: {source}")]
