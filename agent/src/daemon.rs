@@ -44,8 +44,12 @@ const REGISTER_ATTEMPTS: usize = 5;
 
 /// Runs the agent until `cancel`.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the agent's data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "creating the agent's data directory {}",
+            config.data_dir.display()
+        )
+    })?;
     let store: Arc<dyn Store> = match &config.cluster {
         ClusterConfig::Embedded => {
             let dir = config.data_dir.join("store");
@@ -61,11 +65,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     // Bind the API first: a port already taken fails the start before the
     // node says it is up.
     let api_listener = match &config.endpoints.api {
-        Some(api) => Some(
-            tokio::net::TcpListener::bind(api.listen)
-                .await
-                .with_context(|| format!("cannot listen for the API on {} (endpoints.api.listen)", api.listen))?,
-        ),
+        Some(api) => Some(tokio::net::TcpListener::bind(api.listen).await.with_context(|| {
+            format!(
+                "cannot listen for the API on {} (endpoints.api.listen)",
+                api.listen
+            )
+        })?),
         None => None,
     };
 
@@ -148,7 +153,8 @@ pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
                 (PoolKind::Directory(absolute(dir)?), size, free)
             }
             PoolKindConfig::BlockDevice(dev) => {
-                let size = device_size(dev).with_context(|| format!("measuring pool {} ({})", pool.name, dev.display()))?;
+                let size = device_size(dev)
+                    .with_context(|| format!("measuring pool {} ({})", pool.name, dev.display()))?;
                 (PoolKind::BlockDevice(dev.clone()), size, size)
             }
         };
@@ -192,7 +198,10 @@ fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
     let frsize = st.f_frsize;
-    Ok((st.f_blocks.saturating_mul(frsize), st.f_bavail.saturating_mul(frsize)))
+    Ok((
+        st.f_blocks.saturating_mul(frsize),
+        st.f_bavail.saturating_mul(frsize),
+    ))
 }
 
 fn device_size(dev: &Path) -> std::io::Result<u64> {
@@ -235,7 +244,10 @@ async fn grant_alive(store: &dyn Store, config: &Config) -> anyhow::Result<Lease
         ClusterConfig::Etcd(e) => e.lease_ttl,
         ClusterConfig::Embedded => LEASE_TTL,
     };
-    let lease = store.grant_lease(ttl).await.context("granting the node's lease")?;
+    let lease = store
+        .grant_lease(ttl)
+        .await
+        .context("granting the node's lease")?;
     let since_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

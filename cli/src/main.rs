@@ -29,6 +29,8 @@ enum Command {
     Volume(commands::volume::Args),
     /// Create, list, delete and revert a volume's snapshots.
     Snapshot(commands::snapshot::Args),
+    /// The node agent: provisions and runs this host's volumes, serves the REST API.
+    Agent(commands::agent::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
     Health(commands::health::Args),
 }
@@ -43,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Volume(args) => commands::volume::run(args),
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Health(args) => commands::health::run(args),
+        Command::Agent(args) => commands::agent::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
