@@ -14,4 +14,5 @@ pub mod api_auth;
 pub mod controller;
 pub mod http;
 pub mod name;
+pub mod units;
 pub mod volume;
