@@ -131,6 +131,18 @@ if ! "$PYTHON" -c "import helm_python, yaml" >/dev/null 2>&1; then
 fi
 "$PYTHON" -c "import helm_python, yaml" || { echo "setup: helm-python-sdk is not importable by $PYTHON" >&2; exit 1; }
 
+# --- schemathesis from PyPI, for tests/agent_api.rs (fuzzes the agent's REST API with agent/openapi.json) ---
+# In its own venv (its dependencies stay out of the system's Python), pinned so that a run is reproducible.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV="${BASALT_SCHEMATHESIS_VENV:-$HOME/.cache/basalt-schemathesis}"
+if ! "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  echo "setup: installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+  "$PYTHON" -m venv "$SCHEMATHESIS_VENV" || { echo "setup: $PYTHON cannot make a venv (install python3-venv)" >&2; exit 1; }
+  "$SCHEMATHESIS_VENV/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+"$SCHEMATHESIS_VENV/bin/schemathesis" --version | grep -qF "$SCHEMATHESIS_VERSION" \
+  || { echo "setup: schemathesis $SCHEMATHESIS_VERSION is not runnable from $SCHEMATHESIS_VENV" >&2; exit 1; }
+
 # --- checks: fail here, loudly, rather than in the middle of a test ------------------------------------------
 for tool in iscsi-test-cu iscsi-ls iscsi-inq tgtd tgtadm qemu-img qemu-storage-daemon mkfs.ext4 fsck.ext4 \
   losetup mount umount "$FIO_LIBISCSI"; do

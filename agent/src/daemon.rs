@@ -114,10 +114,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         metrics.clone(),
         tasks.clone(),
     ));
-    // SEAM(agent-api): the REST API (`crate::api::serve(listener, ctx, cancel)`) is served here once
-    // the agent-api branch is merged; until then the agent holds its port and answers nothing.
-    let api_task: Option<tokio::task::JoinHandle<()>> = None;
-    let _api_listener = api_listener;
+    let token = match config.endpoints.api.as_ref().and_then(|a| a.token_file.as_ref()) {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    let api_task = api_listener.map(|listener| {
+        tokio::spawn(crate::api::serve(
+            listener,
+            crate::api::ApiContext {
+                store: store.clone(),
+                node: config.node.name.clone(),
+                controllers: Arc::new(crate::api::GrpcConnector),
+                token,
+                agent_metrics: Some(metrics.clone()),
+            },
+            tasks.clone(),
+        ))
+    });
     if let Some(api) = &config.endpoints.api {
         tracing::info!(api = %api.listen, "agent serving");
     }
@@ -134,6 +147,22 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         tracing::warn!(error = %e, "could not revoke the node's lease; it lapses by itself");
     }
     Ok(())
+}
+
+/// The API's bearer token from its file (never logged; the error names the file only).
+fn read_token(path: &Path) -> anyhow::Result<basalt_engine::api_auth::ApiToken> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the API token file {} (endpoints.api.token_file)",
+            path.display()
+        )
+    })?;
+    basalt_engine::api_auth::ApiToken::new(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the API token in {} (endpoints.api.token_file): {e}",
+            path.display()
+        )
+    })
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -1,11 +1,10 @@
-//! The agent's own Prometheus metrics, in their own registry: volumes by
-//! phase, reconcile passes (latency histogram, errors) and the age of the
-//! node's lease (time since its last successful renewal: a value nearing
-//! the lease's TTL means the node is about to be seen as down).
+//! The agent's own Prometheus metrics, in their own registry: reconcile
+//! passes (latency histogram, errors) and the age of the node's lease (time
+//! since its last successful renewal: a value nearing the lease's TTL means
+//! the node is about to be seen as down). Served after the API's own at
+//! `GET /metrics` (which counts the volumes by phase from the store).
 
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
-
-use crate::model::VolumePhase;
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, Registry};
 
 /// Pass latency buckets from 1 ms (nothing to do) to 2 min (an expansion
 /// waits for every replica to grow durably).
@@ -13,17 +12,8 @@ const PASS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-const PHASES: [(VolumePhase, &str); 4] = [
-    (VolumePhase::Creating, "creating"),
-    (VolumePhase::Ready, "ready"),
-    (VolumePhase::Degraded, "degraded"),
-    (VolumePhase::Deleting, "deleting"),
-];
-
 pub struct AgentMetrics {
     pub registry: Registry,
-    /// Volumes in the store by phase, as of the last pass.
-    pub volumes: IntGaugeVec,
     pub reconcile_seconds: Histogram,
     /// Reconcile steps (and whole passes) that failed.
     pub reconcile_errors: IntCounter,
@@ -33,11 +23,6 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     pub fn new() -> AgentMetrics {
         let registry = Registry::new();
-        let volumes = IntGaugeVec::new(
-            Opts::new("basalt_agent_volumes", "Volumes in the cluster store, by phase"),
-            &["phase"],
-        )
-        .expect("valid metric");
         let reconcile_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "basalt_agent_reconcile_seconds",
@@ -57,8 +42,7 @@ impl AgentMetrics {
         )
         .expect("valid metric");
         for m in [
-            Box::new(volumes.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(reconcile_seconds.clone()),
+            Box::new(reconcile_seconds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
             Box::new(lease_age_seconds.clone()),
         ] {
@@ -66,23 +50,9 @@ impl AgentMetrics {
         }
         AgentMetrics {
             registry,
-            volumes,
             reconcile_seconds,
             reconcile_errors,
             lease_age_seconds,
-        }
-    }
-
-    /// Sets the per-phase volume counts (every phase has a series, 0 too).
-    pub fn set_volume_phases(&self, phases: impl IntoIterator<Item = VolumePhase>) {
-        let mut counts = [0i64; 4];
-        for p in phases {
-            if let Some(i) = PHASES.iter().position(|(q, _)| *q == p) {
-                counts[i] += 1;
-            }
-        }
-        for (i, (_, label)) in PHASES.iter().enumerate() {
-            self.volumes.with_label_values(&[label]).set(counts[i]);
         }
     }
 
@@ -105,20 +75,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_phase_is_counted_and_rendered() {
+    fn passes_errors_and_the_lease_age_are_rendered() {
         let m = AgentMetrics::new();
-        m.set_volume_phases([VolumePhase::Ready, VolumePhase::Ready, VolumePhase::Deleting]);
+        m.reconcile_seconds.observe(0.02);
+        m.reconcile_errors.inc();
+        m.lease_age_seconds.set(3.0);
         let text = m.render();
-        assert!(text.contains("basalt_agent_volumes{phase=\"ready\"} 2"), "{text}");
-        assert!(
-            text.contains("basalt_agent_volumes{phase=\"deleting\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("basalt_agent_volumes{phase=\"creating\"} 0"),
-            "{text}"
-        );
-        m.set_volume_phases([]);
-        assert!(m.render().contains("basalt_agent_volumes{phase=\"ready\"} 0"));
+        assert!(text.contains("basalt_agent_reconcile_seconds_count 1"), "{text}");
+        assert!(text.contains("basalt_agent_reconcile_errors_total 1"), "{text}");
+        assert!(text.contains("basalt_agent_lease_age_seconds 3"), "{text}");
     }
 }

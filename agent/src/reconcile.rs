@@ -613,8 +613,6 @@ impl Reconciler {
     /// One pass: read, decide, act.
     pub async fn pass(&self) -> anyhow::Result<()> {
         let desired = read_desired(self.store.as_ref()).await?;
-        self.metrics
-            .set_volume_phases(desired.volumes.values().map(|v| v.value.phase));
         let mut seen = Seen {
             services: self
                 .runtime

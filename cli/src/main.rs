@@ -33,6 +33,8 @@ enum Command {
     Agent(commands::agent::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
     Health(commands::health::Args),
+    /// List, inspect, cordon, uncordon and drain the cluster's nodes (node agent).
+    Node(commands::cluster::node::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Health(args) => commands::health::run(args),
         Command::Agent(args) => commands::agent::run(args),
+        Command::Node(args) => commands::cluster::node::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

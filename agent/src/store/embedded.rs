@@ -8,7 +8,7 @@
 //! ```
 //!
 //! A change (put, delete, lease grant, lease end) is planned against the state in memory (the
-//! revision checks, see [`state`]), appended to the log as one frame and synced (`fdatasync`);
+//! revision checks, in `embedded/state.rs`), appended to the log as one frame and synced (`fdatasync`);
 //! only then is it applied in memory, made visible to readers and watchers, and acknowledged.
 //! Changes are serialised by one mutex around the log, so the state a change was planned against
 //! is the state it is applied to; readers take a read lock on the state and never wait for a
@@ -20,8 +20,8 @@
 //!   every acknowledged change is in the log (or in the snapshot) on reopen;
 //! * a crash during an append leaves at most one incomplete frame at the end of the log, never
 //!   acknowledged (the previous frame was synced before it was written): the reader recognises it
-//!   (short, failing its CRC as the last frame, or zeros) and cuts it off. A frame that fails its
-//!   CRC with others after it is damage, not a crash, and the store refuses to open
+//!   (short, failing its CRC as the last frame, or zeros) and cuts it off. A bad frame with a
+//!   whole frame after it is damage, not a crash, and the store refuses to open
 //!   ([`StoreError::Corrupt`]) rather than lose what follows;
 //! * at open, the log is synced before anything is served: frames a killed process wrote but
 //!   never synced may still be only in the page cache, and the new process must not build on them
@@ -32,10 +32,11 @@
 //!   frames the snapshot already contains: frames carry a sequence number and replay skips those
 //!   the snapshot covers. Revisions come from the frames and the snapshot, so they never go back.
 //!
-//! If a write or a sync fails, what reached the disk is unknown: the store refuses further changes
-//! ([`StoreError::Unavailable`]) until the agent is restarted and the log is read again (the failed
-//! change was not acknowledged; after the restart it may or may not be there, like a request to
-//! etcd that timed out).
+//! An append that fails (a full disk) is cut back off the log and refused, and the store carries
+//! on. If a sync fails, or a failed append cannot be cut off, what reached the disk is unknown:
+//! the store refuses further changes ([`StoreError::Unavailable`]) until the agent is restarted
+//! and the log is read again (the failed change was not acknowledged; after the restart it may or
+//! may not be there, like a request to etcd that timed out).
 //!
 //! Watches are served from a bounded history of the latest events in memory (one per revision);
 //! a watch from before it, or one that falls that far behind, gets [`StoreError::Compacted`] and
@@ -55,6 +56,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,9 @@ const SNAPSHOT_TMP_FILE: &str = "store.snapshot.tmp";
 /// further behind lists again, which is cheap on a one-host cluster; this many covers the bursts
 /// a one-host cluster makes (every service of every volume reporting at once) many times over.
 pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
+/// How many bytes of keys and values watches can be served from: with the count above, the
+/// history's memory stays bounded even if some values are large.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
 /// The log is compacted into a snapshot when it grows past this and past the last snapshot's
 /// size: replay at open stays short, and a large state is not rewritten more often than the
 /// changes to it amount to its own size.
@@ -93,15 +98,24 @@ const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 pub struct Options {
     /// How many recent events watches are served from.
     pub history_events: usize,
+    /// How many bytes of keys and values (roughly) those events may hold at most.
+    pub history_bytes: usize,
     /// The log size past which it is compacted into a snapshot.
     pub compact_after_bytes: u64,
+    /// For crash tests only: the store performs this many more changes to its files (writes,
+    /// syncs, renames, truncations, removals), then fails every later one without doing it, as if
+    /// the process had been killed at that point (`kill -9` keeps every completed system call).
+    #[doc(hidden)]
+    pub crash_after: Option<Arc<AtomicI64>>,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             history_events: DEFAULT_HISTORY_EVENTS,
+            history_bytes: DEFAULT_HISTORY_BYTES,
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
+            crash_after: None,
         }
     }
 }
@@ -133,7 +147,8 @@ impl EmbeddedStore {
     }
 
     /// Opens (creating if needed) the store in `dir`: takes the directory's lock, reads the
-    /// snapshot and replays the log, cuts off a torn tail, and syncs what it read.
+    /// snapshot and replays the log, cuts off a torn tail, and syncs what it read. The reading is
+    /// done on the calling thread: it happens once, before the agent serves anything.
     pub fn open_with(dir: &Path, options: Options) -> Result<Arc<EmbeddedStore>> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             StoreError::Unavailable("the embedded store must be opened inside a tokio runtime".to_string())
@@ -141,8 +156,12 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
         let lock = lock_dir(dir)?;
         let now = Instant::now();
+        let disk = Disk(options.crash_after.clone());
 
-        remove_if_exists(&dir.join(SNAPSHOT_TMP_FILE))?;
+        let tmp = dir.join(SNAPSHOT_TMP_FILE);
+        disk.allow("removing the snapshot being written")
+            .and_then(|()| remove_if_exists(&tmp))
+            .map_err(io_error(format!("removing {}", tmp.display())))?;
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let (mut state, snapshot_len) = match std::fs::read(&snapshot_path) {
             Ok(bytes) => {
@@ -154,6 +173,8 @@ impl EmbeddedStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (State::new(options.history_events), 0),
             Err(e) => return Err(io_error(format!("reading {}", snapshot_path.display()))(e)),
         };
+
+        state.limit_history_bytes(options.history_bytes);
 
         let log_path = dir.join(LOG_FILE);
         let mut file = OpenOptions::new()
@@ -173,11 +194,13 @@ impl EmbeddedStore {
                 dropped_bytes = bytes.len() - contents.valid_len,
                 "cutting off the end of the cluster store's log: a change that was being written when the last process stopped, never acknowledged"
             );
-            file.set_len(len)
+            disk.allow("cutting off a torn tail")
+                .and_then(|()| file.set_len(len))
                 .map_err(io_error(format!("truncating {}", log_path.display())))?;
         }
         if len == 0 {
-            file.write_all(LOG_MAGIC)
+            disk.allow("writing the log's magic")
+                .and_then(|()| file.write_all(LOG_MAGIC))
                 .map_err(io_error(format!("writing {}", log_path.display())))?;
             len = LOG_MAGIC.len() as u64;
         }
@@ -198,9 +221,12 @@ impl EmbeddedStore {
         }
         // What the previous process wrote may still be only in the page cache: make it durable
         // before building on it (see the module docs).
-        file.sync_all()
+        disk.allow("syncing the log at open")
+            .and_then(|()| file.sync_all())
             .map_err(io_error(format!("syncing {}", log_path.display())))?;
-        fsync_dir(dir)?;
+        disk.allow("syncing the directory at open")
+            .and_then(|()| fsync_dir(dir))
+            .map_err(io_error(format!("syncing the directory {}", dir.display())))?;
 
         let revision = state.revision;
         let (lease_granted, wake) = watch::channel(0);
@@ -213,7 +239,9 @@ impl EmbeddedStore {
                 len,
                 snapshot_len,
                 compact_after: options.compact_after_bytes,
+                retry_compaction_at: 0,
                 broken: None,
+                disk,
             }),
             revision: watch::Sender::new(revision),
             lease_granted,
@@ -231,15 +259,14 @@ impl EmbeddedStore {
 
 impl Store for EmbeddedStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>>> {
-        let found = read(&self.inner.state).kvs.get(key).cloned();
-        Box::pin(async move { Ok(found) })
+        Box::pin(async move { Ok(read(&self.inner.state).kvs.get(key).cloned()) })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<(Vec<KeyValue>, Revision)>> {
-        let state = read(&self.inner.state);
-        let listed = (state.list(prefix), state.revision);
-        drop(state);
-        Box::pin(async move { Ok(listed) })
+        Box::pin(async move {
+            let state = read(&self.inner.state);
+            Ok((state.list(prefix), state.revision))
+        })
     }
 
     fn put<'a>(
@@ -265,26 +292,22 @@ impl Store for EmbeddedStore {
     }
 
     fn watch<'a>(&'a self, prefix: &'a str, from: Revision) -> BoxFuture<'a, Result<Watch>> {
-        let opened = open_watch(&self.inner, prefix, from);
-        Box::pin(async move { opened })
+        Box::pin(async move { open_watch(&self.inner, prefix, from) })
     }
 
     fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId>> {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            let lease = blocking({
-                let inner = inner.clone();
-                move || inner.commit(|state, _| state.plan_grant(ttl))
-            })
-            .await?;
+        Box::pin(blocking(move || {
+            let lease = inner.commit(|state, _| state.plan_grant(ttl))?;
+            // Here rather than after the await: a grant whose caller went away must still be
+            // timed by the expiry task.
             inner.lease_granted.send_modify(|n| *n = n.wrapping_add(1));
             Ok(lease)
-        })
+        }))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
-        let renewed = write(&self.inner.state).keep_alive(lease, Instant::now());
-        Box::pin(async move { renewed })
+        Box::pin(async move { write(&self.inner.state).keep_alive(lease, Instant::now()) })
     }
 
     /// Ends `lease` and deletes its keys, in one change. Revoking a lease that is already gone
@@ -340,6 +363,14 @@ impl Inner {
         if log.wants_compaction() {
             let state = read(&self.state);
             if let Err(e) = log.compact(&self.dir, &state) {
+                // Not before the log has grown as much again: a full disk would otherwise cost a
+                // whole snapshot written in vain with every change.
+                log.retry_compaction_at = log.len.saturating_add(log.compact_after);
+                let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
+                let _ = log
+                    .disk
+                    .allow("removing a failed snapshot")
+                    .and_then(|()| remove_if_exists(&tmp));
                 tracing::warn!(error = %e, dir = %self.dir.display(), "compacting the cluster store's log failed; it keeps growing until a compaction succeeds");
             }
         }
@@ -355,8 +386,11 @@ struct Log {
     len: u64,
     snapshot_len: u64,
     compact_after: u64,
+    /// After a failed compaction, the length at which to try again.
+    retry_compaction_at: u64,
     /// Why the store refuses changes, after a write whose outcome on disk is unknown.
     broken: Option<String>,
+    disk: Disk,
 }
 
 impl Log {
@@ -371,9 +405,15 @@ impl Log {
 
     /// Appends one frame and syncs it.
     fn append(&mut self, frame: &[u8]) -> Result<()> {
-        if let Err(e) = self.file.write_all(frame) {
+        let disk = &self.disk;
+        if let Err(e) = disk.allow("appending").and_then(|()| self.file.write_all(frame)) {
             // Cut a partial frame off, or later frames would follow damage.
-            let reason = match self.file.set_len(self.len).and_then(|()| self.file.sync_data()) {
+            let cut = disk
+                .allow("cutting off a failed append")
+                .and_then(|()| self.file.set_len(self.len))
+                .and_then(|()| disk.allow("syncing the cut"))
+                .and_then(|()| self.file.sync_data());
+            let reason = match cut {
                 Ok(()) => None,
                 Err(cut) => Some(format!(
                     "a failed append to {} could not be cut off ({cut}); restart the agent",
@@ -383,7 +423,10 @@ impl Log {
             self.broken = reason;
             return Err(io_error(format!("appending to {}", self.path.display()))(e));
         }
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = disk
+            .allow("syncing an append")
+            .and_then(|()| self.file.sync_data())
+        {
             self.broken = Some(format!(
                 "syncing {} failed ({e}); restart the agent so that the log is read again",
                 self.path.display()
@@ -395,7 +438,7 @@ impl Log {
     }
 
     fn wants_compaction(&self) -> bool {
-        self.len > self.compact_after && self.len > self.snapshot_len
+        self.len > self.compact_after && self.len > self.snapshot_len && self.len >= self.retry_compaction_at
     }
 
     /// Replaces the snapshot with `state` and empties the log (see the module docs for the order
@@ -403,24 +446,36 @@ impl Log {
     fn compact(&mut self, dir: &Path, state: &State) -> io::Result<()> {
         let bytes = codec::encode_snapshot(&state.snapshot()).map_err(io::Error::other)?;
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
+        let disk = &self.disk;
+        disk.allow("creating a snapshot")?;
         let mut file = File::create(&tmp)?;
+        disk.allow("writing a snapshot")?;
         file.write_all(&bytes)?;
+        disk.allow("syncing a snapshot")?;
         file.sync_all()?;
         drop(file);
+        disk.allow("renaming a snapshot")?;
         std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
-        File::open(dir)?.sync_all()?;
+        disk.allow("syncing the directory after a rename")?;
+        fsync_dir(dir)?;
         self.snapshot_len = bytes.len() as u64;
         // From here the log's frames are all in the snapshot: losing them is harmless, but the
         // log must not end up with new frames after stale ones it cannot account for.
+        // A truncation that fails leaves the log as it was: its frames are skipped at replay.
         let magic = LOG_MAGIC.len() as u64;
-        if let Err(e) = self.file.set_len(magic).and_then(|()| self.file.sync_all()) {
+        disk.allow("emptying the log")?;
+        self.file.set_len(magic)?;
+        self.len = magic;
+        if let Err(e) = disk
+            .allow("syncing the emptied log")
+            .and_then(|()| self.file.sync_all())
+        {
             self.broken = Some(format!(
-                "emptying {} after a compaction failed ({e}); restart the agent",
+                "syncing {} after emptying it failed ({e}); restart the agent",
                 self.path.display()
             ));
             return Err(e);
         }
-        self.len = magic;
         Ok(())
     }
 }
@@ -446,7 +501,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
         let _ = file.read_to_string(&mut holder);
         let holder = match holder.trim() {
             "" => "another process".to_string(),
-            pid => format!("process {pid}"),
+            pid => format!("process {}", pid.chars().take(20).collect::<String>()),
         };
         return Err(StoreError::Unavailable(format!(
             "{} is in use by {holder} (it holds the lock on {}); stop that agent, or give this one another data directory",
@@ -583,19 +638,31 @@ fn lock<T>(l: &Mutex<T>) -> MutexGuard<'_, T> {
     l.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_error(format!("removing {}", path.display()))(e))
+/// The gate every change to the store's files passes: open, unless a crash test set a budget of
+/// changes (see [`Options::crash_after`]) and it is spent.
+#[derive(Clone, Debug)]
+struct Disk(Option<Arc<AtomicI64>>);
+
+impl Disk {
+    fn allow(&self, what: &str) -> io::Result<()> {
+        match &self.0 {
+            Some(left) if left.fetch_sub(1, Ordering::SeqCst) <= 0 => {
+                Err(io::Error::other(format!("crash test: stopped before {what}")))
+            }
+            _ => Ok(()),
         }
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(format!("syncing the directory {}", dir.display())))
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn io_error(context: String) -> impl FnOnce(io::Error) -> StoreError {

@@ -134,7 +134,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Revision>>;
 
     /// Delete `key` if `expect` holds (deleting an absent key with
-    /// `Expect::Any` succeeds); returns the new revision.
+    /// `Expect::Any` succeeds); returns the new revision (the current one
+    /// when there was nothing to delete: no change, no event).
     fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, Result<Revision>>;
 
     /// Changes under `prefix` with revisions `>= from`.

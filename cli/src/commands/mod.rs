@@ -4,6 +4,7 @@ pub mod access;
 pub mod agent;
 pub mod args;
 pub mod client;
+pub mod cluster;
 pub mod controller;
 pub mod expand;
 pub mod health;

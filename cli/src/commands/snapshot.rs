@@ -24,6 +24,49 @@ pub struct Common {
     pub json: bool,
     #[command(flatten)]
     pub auth: super::secrets::ClientTokenArgs,
+    /// A cluster volume, through the node agent (`--agent`) instead of a
+    /// controller's --api (create, ls, rm and revert).
+    #[arg(long, conflicts_with = "api")]
+    pub volume: Option<String>,
+    /// The node agent's API URL (with --volume).
+    #[arg(long, env = basalt_agent::client::AGENT_ENV, default_value = basalt_agent::client::DEFAULT_AGENT)]
+    pub agent: String,
+}
+
+/// The agent form of a command given `--volume`: the volume, what to do, how to reach the agent.
+fn agent_form(
+    command: &SnapshotCommand,
+) -> anyhow::Result<
+    Option<(
+        String,
+        super::cluster::snapshot::SnapshotOp,
+        super::cluster::AgentArgs,
+    )>,
+> {
+    use super::cluster::snapshot::SnapshotOp;
+    let (common, op) = match command {
+        SnapshotCommand::Create { name, common } => (common, SnapshotOp::Create(name.clone())),
+        SnapshotCommand::Ls { common } => (common, SnapshotOp::List),
+        SnapshotCommand::Rm { name, common } => (common, SnapshotOp::Delete(name.clone())),
+        SnapshotCommand::Revert { name, common } => (common, SnapshotOp::Revert(name.clone())),
+        SnapshotCommand::Holds { common } | SnapshotCommand::Release { common, .. } => {
+            if common.volume.is_some() {
+                anyhow::bail!(
+                    "`snapshot holds` and `snapshot release` speak to a controller: use --api, not --volume"
+                );
+            }
+            return Ok(None);
+        }
+    };
+    let Some(volume) = common.volume.clone() else {
+        return Ok(None);
+    };
+    let agent = super::cluster::AgentArgs {
+        agent: common.agent.clone(),
+        token_file: common.auth.token_file.clone(),
+        json: common.json,
+    };
+    Ok(Some((volume, op, agent)))
 }
 
 #[derive(clap::Subcommand)]
@@ -71,6 +114,9 @@ pub enum SnapshotCommand {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some((volume, op, agent)) = agent_form(&args.command)? {
+        return super::cluster::snapshot::run(&volume, op, &agent);
+    }
     block_on(async move {
         match args.command {
             SnapshotCommand::Ls { common } => {

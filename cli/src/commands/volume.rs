@@ -30,7 +30,22 @@ pub enum VolumeCommand {
     Qos(super::qos::QosArgs),
     /// Grow a running volume online (every replica grows before the answer;
     /// logged-in initiators are told the new capacity). Never shrinks.
+    /// `expand NAME --size S` grows a cluster volume through the node agent.
     Expand(super::expand::ExpandArgs),
+    /// Create a cluster volume through the node agent: placed on the nodes,
+    /// its services started by their agents.
+    Create(super::cluster::volume::CreateArgs),
+    /// List the cluster's volumes (node agent).
+    Ls(super::cluster::volume::LsArgs),
+    /// Show a cluster volume: placement, phase, services, iSCSI URL (node agent).
+    Inspect(super::cluster::volume::NameArgs),
+    /// Delete a cluster volume: its services stop and its data is removed
+    /// (refused while attached).
+    Rm(super::cluster::volume::NameArgs),
+    /// Record that a node uses a cluster volume.
+    Attach(super::cluster::volume::AttachArgs),
+    /// Record that no node uses a cluster volume.
+    Detach(super::cluster::volume::NameArgs),
 }
 
 #[derive(clap::Args)]
@@ -90,6 +105,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Info(a) => info(a),
         VolumeCommand::Qos(a) => super::qos::run(a),
         VolumeCommand::Expand(a) => super::expand::expand(a),
+        VolumeCommand::Create(a) => super::cluster::volume::create(a),
+        VolumeCommand::Ls(a) => super::cluster::volume::ls(a),
+        VolumeCommand::Inspect(a) => super::cluster::volume::inspect(a),
+        VolumeCommand::Rm(a) => super::cluster::volume::rm(a),
+        VolumeCommand::Attach(a) => super::cluster::volume::attach(a),
+        VolumeCommand::Detach(a) => super::cluster::volume::detach(a),
     }
 }
 

@@ -224,23 +224,43 @@ pub(super) fn decode_log(bytes: &[u8]) -> Result<LogContents, String> {
                 batches.push(batch);
                 pos += len;
             }
-            FrameRead::Short => break,
-            FrameRead::BadCrc { len } => {
-                // The last frame of the file: an append that never completed. Anything else is
-                // damage.
-                if len == rest.len() {
-                    break;
+            FrameRead::Short | FrameRead::BadCrc { .. } => {
+                // An append that never completed is the last thing in the file: it runs to the
+                // end (short, or failing its checksum as the last frame) and holds no whole frame
+                // after its start. Anything else is damage, and skipping it would lose what
+                // follows.
+                if let FrameRead::BadCrc { len } = next_frame(rest) {
+                    if len < rest.len() {
+                        return Err(format!(
+                            "the frame at byte {pos} fails its checksum and {} bytes follow it",
+                            rest.len() - len
+                        ));
+                    }
                 }
-                return Err(format!(
-                    "the frame at byte {pos} fails its checksum and {} bytes follow it",
-                    rest.len() - len
-                ));
+                if let Some(at) = whole_batch_after_start(rest) {
+                    return Err(format!(
+                        "the frame at byte {pos} is damaged (its length or checksum is wrong) and a whole frame follows at byte {}",
+                        pos + at
+                    ));
+                }
+                break;
             }
         }
     }
     Ok(LogContents {
         batches,
         valid_len: pos,
+    })
+}
+
+/// Where the first whole frame holding a batch starts in `bytes`, past its first byte. A torn
+/// append is a prefix of one frame, so a whole frame inside it could only come from the bytes of a
+/// value; Basalt's values are JSON text, which never holds the NUL bytes every frame header has
+/// (the high bytes of its length), so none is found there by chance.
+fn whole_batch_after_start(bytes: &[u8]) -> Option<usize> {
+    (1..bytes.len()).find(|&at| match next_frame(&bytes[at..]) {
+        FrameRead::Whole { payload, .. } => decode_batch(payload).is_ok_and(|b| !b.ops.is_empty()),
+        _ => false,
     })
 }
 
@@ -512,6 +532,21 @@ mod tests {
         log[LOG_MAGIC.len() + FRAME_HEADER + 2] ^= 0x01;
         let err = decode_log(&log).unwrap_err();
         assert!(err.contains("fails its checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_length_in_the_middle_is_corruption_not_a_torn_tail() {
+        let batches = sample_batches();
+        let mut log = log_of(&batches);
+        // The first frame's length now runs past the end of the file.
+        log[LOG_MAGIC.len() + 3] = 0x7f;
+        let err = decode_log(&log).unwrap_err();
+        assert!(err.contains("a whole frame follows"), "{err}");
+        // The same damage in the last frame is a torn tail.
+        let whole = log_of(&batches[..2]);
+        let mut log = log_of(&batches);
+        log[whole.len() + 3] = 0x7f;
+        assert_eq!(decode_log(&log).unwrap().valid_len, whole.len());
     }
 
     #[test]

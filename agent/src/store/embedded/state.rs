@@ -46,6 +46,9 @@ pub(super) struct State {
     history: VecDeque<Event>,
     history_base: Revision,
     history_limit: usize,
+    /// The history's size (keys and values), bounded too: values can be large.
+    history_bytes: usize,
+    history_bytes_limit: usize,
 }
 
 impl State {
@@ -60,7 +63,15 @@ impl State {
             history: VecDeque::new(),
             history_base: 0,
             history_limit: history_limit.max(1),
+            history_bytes: 0,
+            history_bytes_limit: usize::MAX,
         }
+    }
+
+    /// Bounds the history's size in bytes as well as in events.
+    pub fn limit_history_bytes(&mut self, bytes: usize) {
+        self.history_bytes_limit = bytes;
+        self.trim_history();
     }
 
     /// The state a snapshot holds; its leases run `ttl` from `now` (the holders of the previous
@@ -363,12 +374,31 @@ impl State {
     }
 
     fn record(&mut self, event: Event) {
+        self.history_bytes += event_bytes(&event);
         self.history.push_back(event);
-        while self.history.len() > self.history_limit {
-            self.history.pop_front();
+        self.trim_history();
+    }
+
+    fn trim_history(&mut self) {
+        while self.history.len() > self.history_limit || self.history_bytes > self.history_bytes_limit {
+            let Some(dropped) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= event_bytes(&dropped);
             self.history_base += 1;
         }
     }
+}
+
+/// What an event weighs in the history: its key, its value and a fixed overhead.
+fn event_bytes(event: &Event) -> usize {
+    const OVERHEAD: usize = 64;
+    OVERHEAD
+        + event.key().len()
+        + match event {
+            Event::Put(kv) => kv.value.len(),
+            Event::Delete { .. } => 0,
+        }
 }
 
 /// `now + ttl`, or as far as an `Instant` goes (`ttl` is bounded by [`MAX_LEASE_TTL`] for new
@@ -416,6 +446,7 @@ pub(super) fn check_expect(key: &str, expect: Expect, current: Option<&KeyValue>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const SECOND: Duration = Duration::from_secs(1);
 
@@ -568,6 +599,10 @@ mod tests {
         ));
         assert_eq!(revisions(s.events_since("k4", 4).unwrap()), vec![5]);
         assert_eq!(revisions(s.events_since("", 6).unwrap()), Vec::<u64>::new());
+        // A byte bound drops the oldest until the rest fits.
+        s.limit_history_bytes(2 * (64 + 2 + 1));
+        assert_eq!(revisions(s.events_since("", 4).unwrap()), vec![4, 5]);
+        assert!(s.events_since("", 3).is_err());
     }
 
     #[test]
@@ -614,5 +649,63 @@ mod tests {
         assert!(s().apply(absent, now).unwrap_err().contains("does not exist"));
         let end_unknown = Op::EndLease { lease: LeaseId(3) };
         assert!(s().apply(end_unknown, now).unwrap_err().contains("lease 3"));
+    }
+
+    /// Keys and leases point at each other, and the history is one event per revision up to
+    /// the current one.
+    fn check_invariants(s: &State) -> Result<(), TestCaseError> {
+        for kv in s.kvs.values() {
+            if let Some(id) = kv.lease {
+                prop_assert!(
+                    s.leases[&id].keys.contains(&kv.key),
+                    "{} missing from its lease",
+                    kv.key
+                );
+            }
+        }
+        for (id, lease) in &s.leases {
+            for key in &lease.keys {
+                prop_assert_eq!(s.kvs[key].lease, Some(*id));
+            }
+        }
+        let revisions: Vec<Revision> = s.history.iter().map(Event::revision).collect();
+        let expected: Vec<Revision> = (s.history_base + 1..=s.revision).collect();
+        prop_assert_eq!(revisions, expected);
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn any_state_keeps_its_invariants_and_survives_a_snapshot(
+            steps in proptest::collection::vec((0u8..5, 0usize..4, any::<u8>(), 0usize..3), 0..60),
+        ) {
+            let now = Instant::now();
+            let mut s = State::new(16);
+            let mut leases = Vec::new();
+            for (kind, key, value, lease) in steps {
+                let key = ["a", "a/b", "b", "c"][key];
+                let lease = leases.get(lease).copied();
+                let planned = match kind {
+                    0 | 1 => s.plan_put(key, vec![value], Expect::Any, lease, now).map(|(ops, _)| ops),
+                    2 => s.plan_delete(key, Expect::Any).map(|(ops, _)| ops),
+                    3 => s.plan_grant(SECOND).map(|(ops, id)| {
+                        leases.push(id);
+                        ops
+                    }),
+                    _ => Ok(lease.map_or_else(Vec::new, |l| s.plan_end_lease(l, None))),
+                };
+                // A refused plan (a revoked lease) changes nothing; a planned one always applies.
+                if let Ok(ops) = planned {
+                    for op in ops {
+                        prop_assert_eq!(s.apply(op, now), Ok(()));
+                    }
+                }
+                check_invariants(&s)?;
+            }
+            let restored = State::from_snapshot(s.snapshot(), 16, now).unwrap();
+            prop_assert_eq!(&restored.kvs, &s.kvs);
+            prop_assert_eq!(&restored.leases, &s.leases);
+            prop_assert_eq!((restored.revision, restored.next_lease), (s.revision, s.next_lease));
+        }
     }
 }

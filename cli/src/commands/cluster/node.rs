@@ -1,0 +1,166 @@
+//! `basalt node ls|inspect|cordon|uncordon|drain`: the cluster's nodes, through the agent's API.
+
+use super::{block_on, human_size, print_json, table, AgentArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum NodeCommand {
+    /// List the nodes: up or down, cordoned, pools, replicas held.
+    Ls {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Show one node: labels, pools with capacity, used and free bytes, replicas and controllers.
+    Inspect {
+        name: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// No new replica or controller is placed on the node.
+    Cordon {
+        name: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Undo cordon and drain.
+    Uncordon {
+        name: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Cordon the node and move its replicas elsewhere.
+    Drain {
+        name: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+}
+
+fn state(n: &basalt_agent::api::views::NodeView) -> String {
+    let mut s = if n.up { "up" } else { "down" }.to_string();
+    if n.draining {
+        s.push_str(",draining");
+    } else if n.cordoned {
+        s.push_str(",cordoned");
+    }
+    s
+}
+
+fn print_node(n: &basalt_agent::api::views::NodeView) {
+    println!("name:        {}", n.name);
+    println!("state:       {}", state(n));
+    println!("address:     {}", n.address);
+    println!("api:         {}", n.api_url);
+    let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "labels:      {}",
+        if labels.is_empty() {
+            "-".into()
+        } else {
+            labels.join(",")
+        }
+    );
+    println!("ports:       {}-{}", n.ports.first, n.ports.last);
+    println!();
+    let pools: Vec<Vec<String>> = n
+        .pools
+        .iter()
+        .map(|p| {
+            let (kind, path) = match &p.kind {
+                basalt_agent::model::PoolKind::Directory(d) => ("directory", d.display().to_string()),
+                basalt_agent::model::PoolKind::BlockDevice(d) => ("device", d.display().to_string()),
+            };
+            vec![
+                p.name.clone(),
+                kind.into(),
+                path,
+                human_size(p.capacity_bytes),
+                human_size(p.used_bytes),
+                human_size(p.free_bytes),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["POOL", "KIND", "PATH", "CAPACITY", "USED", "FREE"], &pools)
+    );
+    if !n.replicas.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = n
+            .replicas
+            .iter()
+            .map(|r| {
+                vec![
+                    r.volume.clone(),
+                    r.id.to_string(),
+                    r.pool.clone(),
+                    r.port.to_string(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["VOLUME", "REPLICA", "POOL", "PORT"], &rows));
+    }
+    if !n.controllers.is_empty() {
+        println!("\ncontrollers: {}", n.controllers.join(", "));
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    block_on(async move {
+        let (name, agent, action) = match args.command {
+            NodeCommand::Ls { agent } => {
+                let nodes = agent.client()?.list_nodes().await?;
+                if agent.json {
+                    return print_json(&nodes);
+                }
+                let rows: Vec<Vec<String>> = nodes
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let capacity: u64 = n.pools.iter().map(|p| p.capacity_bytes).sum();
+                        let free: u64 = n.pools.iter().map(|p| p.free_bytes).sum();
+                        vec![
+                            n.name.to_string(),
+                            state(n),
+                            n.address.clone(),
+                            n.pools.len().to_string(),
+                            human_size(capacity),
+                            human_size(free),
+                            n.replicas.len().to_string(),
+                        ]
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    table(
+                        &["NAME", "STATE", "ADDRESS", "POOLS", "CAPACITY", "FREE", "REPLICAS"],
+                        &rows
+                    )
+                );
+                return Ok(());
+            }
+            NodeCommand::Inspect { name, agent } => {
+                let node = agent.client()?.inspect_node(&name).await?;
+                if agent.json {
+                    return print_json(&node);
+                }
+                print_node(&node);
+                return Ok(());
+            }
+            NodeCommand::Cordon { name, agent } => (name, agent, "cordon"),
+            NodeCommand::Uncordon { name, agent } => (name, agent, "uncordon"),
+            NodeCommand::Drain { name, agent } => (name, agent, "drain"),
+        };
+        let node = agent.client()?.node_action(&name, action).await?;
+        if agent.json {
+            return print_json(&node);
+        }
+        println!("node {} is now {}", node.name, state(&node));
+        Ok(())
+    })
+}
