@@ -67,9 +67,9 @@ impl Setup {
                 "node:\n  name: life\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
                  data_dir: {d}/data\n\
                  pools:\n  - name: p0\n    path: {d}/pool0\n  - name: p1\n    path: {d}/pool1\n  - name: p2\n    path: {d}/pool2\n\
-                 cluster: embedded\n\
+                 cluster:\n  store: embedded\n\
                  endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
-                 runtime:\n  type: process\n  binary: {}\n",
+                 runtime:\n  kind: process\n  binary: {}\n",
                 token_file.display(),
                 basalt_binary().unwrap().display()
             ),
@@ -144,7 +144,9 @@ fn controller_record(data_dir: &Path, volume: &str) -> RunRecord {
 }
 
 fn url_of(view: &Value) -> IscsiUrl {
-    let text = view["iscsi_url"].as_str().expect("a ready volume has an iSCSI URL");
+    let text = view["iscsi_url"]
+        .as_str()
+        .expect("a ready volume has an iSCSI URL");
     // iscsi://ADDR:PORT/IQN/LUN
     let rest = text.strip_prefix("iscsi://").unwrap();
     let mut parts = rest.splitn(3, '/');
@@ -166,7 +168,16 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     let agent = setup.start_agent("agent-1");
     let _group = KillGroup(agent.pid() as i32);
 
-    let (ok, out, err) = setup.cli(&["volume", "create", "life", "--size", "64M", "--replicas", "3", "--json"]);
+    let (ok, out, err) = setup.cli(&[
+        "volume",
+        "create",
+        "life",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+        "--json",
+    ]);
     assert!(ok, "volume create: {out}{err}");
     let view = setup.wait_ready("life");
     assert_eq!(view["replicas"], 3);
@@ -176,7 +187,12 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     // Three pools on one node: one replica in each.
     for i in 0..3 {
         let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
-        assert_eq!(std::fs::read_dir(&pool).map(|d| d.count()).unwrap_or(0), 1, "{}", pool.display());
+        assert_eq!(
+            std::fs::read_dir(&pool).map(|d| d.count()).unwrap_or(0),
+            1,
+            "{}",
+            pool.display()
+        );
     }
 
     // kill -9 the agent: the volume keeps serving, and a new agent adopts its services.
@@ -184,13 +200,21 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     // SAFETY: plain syscall on the agent process this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
     drop(agent);
-    assert_eq!(process_start_time(controller.pid), Some(controller.start_time), "services outlive the agent");
+    assert_eq!(
+        process_start_time(controller.pid),
+        Some(controller.start_time),
+        "services outlive the agent"
+    );
     io(&url, &["read -P 0xa5 0 1M"]);
     let agent = setup.start_agent("agent-2");
     let view = setup.wait_ready("life");
     assert_eq!(url_of(&view), url);
     io(&url, &["read -P 0xa5 0 1M", "read -P 0x3c 63M 1M"]);
-    assert_eq!(controller_record(&setup.data_dir(), "life"), controller, "the controller was adopted");
+    assert_eq!(
+        controller_record(&setup.data_dir(), "life"),
+        controller,
+        "the controller was adopted"
+    );
 
     // Online expansion: the new end becomes writable without a restart.
     let (ok, out, err) = setup.cli(&["volume", "expand", "life", "--size", "128M"]);
@@ -200,12 +224,19 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     })
     .unwrap();
     io(&url, &["read -P 0x77 127M 1M", "read -P 0xa5 0 1M"]);
-    assert_eq!(process_start_time(controller.pid), Some(controller.start_time), "grown online");
+    assert_eq!(
+        process_start_time(controller.pid),
+        Some(controller.start_time),
+        "grown online"
+    );
 
     // Deletion: the record, the services and the data go.
     let (ok, out, err) = setup.cli(&["volume", "rm", "life"]);
     assert!(ok, "volume rm: {out}{err}");
-    wait_for("the volume to be deleted", READY_TIMEOUT, || setup.inspect("life").is_none()).unwrap();
+    wait_for("the volume to be deleted", READY_TIMEOUT, || {
+        setup.inspect("life").is_none()
+    })
+    .unwrap();
     for i in 0..3 {
         let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
         assert!(!pool.exists(), "{} is left", pool.display());

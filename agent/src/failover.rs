@@ -1,1 +1,437 @@
 //! Who takes over a volume's controller, and when a lost replica is replaced: pure decisions.
+//!
+//! An agent that sees a node go down (its liveness key lapsed) calls
+//! [`decide`] for each volume with a service there, and writes what
+//! [`apply`] returns with a revision check: when two agents decide at once,
+//! one write wins and the other re-reads and finds nothing left to do.
+//!
+//! ```text
+//!   controller's node down ──────────────► MoveController (generation + 1)
+//!   replica's node down  ── < grace ─────► Hold::ReplicaInGrace
+//!                        ── ≥ grace ─┬───► ReplaceReplica (placement picks the node)
+//!                                    └───► Hold::TooFewSurvivors
+//! ```
+//!
+//! The rules, and why:
+//! * **A controller moves as soon as its node is down.** The lease already
+//!   gave the node its time; a volume without a controller serves nothing.
+//!   The new one goes to an up node holding a running replica where there is
+//!   one (its reads stay local), and gets a generation above the old one, so
+//!   the old controller, should it still run behind a partition, is fenced
+//!   at the replicas by the epoch it can no longer raise.
+//! * **A replica is replaced only after the grace period.** A replacement is a
+//!   full copy of the volume and removes the lost replica from the membership
+//!   for good; a node that reboots must not cost that.
+//! * **Never below what the volume needs to serve.** The lost replica may hold
+//!   the only copy of recent writes if the others are also behind, so it is
+//!   given up only while the replicas that are running (on up nodes) are at
+//!   least as many as the volume needs to serve (`min_healthy`, by default a
+//!   majority): those survivors are what the replacement is rebuilt from.
+//! * **A replacement never lands next to a sibling.** Placement is asked with
+//!   the nodes of every replica of the volume excluded, and first among nodes
+//!   whose spread domain no survivor occupies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::model::{
+    ControllerSlot, NodeName, ReplicaSlot, ServiceId, ServiceState, ServiceStatus, VolumePhase, VolumeRecord,
+};
+use crate::placement::{self, NodeView, Request, Usage};
+
+/// What the deciding agent sees of the cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub nodes: &'a [NodeView],
+    /// When each down node was first seen down (unix seconds). A down node
+    /// missing here is taken as down since `now_unix`: its grace starts now,
+    /// never earlier.
+    pub down_since: &'a BTreeMap<NodeName, u64>,
+    /// The statuses of this volume's services.
+    pub statuses: &'a BTreeMap<ServiceId, ServiceStatus>,
+    /// What every volume (this one included) has been given.
+    pub usage: &'a Usage,
+    pub now_unix: u64,
+    /// How long a node may be down before its replicas are replaced
+    /// (`failover.replica_grace`).
+    pub replica_grace: Duration,
+}
+
+/// A change to a volume's placement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run the controller at `to` (with a higher generation than `from`'s).
+    MoveController {
+        from: Option<ControllerSlot>,
+        to: ControllerSlot,
+        reason: MoveReason,
+    },
+    /// Remove `lost` from the membership for good and rebuild `replacement`.
+    ReplaceReplica {
+        lost: ReplicaSlot,
+        replacement: ReplicaSlot,
+        down_since_unix: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveReason {
+    /// The volume has no controller slot.
+    NoController,
+    /// The controller's node is down.
+    NodeDown,
+    /// The controller's node is draining.
+    NodeDraining,
+    /// The controller's node is no longer registered.
+    NodeGone,
+}
+
+/// Something that looks needed and is not done (yet), with why: for the
+/// log and `volume inspect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The replica's node is down, but not for longer than the grace period.
+    ReplicaInGrace {
+        replica: u32,
+        node: NodeName,
+        until_unix: u64,
+    },
+    /// Giving up the replica would leave fewer running replicas than the
+    /// volume needs to serve.
+    TooFewSurvivors {
+        replica: u32,
+        running: usize,
+        needed: usize,
+    },
+    /// No node can take a replacement.
+    NoPlaceForReplica { replica: u32, reason: String },
+    /// No node can take the controller.
+    NoPlaceForController { reason: String },
+}
+
+impl fmt::Display for MoveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MoveReason::NoController => "the volume has no controller",
+            MoveReason::NodeDown => "its node is down",
+            MoveReason::NodeDraining => "its node is draining",
+            MoveReason::NodeGone => "its node is no longer registered",
+        })
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::MoveController { from, to, reason } => {
+                match from {
+                    Some(from) => write!(f, "controller moves from node {} ", from.node)?,
+                    None => f.write_str("controller is placed ")?,
+                }
+                write!(f, "to node {} with generation {} ({reason})", to.node, to.generation)
+            }
+            Action::ReplaceReplica {
+                lost,
+                replacement,
+                down_since_unix,
+            } => write!(
+                f,
+                "replica {} on node {} (down since unix time {down_since_unix}) is replaced by replica {} on node {}",
+                lost.id, lost.node, replacement.id, replacement.node
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::ReplicaInGrace {
+                replica,
+                node,
+                until_unix,
+            } => write!(
+                f,
+                "replica {replica}: node {node} is down; it is replaced if still down at unix time {until_unix} (failover.replica_grace)"
+            ),
+            Hold::TooFewSurvivors {
+                replica,
+                running,
+                needed,
+            } => write!(
+                f,
+                "replica {replica} is lost but not replaced: {running} other replicas run and the volume needs {needed} to serve and rebuild from; bring its node back"
+            ),
+            Hold::NoPlaceForReplica { replica, reason } => {
+                write!(f, "replica {replica} is lost and no node can take a replacement: {reason}")
+            }
+            Hold::NoPlaceForController { reason } => write!(f, "the controller cannot move: {reason}"),
+        }
+    }
+}
+
+/// The decisions for one volume.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub holds: Vec<Hold>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// How a node looks to failover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeState {
+    Up { draining: bool },
+    Down,
+    Gone,
+}
+
+fn node_state(nodes: &[NodeView], name: &NodeName) -> NodeState {
+    match nodes.iter().find(|view| &view.record.name == name) {
+        None => NodeState::Gone,
+        Some(view) if view.up => NodeState::Up {
+            draining: view.record.draining,
+        },
+        Some(_) => NodeState::Down,
+    }
+}
+
+/// Fewest running replicas with which the volume serves: its `min_healthy`,
+/// else a majority of its replicas.
+pub fn needed_to_serve(volume: &VolumeRecord) -> usize {
+    let replicas = usize::from(volume.spec.replicas);
+    match volume.spec.min_healthy {
+        Some(min) => usize::from(min).clamp(1, replicas.max(1)),
+        None => replicas / 2 + 1,
+    }
+}
+
+/// Whether `slot`'s replica runs: its node is up and its agent reports it
+/// running (a report from another node is a predecessor's).
+fn running(slot: &ReplicaSlot, observed: &Observed) -> bool {
+    matches!(node_state(observed.nodes, &slot.node), NodeState::Up { .. })
+        && observed
+            .statuses
+            .get(&ServiceId::Replica(slot.id))
+            .is_some_and(|status| status.node == slot.node && status.state == ServiceState::Running)
+}
+
+/// Decide what to change in `volume`'s placement (see the module docs).
+pub fn decide(volume: &VolumeRecord, observed: &Observed) -> Plan {
+    let mut plan = Plan::default();
+    if volume.phase == VolumePhase::Deleting {
+        return plan;
+    }
+    let mut usage = observed.usage.clone();
+    let replacements = decide_replicas(volume, observed, &mut usage, &mut plan);
+
+    let reason = match &volume.placement.controller {
+        None => Some(MoveReason::NoController),
+        Some(controller) => match node_state(observed.nodes, &controller.node) {
+            NodeState::Up { draining: false } => None,
+            NodeState::Up { draining: true } => Some(MoveReason::NodeDraining),
+            NodeState::Down => Some(MoveReason::NodeDown),
+            NodeState::Gone => Some(MoveReason::NodeGone),
+        },
+    };
+    if let Some(reason) = reason {
+        // The replicas the controller will serve: those kept and the
+        // replacements; running ones first choice for its node.
+        let mut replicas: Vec<ReplicaSlot> = volume
+            .placement
+            .replicas
+            .iter()
+            .filter(|slot| !replacements.iter().any(|(lost, _)| lost.id == slot.id))
+            .cloned()
+            .collect();
+        let running_replicas: Vec<ReplicaSlot> = replicas
+            .iter()
+            .filter(|slot| running(slot, observed))
+            .cloned()
+            .collect();
+        replicas.extend(replacements.iter().map(|(_, new)| new.clone()));
+        let preferred = if running_replicas.is_empty() {
+            &replicas
+        } else {
+            &running_replicas
+        };
+        let from = volume.placement.controller.clone();
+        let generation = from.as_ref().map_or(0, |c| c.generation).saturating_add(1);
+        let mut controller_usage = usage.clone();
+        controller_usage.add_replicas(volume.spec.size_bytes, &replicas);
+        match placement::place_controller(preferred, observed.nodes, &controller_usage, generation) {
+            Ok(to) => plan.actions.push(Action::MoveController { from, to, reason }),
+            Err(placement::PlacementError::Unsatisfiable(reason)) => {
+                plan.holds.push(Hold::NoPlaceForController { reason })
+            }
+        }
+    }
+    for (lost, replacement) in replacements {
+        let down_since_unix = observed
+            .down_since
+            .get(&lost.node)
+            .copied()
+            .unwrap_or(observed.now_unix);
+        plan.actions.push(Action::ReplaceReplica {
+            lost,
+            replacement,
+            down_since_unix,
+        });
+    }
+    plan
+}
+
+/// The replicas to replace and their replacements, recording holds in
+/// `plan` and the replacements in `usage`.
+fn decide_replicas(
+    volume: &VolumeRecord,
+    observed: &Observed,
+    usage: &mut Usage,
+    plan: &mut Plan,
+) -> Vec<(ReplicaSlot, ReplicaSlot)> {
+    let slots = &volume.placement.replicas;
+    let grace = observed.replica_grace.as_secs();
+    let mut lost = Vec::new();
+    for slot in slots {
+        if matches!(node_state(observed.nodes, &slot.node), NodeState::Up { .. }) {
+            continue;
+        }
+        let since = observed
+            .down_since
+            .get(&slot.node)
+            .copied()
+            .unwrap_or(observed.now_unix);
+        let until_unix = since.saturating_add(grace);
+        if observed.now_unix < until_unix {
+            plan.holds.push(Hold::ReplicaInGrace {
+                replica: slot.id,
+                node: slot.node.clone(),
+                until_unix,
+            });
+        } else {
+            lost.push(slot);
+        }
+    }
+    if lost.is_empty() {
+        return Vec::new();
+    }
+    let running = slots.iter().filter(|slot| running(slot, observed)).count();
+    let needed = needed_to_serve(volume);
+    if running < needed {
+        for slot in lost {
+            plan.holds.push(Hold::TooFewSurvivors {
+                replica: slot.id,
+                running,
+                needed,
+            });
+        }
+        return Vec::new();
+    }
+
+    let mut exclude: BTreeSet<NodeName> = slots.iter().map(|slot| slot.node.clone()).collect();
+    let mut next_id = slots
+        .iter()
+        .map(|slot| slot.id)
+        .max()
+        .map_or(0, |id| id.saturating_add(1));
+    // Spread domains the volume keeps: those of the replicas not lost.
+    let mut held_domains: BTreeSet<String> = slots
+        .iter()
+        .filter(|slot| !lost.iter().any(|l| l.id == slot.id))
+        .filter_map(|slot| spread_value(observed.nodes, &slot.node, &volume.spec.spread_key))
+        .collect();
+    let mut replacements = Vec::new();
+    for slot in lost {
+        let request = Request {
+            replicas: 1,
+            exclude: exclude.clone(),
+            first_id: next_id,
+            ..Request::for_volume(&volume.spec)
+        };
+        // A node in a spread domain the volume lacks first; any node else.
+        let spreading: Vec<NodeView> = observed
+            .nodes
+            .iter()
+            .filter(|view| {
+                view.record
+                    .labels
+                    .get(&volume.spec.spread_key)
+                    .is_none_or(|value| !held_domains.contains(value))
+            })
+            .cloned()
+            .collect();
+        let placed = placement::place(&request, &spreading, usage)
+            .or_else(|_| placement::place(&request, observed.nodes, usage));
+        match placed.map(|placed| placed.replicas.into_iter().next()) {
+            Ok(Some(replacement)) => {
+                usage.add_replicas(volume.spec.size_bytes, std::slice::from_ref(&replacement));
+                exclude.insert(replacement.node.clone());
+                if let Some(value) = spread_value(observed.nodes, &replacement.node, &volume.spec.spread_key)
+                {
+                    held_domains.insert(value);
+                }
+                next_id = next_id.saturating_add(1);
+                replacements.push((slot.clone(), replacement));
+            }
+            Ok(None) => plan.holds.push(Hold::NoPlaceForReplica {
+                replica: slot.id,
+                reason: "placement returned no slot".to_string(),
+            }),
+            Err(placement::PlacementError::Unsatisfiable(reason)) => {
+                plan.holds.push(Hold::NoPlaceForReplica {
+                    replica: slot.id,
+                    reason,
+                })
+            }
+        }
+    }
+    replacements
+}
+
+fn spread_value(nodes: &[NodeView], node: &NodeName, key: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|view| &view.record.name == node)
+        .and_then(|view| view.record.labels.get(key).cloned())
+}
+
+/// `volume` with `plan`'s actions made: lost replicas removed, replacements
+/// added, the controller moved. When the membership changes and the
+/// controller does not move, its generation still rises: it restarts with
+/// the new membership, and a higher epoch keeps anything its previous
+/// incarnation still had in flight from landing.
+pub fn apply(volume: &VolumeRecord, plan: &Plan) -> VolumeRecord {
+    let mut next = volume.clone();
+    let mut moved = false;
+    let mut membership_changed = false;
+    for action in &plan.actions {
+        match action {
+            Action::MoveController { to, .. } => {
+                next.placement.controller = Some(to.clone());
+                moved = true;
+            }
+            Action::ReplaceReplica {
+                lost, replacement, ..
+            } => {
+                next.placement.replicas.retain(|slot| slot.id != lost.id);
+                next.placement.replicas.push(replacement.clone());
+                membership_changed = true;
+            }
+        }
+    }
+    if membership_changed && !moved {
+        if let Some(controller) = &mut next.placement.controller {
+            controller.generation = controller.generation.saturating_add(1);
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests;

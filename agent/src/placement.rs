@@ -35,7 +35,7 @@ use basalt_engine::units::format_size;
 
 use crate::model::{
     ControllerSlot, NodeName, NodeRecord, Placement, PoolKind, PoolRecord, PortRange, ReplicaSlot,
-    VolumeRecord,
+    VolumeRecord, VolumeSpec,
 };
 
 /// A node as placement sees it.
@@ -97,7 +97,7 @@ impl Usage {
             .fold(0u64, |sum, (_, used)| sum.saturating_add(*used))
     }
 
-    /// Ports given out on `node`, lowest first, that lie in `range`.
+    /// The ports of `range` not given out on `node`, lowest first.
     pub fn free_ports(&self, node: &NodeName, range: PortRange) -> impl Iterator<Item = u16> + '_ {
         let taken = self.ports.get(node);
         (range.first..=range.last).filter(move |port| !taken.is_some_and(|t| t.contains(port)))
@@ -122,6 +122,20 @@ pub struct Request {
     pub exclude: BTreeSet<NodeName>,
     /// The first replica id to give out.
     pub first_id: u32,
+}
+
+impl Request {
+    /// What a new volume of `spec` needs: all its replicas, ids from 0.
+    pub fn for_volume(spec: &VolumeSpec) -> Request {
+        Request {
+            replicas: spec.replicas,
+            size_bytes: spec.size_bytes,
+            selector: spec.selector.clone(),
+            spread_key: spec.spread_key.clone(),
+            exclude: BTreeSet::new(),
+            first_id: 0,
+        }
+    }
 }
 
 /// A placement that worked, and whether its replicas share a failure domain
@@ -559,5 +573,6 @@ pub fn place_controller(
     }
 }
 
+/// Builders shared with the failover tests.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -200,6 +200,60 @@ async fn a_watch_delivers_every_change_under_its_prefix_in_order() {
     assert_eq!(seen, expected);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_watchers_miss_nothing_and_see_no_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    const PREFIXES: [&str; 3] = ["/x/", "/y/", "/"];
+    let mut watches = Vec::new();
+    for prefix in PREFIXES {
+        watches.push(store.watch(prefix, 1).await.unwrap());
+    }
+    // Each writer reports the revision and key of every change it made.
+    let mut writers = Vec::new();
+    for w in 0..3u32 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            for i in 0..30u32 {
+                let key = format!("/{}/{w}-{}", ["x", "y"][(i % 2) as usize], i % 4);
+                let revision = if i % 5 == 4 {
+                    store.delete(&key, Expect::Any).await.unwrap()
+                } else {
+                    store
+                        .put(&key, i.to_le_bytes().to_vec(), Expect::Any, None)
+                        .await
+                        .unwrap()
+                };
+                made.push((revision, key));
+            }
+            made
+        }));
+    }
+    let mut made = Vec::new();
+    for w in writers {
+        made.extend(w.await.unwrap());
+    }
+    // Every change (each delete finds its key) got a revision of its own: 1, 2, 3, ...
+    made.sort();
+    let revisions: Vec<u64> = made.iter().map(|(r, _)| *r).collect();
+    assert_eq!(revisions, (1..=90).collect::<Vec<u64>>());
+    for (prefix, mut watch) in PREFIXES.into_iter().zip(watches) {
+        let expected: Vec<u64> = made
+            .iter()
+            .filter(|(_, key)| key.starts_with(prefix))
+            .map(|(r, _)| *r)
+            .collect();
+        let mut seen = Vec::new();
+        while seen.len() < expected.len() {
+            let event = next(&mut watch).await;
+            assert!(event.key().starts_with(prefix));
+            seen.push(event.revision());
+        }
+        assert_eq!(seen, expected, "watch of {prefix}");
+    }
+}
+
 #[tokio::test]
 async fn a_watch_from_a_revision_starts_exactly_there_and_a_future_one_waits() {
     let dir = tempfile::tempdir().unwrap();

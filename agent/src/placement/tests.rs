@@ -14,13 +14,13 @@ use crate::model::{
     NodeRecord, Placement, PoolKind, PoolRecord, PortRange, QosSpec, VolumePhase, VolumeRecord, VolumeSpec,
 };
 
-const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 
-fn name(n: &str) -> NodeName {
+pub(crate) fn name(n: &str) -> NodeName {
     NodeName::new(n).expect("test node names are valid")
 }
 
-fn dir_pool(pool: &str, capacity_bytes: u64) -> PoolRecord {
+pub(crate) fn dir_pool(pool: &str, capacity_bytes: u64) -> PoolRecord {
     PoolRecord {
         name: pool.to_string(),
         kind: PoolKind::Directory(PathBuf::from(format!("/pools/{pool}"))),
@@ -38,7 +38,7 @@ fn device_pool(pool: &str, capacity_bytes: u64) -> PoolRecord {
     }
 }
 
-fn node_with(n: &str, zone: Option<&str>, pools: Vec<PoolRecord>) -> NodeView {
+pub(crate) fn node_with(n: &str, zone: Option<&str>, pools: Vec<PoolRecord>) -> NodeView {
     NodeView {
         record: NodeRecord {
             name: name(n),
@@ -60,7 +60,7 @@ fn node_with(n: &str, zone: Option<&str>, pools: Vec<PoolRecord>) -> NodeView {
 }
 
 /// A node with one 100 GiB directory pool `default`.
-fn node(n: &str, zone: Option<&str>) -> NodeView {
+pub(crate) fn node(n: &str, zone: Option<&str>) -> NodeView {
     node_with(n, zone, vec![dir_pool("default", 100 * GIB)])
 }
 
@@ -316,7 +316,7 @@ fn nonsense_requests_are_refused() {
     assert!(unsatisfiable(place(&req, &nodes, &Usage::default())).contains("too many replicas"));
 }
 
-fn volume(n: &str, size_bytes: u64, placement: Placement) -> VolumeRecord {
+pub(crate) fn volume(n: &str, size_bytes: u64, placement: Placement) -> VolumeRecord {
     VolumeRecord {
         spec: VolumeSpec {
             name: VolumeName::new(n).expect("valid"),
@@ -335,13 +335,25 @@ fn volume(n: &str, size_bytes: u64, placement: Placement) -> VolumeRecord {
     }
 }
 
-fn slot(id: u32, n: &str, pool: &str, port: u16) -> ReplicaSlot {
+pub(crate) fn slot(id: u32, n: &str, pool: &str, port: u16) -> ReplicaSlot {
     ReplicaSlot {
         id,
         node: name(n),
         pool: pool.to_string(),
         port,
     }
+}
+
+#[test]
+fn a_volume_spec_asks_for_all_its_replicas() {
+    let mut vol = volume("v1", 10 * GIB, Placement::default());
+    vol.spec.replicas = 3;
+    vol.spec.selector.insert("disk".to_string(), "ssd".to_string());
+    let req = Request::for_volume(&vol.spec);
+    assert_eq!((req.replicas, req.size_bytes, req.first_id), (3, 10 * GIB, 0));
+    assert_eq!(req.selector, vol.spec.selector);
+    assert_eq!(req.spread_key, "zone");
+    assert!(req.exclude.is_empty());
 }
 
 #[test]

@@ -153,7 +153,15 @@ impl EmbeddedStore {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             StoreError::Unavailable("the embedded store must be opened inside a tokio runtime".to_string())
         })?;
-        std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+            // The new directory's entry must be as durable as the first change made in it.
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            fsync_dir(parent).map_err(io_error(format!("syncing the directory {}", parent.display())))?;
+        }
         let lock = lock_dir(dir)?;
         let now = Instant::now();
         let disk = Disk(options.crash_after.clone());

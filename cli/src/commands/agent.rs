@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--print-default-config needs the agent-config branch (not merged into this build yet)"
         );
     }
-    let config = seam_load(args.config.as_deref())?;
+    let config = Config::load(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .enable_all()
@@ -48,55 +48,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         // shutdown_signal() spawns its watcher task, so it must run inside the runtime.
         basalt_agent::daemon::run(config, super::shutdown_signal()).await
-    })
-}
-
-// SEAM(agent-config): `Config::load` and `Config::default_yaml` come with the agent-config branch; until it
-// is merged the agent runs with these built-in defaults only, and refuses a config file.
-fn seam_load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    use basalt_agent::config::*;
-    use basalt_agent::model::{NodeName, PortRange};
-    if let Some(p) = path {
-        anyhow::bail!(
-            "{}: config files are not read by this build yet (agent-config branch); run without --config",
-            p.display()
-        );
-    }
-    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let name = NodeName::new(host.trim())
-        .or_else(|_| NodeName::new("node"))
-        .map_err(anyhow::Error::msg)?;
-    let data_dir = PathBuf::from("basalt-data");
-    Ok(Config {
-        node: NodeConfig {
-            name,
-            address: "127.0.0.1".parse()?,
-            labels: Default::default(),
-            ports: PortRange {
-                first: 7100,
-                last: 7999,
-            },
-        },
-        pools: vec![PoolConfig {
-            name: "default".into(),
-            kind: PoolKindConfig::Directory(data_dir.join("pools/default")),
-            capacity_bytes: None,
-        }],
-        data_dir,
-        cluster: ClusterConfig::Embedded,
-        endpoints: EndpointsConfig {
-            api: Some(ApiEndpoint {
-                listen: "127.0.0.1:9700".parse()?,
-                token_file: None,
-                tls_cert_file: None,
-                tls_key_file: None,
-            }),
-            docker: None,
-            csi: None,
-        },
-        runtime: RuntimeConfig::Process { binary: None },
-        failover: FailoverConfig {
-            replica_grace: std::time::Duration::from_secs(300),
-        },
     })
 }

@@ -77,6 +77,14 @@ impl State {
     /// The state a snapshot holds; its leases run `ttl` from `now` (the holders of the previous
     /// process get one full lease length to renew them).
     pub fn from_snapshot(snapshot: Snapshot, history_limit: usize, now: Instant) -> Result<State, String> {
+        // Counters this large are never reached by counting (one per change); they can only come
+        // from a damaged or forged file, and would overflow on the next change.
+        if snapshot.revision > u64::MAX / 2 || snapshot.seq > u64::MAX / 2 {
+            return Err(format!(
+                "its counters ({} changes, revision {}) are beyond any count of changes",
+                snapshot.seq, snapshot.revision
+            ));
+        }
         let mut state = State::new(history_limit);
         state.revision = snapshot.revision;
         state.seq = snapshot.seq;
@@ -363,7 +371,7 @@ impl State {
     }
 
     fn check_next_revision(&mut self, revision: Revision) -> Result<(), String> {
-        if revision != self.revision + 1 {
+        if self.revision.checked_add(1) != Some(revision) {
             return Err(format!(
                 "revision {revision} follows revision {}: a change is missing",
                 self.revision
@@ -622,6 +630,14 @@ mod tests {
         // Watching from before the snapshot is refused; from after it is served.
         assert!(restored.events_since("", 2).is_err());
         assert!(restored.events_since("", 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_with_counters_no_count_reaches_is_refused() {
+        let mut snapshot = State::new(1).snapshot();
+        snapshot.revision = u64::MAX;
+        let err = State::from_snapshot(snapshot, 1, Instant::now()).unwrap_err();
+        assert!(err.contains("beyond any count"), "{err}");
     }
 
     #[test]
