@@ -199,6 +199,12 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     let controller = controller_record(&setup.data_dir(), "life");
     // SAFETY: plain syscall on the agent process this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    // Reaped before the guard drops: a guard that found it still running would stop its whole group.
+    let mut agent = agent;
+    assert!(
+        agent.wait_for_exit(READY_TIMEOUT).unwrap().is_some(),
+        "the agent survived SIGKILL"
+    );
     drop(agent);
     assert_eq!(
         process_start_time(controller.pid),

@@ -84,15 +84,16 @@ struct Agent {
 fn start_reconciler(store: Arc<EmbeddedStore>, data_dir: &Path, me: &NodeName) -> Agent {
     let runtime =
         ProcessRuntime::new(basalt_tests::basalt_binary().unwrap(), data_dir.to_path_buf()).unwrap();
-    let reconciler = Reconciler {
+    let reconciler = Reconciler::new(
         store,
-        runtime: Arc::new(runtime),
-        local: Local {
+        Arc::new(runtime),
+        Local {
             me: me.clone(),
             data_dir: data_dir.to_path_buf(),
         },
-        metrics: Arc::new(AgentMetrics::new()),
-    };
+        Arc::new(AgentMetrics::new()),
+        Duration::from_secs(300),
+    );
     let cancel = CancellationToken::new();
     let task = tokio::spawn(reconciler.run(cancel.clone()));
     Agent { cancel, task }
@@ -186,6 +187,16 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
     store::put_json(store.as_ref(), &keys::node(&me), &node, Expect::Absent, None)
         .await
         .unwrap();
+    // The node is up (its liveness key exists): failover leaves its volume alone.
+    store::put_json(
+        store.as_ref(),
+        &keys::node_alive(&me),
+        &basalt_agent::model::NodeAlive { since_unix: 0 },
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
     let token = basalt_proto::auth::hex(&rand::random::<[u8; 32]>());
     let secrets = VolumeSecrets {
         peer_secret: basalt_proto::auth::hex(&rand::random::<[u8; 32]>()),

@@ -97,15 +97,16 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     };
 
     let tasks = cancel.child_token();
-    let reconciler = Reconciler {
-        store: store.clone(),
-        runtime: runtime.clone(),
-        local: Local {
+    let reconciler = Reconciler::new(
+        store.clone(),
+        runtime.clone(),
+        Local {
             me: config.node.name.clone(),
             data_dir: absolute(&config.data_dir)?,
         },
-        metrics: metrics.clone(),
-    };
+        metrics.clone(),
+        config.failover.replica_grace,
+    );
     let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
     let lease_task = tokio::spawn(keep_alive(
         store.clone(),

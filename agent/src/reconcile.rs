@@ -93,6 +93,8 @@ impl Local {
 pub struct Desired {
     pub volumes: BTreeMap<VolumeName, Versioned<VolumeRecord>>,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
+    /// Nodes whose liveness key exists.
+    pub up: BTreeSet<NodeName>,
     pub statuses: BTreeMap<(VolumeName, ServiceId), ServiceStatus>,
 }
 
@@ -577,6 +579,66 @@ pub struct Reconciler {
     pub runtime: Arc<dyn Runtime>,
     pub local: Local,
     pub metrics: Arc<AgentMetrics>,
+    /// How long a node may be down before its replicas are replaced.
+    pub replica_grace: Duration,
+    /// When this agent first saw each down node down (unix seconds).
+    pub down_since: std::sync::Mutex<BTreeMap<NodeName, u64>>,
+}
+
+/// The failover decisions of every volume that is not being deleted
+/// ([`crate::failover::decide`]), with the record to write for each that
+/// changes something. `down_since` is updated: nodes seen down for the
+/// first time are recorded at `now_unix`, nodes up again forgotten.
+pub fn failover_plans(
+    desired: &Desired,
+    down_since: &mut BTreeMap<NodeName, u64>,
+    now_unix: u64,
+    replica_grace: Duration,
+) -> Vec<(VolumeName, store::Revision, crate::failover::Plan, VolumeRecord)> {
+    use crate::placement::NodeView;
+    let nodes: Vec<NodeView> = desired
+        .nodes
+        .values()
+        .map(|record| NodeView {
+            record: record.clone(),
+            up: desired.up.contains(&record.name),
+        })
+        .collect();
+    for view in &nodes {
+        if view.up {
+            down_since.remove(&view.record.name);
+        } else {
+            down_since.entry(view.record.name.clone()).or_insert(now_unix);
+        }
+    }
+    let records: Vec<VolumeRecord> = desired.volumes.values().map(|v| v.value.clone()).collect();
+    let usage = crate::placement::usage(&records);
+    let mut out = Vec::new();
+    for (name, rec) in &desired.volumes {
+        if rec.value.phase == VolumePhase::Deleting {
+            continue;
+        }
+        let statuses: BTreeMap<ServiceId, ServiceStatus> = desired
+            .statuses
+            .iter()
+            .filter(|((v, _), _)| v == name)
+            .map(|((_, s), st)| (s.clone(), st.clone()))
+            .collect();
+        let observed = crate::failover::Observed {
+            nodes: &nodes,
+            down_since,
+            statuses: &statuses,
+            usage: &usage,
+            now_unix,
+            replica_grace,
+        };
+        let plan = crate::failover::decide(&rec.value, &observed);
+        if !plan.actions.is_empty() || !plan.holds.is_empty() {
+            let next = crate::failover::apply(&rec.value, &plan);
+            out.push((name.clone(), rec.revision, plan, next));
+        }
+    }
+    out
 }
 
 type Client = ControllerServiceClient<
@@ -584,6 +646,59 @@ type Client = ControllerServiceClient<
 >;
 
 impl Reconciler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        local: Local,
+        metrics: Arc<AgentMetrics>,
+        replica_grace: Duration,
+    ) -> Reconciler {
+        Reconciler {
+            store,
+            runtime,
+            local,
+            metrics,
+            replica_grace,
+            down_since: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Failover: moves controllers off down nodes and replaces replicas lost
+    /// past the grace period, each record written with a revision check (an
+    /// agent that loses the race finds nothing left to do at its next pass).
+    async fn failover(&self, desired: &Desired, now_unix: u64) -> anyhow::Result<bool> {
+        let plans = {
+            let mut down = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+            failover_plans(desired, &mut down, now_unix, self.replica_grace)
+        };
+        let mut wrote = false;
+        for (name, revision, plan, next) in plans {
+            for hold in &plan.holds {
+                tracing::debug!(volume = %name, "failover holds: {hold}");
+            }
+            if plan.actions.is_empty() {
+                continue;
+            }
+            for action in &plan.actions {
+                tracing::warn!(volume = %name, "failover: {action}");
+            }
+            match store::put_json(
+                self.store.as_ref(),
+                &keys::volume(&name),
+                &next,
+                Expect::Revision(revision),
+                None,
+            )
+            .await
+            {
+                Ok(_) => wrote = true,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e).context("writing a failover decision"),
+            }
+        }
+        Ok(wrote)
+    }
+
     /// Runs until `cancel`. Never returns an error: a failed pass is
     /// counted, logged and retried at the next one.
     pub async fn run(self, cancel: CancellationToken) {
@@ -612,7 +727,14 @@ impl Reconciler {
 
     /// One pass: read, decide, act.
     pub async fn pass(&self) -> anyhow::Result<()> {
-        let desired = read_desired(self.store.as_ref()).await?;
+        let mut desired = read_desired(self.store.as_ref()).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.failover(&desired, now).await? {
+            // Decide the services from the records as they are now.
+            desired = read_desired(self.store.as_ref()).await?;
+        }
         let mut seen = Seen {
             services: self
                 .runtime
@@ -659,9 +781,6 @@ impl Reconciler {
                 }
             }
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let actions = plan(&self.local, &desired, &seen, now);
         let mut failed: BTreeSet<VolumeName> = BTreeSet::new();
         let mut errors = 0;
@@ -905,7 +1024,13 @@ pub async fn read_desired(store: &dyn Store) -> anyhow::Result<Desired> {
     let (volumes, _) = store::list_json::<VolumeRecord>(store, keys::VOLUMES).await?;
     let (nodes, _) = store::list_json::<NodeRecord>(store, keys::NODES).await?;
     let (statuses, _) = store::list_json::<ServiceStatus>(store, keys::STATUS).await?;
+    let (alive, _) = store.list(keys::NODES_ALIVE).await?;
     let mut d = Desired::default();
+    for kv in alive {
+        if let Some(Ok(n)) = kv.key.strip_prefix(keys::NODES_ALIVE).map(NodeName::new) {
+            d.up.insert(n);
+        }
+    }
     for (_, v) in volumes {
         d.volumes.insert(v.value.spec.name.clone(), v);
     }

@@ -461,6 +461,37 @@ fn the_controllers_view_is_read_from_volume_info() {
     assert_eq!(qos_from_reply(qos_request(&v.qos).limits.as_ref()), v.qos);
 }
 
+#[test]
+fn a_controller_on_a_down_node_moves_to_an_up_node_holding_a_replica_and_down_nodes_are_remembered() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "b", VolumePhase::Ready)]);
+    d.up.insert(node("a"));
+    let mut down = BTreeMap::new();
+    let plans = failover_plans(&d, &mut down, 1000, Duration::from_secs(300));
+    assert_eq!(down.get(&node("b")), Some(&1000));
+    let (name, revision, plan, next) = &plans[0];
+    assert_eq!((name, *revision), (&vol("v1"), 42));
+    assert!(
+        matches!(plan.actions[0], crate::failover::Action::MoveController { .. }),
+        "{plan:?}"
+    );
+    let c = next.placement.controller.as_ref().unwrap();
+    assert_eq!((c.node.clone(), c.generation), (node("a"), 2));
+    // Replicas on b are within their grace period: kept.
+    assert_eq!(
+        next.placement.replicas,
+        d.volumes[&vol("v1")].value.placement.replicas
+    );
+
+    // Seen down earlier: the first sighting is kept; up again: forgotten.
+    let plans = failover_plans(&d, &mut down, 2000, Duration::from_secs(300));
+    assert_eq!(down.get(&node("b")), Some(&1000));
+    assert!(!plans.is_empty());
+    d.up.insert(node("b"));
+    let plans = failover_plans(&d, &mut down, 3000, Duration::from_secs(300));
+    assert!(down.is_empty());
+    assert!(plans.is_empty(), "{plans:?}");
+}
+
 fn arb_phase() -> impl Strategy<Value = VolumePhase> {
     prop_oneof![
         Just(VolumePhase::Creating),
