@@ -11,36 +11,10 @@ use basalt_agent::model::{NodeName, ServiceId, ServiceState};
 use basalt_agent::runtime::docker::DockerRuntime;
 use basalt_agent::runtime::{ReplicaSpec, ReplicaStorage, Runtime, ServiceKey, ServiceSpec};
 use basalt_engine::name::VolumeName;
-use basalt_tests::{basalt_binary, free_local_addr, wait_for};
+use basalt_tests::{free_local_addr, wait_for};
 
 const SOCKET: &str = "/var/run/docker.sock";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The image, built once from the test's binary and tagged by its content.
-fn image() -> String {
-    let bin = basalt_binary().unwrap();
-    let tag = format!(
-        "basalt:agent-e2e-{:08x}",
-        crc32fast::hash(&std::fs::read(&bin).unwrap())
-    );
-    let have = Command::new("docker")
-        .args(["image", "inspect", &tag])
-        .output()
-        .unwrap();
-    if !have.status.success() {
-        let build = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../images/build.sh"))
-            .env("BASALT_BIN", &bin)
-            .args(["--tag", &tag])
-            .output()
-            .unwrap();
-        assert!(
-            build.status.success(),
-            "images/build.sh: {}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-    }
-    tag
-}
 
 fn container_id(name: &str) -> Option<String> {
     let out = Command::new("docker")
@@ -54,7 +28,10 @@ fn container_id(name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_runs_as_a_container_on_the_host_network_and_is_removed_by_stop() {
-    let image = tokio::task::spawn_blocking(image).await.unwrap();
+    let image = tokio::task::spawn_blocking(basalt_tests::agent_image)
+        .await
+        .unwrap()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("peer-secret");
     std::fs::write(&secret, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();

@@ -3,7 +3,8 @@
 //! create a 3-replica volume, wait until it is ready, write and read it with qemu-io at the iSCSI URL
 //! `volume inspect` gives, kill -9 the agent and start it again (the services keep running and are adopted:
 //! the data reads back, the controller process is the same), expand it online, delete it, and find its
-//! data directories gone.
+//! data directories gone. Twice: with the services as child processes, and as containers on the real Docker
+//! engine (the `docker` runtime, image from images/build.sh).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,33 @@ impl Drop for KillGroup {
     }
 }
 
+/// How the agent under test runs its services.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Process,
+    Docker,
+}
+
+/// Removes the containers of a docker-runtime agent's node, whatever the test's outcome.
+struct RemoveContainers(String);
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        let filter = format!("label=io.basalt.node={}", self.0);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
+}
+
 struct Setup {
+    kind: Kind,
+    node: String,
     dir: tempfile::TempDir,
     config: PathBuf,
     api: SocketAddr,
@@ -52,8 +79,19 @@ struct Setup {
 }
 
 impl Setup {
-    fn new() -> Setup {
+    fn new(kind: Kind) -> Setup {
         let dir = tempfile::tempdir().unwrap();
+        let node = format!("life{:08x}", rand::random::<u32>());
+        let runtime = match kind {
+            Kind::Process => format!(
+                "  kind: process\n  binary: {}\n",
+                basalt_binary().unwrap().display()
+            ),
+            Kind::Docker => format!(
+                "  kind: docker\n  docker_socket: /var/run/docker.sock\n  image: {}\n",
+                basalt_tests::agent_image().unwrap()
+            ),
+        };
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
         let (first, last) = free_port_range(SERVICE_PORTS);
         let token_file = dir.path().join("api-token");
@@ -64,18 +102,19 @@ impl Setup {
         std::fs::write(
             &config,
             format!(
-                "node:\n  name: life\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
+                "node:\n  name: {node}\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
                  data_dir: {d}/data\n\
                  pools:\n  - name: p0\n    path: {d}/pool0\n  - name: p1\n    path: {d}/pool1\n  - name: p2\n    path: {d}/pool2\n\
                  cluster:\n  store: embedded\n\
                  endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
-                 runtime:\n  kind: process\n  binary: {}\n",
+                 runtime:\n{runtime}",
                 token_file.display(),
-                basalt_binary().unwrap().display()
             ),
         )
         .unwrap();
         Setup {
+            kind,
+            node,
             dir,
             config,
             api,
@@ -143,6 +182,38 @@ fn controller_record(data_dir: &Path, volume: &str) -> RunRecord {
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
+impl Setup {
+    /// The running controller's identity (process: pid and start time; docker: container id and start
+    /// time), `None` when it does not run: the same value later means the same running controller.
+    fn controller(&self, volume: &str) -> Option<String> {
+        match self.kind {
+            Kind::Process => {
+                let rec = controller_record(&self.data_dir(), volume);
+                (process_start_time(rec.pid) == Some(rec.start_time))
+                    .then(|| format!("{}/{}", rec.pid, rec.start_time))
+            }
+            Kind::Docker => {
+                let name = format!("basalt-{}-{volume}-controller", self.node);
+                let out = Command::new("docker")
+                    .args([
+                        "inspect",
+                        "--format",
+                        "{{.Id}} {{.State.Running}} {{.State.StartedAt}}",
+                        &name,
+                    ])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                (out.status.success() && text.contains(" true ")).then_some(text)
+            }
+        }
+    }
+}
+
+fn controller_record_pid(identity: &str) -> u32 {
+    identity.split('/').next().and_then(|p| p.parse().ok()).unwrap()
+}
+
 fn url_of(view: &Value) -> IscsiUrl {
     let text = view["iscsi_url"]
         .as_str()
@@ -164,7 +235,18 @@ fn io(url: &IscsiUrl, commands: &[&str]) {
 
 #[test]
 fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_with_its_data() {
-    let setup = Setup::new();
+    life_cycle(Kind::Process);
+}
+
+/// The same life with every replica and the controller as containers on the real Docker engine.
+#[test]
+fn the_same_life_cycle_with_the_services_as_docker_containers() {
+    life_cycle(Kind::Docker);
+}
+
+fn life_cycle(kind: Kind) {
+    let setup = Setup::new(kind);
+    let _containers = RemoveContainers(setup.node.clone());
     let agent = setup.start_agent("agent-1");
     let _group = KillGroup(agent.pid() as i32);
 
@@ -196,7 +278,7 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     }
 
     // kill -9 the agent: the volume keeps serving, and a new agent adopts its services.
-    let controller = controller_record(&setup.data_dir(), "life");
+    let controller = setup.controller("life").expect("the controller runs");
     // SAFETY: plain syscall on the agent process this test started.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
     // Reaped before the guard drops: a guard that found it still running would stop its whole group.
@@ -207,8 +289,8 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     );
     drop(agent);
     assert_eq!(
-        process_start_time(controller.pid),
-        Some(controller.start_time),
+        setup.controller("life").as_ref(),
+        Some(&controller),
         "services outlive the agent"
     );
     io(&url, &["read -P 0xa5 0 1M"]);
@@ -217,8 +299,8 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     assert_eq!(url_of(&view), url);
     io(&url, &["read -P 0xa5 0 1M", "read -P 0x3c 63M 1M"]);
     assert_eq!(
-        controller_record(&setup.data_dir(), "life"),
-        controller,
+        setup.controller("life").as_ref(),
+        Some(&controller),
         "the controller was adopted"
     );
 
@@ -231,8 +313,8 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
     .unwrap();
     io(&url, &["read -P 0x77 127M 1M", "read -P 0xa5 0 1M"]);
     assert_eq!(
-        process_start_time(controller.pid),
-        Some(controller.start_time),
+        setup.controller("life").as_ref(),
+        Some(&controller),
         "grown online"
     );
 
@@ -247,7 +329,19 @@ fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_wit
         let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
         assert!(!pool.exists(), "{} is left", pool.display());
     }
-    assert_eq!(process_start_time(controller.pid), None, "the controller stopped");
+    if kind == Kind::Process {
+        assert_eq!(
+            process_start_time(controller_record_pid(&controller)),
+            None,
+            "the controller stopped"
+        );
+    } else {
+        assert_eq!(
+            setup.controller("life"),
+            None,
+            "the controller's container is gone"
+        );
+    }
     let (ok, out, _) = setup.cli(&["volume", "ls", "--json"]);
     assert!(ok);
     let list: Value = serde_json::from_str(&out).unwrap();
