@@ -35,9 +35,8 @@ const WORKER_THREADS: usize = 2;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.print_default_config {
-        anyhow::bail!(
-            "--print-default-config needs the agent-config branch (not merged into this build yet)"
-        );
+        print!("{}", Config::default_yaml());
+        return Ok(());
     }
     let config = Config::load(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
