@@ -838,3 +838,19 @@ pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) 
     }
     Ok(())
 }
+
+/// The container image `images/build.sh` builds from the test's own `basalt` binary, tagged by the binary's
+/// content (`basalt:agent-e2e-CRC`) so that concurrent builds never clash; built once, reused after.
+pub fn agent_image() -> Result<String> {
+    let bin = basalt_binary()?;
+    let tag = format!("basalt:agent-e2e-{:08x}", crc32fast::hash(&read_file(&bin)?));
+    let have = Command::new("docker")
+        .args(["image", "inspect", &tag])
+        .output()
+        .map_err(io("run docker image inspect"))?;
+    if !have.status.success() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+        run_checked(Command::new(script).env("BASALT_BIN", &bin).args(["--tag", &tag]))?;
+    }
+    Ok(tag)
+}

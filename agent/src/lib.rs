@@ -28,7 +28,9 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod failover;
+pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod reconcile;

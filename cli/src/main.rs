@@ -29,6 +29,8 @@ enum Command {
     Volume(commands::volume::Args),
     /// Create, list, delete and revert a volume's snapshots.
     Snapshot(commands::snapshot::Args),
+    /// The node agent: provisions and runs this host's volumes, serves the REST API.
+    Agent(commands::agent::Args),
     /// Probe a controller (--api) or a replica (--replica): exit 0 if healthy, 1 otherwise.
     Health(commands::health::Args),
     /// List, inspect, cordon, uncordon and drain the cluster's nodes (node agent).
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Volume(args) => commands::volume::run(args),
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Health(args) => commands::health::run(args),
+        Command::Agent(args) => commands::agent::run(args),
         Command::Node(args) => commands::cluster::node::run(args),
     };
     match result {

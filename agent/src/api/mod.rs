@@ -64,6 +64,8 @@ pub struct ApiContext {
     /// The bearer token every request but `GET /v1/health` must carry; `None`: no authentication (the
     /// daemon allows it only on a loopback address).
     pub token: Option<ApiToken>,
+    /// The agent's own metrics (reconciler, lease), served after the API's at `GET /metrics`.
+    pub agent_metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
 /// A request as the handlers see it (the body already read, within the limit).
@@ -317,7 +319,13 @@ impl Server {
             Metrics => ApiResponse {
                 status: StatusCode::OK,
                 content_type: "text/plain; version=0.0.4",
-                body: self.metrics.render(&*ctx.store).await?,
+                body: {
+                    let mut body = self.metrics.render(&*ctx.store).await?;
+                    if let Some(m) = &ctx.agent_metrics {
+                        body.extend_from_slice(m.render().as_bytes());
+                    }
+                    body
+                },
                 allow: None,
             },
             Instance => ok(&nodes::instance(ctx, &query, req.peer).await?),

@@ -1,6 +1,7 @@
 //! Subcommands of the `basalt` binary, one module each.
 
 pub mod access;
+pub mod agent;
 pub mod args;
 pub mod client;
 pub mod cluster;

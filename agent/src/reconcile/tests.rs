@@ -1,0 +1,551 @@
+//! The reconciler's decisions, fed by hand-made records and observations.
+
+use super::*;
+use crate::model::{ControllerSlot, Placement, PoolRecord, PortRange, ReplicaSlot, VolumeSpec};
+use proptest::prelude::*;
+
+fn node(name: &str) -> NodeName {
+    NodeName::new(name).unwrap()
+}
+
+fn vol(name: &str) -> VolumeName {
+    VolumeName::new(name).unwrap()
+}
+
+fn local() -> Local {
+    Local {
+        me: node("a"),
+        data_dir: "/data".into(),
+    }
+}
+
+fn node_record(name: &str, last_octet: u8) -> NodeRecord {
+    NodeRecord {
+        name: node(name),
+        address: std::net::IpAddr::from([127, 0, 0, last_octet]),
+        api_url: "http://127.0.0.1:9700".into(),
+        labels: BTreeMap::new(),
+        pools: ["p0", "p1", "p2"]
+            .iter()
+            .map(|p| PoolRecord {
+                name: p.to_string(),
+                kind: PoolKind::Directory(format!("/pools/{name}/{p}").into()),
+                capacity_bytes: 1 << 40,
+                free_bytes: 1 << 40,
+            })
+            .collect(),
+        ports: PortRange {
+            first: 7100,
+            last: 7199,
+        },
+        cordoned: false,
+        draining: false,
+    }
+}
+
+/// A 3-replica volume: replicas 1..=3 on `replica_nodes`, the controller on `controller`.
+fn volume(
+    name: &str,
+    replica_nodes: [&str; 3],
+    controller: &str,
+    phase: VolumePhase,
+) -> Versioned<VolumeRecord> {
+    Versioned {
+        value: VolumeRecord {
+            spec: VolumeSpec {
+                name: vol(name),
+                uuid: uuid::Uuid::from_u128(7),
+                size_bytes: 1 << 30,
+                replicas: 3,
+                min_healthy: None,
+                selector: BTreeMap::new(),
+                spread_key: "zone".into(),
+                qos: QosSpec::default(),
+                source: None,
+            },
+            placement: Placement {
+                replicas: replica_nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ReplicaSlot {
+                        id: i as u32 + 1,
+                        node: node(n),
+                        pool: format!("p{i}"),
+                        port: 7100 + i as u16,
+                    })
+                    .collect(),
+                controller: Some(ControllerSlot {
+                    node: node(controller),
+                    iscsi_port: 7110,
+                    api_port: 7111,
+                    generation: 1,
+                }),
+            },
+            phase,
+            attached_to: None,
+        },
+        revision: 42,
+    }
+}
+
+fn desired(volumes: Vec<Versioned<VolumeRecord>>) -> Desired {
+    let mut d = Desired::default();
+    for v in volumes {
+        d.volumes.insert(v.value.spec.name.clone(), v);
+    }
+    d.nodes.insert(node("a"), node_record("a", 1));
+    d.nodes.insert(node("b"), node_record("b", 2));
+    d
+}
+
+fn key(volume: &str, service: ServiceId) -> ServiceKey {
+    ServiceKey {
+        volume: vol(volume),
+        service,
+    }
+}
+
+fn running() -> Observed {
+    Observed {
+        state: ServiceState::Running,
+        restarts: 0,
+        message: None,
+    }
+}
+
+fn status(on: &str) -> ServiceStatus {
+    ServiceStatus {
+        node: node(on),
+        state: ServiceState::Running,
+        message: None,
+        restarts: 0,
+        updated_unix: 1,
+    }
+}
+
+fn ensured(actions: &[Action]) -> Vec<ServiceKey> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Ensure { key, .. } => Some(key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn view(serving: bool, rw: usize) -> ControllerView {
+    ControllerView {
+        size_bytes: 1 << 30,
+        serving,
+        rw_replicas: rw,
+        qos: QosSpec::default(),
+    }
+}
+
+#[test]
+fn a_node_runs_exactly_the_services_placed_on_it() {
+    let d = desired(vec![volume("v1", ["a", "b", "a"], "a", VolumePhase::Creating)]);
+    let actions = plan(&local(), &d, &Seen::default(), 5);
+    assert_eq!(
+        ensured(&actions),
+        vec![
+            key("v1", ServiceId::Replica(1)),
+            key("v1", ServiceId::Replica(3)),
+            key("v1", ServiceId::Controller)
+        ]
+    );
+    // Nothing runs yet: no status to report, no phase to change.
+    assert!(
+        actions.iter().all(|a| matches!(a, Action::Ensure { .. })),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_replica_lives_in_its_pool_under_the_volume_uuid_and_listens_on_its_node() {
+    let d = desired(vec![volume("v1", ["a", "b", "a"], "b", VolumePhase::Creating)]);
+    let actions = plan(&local(), &d, &Seen::default(), 5);
+    let Some(Action::Ensure {
+        spec: ServiceSpec::Replica(r),
+        secrets_of,
+        ..
+    }) = actions.first()
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(
+        r.storage,
+        ReplicaStorage::Directory("/pools/a/p0/00000000-0000-0000-0000-000000000007/replica-1".into())
+    );
+    assert_eq!(r.listen, "127.0.0.1:7100".parse().unwrap());
+    assert_eq!(r.secret_file, PathBuf::from("/data/secrets/v1/peer-secret"));
+    assert_eq!(secrets_of, &vec![vol("v1")]);
+}
+
+#[test]
+fn the_controller_reaches_every_replica_at_its_nodes_address() {
+    let d = desired(vec![volume("v1", ["a", "b", "a"], "a", VolumePhase::Creating)]);
+    let actions = plan(&local(), &d, &Seen::default(), 5);
+    let c = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Ensure {
+                spec: ServiceSpec::Controller(c),
+                ..
+            } => Some(c),
+            _ => None,
+        })
+        .unwrap();
+    let replicas: Vec<String> = c.replicas.iter().map(|r| r.to_string()).collect();
+    assert_eq!(replicas, ["127.0.0.1:7100", "127.0.0.2:7101", "127.0.0.1:7102"]);
+    assert_eq!(c.iscsi, "127.0.0.1:7110".parse().unwrap());
+    assert_eq!(c.api_token_file, PathBuf::from("/data/secrets/v1/api-token"));
+}
+
+#[test]
+fn a_replica_on_an_unregistered_node_cannot_be_reached_and_its_controller_says_so() {
+    let mut d = desired(vec![volume("v1", ["a", "c", "a"], "a", VolumePhase::Creating)]);
+    d.nodes.remove(&node("c"));
+    let actions = plan(&local(), &d, &Seen::default(), 5);
+    assert!(!ensured(&actions).contains(&key("v1", ServiceId::Controller)));
+    let msg = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::WriteStatus {
+                service: ServiceId::Controller,
+                status,
+                ..
+            } => status.message.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert!(msg.contains("node c is not registered"), "{msg}");
+}
+
+#[test]
+fn a_status_is_written_when_it_changed_and_not_otherwise() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "b", VolumePhase::Ready)]);
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Replica(1)), running());
+    let writes = |d: &Desired, seen: &Seen| {
+        plan(&local(), d, seen, 9)
+            .into_iter()
+            .filter(|a| matches!(a, Action::WriteStatus { .. }))
+            .count()
+    };
+    assert_eq!(writes(&d, &seen), 1);
+    d.statuses.insert((vol("v1"), ServiceId::Replica(1)), status("a"));
+    assert_eq!(writes(&d, &seen), 0);
+    seen.services
+        .get_mut(&key("v1", ServiceId::Replica(1)))
+        .unwrap()
+        .restarts = 1;
+    assert_eq!(writes(&d, &seen), 1);
+}
+
+#[test]
+fn the_controllers_node_moves_a_new_volume_to_ready_once_the_controller_serves_every_replica() {
+    let d = desired(vec![volume("v1", ["a", "a", "a"], "a", VolumePhase::Creating)]);
+    let mut seen = Seen::default();
+    let phase = |seen: &Seen| {
+        plan(&local(), &d, seen, 9).into_iter().find_map(|a| match a {
+            Action::SetPhase { phase, revision, .. } => {
+                assert_eq!(revision, 42);
+                Some(phase)
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(phase(&seen), None, "no answer yet: still creating");
+    seen.controllers.insert(vol("v1"), view(false, 0));
+    assert_eq!(phase(&seen), None, "not serving yet: still creating");
+    seen.controllers.insert(vol("v1"), view(true, 2));
+    assert_eq!(phase(&seen), Some(VolumePhase::Degraded));
+    seen.controllers.insert(vol("v1"), view(true, 3));
+    assert_eq!(phase(&seen), Some(VolumePhase::Ready));
+}
+
+#[test]
+fn only_the_controllers_node_decides_the_phase_and_expansions() {
+    let mut v = volume("v1", ["a", "a", "a"], "b", VolumePhase::Creating);
+    v.value.spec.size_bytes = 2 << 30;
+    let d = desired(vec![v]);
+    let mut seen = Seen::default();
+    // Even with a (stale) view of a controller it does not host.
+    seen.controllers.insert(vol("v1"), view(true, 3));
+    let actions = plan(&local(), &d, &seen, 9);
+    assert!(!actions.iter().any(|a| matches!(
+        a,
+        Action::SetPhase { .. } | Action::Expand { .. } | Action::SetQos { .. }
+    )));
+}
+
+#[test]
+fn a_larger_size_is_applied_online_and_the_controller_keeps_starting_with_the_size_it_serves() {
+    let mut v = volume("v1", ["a", "a", "a"], "a", VolumePhase::Ready);
+    v.value.spec.size_bytes = 2 << 30;
+    let d = desired(vec![v]);
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Controller), running());
+    seen.controllers.insert(vol("v1"), view(true, 3));
+    let actions = plan(&local(), &d, &seen, 9);
+    assert!(actions.contains(&Action::Expand {
+        volume: vol("v1"),
+        size_bytes: 2 << 30
+    }));
+    let size = actions.iter().find_map(|a| match a {
+        Action::Ensure {
+            spec: ServiceSpec::Controller(c),
+            ..
+        } => Some(c.size_bytes),
+        _ => None,
+    });
+    assert_eq!(size, Some(1 << 30));
+}
+
+#[test]
+fn qos_limits_that_differ_from_the_spec_are_applied() {
+    let mut v = volume("v1", ["a", "a", "a"], "a", VolumePhase::Ready);
+    v.value.spec.qos.write_iops = Some(100);
+    let d = desired(vec![v]);
+    let mut seen = Seen::default();
+    seen.controllers.insert(vol("v1"), view(true, 3));
+    let actions = plan(&local(), &d, &seen, 9);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::SetQos { qos, .. } if qos.write_iops == Some(100))));
+    seen.controllers.get_mut(&vol("v1")).unwrap().qos.write_iops = Some(100);
+    assert!(!plan(&local(), &d, &seen, 9)
+        .iter()
+        .any(|a| matches!(a, Action::SetQos { .. })));
+}
+
+#[test]
+fn deleting_stops_services_then_removes_data_and_statuses_and_the_last_agent_deletes_the_record() {
+    let mut d = desired(vec![volume("v1", ["a", "a", "b"], "a", VolumePhase::Deleting)]);
+    d.statuses.insert((vol("v1"), ServiceId::Replica(1)), status("a"));
+    d.statuses.insert((vol("v1"), ServiceId::Replica(3)), status("b"));
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Replica(1)), running());
+    seen.services.insert(key("v1", ServiceId::Controller), running());
+    let actions = plan(&local(), &d, &seen, 9);
+    let stop_at = actions
+        .iter()
+        .rposition(|a| matches!(a, Action::Stop { .. }))
+        .unwrap();
+    let remove_at = actions
+        .iter()
+        .position(|a| matches!(a, Action::RemoveData { .. }))
+        .unwrap();
+    assert!(
+        stop_at < remove_at,
+        "data is removed only after its service stopped: {actions:?}"
+    );
+    let removed: Vec<&PathBuf> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RemoveData { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed.len(), 2, "only this node's replicas: {removed:?}");
+    assert!(actions.contains(&Action::DeleteStatus {
+        volume: vol("v1"),
+        service: ServiceId::Replica(1)
+    }));
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::DeleteVolume { .. })),
+        "node b still has a status: not the last"
+    );
+    assert!(!ensured(&actions).iter().any(|k| k.volume == vol("v1")));
+
+    d.statuses.remove(&(vol("v1"), ServiceId::Replica(3)));
+    let actions = plan(&local(), &d, &seen, 9);
+    assert_eq!(
+        actions.last(),
+        Some(&Action::DeleteVolume {
+            volume: vol("v1"),
+            revision: 42
+        })
+    );
+}
+
+#[test]
+fn a_service_of_a_volume_without_a_record_is_stopped_and_its_status_dropped_but_its_data_kept() {
+    let mut d = desired(vec![]);
+    d.statuses
+        .insert((vol("gone"), ServiceId::Replica(1)), status("a"));
+    d.statuses
+        .insert((vol("gone"), ServiceId::Replica(2)), status("b"));
+    let mut seen = Seen::default();
+    seen.services
+        .insert(key("gone", ServiceId::Replica(1)), running());
+    let actions = plan(&local(), &d, &seen, 9);
+    assert_eq!(
+        actions,
+        vec![
+            Action::Stop {
+                key: key("gone", ServiceId::Replica(1))
+            },
+            Action::DeleteStatus {
+                volume: vol("gone"),
+                service: ServiceId::Replica(1)
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_clone_replica_reads_every_source_replica_with_the_sources_secret() {
+    let src = volume("src", ["a", "b", "b"], "a", VolumePhase::Ready);
+    let mut clone = volume("cl", ["a", "a", "a"], "a", VolumePhase::Creating);
+    clone.value.spec.uuid = uuid::Uuid::from_u128(8);
+    clone.value.spec.source = Some(crate::model::SnapshotRef {
+        volume: vol("src"),
+        snapshot: "s1".into(),
+    });
+    let d = desired(vec![src, clone]);
+    let actions = plan(&local(), &d, &Seen::default(), 9);
+    let (r, secrets_of) = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Ensure {
+                key,
+                spec: ServiceSpec::Replica(r),
+                secrets_of,
+            } if key.volume == vol("cl") => Some((r, secrets_of)),
+            _ => None,
+        })
+        .unwrap();
+    let c = r.clone.as_ref().unwrap();
+    assert_eq!(c.replicas.len(), 3);
+    assert_eq!(c.replicas[1], "127.0.0.2:7101".parse().unwrap());
+    assert_eq!(c.source_volume_id, uuid::Uuid::from_u128(7));
+    assert_eq!(
+        c.source_secret_file,
+        PathBuf::from("/data/secrets/src/peer-secret")
+    );
+    assert_eq!(secrets_of, &vec![vol("cl"), vol("src")]);
+}
+
+#[test]
+fn the_controllers_view_is_read_from_volume_info() {
+    let reply = pb::VolumeInfoReply {
+        size_bytes: 4096,
+        state: "serving".into(),
+        replicas: vec![
+            pb::ReplicaStatus {
+                mode: "RW".into(),
+                ..Default::default()
+            },
+            pb::ReplicaStatus {
+                mode: "WO".into(),
+                ..Default::default()
+            },
+            pb::ReplicaStatus {
+                mode: "RW".into(),
+                removed: true,
+                ..Default::default()
+            },
+        ],
+        qos: Some(pb::QosLimits {
+            write_iops: Some(pb::QosLimit { rate: 10, burst: 99 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let v = view_from_reply(&reply);
+    assert!(v.serving);
+    assert_eq!(v.rw_replicas, 1);
+    assert_eq!(v.qos.write_iops, Some(10));
+    assert_eq!(qos_from_reply(qos_request(&v.qos).limits.as_ref()), v.qos);
+}
+
+#[test]
+fn a_controller_on_a_down_node_moves_to_an_up_node_holding_a_replica_and_down_nodes_are_remembered() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "b", VolumePhase::Ready)]);
+    d.up.insert(node("a"));
+    let mut down = BTreeMap::new();
+    let plans = failover_plans(&d, &mut down, 1000, Duration::from_secs(300));
+    assert_eq!(down.get(&node("b")), Some(&1000));
+    let (name, revision, plan, next) = &plans[0];
+    assert_eq!((name, *revision), (&vol("v1"), 42));
+    assert!(
+        matches!(plan.actions[0], crate::failover::Action::MoveController { .. }),
+        "{plan:?}"
+    );
+    let c = next.placement.controller.as_ref().unwrap();
+    assert_eq!((c.node.clone(), c.generation), (node("a"), 2));
+    // Replicas on b are within their grace period: kept.
+    assert_eq!(
+        next.placement.replicas,
+        d.volumes[&vol("v1")].value.placement.replicas
+    );
+
+    // Seen down earlier: the first sighting is kept; up again: forgotten.
+    let plans = failover_plans(&d, &mut down, 2000, Duration::from_secs(300));
+    assert_eq!(down.get(&node("b")), Some(&1000));
+    assert!(!plans.is_empty());
+    d.up.insert(node("b"));
+    let plans = failover_plans(&d, &mut down, 3000, Duration::from_secs(300));
+    assert!(down.is_empty());
+    assert!(plans.is_empty(), "{plans:?}");
+}
+
+fn arb_phase() -> impl Strategy<Value = VolumePhase> {
+    prop_oneof![
+        Just(VolumePhase::Creating),
+        Just(VolumePhase::Ready),
+        Just(VolumePhase::Degraded),
+        Just(VolumePhase::Deleting)
+    ]
+}
+
+proptest! {
+    /// Whatever the records and observations: a node only ever starts
+    /// services placed on it, never starts anything of a volume being
+    /// deleted, never deletes data of a replica placed elsewhere, and
+    /// removes data only after stopping that volume's services.
+    #[test]
+    fn a_node_only_touches_what_is_its_own(
+        placements in proptest::collection::vec((proptest::array::uniform3(0usize..3), 0usize..3, arb_phase()), 0..5),
+        running_mask in proptest::collection::vec(any::<bool>(), 0..20),
+    ) {
+        let names = ["a", "b", "c"];
+        let vols: Vec<_> = placements
+            .iter()
+            .enumerate()
+            .map(|(i, (r, c, p))| volume(&format!("v{i}"), [names[r[0]], names[r[1]], names[r[2]]], names[*c], *p))
+            .collect();
+        let d = desired(vols.clone());
+        let mut seen = Seen::default();
+        let mut m = running_mask.iter();
+        for v in &vols {
+            for s in [ServiceId::Replica(1), ServiceId::Replica(2), ServiceId::Replica(3), ServiceId::Controller] {
+                if m.next().copied().unwrap_or(false) {
+                    seen.services.insert(ServiceKey { volume: v.value.spec.name.clone(), service: s }, running());
+                }
+            }
+        }
+        let actions = plan(&local(), &d, &seen, 1);
+        for (i, a) in actions.iter().enumerate() {
+            match a {
+                Action::Ensure { key, .. } => {
+                    let v = &d.volumes[&key.volume].value;
+                    prop_assert!(v.phase != VolumePhase::Deleting);
+                    prop_assert!(my_services(v, &node("a")).contains(&key.service));
+                }
+                Action::RemoveData { volume, path } => {
+                    let v = &d.volumes[volume].value;
+                    prop_assert_eq!(v.phase, VolumePhase::Deleting);
+                    prop_assert!(path.starts_with("/pools/a/"));
+                    let stops_later = actions[i..]
+                        .iter()
+                        .any(|b| matches!(b, Action::Stop { key } if key.volume == *volume));
+                    prop_assert!(!stops_later);
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! A volume's life under a real `basalt agent` process (embedded store, `process` runtime, three pools in
+//! temporary directories, service ports from a free range), driven through the CLI as a user would:
+//! create a 3-replica volume, wait until it is ready, write and read it with qemu-io at the iSCSI URL
+//! `volume inspect` gives, kill -9 the agent and start it again (the services keep running and are adopted:
+//! the data reads back, the controller process is the same), expand it online, delete it, and find its
+//! data directories gone. Twice: with the services as child processes, and as containers on the real Docker
+//! engine (the `docker` runtime, image from images/build.sh).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use basalt_agent::runtime::process::{process_start_time, RunRecord};
+use basalt_tests::volume::qemu_io;
+use basalt_tests::{basalt_binary, free_port, wait_for, Daemon, IscsiUrl, StopPolicy};
+use serde_json::Value;
+
+/// Starting the agent, three replicas and a controller on two cores shared with builds.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Ports the node's services may use: three replicas and a controller's two need five.
+const SERVICE_PORTS: u16 = 16;
+
+/// `n` consecutive ports that are free now, below the kernel's ephemeral range (which outgoing
+/// connections use), picked at random so that concurrent tests rarely meet.
+fn free_port_range(n: u16) -> (u16, u16) {
+    for _ in 0..1000 {
+        let first = 20000 + rand::random::<u16>() % 10000;
+        let all_free = (first..first + n).all(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+        if all_free {
+            return (first, first + n - 1);
+        }
+    }
+    panic!("no {n} consecutive free ports between 20000 and 30000");
+}
+
+/// Kills the process group of an agent that was killed with SIGKILL: its services (in its group) outlive
+/// it by design, and are adopted by the next agent; whatever the test's outcome, none may stay behind.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on the process group of an agent this test started.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+/// How the agent under test runs its services.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Process,
+    Docker,
+}
+
+/// Removes the containers of a docker-runtime agent's node, whatever the test's outcome.
+struct RemoveContainers(String);
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        let filter = format!("label=io.basalt.node={}", self.0);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
+}
+
+struct Setup {
+    kind: Kind,
+    node: String,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    api: SocketAddr,
+    token_file: PathBuf,
+}
+
+impl Setup {
+    fn new(kind: Kind) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let node = format!("life{:08x}", rand::random::<u32>());
+        let runtime = match kind {
+            Kind::Process => format!(
+                "  kind: process\n  binary: {}\n",
+                basalt_binary().unwrap().display()
+            ),
+            Kind::Docker => format!(
+                "  kind: docker\n  docker_socket: /var/run/docker.sock\n  image: {}\n",
+                basalt_tests::agent_image().unwrap()
+            ),
+        };
+        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+        let (first, last) = free_port_range(SERVICE_PORTS);
+        let token_file = dir.path().join("api-token");
+        std::fs::write(&token_file, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();
+        std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let d = dir.path().display();
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "node:\n  name: {node}\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
+                 data_dir: {d}/data\n\
+                 pools:\n  - name: p0\n    path: {d}/pool0\n  - name: p1\n    path: {d}/pool1\n  - name: p2\n    path: {d}/pool2\n\
+                 cluster:\n  store: embedded\n\
+                 endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
+                 runtime:\n{runtime}",
+                token_file.display(),
+            ),
+        )
+        .unwrap();
+        Setup {
+            kind,
+            node,
+            dir,
+            config,
+            api,
+            token_file,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start_agent(&self, name: &str) -> Daemon {
+        let mut cmd = Command::new(basalt_binary().unwrap());
+        cmd.arg("agent").arg("--config").arg(&self.config);
+        let mut agent = Daemon::spawn(
+            name,
+            cmd,
+            self.dir.path(),
+            StopPolicy::Terminate {
+                grace: Duration::from_secs(30),
+            },
+        )
+        .unwrap();
+        agent.wait_for_port(self.api, READY_TIMEOUT).unwrap();
+        agent
+    }
+
+    /// `basalt ARGS --agent URL --token-file F`: (succeeded, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(basalt_binary().unwrap())
+            .args(args)
+            .arg("--agent")
+            .arg(format!("http://{}", self.api))
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn inspect(&self, volume: &str) -> Option<Value> {
+        let (ok, out, _) = self.cli(&["volume", "inspect", volume, "--json"]);
+        ok.then(|| serde_json::from_str(&out).unwrap())
+    }
+
+    fn wait_ready(&self, volume: &str) -> Value {
+        let mut last = None;
+        let ready = wait_for(&format!("volume {volume} to be ready"), READY_TIMEOUT, || {
+            last = self.inspect(volume);
+            last.as_ref().is_some_and(|v| v["phase"] == "ready")
+        });
+        if let Err(e) = ready {
+            panic!("{e}: last seen {last:#?}");
+        }
+        last.unwrap()
+    }
+}
+
+fn controller_record(data_dir: &Path, volume: &str) -> RunRecord {
+    let path = data_dir.join("run").join(volume).join("controller.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+impl Setup {
+    /// The running controller's identity (process: pid and start time; docker: container id and start
+    /// time), `None` when it does not run: the same value later means the same running controller.
+    fn controller(&self, volume: &str) -> Option<String> {
+        match self.kind {
+            Kind::Process => {
+                let rec = controller_record(&self.data_dir(), volume);
+                (process_start_time(rec.pid) == Some(rec.start_time))
+                    .then(|| format!("{}/{}", rec.pid, rec.start_time))
+            }
+            Kind::Docker => {
+                let name = format!("basalt-{}-{volume}-controller", self.node);
+                let out = Command::new("docker")
+                    .args([
+                        "inspect",
+                        "--format",
+                        "{{.Id}} {{.State.Running}} {{.State.StartedAt}}",
+                        &name,
+                    ])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                (out.status.success() && text.contains(" true ")).then_some(text)
+            }
+        }
+    }
+}
+
+fn controller_record_pid(identity: &str) -> u32 {
+    identity.split('/').next().and_then(|p| p.parse().ok()).unwrap()
+}
+
+fn url_of(view: &Value) -> IscsiUrl {
+    let text = view["iscsi_url"]
+        .as_str()
+        .expect("a ready volume has an iSCSI URL");
+    // iscsi://ADDR:PORT/IQN/LUN
+    let rest = text.strip_prefix("iscsi://").unwrap();
+    let mut parts = rest.splitn(3, '/');
+    IscsiUrl {
+        portal: parts.next().unwrap().parse().unwrap(),
+        iqn: parts.next().unwrap().to_string(),
+        lun: parts.next().unwrap().parse().unwrap(),
+    }
+}
+
+fn io(url: &IscsiUrl, commands: &[&str]) {
+    let (ok, out) = qemu_io(url, commands).unwrap();
+    assert!(ok, "qemu-io {commands:?}: {out}");
+}
+
+#[test]
+fn a_volume_is_created_served_kept_across_an_agent_kill_expanded_and_deleted_with_its_data() {
+    life_cycle(Kind::Process);
+}
+
+/// The same life with every replica and the controller as containers on the real Docker engine.
+#[test]
+fn the_same_life_cycle_with_the_services_as_docker_containers() {
+    life_cycle(Kind::Docker);
+}
+
+fn life_cycle(kind: Kind) {
+    let setup = Setup::new(kind);
+    let _containers = RemoveContainers(setup.node.clone());
+    let agent = setup.start_agent("agent-1");
+    let _group = KillGroup(agent.pid() as i32);
+
+    let (ok, out, err) = setup.cli(&[
+        "volume",
+        "create",
+        "life",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "volume create: {out}{err}");
+    let view = setup.wait_ready("life");
+    assert_eq!(view["replicas"], 3);
+    let uuid = view["uuid"].as_str().unwrap().to_string();
+    let url = url_of(&view);
+    io(&url, &["write -P 0xa5 0 1M", "write -P 0x3c 63M 1M"]);
+    // Three pools on one node: one replica in each.
+    for i in 0..3 {
+        let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
+        assert_eq!(
+            std::fs::read_dir(&pool).map(|d| d.count()).unwrap_or(0),
+            1,
+            "{}",
+            pool.display()
+        );
+    }
+
+    // kill -9 the agent: the volume keeps serving, and a new agent adopts its services.
+    let controller = setup.controller("life").expect("the controller runs");
+    // SAFETY: plain syscall on the agent process this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    // Reaped before the guard drops: a guard that found it still running would stop its whole group.
+    let mut agent = agent;
+    assert!(
+        agent.wait_for_exit(READY_TIMEOUT).unwrap().is_some(),
+        "the agent survived SIGKILL"
+    );
+    drop(agent);
+    assert_eq!(
+        setup.controller("life").as_ref(),
+        Some(&controller),
+        "services outlive the agent"
+    );
+    io(&url, &["read -P 0xa5 0 1M"]);
+    let agent = setup.start_agent("agent-2");
+    let view = setup.wait_ready("life");
+    assert_eq!(url_of(&view), url);
+    io(&url, &["read -P 0xa5 0 1M", "read -P 0x3c 63M 1M"]);
+    assert_eq!(
+        setup.controller("life").as_ref(),
+        Some(&controller),
+        "the controller was adopted"
+    );
+
+    // Online expansion: the new end becomes writable without a restart.
+    let (ok, out, err) = setup.cli(&["volume", "expand", "life", "--size", "128M"]);
+    assert!(ok, "volume expand: {out}{err}");
+    wait_for("the volume to grow to 128 MiB", READY_TIMEOUT, || {
+        qemu_io(&url, &["write -P 0x77 127M 1M"]).is_ok_and(|(ok, _)| ok)
+    })
+    .unwrap();
+    io(&url, &["read -P 0x77 127M 1M", "read -P 0xa5 0 1M"]);
+    assert_eq!(
+        setup.controller("life").as_ref(),
+        Some(&controller),
+        "grown online"
+    );
+
+    // Deletion: the record, the services and the data go.
+    let (ok, out, err) = setup.cli(&["volume", "rm", "life"]);
+    assert!(ok, "volume rm: {out}{err}");
+    wait_for("the volume to be deleted", READY_TIMEOUT, || {
+        setup.inspect("life").is_none()
+    })
+    .unwrap();
+    for i in 0..3 {
+        let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
+        assert!(!pool.exists(), "{} is left", pool.display());
+    }
+    if kind == Kind::Process {
+        assert_eq!(
+            process_start_time(controller_record_pid(&controller)),
+            None,
+            "the controller stopped"
+        );
+    } else {
+        assert_eq!(
+            setup.controller("life"),
+            None,
+            "the controller's container is gone"
+        );
+    }
+    let (ok, out, _) = setup.cli(&["volume", "ls", "--json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["volumes"].as_array().map(Vec::len), Some(0), "{out}");
+    agent.stop().unwrap();
+}
