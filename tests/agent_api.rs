@@ -57,6 +57,7 @@ impl Api {
             node: NodeName::new("node-0")?,
             controllers: Arc::new(GrpcConnector),
             token: Some(ApiToken::new(TOKEN)?),
+            agent_metrics: None,
         };
         let cancel = CancellationToken::new();
         let server = tokio::spawn(api::serve(listener, ctx, cancel.clone()));

@@ -42,8 +42,33 @@ const POOL_REFRESH: Duration = Duration::from_secs(30);
 /// it) writes its record at the same moment.
 const REGISTER_ATTEMPTS: usize = 5;
 
+/// Refuses a configuration that asks for something this agent does not do
+/// yet, rather than starting without it: an operator who configured TLS or
+/// an endpoint must not find out from a client that it is not there.
+pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
+    if let Some(api) = &config.endpoints.api {
+        if api.tls_cert_file.is_some() || api.tls_key_file.is_some() {
+            anyhow::bail!(
+                "endpoints.api.tls_cert_file/tls_key_file: this agent serves its API over plain HTTP only; \
+                 remove the TLS keys and put a TLS-terminating proxy in front of the API, or keep the API on a \
+                 loopback address"
+            );
+        }
+    }
+    if config.endpoints.docker.is_some() {
+        anyhow::bail!(
+            "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
+        );
+    }
+    if config.endpoints.csi.is_some() {
+        anyhow::bail!("endpoints.csi: this agent does not serve the CSI driver yet; remove the key");
+    }
+    Ok(())
+}
+
 /// Runs the agent until `cancel`.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    refuse_unbuilt(&config)?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "creating the agent's data directory {}",
@@ -338,5 +363,33 @@ async fn keep_alive(
                 tracing::warn!(error = %format!("{e:#}"), "cannot refresh the node's pools");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_tls_this_agent_does_not_serve_are_refused_by_name() {
+        let defaults = Config::defaults().unwrap();
+        refuse_unbuilt(&defaults).unwrap();
+
+        let mut tls = defaults.clone();
+        if let Some(api) = tls.endpoints.api.as_mut() {
+            api.tls_cert_file = Some(PathBuf::from("/etc/basalt/tls.pem"));
+        }
+        let e = refuse_unbuilt(&tls).unwrap_err().to_string();
+        assert!(e.contains("endpoints.api.tls_cert_file"), "{e}");
+
+        let mut docker = defaults.clone();
+        docker.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));
+        let e = refuse_unbuilt(&docker).unwrap_err().to_string();
+        assert!(e.contains("endpoints.docker"), "{e}");
+
+        let mut csi = defaults;
+        csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
+        let e = refuse_unbuilt(&csi).unwrap_err().to_string();
+        assert!(e.contains("endpoints.csi"), "{e}");
     }
 }
