@@ -23,7 +23,7 @@ pub struct Common {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
 }
 
 #[derive(clap::Subcommand)]
