@@ -34,7 +34,8 @@ fn seed_from_env() -> Option<u64> {
 }
 
 /// Every fault kind once (replica SIGKILL, SIGSTOP hang, network cut, network blackhole, controller
-/// SIGKILL + new controller, an online expansion with a replica down) with snapshots taken and deleted, all
+/// SIGKILL + new controller, an online expansion with a replica down, a clone of a snapshot taken under
+/// load, hurt and checked) with snapshots taken and deleted, all
 /// under I/O at queue depth 16: every
 /// acknowledged write is read back intact after each episode and the replicas' images agree block for block.
 #[test]
@@ -50,6 +51,10 @@ fn fixed_seed_fault_episodes_lose_nothing() -> Result {
     assert!(
         report.writes_acked > 0 && report.flushes > 0,
         "the workload wrote and flushed: {report}"
+    );
+    assert!(
+        report.clones == 1 && report.clone_writes_acked > 0 && report.clone_blocks_verified > 0,
+        "the clone episode cloned, wrote and checked: {report}"
     );
     assert!(
         report.losses.is_empty() && report.divergent.is_empty() && report.refused_starts.is_empty(),

@@ -675,3 +675,95 @@ fn the_volume_secret_and_api_token_come_from_a_secret_never_the_command_line() {
     let replica_env = container(r.replicas())["env"].as_array().expect("env").clone();
     assert!(replica_env.iter().all(|e| e["name"] != "BASALT_API_TOKEN"));
 }
+
+#[test]
+fn api_tls_mounts_the_secret_passes_the_flags_and_lets_the_probes_speak_tls() {
+    let r = render(json!({"api": {"tls": {"existingSecret": "vol1-api-tls", "caKey": "ca.pem"}}}));
+    let args = r.controller_args();
+    assert_eq!(flag(&args, "api-tls-cert"), ["/etc/basalt/api-tls/tls.crt"]);
+    assert_eq!(flag(&args, "api-tls-key"), ["/etc/basalt/api-tls/tls.key"]);
+    let c = container(r.controller());
+    let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+    assert!(
+        mounts.iter().any(|m| m["name"] == "api-tls"
+            && m["mountPath"] == "/etc/basalt/api-tls"
+            && m["readOnly"] == true),
+        "{mounts:?}"
+    );
+    let pod = &r.controller()["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "api-tls")
+        .expect("the api-tls volume")
+        .clone();
+    assert_eq!(volume["secret"]["secretName"], "vol1-api-tls");
+    let items: Vec<(String, String)> = volume["secret"]["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["key"].as_str().unwrap_or_default().into(),
+                i["path"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        [
+            ("tls.crt", "tls.crt"),
+            ("tls.key", "tls.key"),
+            ("ca.pem", "ca.crt")
+        ]
+        .map(|(k, p)| (k.into(), p.into()))
+    );
+    // The key is readable by the controller's group only (the Secret volume's files are root-owned).
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    // The probes run in the container: the CA and the Service's name come from its environment.
+    let env = c["env"].as_array().expect("env");
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))["value"]
+            .clone()
+    };
+    assert_eq!(value("BASALT_API_CA"), "/etc/basalt/api-tls/ca.crt");
+    let service = r
+        .all("Service")
+        .into_iter()
+        .find(|s| {
+            s["spec"]["ports"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "api"))
+        })
+        .expect("the controller's Service")["metadata"]["name"]
+        .as_str()
+        .expect("a name")
+        .to_string();
+    assert_eq!(value("BASALT_API_TLS_NAME"), format!("{service}.storage.svc"));
+    let named = render(json!({"api": {"tls": {"existingSecret": "t", "serverName": "vol1.example"}}}));
+    let env = container(named.controller())["env"].clone();
+    assert!(env
+        .as_array()
+        .expect("env")
+        .iter()
+        .any(|e| e["name"] == "BASALT_API_TLS_NAME" && e["value"] == "vol1.example"));
+
+    // Without the Secret: no flags, no mount, no CA.
+    let plain = render(json!({}));
+    assert!(plain.controller_args().iter().all(|a| !a.contains("tls")));
+    let plain_c = container(plain.controller());
+    assert!(plain_c["volumeMounts"].is_null());
+    assert!(plain_c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .all(|e| e["name"] != "BASALT_API_CA"));
+    assert!(
+        validate(json!({"auth": {"existingSecret": "a"}, "api": {"tls": {"existingSecret": 5}}})).is_err()
+    );
+    assert!(validate(json!({"auth": {"existingSecret": "a"}, "api": {"tls": {"certKey": ""}}})).is_err());
+}

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod api_auth;
+pub mod api_tls;
 pub mod controller;
 pub mod http;
 pub mod name;

@@ -191,6 +191,29 @@ impl Cluster {
     /// Starts a controller like [`Cluster::start_controller`] that reaches the replicas at `replicas`
     /// instead of their own addresses (the fault harness puts a TCP proxy in front of each one).
     pub fn start_controller_via(&mut self, replicas: &[String], extra: &[&str]) -> Result<Controller> {
+        self.spawn_controller(replicas, extra, &[])
+    }
+
+    /// Starts a controller over every replica whose management API serves TLS with `tls`'s certificate
+    /// and key, and waits until it serves (asking through TLS with `tls`'s CA).
+    pub fn start_controller_with_api_tls(&mut self, tls: &ApiTlsFiles, extra: &[&str]) -> Result<Controller> {
+        let replicas = self.replica_addrs();
+        let cert = tls.cert.to_string_lossy();
+        let key = tls.key.to_string_lossy();
+        let mut args = vec!["--api-tls-cert", &cert, "--api-tls-key", &key];
+        args.extend_from_slice(extra);
+        let ca = tls.ca.to_string_lossy();
+        self.spawn_controller(&replicas, &args, &["--api-ca", &ca])
+    }
+
+    /// Starts a controller with `extra` arguments and waits until `volume info` with `client` arguments
+    /// answers through its API.
+    fn spawn_controller(
+        &mut self,
+        replicas: &[String],
+        extra: &[&str],
+        client: &[&str],
+    ) -> Result<Controller> {
         self.controllers += 1;
         let portal = free_local_addr()?;
         let api = free_local_addr()?;
@@ -218,7 +241,7 @@ impl Cluster {
             },
         )?;
         daemon.wait_until("to serve the volume API", START_TIMEOUT, || {
-            volume_info(api).is_ok()
+            volume_info_with(api, client).is_ok()
         })?;
         let url = IscsiUrl {
             portal,
@@ -242,10 +265,23 @@ impl Cluster {
     }
 }
 
+/// A certificate and key for a controller's management API, and the CA that signed them.
+pub struct ApiTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 /// `basalt volume info --api ADDR --json`, parsed.
 pub fn volume_info(api: SocketAddr) -> Result<Value> {
+    volume_info_with(api, &[])
+}
+
+/// `basalt volume info --api ADDR --json` with `extra` arguments (e.g. `--api-ca FILE`), parsed.
+pub fn volume_info_with(api: SocketAddr, extra: &[&str]) -> Result<Value> {
     let mut cmd = basalt_command()?;
-    cmd.args(["volume", "info", "--json", "--api", &api.to_string()]);
+    cmd.args(["volume", "info", "--json", "--api", &api.to_string()])
+        .args(extra);
     let out = run_checked(&mut cmd)?;
     serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {
         what: "basalt volume info --json".into(),

@@ -1,6 +1,7 @@
 //! `basalt controller`: serve one replicated volume over iSCSI.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,15 @@ pub struct Args {
     pub secret: super::secrets::SecretArgs,
     #[command(flatten)]
     pub api_token: super::secrets::ApiTokenArgs,
+    /// Serve the management API over TLS with this certificate (PEM, the server's first, then any
+    /// intermediates); needs --api-tls-key. Clients then pass the CA that signed it (--api-ca).
+    /// Without it the API is plaintext: fine on a loopback or a private network, as the token then
+    /// crosses the network in clear text.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-tls-cert; read like a secret (keep it `chmod 600`).
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
     /// Threads that run the volume's I/O (iSCSI sessions, the volume's owner
     /// task, replica links). One keeps every hop of an I/O on one thread:
     /// tasks hand work to each other without cross-thread wake-ups, and a
@@ -98,6 +108,20 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     // API would obey anyone.
     let secret = args.secret.load()?;
     let token = args.api_token.load()?;
+    // The API's server, TLS files checked (and the key matched to the certificate) before any
+    // replica's epoch is raised.
+    let mut api_server = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.api_tls_cert, &args.api_tls_key) {
+        api_server = api_server.tls_config(server_tls(cert, key)?).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve the API over TLS with --api-tls-cert {} and --api-tls-key {}: {} (is the key \
+                     the certificate's?)",
+                cert.display(),
+                key.display(),
+                basalt_engine::api_tls::error_chain_text(&e)
+            )
+        })?;
+    }
     let config = ControllerConfig {
         name: args.name.clone(),
         size_bytes: args.size,
@@ -168,7 +192,7 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     );
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        api_server
             .add_service(InterceptedService::new(api, RequireToken(token)))
             .serve_with_incoming_shutdown(tokio_stream_listener(api_listener), async move {
                 api_shutdown.cancelled().await
@@ -185,7 +209,7 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     }
 
     tracing::info!(
-        url = %format!("iscsi://{}/{iqn}/0", args.iscsi), api = %args.api,
+        url = %format!("iscsi://{}/{iqn}/0", args.iscsi), api = %args.api, api_tls = args.api_tls_cert.is_some(),
         "serving volume {}", args.name
     );
     portal
@@ -199,6 +223,25 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
     let _ = api_task.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// The API's TLS configuration from the PEM files `cert` and `key`; a message naming the file that is
+/// wrong otherwise.
+fn server_tls(cert: &Path, key: &Path) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use basalt_engine::api_tls::ServerPemError;
+    let cert_pem = std::fs::read(cert).with_context(|| {
+        format!(
+            "cannot read the API certificate --api-tls-cert {}",
+            cert.display()
+        )
+    })?;
+    let key_pem = super::secrets::read_private(key, "API TLS key (--api-tls-key)")?;
+    basalt_engine::api_tls::server_config(&cert_pem, &key_pem).map_err(|e| match e {
+        ServerPemError::Cert(why) => {
+            anyhow::anyhow!("--api-tls-cert {} is not usable: {why}", cert.display())
+        }
+        ServerPemError::Key(why) => anyhow::anyhow!("--api-tls-key {} is not usable: {why}", key.display()),
+    })
 }
 
 /// A tonic incoming-connection stream over a bound listener.

@@ -29,7 +29,7 @@ pub struct ExpandArgs {
     #[arg(long, value_parser = parse_volume_size)]
     pub size: u64,
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
 }
 
 /// The controller's address when `--api` is not given.

@@ -23,7 +23,8 @@
 //! replica's store (identity and revision), Ping without touching the disk:
 //! together they show the store is open and the connection loop is not stuck.
 //! The controller probe sends the API token (`--token-file` or
-//! `BASALT_API_TOKEN`).
+//! `BASALT_API_TOKEN`), over TLS when given the API's CA (`--api-ca` or
+//! `BASALT_API_CA`).
 //!
 //! Exit status 0 with one line on stdout when healthy; 1 with one line on
 //! stderr saying what is wrong (from `main`) otherwise. Host names are
@@ -33,15 +34,15 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use basalt_engine::api_auth::{ApiToken, WithToken};
+use basalt_engine::api_auth::ApiToken;
 use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
 use basalt_proto::frame::{Frame, FrameCodec, Message, ReplyError, RequestId};
-use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
 use basalt_proto::pb::controller::VolumeInfoRequest;
 use basalt_proto::{Epoch, VolumeId};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
+use tonic::transport::ClientTlsConfig;
 
 use super::args::parse_duration;
 
@@ -78,7 +79,7 @@ pub struct Args {
     pub secret: super::secrets::SecretArgs,
     /// The API token, for a controller probe.
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
 }
 
 /// The controller a container's `HEALTHCHECK` probes when no flag says otherwise.
@@ -162,7 +163,7 @@ pub enum HealthError {
         what: &'static str,
         answer: String,
     },
-    #[error("controller API {addr} is unreachable: {detail} (is the controller running with --api {addr}?)")]
+    #[error("controller API {addr} is unreachable: {detail}")]
     ApiUnreachable { addr: String, detail: String },
     #[error("controller API {addr} failed VolumeInfo: {detail} (is {addr} the controller's --api address?)")]
     ApiFailed { addr: String, detail: String },
@@ -189,7 +190,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let line = runtime.block_on(async {
         match &target {
             Target::Controller { api, ready } => {
-                probe_controller(api, &args.auth.load()?, *ready, args.timeout).await
+                let tls = args.auth.tls.load()?;
+                probe_controller(api, &args.auth.load_token()?, tls, *ready, args.timeout).await
             }
             Target::Replica { addr } => probe_replica(addr, &args.secret.load()?, args.timeout).await,
         }
@@ -309,29 +311,23 @@ fn unexpected(addr: &str, what: &'static str, m: &Message) -> HealthError {
     }
 }
 
-/// VolumeInfo through the controller's gRPC API, with the API token; the healthy line.
+/// VolumeInfo through the controller's gRPC API, with the API token (over TLS when `tls` is set);
+/// the healthy line.
 pub async fn probe_controller(
     api: &str,
     token: &ApiToken,
+    tls: Option<ClientTlsConfig>,
     ready: bool,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let url = if api.starts_with("http://") || api.starts_with("https://") {
-        api.to_string()
-    } else {
-        format!("http://{api}")
-    };
     let probe = async {
-        let unreachable = |e: &dyn std::error::Error| HealthError::ApiUnreachable {
-            addr: api.to_string(),
-            detail: error_chain(e),
-        };
-        let channel = tonic::transport::Channel::from_shared(url)
-            .map_err(|e| unreachable(&e))?
-            .connect()
+        // The CLI's one way to connect to an API; its message says what to change.
+        let mut client = super::client::connect_with(api, token.clone(), tls, timeout)
             .await
-            .map_err(|e| unreachable(&e))?;
-        let mut client = ControllerServiceClient::with_interceptor(channel, WithToken(token.clone()));
+            .map_err(|e| HealthError::ApiUnreachable {
+                addr: api.to_string(),
+                detail: format!("{e:#}"),
+            })?;
         let info = client
             .volume_info(VolumeInfoRequest {})
             .await
@@ -369,19 +365,6 @@ pub async fn probe_controller(
             timeout,
         })??;
     Ok(line)
-}
-
-/// tonic's transport errors hide the cause (e.g. "connection refused") in
-/// their source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -615,7 +598,7 @@ mod tests {
     async fn controller_probe_of_a_closed_port_says_unreachable() {
         let (l, addr) = silent_listener().await;
         drop(l);
-        let e = probe_controller(&addr, &ApiToken::generate(), false, Duration::from_secs(3))
+        let e = probe_controller(&addr, &ApiToken::generate(), None, false, Duration::from_secs(3))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("unreachable"), "{e}");

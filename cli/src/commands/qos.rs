@@ -221,7 +221,7 @@ pub struct QosArgs {
     #[command(flatten)]
     pub limits: QosFlags<false>,
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
 }
 
 /// `basalt volume qos`: change the limits (if any flag is given), then print

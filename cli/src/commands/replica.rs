@@ -110,7 +110,7 @@ enum ReplicaCommand {
         /// The replica's address (its --listen).
         address: String,
         #[command(flatten)]
-        auth: super::secrets::ClientTokenArgs,
+        auth: super::secrets::ApiClientArgs,
     },
     /// Remove a replica from a running volume for good.
     Rm {
@@ -118,7 +118,7 @@ enum ReplicaCommand {
         api: String,
         address: String,
         #[command(flatten)]
-        auth: super::secrets::ClientTokenArgs,
+        auth: super::secrets::ApiClientArgs,
     },
     /// Write a stopped replica's volume image (or one snapshot's) to a raw
     /// file: for debugging, offline copies, and comparing replicas.
@@ -346,7 +346,7 @@ fn start_hydration(
 /// `basalt replica add|rm`: ask the controller.
 fn membership(
     api: &str,
-    auth: &super::secrets::ClientTokenArgs,
+    auth: &super::secrets::ApiClientArgs,
     address: String,
     add: bool,
 ) -> anyhow::Result<()> {

@@ -152,17 +152,20 @@ impl ApiTokenArgs {
     }
 }
 
-/// The token a CLI command sends to a controller's management API.
+/// What a CLI command needs to call a controller's management API: the token it sends, and the CA
+/// to check the controller with when its API serves TLS.
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct ClientTokenArgs {
+pub struct ApiClientArgs {
     /// File holding the controller's API token (`volume up` prints where its token is). Without it, the
     /// BASALT_API_TOKEN environment variable.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: super::client::ApiTlsArgs,
 }
 
-impl ClientTokenArgs {
-    pub fn load(&self) -> anyhow::Result<ApiToken> {
+impl ApiClientArgs {
+    pub fn load_token(&self) -> anyhow::Result<ApiToken> {
         load_token(self.token_file.as_deref(), "--token-file", |name| {
             std::env::var_os(name)
         })

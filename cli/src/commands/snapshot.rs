@@ -23,7 +23,7 @@ pub struct Common {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
     /// A cluster volume, through the node agent (`--agent`) instead of a
     /// controller's --api (create, ls, rm and revert).
     #[arg(long, conflicts_with = "api")]

@@ -69,7 +69,9 @@ pub struct UpArgs {
     /// iSCSI portal address.
     #[arg(long, default_value = "127.0.0.1:3260")]
     pub iscsi: SocketAddr,
-    /// Management API address.
+    /// Management API address. The API is served without TLS here: `volume up` runs a volume on one
+    /// machine, its API on the loopback by default; for an API others reach over a network, run
+    /// `basalt controller` with --api-tls-cert and --api-tls-key.
     #[arg(long, default_value = "127.0.0.1:9600")]
     pub api: SocketAddr,
     /// Prometheus metrics address of the controller.
@@ -96,7 +98,7 @@ pub struct InfoArgs {
     #[arg(long)]
     pub watch: bool,
     #[command(flatten)]
-    pub auth: super::secrets::ClientTokenArgs,
+    pub auth: super::secrets::ApiClientArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -498,7 +500,7 @@ fn qos_json(reply: &VolumeInfoReply) -> serde_json::Value {
     })
 }
 
-async fn fetch_info(api: &str, auth: &super::secrets::ClientTokenArgs) -> anyhow::Result<VolumeInfoReply> {
+async fn fetch_info(api: &str, auth: &super::secrets::ApiClientArgs) -> anyhow::Result<VolumeInfoReply> {
     let mut client = super::client::connect(api, auth).await?;
     let reply = client
         .volume_info(VolumeInfoRequest {})
@@ -515,7 +517,7 @@ fn eta(r: &ReplicaStatus) -> Option<f64> {
 
 /// `volume info --watch`: a live progress bar per rebuilding replica, and
 /// the modes, until interrupted.
-fn watch(api: &str, auth: &super::secrets::ClientTokenArgs) -> anyhow::Result<()> {
+fn watch(api: &str, auth: &super::secrets::ApiClientArgs) -> anyhow::Result<()> {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template(

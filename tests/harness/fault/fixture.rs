@@ -436,15 +436,7 @@ impl FaultVolume {
 
     /// The snapshot chain, oldest first.
     pub fn snapshot_list(&self) -> Result<Vec<String>, FaultError> {
-        let api = self.controller()?.api.to_string();
-        let mut cmd = basalt_command()?;
-        cmd.args(["snapshot", "ls", "--json", "--api", &api]);
-        let out = run_checked(&mut cmd)?;
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {
-            what: "basalt snapshot ls --json".into(),
-            detail: e.to_string(),
-        })?;
-        Ok(v["snapshots"]
+        Ok(self.snapshot_json("ls")?["snapshots"]
             .as_array()
             .map(|s| {
                 s.iter()
@@ -452,6 +444,20 @@ impl FaultVolume {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// `basalt snapshot SUBCOMMAND --json`, parsed.
+    fn snapshot_json(&self, subcommand: &str) -> Result<Value, FaultError> {
+        let api = self.controller()?.api.to_string();
+        let mut cmd = basalt_command()?;
+        cmd.args(["snapshot", subcommand, "--json", "--api", &api]);
+        let out = run_checked(&mut cmd)?;
+        Ok(
+            serde_json::from_slice(&out.stdout).map_err(|e| crate::HarnessError::Parse {
+                what: format!("basalt snapshot {subcommand} --json"),
+                detail: e.to_string(),
+            })?,
+        )
     }
 
     fn snapshot_command(&self, args: &[&str]) -> Result<bool, FaultError> {
@@ -463,6 +469,19 @@ impl FaultVolume {
             Err(crate::HarnessError::CommandFailed { .. }) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The holds clones have on the source's snapshots (`basalt snapshot holds --json`).
+    pub fn snapshot_holds(&self) -> Result<Vec<Value>, FaultError> {
+        Ok(self.snapshot_json("holds")?["holds"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The fixture's runtime, on which its workloads and proxies run (for workloads of other volumes).
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
     }
 
     /// Runs `f` on the fixture's runtime (for tests that drive the initiator directly).

@@ -34,6 +34,10 @@ pub const BLOCK_BYTES: usize = 4096;
 pub const LBAS_PER_BLOCK: u64 = (BLOCK_BYTES / 512) as u64;
 
 const MAGIC: [u8; 8] = *b"BSLTFLT1";
+
+/// Where a clone's own generations start (see [`Ledger::snapshot_view`]): far above any a source issues
+/// in a run (one per block written; a long soak writes a few million blocks).
+pub const CLONE_GENERATIONS: Generation = Generation(1 << 40);
 const HEADER: usize = 36;
 
 /// Index of a 4 KiB block in the volume.
@@ -218,6 +222,7 @@ impl fmt::Display for Loss {
 }
 
 /// The record of every write and flush the workload issued, and their outcomes.
+#[derive(Clone)]
 pub struct Ledger {
     tag: u64,
     blocks: Vec<BlockRecord>,
@@ -225,6 +230,9 @@ pub struct Ledger {
     next_ack: u64,
     /// Every acknowledgement up to this one is covered by a completed flush.
     flushed_through: AckSeq,
+    /// Generations that are valid in any block whose index they carry, besides the rule: those issued
+    /// while a snapshot was being taken (see [`Ledger::snapshot_view`]), until the first verified read.
+    window: Option<(Generation, Generation)>,
 }
 
 impl Ledger {
@@ -236,7 +244,36 @@ impl Ledger {
             next_generation: 1,
             next_ack: 1,
             flushed_through: AckSeq(0),
+            window: None,
         }
+    }
+
+    /// The first generation not yet issued.
+    pub fn next_generation(&self) -> Generation {
+        Generation(self.next_generation)
+    }
+
+    /// The ledger of a clone of a snapshot, made from this ledger as it was just before the snapshot was
+    /// asked for (`self`), when the writes issued up to `issued_until` (exclusive) had been sent by the time
+    /// the snapshot was taken. A snapshot is one point in time between the two: a block holds what this
+    /// ledger allows, or a generation issued for it in between (which may or may not have landed before
+    /// that point). No write is in flight in the clone, and its own writes get generations from
+    /// [`CLONE_GENERATIONS`] on, so that none is taken for one the source issued later (a clone that
+    /// showed the source's later data would then pass). The in-between generations stay valid until
+    /// [`Ledger::close_window`] (after a verified read has settled every block).
+    pub fn snapshot_view(&self, issued_until: Generation) -> Ledger {
+        let mut view = self.clone();
+        for record in &mut view.blocks {
+            record.busy = false;
+        }
+        view.window = Some((self.next_generation(), issued_until));
+        view.next_generation = issued_until.0.max(CLONE_GENERATIONS.0);
+        view
+    }
+
+    /// Ends the validity of a snapshot view's in-between generations: from now on the rule is exact.
+    pub fn close_window(&mut self) {
+        self.window = None;
     }
 
     pub fn tag(&self) -> u64 {
@@ -312,9 +349,10 @@ impl Ledger {
             expected,
             attempted: record.attempted.clone(),
         };
+        let in_window = |g: Generation| self.window.is_some_and(|(from, until)| from <= g && g < until);
         match found {
             Decoded::Corrupt(c) => Err(loss(LossKind::Corrupt(c))),
-            Decoded::Block(g) if g == expected || record.attempted.contains(&g) => Ok(()),
+            Decoded::Block(g) if g == expected || record.attempted.contains(&g) || in_window(g) => Ok(()),
             Decoded::Block(g) if g < expected && seq <= self.flushed_through => {
                 Err(loss(LossKind::FlushedWriteLost { found: g }))
             }
@@ -383,6 +421,44 @@ mod tests {
             decode_block(TAG, BlockIndex(3), &shifted),
             Decoded::Corrupt(Corruption::NoMagic)
         );
+    }
+
+    #[test]
+    fn a_snapshot_view_allows_what_was_issued_while_the_snapshot_was_taken_until_its_window_closes() {
+        let mut source = Ledger::new(TAG, 4);
+        let (a, b) = (BlockIndex(0), BlockIndex(1));
+        let g1 = source.reserve(a, 1).expect("free")[0];
+        source.acknowledged(a, &[g1]);
+        // In flight when the snapshot is asked for: it may or may not be in it.
+        let in_flight = source.reserve(b, 1).expect("free")[0];
+        let before = source.clone();
+        // Issued while the snapshot is taken.
+        let during = source.reserve(a, 1).expect("free")[0];
+        source.acknowledged(a, &[during]);
+        let mut clone = before.snapshot_view(source.next_generation());
+        assert_eq!(clone.check(a, Decoded::Block(g1)), Ok(()));
+        assert_eq!(clone.check(a, Decoded::Block(during)), Ok(()));
+        assert_eq!(clone.check(b, Decoded::Block(in_flight)), Ok(()));
+        assert_eq!(clone.check(b, Decoded::Block(Generation::UNWRITTEN)), Ok(()));
+        assert!(
+            clone.check(a, Decoded::Block(Generation::UNWRITTEN)).is_err(),
+            "a write acknowledged before the snapshot must be in it"
+        );
+        // Issued after the snapshot returned: never in it.
+        let c = BlockIndex(2);
+        let after = source.reserve(c, 1).expect("free")[0];
+        assert!(clone.check(c, Decoded::Block(after)).is_err());
+        // The clone writes where the source had a write in flight, with generations of its own.
+        let own = clone.reserve(b, 1).expect("no write in flight in a clone")[0];
+        assert!(own > after && own >= CLONE_GENERATIONS, "{own:?}");
+        clone.acknowledged(b, &[own]);
+        clone.settle(a, g1);
+        clone.close_window();
+        assert!(
+            clone.check(a, Decoded::Block(during)).is_err(),
+            "exact once settled"
+        );
+        assert_eq!(clone.check(b, Decoded::Block(own)), Ok(()));
     }
 
     #[test]

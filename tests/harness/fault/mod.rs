@@ -8,6 +8,7 @@
 //!   proxy.rs      a TCP proxy per replica: Up / Cut / Blackhole (the network the test controls)
 //!   fixture.rs    FaultVolume: 3 replicas behind proxies, a controller, every fault as a method; audits
 //!                 (stop all, `basalt replica export`, compare the images block for block)
+//!   clone.rs      the clone episode: a clone of a snapshot taken under load, checked against the ledger
 //!   soak.rs       the seeded fault driver: episodes, the CI run and the long soak, the report
 //! ```
 //!
@@ -16,6 +17,7 @@
 //! completed flush covered is reported as such. Losses are data in the report, never panics: the test
 //! decides (and must see zero).
 
+pub mod clone;
 pub mod fixture;
 pub mod initiator;
 pub mod ledger;

@@ -6,6 +6,9 @@
 //!               ─► (every `audit_every` episodes) stop all, export every replica, compare block for block
 //! ```
 //!
+//! A `CloneVolume` episode's fault is a clone of the volume, made, hurt and checked while the volume's own
+//! workload runs (see [`super::clone`]).
+//!
 //! The seed fixes the schedule (which fault, which replica, how long, which snapshot operations) and the
 //! workload's choice of blocks; the interleaving of completions is the machine's. A failing seed therefore
 //! replays the same story, though not the same nanoseconds. The fault kinds are drawn as shuffled rounds of
@@ -13,12 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use super::clone::clone_episode;
 use super::fixture::{refused_to_serve, FaultVolume, HEAL_TIMEOUT, REPLICA_TIMEOUT};
 use super::ledger::Loss;
 use super::proxy::Link;
@@ -43,16 +48,21 @@ pub enum FaultKind {
     /// attention, later episodes write past the old end), then restart it with its old --size: it is grown
     /// and rebuilt.
     ExpandVolume,
+    /// Snapshot the volume under I/O and clone the snapshot (3 more replicas and a controller): check the
+    /// clone holds the snapshot's data, write to it, SIGKILL one clone replica (often mid-hydration) and
+    /// restart it, wait for hydration, check again, stop the clone (see [`super::clone`]).
+    CloneVolume,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillReplica,
         FaultKind::HangReplica,
         FaultKind::CutReplica,
         FaultKind::BlackholeReplica,
         FaultKind::KillController,
         FaultKind::ExpandVolume,
+        FaultKind::CloneVolume,
     ];
 }
 
@@ -78,6 +88,8 @@ pub struct Plan {
     pub snapshot_during: bool,
     /// Delete the oldest snapshot after the heal.
     pub delete_after: bool,
+    /// `CloneVolume`: kill a clone replica (`replica`) for `hold`.
+    pub kill_clone_replica: bool,
 }
 
 impl fmt::Display for Plan {
@@ -115,7 +127,9 @@ impl Schedule {
         let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..=hi));
         let timeout = REPLICA_TIMEOUT.as_millis() as u64;
         let hold = match kind {
-            FaultKind::KillReplica | FaultKind::ExpandVolume => ms(&mut self.rng, 300, 3000),
+            FaultKind::KillReplica | FaultKind::ExpandVolume | FaultKind::CloneVolume => {
+                ms(&mut self.rng, 300, 3000)
+            }
             // Both sides of --replica-timeout: a short stall the controller rides out, or a drop + rebuild.
             FaultKind::HangReplica | FaultKind::BlackholeReplica => ms(&mut self.rng, 500, 2 * timeout),
             FaultKind::CutReplica => ms(&mut self.rng, 300, 3000),
@@ -130,6 +144,7 @@ impl Schedule {
             snapshot_before: self.rng.random_ratio(1, 2),
             snapshot_during: self.rng.random_ratio(1, 3),
             delete_after: self.rng.random_ratio(1, 2),
+            kill_clone_replica: self.rng.random_ratio(3, 4),
         }
     }
 }
@@ -191,6 +206,15 @@ pub struct SoakReport {
     /// Controllers that refused to start although every replica was running (availability failures);
     /// the harness recovered with `--min-healthy 1` to go on. Must be empty.
     pub refused_starts: Vec<(u64, String)>,
+    /// Clones made, checked and stopped (`CloneVolume` episodes).
+    pub clones: u64,
+    /// Clone replicas killed while their clone was still hydrating, and after.
+    pub clone_kills_mid_hydration: u64,
+    pub clone_kills_after_hydration: u64,
+    /// Blocks of clones read back and checked.
+    pub clone_blocks_verified: u64,
+    /// Writes the clones acknowledged.
+    pub clone_writes_acked: u64,
 }
 
 impl SoakReport {
@@ -246,6 +270,16 @@ impl fmt::Display for SoakReport {
             "snapshots: {} created, {} deleted, {} refused",
             self.snapshots_created, self.snapshots_deleted, self.snapshots_refused
         )?;
+        writeln!(
+            f,
+            "clones: {} ({} clone replicas killed mid-hydration, {} after); {} clone writes acknowledged; \
+             {} clone blocks verified",
+            self.clones,
+            self.clone_kills_mid_hydration,
+            self.clone_kills_after_hydration,
+            self.clone_writes_acked,
+            self.clone_blocks_verified
+        )?;
         write!(
             f,
             "losses: {}, divergent blocks: {}, controllers refusing to start: {}",
@@ -268,6 +302,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, FaultError> {
     start_controller(&mut volume, 0, &mut report)?;
     let mut schedule = Schedule::new(config.seed, volume.replica_count());
     let mut snapshot_serial = 0u64;
+    let clone_stats = Arc::new(IoStats::default());
     loop {
         let done_by_count = config.episodes.is_some_and(|n| report.episodes >= n);
         let done_by_time = config.duration.is_some_and(|d| started.elapsed() >= d);
@@ -284,6 +319,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, FaultError> {
             config,
             episode,
             &mut snapshot_serial,
+            &clone_stats,
             &mut report,
         )
         .map_err(|e| FaultError::Episode {
@@ -356,6 +392,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, FaultError> {
         report.flushes,
     ) = totals;
     report.logins = IoStats::get(&volume.stats.logins);
+    report.clone_writes_acked = IoStats::get(&clone_stats.writes_acked);
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -396,6 +433,7 @@ fn run_episode(
     config: &SoakConfig,
     episode: u64,
     snapshot_serial: &mut u64,
+    clone_stats: &Arc<IoStats>,
     report: &mut SoakReport,
 ) -> Result<(), FaultError> {
     let io_seed = config.seed.wrapping_mul(0x100_0000_01b3).wrapping_add(episode);
@@ -444,6 +482,43 @@ fn run_episode(
             }
             hold(volume, plan, &mut snapshot, report)?;
             volume.restart_replica(r)?;
+        }
+        FaultKind::CloneVolume => {
+            *snapshot_serial += 1;
+            let name = format!("clone-{episode}-{snapshot_serial}");
+            let clone_seed = io_seed ^ 0xc10e;
+            let outcome = clone_episode(
+                volume,
+                plan,
+                plan.kill_clone_replica,
+                &name,
+                config.io,
+                clone_seed,
+                clone_stats,
+            )?;
+            report.snapshots_created += 1;
+            report.snapshots_refused += outcome.snapshots_refused;
+            report.clones += 1;
+            report.clone_kills_mid_hydration += outcome.killed_mid_hydration;
+            report.clone_kills_after_hydration += outcome.killed_after_hydration;
+            report.clone_blocks_verified += outcome.blocks_verified;
+            for loss in outcome.losses.iter().take(10) {
+                eprintln!("fault harness: episode {episode}: LOSS in the clone of {name}: {loss}");
+            }
+            report
+                .losses
+                .extend(outcome.losses.into_iter().map(|l| (episode, l)));
+            if config.verbose {
+                eprintln!(
+                    "fault harness: episode {episode}: clone of {name} verified ({} blocks){}",
+                    outcome.blocks_verified,
+                    match (outcome.killed_mid_hydration, outcome.killed_after_hydration) {
+                        (0, 0) => "",
+                        (0, _) => ", a clone replica killed after hydration",
+                        _ => ", a clone replica killed mid-hydration",
+                    }
+                );
+            }
         }
         FaultKind::KillController => {
             volume.kill_controller();
