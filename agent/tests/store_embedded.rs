@@ -105,7 +105,10 @@ async fn a_write_whose_expectation_fails_changes_nothing() {
     assert_eq!(kvs.len(), 1);
     assert_eq!(kvs[0].value, b"v2");
     // The conflict's message says what to do.
-    let err = store.put("/k", vec![], Expect::Absent, None).await.unwrap_err();
+    let err = store
+        .put("/k", vec![], Expect::Revision(1), None)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("read it again and retry"), "{err}");
 }
 
@@ -624,4 +627,27 @@ async fn a_log_that_is_not_ours_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(LOG_FILE), b"some other program's file").unwrap();
     assert!(open_error(dir.path()).contains("not a Basalt store log"));
+}
+
+#[tokio::test]
+async fn a_failed_create_says_the_key_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    put(&store, "/k", b"1".to_vec(), Expect::Absent, None).await;
+    let create = store
+        .put("/k", b"2".to_vec(), Expect::Absent, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        create.to_string(),
+        "/k already exists (revision 1); read it and update it with its revision, or use another key"
+    );
+    let update = store
+        .put("/k", b"2".to_vec(), Expect::Revision(7), None)
+        .await
+        .unwrap_err();
+    assert!(
+        update.to_string().contains("read at revision 7, now revision 1"),
+        "{update}"
+    );
 }
