@@ -107,6 +107,10 @@ pub struct Options {
     /// the process had been killed at that point (`kill -9` keeps every completed system call).
     #[doc(hidden)]
     pub crash_after: Option<Arc<AtomicI64>>,
+    /// For tests only: a compaction meets this barrier twice once it starts writing its snapshot
+    /// (before and after the test looks), so a test can act while the snapshot is being written.
+    #[doc(hidden)]
+    pub compaction_barrier: Option<Arc<std::sync::Barrier>>,
 }
 
 impl Default for Options {
@@ -116,6 +120,7 @@ impl Default for Options {
             history_bytes: DEFAULT_HISTORY_BYTES,
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
             crash_after: None,
+            compaction_barrier: None,
         }
     }
 }
@@ -250,6 +255,7 @@ impl EmbeddedStore {
                 retry_compaction_at: 0,
                 broken: None,
                 disk,
+                compaction_barrier: options.compaction_barrier.clone(),
             }),
             revision: watch::Sender::new(revision),
             lease_granted,
@@ -407,6 +413,8 @@ struct Log {
     /// Why the store refuses changes, after a write whose outcome on disk is unknown.
     broken: Option<String>,
     disk: Disk,
+    /// See [`Options::compaction_barrier`].
+    compaction_barrier: Option<Arc<std::sync::Barrier>>,
 }
 
 impl Log {
@@ -461,6 +469,10 @@ impl Log {
     /// and why it is safe at every step).
     fn compact(&mut self, dir: &Path, snapshot: &codec::Snapshot) -> io::Result<()> {
         let bytes = codec::encode_snapshot(snapshot).map_err(io::Error::other)?;
+        if let Some(barrier) = &self.compaction_barrier {
+            barrier.wait();
+            barrier.wait();
+        }
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
         let disk = &self.disk;
         disk.allow("creating a snapshot")?;
