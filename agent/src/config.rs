@@ -1,7 +1,7 @@
 //! The agent's YAML configuration file (`basalt agent --config FILE`).
 //!
 //! Every key has a default, so the agent runs with no file at all: an
-//! embedded store, one pool under `./basalt-data`, the API on
+//! embedded store, one pool under `./basalt-data/_agent`, the API on
 //! 127.0.0.1:9700, services as child processes. [`Config::default_yaml`]
 //! prints the defaults as a commented file.
 //!
@@ -86,9 +86,17 @@ pub struct EtcdConfig {
 /// Which endpoints this agent serves (one process may serve several).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointsConfig {
+    /// `None`: the file says `api: off`.
     pub api: Option<ApiEndpoint>,
+    /// The Docker volume plugin's socket.
     pub docker: Option<PathBuf>,
+    /// The CSI driver's socket, serving both the controller and the node
+    /// service.
     pub csi: Option<PathBuf>,
+    /// A socket serving the CSI controller service alone.
+    pub csi_controller: Option<PathBuf>,
+    /// A socket serving the CSI node service alone.
+    pub csi_node: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,8 +144,10 @@ pub const DEFAULT_PORTS: PortRange = PortRange {
     last: 7999,
 };
 /// Next to where the agent is started, so a first try leaves nothing
-/// elsewhere on the host.
-pub const DEFAULT_DATA_DIR: &str = "./basalt-data";
+/// elsewhere on the host. `basalt volume up` keeps a volume's data in
+/// `./basalt-data/NAME` by default; `_agent` is no volume name (they take
+/// no `_`), so the two never share a directory.
+pub const DEFAULT_DATA_DIR: &str = "./basalt-data/_agent";
 /// The pool a file without `pools` gets, at `DATA_DIR/pools/default`.
 pub const DEFAULT_POOL: &str = "default";
 /// The API's address: loopback, so it needs no token by default.
@@ -176,6 +186,14 @@ pub enum ConfigError {
     /// does not set.
     #[error("{file}: key `{key}`: {message}")]
     Default {
+        file: String,
+        key: String,
+        message: String,
+    },
+    /// Keys of different sections that do not go together; `key` is the one
+    /// to change.
+    #[error("{file}: key `{key}`: {message}")]
+    Rule {
         file: String,
         key: String,
         message: String,
@@ -302,15 +320,40 @@ impl Config {
                 lease_ttl: etcd.lease_ttl.map_or(DEFAULT_LEASE_TTL, |Leaf(t)| t.0),
             }),
         };
+        let address = node.address.as_ref().map_or(DEFAULT_ADDRESS, |Leaf(a)| *a);
+        if matches!(cluster, ClusterConfig::Etcd(_)) && address.is_loopback() {
+            let message = format!(
+                "with `store: etcd` other hosts reach this node's services at node.address, and {address} would make them dial themselves; set node.address to an address of this host the others can reach"
+            );
+            return Err(match node.address {
+                None => ConfigError::Default {
+                    file: file.to_string(),
+                    key: "node.address".to_string(),
+                    message: format!("node.address defaults to {DEFAULT_ADDRESS}: {message}"),
+                },
+                Some(_) => ConfigError::Rule {
+                    file: file.to_string(),
+                    key: "node.address".to_string(),
+                    message,
+                },
+            });
+        }
+        let Checked(raw_endpoints) = raw.endpoints;
+        let socket = |path: Option<Leaf<raw::AnyPath>>| path.map(|Leaf(p)| host.absolute(p.0));
         let endpoints = EndpointsConfig {
-            api: raw.endpoints.api.map(|Checked(api)| ApiEndpoint {
-                listen: api.listen.map_or(DEFAULT_API_LISTEN, |Leaf(l)| l),
-                token_file: api.token_file.map(|Leaf(f)| host.absolute(f.0)),
-                tls_cert_file: api.tls_cert_file.map(|Leaf(f)| host.absolute(f.0)),
-                tls_key_file: api.tls_key_file.map(|Leaf(f)| host.absolute(f.0)),
-            }),
-            docker: raw.endpoints.docker.map(|Leaf(p)| host.absolute(p.0)),
-            csi: raw.endpoints.csi.map(|Leaf(p)| host.absolute(p.0)),
+            api: match raw_endpoints.api {
+                raw::ApiSetting::Off => None,
+                raw::ApiSetting::On(Checked(api)) => Some(ApiEndpoint {
+                    listen: api.listen.map_or(DEFAULT_API_LISTEN, |Leaf(l)| l),
+                    token_file: api.token_file.map(|Leaf(f)| host.absolute(f.0)),
+                    tls_cert_file: api.tls_cert_file.map(|Leaf(f)| host.absolute(f.0)),
+                    tls_key_file: api.tls_key_file.map(|Leaf(f)| host.absolute(f.0)),
+                }),
+            },
+            docker: socket(raw_endpoints.docker),
+            csi: socket(raw_endpoints.csi),
+            csi_controller: socket(raw_endpoints.csi_controller),
+            csi_node: socket(raw_endpoints.csi_node),
         };
         let Checked(runtime) = raw.runtime;
         let runtime = match runtime.kind {
@@ -330,7 +373,7 @@ impl Config {
         Ok(Config {
             node: NodeConfig {
                 name,
-                address: node.address.map_or(DEFAULT_ADDRESS, |Leaf(a)| a),
+                address,
                 labels: node.labels.into_iter().map(|(k, Leaf(v))| (k, v.0)).collect(),
                 ports: node.ports.map_or(DEFAULT_PORTS, |Leaf(p)| p),
             },
@@ -391,16 +434,19 @@ cluster:
   #   cert_file: /etc/basalt/etcd-client.pem
   #   key_file: /etc/basalt/etcd-client-key.pem
   #   lease_ttl: {lease_ttl}         # a node is down this long after its agent stops
+  # With etcd, node.address must be this host's address the others reach.
 
 endpoints:
-  # The REST API; `api: null` turns it off.
+  # The REST API; `api: off` turns it off (an empty `api:` means the defaults).
   api:
     listen: {listen}
     # token_file: /etc/basalt/api-token   # the bearer token; required unless listen is loopback
     # tls_cert_file: /etc/basalt/tls.pem
     # tls_key_file: /etc/basalt/tls-key.pem
   # docker: /run/docker/plugins/basalt.sock       # the Docker volume plugin
-  # csi: /var/lib/kubelet/plugins/basalt/csi.sock # the CSI driver
+  # csi: /var/lib/kubelet/plugins/basalt/csi.sock # the CSI driver (controller and node)
+  # csi_controller: /run/basalt/csi-controller.sock  # the CSI controller service alone
+  # csi_node: /var/lib/kubelet/plugins/basalt/csi-node.sock  # the CSI node service alone
 
 runtime:
   # `process`: child processes of the agent; `docker`: a container per service.
@@ -410,7 +456,8 @@ runtime:
   # image: {image}               # docker: what images/build.sh builds
 
 failover:
-  # How long a node may be down before its replicas are rebuilt elsewhere.
+  # How long a node may be down before its replicas are rebuilt elsewhere
+  # (a duration with its unit: ms, s, m or h).
   replica_grace: {grace}
 "#,
             address = DEFAULT_ADDRESS,

@@ -10,6 +10,10 @@
 //!   replica's node down  ── < grace ─────► Hold::ReplicaInGrace
 //!                        ── ≥ grace ─┬───► ReplaceReplica (placement picks the node)
 //!                                    └───► Hold::TooFewSurvivors
+//!   replica's node gone (deregistered) ──► as past its grace
+//!   replica's node draining ─┬─────────► AddReplica (membership + 1)
+//!                            └─ its replacement in sync ──► RemoveReplica
+//!   any replica rebuilding ─────────────► Hold::ReplacementRebuilding
 //! ```
 //!
 //! The rules, and why:
@@ -27,6 +31,16 @@
 //!   given up only while the replicas that are running (on up nodes) are at
 //!   least as many as the volume needs to serve (`min_healthy`, by default a
 //!   majority): those survivors are what the replacement is rebuilt from.
+//! * **Only in-sync replicas are survivors.** A replica counts as a copy of
+//!   the volume only while its controller reports it RW; one still
+//!   rebuilding (WO) is not a copy yet, so no further replacement starts
+//!   until it is: each replacement is rebuilt from complete copies.
+//! * **A draining node's replicas move one at a time, copy first.** Its
+//!   replica still runs, so it is kept until its replacement is in sync:
+//!   the volume never has fewer copies than it asked for during a drain.
+//! * **A deregistered node does not come back** under its old registration,
+//!   so its replicas are past their grace at once (no `down_since` is kept
+//!   for a node that no longer exists).
 //! * **A replacement never lands next to a sibling.** Placement is asked with
 //!   the nodes of every replica of the volume excluded, and first among nodes
 //!   whose spread domain no survivor occupies.
@@ -36,7 +50,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::model::{
-    ControllerSlot, NodeName, ReplicaSlot, ServiceId, ServiceState, ServiceStatus, VolumePhase, VolumeRecord,
+    ControllerSlot, NodeName, ReplicaMode, ReplicaSlot, ServiceId, ServiceState, ServiceStatus, VolumePhase,
+    VolumeRecord,
 };
 use crate::placement::{self, NodeView, Request, Usage};
 
@@ -73,6 +88,15 @@ pub enum Action {
         replacement: ReplicaSlot,
         down_since_unix: u64,
     },
+    /// Add `replacement` alongside `draining`, which is kept until the
+    /// replacement is in sync.
+    AddReplica {
+        draining: ReplicaSlot,
+        replacement: ReplicaSlot,
+    },
+    /// Remove `slot` (on a draining node) for good: its replacement is in
+    /// sync.
+    RemoveReplica { slot: ReplicaSlot },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +132,9 @@ pub enum Hold {
     NoPlaceForReplica { replica: u32, reason: String },
     /// No node can take the controller.
     NoPlaceForController { reason: String },
+    /// `replica` waits: replica `rebuilding` is not in sync yet, and a
+    /// replacement is rebuilt only from complete copies.
+    ReplacementRebuilding { replica: u32, rebuilding: u32 },
 }
 
 impl fmt::Display for MoveReason {
@@ -140,6 +167,19 @@ impl fmt::Display for Action {
                 "replica {} on node {} (down since unix time {down_since_unix}) is replaced by replica {} on node {}",
                 lost.id, lost.node, replacement.id, replacement.node
             ),
+            Action::AddReplica {
+                draining,
+                replacement,
+            } => write!(
+                f,
+                "replica {} is added on node {} to take over from replica {} on draining node {}",
+                replacement.id, replacement.node, draining.id, draining.node
+            ),
+            Action::RemoveReplica { slot } => write!(
+                f,
+                "replica {} on draining node {} is removed: its replacement is in sync",
+                slot.id, slot.node
+            ),
         }
     }
 }
@@ -167,6 +207,10 @@ impl fmt::Display for Hold {
                 write!(f, "replica {replica} is lost and no node can take a replacement: {reason}")
             }
             Hold::NoPlaceForController { reason } => write!(f, "the controller cannot move: {reason}"),
+            Hold::ReplacementRebuilding { replica, rebuilding } => write!(
+                f,
+                "replica {replica} waits for its replacement: replica {rebuilding} is still rebuilding"
+            ),
         }
     }
 }
@@ -222,6 +266,32 @@ fn running(slot: &ReplicaSlot, observed: &Observed) -> bool {
             .is_some_and(|status| status.node == slot.node && status.state == ServiceState::Running)
 }
 
+/// The status `slot`'s own node reported for it (a report from another node
+/// is a predecessor's).
+fn own_status<'a>(slot: &ReplicaSlot, observed: &Observed<'a>) -> Option<&'a ServiceStatus> {
+    observed
+        .statuses
+        .get(&ServiceId::Replica(slot.id))
+        .filter(|status| status.node == slot.node)
+}
+
+/// Whether `slot` is a complete copy: running, and in sync (RW) in its
+/// controller's view.
+fn in_sync(slot: &ReplicaSlot, observed: &Observed) -> bool {
+    running(slot, observed)
+        && own_status(slot, observed).is_some_and(|status| status.mode == Some(ReplicaMode::Rw))
+}
+
+/// Whether `slot` is a replica still being built on an up node: not yet
+/// reported by its node, starting without a mode, or rebuilding (WO).
+fn rebuilding(slot: &ReplicaSlot, observed: &Observed) -> bool {
+    matches!(node_state(observed.nodes, &slot.node), NodeState::Up { .. })
+        && own_status(slot, observed).is_none_or(|status| {
+            status.mode == Some(ReplicaMode::Wo)
+                || (status.mode.is_none() && status.state == ServiceState::Starting)
+        })
+}
+
 /// Decide what to change in `volume`'s placement (see the module docs).
 pub fn decide(volume: &VolumeRecord, observed: &Observed) -> Plan {
     let mut plan = Plan::default();
@@ -229,7 +299,7 @@ pub fn decide(volume: &VolumeRecord, observed: &Observed) -> Plan {
         return plan;
     }
     let mut usage = observed.usage.clone();
-    let replacements = decide_replicas(volume, observed, &mut usage, &mut plan);
+    let replica_actions = decide_replicas(volume, observed, &mut usage, &mut plan);
 
     let reason = match &volume.placement.controller {
         None => Some(MoveReason::NoController),
@@ -243,19 +313,12 @@ pub fn decide(volume: &VolumeRecord, observed: &Observed) -> Plan {
     if let Some(reason) = reason {
         // The replicas the controller will serve: those kept and the
         // replacements; running ones first choice for its node.
-        let mut replicas: Vec<ReplicaSlot> = volume
-            .placement
-            .replicas
-            .iter()
-            .filter(|slot| !replacements.iter().any(|(lost, _)| lost.id == slot.id))
-            .cloned()
-            .collect();
+        let replicas = apply_replica_actions(volume.placement.replicas.clone(), &replica_actions);
         let running_replicas: Vec<ReplicaSlot> = replicas
             .iter()
             .filter(|slot| running(slot, observed))
             .cloned()
             .collect();
-        replicas.extend(replacements.iter().map(|(_, new)| new.clone()));
         let preferred = if running_replicas.is_empty() {
             &replicas
         } else {
@@ -272,41 +335,57 @@ pub fn decide(volume: &VolumeRecord, observed: &Observed) -> Plan {
             }
         }
     }
-    for (lost, replacement) in replacements {
-        let down_since_unix = observed
-            .down_since
-            .get(&lost.node)
-            .copied()
-            .unwrap_or(observed.now_unix);
-        plan.actions.push(Action::ReplaceReplica {
-            lost,
-            replacement,
-            down_since_unix,
-        });
-    }
+    plan.actions.extend(replica_actions);
     plan
 }
 
-/// The replicas to replace and their replacements, recording holds in
-/// `plan` and the replacements in `usage`.
+/// `replicas` with the replica actions among `actions` made.
+fn apply_replica_actions(mut replicas: Vec<ReplicaSlot>, actions: &[Action]) -> Vec<ReplicaSlot> {
+    for action in actions {
+        match action {
+            Action::MoveController { .. } => {}
+            Action::ReplaceReplica {
+                lost, replacement, ..
+            } => {
+                replicas.retain(|slot| slot.id != lost.id);
+                replicas.push(replacement.clone());
+            }
+            Action::AddReplica { replacement, .. } => replicas.push(replacement.clone()),
+            Action::RemoveReplica { slot } => replicas.retain(|s| s.id != slot.id),
+        }
+    }
+    replicas
+}
+
+/// The replica actions (replacements of lost replicas, or one step of a
+/// drain), recording holds in `plan` and new replicas in `usage`.
 fn decide_replicas(
     volume: &VolumeRecord,
     observed: &Observed,
     usage: &mut Usage,
     plan: &mut Plan,
-) -> Vec<(ReplicaSlot, ReplicaSlot)> {
+) -> Vec<Action> {
     let slots = &volume.placement.replicas;
     let grace = observed.replica_grace.as_secs();
     let mut lost = Vec::new();
+    let mut draining = Vec::new();
     for slot in slots {
-        if matches!(node_state(observed.nodes, &slot.node), NodeState::Up { .. }) {
-            continue;
-        }
-        let since = observed
-            .down_since
-            .get(&slot.node)
-            .copied()
-            .unwrap_or(observed.now_unix);
+        let since = match node_state(observed.nodes, &slot.node) {
+            NodeState::Up { draining: false } => continue,
+            NodeState::Up { draining: true } => {
+                draining.push(slot);
+                continue;
+            }
+            NodeState::Gone => {
+                lost.push(slot);
+                continue;
+            }
+            NodeState::Down => observed
+                .down_since
+                .get(&slot.node)
+                .copied()
+                .unwrap_or(observed.now_unix),
+        };
         let until_unix = since.saturating_add(grace);
         if observed.now_unix < until_unix {
             plan.holds.push(Hold::ReplicaInGrace {
@@ -318,10 +397,22 @@ fn decide_replicas(
             lost.push(slot);
         }
     }
-    if lost.is_empty() {
+    if lost.is_empty() && draining.is_empty() {
         return Vec::new();
     }
-    let running = slots.iter().filter(|slot| running(slot, observed)).count();
+    if let Some(busy) = slots.iter().find(|slot| rebuilding(slot, observed)) {
+        for slot in lost.iter().chain(&draining) {
+            plan.holds.push(Hold::ReplacementRebuilding {
+                replica: slot.id,
+                rebuilding: busy.id,
+            });
+        }
+        return Vec::new();
+    }
+    if lost.is_empty() {
+        return decide_drain(volume, observed, &draining, usage, plan);
+    }
+    let running = slots.iter().filter(|slot| in_sync(slot, observed)).count();
     let needed = needed_to_serve(volume);
     if running < needed {
         for slot in lost {
@@ -335,11 +426,7 @@ fn decide_replicas(
     }
 
     let mut exclude: BTreeSet<NodeName> = slots.iter().map(|slot| slot.node.clone()).collect();
-    let mut next_id = slots
-        .iter()
-        .map(|slot| slot.id)
-        .max()
-        .map_or(0, |id| id.saturating_add(1));
+    let mut next_id = volume.placement.first_free_replica_id();
     // Spread domains the volume keeps: those of the replicas not lost.
     let mut held_domains: BTreeSet<String> = slots
         .iter()
@@ -348,27 +435,18 @@ fn decide_replicas(
         .collect();
     let mut replacements = Vec::new();
     for slot in lost {
+        let down_since_unix = observed
+            .down_since
+            .get(&slot.node)
+            .copied()
+            .unwrap_or(observed.now_unix);
         let request = Request {
             replicas: 1,
             exclude: exclude.clone(),
             first_id: next_id,
             ..Request::for_volume(&volume.spec)
         };
-        // A node in a spread domain the volume lacks first; any node else.
-        let spreading: Vec<NodeView> = observed
-            .nodes
-            .iter()
-            .filter(|view| {
-                view.record
-                    .labels
-                    .get(&volume.spec.spread_key)
-                    .is_none_or(|value| !held_domains.contains(value))
-            })
-            .cloned()
-            .collect();
-        let placed = placement::place(&request, &spreading, usage)
-            .or_else(|_| placement::place(&request, observed.nodes, usage));
-        match placed.map(|placed| placed.replicas.into_iter().next()) {
+        match place_one(volume, observed, &request, &held_domains, usage) {
             Ok(Some(replacement)) => {
                 usage.add_replicas(volume.spec.size_bytes, std::slice::from_ref(&replacement));
                 exclude.insert(replacement.node.clone());
@@ -377,7 +455,11 @@ fn decide_replicas(
                     held_domains.insert(value);
                 }
                 next_id = next_id.saturating_add(1);
-                replacements.push((slot.clone(), replacement));
+                replacements.push(Action::ReplaceReplica {
+                    lost: slot.clone(),
+                    replacement,
+                    down_since_unix,
+                });
             }
             Ok(None) => plan.holds.push(Hold::NoPlaceForReplica {
                 replica: slot.id,
@@ -392,6 +474,88 @@ fn decide_replicas(
         }
     }
     replacements
+}
+
+/// One step of moving replicas off draining nodes: remove the first draining
+/// replica once the volume has its full count of in-sync replicas elsewhere
+/// (its replacement is complete), else add its replacement.
+fn decide_drain(
+    volume: &VolumeRecord,
+    observed: &Observed,
+    draining: &[&ReplicaSlot],
+    usage: &mut Usage,
+    plan: &mut Plan,
+) -> Vec<Action> {
+    let Some(&first) = draining.first() else {
+        return Vec::new();
+    };
+    let slots = &volume.placement.replicas;
+    let settled = slots
+        .iter()
+        .filter(|slot| !draining.iter().any(|d| d.id == slot.id) && in_sync(slot, observed))
+        .count();
+    if settled >= usize::from(volume.spec.replicas) {
+        return vec![Action::RemoveReplica { slot: first.clone() }];
+    }
+    let request = Request {
+        replicas: 1,
+        exclude: slots.iter().map(|slot| slot.node.clone()).collect(),
+        first_id: volume.placement.first_free_replica_id(),
+        ..Request::for_volume(&volume.spec)
+    };
+    let held_domains: BTreeSet<String> = slots
+        .iter()
+        .filter(|slot| slot.id != first.id)
+        .filter_map(|slot| spread_value(observed.nodes, &slot.node, &volume.spec.spread_key))
+        .collect();
+    match place_one(volume, observed, &request, &held_domains, usage) {
+        Ok(Some(replacement)) => {
+            usage.add_replicas(volume.spec.size_bytes, std::slice::from_ref(&replacement));
+            vec![Action::AddReplica {
+                draining: first.clone(),
+                replacement,
+            }]
+        }
+        Ok(None) => {
+            plan.holds.push(Hold::NoPlaceForReplica {
+                replica: first.id,
+                reason: "placement returned no slot".to_string(),
+            });
+            Vec::new()
+        }
+        Err(placement::PlacementError::Unsatisfiable(reason)) => {
+            plan.holds.push(Hold::NoPlaceForReplica {
+                replica: first.id,
+                reason,
+            });
+            Vec::new()
+        }
+    }
+}
+
+/// One new replica for `request`: on a node in a spread domain outside
+/// `held_domains` first (the volume lacks it), on any node else.
+fn place_one(
+    volume: &VolumeRecord,
+    observed: &Observed,
+    request: &Request,
+    held_domains: &BTreeSet<String>,
+    usage: &Usage,
+) -> Result<Option<ReplicaSlot>, placement::PlacementError> {
+    let spreading: Vec<NodeView> = observed
+        .nodes
+        .iter()
+        .filter(|view| {
+            view.record
+                .labels
+                .get(&volume.spec.spread_key)
+                .is_none_or(|value| !held_domains.contains(value))
+        })
+        .cloned()
+        .collect();
+    placement::place(request, &spreading, usage)
+        .or_else(|_| placement::place(request, observed.nodes, usage))
+        .map(|placed| placed.replicas.into_iter().next())
 }
 
 fn spread_value(nodes: &[NodeView], node: &NodeName, key: &str) -> Option<String> {
@@ -416,14 +580,23 @@ pub fn apply(volume: &VolumeRecord, plan: &Plan) -> VolumeRecord {
                 next.placement.controller = Some(to.clone());
                 moved = true;
             }
-            Action::ReplaceReplica {
-                lost, replacement, ..
-            } => {
-                next.placement.replicas.retain(|slot| slot.id != lost.id);
-                next.placement.replicas.push(replacement.clone());
+            Action::ReplaceReplica { replacement, .. } | Action::AddReplica { replacement, .. } => {
+                next.placement.next_replica_id = next
+                    .placement
+                    .first_free_replica_id()
+                    .max(replacement.id.saturating_add(1));
                 membership_changed = true;
             }
+            Action::RemoveReplica { .. } => membership_changed = true,
         }
+    }
+    next.placement.replicas = apply_replica_actions(next.placement.replicas, &plan.actions);
+    if membership_changed {
+        // Ids handed out so far stay used, whatever was removed.
+        next.placement.next_replica_id = next
+            .placement
+            .next_replica_id
+            .max(volume.placement.first_free_replica_id());
     }
     if membership_changed && !moved {
         if let Some(controller) = &mut next.placement.controller {

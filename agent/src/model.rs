@@ -212,6 +212,27 @@ pub struct SnapshotRef {
 pub struct Placement {
     pub replicas: Vec<ReplicaSlot>,
     pub controller: Option<ControllerSlot>,
+    /// The id the next replica given to this volume gets: ids are never
+    /// reused, even after a slot is removed without a replacement, so a
+    /// new replica never picks up a predecessor's status or data directory.
+    /// Records written before it existed read as 0, and whoever gives out
+    /// ids takes the larger of it and one past the highest id present.
+    #[serde(default)]
+    pub next_replica_id: u32,
+}
+
+impl Placement {
+    /// The first id free to give out: [`Placement::next_replica_id`], or one
+    /// past the highest id present if that is larger (older records).
+    pub fn first_free_replica_id(&self) -> u32 {
+        let past_present = self
+            .replicas
+            .iter()
+            .map(|slot| slot.id.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        self.next_replica_id.max(past_present)
+    }
 }
 
 /// One replica's home. `id` is stable for the life of the replica (a
@@ -277,6 +298,23 @@ pub struct ServiceStatus {
     pub restarts: u32,
     /// Unix seconds of this report.
     pub updated_unix: u64,
+    /// A replica's mode in its controller's view (none for a controller, or
+    /// while nobody has reported it): whether it holds every write.
+    #[serde(default)]
+    pub mode: Option<ReplicaMode>,
+}
+
+/// A replica as its controller sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaMode {
+    /// In sync: takes reads and writes. Only these count as copies of the
+    /// volume.
+    Rw,
+    /// Rebuilding: takes writes while it catches up, not yet a full copy.
+    Wo,
+    /// Failed and out of the write path until it is rebuilt.
+    Err,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,7 +105,10 @@ async fn a_write_whose_expectation_fails_changes_nothing() {
     assert_eq!(kvs.len(), 1);
     assert_eq!(kvs[0].value, b"v2");
     // The conflict's message says what to do.
-    let err = store.put("/k", vec![], Expect::Absent, None).await.unwrap_err();
+    let err = store
+        .put("/k", vec![], Expect::Revision(1), None)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("read it again and retry"), "{err}");
 }
 
@@ -624,4 +627,74 @@ async fn a_log_that_is_not_ours_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(LOG_FILE), b"some other program's file").unwrap();
     assert!(open_error(dir.path()).contains("not a Basalt store log"));
+}
+
+#[tokio::test]
+async fn a_failed_create_says_the_key_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    put(&store, "/k", b"1".to_vec(), Expect::Absent, None).await;
+    let create = store
+        .put("/k", b"2".to_vec(), Expect::Absent, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        create.to_string(),
+        "/k already exists (revision 1); read it and update it with its revision, or use another key"
+    );
+    let update = store
+        .put("/k", b"2".to_vec(), Expect::Revision(7), None)
+        .await
+        .unwrap_err();
+    assert!(
+        update.to_string().contains("read at revision 7, now revision 1"),
+        "{update}"
+    );
+}
+
+/// Finding: a compaction used to hold the state's read lock while it wrote and synced the
+/// snapshot, so a lease renewal (a writer) waited for the whole write, and new readers queued
+/// behind the renewal.
+#[test]
+fn a_compaction_being_written_holds_back_neither_renewals_nor_reads() {
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let options = Options {
+        compact_after_bytes: 1,
+        compaction_barrier: Some(barrier.clone()),
+        ..Options::default()
+    };
+    let store = runtime
+        .block_on(async { EmbeddedStore::open_with(dir.path(), options) })
+        .unwrap();
+    // The grant is the first change: it compacts, and the compaction stops at the barrier.
+    let granting = {
+        let (store, runtime) = (store.clone(), runtime.clone());
+        std::thread::spawn(move || runtime.block_on(store.grant_lease(Duration::from_secs(3600))))
+    };
+    barrier.wait();
+    let (done, during) = std::sync::mpsc::channel();
+    {
+        let (store, runtime) = (store.clone(), runtime.clone());
+        std::thread::spawn(move || {
+            let renewed = runtime.block_on(store.keep_alive(LeaseId(1)));
+            let read = runtime.block_on(store.get("/absent"));
+            let _ = done.send((renewed.is_ok(), read.is_ok()));
+        });
+    }
+    let while_writing = during.recv_timeout(DEADLINE);
+    barrier.wait();
+    assert_eq!(granting.join().unwrap().unwrap(), LeaseId(1));
+    assert_eq!(
+        while_writing.ok(),
+        Some((true, true)),
+        "a renewal and a read finish while the snapshot is written"
+    );
 }

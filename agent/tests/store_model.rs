@@ -1,7 +1,8 @@
 //! Property: any sequence of operations on the embedded store (including closing and reopening it,
 //! with compaction happening along the way) gives the same results as a plain in-memory model of
 //! the contract in agent/src/store/mod.rs, and a watch opened at each open sees exactly the
-//! model's events, in order, with no gap.
+//! model's events, in order, with no gap and nothing extra; so does a watch opened after a reopen
+//! from a revision before it (or it is refused as compacted).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_agent::store::embedded::{EmbeddedStore, Options};
-use basalt_agent::store::{Event, Expect, KeyValue, LeaseId, Revision, Store, StoreError};
+use basalt_agent::store::{Event, Expect, KeyValue, LeaseId, Revision, Store, StoreError, Watch};
 use futures::StreamExt;
 use proptest::prelude::*;
 
@@ -17,6 +18,9 @@ const KEYS: [&str; 5] = ["/a", "/a/x", "/a/y", "/b", "/b/z"];
 const PREFIXES: [&str; 5] = ["", "/a", "/a/", "/b", "/c"];
 /// Leases in this test never expire on their own: expiry is timing, the model is not.
 const TTL: Duration = Duration::from_secs(3600);
+/// The key the watch checks write after the events they expect: outside `KEYS`, so only they
+/// touch it.
+const MARKER: &str = "/~marker";
 /// A bound on waiting for a watch event, never an assertion about speed.
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -198,9 +202,11 @@ impl Model {
 
 struct Session {
     store: Arc<EmbeddedStore>,
-    watch: basalt_agent::store::Watch,
+    watch: Watch,
     /// The model's events before this session's watch started.
     first_event: usize,
+    /// The revision this session's watch started from.
+    from: Revision,
 }
 
 async fn open(dir: &Path, model: &Model) -> Session {
@@ -210,23 +216,61 @@ async fn open(dir: &Path, model: &Model) -> Session {
         ..Options::default()
     };
     let store = EmbeddedStore::open_with(dir, options).unwrap();
-    let watch = store.watch("", model.revision + 1).await.unwrap();
+    let from = model.revision + 1;
+    let watch = store.watch("", from).await.unwrap();
     Session {
         store,
         watch,
         first_event: model.events.len(),
+        from,
     }
 }
 
-/// The session's watch saw exactly the model's events since it started.
-async fn check_watch(session: &mut Session, model: &Model) -> Result<(), TestCaseError> {
-    for expected in &model.events[session.first_event..] {
-        let got = tokio::time::timeout(DEADLINE, session.watch.next()).await;
+/// `watch` delivers exactly the model's events from index `first` on, and nothing else: a marker
+/// is written first (through the store and the model), so an extra event the store delivered would
+/// come before the marker's and differ from the one expected there.
+async fn read_exactly(
+    watch: &mut Watch,
+    store: &EmbeddedStore,
+    model: &mut Model,
+    first: usize,
+) -> Result<(), TestCaseError> {
+    let marked = outcome(store.put(MARKER, b"m".to_vec(), Expect::Any, None).await);
+    prop_assert_eq!(marked, model.put(MARKER, b"m".to_vec(), Expect::Any, None));
+    for expected in &model.events[first..] {
+        let got = tokio::time::timeout(DEADLINE, watch.next()).await;
         let got = got.map_err(|_| TestCaseError::fail("no event before the deadline"))?;
         let got = got.ok_or_else(|| TestCaseError::fail("the watch ended"))?;
         prop_assert_eq!(&got.map_err(|e| TestCaseError::fail(e.to_string()))?, expected);
     }
     Ok(())
+}
+
+/// The session's watch saw exactly the model's events since it started.
+async fn check_watch(session: &mut Session, model: &mut Model) -> Result<(), TestCaseError> {
+    let first = session.first_event;
+    read_exactly(&mut session.watch, &session.store, model, first).await
+}
+
+/// A watch opened now from `from`, a revision before the latest reopen, delivers exactly the
+/// model's events since `from`, or is refused as compacted (the history at open holds only what
+/// the log replays).
+async fn check_watch_across_reopen(
+    session: &Session,
+    model: &mut Model,
+    from: Revision,
+) -> Result<(), TestCaseError> {
+    let mut watch = match session.store.watch("", from).await {
+        Ok(watch) => watch,
+        Err(StoreError::Compacted { .. }) => return Ok(()),
+        Err(e) => return Err(TestCaseError::fail(format!("watch from {from}: {e}"))),
+    };
+    let first = model
+        .events
+        .iter()
+        .position(|e| e.revision() >= from)
+        .unwrap_or(model.events.len());
+    read_exactly(&mut watch, &session.store, model, first).await
 }
 
 fn expect_of(choice: &ExpectChoice, model: &Model, key: &str) -> Expect {
@@ -308,16 +352,18 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.revoke(lease);
             }
             Op::Reopen => {
-                check_watch(&mut session, &model).await?;
+                check_watch(&mut session, &mut model).await?;
+                let before = session.from;
                 drop(session);
                 session = open(dir.path(), &model).await;
                 let (kvs, revision) = session.store.list("").await.unwrap();
                 prop_assert_eq!(revision, model.revision);
                 prop_assert_eq!(kvs, model.kvs.values().cloned().collect::<Vec<_>>());
+                check_watch_across_reopen(&session, &mut model, before).await?;
             }
         }
     }
-    check_watch(&mut session, &model).await
+    check_watch(&mut session, &mut model).await
 }
 
 proptest! {

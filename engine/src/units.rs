@@ -72,22 +72,24 @@ pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Milliseconds per duration unit, the largest first (for
 /// [`format_duration`]).
-const DURATION_UNITS: [(u64, &str); 3] = [(60_000, "m"), (1_000, "s"), (1, "ms")];
+const DURATION_UNITS: [(u64, &str); 4] = [(3_600_000, "h"), (60_000, "m"), (1_000, "s"), (1, "ms")];
 
-/// A duration in milliseconds or with a unit (`500ms`, `5s`, `2m`), at most
-/// [`MAX_DURATION`].
+/// A duration in milliseconds or with a unit (`500ms`, `5s`, `2m`, `1h`), at
+/// most [`MAX_DURATION`]. A bare number is milliseconds, as the engine's
+/// timeout flags take them; readers where a bare number is ambiguous (the
+/// agent's configuration) refuse it first with [`has_duration_unit`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(digits_end);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration: use e.g. 500ms, 5s or 2m"))?;
+        .map_err(|_| format!("`{text}` is not a duration: use e.g. 500ms, 5s, 2m or 1h"))?;
     let millis_per_unit: u64 = match unit {
         "" => 1,
         other => match DURATION_UNITS.iter().find(|(_, name)| *name == other) {
             Some((millis, _)) => *millis,
-            None => return Err(format!("`{other}` is not a duration unit: use ms, s or m")),
+            None => return Err(format!("`{other}` is not a duration unit: use ms, s, m or h")),
         },
     };
     n.checked_mul(millis_per_unit)
@@ -102,8 +104,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         })
 }
 
+/// Whether `text` ends in a unit (anything after its digits), rather than
+/// being a bare number that [`parse_duration`] reads as milliseconds.
+pub fn has_duration_unit(text: &str) -> bool {
+    text.trim()
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .chars()
+        .next()
+        .is_some()
+}
+
 /// A duration that [`parse_duration`] reads back to the same value (to the
-/// millisecond): the largest unit that divides it (`5m`, `30s`, `250ms`).
+/// millisecond): the largest unit that divides it (`2h`, `5m`, `30s`,
+/// `250ms`).
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
     for (per, unit) in DURATION_UNITS {
@@ -149,10 +162,21 @@ mod tests {
     fn durations_take_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5d").is_err());
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::ZERO), "0ms");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn a_bare_number_has_no_unit() {
+        assert!(!has_duration_unit("3600"));
+        assert!(!has_duration_unit(" 60 "));
+        assert!(has_duration_unit("60m"));
+        assert!(has_duration_unit("1h"));
+        assert!(has_duration_unit("ten"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use basalt_engine::name::VolumeName;
-use basalt_engine::units::{parse_duration, parse_size};
+use basalt_engine::units::{has_duration_unit, parse_duration, parse_size};
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -35,6 +35,13 @@ pub(super) trait Scalar: Sized {
     const EXPECTED: &'static str;
     /// The value, or a message saying what is wrong and what to write.
     fn parse(text: &str) -> Result<Self, String>;
+    /// Why a YAML number is refused here, for values that are text: the
+    /// reader hands over the number, not what was written (`01` arrives as
+    /// 1), so the value could not be kept as written. `None`: a number is
+    /// read as its decimal text.
+    fn number_refused(_n: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A [`Scalar`] read from the file.
@@ -61,11 +68,20 @@ impl<T: Scalar> Visitor<'_> for LeafVisitor<T> {
     }
 
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<Leaf<T>, E> {
-        self.visit_str(&n.to_string())
+        self.visit_number(&n.to_string())
     }
 
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<Leaf<T>, E> {
-        self.visit_str(&n.to_string())
+        self.visit_number(&n.to_string())
+    }
+}
+
+impl<T: Scalar> LeafVisitor<T> {
+    fn visit_number<E: de::Error>(self, n: &str) -> Result<Leaf<T>, E> {
+        match T::number_refused(n) {
+            Some(reason) => Err(E::custom(reason)),
+            None => self.visit_str(n),
+        }
     }
 }
 
@@ -148,7 +164,9 @@ impl Scalar for PortRange {
     }
 }
 
-/// A label's value (written as a string, or as a number like `zone: 1`).
+/// A label's value: text, kept as written. A YAML number (`zone: +1`) is
+/// refused: the reader hands over the number (1), and placement would
+/// compare it as "1" with another node's "+1".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct LabelValue(pub String);
 
@@ -161,6 +179,11 @@ impl Scalar for LabelValue {
             ));
         }
         Ok(LabelValue(text.to_string()))
+    }
+    fn number_refused(n: &str) -> Option<String> {
+        Some(format!(
+            "a label value is text, and YAML reads this one as the number {n}, which need not be how it is written (+1, 0x10); quote it, like \"{n}\""
+        ))
     }
 }
 
@@ -250,7 +273,7 @@ pub(super) struct Grace(pub Duration);
 impl Scalar for Grace {
     const EXPECTED: &'static str = "a duration like 5m";
     fn parse(text: &str) -> Result<Self, String> {
-        let grace = parse_duration(text)?;
+        let grace = duration_with_unit(text, "5m")?;
         if grace < MIN_REPLICA_GRACE {
             return Err(format!(
                 "`{text}` is shorter than {}s: replicas would be replaced on the first missed lease renewal; give at least {}s (the default, 5m, rides out a reboot)",
@@ -274,7 +297,7 @@ pub(super) struct LeaseTtl(pub Duration);
 impl Scalar for LeaseTtl {
     const EXPECTED: &'static str = "a duration like 10s";
     fn parse(text: &str) -> Result<Self, String> {
-        let ttl = parse_duration(text)?;
+        let ttl = duration_with_unit(text, "10s")?;
         // etcd grants leases in whole seconds and rounds shorter ones up.
         if ttl < Duration::from_secs(1) {
             return Err(format!(
@@ -283,6 +306,19 @@ impl Scalar for LeaseTtl {
         }
         Ok(LeaseTtl(ttl))
     }
+}
+
+/// A duration that says its unit: in a file read by people, `3600` could mean
+/// seconds as easily as the milliseconds the engine's flags take, and a
+/// grace period off by a factor of 1000 replaces replicas on a reboot.
+fn duration_with_unit(text: &str, example: &str) -> Result<Duration, String> {
+    if !has_duration_unit(text) {
+        return Err(format!(
+            "`{}` has no unit; write the unit, like {example} (units: ms, s, m, h)",
+            text.trim()
+        ));
+    }
+    parse_duration(text)
 }
 
 /// An etcd endpoint: `http(s)://HOST:PORT` or `HOST:PORT`.
@@ -334,7 +370,7 @@ pub(super) struct RawConfig {
     pub data_dir: Option<Leaf<AnyPath>>,
     pub pools: Option<Pools>,
     pub cluster: Checked<RawCluster>,
-    pub endpoints: RawEndpoints,
+    pub endpoints: Checked<RawEndpoints>,
     pub runtime: Checked<RawRuntime>,
     pub failover: RawFailover,
 }
@@ -495,8 +531,47 @@ impl<'de> Visitor<'de> for PoolsVisitor {
                 "the pool list is empty; give at least one pool, or remove `pools` for the default one under data_dir",
             ));
         }
+        shared_filesystems_capped(&pools).map_err(de::Error::custom)?;
         Ok(Pools(pools))
     }
+}
+
+/// Directory pools on one filesystem must each say their `capacity`.
+///
+/// A pool without one counts its filesystem's whole size; two such pools on
+/// one filesystem would each promise all of it, and placement would give out
+/// twice the room there is.
+fn shared_filesystems_capped(pools: &[PoolConfig]) -> Result<(), String> {
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for (index, pool) in pools.iter().enumerate() {
+        let PoolKindConfig::Directory(path) = &pool.kind else {
+            continue;
+        };
+        let Some(device) = filesystem_of(path) else {
+            continue;
+        };
+        let Some(&first) = seen.get(&device) else {
+            seen.insert(device, index);
+            continue;
+        };
+        let other = &pools[first];
+        if other.capacity_bytes.is_none() || pool.capacity_bytes.is_none() {
+            return Err(format!(
+                "pools[{first}] ({}) and pools[{index}] ({}) are on the same filesystem, so each would count its whole size; give each a `capacity` (like `capacity: 100G`) that together fit, or put them on different filesystems",
+                other.name, pool.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The filesystem (device number) a directory is or will be created on:
+/// that of its nearest existing ancestor.
+fn filesystem_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    path.ancestors()
+        .find_map(|a| std::fs::metadata(a).ok())
+        .map(|meta| meta.dev())
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -559,22 +634,101 @@ fn pair_complete<T>(a: &str, a_value: &Option<T>, b: &str, b_value: &Option<T>) 
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawEndpoints {
-    /// Absent: the default API; `null`: no API.
-    pub api: Option<Checked<RawApi>>,
+    pub api: ApiSetting,
     pub docker: Option<Leaf<AnyPath>>,
+    /// The CSI driver with both its services on one socket.
     pub csi: Option<Leaf<AnyPath>>,
+    /// The CSI controller service alone (the host that runs the cluster's
+    /// provisioner).
+    pub csi_controller: Option<Leaf<AnyPath>>,
+    /// The CSI node service alone (every host that mounts volumes).
+    pub csi_node: Option<Leaf<AnyPath>>,
 }
 
-impl Default for RawEndpoints {
-    fn default() -> Self {
-        RawEndpoints {
-            api: Some(Checked(RawApi::default())),
-            docker: None,
-            csi: None,
+impl Section for RawEndpoints {
+    fn check(&self) -> Result<(), String> {
+        let sockets = [
+            ("docker", &self.docker),
+            ("csi", &self.csi),
+            ("csi_controller", &self.csi_controller),
+            ("csi_node", &self.csi_node),
+        ];
+        for (i, (a, a_path)) in sockets.iter().enumerate() {
+            for (b, b_path) in &sockets[i + 1..] {
+                if let (Some(Leaf(AnyPath(p))), Some(Leaf(AnyPath(q)))) = (a_path, b_path) {
+                    if p == q {
+                        return Err(format!(
+                            "{a} and {b} both use the socket {}; each endpoint needs its own socket",
+                            p.display()
+                        ));
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// The `api` key: a section (absent or empty: every default) or `off`.
+///
+/// An empty value is YAML's null; reading it as "no API" would let a file
+/// whose keys under `api:` are all commented out turn the API off without
+/// saying so, hence the explicit word.
+#[derive(Debug)]
+pub(super) enum ApiSetting {
+    On(Checked<RawApi>),
+    Off,
+}
+
+impl Default for ApiSetting {
+    fn default() -> Self {
+        ApiSetting::On(Checked(RawApi::default()))
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ApiSettingVisitor)
+    }
+}
+
+struct ApiSettingVisitor;
+
+impl<'de> Visitor<'de> for ApiSettingVisitor {
+    type Value = ApiSetting;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("the API's section (listen, token_file, ...) or `off`")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<ApiSetting, E> {
+        Ok(ApiSetting::default())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<ApiSetting, E> {
+        Ok(ApiSetting::default())
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<ApiSetting, E> {
+        match text {
+            "off" => Ok(ApiSetting::Off),
+            other => Err(E::custom(format!(
+                "`{other}` is not a setting of the API; write `api: off` to turn it off, or give its keys (listen, token_file, ...)"
+            ))),
+        }
+    }
+
+    fn visit_bool<E: de::Error>(self, on: bool) -> Result<ApiSetting, E> {
+        Err(E::custom(format!(
+            "`api: {on}` is not a setting of the API; write `api: off` to turn it off, or leave it out (or empty) for the defaults"
+        )))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ApiSetting, A::Error> {
+        Checked::<RawApi>::deserialize(MapAccessDeserializer::new(map)).map(ApiSetting::On)
     }
 }
 

@@ -69,12 +69,12 @@ fn no_file_means_every_default() {
             last: 7999
         }
     );
-    assert_eq!(config.data_dir, PathBuf::from("/srv/agent/basalt-data"));
+    assert_eq!(config.data_dir, PathBuf::from("/srv/agent/basalt-data/_agent"));
     assert_eq!(
         config.pools,
         [PoolConfig {
             name: "default".to_string(),
-            kind: PoolKindConfig::Directory(PathBuf::from("/srv/agent/basalt-data/pools/default")),
+            kind: PoolKindConfig::Directory(PathBuf::from("/srv/agent/basalt-data/_agent/pools/default")),
             capacity_bytes: None,
         }]
     );
@@ -90,6 +90,8 @@ fn no_file_means_every_default() {
             }),
             docker: None,
             csi: None,
+            csi_controller: None,
+            csi_node: None,
         }
     );
     assert_eq!(config.runtime, RuntimeConfig::Process { binary: None });
@@ -132,7 +134,7 @@ fn a_full_file_sets_every_key() {
 node:
   name: node-7
   address: 10.0.0.7
-  labels: {{zone: eu-1a, rack: 12}}
+  labels: {{zone: eu-1a, rack: "12"}}
   ports: 8000-8099
 data_dir: state
 pools:
@@ -155,6 +157,8 @@ endpoints:
     tls_key_file: {key}
   docker: /run/docker/plugins/basalt.sock
   csi: csi.sock
+  csi_controller: /run/basalt/csi-controller.sock
+  csi_node: csi-node.sock
 runtime:
   kind: docker
   docker_socket: /run/docker.sock
@@ -189,6 +193,14 @@ failover:
     assert_eq!(api.token_file.as_deref(), Some(Path::new(&token)));
     assert_eq!(config.endpoints.csi, Some(PathBuf::from("/srv/agent/csi.sock")));
     assert_eq!(
+        config.endpoints.csi_controller,
+        Some(PathBuf::from("/run/basalt/csi-controller.sock"))
+    );
+    assert_eq!(
+        config.endpoints.csi_node,
+        Some(PathBuf::from("/srv/agent/csi-node.sock"))
+    );
+    assert_eq!(
         config.runtime,
         RuntimeConfig::Docker {
             socket: PathBuf::from("/run/docker.sock"),
@@ -212,7 +224,7 @@ fn relative_paths_are_taken_from_the_current_directory() {
 
 #[test]
 fn the_api_can_be_turned_off_and_docker_takes_its_defaults() {
-    let config = parse("endpoints:\n  api: null\nruntime:\n  kind: docker\n").expect("valid");
+    let config = parse("endpoints:\n  api: off\nruntime:\n  kind: docker\n").expect("valid");
     assert_eq!(config.endpoints.api, None);
     assert_eq!(
         config.runtime,
@@ -292,7 +304,7 @@ fn a_bad_value_says_what_to_write() {
         &["not allowed", "a-z, 0-9"],
     );
     refused(
-        "failover:\n  replica_grace: 5h\n",
+        "failover:\n  replica_grace: 5d\n",
         "failover.replica_grace",
         2,
         &["not a duration unit"],
@@ -459,7 +471,7 @@ fn broken_yaml_is_located() {
     assert!(line >= 2, "{line}: {message}");
     let rendered = parse("node:\n  name: [a\n").expect_err("broken").to_string();
     assert!(rendered.starts_with(&format!("agent.yaml:{line}:")), "{rendered}");
-    let rendered = parse("node:\n  labels: {a: 1\n")
+    let rendered = parse("node:\n  labels: {a: b\n")
         .expect_err("unclosed")
         .to_string();
     assert!(
@@ -534,7 +546,7 @@ proptest! {
         let text = format!(
             "node:\n  ports: {first}-{last}\n  labels: {{{}}}\nfailover:\n  replica_grace: {grace_s}s\n{}",
             labels_yaml.join(", "),
-            if api_off { "endpoints:\n  api: null\n" } else { "" }
+            if api_off { "endpoints:\n  api: off\n" } else { "" }
         );
         let config = parse(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(config.node.ports, PortRange { first, last });
@@ -542,4 +554,148 @@ proptest! {
         prop_assert_eq!(config.failover.replica_grace, Duration::from_secs(grace_s));
         prop_assert_eq!(config.endpoints.api.is_none(), api_off);
     }
+}
+
+#[test]
+fn a_duration_without_a_unit_is_refused_and_hours_are_read() {
+    refused(
+        "failover:\n  replica_grace: 3600\n",
+        "failover.replica_grace",
+        2,
+        &["`3600` has no unit", "like 5m"],
+    );
+    refused(
+        "failover:\n  replica_grace: \"3600\"\n",
+        "failover.replica_grace",
+        2,
+        &["has no unit"],
+    );
+    refused(
+        "cluster:\n  store: etcd\n  etcd:\n    endpoints: [10.0.0.1:2379]\n    lease_ttl: 15\n",
+        "cluster.etcd.lease_ttl",
+        5,
+        &["`15` has no unit", "like 10s"],
+    );
+    let hours = parse("failover:\n  replica_grace: 2h\n").expect("hours are a unit");
+    assert_eq!(hours.failover.replica_grace, Duration::from_secs(7200));
+}
+
+#[test]
+fn an_empty_api_section_means_the_defaults_and_off_turns_it_off() {
+    let empty = parse("endpoints:\n  api:\n").expect("an empty api section");
+    assert_eq!(empty.endpoints, parse("").expect("defaults").endpoints);
+    // The printed file with its one key under `api:` commented out.
+    let printed = Config::default_yaml().replace("    listen:", "    # listen:");
+    let commented = parse(&printed).expect("the printed file, listen commented out");
+    assert_eq!(
+        commented.endpoints.api.map(|api| api.listen),
+        Some(DEFAULT_API_LISTEN)
+    );
+    assert_eq!(
+        parse("endpoints:\n  api: off\n").expect("off").endpoints.api,
+        None
+    );
+    refused(
+        "endpoints:\n  api: none\n",
+        "endpoints.api",
+        2,
+        &["`none` is not a setting", "api: off"],
+    );
+}
+
+#[test]
+fn csi_sockets_are_endpoints_of_their_own() {
+    let config = parse("endpoints:\n  csi_controller: /run/c.sock\n  csi_node: /run/n.sock\n")
+        .expect("both CSI services on their own sockets");
+    assert_eq!(config.endpoints.csi, None);
+    assert_eq!(
+        config.endpoints.csi_controller,
+        Some(PathBuf::from("/run/c.sock"))
+    );
+    assert_eq!(config.endpoints.csi_node, Some(PathBuf::from("/run/n.sock")));
+    refused(
+        "endpoints:\n  csi: /run/c.sock\n  csi_node: /run/c.sock\n",
+        "endpoints",
+        2,
+        &["csi and csi_node both use the socket /run/c.sock"],
+    );
+}
+
+#[test]
+fn etcd_needs_an_address_other_hosts_reach() {
+    let etcd = "cluster:\n  store: etcd\n  etcd:\n    endpoints: [10.0.0.1:2379]\n";
+    match parse(etcd) {
+        Err(ConfigError::Default { key, message, .. }) => {
+            assert_eq!(key, "node.address");
+            assert!(
+                message.contains("defaults to 127.0.0.1") && message.contains("set node.address"),
+                "{message}"
+            );
+        }
+        other => panic!("the default loopback address with etcd: {other:?}"),
+    }
+    match parse(&format!("node:\n  address: ::1\n{etcd}")) {
+        Err(ConfigError::Rule { key, message, .. }) => {
+            assert_eq!(key, "node.address");
+            assert!(
+                message.contains("::1 would make them dial themselves"),
+                "{message}"
+            );
+        }
+        other => panic!("a loopback address with etcd: {other:?}"),
+    }
+    let reachable = parse(&format!("node:\n  address: 10.0.0.9\n{etcd}")).expect("valid");
+    assert_eq!(reachable.node.address.to_string(), "10.0.0.9");
+    assert_eq!(parse("").expect("embedded").node.address, DEFAULT_ADDRESS);
+}
+
+#[test]
+fn pools_on_one_filesystem_each_give_their_capacity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let pools = |cap_a: &str, cap_b: &str| {
+        format!(
+            "pools:\n  - name: a\n    path: {}\n{cap_a}  - name: b\n    path: {}\n{cap_b}",
+            a.display(),
+            b.display()
+        )
+    };
+    let cap = "    capacity: 10G\n";
+    for text in [pools("", ""), pools(cap, ""), pools("", cap)] {
+        let (key, _, message) = error(&text);
+        assert_eq!(key, "pools", "{text}");
+        assert!(
+            message.contains("pools[0] (a) and pools[1] (b) are on the same filesystem")
+                && message.contains("give each a `capacity`"),
+            "{message}"
+        );
+    }
+    let capped = parse(&pools(cap, cap)).expect("both capped");
+    assert_eq!(capped.pools[1].capacity_bytes, Some(10 << 30));
+}
+
+#[test]
+fn the_default_data_directory_is_no_volume_name() {
+    let config = parse("").expect("defaults");
+    let leaf = config
+        .data_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a name");
+    assert!(
+        basalt_engine::name::VolumeName::new(leaf).is_err(),
+        "`basalt volume up --name {leaf}` would share {}",
+        config.data_dir.display()
+    );
+}
+
+#[test]
+fn label_values_are_kept_as_written() {
+    for number in ["1", "+1", "0x10", "0o10", "-3"] {
+        let (key, _, message) = error(&format!("node:\n  labels: {{zone: {number}}}\n"));
+        assert_eq!(key, "node.labels.zone");
+        assert!(message.contains("quote it"), "{number}: {message}");
+    }
+    let quoted = parse("node:\n  labels: {zone: \"01\"}\n").expect("quoted");
+    assert_eq!(quoted.node.labels.get("zone").map(String::as_str), Some("01"));
 }

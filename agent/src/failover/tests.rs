@@ -7,7 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{Placement, ServiceState, ServiceStatus};
+use crate::model::{Placement, ReplicaMode, ServiceState, ServiceStatus};
 use crate::placement::tests::{name, node, slot, volume, GIB};
 use crate::placement::{usage, NodeView};
 
@@ -35,6 +35,7 @@ fn three_way(controller_on: &str) -> VolumeRecord {
                 slot(2, "c", "default", 7100),
             ],
             controller: Some(controller(controller_on, 3)),
+            next_replica_id: 3,
         },
     )
 }
@@ -51,6 +52,7 @@ fn running_on(slots: &[(u32, &str)]) -> BTreeMap<ServiceId, ServiceStatus> {
                     message: None,
                     restarts: 0,
                     updated_unix: NOW,
+                    mode: Some(ReplicaMode::Rw),
                 },
             )
         })
@@ -423,6 +425,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                     Placement {
                         replicas,
                         controller: Some(controller(&format!("n{controller_on}"), 5)),
+                        next_replica_id: 0,
                     },
                 );
                 vol.spec.min_healthy = min_healthy;
@@ -463,7 +466,7 @@ proptest! {
         let plan = plan_of(&case);
         let view = |n: &NodeName| case.world_nodes.iter().find(|v| &v.record.name == n);
         let old_nodes: Vec<&NodeName> = case.vol.placement.replicas.iter().map(|r| &r.node).collect();
-        let mut replaced = 0;
+        let (mut replaced, mut added, mut removed) = (0, 0, 0);
         for action in &plan.actions {
             match action {
                 Action::MoveController { from, to, .. } => {
@@ -479,6 +482,15 @@ proptest! {
                     prop_assert!(!old_nodes.contains(&&replacement.node), "next to a sibling");
                     prop_assert!(view(&replacement.node).is_some_and(|v| v.up && !v.record.cordoned));
                 }
+                Action::AddReplica { draining, replacement } => {
+                    added += 1;
+                    prop_assert!(view(&draining.node).is_some_and(|v| v.record.draining));
+                    prop_assert!(!old_nodes.contains(&&replacement.node), "next to a sibling");
+                }
+                Action::RemoveReplica { slot } => {
+                    removed += 1;
+                    prop_assert!(view(&slot.node).is_some_and(|v| v.record.draining));
+                }
             }
         }
         if replaced > 0 {
@@ -489,13 +501,21 @@ proptest! {
                 .iter()
                 .filter(|r| {
                     view(&r.node).is_some_and(|v| v.up)
-                        && case.statuses.contains_key(&ServiceId::Replica(r.id))
+                        && case.statuses.get(&ServiceId::Replica(r.id)).is_some_and(|st| {
+                            st.node == r.node
+                                && st.state == ServiceState::Running
+                                && st.mode == Some(ReplicaMode::Rw)
+                        })
                 })
                 .count();
             prop_assert!(running >= needed_to_serve(&case.vol));
         }
         let next = apply(&case.vol, &plan);
-        prop_assert_eq!(next.placement.replicas.len(), case.vol.placement.replicas.len());
+        prop_assert_eq!(
+            next.placement.replicas.len() + removed,
+            case.vol.placement.replicas.len() + added
+        );
+        prop_assert!(added + removed <= 1, "a drain moves one replica at a time");
         let distinct: BTreeSet<&NodeName> = next.placement.replicas.iter().map(|r| &r.node).collect();
         prop_assert_eq!(distinct.len(), next.placement.replicas.len(), "two replicas on one node");
         let ids: BTreeSet<u32> = next.placement.replicas.iter().map(|r| r.id).collect();
@@ -521,4 +541,128 @@ proptest! {
         let moved = plan.actions.iter().any(|a| matches!(a, Action::MoveController { .. }));
         prop_assert_eq!(moved, !controller_up && some_open);
     }
+}
+
+fn mode_of(statuses: &mut BTreeMap<ServiceId, ServiceStatus>, id: u32, mode: ReplicaMode) {
+    if let Some(status) = statuses.get_mut(&ServiceId::Replica(id)) {
+        status.mode = Some(mode);
+    }
+}
+
+#[test]
+fn a_draining_nodes_replica_is_copied_first_and_removed_once_in_sync() {
+    let vol = three_way("b");
+    let mut draining = node("a", None);
+    draining.record.draining = true;
+    let nodes = vec![draining, node("b", None), node("c", None), node("d", None)];
+    let world = World::new(&vol, nodes.clone(), running_on(&[(0, "a"), (1, "b"), (2, "c")]));
+    let plan = world.decide(&vol);
+    let [Action::AddReplica {
+        draining,
+        replacement,
+    }] = plan.actions.as_slice()
+    else {
+        panic!("one added replica expected: {plan:?}")
+    };
+    assert_eq!(
+        (draining.id, replacement.node.as_str(), replacement.id),
+        (0, "d", 3)
+    );
+    let growing = apply(&vol, &plan);
+    assert_eq!(
+        growing.placement.replicas.len(),
+        4,
+        "the draining replica stays meanwhile"
+    );
+    assert_eq!(growing.placement.next_replica_id, 4);
+
+    // While the new replica rebuilds, nothing more happens.
+    let mut statuses = running_on(&[(0, "a"), (1, "b"), (2, "c"), (3, "d")]);
+    mode_of(&mut statuses, 3, ReplicaMode::Wo);
+    let world = World::new(&growing, nodes.clone(), statuses.clone());
+    let plan = world.decide(&growing);
+    assert!(plan.actions.is_empty(), "{plan:?}");
+    assert_eq!(
+        plan.holds,
+        [Hold::ReplacementRebuilding {
+            replica: 0,
+            rebuilding: 3
+        }]
+    );
+
+    // In sync: the draining replica goes.
+    mode_of(&mut statuses, 3, ReplicaMode::Rw);
+    let world = World::new(&growing, nodes, statuses);
+    let plan = world.decide(&growing);
+    let [Action::RemoveReplica { slot }] = plan.actions.as_slice() else {
+        panic!("one removal expected: {plan:?}")
+    };
+    assert_eq!(slot.id, 0);
+    let done = apply(&growing, &plan);
+    let ids: Vec<u32> = done.placement.replicas.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(done.placement.next_replica_id, 4);
+}
+
+#[test]
+fn a_deregistered_nodes_replica_is_replaced_without_waiting() {
+    let vol = three_way("a");
+    // Node c is no longer registered: no down_since is kept for it.
+    let world = World::new(
+        &vol,
+        vec![node("a", None), node("b", None), node("d", None)],
+        running_on(&[(0, "a"), (1, "b")]),
+    );
+    let plan = world.decide(&vol);
+    let [Action::ReplaceReplica {
+        lost, replacement, ..
+    }] = plan.actions.as_slice()
+    else {
+        panic!("one replacement expected: {plan:?}")
+    };
+    assert_eq!((lost.id, replacement.node.as_str()), (2, "d"));
+}
+
+#[test]
+fn only_in_sync_replicas_are_survivors_and_a_rebuild_holds_the_next() {
+    // b is running but still rebuilding: c's replacement waits for it.
+    let (vol, mut world) = c_down_for(3600, &[(0, "a"), (1, "b")]);
+    mode_of(&mut world.statuses, 1, ReplicaMode::Wo);
+    let plan = world.decide(&vol);
+    assert!(plan.actions.is_empty(), "{plan:?}");
+    assert_eq!(
+        plan.holds,
+        [Hold::ReplacementRebuilding {
+            replica: 2,
+            rebuilding: 1
+        }]
+    );
+    // b failed (ERR): one copy is left, fewer than the two needed.
+    mode_of(&mut world.statuses, 1, ReplicaMode::Err);
+    let plan = world.decide(&vol);
+    assert!(plan.actions.is_empty(), "{plan:?}");
+    assert_eq!(
+        plan.holds,
+        [Hold::TooFewSurvivors {
+            replica: 2,
+            running: 1,
+            needed: 2
+        }]
+    );
+}
+
+#[test]
+fn a_replacement_never_takes_an_id_given_out_before() {
+    // Replica 3 was removed without a replacement earlier: 3 is used up.
+    let (mut vol, world) = c_down_for(3600, &[(0, "a"), (1, "b")]);
+    vol.placement.next_replica_id = 4;
+    let plan = world.decide(&vol);
+    let [Action::ReplaceReplica { replacement, .. }] = plan.actions.as_slice() else {
+        panic!("one replacement expected: {plan:?}")
+    };
+    assert_eq!(replacement.id, 4);
+    assert_eq!(apply(&vol, &plan).placement.next_replica_id, 5);
+    // A record written before next_replica_id existed reads it as 0.
+    let old: Placement = serde_json::from_str(r#"{"replicas":[],"controller":null}"#).expect("an old record");
+    assert_eq!(old.next_replica_id, 0);
 }

@@ -366,10 +366,12 @@ fn usage_counts_every_replica_and_controller() {
             api_port: 7102,
             generation: 1,
         }),
+        next_replica_id: 2,
     };
     let other = Placement {
         replicas: vec![slot(0, "a", "p", 7103)],
         controller: None,
+        next_replica_id: 1,
     };
     let usage = usage(&[volume("v1", 10 * GIB, placement), volume("v2", GIB, other)]);
     assert_eq!(usage.pool_bytes(&name("a"), "p"), 11 * GIB);

@@ -107,6 +107,10 @@ pub struct Options {
     /// the process had been killed at that point (`kill -9` keeps every completed system call).
     #[doc(hidden)]
     pub crash_after: Option<Arc<AtomicI64>>,
+    /// For tests only: a compaction meets this barrier twice once it starts writing its snapshot
+    /// (before and after the test looks), so a test can act while the snapshot is being written.
+    #[doc(hidden)]
+    pub compaction_barrier: Option<Arc<std::sync::Barrier>>,
 }
 
 impl Default for Options {
@@ -116,6 +120,7 @@ impl Default for Options {
             history_bytes: DEFAULT_HISTORY_BYTES,
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
             crash_after: None,
+            compaction_barrier: None,
         }
     }
 }
@@ -250,6 +255,7 @@ impl EmbeddedStore {
                 retry_compaction_at: 0,
                 broken: None,
                 disk,
+                compaction_barrier: options.compaction_barrier.clone(),
             }),
             revision: watch::Sender::new(revision),
             lease_granted,
@@ -315,7 +321,12 @@ impl Store for EmbeddedStore {
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { write(&self.inner.state).keep_alive(lease, Instant::now()) })
+        Box::pin(async move {
+            // The time the renewal arrived, not the time the lock was free: a renewal sent in
+            // time must not expire the lease because a change held the lock meanwhile.
+            let arrived = Instant::now();
+            write(&self.inner.state).keep_alive(lease, arrived)
+        })
     }
 
     /// Ends `lease` and deletes its keys, in one change. Revoking a lease that is already gone
@@ -369,8 +380,11 @@ impl Inner {
         };
         self.revision.send_replace(revision);
         if log.wants_compaction() {
-            let state = read(&self.state);
-            if let Err(e) = log.compact(&self.dir, &state) {
+            // A copy taken under a short read lock: writing and syncing it happens with the lock
+            // released, since a writer waiting behind a long-held read lock (a lease renewal)
+            // would hold back every new reader too.
+            let snapshot = read(&self.state).snapshot();
+            if let Err(e) = log.compact(&self.dir, &snapshot) {
                 // Not before the log has grown as much again: a full disk would otherwise cost a
                 // whole snapshot written in vain with every change.
                 log.retry_compaction_at = log.len.saturating_add(log.compact_after);
@@ -399,6 +413,8 @@ struct Log {
     /// Why the store refuses changes, after a write whose outcome on disk is unknown.
     broken: Option<String>,
     disk: Disk,
+    /// See [`Options::compaction_barrier`].
+    compaction_barrier: Option<Arc<std::sync::Barrier>>,
 }
 
 impl Log {
@@ -451,8 +467,12 @@ impl Log {
 
     /// Replaces the snapshot with `state` and empties the log (see the module docs for the order
     /// and why it is safe at every step).
-    fn compact(&mut self, dir: &Path, state: &State) -> io::Result<()> {
-        let bytes = codec::encode_snapshot(&state.snapshot()).map_err(io::Error::other)?;
+    fn compact(&mut self, dir: &Path, snapshot: &codec::Snapshot) -> io::Result<()> {
+        let bytes = codec::encode_snapshot(snapshot).map_err(io::Error::other)?;
+        if let Some(barrier) = &self.compaction_barrier {
+            barrier.wait();
+            barrier.wait();
+        }
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
         let disk = &self.disk;
         disk.allow("creating a snapshot")?;

@@ -7,8 +7,9 @@
 //! interchangeable and the reconcilers never know which one they talk to.
 //!
 //! Semantics (both implementations):
-//! * the store has one revision counter; every successful put or delete
-//!   raises it by one and stamps the key with it ([`KeyValue::mod_revision`]);
+//! * the store has one revision counter; every put, and every delete of a key
+//!   that exists, raises it by one and stamps the key with it
+//!   ([`KeyValue::mod_revision`]); deleting an absent key changes nothing;
 //! * a put or delete names what it expects to find ([`Expect`]) and fails
 //!   with [`StoreError::Conflict`] otherwise, changing nothing: there are no
 //!   lost updates when two agents act at once;
@@ -57,6 +58,23 @@ pub enum Expect {
     Any,
 }
 
+/// What a [`StoreError::Conflict`] says: a failed create is about a key that
+/// exists, a failed update about one that changed or went away.
+fn conflict_message(key: &str, expected: Expect, found: Revision) -> String {
+    match (expected, found) {
+        (Expect::Absent, found) => format!(
+            "{key} already exists (revision {found}); read it and update it with its revision, or use another key"
+        ),
+        (Expect::Revision(read), 0) => format!(
+            "{key} was deleted since it was read at revision {read}; read it again and retry"
+        ),
+        (Expect::Revision(read), found) => format!(
+            "{key} changed since it was read (read at revision {read}, now revision {found}); read it again and retry"
+        ),
+        (Expect::Any, found) => format!("{key} could not be changed (found revision {found}); retry"),
+    }
+}
+
 /// A change seen by a watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -81,7 +99,7 @@ impl Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{key} changed since it was read (expected {expected:?}, found revision {found}); read it again and retry")]
+    #[error("{}", conflict_message(key, *expected, *found))]
     Conflict {
         key: String,
         expected: Expect,
@@ -125,6 +143,9 @@ pub trait Store: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<(Vec<KeyValue>, Revision)>>;
 
     /// Put `value` at `key` if `expect` holds; returns the new revision.
+    /// Values are text records (JSON, see [`put_json`]): the embedded
+    /// store's log reader relies on values holding no NUL byte to tell a
+    /// torn append from damage (see `embedded/codec.rs`).
     fn put<'a>(
         &'a self,
         key: &'a str,

@@ -255,8 +255,9 @@ pub(super) fn decode_log(bytes: &[u8]) -> Result<LogContents, String> {
 
 /// Where the first whole frame holding a batch starts in `bytes`, past its first byte. A torn
 /// append is a prefix of one frame, so a whole frame inside it could only come from the bytes of a
-/// value; Basalt's values are JSON text, which never holds the NUL bytes every frame header has
-/// (the high bytes of its length), so none is found there by chance.
+/// value; the store's records are JSON text ([`crate::store::Store::put`]), which never holds the
+/// NUL bytes every frame header has (the high bytes of its length), so none is found there by
+/// chance. A binary value holding a frame could make a torn append read as damage.
 fn whole_batch_after_start(bytes: &[u8]) -> Option<usize> {
     (1..bytes.len()).find(|&at| match next_frame(&bytes[at..]) {
         FrameRead::Whole { payload, .. } => decode_batch(payload).is_ok_and(|b| !b.ops.is_empty()),

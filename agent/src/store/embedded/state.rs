@@ -88,6 +88,15 @@ impl State {
         let mut state = State::new(history_limit);
         state.revision = snapshot.revision;
         state.seq = snapshot.seq;
+        // Ids start at 1 and are handed out counting up; a next id outside that range can only be
+        // damage, and one too low would hand out an id again.
+        if snapshot.next_lease < 1 || snapshot.next_lease > i64::MAX / 2 {
+            return Err(format!(
+                "its next lease id {} is outside 1..{}",
+                snapshot.next_lease,
+                i64::MAX / 2
+            ));
+        }
         state.next_lease = snapshot.next_lease;
         state.history_base = snapshot.revision;
         for (id, ttl) in snapshot.leases {
@@ -97,7 +106,7 @@ impl State {
                     id.0, snapshot.next_lease
                 ));
             }
-            state.leases.insert(
+            let earlier = state.leases.insert(
                 id,
                 Lease {
                     ttl,
@@ -105,6 +114,9 @@ impl State {
                     keys: BTreeSet::new(),
                 },
             );
+            if earlier.is_some() {
+                return Err(format!("lease {} appears twice", id.0));
+            }
         }
         for kv in snapshot.kvs {
             if kv.create_revision == 0
@@ -630,6 +642,23 @@ mod tests {
         // Watching from before the snapshot is refused; from after it is served.
         assert!(restored.events_since("", 2).is_err());
         assert!(restored.events_since("", 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_with_a_bad_next_lease_or_a_lease_twice_is_refused() {
+        let t0 = Instant::now();
+        let mut s = State::new(10);
+        let id = grant(&mut s, 10 * SECOND, t0);
+        for next_lease in [0, -5, i64::MAX] {
+            let mut snapshot = s.snapshot();
+            snapshot.next_lease = next_lease;
+            let err = State::from_snapshot(snapshot, 10, t0).unwrap_err();
+            assert!(err.contains("next lease id"), "{next_lease}: {err}");
+        }
+        let mut twice = s.snapshot();
+        twice.leases.push((id, 5 * SECOND));
+        let err = State::from_snapshot(twice, 10, t0).unwrap_err();
+        assert!(err.contains("appears twice"), "{err}");
     }
 
     #[test]
