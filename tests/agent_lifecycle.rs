@@ -104,7 +104,7 @@ impl Setup {
             format!(
                 "node:\n  name: {node}\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
                  data_dir: {d}/data\n\
-                 pools:\n  - name: p0\n    path: {d}/pool0\n  - name: p1\n    path: {d}/pool1\n  - name: p2\n    path: {d}/pool2\n\
+                 pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n  - name: p1\n    path: {d}/pool1\n    capacity: 4G\n  - name: p2\n    path: {d}/pool2\n    capacity: 4G\n\
                  cluster:\n  store: embedded\n\
                  endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
                  runtime:\n{runtime}",

@@ -226,6 +226,7 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
             source: None,
         },
         placement: Placement {
+            next_replica_id: 0,
             replicas: (0..3)
                 .map(|i| ReplicaSlot {
                     id: i + 1,

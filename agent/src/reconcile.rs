@@ -230,6 +230,11 @@ pub fn plan(local: &Local, desired: &Desired, seen: &Seen, now_unix: u64) -> Vec
                             message: obs.message.clone(),
                             restarts: obs.restarts,
                             updated_unix: now_unix,
+                            // A replica's mode is the controller's view, which
+                            // this node's runtime does not see; left unset, the
+                            // failover decisions count no replica as a survivor
+                            // and replace none.
+                            mode: None,
                         };
                         push_status(&mut actions, name, service, stored, status);
                     }
@@ -241,6 +246,7 @@ pub fn plan(local: &Local, desired: &Desired, seen: &Seen, now_unix: u64) -> Vec
                         message: Some(why),
                         restarts: 0,
                         updated_unix: now_unix,
+                        mode: None,
                     };
                     push_status(&mut actions, name, service, stored, status);
                 }

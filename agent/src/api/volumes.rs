@@ -312,6 +312,7 @@ pub async fn create(ctx: &ApiContext, req: CreateVolume) -> ApiResult<(StatusCod
             source: req.source,
         },
         placement: Placement {
+            next_replica_id: placed.replicas.iter().map(|r| r.id + 1).max().unwrap_or(0),
             replicas: placed.replicas,
             controller: None,
         },
@@ -772,6 +773,7 @@ mod tests {
                 source: None,
             },
             placement: Placement {
+                next_replica_id: 0,
                 replicas: nodes
                     .iter()
                     .enumerate()

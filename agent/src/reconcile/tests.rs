@@ -64,6 +64,7 @@ fn volume(
                 source: None,
             },
             placement: Placement {
+                next_replica_id: 0,
                 replicas: replica_nodes
                     .iter()
                     .enumerate()
@@ -120,6 +121,7 @@ fn status(on: &str) -> ServiceStatus {
         message: None,
         restarts: 0,
         updated_unix: 1,
+        mode: None,
     }
 }
 
