@@ -228,6 +228,17 @@ fn url_of(view: &Value) -> IscsiUrl {
     }
 }
 
+/// kill -9 the agent, and reap it before its guard drops: a guard that found it still running would
+/// stop its whole group, services included.
+fn kill_agent(mut agent: Daemon) {
+    // SAFETY: plain syscall on the agent process this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    assert!(
+        agent.wait_for_exit(READY_TIMEOUT).unwrap().is_some(),
+        "the agent survived SIGKILL"
+    );
+}
+
 fn io(url: &IscsiUrl, commands: &[&str]) {
     let (ok, out) = qemu_io(url, commands).unwrap();
     assert!(ok, "qemu-io {commands:?}: {out}");
@@ -279,15 +290,7 @@ fn life_cycle(kind: Kind) {
 
     // kill -9 the agent: the volume keeps serving, and a new agent adopts its services.
     let controller = setup.controller("life").expect("the controller runs");
-    // SAFETY: plain syscall on the agent process this test started.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
-    // Reaped before the guard drops: a guard that found it still running would stop its whole group.
-    let mut agent = agent;
-    assert!(
-        agent.wait_for_exit(READY_TIMEOUT).unwrap().is_some(),
-        "the agent survived SIGKILL"
-    );
-    drop(agent);
+    kill_agent(agent);
     assert_eq!(
         setup.controller("life").as_ref(),
         Some(&controller),
@@ -346,5 +349,124 @@ fn life_cycle(kind: Kind) {
     assert!(ok);
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list["volumes"].as_array().map(Vec::len), Some(0), "{out}");
+    agent.stop().unwrap();
+}
+
+/// The rest of the first test of issue 15 section 4, through the CLI against a real agent: a snapshot, a
+/// clone of it that reads the data as of the snapshot (not what was written after), both kept across an
+/// agent kill -9, QoS limits changed through the agent, the snapshot's removal as the replicas' rules say
+/// (refused while a clone still copies it), and both volumes deleted with their data.
+#[test]
+fn a_snapshot_is_cloned_kept_across_an_agent_kill_and_everything_is_deleted() {
+    let setup = Setup::new(Kind::Process);
+    let agent = setup.start_agent("agent-1");
+    let _group = KillGroup(agent.pid() as i32);
+
+    let (ok, out, err) = setup.cli(&["volume", "create", "src", "--size", "64M", "--replicas", "3"]);
+    assert!(ok, "volume create: {out}{err}");
+    let view = setup.wait_ready("src");
+    let src_uuid = view["uuid"].as_str().unwrap().to_string();
+    let src_url = url_of(&view);
+    io(&src_url, &["write -P 0x5a 0 1M", "write -P 0xc3 40M 1M"]);
+
+    let (ok, out, err) = setup.cli(&["snapshot", "create", "--volume", "src", "s1"]);
+    assert!(ok, "snapshot create: {out}{err}");
+    let (ok, out, err) = setup.cli(&["snapshot", "ls", "--volume", "src", "--json"]);
+    assert!(ok, "snapshot ls: {out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .map(|s| s.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["s1"], "{out}");
+
+    // Written after the snapshot: the clone must not see it.
+    io(&src_url, &["write -P 0x11 0 1M", "write -P 0x22 40M 1M"]);
+
+    let (ok, out, err) = setup.cli(&[
+        "volume",
+        "create",
+        "copy",
+        "--from-snapshot",
+        "src/s1",
+        "--replicas",
+        "3",
+    ]);
+    assert!(ok, "clone create: {out}{err}");
+    let view = setup.wait_ready("copy");
+    assert_eq!(
+        view["size_bytes"],
+        64 << 20,
+        "a clone defaults to its source's size"
+    );
+    assert_eq!(view["source"]["volume"], "src");
+    assert_eq!(view["source"]["snapshot"], "s1");
+    let copy_uuid = view["uuid"].as_str().unwrap().to_string();
+    let copy_url = url_of(&view);
+    io(&copy_url, &["read -P 0x5a 0 1M", "read -P 0xc3 40M 1M"]);
+    io(&src_url, &["read -P 0x11 0 1M", "read -P 0x22 40M 1M"]);
+
+    // QoS through the agent: the limit is in the record the view shows.
+    let (ok, out, err) = setup.cli(&["volume", "qos", "copy", "--read-iops", "5000", "--json"]);
+    assert!(ok, "volume qos: {out}{err}");
+    let view = setup.inspect("copy").expect("the clone exists");
+    assert_eq!(view["qos"]["read_iops"], 5000, "{view:#}");
+    let (ok, out, err) = setup.cli(&[
+        "volume",
+        "qos",
+        "copy",
+        "--read-iops",
+        "10",
+        "--read-iops-burst",
+        "20",
+    ]);
+    assert!(!ok, "a burst the agent cannot keep was accepted: {out}");
+    assert!(err.contains("--read-iops-burst"), "{err}");
+    io(&copy_url, &["write -P 0x77 8M 1M", "read -P 0x77 8M 1M"]);
+
+    // kill -9 the agent and start another: both volumes read as before.
+    kill_agent(agent);
+    let agent = setup.start_agent("agent-2");
+    let copy_view = setup.wait_ready("copy");
+    assert_eq!(url_of(&copy_view), copy_url);
+    assert_eq!(
+        copy_view["qos"]["read_iops"], 5000,
+        "the limit outlives the agent"
+    );
+    assert_eq!(url_of(&setup.wait_ready("src")), src_url);
+    io(
+        &copy_url,
+        &["read -P 0x5a 0 1M", "read -P 0xc3 40M 1M", "read -P 0x77 8M 1M"],
+    );
+    io(&src_url, &["read -P 0x11 0 1M", "read -P 0x22 40M 1M"]);
+
+    // The snapshot goes once no clone copies it any more: until then each attempt is refused, naming why.
+    wait_for("the snapshot to be removable", READY_TIMEOUT, || {
+        let (ok, out, err) = setup.cli(&["snapshot", "rm", "--volume", "src", "s1"]);
+        assert!(
+            ok || err.contains("held by"),
+            "snapshot rm failed for another reason than a clone's hold: {out}{err}"
+        );
+        ok
+    })
+    .unwrap();
+    let (ok, out, err) = setup.cli(&["snapshot", "ls", "--volume", "src", "--json"]);
+    assert!(ok, "snapshot ls: {out}{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["snapshots"].as_array().map(Vec::len), Some(0), "{out}");
+    io(&copy_url, &["read -P 0x5a 0 1M", "read -P 0xc3 40M 1M"]);
+
+    for (volume, uuid) in [("copy", &copy_uuid), ("src", &src_uuid)] {
+        let (ok, out, err) = setup.cli(&["volume", "rm", volume]);
+        assert!(ok, "volume rm {volume}: {out}{err}");
+        wait_for(&format!("volume {volume} to be deleted"), READY_TIMEOUT, || {
+            setup.inspect(volume).is_none()
+        })
+        .unwrap();
+        for i in 0..3 {
+            let pool = setup.dir.path().join(format!("pool{i}")).join(uuid);
+            assert!(!pool.exists(), "{} is left", pool.display());
+        }
+    }
     agent.stop().unwrap();
 }

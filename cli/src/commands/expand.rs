@@ -11,19 +11,8 @@ use super::client::{block_on, connect, status_message};
 
 #[derive(clap::Args)]
 pub struct ExpandArgs {
-    /// A cluster volume to grow through the node agent (`--agent`); without
-    /// it, the volume whose controller is at `--api`.
-    #[arg(conflicts_with = "api")]
-    pub name: Option<String>,
-    /// The controller's management API address (default 127.0.0.1:9600).
-    #[arg(long)]
-    pub api: Option<String>,
-    /// The node agent's API URL (with NAME).
-    #[arg(long, env = basalt_agent::client::AGENT_ENV, default_value = basalt_agent::client::DEFAULT_AGENT)]
-    pub agent: String,
-    /// Print the agent's JSON answer (with NAME).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub target: super::cluster::VolumeTarget,
     /// The new size, e.g. 20G: a multiple of 4 KiB, not below the volume's
     /// (a volume never shrinks). The same size again changes nothing.
     #[arg(long, value_parser = parse_volume_size)]
@@ -32,20 +21,13 @@ pub struct ExpandArgs {
     pub auth: super::secrets::ApiClientArgs,
 }
 
-/// The controller's address when `--api` is not given.
-const DEFAULT_API: &str = "127.0.0.1:9600";
-
 pub fn expand(args: ExpandArgs) -> anyhow::Result<()> {
-    if let Some(name) = &args.name {
-        let agent = super::cluster::AgentArgs {
-            agent: args.agent.clone(),
-            token_file: args.auth.token_file.clone(),
-            json: args.json,
-        };
+    if let Some(name) = &args.target.name {
+        let agent = args.target.agent_args(args.auth.token_file.clone());
         return super::cluster::volume::expand(name, args.size, &agent);
     }
     block_on(async move {
-        let api = args.api.as_deref().unwrap_or(DEFAULT_API);
+        let api = args.target.api();
         let mut client = connect(api, &args.auth).await?;
         let reply = client
             .volume_expand(VolumeExpandRequest {

@@ -4,9 +4,12 @@
 //!
 //! The same six limits (see `basalt_engine::volume::qos`) appear as
 //! `--qos-read-iops` on the roles that start a volume and as `--read-iops`
-//! on `volume qos`; one flag table serves both spellings.
+//! on `volume qos`; one flag table serves both spellings. `volume qos NAME`
+//! changes a cluster volume's limits through the node agent instead, which
+//! keeps them in the volume's record (rates only: the agent has no bursts).
 
 use anyhow::Context;
+use basalt_agent::model::QosSpec;
 use basalt_engine::api::{qos_from_pb, qos_to_pb};
 use basalt_engine::volume::qos::{Limit, LimitKind, Part, QosError, QosLimits, Unit};
 use basalt_proto::pb::controller as pb;
@@ -96,6 +99,32 @@ impl<const PREFIXED: bool> QosFlags<PREFIXED> {
             limits.set(kind, Some(limit));
         }
         Ok(limits)
+    }
+
+    /// `base` with the given rates in place, as the node agent keeps limits:
+    /// a rate per kind and no burst, so a burst flag is refused by name
+    /// rather than dropped.
+    pub fn agent_spec(&self, base: QosSpec) -> anyhow::Result<QosSpec> {
+        let mut spec = base;
+        for &(kind, rate, burst) in &self.given {
+            if burst.is_some() {
+                anyhow::bail!(
+                    "--{}: a cluster volume's limits have no burst (the controller's default burst applies); \
+                     drop the flag, or use --api ADDR to set a burst on one controller",
+                    Self::names(kind).1
+                );
+            }
+            let field = match kind {
+                LimitKind::ReadIops => &mut spec.read_iops,
+                LimitKind::WriteIops => &mut spec.write_iops,
+                LimitKind::Iops => &mut spec.total_iops,
+                LimitKind::ReadBps => &mut spec.read_bytes_per_sec,
+                LimitKind::WriteBps => &mut spec.write_bytes_per_sec,
+                LimitKind::Bps => &mut spec.total_bytes_per_sec,
+            };
+            *field = Some(rate);
+        }
+        Ok(spec)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -212,9 +241,9 @@ impl<const PREFIXED: bool> FromArgMatches for QosFlags<PREFIXED> {
 /// Arguments of `basalt volume qos`.
 #[derive(clap::Args)]
 pub struct QosArgs {
-    /// The controller's management API address.
-    #[arg(long, default_value = "127.0.0.1:9600")]
-    pub api: String,
+    /// NAME (its limits kept by the node agent) or `--api`.
+    #[command(flatten)]
+    pub target: super::cluster::VolumeTarget,
     /// Remove every limit not given here (alone: remove all limits).
     #[arg(long)]
     pub clear: bool,
@@ -230,8 +259,13 @@ pub fn run(a: QosArgs) -> anyhow::Result<()> {
     // Checked here first, so that a bad value names its flag and the
     // controller is not asked at all.
     let set = a.limits.limits()?;
+    if let Some(name) = &a.target.name {
+        let agent = a.target.agent_args(a.auth.token_file.clone());
+        return super::cluster::volume::qos(name, a.clear, &a.limits, &agent);
+    }
+    let api = a.target.api();
     let limits = super::client::block_on(async {
-        let mut client = super::client::connect(&a.api, &a.auth).await?;
+        let mut client = super::client::connect(api, &a.auth).await?;
         if a.clear || !a.limits.is_empty() {
             let reply = client
                 .volume_set_qos(pb::VolumeSetQosRequest {
@@ -366,5 +400,47 @@ mod tests {
         let text = describe(&qos_to_pb(&flags.limits().unwrap())).unwrap();
         assert_eq!(text, "write-iops 200/s (burst 200), bps 50 MiB/s (burst 50 MiB)");
         assert_eq!(describe(&pb::QosLimits::default()).unwrap(), "none");
+    }
+
+    #[derive(Parser)]
+    struct VolumeQos {
+        #[command(flatten)]
+        args: QosArgs,
+    }
+
+    fn parse_volume_qos(args: &[&str]) -> Result<QosArgs, clap::Error> {
+        VolumeQos::try_parse_from(std::iter::once("qos").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn a_cluster_volume_takes_rates_over_its_own_and_refuses_bursts() {
+        let a = parse_volume_qos(&["vol", "--read-iops", "500", "--write-bps", "1M"]).unwrap();
+        assert_eq!(a.target.name.as_deref(), Some("vol"));
+        let base = QosSpec {
+            read_iops: Some(10),
+            total_iops: Some(900),
+            ..QosSpec::default()
+        };
+        let spec = a.limits.agent_spec(base).unwrap();
+        assert_eq!(
+            spec,
+            QosSpec {
+                read_iops: Some(500),
+                total_iops: Some(900),
+                write_bytes_per_sec: Some(1 << 20),
+                ..QosSpec::default()
+            }
+        );
+        let a = parse_volume_qos(&["vol", "--iops", "100", "--iops-burst", "200"]).unwrap();
+        let e = a.limits.agent_spec(QosSpec::default()).unwrap_err().to_string();
+        assert!(e.starts_with("--iops-burst:"), "{e}");
+    }
+
+    #[test]
+    fn a_controller_is_still_reached_at_its_api_address_and_not_with_a_name() {
+        let a = parse_volume_qos(&["--api", "127.0.0.1:9700", "--read-iops", "5"]).unwrap();
+        assert_eq!(a.target.name, None);
+        assert_eq!(a.target.api(), "127.0.0.1:9700");
+        assert!(parse_volume_qos(&["vol", "--api", "127.0.0.1:9700"]).is_err());
     }
 }

@@ -36,6 +36,43 @@ impl AgentArgs {
     }
 }
 
+/// The controller's management API address when `--api` is not given.
+pub const DEFAULT_CONTROLLER_API: &str = "127.0.0.1:9600";
+
+/// Which volume a command that exists in both forms acts on (`volume expand`, `volume qos`): a cluster
+/// volume by NAME through the node agent, or the volume whose controller is at `--api`.
+#[derive(clap::Args)]
+pub struct VolumeTarget {
+    /// A cluster volume, through the node agent (`--agent`); without it, the volume whose controller
+    /// is at `--api`.
+    #[arg(conflicts_with = "api")]
+    pub name: Option<String>,
+    /// The controller's management API address (default 127.0.0.1:9600).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// The node agent's API URL (with NAME).
+    #[arg(long, env = client::AGENT_ENV, default_value = client::DEFAULT_AGENT)]
+    pub agent: String,
+    /// Print the agent's JSON answer (with NAME).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl VolumeTarget {
+    /// The agent form's arguments; `token_file` is the command's `--token-file`, the agent's token then.
+    pub fn agent_args(&self, token_file: Option<PathBuf>) -> AgentArgs {
+        AgentArgs {
+            agent: self.agent.clone(),
+            token_file,
+            json: self.json,
+        }
+    }
+
+    pub fn api(&self) -> &str {
+        self.api.as_deref().unwrap_or(DEFAULT_CONTROLLER_API)
+    }
+}
+
 /// Print `value` as one line of JSON.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value).context("encoding the answer")?);

@@ -8,6 +8,7 @@ use basalt_agent::api::views::{CreateVolume, Qos, VolumeView};
 use basalt_agent::model::QosSpec;
 
 use super::super::args::{parse_size, parse_volume_size};
+use super::super::qos::QosFlags;
 use super::{block_on, human_size, or_dash, print_json, table, AgentArgs};
 
 /// QoS limits at creation, as the API takes them (rates only; no flag: no limit).
@@ -278,6 +279,51 @@ pub fn expand(name: &str, size: u64, agent: &AgentArgs) -> anyhow::Result<()> {
         let v = agent.client()?.expand_volume(name, size).await?;
         changed(agent, &v, &format!("grows to {}", human_size(v.size_bytes)))
     })
+}
+
+/// `volume qos NAME`: the given rates replace those kinds' limits (all limits with `clear`) in the
+/// volume's record, which the agent applies at its controller; no flag and no `clear`: show them.
+pub fn qos(name: &str, clear: bool, flags: &QosFlags<false>, agent: &AgentArgs) -> anyhow::Result<()> {
+    block_on(async move {
+        let client = agent.client()?;
+        let current = client.inspect_volume(name).await?;
+        let v = if clear || !flags.is_empty() {
+            let base = if clear { QosSpec::default() } else { current.qos };
+            let spec = flags.agent_spec(base)?;
+            client.set_qos(name, &Qos(spec)).await?
+        } else {
+            current
+        };
+        if agent.json {
+            return print_json(&v);
+        }
+        println!(
+            "volume {}: QoS limits in force: {}",
+            v.name,
+            describe_spec(&v.qos)
+        );
+        Ok(())
+    })
+}
+
+/// A volume's limits as a person reads them: `read_iops 500/s, write_bytes_per_sec 1048576/s`, or `none`.
+fn describe_spec(q: &QosSpec) -> String {
+    let parts: Vec<String> = [
+        ("read_iops", q.read_iops),
+        ("write_iops", q.write_iops),
+        ("total_iops", q.total_iops),
+        ("read_bytes_per_sec", q.read_bytes_per_sec),
+        ("write_bytes_per_sec", q.write_bytes_per_sec),
+        ("total_bytes_per_sec", q.total_bytes_per_sec),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k} {v}/s")))
+    .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
