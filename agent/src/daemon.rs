@@ -60,8 +60,13 @@ pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
             "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
         );
     }
-    if config.endpoints.csi.is_some() {
-        anyhow::bail!("endpoints.csi: this agent does not serve the CSI driver yet; remove the key");
+    let csi = [
+        ("endpoints.csi", &config.endpoints.csi),
+        ("endpoints.csi_controller", &config.endpoints.csi_controller),
+        ("endpoints.csi_node", &config.endpoints.csi_node),
+    ];
+    if let Some((key, _)) = csi.iter().find(|(_, socket)| socket.is_some()) {
+        anyhow::bail!("{key}: this agent does not serve the CSI driver yet; remove the key");
     }
     Ok(())
 }
@@ -387,9 +392,14 @@ mod tests {
         let e = refuse_unbuilt(&docker).unwrap_err().to_string();
         assert!(e.contains("endpoints.docker"), "{e}");
 
-        let mut csi = defaults;
+        let mut csi = defaults.clone();
         csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
         let e = refuse_unbuilt(&csi).unwrap_err().to_string();
         assert!(e.contains("endpoints.csi"), "{e}");
+
+        let mut node = defaults;
+        node.endpoints.csi_node = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/node.sock"));
+        let e = refuse_unbuilt(&node).unwrap_err().to_string();
+        assert!(e.contains("endpoints.csi_node"), "{e}");
     }
 }
