@@ -142,13 +142,13 @@ impl Setup {
         agent
     }
 
-    /// `basalt ARGS --agent URL --token-file F`: (succeeded, stdout, stderr).
+    /// `basalt ARGS --agent URL --agent-token-file F`: (succeeded, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(basalt_binary().unwrap())
             .args(args)
             .arg("--agent")
             .arg(format!("http://{}", self.api))
-            .arg("--token-file")
+            .arg("--agent-token-file")
             .arg(&self.token_file)
             .output()
             .unwrap();
@@ -469,4 +469,143 @@ fn a_snapshot_is_cloned_kept_across_an_agent_kill_and_everything_is_deleted() {
         }
     }
     agent.stop().unwrap();
+}
+
+/// `basalt ARGS` run in `cwd` with no agent token given by flag or environment.
+fn cli_without_token(cwd: &Path, api: SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = Command::new(basalt_binary().unwrap())
+        .args(args)
+        .arg("--agent")
+        .arg(format!("http://{api}"))
+        .env_remove("BASALT_AGENT_TOKEN")
+        .env_remove("BASALT_AGENT_TOKEN_FILE")
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// With no `token_file` the agent generates a token into DATA_DIR/api-token (0600), keeps it across a
+/// restart, logs where it is and never the token; a CLI on the host finds it at the default agent's
+/// path, and one that has none is told which flag or variable to set.
+#[test]
+fn without_a_token_file_the_agent_generates_one_keeps_it_and_never_logs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+    let (first, last) = free_port_range(SERVICE_PORTS);
+    let config = dir.path().join("agent.yaml");
+    // The default data directory, relative to where the agent runs.
+    std::fs::write(
+        &config,
+        format!(
+            "node:\n  name: tok{:08x}\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
+             pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 1G\n\
+             endpoints:\n  api:\n    listen: {api}\n\
+             runtime:\n  kind: process\n  binary: {}\n",
+            rand::random::<u32>(),
+            basalt_binary().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut cmd = Command::new(basalt_binary().unwrap());
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path());
+        let mut agent = Daemon::spawn(
+            "agent",
+            cmd,
+            dir.path(),
+            StopPolicy::Terminate {
+                grace: Duration::from_secs(30),
+            },
+        )
+        .unwrap();
+        agent.wait_for_port(api, READY_TIMEOUT).unwrap();
+        agent
+    };
+    let agent = start();
+    let token_file = dir.path().join("basalt-data/_agent/api-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = token.trim();
+    assert!(token.len() >= 32, "a generated token: {} bytes", token.len());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The CLI in the agent's directory finds the default agent's token.
+    let (ok, out) = cli_without_token(dir.path(), api, &["volume", "ls"]);
+    assert!(ok, "{out}");
+    // Elsewhere, with no token: refused, told what to set; nothing is created.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (ok, out) = cli_without_token(elsewhere.path(), api, &["volume", "create", "x", "--size", "1G"]);
+    assert!(!ok);
+    assert!(
+        out.contains("requires a token")
+            && out.contains("--agent-token-file")
+            && out.contains("BASALT_AGENT_TOKEN_FILE")
+            && out.contains("BASALT_AGENT_TOKEN"),
+        "{out}"
+    );
+    let (ok, out) = cli_without_token(dir.path(), api, &["volume", "ls", "--json"]);
+    assert!(ok && out.contains("\"volumes\":[]"), "{out}");
+
+    drop(agent);
+    let agent = start();
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        token,
+        "the token is kept across a restart"
+    );
+    drop(agent);
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(
+        log.contains("api-token"),
+        "the log says where the token is: {log}"
+    );
+    assert!(!log.contains(token), "the log shows the token");
+}
+
+/// A config with a typo stops the agent before it does anything: the error names the key, the file
+/// and the line, and no data directory is created.
+#[test]
+fn a_config_with_a_typo_is_refused_by_key_file_and_line_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: {}/data\nendpoints:\n  api:\n    listen: 127.0.0.1:1\n    tokn_file: /etc/x\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(basalt_binary().unwrap())
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tokn_file")
+            && stderr.contains("token_file")
+            && stderr.contains("agent.yaml")
+            && stderr.contains(":5"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "the agent created its data directory"
+    );
 }
