@@ -255,7 +255,10 @@ async fn a_volume_is_created_listed_inspected_attached_expanded_and_deleted() ->
         .collect();
     assert_eq!(deleting.cleanup_pending, holders.into_iter().collect::<Vec<_>>());
     assert!(
-        deleting.warnings.iter().any(|w| w.contains("waiting for node(s)")),
+        deleting
+            .warnings
+            .iter()
+            .any(|w| w.contains("waiting for node(s)")),
         "{:?}",
         deleting.warnings
     );

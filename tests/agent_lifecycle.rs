@@ -80,6 +80,11 @@ struct Setup {
 
 impl Setup {
     fn new(kind: Kind) -> Setup {
+        Setup::with_third_pool(kind, None)
+    }
+
+    /// Three pools, the third a block device when `device` is given.
+    fn with_third_pool(kind: Kind, device: Option<&Path>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let node = format!("life{:08x}", rand::random::<u32>());
         let runtime = match kind {
@@ -104,11 +109,15 @@ impl Setup {
             format!(
                 "node:\n  name: {node}\n  address: 127.0.0.1\n  ports: {first}-{last}\n\
                  data_dir: {d}/data\n\
-                 pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n  - name: p1\n    path: {d}/pool1\n    capacity: 4G\n  - name: p2\n    path: {d}/pool2\n    capacity: 4G\n\
+                 pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n  - name: p1\n    path: {d}/pool1\n    capacity: 4G\n  - name: p2\n    {third}\n\
                  cluster:\n  store: embedded\n\
                  endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
                  runtime:\n{runtime}",
                 token_file.display(),
+                third = match device {
+                    Some(dev) => format!("device: {}", dev.display()),
+                    None => format!("path: {d}/pool2\n    capacity: 4G"),
+                },
             ),
         )
         .unwrap();
@@ -608,4 +617,60 @@ fn a_config_with_a_typo_is_refused_by_key_file_and_line_and_nothing_is_created()
         !dir.path().join("data").exists(),
         "the agent created its data directory"
     );
+}
+
+/// A replica on a block-device pool (a loop device): deleting its volume wipes the store on the device
+/// (its first 64 KiB read as zeros again, nothing of the written data left), so a later volume can
+/// neither read the old data nor take the device for a replica. Needs root for losetup, like
+/// tests/blockdev.rs (tests/run.sh runs it with --ignored as root).
+#[test]
+#[ignore = "needs root and loop devices; tests/run.sh runs it as root"]
+fn deleting_a_volume_wipes_its_replica_on_a_block_device_pool() {
+    let backing_dir = tempfile::tempdir().unwrap();
+    let backing = backing_dir.path().join("pool.img");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(256 << 20))
+        .unwrap();
+    let dev = basalt_tests::host::LoopDevice::attach(&backing).unwrap();
+    let setup = Setup::with_third_pool(Kind::Process, Some(dev.device()));
+    let agent = setup.start_agent("agent");
+    let _group = KillGroup(agent.pid() as i32);
+    let (ok, out, err) = setup.cli(&["volume", "create", "wiped", "--size", "64M", "--replicas", "3"]);
+    assert!(ok, "volume create: {out}{err}");
+    let view = setup.wait_ready("wiped");
+    io(&url_of(&view), &["write -P 0x5a 0 4M"]);
+    let head = |len: usize| {
+        let mut buf = vec![0u8; len];
+        std::io::Read::read_exact(&mut std::fs::File::open(dev.device()).unwrap(), &mut buf).unwrap();
+        buf
+    };
+    assert_eq!(&head(8), b"BASALTBD", "the replica formatted the device");
+
+    let (ok, out, err) = setup.cli(&["volume", "rm", "wiped"]);
+    assert!(ok, "volume rm: {out}{err}");
+    wait_for("the volume to be deleted", READY_TIMEOUT, || {
+        setup.inspect("wiped").is_none()
+    })
+    .unwrap();
+    assert!(
+        head(64 << 10).iter().all(|&b| b == 0),
+        "the device's signature region is not blank"
+    );
+    // The data clusters are given back by a discard, which a loop device does when the filesystem under
+    // its file punches holes; where it cannot, the bytes stay (no store reads them again: clusters are
+    // zeroed before they are handed out).
+    let loop_name = dev.device().file_name().unwrap().to_string_lossy().into_owned();
+    let discards = std::fs::read_to_string(format!("/sys/block/{loop_name}/queue/discard_max_bytes"))
+        .is_ok_and(|v| v.trim() != "0");
+    if discards {
+        let all = std::fs::read(dev.device()).unwrap();
+        let pattern = vec![0x5au8; 4096];
+        assert!(
+            !all.chunks(4096).any(|c| c == pattern.as_slice()),
+            "the volume's data is still on the device"
+        );
+    } else {
+        eprintln!("{loop_name} does not discard: the data region was not checked");
+    }
+    agent.stop().unwrap();
 }

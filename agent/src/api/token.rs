@@ -5,8 +5,6 @@
 //!
 //! The token itself is never logged: only where it is.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -56,7 +54,8 @@ pub fn load_or_generate(
         return Ok((token, TokenSource::Kept(path)));
     }
     let token = ApiToken::generate();
-    write_private(&path, token.expose().as_bytes())
+    // 0600 from its creation on, written whole (a temporary file synced and renamed).
+    crate::reconcile::write_private(&path, token.expose().as_bytes())
         .with_context(|| format!("writing the agent's API token to {}", path.display()))?;
     Ok((token, TokenSource::Generated(path)))
 }
@@ -68,29 +67,10 @@ fn read(path: &Path, what: &str, fix: &str) -> anyhow::Result<ApiToken> {
         .map_err(|e| anyhow::anyhow!("the API token file {} ({what}): {e}; {fix}", path.display()))
 }
 
-/// Writes `bytes` to a new file at `path`, mode 0600 from its creation on, durably: a temporary file
-/// synced and renamed, then the directory synced, so a crash leaves the whole token or none.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let tmp = dir.join(format!(".{GENERATED_TOKEN_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    // The mode given at creation is masked by the umask; 0600 is meant whatever the umask.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(bytes)?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_token_is_generated_once_private_and_kept_across_starts() {
