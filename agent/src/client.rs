@@ -602,6 +602,45 @@ mod tests {
     }
 
     #[test]
+    fn the_default_token_file_is_only_for_an_agent_on_this_host() {
+        for url in [
+            "http://127.0.0.1:9700",
+            "localhost:9700",
+            "https://[::1]:9700",
+            "127.0.0.2:1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:9700",
+            "agent.example:9700",
+            "http://[::2]:1",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_where_the_token_came_from_and_what_to_set() {
+        let none = unauthorized_help(None);
+        assert!(
+            none.contains("no token was sent") && none.contains(DEFAULT_TOKEN_FILE),
+            "{none}"
+        );
+        let from = unauthorized_help(Some("BASALT_AGENT_TOKEN"));
+        assert!(from.contains("came from BASALT_AGENT_TOKEN"), "{from}");
+        for text in [none, from] {
+            assert!(
+                text.contains("--agent-token-file")
+                    && text.contains(TOKEN_FILE_ENV)
+                    && text.contains(TOKEN_ENV),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn path_segments_cannot_escape() {
         assert_eq!(seg("a/b?c"), "a%2Fb%3Fc");
         assert_eq!(seg("vol-1.x"), "vol-1.x");
