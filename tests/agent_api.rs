@@ -45,6 +45,10 @@ struct Api {
 
 impl Api {
     async fn start(nodes: usize) -> Result<Api, Box<dyn std::error::Error>> {
+        Api::start_with(nodes, api::Transport::Plain).await
+    }
+
+    async fn start_with(nodes: usize, transport: api::Transport) -> Result<Api, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store: Arc<dyn Store> = EmbeddedStore::open(&dir.path().join("store"))?;
         for i in 0..nodes {
@@ -56,11 +60,11 @@ impl Api {
             store: store.clone(),
             node: NodeName::new("node-0")?,
             controllers: Arc::new(GrpcConnector),
-            token: Some(ApiToken::new(TOKEN)?),
+            token: ApiToken::new(TOKEN)?,
             agent_metrics: None,
         };
         let cancel = CancellationToken::new();
-        let server = tokio::spawn(api::serve(listener, ctx, cancel.clone()));
+        let server = tokio::spawn(api::serve(listener, ctx, transport, cancel.clone()));
         Ok(Api {
             store,
             addr,
@@ -239,7 +243,25 @@ async fn a_volume_is_created_listed_inspected_attached_expanded_and_deleted() ->
     assert_eq!(c.detach_volume("vol-a").await?.attached_to, None);
     let (status, body) = c.raw(Method::DELETE, "/v1/volumes/vol-a", None).await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(c.inspect_volume("vol-a").await?.phase, VolumePhase::Deleting);
+    let deleting = c.inspect_volume("vol-a").await?;
+    assert_eq!(deleting.phase, VolumePhase::Deleting);
+    // No agent runs here: every node holding a part is still to clean up, and says so.
+    let holders: std::collections::BTreeSet<_> = v
+        .placement
+        .replicas
+        .iter()
+        .map(|r| r.node.clone())
+        .chain(std::iter::once(controller.node.clone()))
+        .collect();
+    assert_eq!(deleting.cleanup_pending, holders.into_iter().collect::<Vec<_>>());
+    assert!(
+        deleting
+            .warnings
+            .iter()
+            .any(|w| w.contains("waiting for node(s)")),
+        "{:?}",
+        deleting.warnings
+    );
     Ok(())
 }
 
@@ -519,7 +541,7 @@ fn cli(
         .args(args)
         .arg("--agent")
         .arg(api.url())
-        .arg("--token-file")
+        .arg("--agent-token-file")
         .arg(token_file)
         .env_remove("BASALT_AGENT_TOKEN")
         .output()?;
@@ -678,5 +700,126 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() -> Test
         generated >= 100,
         "schemathesis generated only {generated} test cases:\n{stdout}"
     );
+    Ok(())
+}
+
+/// Every route but the health probe, `/metrics` and the OpenAPI document included, answers a request
+/// without a token or with a wrong one 401 with the JSON error, before anything else is looked at, and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_but_health_refuses_a_missing_or_wrong_token() -> TestResult {
+    let api = Api::start(3).await?;
+    api.client().create_volume(&volume("held", GIB, 3)).await?;
+    let mut checked = 0;
+    for route in api::routes::routes() {
+        let path = route
+            .pattern
+            .replace("{name}", "held")
+            .replace("{snapshot}", "s1");
+        let body = matches!(route.method, Method::POST | Method::PUT).then(|| b"{}".to_vec());
+        for token in [None, Some("wrong-token-0123456789abcdef")] {
+            let before = api.snapshot().await?;
+            let (status, bytes) = api
+                .client_with(token)
+                .raw(route.method.clone(), &path, body.clone())
+                .await?;
+            if route.operation == api::routes::Operation::Health {
+                assert_eq!(status, StatusCode::OK, "the health probe is open");
+                continue;
+            }
+            let json: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} {path}: not JSON ({e})", route.method))?;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{} {path} {token:?}: {json}",
+                route.method
+            );
+            assert_eq!(json["error"]["code"], "unauthorized", "{json}");
+            let message = json["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("--agent-token-file"), "{message}");
+            assert!(
+                !message.contains(TOKEN) && !message.contains("wrong-token"),
+                "{message}"
+            );
+            assert_eq!(
+                api.snapshot().await?,
+                before,
+                "{} {path}: the store changed",
+                route.method
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * (api::routes::routes().len() - 1));
+    Ok(())
+}
+
+/// The API over TLS, with certificates made by `openssl`: a client with the CA that signed the
+/// agent's certificate works; without a CA, with another CA, or speaking TLS to a plaintext agent, it
+/// is told what to pass instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_serves_tls_to_a_client_with_its_ca_and_says_what_to_change_otherwise() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let files = basalt_tests::volume::make_ca_and_server_cert(&dir.path().join("tls"))?;
+    let other = basalt_tests::volume::make_ca_and_server_cert(&dir.path().join("other"))?;
+    let config = api::tls::server_config(&files.cert, &files.key)?;
+    let api = Api::start_with(2, api::Transport::Tls(config)).await?;
+    let https = format!("https://{}", api.addr);
+    let ca = std::fs::read(&files.ca)?;
+    let token = || ApiToken::new(TOKEN).ok();
+
+    let c = AgentClient::new(&https, token())?.with_ca(&ca, "ca.pem")?;
+    assert_eq!(c.health().await?.status, "ok");
+    assert_eq!(c.list_nodes().await?.nodes.len(), 2);
+    // A bare HOST:PORT with a CA is https.
+    let bare = AgentClient::new(&api.addr.to_string(), token())?.with_ca(&ca, "ca.pem")?;
+    assert!(bare.url().starts_with("https://"));
+    assert_eq!(bare.list_volumes(&[]).await?.volumes.len(), 0);
+
+    // Plain HTTP to the TLS port: the agent answers in plain HTTP what to do.
+    let (status, _, message) = refusal(api.client().list_volumes(&[]).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        message.contains("https://") && message.contains("--agent-ca"),
+        "{message}"
+    );
+    // https without a CA.
+    let e = AgentClient::new(&https, token())?
+        .list_volumes(&[])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("--agent-ca"), "{e}");
+    // Another CA.
+    let wrong = AgentClient::new(&https, token())?.with_ca(&std::fs::read(&other.ca)?, "other.pem")?;
+    let e = wrong.list_volumes(&[]).await.unwrap_err().to_string();
+    assert!(e.contains("did not sign") && e.contains("--agent-ca"), "{e}");
+    // A CA for an explicit http:// URL is a contradiction.
+    let e = AgentClient::new(&format!("http://{}", api.addr), token())?
+        .with_ca(&ca, "ca.pem")
+        .unwrap_err();
+    assert!(e.to_string().contains("https://"), "{e}");
+
+    // TLS to a plaintext agent.
+    let plain = Api::start(1).await?;
+    let e = AgentClient::new(&format!("https://{}", plain.addr), token())?
+        .with_ca(&ca, "ca.pem")?
+        .list_volumes(&[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not speak TLS") && e.contains("http://"), "{e}");
+
+    // Unusable files stop the agent with the file named.
+    let e = format!(
+        "{:#}",
+        api::tls::server_config(&files.cert, &other.key).unwrap_err()
+    );
+    assert!(e.contains("does not belong") && e.contains("tls_key_file"), "{e}");
+    let e = format!(
+        "{:#}",
+        api::tls::server_config(&files.key, &files.key).unwrap_err()
+    );
+    assert!(e.contains("certificate file") && e.contains("server.key"), "{e}");
     Ok(())
 }

@@ -9,61 +9,9 @@ use std::process::Output;
 
 use basalt_proto::pb::controller as pb;
 use basalt_proto::pb::controller::controller_service_client::ControllerServiceClient;
-use basalt_tests::volume::{volume_info_with, ApiTlsFiles, Cluster};
-use basalt_tests::{basalt_command, io, require_tool, run_checked, ByteSize, Result};
+use basalt_tests::volume::{make_ca_and_server_cert, volume_info_with, ApiTlsFiles, Cluster};
+use basalt_tests::{basalt_command, io, ByteSize, Result};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-
-/// A CA (`DIR/ca.pem`) and a certificate it signed for 127.0.0.1 and `localhost` (`DIR/server.pem`,
-/// key `DIR/server.key`), in `dir`.
-fn make_ca_and_server_cert(dir: &Path) -> Result<ApiTlsFiles> {
-    let openssl = require_tool("openssl")?;
-    std::fs::create_dir_all(dir).map_err(io("create the certificates' directory"))?;
-    let files = ApiTlsFiles {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        ca: dir.join("ca.pem"),
-    };
-    let ca_key = dir.join("ca.key");
-    let csr = dir.join("server.csr");
-    let ext = dir.join("san.ext");
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        .map_err(io("write the SAN extension"))?;
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    run_checked(
-        std::process::Command::new(&openssl)
-            .args(["req", "-x509"])
-            .args(ec)
-            .arg("-keyout")
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&files.ca)
-            .args(["-days", "2", "-subj", "/CN=basalt-test-ca"]),
-    )?;
-    run_checked(
-        std::process::Command::new(&openssl)
-            .arg("req")
-            .args(ec)
-            .arg("-keyout")
-            .arg(&files.key)
-            .arg("-out")
-            .arg(&csr)
-            .args(["-subj", "/CN=basalt-controller"]),
-    )?;
-    run_checked(
-        std::process::Command::new(&openssl)
-            .args(["x509", "-req", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&files.ca)
-            .arg("-CAkey")
-            .arg(&ca_key)
-            .args(["-CAcreateserial", "-days", "2", "-out"])
-            .arg(&files.cert)
-            .arg("-extfile")
-            .arg(&ext),
-    )?;
-    Ok(files)
-}
 
 /// `basalt ARGS...` with the harness's token, and its output.
 fn basalt(args: &[&str]) -> Result<Output> {

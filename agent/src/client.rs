@@ -2,9 +2,13 @@
 //! bearer token on every request, the API's errors as [`ClientError::Api`] with the server's own words.
 //!
 //! The token comes from a file or from `BASALT_AGENT_TOKEN` ([`load_token`]), never from the command
-//! line, and is never printed (`ApiToken`'s `Debug` is redacted).
+//! line, and is never printed (`ApiToken`'s `Debug` is redacted). With a CA ([`AgentClient::with_ca`])
+//! the client speaks HTTPS and checks the agent's certificate against that CA alone; a connection that
+//! fails is told apart by [`basalt_engine::api_tls::classify`] (a plaintext agent, a CA that did not sign
+//! the agent's certificate, a name it does not carry), each with what to pass instead.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_engine::api_auth::ApiToken;
@@ -22,6 +26,14 @@ use crate::api::views::{
 
 /// Environment variable holding the agent's API token.
 pub const TOKEN_ENV: &str = "BASALT_AGENT_TOKEN";
+/// Environment variable naming a file that holds the agent's API token (like `--agent-token-file`).
+pub const TOKEN_FILE_ENV: &str = "BASALT_AGENT_TOKEN_FILE";
+/// Environment variable naming the CA that signed the agent's certificate (like `--agent-ca`).
+pub const CA_ENV: &str = "BASALT_AGENT_CA";
+/// The token an agent started without a config generates (`DATA_DIR/api-token` under the default
+/// data directory, relative to where it was started): what the CLI reads when it is given no token
+/// and talks to an agent on a loopback address, so that the no-config flow needs no token setup.
+pub const DEFAULT_TOKEN_FILE: &str = "./basalt-data/_agent/api-token";
 /// Environment variable holding the agent's URL.
 pub const AGENT_ENV: &str = "BASALT_AGENT";
 /// Where the agent listens when nothing says otherwise.
@@ -52,22 +64,106 @@ pub enum ClientError {
     Decode { url: String, reason: String },
     #[error("the token: {0}")]
     Token(String),
+    /// The connection failed in a way that says what to change (TLS on one side only, a CA that did
+    /// not sign the agent's certificate).
+    #[error("{0}")]
+    Tls(String),
 }
 
-/// The token from `file`, or else from `BASALT_AGENT_TOKEN`; `None` if neither gives one.
-pub fn load_token(file: Option<&Path>) -> Result<Option<ApiToken>, ClientError> {
-    let bytes = match file {
-        Some(path) => std::fs::read(path)
-            .map_err(|e| ClientError::Token(format!("cannot read the token file {}: {e}", path.display())))?,
+/// The token a client sends, and where it came from (for a refusal's message; never the token).
+#[derive(Clone, Debug, Default)]
+pub struct TokenChoice {
+    pub token: Option<ApiToken>,
+    pub origin: Option<String>,
+}
+
+/// The token from `file` (`--agent-token-file` or `BASALT_AGENT_TOKEN_FILE`), else from
+/// `BASALT_AGENT_TOKEN`, else, for an agent on a loopback address only, from [`DEFAULT_TOKEN_FILE`]
+/// when it exists (a token generated on this host is never sent to another one). None of them: no
+/// token, and the agent's 401 says what to set.
+pub fn load_token(file: Option<&Path>, agent_url: &str) -> Result<TokenChoice, ClientError> {
+    let (bytes, origin) = match file {
+        Some(path) => (
+            std::fs::read(path).map_err(|e| {
+                ClientError::Token(format!(
+                    "cannot read the agent token file {} (--agent-token-file or {TOKEN_FILE_ENV}): {e}",
+                    path.display()
+                ))
+            })?,
+            format!(
+                "the file {} (--agent-token-file or {TOKEN_FILE_ENV})",
+                path.display()
+            ),
+        ),
         None => match std::env::var_os(TOKEN_ENV).filter(|v| !v.is_empty()) {
-            Some(v) => v.into_encoded_bytes(),
-            None => return Ok(None),
+            Some(v) => (v.into_encoded_bytes(), TOKEN_ENV.to_string()),
+            None => {
+                let default = PathBuf::from(DEFAULT_TOKEN_FILE);
+                match std::fs::read(&default) {
+                    Ok(bytes) if is_loopback_url(agent_url) => (
+                        bytes,
+                        format!("{DEFAULT_TOKEN_FILE} (the default agent's generated token)"),
+                    ),
+                    _ => return Ok(TokenChoice::default()),
+                }
+            }
         },
     };
-    let origin = file.map_or_else(|| TOKEN_ENV.to_string(), |p| p.display().to_string());
     ApiToken::new(bytes)
-        .map(Some)
+        .map(|token| TokenChoice {
+            token: Some(token),
+            origin: Some(origin.clone()),
+        })
         .map_err(|e| ClientError::Token(format!("the token from {origin} is not usable: {e}")))
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`.
+fn is_loopback_url(url: &str) -> bool {
+    let with_scheme = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    let Ok(uri) = with_scheme.parse::<hyper::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// What to set when the agent refused the token this client sent (or did not send).
+fn unauthorized_help(origin: Option<&str>) -> String {
+    let set = format!(
+        "set --agent-token-file FILE or {TOKEN_FILE_ENV} to the agent's token file (its \
+         endpoints.api.token_file, or DATA_DIR/api-token when it generated one), or put the token in {TOKEN_ENV}"
+    );
+    match origin {
+        Some(origin) => format!("the token came from {origin}; {set}"),
+        None => format!(
+            "no token was sent (none of --agent-token-file, {TOKEN_FILE_ENV}, {TOKEN_ENV} is set, and \
+             {DEFAULT_TOKEN_FILE} is not there or the agent is not on this host); {set}"
+        ),
+    }
+}
+
+/// The https settings of a client: whom to trust, and the name to expect.
+#[derive(Clone)]
+struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tls({:?})", self.name)
+    }
 }
 
 /// A client of one agent.
@@ -77,6 +173,13 @@ pub struct AgentClient {
     /// `host:port` to connect to.
     authority: String,
     token: Option<ApiToken>,
+    /// Where the token came from, for the message of a 401.
+    token_origin: Option<String>,
+    /// `Some` for an `https://` URL (set by [`AgentClient::with_ca`]).
+    tls: Option<Tls>,
+    https: bool,
+    /// Whether the URL named its scheme (a bare `HOST:PORT` takes the one the CA implies).
+    scheme_given: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -91,7 +194,8 @@ struct ErrorInner {
 }
 
 impl AgentClient {
-    /// A client of the agent at `url` (`http://HOST:PORT`, or `HOST:PORT`).
+    /// A client of the agent at `url` (`http://HOST:PORT`, `https://HOST:PORT` with [`Self::with_ca`],
+    /// or `HOST:PORT`).
     pub fn new(url: &str, token: Option<ApiToken>) -> Result<AgentClient, ClientError> {
         let with_scheme = if url.contains("://") {
             url.to_string()
@@ -103,11 +207,15 @@ impl AgentClient {
                 "{url:?} is not an agent URL ({e}); use e.g. {DEFAULT_AGENT}"
             ))
         })?;
-        if uri.scheme_str() != Some("http") {
-            return Err(ClientError::BadUrl(format!(
-                "{url:?}: this client speaks plain http only; use an http:// URL"
-            )));
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(ClientError::BadUrl(format!(
+                    "{url:?}: an agent URL is http://HOST:PORT, or https://HOST:PORT with --agent-ca"
+                )))
+            }
+        };
         let authority = uri
             .authority()
             .filter(|a| a.port_u16().is_some())
@@ -119,7 +227,53 @@ impl AgentClient {
             url: with_scheme.trim_end_matches('/').to_string(),
             authority,
             token,
+            token_origin: None,
+            tls: None,
+            https,
+            scheme_given: url.contains("://"),
         })
+    }
+
+    /// A client with the token of `choice` (its origin named when the agent refuses it).
+    pub fn with_token(mut self, choice: TokenChoice) -> AgentClient {
+        self.token = choice.token;
+        self.token_origin = choice.origin;
+        self
+    }
+
+    /// Speak HTTPS, trusting only the CAs of `ca_pem` (the file `origin` names, for messages). A
+    /// bare `HOST:PORT` URL becomes `https://`; an explicit `http://` one is refused as a
+    /// contradiction.
+    pub fn with_ca(mut self, ca_pem: &[u8], origin: &str) -> Result<AgentClient, ClientError> {
+        if !self.https {
+            if self.scheme_given {
+                return Err(ClientError::Tls(format!(
+                    "a CA ({origin}, from --agent-ca or {CA_ENV}) was given for the plain http:// agent URL {}: \
+                     use https://{} if the agent serves TLS, or drop --agent-ca / unset {CA_ENV}",
+                    self.url, self.authority
+                )));
+            }
+            self.url = format!("https://{}", self.authority);
+            self.https = true;
+        }
+        let config = basalt_engine::api_tls::rustls_client_config(ca_pem, &[b"http/1.1"]).map_err(|e| {
+            ClientError::Tls(format!(
+                "the agent CA file {origin} (--agent-ca or {CA_ENV}) is not usable: {e}; give the PEM \
+                 certificate of the CA that signed the agent's tls_cert_file"
+            ))
+        })?;
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+            ClientError::BadUrl(format!("{host:?} cannot be checked against a certificate: {e}"))
+        })?;
+        self.tls = Some(Tls { config, name });
+        Ok(self)
     }
 
     pub fn url(&self) -> &str {
@@ -151,14 +305,6 @@ impl AgentClient {
             url: self.url.clone(),
             reason,
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.authority))
-            .await
-            .map_err(|_| connect_err(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -172,18 +318,66 @@ impl AgentClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::BadUrl(format!("{path:?} cannot be requested: {e}")))?;
-        let response = sender
-            .send_request(req)
+        if self.https && self.tls.is_none() {
+            return Err(ClientError::Tls(format!(
+                "the agent URL {} is https://: pass the CA that signed the agent's certificate with \
+                 --agent-ca FILE or {CA_ENV}",
+                self.url
+            )));
+        }
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.authority))
             .await
+            .map_err(|_| connect_err(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?
-            .to_bytes();
-        Ok((status, bytes))
+        let result = match &self.tls {
+            None => exchange(stream, req).await,
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                match connector.connect(tls.name.clone(), stream).await {
+                    Ok(stream) => exchange(stream, req).await,
+                    Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                }
+            }
+        };
+        result.map_err(|e| self.connection_error(&*e))
+    }
+
+    /// What to tell a person whose exchange with the agent failed with `error`.
+    fn connection_error(&self, error: &(dyn std::error::Error + Send + Sync + 'static)) -> ClientError {
+        use basalt_engine::api_tls::{classify, error_chain_text, ConnectFailure};
+        let detail = error_chain_text(error);
+        let url = &self.url;
+        let tls = |m: String| ClientError::Tls(m);
+        match classify(error, self.tls.is_some()) {
+            ConnectFailure::MaybeTlsServer => tls(format!(
+                "the agent at {url} closed the connection without answering HTTP: it probably serves TLS; use \
+                 https://{} and pass its CA with --agent-ca FILE or {CA_ENV} ({detail})",
+                self.authority
+            )),
+            ConnectFailure::ServerNotTls => tls(format!(
+                "the agent at {url} does not speak TLS (no tls_cert_file in its config): use http://{} and \
+                 drop --agent-ca / unset {CA_ENV} ({detail})",
+                self.authority
+            )),
+            ConnectFailure::UnknownIssuer => tls(format!(
+                "the agent at {url} presented a certificate that the CA given with --agent-ca / {CA_ENV} did \
+                 not sign: give the CA that signed the agent's tls_cert_file ({detail})"
+            )),
+            ConnectFailure::WrongName => tls(format!(
+                "the agent's certificate does not carry the name {}: reach it by a name or address its \
+                 certificate carries ({detail})",
+                self.authority
+            )),
+            ConnectFailure::Expired => tls(format!(
+                "the agent's certificate at {url} is expired or not yet valid: renew its tls_cert_file (or \
+                 check this machine's clock) ({detail})"
+            )),
+            ConnectFailure::Tls(why) => tls(format!("TLS with the agent at {url} failed: {why}")),
+            ConnectFailure::Refused | ConnectFailure::Other => ClientError::Connect {
+                url: url.clone(),
+                reason: detail,
+            },
+        }
     }
 
     async fn call<T: DeserializeOwned>(
@@ -199,6 +393,20 @@ impl AgentClient {
         let (status, bytes) = self.raw(method, path, body).await?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) if status == StatusCode::UNAUTHORIZED => ClientError::Api {
+                    status,
+                    code: e.error.code,
+                    message: format!(
+                        "the agent at {} {}: {}",
+                        self.url,
+                        if self.token.is_some() {
+                            "refused the request: the token is wrong"
+                        } else {
+                            "requires a token"
+                        },
+                        unauthorized_help(self.token_origin.as_deref())
+                    ),
+                },
                 Ok(e) => ClientError::Api {
                     status,
                     code: e.error.code,
@@ -339,6 +547,22 @@ impl AgentClient {
     }
 }
 
+/// One HTTP/1.1 request on `io`, its status and whole body.
+async fn exchange<I>(
+    io: I,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
 /// What is encoded in a path segment or a query value: everything but RFC 3986's unreserved characters.
 const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
@@ -367,14 +591,53 @@ mod tests {
             AgentClient::new("127.0.0.1:9700", None).unwrap().url(),
             "http://127.0.0.1:9700"
         );
-        assert!(AgentClient::new("https://h:1", None)
+        assert!(AgentClient::new("ftp://h:1", None)
             .unwrap_err()
             .to_string()
-            .contains("plain http"));
+            .contains("https://HOST:PORT"));
         assert!(AgentClient::new("http://h", None)
             .unwrap_err()
             .to_string()
             .contains("host:port"));
+    }
+
+    #[test]
+    fn the_default_token_file_is_only_for_an_agent_on_this_host() {
+        for url in [
+            "http://127.0.0.1:9700",
+            "localhost:9700",
+            "https://[::1]:9700",
+            "127.0.0.2:1",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:9700",
+            "agent.example:9700",
+            "http://[::2]:1",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_where_the_token_came_from_and_what_to_set() {
+        let none = unauthorized_help(None);
+        assert!(
+            none.contains("no token was sent") && none.contains(DEFAULT_TOKEN_FILE),
+            "{none}"
+        );
+        let from = unauthorized_help(Some("BASALT_AGENT_TOKEN"));
+        assert!(from.contains("came from BASALT_AGENT_TOKEN"), "{from}");
+        for text in [none, from] {
+            assert!(
+                text.contains("--agent-token-file")
+                    && text.contains(TOKEN_FILE_ENV)
+                    && text.contains(TOKEN_ENV),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -6,8 +6,7 @@
 //! prints the defaults as a commented file.
 //!
 //! Reading is strict: an unknown key, a value of the wrong type or shape, or
-//! a rule broken between keys (a TLS certificate without its key, an API
-//! reachable from other hosts without a token) is an error that names the
+//! a rule broken between keys (a TLS certificate without its key) is an error that names the
 //! file, the line and column, and the key path (`pools[1].capacity`), says
 //! what is wrong and what to write instead. The rules live next to the keys
 //! they govern, in [`raw`], where they run inside the YAML reader so that
@@ -103,9 +102,10 @@ pub struct EndpointsConfig {
 pub struct ApiEndpoint {
     pub listen: SocketAddr,
     /// A file holding the bearer token every request but the health probe
-    /// must carry (none: no authentication, allowed only on a loopback
-    /// address).
+    /// must carry. None: the agent generates one into `DATA_DIR/api-token`
+    /// (see [`crate::api::token`]); the API never runs without a token.
     pub token_file: Option<PathBuf>,
+    /// The API serves HTTPS with these (PEM) when both are given.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
 }
@@ -150,7 +150,8 @@ pub const DEFAULT_PORTS: PortRange = PortRange {
 pub const DEFAULT_DATA_DIR: &str = "./basalt-data/_agent";
 /// The pool a file without `pools` gets, at `DATA_DIR/pools/default`.
 pub const DEFAULT_POOL: &str = "default";
-/// The API's address: loopback, so it needs no token by default.
+/// The API's address: loopback, so that a first try is not reachable from
+/// other hosts (the token is required either way).
 pub const DEFAULT_API_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9700);
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// The tag `images/build.sh` always gives the image it builds.
@@ -440,8 +441,8 @@ endpoints:
   # The REST API; `api: off` turns it off (an empty `api:` means the defaults).
   api:
     listen: {listen}
-    # token_file: /etc/basalt/api-token   # the bearer token; required unless listen is loopback
-    # tls_cert_file: /etc/basalt/tls.pem
+    # token_file: /etc/basalt/api-token   # the bearer token; default: generated once into DATA_DIR/api-token
+    # tls_cert_file: /etc/basalt/tls.pem     # with tls_key_file: HTTPS (clients pass the CA: --agent-ca)
     # tls_key_file: /etc/basalt/tls-key.pem
   # docker: /run/docker/plugins/basalt.sock       # the Docker volume plugin
   # csi: /var/lib/kubelet/plugins/basalt/csi.sock # the CSI driver (controller and node)

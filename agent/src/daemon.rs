@@ -7,7 +7,8 @@
 //!   ├─ register the node (its NodeRecord: address, labels, pools measured with statvfs)
 //!   ├─ grant a lease, put keys::node_alive with it, keep it alive
 //!   ├─ start the runtime (process or docker) and the reconciler
-//!   ├─ serve the REST API on endpoints.api
+//!   ├─ serve the REST API on endpoints.api (its token from token_file or
+//!   │  generated into DATA_DIR/api-token; HTTPS with tls_cert/key_file)
 //!   └─ on cancel: stop the reconciler, revoke the lease (the node is down
 //!      at once, not after the TTL); the services keep running (see below)
 //!
@@ -46,18 +47,9 @@ const POOL_REFRESH: Duration = Duration::from_secs(30);
 const REGISTER_ATTEMPTS: usize = 5;
 
 /// Refuses a configuration that asks for something this agent does not do
-/// yet, rather than starting without it: an operator who configured TLS or
-/// an endpoint must not find out from a client that it is not there.
+/// yet, rather than starting without it: an operator who configured an
+/// endpoint must not find out from a client that it is not there.
 pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
-    if let Some(api) = &config.endpoints.api {
-        if api.tls_cert_file.is_some() || api.tls_key_file.is_some() {
-            anyhow::bail!(
-                "endpoints.api.tls_cert_file/tls_key_file: this agent serves its API over plain HTTP only; \
-                 remove the TLS keys and put a TLS-terminating proxy in front of the API, or keep the API on a \
-                 loopback address"
-            );
-        }
-    }
     if config.endpoints.docker.is_some() {
         anyhow::bail!(
             "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
@@ -95,15 +87,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     };
     let metrics = Arc::new(AgentMetrics::new());
 
-    // Bind the API first: a port already taken fails the start before the
-    // node says it is up.
-    let api_listener = match &config.endpoints.api {
-        Some(api) => Some(tokio::net::TcpListener::bind(api.listen).await.with_context(|| {
-            format!(
-                "cannot listen for the API on {} (endpoints.api.listen)",
-                api.listen
-            )
-        })?),
+    // Bind the API and read its token and TLS files first: a port already
+    // taken or an unusable file fails the start before the node says it is up.
+    let api = match &config.endpoints.api {
+        Some(api) => Some(prepare_api(api, &config.data_dir).await?),
         None => None,
     };
 
@@ -127,26 +114,30 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
 
     let node = start_node(store.clone(), &config, runtime, metrics.clone()).await?;
     let tasks = cancel.child_token();
-    let token = match config.endpoints.api.as_ref().and_then(|a| a.token_file.as_ref()) {
-        Some(path) => Some(read_token(path)?),
-        None => None,
-    };
-    let api_task = api_listener.map(|listener| {
+    let api_task = api.map(|api| {
+        tracing::info!(
+            api = %api.url,
+            token_file = %api.token_source.path().display(),
+            token = match api.token_source {
+                crate::api::token::TokenSource::Configured(_) => "configured",
+                crate::api::token::TokenSource::Generated(_) => "generated",
+                crate::api::token::TokenSource::Kept(_) => "generated earlier",
+            },
+            "agent serving; clients need the token in token_file"
+        );
         tokio::spawn(crate::api::serve(
-            listener,
+            api.listener,
             crate::api::ApiContext {
                 store: store.clone(),
                 node: config.node.name.clone(),
                 controllers: Arc::new(crate::api::GrpcConnector),
-                token,
+                token: api.token,
                 agent_metrics: Some(metrics.clone()),
             },
+            api.transport,
             tasks.clone(),
         ))
     });
-    if let Some(api) = &config.endpoints.api {
-        tracing::info!(api = %api.listen, "agent serving");
-    }
 
     cancel.cancelled().await;
     tracing::info!("stopping the agent; the volumes' services keep running");
@@ -228,20 +219,45 @@ impl RunningNode {
     }
 }
 
-/// The API's bearer token from its file (never logged; the error names the file only).
-fn read_token(path: &Path) -> anyhow::Result<basalt_engine::api_auth::ApiToken> {
-    let bytes = std::fs::read(path).with_context(|| {
+/// The API endpoint, ready to serve: bound, its token read or generated, its TLS files loaded.
+struct PreparedApi {
+    listener: tokio::net::TcpListener,
+    token: basalt_engine::api_auth::ApiToken,
+    token_source: crate::api::token::TokenSource,
+    transport: crate::api::Transport,
+    url: String,
+}
+
+async fn prepare_api(api: &crate::config::ApiEndpoint, data_dir: &Path) -> anyhow::Result<PreparedApi> {
+    let transport = match (&api.tls_cert_file, &api.tls_key_file) {
+        (Some(cert), Some(key)) => crate::api::Transport::Tls(crate::api::tls::server_config(cert, key)?),
+        // The config reader refuses one without the other.
+        _ => crate::api::Transport::Plain,
+    };
+    let (token, token_source) = crate::api::token::load_or_generate(api.token_file.as_deref(), data_dir)?;
+    let listener = tokio::net::TcpListener::bind(api.listen).await.with_context(|| {
         format!(
-            "reading the API token file {} (endpoints.api.token_file)",
-            path.display()
+            "cannot listen for the API on {} (endpoints.api.listen)",
+            api.listen
         )
     })?;
-    basalt_engine::api_auth::ApiToken::new(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "the API token in {} (endpoints.api.token_file): {e}",
-            path.display()
-        )
+    Ok(PreparedApi {
+        listener,
+        token,
+        token_source,
+        transport,
+        url: api_url(api),
     })
+}
+
+/// The API's URL as clients reach it: `https://` when it serves TLS.
+fn api_url(api: &crate::config::ApiEndpoint) -> String {
+    let scheme = if api.tls_cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}", api.listen)
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
@@ -274,12 +290,7 @@ pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
             free_bytes: free.min(capacity),
         });
     }
-    let api_url = config
-        .endpoints
-        .api
-        .as_ref()
-        .map(|a| format!("http://{}", a.listen))
-        .unwrap_or_default();
+    let api_url = config.endpoints.api.as_ref().map(api_url).unwrap_or_default();
     Ok(NodeRecord {
         name: config.node.name.clone(),
         address: config.node.address,
@@ -426,16 +437,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_and_tls_this_agent_does_not_serve_are_refused_by_name() {
+    fn endpoints_this_agent_does_not_serve_are_refused_by_name() {
         let defaults = Config::defaults().unwrap();
         refuse_unbuilt(&defaults).unwrap();
 
         let mut tls = defaults.clone();
         if let Some(api) = tls.endpoints.api.as_mut() {
             api.tls_cert_file = Some(PathBuf::from("/etc/basalt/tls.pem"));
+            api.tls_key_file = Some(PathBuf::from("/etc/basalt/tls-key.pem"));
         }
-        let e = refuse_unbuilt(&tls).unwrap_err().to_string();
-        assert!(e.contains("endpoints.api.tls_cert_file"), "{e}");
+        refuse_unbuilt(&tls).unwrap();
 
         let mut docker = defaults.clone();
         docker.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));

@@ -35,9 +35,11 @@
 //!   node was down, or moved by a drain) is deleted once the volume is whole
 //!   without it ([`retired`]);
 //! * phase `Deleting`: this node's services stop, its replicas' data
-//!   directories and its statuses are deleted; once no status of the volume
-//!   remains, the record and its secrets are deleted (revision checked, so
-//!   two agents doing it at once are harmless);
+//!   directories (or block devices' store metadata) and its statuses are
+//!   deleted, then it takes its parts out of the placement (its
+//!   confirmation, revision checked); once no node holds a part, the record,
+//!   its secrets and any status left are deleted. A node that is down keeps
+//!   its parts until its agent returns ([`deletion_step`]);
 //! * a service of a volume that has no record, or that its record no longer
 //!   places here, stops (its data is kept: only a `Deleting` record says the
 //!   data is no longer wanted).
@@ -182,6 +184,19 @@ pub enum Action {
         volume: VolumeName,
         path: PathBuf,
     },
+    /// Wipe a replica's block device (its volume is being deleted): the
+    /// store's metadata zeroed, so that no later replica reads the old data
+    /// or takes the device for a store.
+    WipeDevice {
+        volume: VolumeName,
+        device: PathBuf,
+    },
+    /// Take this node's parts out of a deleting volume's placement (revision
+    /// checked): this node's confirmation that it removed them.
+    ReleaseParts {
+        volume: VolumeName,
+        revision: store::Revision,
+    },
     WriteStatus {
         volume: VolumeName,
         service: ServiceId,
@@ -241,6 +256,8 @@ impl Action {
         match self {
             Action::Ensure { key, .. } | Action::Stop { key } => &key.volume,
             Action::RemoveData { volume, .. }
+            | Action::WipeDevice { volume, .. }
+            | Action::ReleaseParts { volume, .. }
             | Action::WriteStatus { volume, .. }
             | Action::DeleteStatus { volume, .. }
             | Action::SetPhase { volume, .. }
@@ -606,14 +623,19 @@ fn plan_deletion(
     let my_node = desired.nodes.get(me);
     for slot in v.placement.replicas.iter().filter(|s| s.node == *me) {
         let pool = my_node.and_then(|n| n.pools.iter().find(|p| p.name == slot.pool));
-        if let Some(PoolKind::Directory(dir)) = pool.map(|p| &p.kind) {
-            actions.push(Action::RemoveData {
+        match pool.map(|p| &p.kind) {
+            Some(PoolKind::Directory(dir)) => actions.push(Action::RemoveData {
                 volume: name.clone(),
                 path: replica_dir(dir, &v.spec.uuid, slot.id),
-            });
+            }),
+            Some(PoolKind::BlockDevice(dev)) => actions.push(Action::WipeDevice {
+                volume: name.clone(),
+                device: dev.clone(),
+            }),
+            // A pool no longer in this node's config: nothing of it to reach.
+            None => {}
         }
     }
-    let mut remaining = 0;
     for ((volume, service), status) in desired.statuses.range((name.clone(), ServiceId::Replica(0))..) {
         if volume != name {
             break;
@@ -623,22 +645,75 @@ fn plan_deletion(
                 volume: name.clone(),
                 service: service.clone(),
             });
-        } else {
-            remaining += 1;
         }
     }
     if !mine.is_empty() {
         actions.push(Action::RemoveSecretFiles { volume: name.clone() });
     }
-    // The last agent with something of this volume deletes the record; an
-    // agent holding nothing of it leaves that to those that do.
-    let involved = !mine.is_empty() || desired.statuses.keys().any(|(vol, _)| vol == name);
-    if remaining == 0 && (involved || v.placement.replicas.is_empty()) {
-        actions.push(Action::DeleteVolume {
+    // Runs after every step above succeeded (a volume's actions stop at the
+    // first failure): a node confirms only what it really removed.
+    match deletion_step(v, me) {
+        DeletionStep::Release => actions.push(Action::ReleaseParts {
             volume: name.clone(),
             revision: rec.revision,
-        });
+        }),
+        DeletionStep::Delete => actions.push(Action::DeleteVolume {
+            volume: name.clone(),
+            revision: rec.revision,
+        }),
+        DeletionStep::Wait { .. } => {}
     }
+}
+
+/// What a node does next for a volume being deleted. Deletion completes per
+/// node: each node's parts (replica slots, the controller slot) stay in the
+/// placement until that node's agent has removed their services and data and
+/// taken them out; the record and secrets go only once no part is left. A
+/// node that is down keeps its parts, so the volume shows as deleting with
+/// that node pending until its agent comes back and finishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeletionStep {
+    /// `me` holds parts: remove them from the placement (after cleaning up).
+    Release,
+    /// No node holds a part: delete the record and the secrets.
+    Delete,
+    /// Other nodes still hold parts.
+    Wait { pending: Vec<NodeName> },
+}
+
+/// The pure decision of [`DeletionStep`].
+pub fn deletion_step(v: &VolumeRecord, me: &NodeName) -> DeletionStep {
+    let pending = cleanup_pending(v);
+    if pending.contains(me) {
+        DeletionStep::Release
+    } else if pending.is_empty() {
+        DeletionStep::Delete
+    } else {
+        DeletionStep::Wait { pending }
+    }
+}
+
+/// The nodes that still hold a part of `v` (sorted, each once): for a
+/// volume being deleted, those that have not yet removed theirs.
+pub fn cleanup_pending(v: &VolumeRecord) -> Vec<NodeName> {
+    let nodes: BTreeSet<&NodeName> = v
+        .placement
+        .replicas
+        .iter()
+        .map(|s| &s.node)
+        .chain(v.placement.controller.iter().map(|c| &c.node))
+        .collect();
+    nodes.into_iter().cloned().collect()
+}
+
+/// `v` without the parts on `me`: what [`Action::ReleaseParts`] writes.
+pub fn without_parts_of(v: &VolumeRecord, me: &NodeName) -> VolumeRecord {
+    let mut next = v.clone();
+    next.placement.replicas.retain(|s| s.node != *me);
+    if next.placement.controller.as_ref().is_some_and(|c| c.node == *me) {
+        next.placement.controller = None;
+    }
+    next
 }
 
 /// The spec of `service` of `v` on this node, and whose secrets it needs;
@@ -1116,6 +1191,37 @@ impl Reconciler {
                 }
                 Ok(())
             }
+            Action::WipeDevice { volume, device } => {
+                let wiped = basalt_replica::store::backend::block::wipe(&device)
+                    .with_context(|| format!("wiping {}", device.display()))?;
+                if wiped {
+                    tracing::info!(volume = %volume, device = %device.display(), "replica device wiped");
+                }
+                Ok(())
+            }
+            Action::ReleaseParts { volume, revision } => {
+                let Some(rec) = desired.volumes.get(&volume) else {
+                    return Ok(());
+                };
+                let next = without_parts_of(&rec.value, &self.local.me);
+                match store::put_json(
+                    store,
+                    &keys::volume(&volume),
+                    &next,
+                    Expect::Revision(revision),
+                    None,
+                )
+                .await
+                {
+                    Ok(_) => {
+                        tracing::info!(volume = %volume, pending = ?cleanup_pending(&next), "this node's parts of the deleted volume are removed");
+                        Ok(())
+                    }
+                    // Another node released its parts meanwhile: again at the next pass.
+                    Err(StoreError::Conflict { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
             Action::WriteStatus {
                 volume,
                 service,
@@ -1208,6 +1314,11 @@ impl Reconciler {
                 }
                 store.delete(&keys::volume_secrets(&volume), Expect::Any).await?;
                 store.delete(&keys::volume_lease(&volume), Expect::Any).await?;
+                // Statuses left by nodes that hold no part any more (a controller moved away).
+                let (left, _) = store.list(&keys::volume_status(&volume)).await?;
+                for kv in left {
+                    store.delete(&kv.key, Expect::Any).await?;
+                }
                 tracing::info!(volume = %volume, "volume deleted");
                 Ok(())
             }

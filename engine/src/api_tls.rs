@@ -17,6 +17,9 @@
 //! into a [`ConnectFailure`] that says what the operator has to change (a plaintext client meeting a TLS
 //! server, a CA that did not sign the server's certificate, a name the certificate does not carry).
 //! The crypto provider is rustls' `ring` (one provider for the workspace: it builds without cmake).
+//!
+//! The node agent's REST API (hyper over rustls rather than tonic) uses the same loaders through
+//! [`rustls_server_config`] and [`rustls_client_config`], and the same [`classify`] for its client.
 
 use std::error::Error as StdError;
 
@@ -60,13 +63,7 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
 /// returns them as the server's TLS configuration. Whether the key belongs to the certificate is checked
 /// when the server is built with it (`Server::tls_config`), before it listens.
 pub fn server_config(cert: &[u8], key: &[u8]) -> Result<ServerTlsConfig, ServerPemError> {
-    certificates(cert).map_err(ServerPemError::Cert)?;
-    PrivateKeyDer::from_pem_slice(key).map_err(|e| {
-        ServerPemError::Key(match e {
-            pem::Error::NoItemsFound => PemError::NoKey,
-            other => PemError::Malformed(other.to_string()),
-        })
-    })?;
+    server_identity(cert, key)?;
     Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
 }
 
@@ -77,12 +74,71 @@ pub enum ServerPemError {
     Cert(PemError),
     #[error("the key file: {0}")]
     Key(PemError),
+    /// Both files are PEM of the right kind, but the key is not the certificate's (or rustls cannot
+    /// use it).
+    #[error("the key file does not belong to the certificate file ({0}); give the key the certificate was issued for")]
+    Mismatch(String),
 }
 
-/// Checks a CA bundle (PEM, one or more certificates) and returns the client's TLS configuration:
-/// trust exactly these CAs, and expect the server's certificate to carry `server_name` (when `None`,
-/// the host of the address connected to).
-pub fn client_config(ca: &[u8], server_name: Option<&str>) -> Result<ClientTlsConfig, PemError> {
+/// The certificate chain and key of `cert` and `key` (PEM), each checked on its own.
+fn server_identity(
+    cert: &[u8],
+    key: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerPemError> {
+    let chain = certificates(cert).map_err(ServerPemError::Cert)?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+        ServerPemError::Key(match e {
+            pem::Error::NoItemsFound => PemError::NoKey,
+            other => PemError::Malformed(other.to_string()),
+        })
+    })?;
+    Ok((chain, key))
+}
+
+/// The crypto provider of every rustls configuration built here (see the module docs): the one
+/// tonic's `tls-ring` builds its own with, so both APIs offer the same suites.
+// rustls 0.23.48 deprecates it for lacking post-quantum key exchange, which only aws-lc (cmake) has.
+#[allow(deprecated)]
+fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// [`server_config`] for a server that runs rustls itself (the node agent's REST API over hyper):
+/// the same PEM checks, and the key checked against the certificate here, so a mismatched pair is an
+/// error naming the files before anything listens. `alpn`: the protocols offered (e.g. `http/1.1`).
+pub fn rustls_server_config(
+    cert: &[u8],
+    key: &[u8],
+    alpn: &[&[u8]],
+) -> Result<std::sync::Arc<rustls::ServerConfig>, ServerPemError> {
+    let (chain, key) = server_identity(cert, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerPemError::Mismatch(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| ServerPemError::Mismatch(e.to_string()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// [`client_config`] for a client that runs rustls itself: trust exactly the CAs of `ca` (PEM).
+pub fn rustls_client_config(
+    ca: &[u8],
+    alpn: &[&[u8]],
+) -> Result<std::sync::Arc<rustls::ClientConfig>, PemError> {
+    let roots = root_store(ca)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PemError::Malformed(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// The CAs of a PEM bundle, at least one, each usable as a trust anchor.
+fn root_store(ca: &[u8]) -> Result<RootCertStore, PemError> {
     let mut roots = RootCertStore::empty();
     for (index, cert) in certificates(ca)?.into_iter().enumerate() {
         roots.add(cert).map_err(|e| PemError::BadCa {
@@ -90,6 +146,14 @@ pub fn client_config(ca: &[u8], server_name: Option<&str>) -> Result<ClientTlsCo
             reason: e.to_string(),
         })?;
     }
+    Ok(roots)
+}
+
+/// Checks a CA bundle (PEM, one or more certificates) and returns the client's TLS configuration:
+/// trust exactly these CAs, and expect the server's certificate to carry `server_name` (when `None`,
+/// the host of the address connected to).
+pub fn client_config(ca: &[u8], server_name: Option<&str>) -> Result<ClientTlsConfig, PemError> {
+    let roots = root_store(ca)?;
     let config = ClientTlsConfig::new().trust_anchors(roots.roots);
     Ok(match server_name {
         Some(name) => config.domain_name(name),
@@ -170,7 +234,7 @@ fn classify_rustls(e: &rustls::Error) -> ConnectFailure {
             | CertificateError::ExpiredContext { .. }
             | CertificateError::NotValidYet
             | CertificateError::NotValidYetContext { .. } => ConnectFailure::Expired,
-            other => ConnectFailure::Tls(format!("the controller's certificate is invalid: {other:?}")),
+            other => ConnectFailure::Tls(format!("the server's certificate is invalid: {other:?}")),
         },
         // A plaintext server answers a ClientHello with bytes that are no TLS record.
         rustls::Error::InvalidMessage(_) => ConnectFailure::ServerNotTls,

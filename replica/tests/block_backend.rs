@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use basalt_replica::store::backend::block::{
-    BlockBackend, DeviceError, DeviceOptions, Format, Geometry, Medium, SIGNATURE_BYTES,
+    wipe, BlockBackend, DeviceError, DeviceOptions, Format, Geometry, Medium, SIGNATURE_BYTES,
 };
 use basalt_replica::store::Backend;
 use rand::{Rng, SeedableRng};
@@ -503,4 +503,50 @@ fn after_a_power_cut_at_any_write_synced_objects_are_intact_and_blobs_old_or_new
             );
         }
     }
+}
+
+#[test]
+fn a_wiped_device_reads_as_blank_and_keeps_nothing_of_the_old_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = device(dir.path(), 16 * MIB);
+    let secret = vec![0x5au8; 64 << 10];
+    {
+        let backend = BlockBackend::open(&path, &options()).unwrap();
+        let object = backend.create("layer-00000001.data", 8 * MIB).unwrap();
+        object.write_at(&secret, 0).unwrap();
+        object.sync().unwrap();
+        // Served: the wipe cannot take the device from under a replica.
+        assert!(matches!(wipe(&path).unwrap_err(), DeviceError::InUse { .. }));
+    }
+    assert!(wipe(&path).unwrap(), "a Basalt store was there");
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(
+        bytes[..SIGNATURE_BYTES as usize].iter().all(|&b| b == 0),
+        "the signature region is zero"
+    );
+    assert!(
+        !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+        "the old data is still on the device"
+    );
+    let never = DeviceOptions {
+        format: Format::Never,
+        ..options()
+    };
+    assert!(matches!(
+        BlockBackend::open(&path, &never).err().unwrap(),
+        DeviceError::NotFormatted { .. }
+    ));
+    assert!(!wipe(&path).unwrap(), "nothing left to wipe");
+    // A new store formats it afresh and finds no object of the old one.
+    let backend = BlockBackend::open(&path, &options()).unwrap();
+    assert!(backend.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_wipe_leaves_foreign_data_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = device(dir.path(), 4 * MIB);
+    std::fs::write(&path, b"not a basalt store").unwrap();
+    assert!(!wipe(&path).unwrap());
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a basalt store");
 }

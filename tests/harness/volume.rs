@@ -14,8 +14,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
-    basalt_binary, basalt_command, free_local_addr, io, run_checked, ByteSize, Daemon, IscsiUrl, Result,
-    StopPolicy, TEST_VOLUME_SECRET,
+    basalt_binary, basalt_command, free_local_addr, io, require_tool, run_checked, ByteSize, Daemon,
+    IscsiUrl, Result, StopPolicy, TEST_VOLUME_SECRET,
 };
 
 /// Volume name every cluster serves (`iqn.2026-11.io.basalt:vol`).
@@ -270,6 +270,58 @@ pub struct ApiTlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+}
+
+/// A CA (`DIR/ca.pem`) and a certificate it signed for 127.0.0.1 and `localhost` (`DIR/server.pem`,
+/// key `DIR/server.key`), in `dir`, with the `openssl` command (the controller's and the agent's API TLS tests).
+pub fn make_ca_and_server_cert(dir: &Path) -> Result<ApiTlsFiles> {
+    let openssl = require_tool("openssl")?;
+    std::fs::create_dir_all(dir).map_err(io("create the certificates' directory"))?;
+    let files = ApiTlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        ca: dir.join("ca.pem"),
+    };
+    let ca_key = dir.join("ca.key");
+    let csr = dir.join("server.csr");
+    let ext = dir.join("san.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        .map_err(io("write the SAN extension"))?;
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run_checked(
+        std::process::Command::new(&openssl)
+            .args(["req", "-x509"])
+            .args(ec)
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&files.ca)
+            .args(["-days", "2", "-subj", "/CN=basalt-test-ca"]),
+    )?;
+    run_checked(
+        std::process::Command::new(&openssl)
+            .arg("req")
+            .args(ec)
+            .arg("-keyout")
+            .arg(&files.key)
+            .arg("-out")
+            .arg(&csr)
+            .args(["-subj", "/CN=basalt-controller"]),
+    )?;
+    run_checked(
+        std::process::Command::new(&openssl)
+            .args(["x509", "-req", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&files.ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .args(["-CAcreateserial", "-days", "2", "-out"])
+            .arg(&files.cert)
+            .arg("-extfile")
+            .arg(&ext),
+    )?;
+    Ok(files)
 }
 
 /// `basalt volume info --api ADDR --json`, parsed.

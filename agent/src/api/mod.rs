@@ -21,6 +21,8 @@ mod metrics;
 pub mod nodes;
 pub mod routes;
 pub mod snapshots;
+pub mod tls;
+pub mod token;
 pub mod views;
 pub mod volumes;
 
@@ -61,9 +63,9 @@ pub struct ApiContext {
     /// This agent's node (for instance discovery).
     pub node: NodeName,
     pub controllers: Arc<dyn ControllerConnector>,
-    /// The bearer token every request but `GET /v1/health` must carry; `None`: no authentication (the
-    /// daemon allows it only on a loopback address).
-    pub token: Option<ApiToken>,
+    /// The bearer token every request but `GET /v1/health` must carry (there is always one: see
+    /// [`token`]).
+    pub token: ApiToken,
     /// The agent's own metrics (reconciler, lease), served after the API's at `GET /metrics`.
     pub agent_metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
@@ -115,8 +117,19 @@ impl ApiResponse {
     }
 }
 
+/// How the API is served: plain HTTP, or HTTPS with the configured certificate and key.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// Built by [`tls::server_config`] from `endpoints.api.tls_cert_file` / `tls_key_file`.
+    Tls(Arc<rustls::ServerConfig>),
+}
+
+/// Longest a client may take to open a TLS session: a connection that sends nothing holds a task.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serve the API on `listener` until `cancel`; connections in progress finish their current request.
-pub async fn serve(listener: TcpListener, ctx: ApiContext, cancel: CancellationToken) {
+pub async fn serve(listener: TcpListener, ctx: ApiContext, transport: Transport, cancel: CancellationToken) {
     let server = Arc::new(Server {
         ctx,
         metrics: metrics::Metrics::new(),
@@ -136,22 +149,39 @@ pub async fn serve(listener: TcpListener, ctx: ApiContext, cancel: CancellationT
         };
         let server = server.clone();
         let cancel = cancel.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.serve_request(req, peer).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match transport {
+                Transport::Plain => serve_connection(stream, server, peer, cancel).await,
+                Transport::Tls(config) => {
+                    let Some(tls) = tls::accept(stream, config, TLS_HANDSHAKE_TIMEOUT).await else {
+                        return;
+                    };
+                    serve_connection(tls, server, peer, cancel).await;
                 }
             }
         });
+    }
+}
+
+/// HTTP/1.1 on one connection until the client closes it or `cancel`.
+async fn serve_connection<I>(io: I, server: Arc<Server>, peer: SocketAddr, cancel: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(server.serve_request(req, peer).await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(io);
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
@@ -270,7 +300,7 @@ impl Server {
                 operation, params, ..
             } => {
                 if operation != Operation::Health {
-                    if let Err(e) = check_token(self.ctx.token.as_ref(), req.authorization.as_deref()) {
+                    if let Err(e) = check_token(&self.ctx.token, req.authorization.as_deref()) {
                         return ApiResponse::error(&e);
                     }
                 }
@@ -381,14 +411,18 @@ mod erased {
     }
 }
 
+/// What a client is told to do about a missing or wrong token (the CLI's ways of giving it).
+pub const TOKEN_HELP: &str =
+    "pass the agent's token: `basalt --agent-token-file FILE` or BASALT_AGENT_TOKEN_FILE \
+     (the file the agent's endpoints.api.token_file names, or DATA_DIR/api-token, which the agent generates \
+     when none is configured), or the token itself in BASALT_AGENT_TOKEN";
+
 /// Whether `authorization` carries the token (constant time); the error never echoes what was sent.
-pub fn check_token(token: Option<&ApiToken>, authorization: Option<&[u8]>) -> ApiResult<()> {
-    let Some(token) = token else { return Ok(()) };
+pub fn check_token(token: &ApiToken, authorization: Option<&[u8]>) -> ApiResult<()> {
     let Some(header) = authorization else {
-        return Err(ApiError::unauthorized(
-            "this API requires a bearer token (`Authorization: Bearer TOKEN`): pass the agent's token with \
-             --token-file or BASALT_AGENT_TOKEN",
-        ));
+        return Err(ApiError::unauthorized(format!(
+            "this API requires a bearer token (`Authorization: Bearer TOKEN`): {TOKEN_HELP}"
+        )));
     };
     let presented = header.strip_prefix(b"Bearer ").unwrap_or(b"");
     // Slices of different lengths compare false at once: only the length leaks.
@@ -396,10 +430,9 @@ pub fn check_token(token: Option<&ApiToken>, authorization: Option<&[u8]>) -> Ap
         Ok(())
     } else {
         tracing::warn!("refused an agent API request with a wrong token");
-        Err(ApiError::unauthorized(
-            "the bearer token is wrong: pass the agent's token (the file its config names as token_file) with \
-             --token-file or BASALT_AGENT_TOKEN",
-        ))
+        Err(ApiError::unauthorized(format!(
+            "the bearer token is wrong: {TOKEN_HELP}"
+        )))
     }
 }
 
@@ -469,22 +502,19 @@ mod tests {
 
     #[test]
     fn only_the_right_bearer_token_passes() {
-        assert!(check_token(Some(&token()), Some(b"Bearer 0123456789abcdef0123")).is_ok());
+        assert!(check_token(&token(), Some(b"Bearer 0123456789abcdef0123")).is_ok());
         for wrong in [
             &b"Bearer 0123456789abcdef0124"[..],
             b"0123456789abcdef0123",
             b"",
             b"Bearer ",
         ] {
-            let e = check_token(Some(&token()), Some(wrong)).unwrap_err();
+            let e = check_token(&token(), Some(wrong)).unwrap_err();
             assert_eq!(e.status, StatusCode::UNAUTHORIZED);
             assert!(!e.message.contains("0123"), "the message never echoes a token");
         }
-        assert!(check_token(Some(&token()), None)
-            .unwrap_err()
-            .message
-            .contains("requires"));
-        assert!(check_token(None, None).is_ok());
+        let e = check_token(&token(), None).unwrap_err();
+        assert!(e.message.contains("requires") && e.message.contains("--agent-token-file"));
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub struct VolumeView {
     pub shared_failure_domain: bool,
     /// Things the operator should know (a shared failure domain, ...).
     pub warnings: Vec<String>,
+    /// While deleting: the nodes that have not yet removed their parts (a node that is down stays
+    /// here until its agent returns and finishes).
+    pub cleanup_pending: Vec<NodeName>,
 }
 
 /// `GET /v1/volumes`.

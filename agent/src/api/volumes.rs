@@ -431,6 +431,20 @@ pub fn view_of(
                 .to_string(),
         );
     }
+    let cleanup_pending = if record.phase == VolumePhase::Deleting {
+        let pending = crate::reconcile::cleanup_pending(&record);
+        if !pending.is_empty() {
+            let names: Vec<&str> = pending.iter().map(NodeName::as_str).collect();
+            warnings.push(format!(
+                "deleting: waiting for node(s) {} to remove their services and data; a node that is down \
+                 finishes when its agent is back",
+                names.join(", ")
+            ));
+        }
+        pending
+    } else {
+        Vec::new()
+    };
     let spec = record.spec;
     VolumeView {
         name: spec.name.to_string(),
@@ -449,6 +463,7 @@ pub fn view_of(
         iscsi_url,
         shared_failure_domain: shared,
         warnings,
+        cleanup_pending,
     }
 }
 

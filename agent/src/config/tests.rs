@@ -421,12 +421,6 @@ fn rules_between_keys_name_their_section() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = temp_file(&dir, "cert.pem");
     refused(
-        "endpoints:\n  api:\n    listen: 0.0.0.0:9700\n",
-        "endpoints.api",
-        3,
-        &["without a token", "token_file"],
-    );
-    refused(
         &format!("endpoints:\n  api:\n    tls_cert_file: {cert}\n"),
         "endpoints.api",
         3,

@@ -330,7 +330,7 @@ fn qos_limits_that_differ_from_the_spec_are_applied() {
 }
 
 #[test]
-fn deleting_stops_services_then_removes_data_and_statuses_and_the_last_agent_deletes_the_record() {
+fn deleting_stops_services_removes_data_and_statuses_then_releases_this_nodes_parts() {
     let mut d = desired(vec![volume("v1", ["a", "a", "b"], "a", VolumePhase::Deleting)]);
     d.statuses.insert((vol("v1"), ServiceId::Replica(1)), status("a"));
     d.statuses.insert((vol("v1"), ServiceId::Replica(3)), status("b"));
@@ -362,14 +362,41 @@ fn deleting_stops_services_then_removes_data_and_statuses_and_the_last_agent_del
         volume: vol("v1"),
         service: ServiceId::Replica(1)
     }));
-    assert!(
-        !actions.iter().any(|a| matches!(a, Action::DeleteVolume { .. })),
-        "node b still has a status: not the last"
+    assert_eq!(
+        actions.last(),
+        Some(&Action::ReleaseParts {
+            volume: vol("v1"),
+            revision: 42
+        }),
+        "the release (this node's confirmation) comes after every cleanup step: {actions:?}"
     );
+    assert!(!actions.iter().any(|a| matches!(a, Action::DeleteVolume { .. })));
     assert!(!ensured(&actions).iter().any(|k| k.volume == vol("v1")));
 
-    d.statuses.remove(&(vol("v1"), ServiceId::Replica(3)));
-    let actions = plan(&local(), &d, &seen, 9);
+    // Once a has released its parts, b (down) still holds replica 3: a waits.
+    let released = without_parts_of(&d.volumes[&vol("v1")].value, &node("a"));
+    assert_eq!(cleanup_pending(&released), vec![node("b")]);
+    assert_eq!(
+        deletion_step(&released, &node("a")),
+        DeletionStep::Wait {
+            pending: vec![node("b")]
+        }
+    );
+    d.volumes.get_mut(&vol("v1")).unwrap().value = released.clone();
+    let actions = plan(&local(), &d, &Seen::default(), 9);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteVolume { .. } | Action::ReleaseParts { .. })),
+        "{actions:?}"
+    );
+
+    // b comes back, cleans up and releases; then anyone deletes the record.
+    assert_eq!(deletion_step(&released, &node("b")), DeletionStep::Release);
+    let empty = without_parts_of(&released, &node("b"));
+    assert!(cleanup_pending(&empty).is_empty());
+    d.volumes.get_mut(&vol("v1")).unwrap().value = empty;
+    let actions = plan(&local(), &d, &Seen::default(), 9);
     assert_eq!(
         actions.last(),
         Some(&Action::DeleteVolume {
@@ -377,6 +404,32 @@ fn deleting_stops_services_then_removes_data_and_statuses_and_the_last_agent_del
             revision: 42
         })
     );
+}
+
+#[test]
+fn a_deleted_replica_on_a_block_device_pool_is_wiped() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "c"], "b", VolumePhase::Deleting)]);
+    let a = d.nodes.get_mut(&node("a")).unwrap();
+    for pool in &mut a.pools {
+        pool.kind = PoolKind::BlockDevice(PathBuf::from(format!("/dev/{}", pool.name)));
+    }
+    let actions = plan(&local(), &d, &Seen::default(), 9);
+    let wiped: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::WipeDevice { device, .. } => Some(device.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(wiped.len(), 1, "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::RemoveData { .. })));
+    let wipe_at = actions
+        .iter()
+        .position(|a| matches!(a, Action::WipeDevice { .. }));
+    let release_at = actions
+        .iter()
+        .position(|a| matches!(a, Action::ReleaseParts { .. }));
+    assert!(wipe_at < release_at, "{actions:?}");
 }
 
 #[test]
@@ -552,6 +605,20 @@ proptest! {
                         .iter()
                         .any(|b| matches!(b, Action::Stop { key } if key.volume == *volume));
                     prop_assert!(!stops_later);
+                }
+                Action::ReleaseParts { volume, .. } => {
+                    // Only a node that holds a part releases, after its cleanup.
+                    let v = &d.volumes[volume].value;
+                    prop_assert!(cleanup_pending(v).contains(&node("a")));
+                    let cleans_later = actions[i..].iter().any(|b| {
+                        b.volume() == volume
+                            && matches!(b, Action::Stop { .. } | Action::RemoveData { .. } | Action::DeleteStatus { .. })
+                    });
+                    prop_assert!(!cleans_later);
+                }
+                Action::DeleteVolume { volume, .. } => {
+                    // Never while any node still holds a part.
+                    prop_assert!(cleanup_pending(&d.volumes[volume].value).is_empty());
                 }
                 _ => {}
             }

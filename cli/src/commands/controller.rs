@@ -241,6 +241,11 @@ fn server_tls(cert: &Path, key: &Path) -> anyhow::Result<tonic::transport::Serve
             anyhow::anyhow!("--api-tls-cert {} is not usable: {why}", cert.display())
         }
         ServerPemError::Key(why) => anyhow::anyhow!("--api-tls-key {} is not usable: {why}", key.display()),
+        ServerPemError::Mismatch(why) => anyhow::anyhow!(
+            "--api-tls-key {} and --api-tls-cert {} are not a pair: {why}",
+            key.display(),
+            cert.display()
+        ),
     })
 }
 

@@ -23,7 +23,7 @@ pub struct ExpandArgs {
 
 pub fn expand(args: ExpandArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.target.name {
-        let agent = args.target.agent_args(args.auth.token_file.clone());
+        let agent = args.target.agent_args();
         return super::cluster::volume::expand(name, args.size, &agent);
     }
     block_on(async move {

@@ -260,7 +260,7 @@ pub fn run(a: QosArgs) -> anyhow::Result<()> {
     // controller is not asked at all.
     let set = a.limits.limits()?;
     if let Some(name) = &a.target.name {
-        let agent = a.target.agent_args(a.auth.token_file.clone());
+        let agent = a.target.agent_args();
         return super::cluster::volume::qos(name, a.clear, &a.limits, &agent);
     }
     let api = a.target.api();

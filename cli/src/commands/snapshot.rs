@@ -28,9 +28,9 @@ pub struct Common {
     /// controller's --api (create, ls, rm and revert).
     #[arg(long, conflicts_with = "api")]
     pub volume: Option<String>,
-    /// The node agent's API URL (with --volume).
-    #[arg(long, env = basalt_agent::client::AGENT_ENV, default_value = basalt_agent::client::DEFAULT_AGENT)]
-    pub agent: String,
+    /// The node agent (with --volume).
+    #[command(flatten)]
+    pub agent: super::cluster::AgentConn,
 }
 
 /// The agent form of a command given `--volume`: the volume, what to do, how to reach the agent.
@@ -62,8 +62,7 @@ fn agent_form(
         return Ok(None);
     };
     let agent = super::cluster::AgentArgs {
-        agent: common.agent.clone(),
-        token_file: common.auth.token_file.clone(),
+        conn: common.agent.clone(),
         json: common.json,
     };
     Ok(Some((volume, op, agent)))

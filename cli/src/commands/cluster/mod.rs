@@ -2,7 +2,9 @@
 //! to the per-controller commands that speak gRPC to one running volume.
 //!
 //! Every command takes `--agent URL` (default `http://127.0.0.1:9700`, or `BASALT_AGENT`), the token
-//! from `--token-file` or `BASALT_AGENT_TOKEN`, and `--json` for the API's own JSON instead of a table.
+//! from `--agent-token-file` / `BASALT_AGENT_TOKEN_FILE` or `BASALT_AGENT_TOKEN` (else the default
+//! agent's generated `./basalt-data/_agent/api-token`, for an agent on this host), `--agent-ca` /
+//! `BASALT_AGENT_CA` for an agent serving HTTPS, and `--json` for the API's own JSON instead of a table.
 
 pub mod node;
 pub mod snapshot;
@@ -14,16 +16,46 @@ pub use super::client::block_on;
 use anyhow::Context;
 use basalt_agent::client::{self, AgentClient};
 
+/// How to reach the agent: its URL, its token, the CA of its certificate.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AgentConn {
+    /// The node agent's API URL (https:// when it serves TLS, with --agent-ca).
+    #[arg(long, env = client::AGENT_ENV, default_value = client::DEFAULT_AGENT)]
+    pub agent: String,
+    /// File holding the agent's API token (its config's token_file, or DATA_DIR/api-token when it
+    /// generated one). Without it: BASALT_AGENT_TOKEN (the token itself), then, for an agent on this
+    /// host, ./basalt-data/_agent/api-token.
+    #[arg(long, env = client::TOKEN_FILE_ENV, value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the agent's tls_cert_file: speak HTTPS and check the agent
+    /// against this CA.
+    #[arg(long, env = client::CA_ENV, value_name = "FILE")]
+    pub agent_ca: Option<PathBuf>,
+}
+
+impl AgentConn {
+    pub fn client(&self) -> anyhow::Result<AgentClient> {
+        let token = client::load_token(self.agent_token_file.as_deref(), &self.agent)?;
+        let mut c = AgentClient::new(&self.agent, None)?.with_token(token);
+        if let Some(ca) = &self.agent_ca {
+            let pem = std::fs::read(ca).with_context(|| {
+                format!(
+                    "cannot read the agent CA file {} (--agent-ca or {})",
+                    ca.display(),
+                    client::CA_ENV
+                )
+            })?;
+            c = c.with_ca(&pem, &ca.display().to_string())?;
+        }
+        Ok(c)
+    }
+}
+
 /// Where the agent is and how to talk to it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct AgentArgs {
-    /// The node agent's API URL.
-    #[arg(long, env = client::AGENT_ENV, default_value = client::DEFAULT_AGENT)]
-    pub agent: String,
-    /// File holding the agent's API token (its config's token_file). Without it, the
-    /// BASALT_AGENT_TOKEN environment variable.
-    #[arg(long, value_name = "PATH")]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: AgentConn,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -31,8 +63,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     pub fn client(&self) -> anyhow::Result<AgentClient> {
-        let token = client::load_token(self.token_file.as_deref())?;
-        Ok(AgentClient::new(&self.agent, token)?)
+        self.conn.client()
     }
 }
 
@@ -50,20 +81,19 @@ pub struct VolumeTarget {
     /// The controller's management API address (default 127.0.0.1:9600).
     #[arg(long)]
     pub api: Option<String>,
-    /// The node agent's API URL (with NAME).
-    #[arg(long, env = client::AGENT_ENV, default_value = client::DEFAULT_AGENT)]
-    pub agent: String,
+    /// The node agent (with NAME).
+    #[command(flatten)]
+    pub agent: AgentConn,
     /// Print the agent's JSON answer (with NAME).
     #[arg(long)]
     pub json: bool,
 }
 
 impl VolumeTarget {
-    /// The agent form's arguments; `token_file` is the command's `--token-file`, the agent's token then.
-    pub fn agent_args(&self, token_file: Option<PathBuf>) -> AgentArgs {
+    /// The agent form's arguments.
+    pub fn agent_args(&self) -> AgentArgs {
         AgentArgs {
-            agent: self.agent.clone(),
-            token_file,
+            conn: self.agent.clone(),
             json: self.json,
         }
     }

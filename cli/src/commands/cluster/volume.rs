@@ -199,11 +199,18 @@ fn replica_mode(s: &basalt_agent::model::ServiceStatus) -> Option<String> {
     Some(out)
 }
 
+/// The phase; while deleting, with the nodes that have not yet removed their parts.
 fn phase(v: &VolumeView) -> String {
-    serde_json::to_value(v.phase)
+    let p = serde_json::to_value(v.phase)
         .ok()
         .and_then(|p| p.as_str().map(str::to_string))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if v.cleanup_pending.is_empty() {
+        p
+    } else {
+        let nodes: Vec<&str> = v.cleanup_pending.iter().map(|n| n.as_str()).collect();
+        format!("{p} (pending: {})", nodes.join(","))
+    }
 }
 
 pub fn ls(args: LsArgs) -> anyhow::Result<()> {
@@ -293,7 +300,8 @@ pub fn rm(args: NameArgs) -> anyhow::Result<()> {
         changed(
             &args.agent,
             &v,
-            "is being deleted (its services stop and its data is removed)",
+            "is being deleted: each node's agent stops its services and removes its data (a node that is \
+             down finishes when it is back; `volume inspect` shows the nodes pending)",
         )
     })
 }

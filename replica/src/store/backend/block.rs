@@ -273,6 +273,29 @@ impl DeviceFile {
     }
 }
 
+impl DeviceFile {
+    /// Gives `[offset, offset + len)` back to the device (BLKDISCARD) or the filesystem (a hole),
+    /// best effort: a medium that cannot discard keeps the bytes, which no Basalt store reads again
+    /// (clusters are zeroed before they are handed out).
+    fn discard(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if self.block_device {
+            /// `_IO(0x12, 119)` from linux/fs.h.
+            const BLKDISCARD: libc::c_ulong = 0x1277;
+            let range: [u64; 2] = [offset, len];
+            // SAFETY: BLKDISCARD reads two u64s from the pointer, which points at `range`.
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+            if rc != 0 {
+                tracing::debug!(device = %self.path.display(), error = %io::Error::last_os_error(), "discard not done");
+            }
+        } else if let Err(e) = self.write_zeros(offset, len) {
+            tracing::debug!(device = %self.path.display(), error = %e, "discard not done");
+        }
+    }
+}
+
 impl Medium for DeviceFile {
     fn size(&self) -> u64 {
         self.size
@@ -1034,6 +1057,42 @@ impl BlockBackend {
     pub fn total_clusters(&self) -> u64 {
         self.shared.layout.clusters()
     }
+}
+
+/// Wipes the Basalt store on the device (or file) at `path`, once its replica is deleted: the
+/// superblock, both checkpoints and the journal are zeroed and synced, so the device reads as blank
+/// (a later replica formats it afresh, and rule 2 above keeps the old clusters' bytes from ever being
+/// read), and the data clusters are given back (discarded on a block device, punched in a file) where
+/// the medium can. Opens the device exclusively, so it fails while a replica still serves it.
+/// `Ok(false)`: there was no Basalt store to wipe (blank, or foreign data that is not ours to touch).
+pub fn wipe(path: &Path) -> Result<bool, DeviceError> {
+    let medium = DeviceFile::open(path)?;
+    let shown = medium.location();
+    let device_bytes = medium.size();
+    let mut head = vec![0u8; SIGNATURE_BYTES.min(device_bytes) as usize];
+    medium
+        .read_at(&mut head, 0)
+        .map_err(io_err(format!("reading the start of {shown}")))?;
+    if head.len() < SUPER_LEN || &head[0..8] != SUPER_MAGIC {
+        return Ok(false);
+    }
+    let metadata_end = match Layout::decode(&head) {
+        Ok(Some(layout)) => layout.data_offset().min(device_bytes),
+        // Our magic with a damaged superblock: the signature region is still ours to clear.
+        Ok(None) | Err(_) => head.len() as u64,
+    };
+    // The superblock last: a wipe cut short leaves it, and the next wipe finds the device again.
+    medium
+        .write_zeros(
+            SIGNATURE_BYTES.min(metadata_end),
+            metadata_end.saturating_sub(SIGNATURE_BYTES),
+        )
+        .and_then(|()| medium.sync())
+        .and_then(|()| medium.write_zeros(0, SIGNATURE_BYTES.min(metadata_end)))
+        .and_then(|()| medium.sync())
+        .map_err(io_err(format!("zeroing the store's metadata on {shown}")))?;
+    medium.discard(metadata_end, device_bytes - metadata_end);
+    Ok(true)
 }
 
 fn check_size(layout: &Layout, path: &str, volume_bytes: Option<u64>) -> Result<(), DeviceError> {
