@@ -246,22 +246,7 @@ pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
 
 /// Size and free bytes (for an unprivileged user) of the filesystem holding `dir`.
 fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path holds a NUL byte"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a valid C string and `st` is written by statvfs before it is read.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize;
-    Ok((
-        st.f_blocks.saturating_mul(frsize),
-        st.f_bavail.saturating_mul(frsize),
-    ))
+    crate::host::mount::stats(dir).map(|s| (s.total_bytes, s.available_bytes))
 }
 
 fn device_size(dev: &Path) -> std::io::Result<u64> {

@@ -22,6 +22,7 @@
 //! * [`failover`]: who takes over a controller, when a replica is replaced
 //!   (pure functions);
 //! * [`runtime`]: starting and stopping the services of one host;
+//! * [`host`]: attaching a volume on this host (a block device, a filesystem, mounts);
 //! * [`reconcile`]: making this host's services match the store;
 //! * [`api`] and [`client`]: the REST API and its client.
 
@@ -30,6 +31,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod failover;
+pub mod host;
 pub mod metrics;
 pub mod model;
 pub mod placement;
