@@ -55,11 +55,6 @@ pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
             );
         }
     }
-    if config.endpoints.docker.is_some() {
-        anyhow::bail!(
-            "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
-        );
-    }
     let csi = [
         ("endpoints.csi", &config.endpoints.csi),
         ("endpoints.csi_controller", &config.endpoints.csi_controller),
@@ -149,19 +144,19 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         Some(path) => Some(read_token(path)?),
         None => None,
     };
-    let api_task = api_listener.map(|listener| {
-        tokio::spawn(crate::api::serve(
-            listener,
-            crate::api::ApiContext {
-                store: store.clone(),
-                node: config.node.name.clone(),
-                controllers: Arc::new(crate::api::GrpcConnector),
-                token,
-                agent_metrics: Some(metrics.clone()),
-            },
-            tasks.clone(),
-        ))
-    });
+    let api_ctx = crate::api::ApiContext {
+        store: store.clone(),
+        node: config.node.name.clone(),
+        controllers: Arc::new(crate::api::GrpcConnector),
+        token,
+        agent_metrics: Some(metrics.clone()),
+    };
+    let docker_task = match &config.endpoints.docker {
+        Some(socket) => Some(start_docker(&config, socket, api_ctx.clone(), tasks.clone()).await?),
+        None => None,
+    };
+    let api_task =
+        api_listener.map(|listener| tokio::spawn(crate::api::serve(listener, api_ctx, tasks.clone())));
     if let Some(api) = &config.endpoints.api {
         tracing::info!(api = %api.listen, "agent serving");
     }
@@ -174,10 +169,48 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     if let Some(t) = api_task {
         let _ = t.await;
     }
+    if let Some(t) = docker_task {
+        let _ = t.await;
+    }
     if let Err(e) = store.revoke(lease).await {
         tracing::warn!(error = %e, "could not revoke the node's lease; it lapses by itself");
     }
     Ok(())
+}
+
+/// The Docker volume plugin on `socket`: this host's attachments recovered first (what an earlier agent
+/// left is reused or undone), then the socket bound (a failure stops the start, naming the key).
+async fn start_docker(
+    config: &Config,
+    socket: &Path,
+    api: crate::api::ApiContext,
+    cancel: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let data_dir = config.data_dir.clone();
+    let host = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<crate::host::Host>> {
+        let host =
+            crate::host::Host::open(&data_dir).context("endpoints.docker: attaching volumes on this host")?;
+        host.recover().context("recovering this host's attachments")?;
+        Ok(Arc::new(host))
+    })
+    .await??;
+    let scope = match config.cluster {
+        ClusterConfig::Embedded => crate::docker::Scope::Local,
+        ClusterConfig::Etcd(_) => crate::docker::Scope::Global,
+    };
+    let driver = Arc::new(crate::docker::Driver::new(api, host, &config.data_dir, scope)?);
+    driver
+        .recover()
+        .await
+        .context("endpoints.docker: cleaning up after the previous agent")?;
+    let listener = crate::docker::bind(socket).await?;
+    tracing::info!(socket = %socket.display(), "serving the Docker volume plugin");
+    Ok(tokio::spawn(crate::docker::serve(
+        listener,
+        socket.to_path_buf(),
+        driver,
+        cancel,
+    )))
 }
 
 /// The API's bearer token from its file (never logged; the error names the file only).
@@ -374,8 +407,7 @@ mod tests {
 
         let mut docker = defaults.clone();
         docker.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));
-        let e = refuse_unbuilt(&docker).unwrap_err().to_string();
-        assert!(e.contains("endpoints.docker"), "{e}");
+        refuse_unbuilt(&docker).unwrap();
 
         let mut csi = defaults.clone();
         csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
