@@ -15,6 +15,7 @@
 #                           --enable-libiscsi and install it as $FIO_LIBISCSI (not the system fio).
 #   e2fsprogs, util-linux, fuse3   mkfs/fsck, losetup/mount, FUSE export of qemu-storage-daemon.
 #   docker.io, docker-compose      the container tests; dockerd is started if not running.
+#   busybox-static          the Docker plugin tests' container image (FROM scratch: no registry here).
 set -euo pipefail
 
 FIO_LIBISCSI=${FIO_LIBISCSI:-/usr/local/bin/fio-libiscsi}
@@ -50,7 +51,7 @@ if [ $# -gt 0 ]; then
 fi
 
 install_missing libiscsi-bin tgt e2fsprogs util-linux fuse3 libiscsi-dev libaio-dev zlib1g-dev \
-  dpkg-dev build-essential pkg-config
+  dpkg-dev build-essential pkg-config busybox-static
 
 # --- qemu 7.2 with the iSCSI driver -------------------------------------------------------------------------
 qemu_pkgs=(qemu-utils qemu-block-extra qemu-system-common)

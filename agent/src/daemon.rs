@@ -50,11 +50,6 @@ const REGISTER_ATTEMPTS: usize = 5;
 /// yet, rather than starting without it: an operator who configured an
 /// endpoint must not find out from a client that it is not there.
 pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
-    if config.endpoints.docker.is_some() {
-        anyhow::bail!(
-            "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
-        );
-    }
     let csi = [
         ("endpoints.csi", &config.endpoints.csi),
         ("endpoints.csi_controller", &config.endpoints.csi_controller),
@@ -114,6 +109,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
 
     let node = start_node(store.clone(), &config, runtime, metrics.clone()).await?;
     let tasks = cancel.child_token();
+    // One context for every endpoint: the Docker plugin calls the same
+    // operations as the REST API (one place for each check).
+    let ctx = crate::api::ApiContext {
+        store: store.clone(),
+        node: config.node.name.clone(),
+        controllers: Arc::new(crate::api::GrpcConnector),
+        // Without a REST endpoint nobody presents a token; a random one
+        // keeps the context whole and opens nothing.
+        token: api
+            .as_ref()
+            .map_or_else(basalt_engine::api_auth::ApiToken::generate, |a| a.token.clone()),
+        agent_metrics: Some(metrics.clone()),
+    };
+    let docker_task = match &config.endpoints.docker {
+        Some(socket) => Some(start_docker(&config, socket, ctx.clone(), tasks.clone()).await?),
+        None => None,
+    };
     let api_task = api.map(|api| {
         tracing::info!(
             api = %api.url,
@@ -125,18 +137,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             },
             "agent serving; clients need the token in token_file"
         );
-        tokio::spawn(crate::api::serve(
-            api.listener,
-            crate::api::ApiContext {
-                store: store.clone(),
-                node: config.node.name.clone(),
-                controllers: Arc::new(crate::api::GrpcConnector),
-                token: api.token,
-                agent_metrics: Some(metrics.clone()),
-            },
-            api.transport,
-            tasks.clone(),
-        ))
+        tokio::spawn(crate::api::serve(api.listener, ctx, api.transport, tasks.clone()))
     });
 
     cancel.cancelled().await;
@@ -145,8 +146,46 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     if let Some(t) = api_task {
         let _ = t.await;
     }
+    if let Some(t) = docker_task {
+        let _ = t.await;
+    }
     node.stop(store.as_ref()).await;
     Ok(())
+}
+
+/// The Docker volume plugin on `socket`: this host's attachments recovered first (what an earlier agent
+/// left is reused or undone), then the socket bound (a failure stops the start, naming the key).
+async fn start_docker(
+    config: &Config,
+    socket: &Path,
+    api: crate::api::ApiContext,
+    cancel: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let data_dir = config.data_dir.clone();
+    let host = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<crate::host::Host>> {
+        let host =
+            crate::host::Host::open(&data_dir).context("endpoints.docker: attaching volumes on this host")?;
+        host.recover().context("recovering this host's attachments")?;
+        Ok(Arc::new(host))
+    })
+    .await??;
+    let scope = match config.cluster {
+        ClusterConfig::Embedded => crate::docker::Scope::Local,
+        ClusterConfig::Etcd(_) => crate::docker::Scope::Global,
+    };
+    let driver = Arc::new(crate::docker::Driver::new(api, host, &config.data_dir, scope)?);
+    driver
+        .recover()
+        .await
+        .context("endpoints.docker: cleaning up after the previous agent")?;
+    let listener = crate::docker::bind(socket).await?;
+    tracing::info!(socket = %socket.display(), "serving the Docker volume plugin");
+    Ok(tokio::spawn(crate::docker::serve(
+        listener,
+        socket.to_path_buf(),
+        driver,
+        cancel,
+    )))
 }
 
 /// One node of a cluster at work: registered, its lease kept alive, its
@@ -305,22 +344,7 @@ pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
 
 /// Size and free bytes (for an unprivileged user) of the filesystem holding `dir`.
 fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path holds a NUL byte"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a valid C string and `st` is written by statvfs before it is read.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize;
-    Ok((
-        st.f_blocks.saturating_mul(frsize),
-        st.f_bavail.saturating_mul(frsize),
-    ))
+    crate::host::mount::stats(dir).map(|s| (s.total_bytes, s.available_bytes))
 }
 
 fn device_size(dev: &Path) -> std::io::Result<u64> {
@@ -450,8 +474,7 @@ mod tests {
 
         let mut docker = defaults.clone();
         docker.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));
-        let e = refuse_unbuilt(&docker).unwrap_err().to_string();
-        assert!(e.contains("endpoints.docker"), "{e}");
+        refuse_unbuilt(&docker).unwrap();
 
         let mut csi = defaults.clone();
         csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));

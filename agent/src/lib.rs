@@ -22,14 +22,18 @@
 //! * [`failover`]: who takes over a controller, when a replica is replaced
 //!   (pure functions);
 //! * [`runtime`]: starting and stopping the services of one host;
+//! * [`host`]: attaching a volume on this host (a block device, a filesystem, mounts);
 //! * [`reconcile`]: making this host's services match the store;
-//! * [`api`] and [`client`]: the REST API and its client.
+//! * [`api`] and [`client`]: the REST API and its client;
+//! * [`docker`]: the Docker volume plugin (an endpoint over the API and [`host`]).
 
 pub mod api;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod docker;
 pub mod failover;
+pub mod host;
 pub mod metrics;
 pub mod model;
 pub mod placement;
