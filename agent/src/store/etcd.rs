@@ -185,7 +185,7 @@ impl EtcdStore {
     {
         let result = self
             .connection
-            .call(retry, |c| call(c), refused)
+            .call(retry, call, refused)
             .await
             .map(tonic::Response::into_inner);
         match &result {
