@@ -55,6 +55,10 @@ pub mod pb {
     }
 }
 
+/// How long one attempt of [`EtcdStore::wait_until_reachable`] waits: a member with a leader
+/// answers a read in milliseconds; one without may hold it for its whole request timeout.
+const PROBE_ATTEMPT: Duration = Duration::from_secs(3);
+
 /// The longest lease etcd grants (its `MaxLeaseTTL`, in seconds).
 const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
 
@@ -119,26 +123,31 @@ impl EtcdStore {
         }))
     }
 
-    /// Waits until a member answers a read, for at most `within`; the error names the endpoints
-    /// and what each one said.
+    /// Waits until a member answers a read, for at most `within` (and the end of the attempt in
+    /// progress then); the error names the endpoints and what the last attempt met. Each attempt is
+    /// cut after [`PROBE_ATTEMPT`], so that members still electing a leader when the agent starts
+    /// (hosts booting together) are asked again soon after they have one.
     pub async fn wait_until_reachable(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            match self.get(super::PROBE_KEY).await {
-                Ok(_) => return Ok(()),
-                Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "waiting for etcd");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(StoreError::Unavailable(e)) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "etcd at {} did not answer within {}s: {e}",
-                        self.connection.names(),
-                        within.as_secs()
-                    )))
-                }
-                Err(e) => return Err(e),
+            let last = match tokio::time::timeout(PROBE_ATTEMPT, self.get(super::PROBE_KEY)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(StoreError::Unavailable(e))) => e,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => format!(
+                    "no member answered within {}s (is a majority of the members up, with a leader?)",
+                    PROBE_ATTEMPT.as_secs()
+                ),
+            };
+            if Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "etcd at {} did not answer within {}s: {last}",
+                    self.connection.names(),
+                    within.as_secs()
+                )));
             }
+            tracing::debug!(error = %last, "waiting for etcd");
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 

@@ -90,15 +90,19 @@ impl Connection {
             };
             let https = url.starts_with("https://");
             match (https, tls) {
-                (true, None) => return Err(format!(
+                (true, None) => {
+                    return Err(format!(
                     "endpoint {name} is https but no ca_file is given to check the members' certificates; \
                          give ca_file (and cert_file/key_file if etcd checks clients)"
-                )),
-                (false, Some(_)) => return Err(format!(
+                ))
+                }
+                (false, Some(_)) => {
+                    return Err(format!(
                     "endpoint {name} is plain http but TLS files are given; write https://{} or remove the \
                          TLS files",
                     name.trim_start_matches("http://")
-                )),
+                ))
+                }
                 _ => {}
             }
             let mut endpoint = Endpoint::from_shared(url.clone())
@@ -267,22 +271,19 @@ fn not_sent(status: &Status) -> bool {
 /// A status with its causes, for messages.
 pub(super) fn describe(status: &Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let more = e.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = e.source();
-    }
+    append_causes(&mut text, std::error::Error::source(status));
     text
 }
 
 /// An error with its causes, for messages.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = e.source();
+    append_causes(&mut text, e.source());
+    text
+}
+
+/// Appends each cause not already said (transport errors repeat their cause in their own text).
+fn append_causes(text: &mut String, mut source: Option<&(dyn std::error::Error + 'static)>) {
     while let Some(cause) = source {
         let more = cause.to_string();
         if !text.contains(&more) {
@@ -291,7 +292,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    text
 }
 
 #[cfg(test)]
