@@ -20,7 +20,7 @@ use basalt_agent::model::{
     ReplicaSlot, ServiceId, ServiceState, ServiceStatus, VolumePhase, VolumeRecord, VolumeSecrets,
     VolumeSpec,
 };
-use basalt_agent::reconcile::{connect_controller, Local, Reconciler};
+use basalt_agent::reconcile::{connect_controller, read_desired, Local, NodeLease, Reconciler};
 use basalt_agent::runtime::process::{process_start_time, ProcessRuntime, RunRecord};
 use basalt_agent::store::embedded::EmbeddedStore;
 use basalt_agent::store::{self, Expect, Store};
@@ -81,7 +81,7 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn start_reconciler(store: Arc<EmbeddedStore>, data_dir: &Path, me: &NodeName) -> Agent {
+fn start_reconciler(store: Arc<EmbeddedStore>, data_dir: &Path, me: &NodeName, lease: &NodeLease) -> Agent {
     let runtime =
         ProcessRuntime::new(basalt_tests::basalt_binary().unwrap(), data_dir.to_path_buf()).unwrap();
     let reconciler = Reconciler::new(
@@ -92,6 +92,7 @@ fn start_reconciler(store: Arc<EmbeddedStore>, data_dir: &Path, me: &NodeName) -
             data_dir: data_dir.to_path_buf(),
         },
         Arc::new(AgentMetrics::new()),
+        lease.clone(),
         Duration::from_secs(300),
     );
     let cancel = CancellationToken::new();
@@ -187,13 +188,15 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
     store::put_json(store.as_ref(), &keys::node(&me), &node, Expect::Absent, None)
         .await
         .unwrap();
-    // The node is up (its liveness key exists): failover leaves its volume alone.
+    // The node is up (its liveness key exists, on the lease its reconciler takes the volume's
+    // controller lease with): failover leaves its volume alone.
+    let lease = NodeLease::new(store.grant_lease(Duration::from_secs(3600)).await.unwrap());
     store::put_json(
         store.as_ref(),
         &keys::node_alive(&me),
         &basalt_agent::model::NodeAlive { since_unix: 0 },
         Expect::Any,
-        None,
+        Some(lease.get()),
     )
     .await
     .unwrap();
@@ -255,7 +258,7 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
     .await
     .unwrap();
 
-    let agent = start_reconciler(store.clone(), &data_dir, &me);
+    let agent = start_reconciler(store.clone(), &data_dir, &me, &lease);
     wait_until("the volume to be Ready", READY_TIMEOUT, || async {
         record(store.as_ref(), &name)
             .await
@@ -272,6 +275,29 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
     })
     .await;
     assert!(statuses.iter().all(|(_, s)| s.value.node == me));
+    // The controller's view of each replica is recorded: every replica reads as RW, and the
+    // controller runs under the volume's lease, held by this node.
+    wait_until("every replica reported RW", READY_TIMEOUT, || async {
+        let d = read_desired(store.as_ref()).await.unwrap();
+        let modes: Vec<_> = (1..=3)
+            .map(|id| {
+                d.statuses
+                    .get(&(name.clone(), ServiceId::Replica(id)))
+                    .and_then(|s| s.mode)
+            })
+            .collect();
+        modes
+            .iter()
+            .all(|m| *m == Some(basalt_agent::model::ReplicaMode::Rw))
+            .then_some(())
+    })
+    .await;
+    let held =
+        store::get_json::<basalt_agent::model::VolumeLease>(store.as_ref(), &keys::volume_lease(&name))
+            .await
+            .unwrap()
+            .expect("the volume's controller lease");
+    assert_eq!(held.value.node, me);
     let secret_file = data_dir.join("secrets").join(name.as_str()).join("peer-secret");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret_file).unwrap().permissions());
@@ -313,7 +339,7 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
     let controller = run_record(&data_dir, name.as_str(), "controller");
     agent.cancel.cancel();
     agent.task.await.unwrap();
-    let agent = start_reconciler(store.clone(), &data_dir, &me);
+    let agent = start_reconciler(store.clone(), &data_dir, &me, &lease);
     let (ok, out) = qemu_io(&url, &["read -P 0xa5 0 1M", "read -P 0x5a 60M 1M"]).unwrap();
     assert!(ok, "qemu-io read after the agent restart: {out}");
     let api = format!("127.0.0.1:{api_port}").parse().unwrap();

@@ -11,6 +11,9 @@
 //!   ├─ serve the REST API on endpoints.api
 //!   └─ on cancel: stop the reconciler, revoke the lease (the node is down
 //!      at once, not after the TTL); the services keep running (see below)
+//!
+//!  start_node (the middle of run, a library function so that a test can
+//!  run several nodes in one process): register, lease, keep-alive, reconciler
 //! ```
 //!
 //! The services outlive the agent, on a clean stop as on a crash: the next
@@ -28,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClusterConfig, Config, EtcdConfig, PoolKindConfig, RuntimeConfig};
 use crate::metrics::AgentMetrics;
 use crate::model::{keys, NodeAlive, NodeRecord, PoolKind, PoolRecord};
-use crate::reconcile::{Local, Reconciler};
+use crate::reconcile::{Local, NodeLease, Reconciler};
 use crate::runtime::Runtime;
 use crate::store::etcd::{EtcdOptions, EtcdStore, TlsFiles};
 use crate::store::{self, Expect, LeaseId, Store, StoreError};
@@ -104,10 +107,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         None => None,
     };
 
-    register(store.as_ref(), &node_record(&config)?).await?;
-    let lease = grant_alive(store.as_ref(), &config).await?;
-    tracing::info!(node = %config.node.name, "node registered");
-
     let runtime: Arc<dyn Runtime> = match &config.runtime {
         RuntimeConfig::Process { binary } => {
             let binary = match binary {
@@ -126,25 +125,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         )),
     };
 
+    let node = start_node(store.clone(), &config, runtime, metrics.clone()).await?;
     let tasks = cancel.child_token();
-    let reconciler = Reconciler::new(
-        store.clone(),
-        runtime.clone(),
-        Local {
-            me: config.node.name.clone(),
-            data_dir: absolute(&config.data_dir)?,
-        },
-        metrics.clone(),
-        config.failover.replica_grace,
-    );
-    let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
-    let lease_task = tokio::spawn(keep_alive(
-        store.clone(),
-        config.clone(),
-        lease,
-        metrics.clone(),
-        tasks.clone(),
-    ));
     let token = match config.endpoints.api.as_ref().and_then(|a| a.token_file.as_ref()) {
         Some(path) => Some(read_token(path)?),
         None => None,
@@ -169,14 +151,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     cancel.cancelled().await;
     tracing::info!("stopping the agent; the volumes' services keep running");
     tasks.cancel();
-    let _ = reconcile_task.await;
-    let lease = lease_task.await.unwrap_or(lease);
     if let Some(t) = api_task {
         let _ = t.await;
     }
-    if let Err(e) = store.revoke(lease).await {
-        tracing::warn!(error = %e, "could not revoke the node's lease; it lapses by itself");
-    }
+    node.stop(store.as_ref()).await;
     Ok(())
 }
 
@@ -227,6 +205,76 @@ pub fn etcd_options(config: &EtcdConfig) -> anyhow::Result<EtcdOptions> {
         endpoints: config.endpoints.clone(),
         tls,
     })
+}
+
+/// One node of a cluster at work: registered, its lease kept alive, its
+/// reconciler running. Everything the agent does but opening the store and
+/// serving the API, so that a test can run several nodes in one process
+/// over one store (each with its own config, data directory and runtime).
+pub struct RunningNode {
+    /// The node's lease (replaced when it lapses).
+    pub lease: NodeLease,
+    cancel: CancellationToken,
+    reconcile: tokio::task::JoinHandle<()>,
+    keep_alive: tokio::task::JoinHandle<LeaseId>,
+}
+
+/// Registers `config`'s node in `store`, grants its lease and starts its
+/// reconciler over `runtime` and the task that keeps the lease alive.
+pub async fn start_node(
+    store: Arc<dyn Store>,
+    config: &Config,
+    runtime: Arc<dyn Runtime>,
+    metrics: Arc<AgentMetrics>,
+) -> anyhow::Result<RunningNode> {
+    register(store.as_ref(), &node_record(config)?).await?;
+    let lease = NodeLease::new(grant_alive(store.as_ref(), config).await?);
+    tracing::info!(node = %config.node.name, "node registered");
+    let cancel = CancellationToken::new();
+    let reconciler = Reconciler::new(
+        store.clone(),
+        runtime,
+        Local {
+            me: config.node.name.clone(),
+            data_dir: absolute(&config.data_dir)?,
+        },
+        metrics.clone(),
+        lease.clone(),
+        config.failover.replica_grace,
+    );
+    let reconcile = tokio::spawn(reconciler.run(cancel.clone()));
+    let keep_alive = tokio::spawn(keep_alive(
+        store,
+        config.clone(),
+        lease.clone(),
+        metrics,
+        cancel.clone(),
+    ));
+    Ok(RunningNode {
+        lease,
+        cancel,
+        reconcile,
+        keep_alive,
+    })
+}
+
+impl RunningNode {
+    /// Stops reconciling and renewing, and revokes the lease: the node is
+    /// down at once (not after the TTL). Its services keep running.
+    pub async fn stop(self, store: &dyn Store) {
+        let lease = self.halt().await;
+        if let Err(e) = store.revoke(lease).await {
+            tracing::warn!(error = %e, "could not revoke the node's lease; it lapses by itself");
+        }
+    }
+
+    /// Stops reconciling and renewing without a word to the store, as a
+    /// crash or a partition would: the lease lapses after its TTL. Returns it.
+    pub async fn halt(self) -> LeaseId {
+        self.cancel.cancel();
+        let _ = self.reconcile.await;
+        self.keep_alive.await.unwrap_or_else(|_| self.lease.get())
+    }
 }
 
 /// The API's bearer token from its file (never logged; the error names the file only).
@@ -382,10 +430,11 @@ async fn grant_alive(store: &dyn Store, config: &Config) -> anyhow::Result<Lease
 async fn keep_alive(
     store: Arc<dyn Store>,
     config: Config,
-    mut lease: LeaseId,
+    shared: NodeLease,
     metrics: Arc<AgentMetrics>,
     cancel: CancellationToken,
 ) -> LeaseId {
+    let mut lease = shared.get();
     let every = lease_ttl(&config) / 3;
     let mut renewed = Instant::now();
     let mut measured = Instant::now();
@@ -400,7 +449,10 @@ async fn keep_alive(
             let result = match store.keep_alive(lease).await {
                 Err(StoreError::LeaseExpired(_)) => {
                     tracing::warn!("the node's lease lapsed; granting a new one");
-                    grant_alive(store.as_ref(), &config).await.map(|l| lease = l)
+                    grant_alive(store.as_ref(), &config).await.map(|l| {
+                        lease = l;
+                        shared.set(l);
+                    })
                 }
                 other => other.map_err(anyhow::Error::from),
             };

@@ -283,13 +283,13 @@ fn in_sync(slot: &ReplicaSlot, observed: &Observed) -> bool {
 }
 
 /// Whether `slot` is a replica still being built on an up node: not yet
-/// reported by its node, starting without a mode, or rebuilding (WO).
+/// reported by its node, not yet reported by its controller (a replacement
+/// before the controller added it, or any replica while the controller
+/// itself is moving), or rebuilding (WO). Only a replica its controller
+/// reports RW or ERR is settled.
 fn rebuilding(slot: &ReplicaSlot, observed: &Observed) -> bool {
     matches!(node_state(observed.nodes, &slot.node), NodeState::Up { .. })
-        && own_status(slot, observed).is_none_or(|status| {
-            status.mode == Some(ReplicaMode::Wo)
-                || (status.mode.is_none() && status.state == ServiceState::Starting)
-        })
+        && own_status(slot, observed).is_none_or(|status| matches!(status.mode, None | Some(ReplicaMode::Wo)))
 }
 
 /// Decide what to change in `volume`'s placement (see the module docs).
@@ -566,19 +566,18 @@ fn spread_value(nodes: &[NodeView], node: &NodeName, key: &str) -> Option<String
 }
 
 /// `volume` with `plan`'s actions made: lost replicas removed, replacements
-/// added, the controller moved. When the membership changes and the
-/// controller does not move, its generation still rises: it restarts with
-/// the new membership, and a higher epoch keeps anything its previous
-/// incarnation still had in flight from landing.
+/// added, the controller moved (with a higher generation). A membership
+/// change alone leaves the controller where it is, with its generation: its
+/// agent tells it online (`replica add` / `rm`, see
+/// `crate::reconcile::membership`), which records the new membership on the
+/// replicas without interrupting I/O.
 pub fn apply(volume: &VolumeRecord, plan: &Plan) -> VolumeRecord {
     let mut next = volume.clone();
-    let mut moved = false;
     let mut membership_changed = false;
     for action in &plan.actions {
         match action {
             Action::MoveController { to, .. } => {
                 next.placement.controller = Some(to.clone());
-                moved = true;
             }
             Action::ReplaceReplica { replacement, .. } | Action::AddReplica { replacement, .. } => {
                 next.placement.next_replica_id = next
@@ -597,11 +596,6 @@ pub fn apply(volume: &VolumeRecord, plan: &Plan) -> VolumeRecord {
             .placement
             .next_replica_id
             .max(volume.placement.first_free_replica_id());
-    }
-    if membership_changed && !moved {
-        if let Some(controller) = &mut next.placement.controller {
-            controller.generation = controller.generation.saturating_add(1);
-        }
     }
     next
 }

@@ -9,7 +9,14 @@
 //! * a [`VolumeRecord`] (the volume's spec and where its services are placed)
 //!   is written by the API and by the agents that move services (failover,
 //!   replica replacement), always with a revision check;
-//! * a [`ServiceStatus`] is written by the agent that runs the service.
+//! * a [`ServiceStatus`] is written by the agent that runs the service; the
+//!   controller's status carries its view of every replica
+//!   ([`ControllerReport`]), which readers lay over the replicas' statuses
+//!   ([`ServiceStatus::with_report`]): the mode of a replica is known only to
+//!   its controller, and each record keeps one writer;
+//! * a [`VolumeLease`] names the agent that runs a volume's controller. It is
+//!   put with that agent's node lease, so it vanishes with the node, and it is
+//!   created only where absent: two agents can never both hold it.
 //!
 //! Every record is JSON, so that `etcdctl get --prefix /basalt/` is readable
 //! by an operator.
@@ -39,6 +46,8 @@ pub mod keys {
     pub const STATUS: &str = "/basalt/status/";
     /// Prefix of every volume's secrets (the peer secret and the API token).
     pub const SECRETS: &str = "/basalt/secrets/";
+    /// Prefix of every volume's controller lease ([`super::VolumeLease`]).
+    pub const LEASES: &str = "/basalt/leases/";
 
     pub fn node(name: &NodeName) -> String {
         format!("{NODES}{name}")
@@ -58,6 +67,10 @@ pub mod keys {
     }
     pub fn volume_secrets(name: &VolumeName) -> String {
         format!("{SECRETS}{name}")
+    }
+    /// Who runs the volume's controller: the one place that says so.
+    pub fn volume_lease(name: &VolumeName) -> String {
+        format!("{LEASES}{name}")
     }
 }
 
@@ -247,9 +260,11 @@ pub struct ReplicaSlot {
     pub port: u16,
 }
 
-/// Where the controller runs, and the epoch it was started with: a new
-/// controller (failover) is always started with a higher epoch than every
-/// earlier one, which fences the old one at the replicas.
+/// Where the controller runs. `generation` counts the placements of the
+/// controller (it rises each time failover moves it); the fence is not this
+/// number but the engine's epoch: every controller that starts raises the
+/// replicas to one above every epoch they have seen, and a replica refuses
+/// any frame of a lower one, so an older controller can never write again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerSlot {
     pub node: NodeName,
@@ -302,6 +317,83 @@ pub struct ServiceStatus {
     /// while nobody has reported it): whether it holds every write.
     #[serde(default)]
     pub mode: Option<ReplicaMode>,
+    /// A replica's rebuild (mode WO), as its controller reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Progress>,
+    /// A clone replica's copy of its source, as its controller reports it
+    /// (until it is hydrated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydration: Option<Progress>,
+    /// The controller's status only: what it last answered to `VolumeInfo`
+    /// (none while it does not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ControllerReport>,
+}
+
+impl ServiceStatus {
+    /// This replica status with what `controller`'s report says of replica
+    /// `id` (its mode and progress) laid over it. Only a report made by the
+    /// controller's own node (`controller_node`) about a replica its own node
+    /// reported counts: anything else describes a predecessor, and leaves the
+    /// mode unknown.
+    pub fn with_report(
+        mut self,
+        id: u32,
+        controller: Option<&ServiceStatus>,
+        controller_node: Option<&NodeName>,
+    ) -> ServiceStatus {
+        let reported = controller
+            .filter(|c| Some(&c.node) == controller_node)
+            .and_then(|c| c.report.as_ref())
+            .and_then(|r| r.replicas.iter().find(|r| r.id == id && r.node == self.node));
+        self.mode = reported.map(|r| r.mode);
+        self.rebuild = reported.and_then(|r| r.rebuild);
+        self.hydration = reported.and_then(|r| r.hydration);
+        self
+    }
+}
+
+/// Bytes of a long operation done, of the total.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A controller's answer to `VolumeInfo`, in the placement's terms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerReport {
+    /// The epoch it serves with: one above every epoch its replicas had seen
+    /// (the fence that stops an older controller).
+    pub epoch: u64,
+    /// At least min-healthy replicas are read-write: I/O is served.
+    pub serving: bool,
+    /// The replicas of the placement that are members of the volume.
+    pub replicas: Vec<ReportedReplica>,
+}
+
+/// One replica in its controller's report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedReplica {
+    pub id: u32,
+    pub node: NodeName,
+    pub mode: ReplicaMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydration: Option<Progress>,
+}
+
+/// The agent running a volume's controller, under [`keys::volume_lease`],
+/// put with that agent's node lease. An agent starts a controller only
+/// while it holds this key, and deletes it only once its controller is
+/// stopped; when its node dies the key lapses with the node's lease, and
+/// the agent the volume record names next takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeLease {
+    pub node: NodeName,
+    /// The controller slot's generation the lease was taken for.
+    pub generation: u64,
 }
 
 /// A replica as its controller sees it.

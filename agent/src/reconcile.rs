@@ -20,10 +20,20 @@
 //! * the replica slots and the controller slot on this node run, with
 //!   their secrets in 0600 files under `DATA_DIR/secrets/VOLUME/`;
 //! * the status of each is written (only when it changed);
-//! * on the controller's node: phase `Creating` → `Ready` once the
-//!   controller answers `VolumeInfo`; `Ready` ↔ `Degraded` from its view of
-//!   its replicas; a larger `spec.size_bytes` is applied with
+//! * on the controller's node: the volume's lease ([`keys::volume_lease`])
+//!   is taken before the controller starts (and the controller is not
+//!   started while another node holds it); phase `Creating` → `Ready` once
+//!   the controller answers `VolumeInfo`; `Ready` ↔ `Degraded` from its view
+//!   of its replicas, which is written into the controller's status (each
+//!   replica's mode, rebuild and hydration progress); replicas the placement
+//!   gained or lost are added or removed through the controller's API
+//!   ([`membership`]); a larger `spec.size_bytes` is applied with
 //!   `VolumeExpand`; other QoS limits with `VolumeSetQos`;
+//! * a volume lease this node holds for a controller it no longer runs is
+//!   given back once that controller stopped;
+//! * the data of a replica this node no longer holds (replaced while the
+//!   node was down, or moved by a drain) is deleted once the volume is whole
+//!   without it ([`retired`]);
 //! * phase `Deleting`: this node's services stop, its replicas' data
 //!   directories and its statuses are deleted; once no status of the volume
 //!   remains, the record and its secrets are deleted (revision checked, so
@@ -48,13 +58,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
 use crate::model::{
-    keys, NodeName, NodeRecord, PoolKind, QosSpec, ServiceId, ServiceState, ServiceStatus, VolumePhase,
-    VolumeRecord, VolumeSecrets,
+    keys, ControllerReport, NodeName, NodeRecord, PoolKind, Progress, QosSpec, ReplicaMode, ReportedReplica,
+    ServiceId, ServiceState, ServiceStatus, VolumeLease, VolumePhase, VolumeRecord, VolumeSecrets,
 };
 use crate::runtime::{
     CloneSource, ControllerSpec, Observed, ReplicaSpec, ReplicaStorage, Runtime, ServiceKey, ServiceSpec,
 };
-use crate::store::{self, Expect, Store, StoreError, Versioned};
+use crate::store::{self, Expect, LeaseId, Store, StoreError, Versioned};
+
+pub mod membership;
+pub mod retired;
+
+use membership::ViewedReplica;
+use retired::FoundReplica;
 
 /// How often a pass runs without a change in the store: how soon a dead
 /// service's status, a degraded volume or a finished rebuild shows.
@@ -95,7 +111,29 @@ pub struct Desired {
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     /// Nodes whose liveness key exists.
     pub up: BTreeSet<NodeName>,
+    /// Replica statuses carry the mode and progress their controller
+    /// reported ([`ServiceStatus::with_report`]).
     pub statuses: BTreeMap<(VolumeName, ServiceId), ServiceStatus>,
+    /// Who holds each volume's controller lease.
+    pub leases: BTreeMap<VolumeName, Versioned<VolumeLease>>,
+}
+
+impl Desired {
+    /// The statuses of `volume`'s services.
+    pub fn statuses_of(&self, volume: &VolumeName) -> BTreeMap<ServiceId, ServiceStatus> {
+        self.statuses
+            .range((volume.clone(), ServiceId::Replica(0))..)
+            .take_while(|((v, _), _)| v == volume)
+            .map(|((_, s), st)| (s.clone(), st.clone()))
+            .collect()
+    }
+
+    /// `HOST:PORT` of a replica slot, as its controller is given it.
+    fn replica_address(&self, slot: &crate::model::ReplicaSlot) -> Option<String> {
+        self.nodes
+            .get(&slot.node)
+            .map(|n| SocketAddr::new(n.address, slot.port).to_string())
+    }
 }
 
 /// What this node sees of its services.
@@ -104,6 +142,8 @@ pub struct Seen {
     pub services: BTreeMap<ServiceKey, Observed>,
     /// The controllers on this node that answered `VolumeInfo`.
     pub controllers: BTreeMap<VolumeName, ControllerView>,
+    /// Replica directories in this node's directory pools.
+    pub replica_dirs: Vec<FoundReplica>,
 }
 
 /// A controller's answer to `VolumeInfo`, as far as decisions go.
@@ -115,6 +155,9 @@ pub struct ControllerView {
     /// Replicas in read-write mode (not removed).
     pub rw_replicas: usize,
     pub qos: QosSpec,
+    pub epoch: u64,
+    /// Every replica it knows, removed ones included.
+    pub replicas: Vec<ViewedReplica>,
 }
 
 /// One step of a pass. Actions of one volume run in order; the first that
@@ -164,6 +207,28 @@ pub enum Action {
     RemoveSecretFiles {
         volume: VolumeName,
     },
+    /// Take (or renew for a new generation) the volume's controller lease
+    /// with this node's lease.
+    TakeLease {
+        volume: VolumeName,
+        generation: u64,
+        expect: Expect,
+    },
+    /// Give back the volume's controller lease (its controller stopped here).
+    ReleaseLease {
+        volume: VolumeName,
+        revision: store::Revision,
+    },
+    /// `ReplicaAdd` on this node's controller of `volume`.
+    ReplicaAdd {
+        volume: VolumeName,
+        address: String,
+    },
+    /// `ReplicaRemove` on this node's controller of `volume`.
+    ReplicaRemove {
+        volume: VolumeName,
+        address: String,
+    },
     /// Delete the record (revision checked) and then its secrets.
     DeleteVolume {
         volume: VolumeName,
@@ -182,6 +247,10 @@ impl Action {
             | Action::Expand { volume, .. }
             | Action::SetQos { volume, .. }
             | Action::RemoveSecretFiles { volume }
+            | Action::TakeLease { volume, .. }
+            | Action::ReleaseLease { volume, .. }
+            | Action::ReplicaAdd { volume, .. }
+            | Action::ReplicaRemove { volume, .. }
             | Action::DeleteVolume { volume, .. } => volume,
         }
     }
@@ -213,9 +282,31 @@ pub fn plan(local: &Local, desired: &Desired, seen: &Seen, now_unix: u64) -> Vec
                 volume: name.clone(),
                 service: service.clone(),
             };
+            let stored = desired.statuses.get(&(name.clone(), service.clone()));
+            if *service == ServiceId::Controller {
+                if let Err(holder) = plan_lease(local, desired, v, &mut actions) {
+                    // Not ours to run yet: another node's controller may still
+                    // serve, and two must never run at once.
+                    let status = ServiceStatus {
+                        node: me.clone(),
+                        state: ServiceState::Starting,
+                        message: Some(format!(
+                            "waiting for node {holder} to give up the volume's controller lease (it lapses \
+                             with that node's own lease)"
+                        )),
+                        restarts: 0,
+                        updated_unix: now_unix,
+                        mode: None,
+                        rebuild: None,
+                        hydration: None,
+                        report: None,
+                    };
+                    push_status(&mut actions, name, service, stored, status);
+                    continue;
+                }
+            }
             wanted.insert(key.clone());
             let built = service_spec(local, desired, seen, v, service);
-            let stored = desired.statuses.get(&(name.clone(), service.clone()));
             match built {
                 Ok((spec, secrets_of)) => {
                     actions.push(Action::Ensure {
@@ -230,11 +321,19 @@ pub fn plan(local: &Local, desired: &Desired, seen: &Seen, now_unix: u64) -> Vec
                             message: obs.message.clone(),
                             restarts: obs.restarts,
                             updated_unix: now_unix,
-                            // A replica's mode is the controller's view, which
-                            // this node's runtime does not see; left unset, the
-                            // failover decisions count no replica as a survivor
-                            // and replace none.
+                            // A replica's mode and progress are its
+                            // controller's to report (in the controller's
+                            // status, laid over this one when read).
                             mode: None,
+                            rebuild: None,
+                            hydration: None,
+                            report: match service {
+                                ServiceId::Controller => seen
+                                    .controllers
+                                    .get(name)
+                                    .map(|view| controller_report(desired, v, view)),
+                                ServiceId::Replica(_) => None,
+                            },
                         };
                         push_status(&mut actions, name, service, stored, status);
                     }
@@ -247,14 +346,63 @@ pub fn plan(local: &Local, desired: &Desired, seen: &Seen, now_unix: u64) -> Vec
                         restarts: 0,
                         updated_unix: now_unix,
                         mode: None,
+                        rebuild: None,
+                        hydration: None,
+                        report: None,
                     };
                     push_status(&mut actions, name, service, stored, status);
                 }
             }
         }
         if mine.contains(&ServiceId::Controller) {
-            plan_controller(name, rec, seen.controllers.get(name), &mut actions);
+            plan_controller(desired, name, rec, seen.controllers.get(name), &mut actions);
         }
+    }
+
+    // Controller leases this node holds for controllers it no longer runs:
+    // given back once the controller stopped (the next pass, after its Stop).
+    for (volume, lease) in &desired.leases {
+        if lease.value.node != *me {
+            continue;
+        }
+        let still_mine = desired.volumes.get(volume).is_some_and(|r| {
+            r.value
+                .placement
+                .controller
+                .as_ref()
+                .is_some_and(|c| c.node == *me)
+        });
+        let key = ServiceKey {
+            volume: volume.clone(),
+            service: ServiceId::Controller,
+        };
+        if !still_mine && !seen.services.contains_key(&key) {
+            actions.push(Action::ReleaseLease {
+                volume: volume.clone(),
+                revision: lease.revision,
+            });
+        }
+    }
+
+    // Data of replicas this node no longer holds: deleted once the volume is
+    // whole without them (see [`retired`]).
+    let records: BTreeMap<VolumeName, VolumeRecord> = desired
+        .volumes
+        .iter()
+        .map(|(n, r)| (n.clone(), r.value.clone()))
+        .collect();
+    let statuses: BTreeMap<VolumeName, BTreeMap<ServiceId, ServiceStatus>> = records
+        .keys()
+        .map(|n| (n.clone(), desired.statuses_of(n)))
+        .collect();
+    let running = |volume: &VolumeName, service: &ServiceId| {
+        seen.services.contains_key(&ServiceKey {
+            volume: volume.clone(),
+            service: service.clone(),
+        })
+    };
+    for (volume, path) in retired::deletable(me, &seen.replica_dirs, &records, &statuses, running) {
+        actions.push(Action::RemoveData { volume, path });
     }
 
     // Services no record places here any more: stop them (their data stays),
@@ -314,6 +462,7 @@ fn push_status(
             && s.state == status.state
             && s.message == status.message
             && s.restarts == status.restarts
+            && s.report == status.report
     });
     if !same {
         actions.push(Action::WriteStatus {
@@ -324,7 +473,59 @@ fn push_status(
     }
 }
 
+/// The lease this node needs to run `v`'s controller: taken when absent or
+/// held for an older generation. `Err(holder)` when another node holds it.
+fn plan_lease(
+    local: &Local,
+    desired: &Desired,
+    v: &VolumeRecord,
+    actions: &mut Vec<Action>,
+) -> Result<(), NodeName> {
+    let generation = v.placement.controller.as_ref().map_or(0, |c| c.generation);
+    let expect = match desired.leases.get(&v.spec.name) {
+        None => Expect::Absent,
+        Some(held) if held.value.node != local.me => return Err(held.value.node.clone()),
+        Some(held) if held.value.generation == generation => return Ok(()),
+        Some(held) => Expect::Revision(held.revision),
+    };
+    actions.push(Action::TakeLease {
+        volume: v.spec.name.clone(),
+        generation,
+        expect,
+    });
+    Ok(())
+}
+
+/// What `view` says of `v`'s placed replicas, by replica id.
+pub fn controller_report(desired: &Desired, v: &VolumeRecord, view: &ControllerView) -> ControllerReport {
+    let replicas = v
+        .placement
+        .replicas
+        .iter()
+        .filter_map(|slot| {
+            let address = desired.replica_address(slot)?;
+            let seen = view
+                .replicas
+                .iter()
+                .find(|r| r.address == address && !r.removed)?;
+            Some(ReportedReplica {
+                id: slot.id,
+                node: slot.node.clone(),
+                mode: seen.mode,
+                rebuild: seen.rebuild,
+                hydration: seen.hydration,
+            })
+        })
+        .collect();
+    ControllerReport {
+        epoch: view.epoch,
+        serving: view.serving,
+        replicas,
+    }
+}
+
 fn plan_controller(
+    desired: &Desired,
     name: &VolumeName,
     rec: &Versioned<VolumeRecord>,
     view: Option<&ControllerView>,
@@ -332,6 +533,31 @@ fn plan_controller(
 ) {
     let v = &rec.value;
     let Some(view) = view else { return };
+    let wanted: Vec<membership::Wanted> = v
+        .placement
+        .replicas
+        .iter()
+        .filter_map(|slot| {
+            let address = desired.replica_address(slot)?;
+            let running = desired
+                .statuses
+                .get(&(name.clone(), ServiceId::Replica(slot.id)))
+                .is_some_and(|s| s.node == slot.node && s.state == ServiceState::Running);
+            Some(membership::Wanted { address, running })
+        })
+        .collect();
+    for change in membership::changes(&wanted, view.serving, &view.replicas) {
+        actions.push(match change {
+            membership::Change::Add { address } => Action::ReplicaAdd {
+                volume: name.clone(),
+                address,
+            },
+            membership::Change::Remove { address } => Action::ReplicaRemove {
+                volume: name.clone(),
+                address,
+            },
+        });
+    }
     let phase = match (view.serving, v.phase) {
         (true, _) if view.rw_replicas >= usize::from(v.spec.replicas) => VolumePhase::Ready,
         (true, _) => VolumePhase::Degraded,
@@ -567,6 +793,12 @@ pub fn qos_request(q: &QosSpec) -> pb::VolumeSetQosRequest {
 
 /// What a `VolumeInfo` answer means for decisions.
 pub fn view_from_reply(reply: &pb::VolumeInfoReply) -> ControllerView {
+    let progress = |done: u64, total: u64| {
+        (total > 0).then_some(Progress {
+            done_bytes: done,
+            total_bytes: total,
+        })
+    };
     ControllerView {
         size_bytes: reply.size_bytes,
         serving: reply.state == "serving",
@@ -576,6 +808,51 @@ pub fn view_from_reply(reply: &pb::VolumeInfoReply) -> ControllerView {
             .filter(|r| r.mode == "RW" && !r.removed)
             .count(),
         qos: qos_from_reply(reply.qos.as_ref()),
+        epoch: reply.epoch,
+        replicas: reply
+            .replicas
+            .iter()
+            .map(|r| {
+                let mode = match r.mode.as_str() {
+                    "RW" => ReplicaMode::Rw,
+                    "WO" => ReplicaMode::Wo,
+                    _ => ReplicaMode::Err,
+                };
+                ViewedReplica {
+                    address: r.address.clone(),
+                    mode,
+                    removed: r.removed,
+                    rebuild: if mode == ReplicaMode::Wo {
+                        progress(r.rebuild_done_bytes, r.rebuild_total_bytes)
+                    } else {
+                        None
+                    },
+                    hydration: if r.hydrated_bytes < r.hydrate_total_bytes {
+                        progress(r.hydrated_bytes, r.hydrate_total_bytes)
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect(),
+    }
+}
+
+/// This node's lease: the keep-alive task renews it (and replaces it when
+/// it lapsed); the reconciler puts the volume leases of the controllers it
+/// runs on it, so they vanish with the node.
+#[derive(Clone, Debug)]
+pub struct NodeLease(Arc<std::sync::Mutex<LeaseId>>);
+
+impl NodeLease {
+    pub fn new(lease: LeaseId) -> NodeLease {
+        NodeLease(Arc::new(std::sync::Mutex::new(lease)))
+    }
+    pub fn get(&self) -> LeaseId {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn set(&self, lease: LeaseId) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = lease;
     }
 }
 
@@ -585,6 +862,8 @@ pub struct Reconciler {
     pub runtime: Arc<dyn Runtime>,
     pub local: Local,
     pub metrics: Arc<AgentMetrics>,
+    /// This node's lease, which the volume leases it takes are put with.
+    pub lease: NodeLease,
     /// How long a node may be down before its replicas are replaced.
     pub replica_grace: Duration,
     /// When this agent first saw each down node down (unix seconds).
@@ -624,12 +903,7 @@ pub fn failover_plans(
         if rec.value.phase == VolumePhase::Deleting {
             continue;
         }
-        let statuses: BTreeMap<ServiceId, ServiceStatus> = desired
-            .statuses
-            .iter()
-            .filter(|((v, _), _)| v == name)
-            .map(|((_, s), st)| (s.clone(), st.clone()))
-            .collect();
+        let statuses = desired.statuses_of(name);
         let observed = crate::failover::Observed {
             nodes: &nodes,
             down_since,
@@ -657,6 +931,7 @@ impl Reconciler {
         runtime: Arc<dyn Runtime>,
         local: Local,
         metrics: Arc<AgentMetrics>,
+        lease: NodeLease,
         replica_grace: Duration,
     ) -> Reconciler {
         Reconciler {
@@ -664,6 +939,7 @@ impl Reconciler {
             runtime,
             local,
             metrics,
+            lease,
             replica_grace,
             down_since: std::sync::Mutex::new(BTreeMap::new()),
         }
@@ -750,6 +1026,7 @@ impl Reconciler {
                 .into_iter()
                 .collect(),
             controllers: BTreeMap::new(),
+            replica_dirs: find_replica_dirs(desired.nodes.get(&self.local.me)),
         };
         for (name, rec) in &desired.volumes {
             let here = rec
@@ -930,7 +1207,66 @@ impl Reconciler {
                     Err(e) => return Err(e.into()),
                 }
                 store.delete(&keys::volume_secrets(&volume), Expect::Any).await?;
+                store.delete(&keys::volume_lease(&volume), Expect::Any).await?;
                 tracing::info!(volume = %volume, "volume deleted");
+                Ok(())
+            }
+            Action::TakeLease {
+                volume,
+                generation,
+                expect,
+            } => {
+                let lease = VolumeLease {
+                    node: self.local.me.clone(),
+                    generation,
+                };
+                store::put_json(
+                    store,
+                    &keys::volume_lease(&volume),
+                    &lease,
+                    expect,
+                    Some(self.lease.get()),
+                )
+                .await
+                .with_context(|| format!("taking volume {volume}'s controller lease"))?;
+                tracing::info!(volume = %volume, generation, "took the volume's controller lease");
+                Ok(())
+            }
+            Action::ReleaseLease { volume, revision } => {
+                match store
+                    .delete(&keys::volume_lease(&volume), Expect::Revision(revision))
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Action::ReplicaAdd { volume, address } => {
+                let mut client = self.controller_client(desired, &volume).await?;
+                let reply = tokio::time::timeout(
+                    CONTROLLER_TIMEOUT,
+                    client.replica_add(pb::ReplicaRequest {
+                        address: address.clone(),
+                    }),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("the controller did not answer ReplicaAdd in time"))?
+                .map_err(|s| anyhow::anyhow!("adding replica {address}: {}", s.message()))?;
+                tracing::warn!(volume = %volume, replica = %address, message = %reply.get_ref().message, "replica added to the controller");
+                Ok(())
+            }
+            Action::ReplicaRemove { volume, address } => {
+                let mut client = self.controller_client(desired, &volume).await?;
+                let reply = tokio::time::timeout(
+                    CONTROLLER_TIMEOUT,
+                    client.replica_remove(pb::ReplicaRequest {
+                        address: address.clone(),
+                    }),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("the controller did not answer ReplicaRemove in time"))?
+                .map_err(|s| anyhow::anyhow!("removing replica {address}: {}", s.message()))?;
+                tracing::warn!(volume = %volume, replica = %address, message = %reply.get_ref().message, "replica removed from the controller for good");
                 Ok(())
             }
         }
@@ -1031,7 +1367,13 @@ pub async fn read_desired(store: &dyn Store) -> anyhow::Result<Desired> {
     let (nodes, _) = store::list_json::<NodeRecord>(store, keys::NODES).await?;
     let (statuses, _) = store::list_json::<ServiceStatus>(store, keys::STATUS).await?;
     let (alive, _) = store.list(keys::NODES_ALIVE).await?;
+    let (leases, _) = store::list_json::<VolumeLease>(store, keys::LEASES).await?;
     let mut d = Desired::default();
+    for (key, lease) in leases {
+        if let Some(Ok(volume)) = key.strip_prefix(keys::LEASES).map(VolumeName::new) {
+            d.leases.insert(volume, lease);
+        }
+    }
     for kv in alive {
         if let Some(Ok(n)) = kv.key.strip_prefix(keys::NODES_ALIVE).map(NodeName::new) {
             d.up.insert(n);
@@ -1060,7 +1402,65 @@ pub async fn read_desired(store: &dyn Store) -> anyhow::Result<Desired> {
         };
         d.statuses.insert((volume, service), s.value);
     }
+    overlay_reports(&mut d);
     Ok(d)
+}
+
+/// Lays each controller's report over its replicas' statuses.
+fn overlay_reports(d: &mut Desired) {
+    for (name, rec) in &d.volumes {
+        let controller_node = rec.value.placement.controller.as_ref().map(|c| &c.node);
+        let controller = d.statuses.get(&(name.clone(), ServiceId::Controller)).cloned();
+        for slot in &rec.value.placement.replicas {
+            let key = (name.clone(), ServiceId::Replica(slot.id));
+            if let Some(status) = d.statuses.remove(&key) {
+                let status = status.with_report(slot.id, controller.as_ref(), controller_node);
+                d.statuses.insert(key, status);
+            }
+        }
+    }
+}
+
+/// The replica directories (`POOL/UUID/replica-ID`) in `node`'s directory
+/// pools; what cannot be read is skipped (found again at a later pass).
+fn find_replica_dirs(node: Option<&NodeRecord>) -> Vec<FoundReplica> {
+    let mut out = Vec::new();
+    let pools = node.map(|n| n.pools.as_slice()).unwrap_or_default();
+    for pool in pools {
+        let PoolKind::Directory(dir) = &pool.kind else {
+            continue;
+        };
+        let Ok(volumes) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for volume in volumes.flatten() {
+            let Some(volume_id) = volume
+                .file_name()
+                .to_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            else {
+                continue;
+            };
+            let Ok(replicas) = std::fs::read_dir(volume.path()) else {
+                continue;
+            };
+            for replica in replicas.flatten() {
+                let id = replica
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.strip_prefix("replica-"))
+                    .and_then(|s| s.parse::<u32>().ok());
+                if let Some(id) = id {
+                    out.push(FoundReplica {
+                        volume_id,
+                        id,
+                        path: replica.path(),
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Wakes the reconciler on every change of a volume record: list, then

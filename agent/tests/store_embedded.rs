@@ -36,13 +36,6 @@ async fn put(
     store.put(key, value, expect, lease).await.unwrap()
 }
 
-fn conflict_found(r: Result<u64, StoreError>) -> u64 {
-    match r {
-        Err(StoreError::Conflict { found, .. }) => found,
-        other => panic!("expected a conflict, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_and_watchers_miss_nothing_and_see_no_duplicate() {
     let dir = tempfile::tempdir().unwrap();

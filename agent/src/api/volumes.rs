@@ -19,8 +19,8 @@ use super::views::{
 };
 use super::ApiContext;
 use crate::model::{
-    keys, NodeAlive, NodeName, NodeRecord, Placement, QosSpec, ServiceStatus, SnapshotRef, VolumePhase,
-    VolumeRecord, VolumeSecrets, VolumeSpec,
+    keys, NodeAlive, NodeName, NodeRecord, Placement, QosSpec, ServiceId, ServiceStatus, SnapshotRef,
+    VolumePhase, VolumeRecord, VolumeSecrets, VolumeSpec,
 };
 use crate::placement;
 use crate::store::{self, Expect, Store, StoreError, Versioned};
@@ -411,6 +411,17 @@ pub fn view_of(
     statuses: BTreeMap<String, ServiceStatus>,
     iscsi_url: Option<String>,
 ) -> VolumeView {
+    // A replica's mode and progress are its controller's report, laid over its own status.
+    let mut statuses = statuses;
+    let controller = statuses.get("controller").cloned();
+    let controller_node = record.placement.controller.as_ref().map(|c| &c.node);
+    for slot in &record.placement.replicas {
+        let key = ServiceId::Replica(slot.id).to_string();
+        if let Some(status) = statuses.remove(&key) {
+            let status = status.with_report(slot.id, controller.as_ref(), controller_node);
+            statuses.insert(key, status);
+        }
+    }
     let shared = shares_failure_domain(&record.placement);
     let mut warnings = Vec::new();
     if shared {

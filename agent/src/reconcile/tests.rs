@@ -122,6 +122,9 @@ fn status(on: &str) -> ServiceStatus {
         restarts: 0,
         updated_unix: 1,
         mode: None,
+        rebuild: None,
+        hydration: None,
+        report: None,
     }
 }
 
@@ -141,6 +144,8 @@ fn view(serving: bool, rw: usize) -> ControllerView {
         serving,
         rw_replicas: rw,
         qos: QosSpec::default(),
+        epoch: 1,
+        replicas: Vec::new(),
     }
 }
 
@@ -156,9 +161,11 @@ fn a_node_runs_exactly_the_services_placed_on_it() {
             key("v1", ServiceId::Controller)
         ]
     );
-    // Nothing runs yet: no status to report, no phase to change.
+    // Nothing runs yet: no status to report, no phase to change; the controller's lease is taken.
     assert!(
-        actions.iter().all(|a| matches!(a, Action::Ensure { .. })),
+        actions
+            .iter()
+            .all(|a| matches!(a, Action::Ensure { .. } | Action::TakeLease { .. })),
         "{actions:?}"
     );
 }
@@ -550,4 +557,178 @@ proptest! {
             }
         }
     }
+}
+
+fn lease(on: &str, generation: u64) -> Versioned<VolumeLease> {
+    Versioned {
+        value: VolumeLease {
+            node: node(on),
+            generation,
+        },
+        revision: 77,
+    }
+}
+
+#[test]
+fn the_controller_starts_only_under_the_volumes_lease() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "a", VolumePhase::Ready)]);
+    let controller = key("v1", ServiceId::Controller);
+    // Nobody holds it: taken (created only where absent), then the controller is ensured.
+    let actions = plan(&local(), &d, &Seen::default(), 9);
+    let take = actions
+        .iter()
+        .position(|a| {
+            *a == Action::TakeLease {
+                volume: vol("v1"),
+                generation: 1,
+                expect: Expect::Absent,
+            }
+        })
+        .expect("the lease is taken");
+    let ensure = actions
+        .iter()
+        .position(|a| matches!(a, Action::Ensure { key, .. } if *key == controller))
+        .expect("the controller is ensured");
+    assert!(take < ensure);
+    // Held here for this generation: nothing to take.
+    d.leases.insert(vol("v1"), lease("a", 1));
+    let actions = plan(&local(), &d, &Seen::default(), 9);
+    assert!(!actions.iter().any(|a| matches!(a, Action::TakeLease { .. })));
+    assert!(ensured(&actions).contains(&controller));
+    // Held by another node (its controller may still serve): not started, and stopped if it ran.
+    d.leases.insert(vol("v1"), lease("b", 1));
+    let mut seen = Seen::default();
+    seen.services.insert(controller.clone(), running());
+    let actions = plan(&local(), &d, &seen, 9);
+    assert!(!ensured(&actions).contains(&controller));
+    assert!(actions.contains(&Action::Stop { key: controller }));
+    let waiting = actions.iter().any(|a| {
+        matches!(a, Action::WriteStatus { status, .. }
+        if status.message.as_deref().is_some_and(|m| m.contains("node b")))
+    });
+    assert!(waiting, "{actions:?}");
+}
+
+#[test]
+fn a_lease_is_given_back_once_the_controller_that_moved_away_stopped() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "b", VolumePhase::Ready)]);
+    d.leases.insert(vol("v1"), lease("a", 1));
+    let release = Action::ReleaseLease {
+        volume: vol("v1"),
+        revision: 77,
+    };
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Controller), running());
+    let actions = plan(&local(), &d, &seen, 9);
+    assert!(!actions.contains(&release), "still running here");
+    assert!(plan(&local(), &d, &Seen::default(), 9).contains(&release));
+}
+
+/// A view of the controller of a volume placed by [`volume`] on nodes a and b.
+fn view_of_members(members: &[(&str, u16, ReplicaMode)]) -> ControllerView {
+    let address = |n: &str, port: u16| {
+        let last = if n == "a" { 1 } else { 2 };
+        format!("127.0.0.{last}:{port}")
+    };
+    ControllerView {
+        replicas: members
+            .iter()
+            .map(|(n, port, mode)| ViewedReplica {
+                address: address(n, *port),
+                mode: *mode,
+                removed: false,
+                rebuild: (*mode == ReplicaMode::Wo).then_some(Progress {
+                    done_bytes: 1,
+                    total_bytes: 4,
+                }),
+                hydration: None,
+            })
+            .collect(),
+        ..view(true, members.iter().filter(|m| m.2 == ReplicaMode::Rw).count())
+    }
+}
+
+#[test]
+fn the_controllers_view_is_reported_by_replica_id_and_laid_over_the_replicas_statuses() {
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "a", VolumePhase::Ready)]);
+    d.leases.insert(vol("v1"), lease("a", 1));
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Controller), running());
+    seen.controllers.insert(
+        vol("v1"),
+        view_of_members(&[
+            ("a", 7100, ReplicaMode::Rw),
+            ("b", 7101, ReplicaMode::Wo),
+            ("b", 7102, ReplicaMode::Err),
+        ]),
+    );
+    let report = plan(&local(), &d, &seen, 9)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::WriteStatus {
+                service: ServiceId::Controller,
+                status,
+                ..
+            } => status.report,
+            _ => None,
+        })
+        .expect("the controller's status carries its report");
+    let modes: Vec<(u32, ReplicaMode)> = report.replicas.iter().map(|r| (r.id, r.mode)).collect();
+    assert_eq!(
+        modes,
+        [(1, ReplicaMode::Rw), (2, ReplicaMode::Wo), (3, ReplicaMode::Err)]
+    );
+    assert_eq!(
+        report.replicas[1].rebuild,
+        Some(Progress {
+            done_bytes: 1,
+            total_bytes: 4
+        })
+    );
+
+    let mut controller_status = status("a");
+    controller_status.report = Some(report);
+    let replica = status("b").with_report(2, Some(&controller_status), Some(&node("a")));
+    assert_eq!(replica.mode, Some(ReplicaMode::Wo));
+    // A report from a node that no longer runs the controller says nothing.
+    let stale = status("b").with_report(2, Some(&controller_status), Some(&node("b")));
+    assert_eq!(stale.mode, None);
+}
+
+#[test]
+fn a_replaced_replica_is_removed_from_the_controller_and_its_replacement_added() {
+    // Placement: replica 1 on a, 2 on b, 3 on b (port 7102); the controller still has a lost
+    // member at b:7150 (ERR) instead of replica 3.
+    let mut d = desired(vec![volume("v1", ["a", "b", "b"], "a", VolumePhase::Degraded)]);
+    d.leases.insert(vol("v1"), lease("a", 1));
+    for (id, on) in [(1, "a"), (2, "b"), (3, "b")] {
+        d.statuses.insert((vol("v1"), ServiceId::Replica(id)), status(on));
+    }
+    let mut seen = Seen::default();
+    seen.services.insert(key("v1", ServiceId::Controller), running());
+    seen.controllers.insert(
+        vol("v1"),
+        view_of_members(&[
+            ("a", 7100, ReplicaMode::Rw),
+            ("b", 7101, ReplicaMode::Rw),
+            ("b", 7150, ReplicaMode::Err),
+        ]),
+    );
+    let changes: Vec<Action> = plan(&local(), &d, &seen, 9)
+        .into_iter()
+        .filter(|a| matches!(a, Action::ReplicaAdd { .. } | Action::ReplicaRemove { .. }))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            Action::ReplicaRemove {
+                volume: vol("v1"),
+                address: "127.0.0.2:7150".into()
+            },
+            Action::ReplicaAdd {
+                volume: vol("v1"),
+                address: "127.0.0.2:7102".into()
+            }
+        ]
+    );
 }

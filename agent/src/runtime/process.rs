@@ -604,8 +604,11 @@ pub fn command_args(spec: &ServiceSpec) -> Vec<OsString> {
     a.0
 }
 
-/// The command line with the values that change online (size, QoS) left
-/// out: two specs with the same identity are the same running service.
+/// The command line with the values that change online (size, QoS, a
+/// controller's replicas) left out: two specs with the same identity are the
+/// same running service. A controller's replicas change through its API
+/// (`replica add` / `rm`, recorded on the replicas, which a restarted
+/// controller follows), never by restarting it.
 pub fn identity_args(spec: &ServiceSpec) -> Vec<OsString> {
     let mut spec = spec.clone();
     match &mut spec {
@@ -613,6 +616,7 @@ pub fn identity_args(spec: &ServiceSpec) -> Vec<OsString> {
         ServiceSpec::Controller(c) => {
             c.size_bytes = 0;
             c.qos = QosSpec::default();
+            c.replicas.clear();
         }
     }
     command_args(&spec)
@@ -763,19 +767,20 @@ mod tests {
     }
 
     #[test]
-    fn size_and_qos_do_not_change_a_services_identity_but_anything_else_does() {
+    fn size_qos_and_replicas_do_not_change_a_services_identity_but_anything_else_does() {
         let ServiceSpec::Controller(c) = controller() else {
             unreachable!()
         };
         let mut grown = c.clone();
         grown.size_bytes *= 2;
         grown.qos.read_iops = Some(100);
+        grown.replicas[1] = "127.0.0.1:7200".parse().unwrap();
         assert_eq!(
             identity_args(&ServiceSpec::Controller(c.clone())),
             identity_args(&ServiceSpec::Controller(grown))
         );
         let mut moved = c.clone();
-        moved.replicas[1] = "127.0.0.1:7200".parse().unwrap();
+        moved.api = "127.0.0.1:7201".parse().unwrap();
         assert_ne!(
             identity_args(&ServiceSpec::Controller(c)),
             identity_args(&ServiceSpec::Controller(moved))
@@ -902,7 +907,7 @@ mod tests {
         drop(second);
 
         let third = ProcessRuntime::new(bin, dir.path().to_path_buf()).unwrap();
-        grown.replicas.pop();
+        grown.api = "127.0.0.1:7201".parse().unwrap();
         third.ensure(&key, &ServiceSpec::Controller(grown)).await.unwrap();
         assert_eq!(process_start_time(rec.pid), None, "the stale service was stopped");
         let rec3: RunRecord =

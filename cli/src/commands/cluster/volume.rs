@@ -153,6 +153,7 @@ fn print_placement(v: &VolumeView) {
                 r.pool.clone(),
                 r.port.to_string(),
                 or_dash(status.map(|s| format!("{:?}", s.state).to_lowercase())),
+                or_dash(status.and_then(replica_mode)),
             ]
         })
         .chain(v.placement.controller.iter().map(|c| {
@@ -166,13 +167,36 @@ fn print_placement(v: &VolumeView) {
                         .get("controller")
                         .map(|s| format!("{:?}", s.state).to_lowercase()),
                 ),
+                or_dash(
+                    v.statuses
+                        .get("controller")
+                        .and_then(|s| s.report.as_ref())
+                        .map(|r| format!("epoch {}", r.epoch)),
+                ),
             ]
         }))
         .collect();
-    println!("{}", table(&["SERVICE", "NODE", "POOL", "PORT", "STATE"], &rows));
+    println!(
+        "{}",
+        table(&["SERVICE", "NODE", "POOL", "PORT", "STATE", "MODE"], &rows)
+    );
     for w in &v.warnings {
         eprintln!("warning: {w}");
     }
+}
+
+/// A replica's mode as its controller reports it, with the progress of a rebuild or hydration:
+/// `rw`, `wo 42% rebuilt`, `err`, `rw 10% hydrated`.
+fn replica_mode(s: &basalt_agent::model::ServiceStatus) -> Option<String> {
+    let percent = |p: &basalt_agent::model::Progress| p.done_bytes.saturating_mul(100) / p.total_bytes.max(1);
+    let mut out = format!("{:?}", s.mode?).to_lowercase();
+    if let Some(p) = &s.rebuild {
+        out.push_str(&format!(" {}% rebuilt", percent(p)));
+    }
+    if let Some(p) = &s.hydration {
+        out.push_str(&format!(" {}% hydrated", percent(p)));
+    }
+    Some(out)
 }
 
 fn phase(v: &VolumeView) -> String {
