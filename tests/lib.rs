@@ -44,6 +44,8 @@ pub mod fault;
 pub mod fio;
 #[path = "harness/host.rs"]
 pub mod host;
+#[path = "harness/netns.rs"]
+pub mod netns;
 #[path = "harness/volume.rs"]
 pub mod volume;
 

@@ -16,6 +16,8 @@
 #   e2fsprogs, util-linux, fuse3   mkfs/fsck, losetup/mount, FUSE export of qemu-storage-daemon.
 #   docker.io, docker-compose      the container tests; dockerd is started if not running.
 #   busybox-static          the Docker plugin tests' container image (FROM scratch: no registry here).
+#   etcd-server, etcd-client       the agents' cluster store on several hosts (the packaged service is stopped).
+#   iproute2, iptables             hosts as network namespaces, and cutting their links (multi-host tests).
 set -euo pipefail
 
 FIO_LIBISCSI=${FIO_LIBISCSI:-/usr/local/bin/fio-libiscsi}
@@ -124,6 +126,21 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/basalt-dockerd.log" >&2; exit 1; }
 fi
 
+# --- etcd 3.4, the agents' shared cluster store (agent/tests/store_contract.rs, tests/agent_multihost.rs) --------
+# iproute2 and iptables: the multi-host tests make their hosts as network namespaces and cut their links.
+install_missing etcd-server etcd-client iproute2 iptables
+# The package runs a member as a service on the default ports; the tests start their own members on free ports
+# with their own data directories, so the packaged one is stopped and kept from starting at boot.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  if systemctl is-enabled --quiet etcd 2>/dev/null || systemctl is-active --quiet etcd 2>/dev/null; then
+    echo "setup: stopping the packaged etcd service"
+    $SUDO systemctl disable --now etcd
+  fi
+elif [ -x /etc/init.d/etcd ] && /etc/init.d/etcd status >/dev/null 2>&1; then
+  echo "setup: stopping the packaged etcd service"
+  $SUDO /etc/init.d/etcd stop
+fi
+
 # --- Helm SDK from PyPI, for tests/helm.rs (charts/helm_check.py lints and renders the chart offline) ------
 PYTHON="${BASALT_PYTHON:-python3}"
 if ! "$PYTHON" -c "import helm_python, yaml" >/dev/null 2>&1; then
@@ -146,7 +163,7 @@ fi
 
 # --- checks: fail here, loudly, rather than in the middle of a test ------------------------------------------
 for tool in iscsi-test-cu iscsi-ls iscsi-inq tgtd tgtadm qemu-img qemu-storage-daemon mkfs.ext4 fsck.ext4 \
-  losetup mount umount "$FIO_LIBISCSI"; do
+  losetup mount umount etcd etcdctl ip iptables "$FIO_LIBISCSI"; do
   command -v "$tool" >/dev/null || { echo "setup: $tool is missing after setup" >&2; exit 1; }
 done
 for lib in /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so; do

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  run(config)
-//!   ├─ open the store (embedded: DATA_DIR/store)
+//!   ├─ open the store (embedded: DATA_DIR/store; etcd: wait until a member
+//!   │  answers, at most ETCD_START_WAIT)
 //!   ├─ register the node (its NodeRecord: address, labels, pools measured with statvfs)
 //!   ├─ grant a lease, put keys::node_alive with it, keep it alive
 //!   ├─ start the runtime (process or docker) and the reconciler
@@ -28,11 +29,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClusterConfig, Config, PoolKindConfig, RuntimeConfig};
+use crate::config::{ClusterConfig, Config, EtcdConfig, PoolKindConfig, RuntimeConfig};
 use crate::metrics::AgentMetrics;
 use crate::model::{keys, NodeAlive, NodeRecord, PoolKind, PoolRecord};
 use crate::reconcile::{Local, NodeLease, Reconciler};
 use crate::runtime::Runtime;
+use crate::store::etcd::{EtcdOptions, EtcdStore, TlsFiles};
 use crate::store::{self, Expect, LeaseId, Store, StoreError};
 
 /// How long the node stays up without renewing its lease. Short on one host:
@@ -76,9 +78,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             crate::store::embedded::EmbeddedStore::open(&dir)
                 .with_context(|| format!("opening the embedded cluster store in {}", dir.display()))?
         }
-        ClusterConfig::Etcd(_) => anyhow::bail!(
-            "cluster: etcd is not supported by this agent yet; use `cluster: embedded` (one host)"
-        ),
+        ClusterConfig::Etcd(etcd) => open_etcd(etcd).await?,
     };
     let metrics = Arc::new(AgentMetrics::new());
 
@@ -186,6 +186,55 @@ async fn start_docker(
         driver,
         cancel,
     )))
+}
+
+/// How long the agent waits at start for etcd to answer: members started
+/// with the agents (a host booting) elect a leader within a few seconds; an
+/// endpoint that has not answered by then is misconfigured or down, and the
+/// operator hears so rather than watching an agent that hangs.
+pub const ETCD_START_WAIT: Duration = Duration::from_secs(20);
+
+/// The etcd store the config names, once a member answers.
+async fn open_etcd(config: &EtcdConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let options = etcd_options(config)?;
+    let store = EtcdStore::new(&options).map_err(|e| anyhow::anyhow!("cluster.etcd: {e}"))?;
+    store.wait_until_reachable(ETCD_START_WAIT).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; start etcd there, or correct cluster.etcd.endpoints in the config (the agent does not start \
+             without its cluster store; the volumes this host serves keep running meanwhile)"
+        )
+    })?;
+    tracing::info!(endpoints = %options.endpoints.join(","), "cluster store: etcd");
+    Ok(store)
+}
+
+/// The etcd client's options: the endpoints, and the TLS files read now
+/// (an unreadable file is named with its key).
+pub fn etcd_options(config: &EtcdConfig) -> anyhow::Result<EtcdOptions> {
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("reading cluster.etcd.{key} {}", path.display()))
+    };
+    let tls = match (&config.ca_file, &config.cert_file, &config.key_file) {
+        (None, None, None) => None,
+        (None, _, _) => anyhow::bail!(
+            "cluster.etcd.cert_file/key_file are given without ca_file; give the CA that signed etcd's \
+             certificates as ca_file"
+        ),
+        (Some(ca), cert, key) => {
+            let identity = match (cert, key) {
+                (Some(cert), Some(key)) => Some((read("cert_file", cert)?, read("key_file", key)?)),
+                _ => None,
+            };
+            Some(TlsFiles {
+                ca: read("ca_file", ca)?,
+                identity,
+            })
+        }
+    };
+    Ok(EtcdOptions {
+        endpoints: config.endpoints.clone(),
+        tls,
+    })
 }
 
 /// One node of a cluster at work: registered, its lease kept alive, its
@@ -381,14 +430,18 @@ pub async fn register(store: &dyn Store, record: &NodeRecord) -> anyhow::Result<
     anyhow::bail!("registering the node: its record kept changing under us ({REGISTER_ATTEMPTS} attempts); is another agent running with the same node name?")
 }
 
-/// A new lease with the node's liveness key on it.
-async fn grant_alive(store: &dyn Store, config: &Config) -> anyhow::Result<LeaseId> {
-    let ttl = match &config.cluster {
+/// How long the node stays up without renewing its lease.
+fn lease_ttl(config: &Config) -> Duration {
+    match &config.cluster {
         ClusterConfig::Etcd(e) => e.lease_ttl,
         ClusterConfig::Embedded => LEASE_TTL,
-    };
+    }
+}
+
+/// A new lease with the node's liveness key on it.
+async fn grant_alive(store: &dyn Store, config: &Config) -> anyhow::Result<LeaseId> {
     let lease = store
-        .grant_lease(ttl)
+        .grant_lease(lease_ttl(config))
         .await
         .context("granting the node's lease")?;
     let since_unix = std::time::SystemTime::now()
@@ -417,9 +470,10 @@ async fn keep_alive(
     cancel: CancellationToken,
 ) -> LeaseId {
     let mut lease = shared.get();
-    let every = LEASE_TTL / 3;
+    let every = lease_ttl(&config) / 3;
     let mut renewed = Instant::now();
     let mut measured = Instant::now();
+    let mut failing = false;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return lease,
@@ -427,20 +481,30 @@ async fn keep_alive(
         }
         metrics.lease_age_seconds.set(renewed.elapsed().as_secs_f64());
         if renewed.elapsed() >= every {
-            match store.keep_alive(lease).await {
-                Ok(()) => renewed = Instant::now(),
+            let result = match store.keep_alive(lease).await {
                 Err(StoreError::LeaseExpired(_)) => {
                     tracing::warn!("the node's lease lapsed; granting a new one");
-                    match grant_alive(store.as_ref(), &config).await {
-                        Ok(l) => {
-                            lease = l;
-                            shared.set(l);
-                            renewed = Instant::now();
-                        }
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot renew the node's lease"),
-                    }
+                    grant_alive(store.as_ref(), &config).await.map(|l| {
+                        lease = l;
+                        shared.set(l);
+                    })
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot renew the node's lease"),
+                other => other.map_err(anyhow::Error::from),
+            };
+            match result {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("the node's lease is renewed again");
+                    }
+                    failing = false;
+                    renewed = Instant::now();
+                }
+                // Once per outage: the renewal is retried every second until it works.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %format!("{e:#}"), "cannot renew the node's lease; retrying");
+                }
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "cannot renew the node's lease"),
             }
         }
         if measured.elapsed() >= POOL_REFRESH {

@@ -1,5 +1,5 @@
-//! The embedded cluster store against its contract (agent/src/store/mod.rs): every operation, every
-//! conflict, watches, leases, reopening, the directory lock and damaged files. The store is the
+//! The embedded cluster store beyond the contract both stores share (agent/tests/store_contract.rs):
+//! revisions exactly, concurrent watchers, reopening, its bounded history, the directory lock and damaged files. The store is the
 //! real one on a real directory; waits have deadlines and no assertion depends on timing.
 
 use std::path::Path;
@@ -34,173 +34,6 @@ async fn put(
     lease: Option<LeaseId>,
 ) -> u64 {
     store.put(key, value, expect, lease).await.unwrap()
-}
-
-fn conflict_found(r: Result<u64, StoreError>) -> u64 {
-    match r {
-        Err(StoreError::Conflict { found, .. }) => found,
-        other => panic!("expected a conflict, got {other:?}"),
-    }
-}
-
-#[tokio::test]
-async fn put_get_delete_stamp_revisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    assert_eq!(store.get("/a").await.unwrap(), None);
-    assert_eq!(put(&store, "/a", b"1".to_vec(), Expect::Absent, None).await, 1);
-    assert_eq!(
-        store.put("/b", b"x".to_vec(), Expect::Any, None).await.unwrap(),
-        2
-    );
-    assert_eq!(
-        put(&store, "/a", b"2".to_vec(), Expect::Revision(1), None).await,
-        3
-    );
-    assert_eq!(
-        store.get("/a").await.unwrap(),
-        Some(KeyValue {
-            key: "/a".into(),
-            value: b"2".to_vec(),
-            create_revision: 1,
-            mod_revision: 3,
-            lease: None,
-        })
-    );
-    assert_eq!(store.delete("/a", Expect::Revision(3)).await.unwrap(), 4);
-    assert_eq!(store.get("/a").await.unwrap(), None);
-    // Created again: a new create revision.
-    assert_eq!(put(&store, "/a", b"3".to_vec(), Expect::Absent, None).await, 5);
-    assert_eq!(store.get("/a").await.unwrap().unwrap().create_revision, 5);
-    // Deleting an absent key with Any changes nothing and says where the store is.
-    assert_eq!(store.delete("/nope", Expect::Any).await.unwrap(), 5);
-    assert_eq!(store.delete("/b", Expect::Any).await.unwrap(), 6);
-}
-
-#[tokio::test]
-async fn a_write_whose_expectation_fails_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    put(&store, "/k", b"v1".to_vec(), Expect::Absent, None).await;
-    put(&store, "/k", b"v2".to_vec(), Expect::Revision(1), None).await;
-
-    assert_eq!(
-        conflict_found(store.put("/k", b"x".to_vec(), Expect::Absent, None).await),
-        2
-    );
-    assert_eq!(
-        conflict_found(store.put("/k", b"x".to_vec(), Expect::Revision(1), None).await),
-        2
-    );
-    assert_eq!(
-        conflict_found(store.put("/new", b"x".to_vec(), Expect::Revision(1), None).await),
-        0
-    );
-    assert_eq!(conflict_found(store.delete("/k", Expect::Revision(1)).await), 2);
-    assert_eq!(conflict_found(store.delete("/k", Expect::Absent).await), 2);
-    assert_eq!(conflict_found(store.delete("/new", Expect::Revision(2)).await), 0);
-
-    let (kvs, revision) = store.list("/").await.unwrap();
-    assert_eq!(revision, 2);
-    assert_eq!(kvs.len(), 1);
-    assert_eq!(kvs[0].value, b"v2");
-    // The conflict's message says what to do.
-    let err = store
-        .put("/k", vec![], Expect::Revision(1), None)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("read it again and retry"), "{err}");
-}
-
-#[tokio::test]
-async fn list_returns_the_prefix_in_key_order_with_the_revision_of_the_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    for key in ["/v/c", "/v/a", "/w/a", "/v/b", "/u", "/v"] {
-        put(&store, key, key.as_bytes().to_vec(), Expect::Absent, None).await;
-    }
-    let (kvs, revision) = store.list("/v/").await.unwrap();
-    let keys: Vec<_> = kvs.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!(keys, ["/v/a", "/v/b", "/v/c"]);
-    assert_eq!(revision, 6);
-    let (all, _) = store.list("").await.unwrap();
-    assert_eq!(all.len(), 6);
-    let (none, revision) = store.list("/x").await.unwrap();
-    assert!(none.is_empty());
-    assert_eq!(revision, 6);
-}
-
-#[tokio::test]
-async fn many_writers_of_one_counter_lose_no_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    put(&store, "/counter", b"0".to_vec(), Expect::Absent, None).await;
-    const WRITERS: usize = 4;
-    const INCREMENTS: usize = 10;
-    let mut tasks = Vec::new();
-    for _ in 0..WRITERS {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conflicts = 0;
-            for _ in 0..INCREMENTS {
-                loop {
-                    let kv = store.get("/counter").await.unwrap().unwrap();
-                    let n: u64 = std::str::from_utf8(&kv.value).unwrap().parse().unwrap();
-                    let value = (n + 1).to_string().into_bytes();
-                    match store
-                        .put("/counter", value, Expect::Revision(kv.mod_revision), None)
-                        .await
-                    {
-                        Ok(_) => break,
-                        Err(StoreError::Conflict { .. }) => conflicts += 1,
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-            }
-            conflicts
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let kv = store.get("/counter").await.unwrap().unwrap();
-    assert_eq!(kv.value, (WRITERS * INCREMENTS).to_string().into_bytes());
-    assert_eq!(kv.mod_revision as usize, 1 + WRITERS * INCREMENTS);
-}
-
-#[tokio::test]
-async fn a_watch_delivers_every_change_under_its_prefix_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    put(&store, "/v/a", b"1".to_vec(), Expect::Absent, None).await;
-    put(&store, "/other", b"x".to_vec(), Expect::Absent, None).await;
-    // From the beginning: the history, then what comes.
-    let mut watch = store.watch("/v/", 0).await.unwrap();
-    assert_eq!(next(&mut watch).await.revision(), 1);
-    let writer = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            for i in 0..50u32 {
-                let key = format!("/v/{}", i % 5);
-                put(&store, &key, i.to_le_bytes().to_vec(), Expect::Any, None).await;
-                store.put("/other", vec![], Expect::Any, None).await.unwrap();
-            }
-            store.delete("/v/a", Expect::Any).await.unwrap()
-        })
-    };
-    let mut seen = Vec::new();
-    loop {
-        let event = next(&mut watch).await;
-        assert!(event.key().starts_with("/v/"), "{event:?}");
-        seen.push(event.revision());
-        if matches!(event, Event::Delete { .. }) {
-            break;
-        }
-    }
-    let last = writer.await.unwrap();
-    // Every put under /v/ is an odd revision from 3 on (the even ones are /other), then the delete.
-    let expected: Vec<u64> = (0..50).map(|i| 3 + 2 * i).chain([last]).collect();
-    assert_eq!(seen, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,28 +91,6 @@ async fn concurrent_writers_and_watchers_miss_nothing_and_see_no_duplicate() {
 }
 
 #[tokio::test]
-async fn a_watch_from_a_revision_starts_exactly_there_and_a_future_one_waits() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    for i in 0..5u8 {
-        store.put("/k", vec![i], Expect::Any, None).await.unwrap();
-    }
-    let mut watch = store.watch("/k", 3).await.unwrap();
-    for expected in 3..=5 {
-        assert_eq!(next(&mut watch).await.revision(), expected);
-    }
-    let mut future = store.watch("/k", 7).await.unwrap();
-    store.put("/k", vec![6], Expect::Any, None).await.unwrap();
-    store.put("/k", vec![7], Expect::Any, None).await.unwrap();
-    assert_eq!(next(&mut watch).await.revision(), 6);
-    assert_eq!(next(&mut watch).await.revision(), 7);
-    match next(&mut future).await {
-        Event::Put(kv) => assert_eq!((kv.mod_revision, kv.value), (7, vec![7])),
-        other => panic!("{other:?}"),
-    }
-}
-
-#[tokio::test]
 async fn a_watch_from_before_the_history_is_refused_and_one_that_falls_behind_ends() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
@@ -319,92 +130,6 @@ async fn a_watch_ends_when_the_store_closes() {
     );
     // And the directory is free again.
     open(dir.path());
-}
-
-#[tokio::test]
-async fn revoking_a_lease_deletes_its_keys_each_with_an_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let lease = store.grant_lease(Duration::from_secs(3600)).await.unwrap();
-    put(&store, "/l/a", b"a".to_vec(), Expect::Absent, Some(lease)).await;
-    put(&store, "/l/b", b"b".to_vec(), Expect::Absent, Some(lease)).await;
-    put(&store, "/l/c", b"c".to_vec(), Expect::Absent, None).await;
-    // Moved off the lease by a put without it.
-    put(&store, "/l/b", b"b2".to_vec(), Expect::Any, None).await;
-    put(&store, "/l/d", b"d".to_vec(), Expect::Absent, Some(lease)).await;
-    store.keep_alive(lease).await.unwrap();
-
-    let mut watch = store.watch("/l/", 6).await.unwrap();
-    store.revoke(lease).await.unwrap();
-    let deleted = [next(&mut watch).await, next(&mut watch).await];
-    assert_eq!(
-        deleted,
-        [
-            Event::Delete {
-                key: "/l/a".into(),
-                mod_revision: 6
-            },
-            Event::Delete {
-                key: "/l/d".into(),
-                mod_revision: 7
-            },
-        ]
-    );
-    let (kvs, revision) = store.list("/l/").await.unwrap();
-    let keys: Vec<_> = kvs.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!((keys, revision), (vec!["/l/b", "/l/c"], 7));
-
-    assert!(matches!(store.keep_alive(lease).await, Err(StoreError::LeaseExpired(l)) if l == lease));
-    assert!(matches!(
-        store.put("/l/e", vec![], Expect::Any, Some(lease)).await,
-        Err(StoreError::LeaseExpired(_))
-    ));
-    // Revoking again is harmless; a lease never granted cannot be renewed.
-    store.revoke(lease).await.unwrap();
-    assert!(store.keep_alive(LeaseId(12345)).await.is_err());
-    // Ids are not reused.
-    assert_ne!(store.grant_lease(Duration::from_secs(1)).await.unwrap(), lease);
-}
-
-#[tokio::test]
-async fn an_expired_lease_takes_its_keys_with_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let long = store.grant_lease(Duration::from_secs(3600)).await.unwrap();
-    put(&store, "/alive/long", vec![], Expect::Absent, Some(long)).await;
-    let mut watch = store.watch("/alive/", 0).await.unwrap();
-    assert_eq!(next(&mut watch).await.key(), "/alive/long");
-
-    let short = store.grant_lease(Duration::from_millis(50)).await.unwrap();
-    // The lease may already be gone on a slow machine: then the put is refused, as it should be.
-    match store
-        .put("/alive/short", vec![], Expect::Absent, Some(short))
-        .await
-    {
-        Ok(revision) => {
-            assert_eq!(next(&mut watch).await.revision(), revision);
-            assert_eq!(
-                next(&mut watch).await,
-                Event::Delete {
-                    key: "/alive/short".into(),
-                    mod_revision: revision + 1
-                }
-            );
-        }
-        Err(StoreError::LeaseExpired(l)) => assert_eq!(l, short),
-        Err(e) => panic!("{e}"),
-    }
-    // The expiry of `short` ended it for good.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while store.keep_alive(short).await.is_ok() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the short lease never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(store.get("/alive/long").await.unwrap().is_some());
-    store.keep_alive(long).await.unwrap();
 }
 
 #[tokio::test]
@@ -512,26 +237,6 @@ fn opening_outside_a_runtime_is_an_error_not_a_panic() {
         .err()
         .expect("opened without a runtime");
     assert!(err.to_string().contains("tokio runtime"), "{err}");
-}
-
-#[tokio::test]
-async fn bad_requests_are_refused_with_what_was_wrong() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let err = store.put("", vec![], Expect::Any, None).await.unwrap_err();
-    assert!(matches!(err, StoreError::InvalidRequest { .. }), "{err}");
-    let err = store
-        .put("/big", vec![0; 9 << 20], Expect::Any, None)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("limit"), "{err}");
-    assert!(store.grant_lease(Duration::ZERO).await.is_err());
-    assert!(store
-        .put("/k", vec![], Expect::Any, Some(LeaseId(77)))
-        .await
-        .is_err());
-    // Nothing was written.
-    assert_eq!(store.list("").await.unwrap(), (vec![], 0));
 }
 
 async fn fill(dir: &Path) -> (Vec<KeyValue>, u64) {

@@ -371,12 +371,17 @@ pub fn replica_mode(info: &Value, addr: SocketAddr) -> Option<String> {
 /// Returns whether every command succeeded, and qemu-io's output.
 pub fn qemu_io(url: &IscsiUrl, commands: &[&str]) -> Result<(bool, String)> {
     let qemu_io = crate::require_tool("qemu-io")?;
-    let mut cmd = Command::new(qemu_io);
+    qemu_io_with(Command::new(qemu_io), &url.to_string(), commands)
+}
+
+/// [`qemu_io`] run by `cmd` (qemu-io itself, or a command that runs it elsewhere, such as inside a network
+/// namespace) at `url`.
+pub fn qemu_io_with(mut cmd: Command, url: &str, commands: &[&str]) -> Result<(bool, String)> {
     cmd.args(["-f", "raw", "--cache", "none"]);
     for c in commands {
         cmd.args(["-c", c]);
     }
-    cmd.arg(url.to_string());
+    cmd.arg(url);
     let out = cmd.output().map_err(io("run qemu-io"))?;
     let text = format!(
         "{}{}",

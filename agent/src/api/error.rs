@@ -78,6 +78,18 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        if let StoreError::Unavailable(_) = e {
+            // The store (etcd) does not answer: nothing can be read or changed, but the volumes
+            // already running keep serving; the client retries later.
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!(
+                    "{e}; volumes already running keep serving, but this request needs the store: retry once \
+                     GET /v1/health reports the store available"
+                ),
+            );
+        }
         let status = match &e {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
             // What the request would store is beyond the store's limits.
@@ -104,6 +116,22 @@ pub type ApiResult<T> = Result<T, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unavailable_store_is_503_store_unavailable() {
+        let e = ApiError::from(StoreError::Unavailable(
+            "no etcd member answers (10.0.0.1:2379: refused)".into(),
+        ));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        );
+        assert!(
+            e.message.contains("10.0.0.1:2379") && e.message.contains("retry"),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn the_body_is_the_documented_shape() {

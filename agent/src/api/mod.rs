@@ -128,6 +128,35 @@ pub enum Transport {
 /// Longest a client may take to open a TLS session: a connection that sends nothing holds a task.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the health probe waits for the store: a probe must answer fast,
+/// and a store that does not answer a read of one key within this is, for an
+/// operator, not available.
+const HEALTH_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The agent's health: always answered (200), with whether the store answers.
+async fn health(ctx: &ApiContext) -> views::Health {
+    let kind = ctx.store.kind();
+    let error = match tokio::time::timeout(HEALTH_STORE_TIMEOUT, ctx.store.get(crate::store::PROBE_KEY)).await
+    {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "the cluster store did not answer within {}s; check that it runs and that this host reaches it",
+            HEALTH_STORE_TIMEOUT.as_secs()
+        )),
+    };
+    views::Health {
+        status: if error.is_none() { "ok" } else { "degraded" }.into(),
+        node: ctx.node.clone(),
+        store: views::StoreHealth {
+            kind,
+            shared: kind.is_shared(),
+            available: error.is_none(),
+            error,
+        },
+    }
+}
+
 /// Serve the API on `listener` until `cancel`; connections in progress finish their current request.
 pub async fn serve(listener: TcpListener, ctx: ApiContext, transport: Transport, cancel: CancellationToken) {
     let server = Arc::new(Server {
@@ -333,13 +362,7 @@ impl Server {
         let volume = || volumes::parse_volume_name(param(0));
         let ok = |v: &dyn erased::Json| v.response(StatusCode::OK);
         Ok(match op {
-            Health => ApiResponse::json(
-                StatusCode::OK,
-                &views::Health {
-                    status: "ok".into(),
-                    node: ctx.node.clone(),
-                },
-            ),
+            Health => ApiResponse::json(StatusCode::OK, &health(ctx).await),
             OpenApi => ApiResponse {
                 status: StatusCode::OK,
                 content_type: "application/json",

@@ -220,6 +220,21 @@ pub struct SnapshotResult {
 /// `GET /v1/health`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
+    /// `ok`, or `degraded` when the cluster store does not answer (the agent
+    /// still serves its volumes; control operations wait).
     pub status: String,
     pub node: NodeName,
+    pub store: StoreHealth,
+}
+
+/// The cluster store as this agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHealth {
+    pub kind: crate::store::StoreKind,
+    /// Do several hosts share it (etcd)?
+    pub shared: bool,
+    pub available: bool,
+    /// Why it is not available, and what to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -337,6 +337,10 @@ impl Store for EmbeddedStore {
             inner.commit(|state, _| Ok((state.plan_end_lease(lease, None), ())))
         }))
     }
+
+    fn kind(&self) -> super::StoreKind {
+        super::StoreKind::Embedded
+    }
 }
 
 impl Inner {

@@ -13,12 +13,15 @@
 //! * a put or delete names what it expects to find ([`Expect`]) and fails
 //!   with [`StoreError::Conflict`] otherwise, changing nothing: there are no
 //!   lost updates when two agents act at once;
-//! * a key put with a lease is deleted when the lease expires or is revoked;
+//! * a key put with a lease is deleted when the lease expires or is revoked
+//!   (the embedded store gives each deletion a revision of its own, etcd
+//!   gives them all the revision of the lease's end);
 //! * a watch delivers every change under its prefix after the revision it
 //!   starts from, in revision order, with no gaps (or ends with an error the
 //!   watcher answers by listing again).
 
 pub mod embedded;
+pub mod etcd;
 
 use std::time::Duration;
 
@@ -74,6 +77,28 @@ fn conflict_message(key: &str, expected: Expect, found: Revision) -> String {
         (Expect::Any, found) => format!("{key} could not be changed (found revision {found}); retry"),
     }
 }
+
+/// Which store a cluster keeps its state in: other endpoints (the API's
+/// health, placement's warnings) ask whether hosts share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One host's crash-safe file: the cluster is this host.
+    Embedded,
+    /// An etcd cluster the agents of several hosts share.
+    Etcd,
+}
+
+impl StoreKind {
+    /// Do several hosts share this store (so that other hosts may take over
+    /// this one's volumes)?
+    pub fn is_shared(self) -> bool {
+        matches!(self, StoreKind::Etcd)
+    }
+}
+
+/// A key no record is kept at: reading it tells whether the store answers.
+pub const PROBE_KEY: &str = "/basalt/probe";
 
 /// A change seen by a watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +195,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// End `lease` now, deleting its keys.
     fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>>;
+
+    /// Which store this is (see [`StoreKind::is_shared`]).
+    fn kind(&self) -> StoreKind;
 }
 
 /// A record read from the store with the revision to expect when writing it back.
