@@ -60,13 +60,16 @@ pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
             "endpoints.docker: this agent does not serve the Docker volume plugin yet; remove the key"
         );
     }
-    let csi = [
+    // The CSI controller is served; the node service (attaching volumes on this host) is not built yet.
+    let csi_node = [
         ("endpoints.csi", &config.endpoints.csi),
-        ("endpoints.csi_controller", &config.endpoints.csi_controller),
         ("endpoints.csi_node", &config.endpoints.csi_node),
     ];
-    if let Some((key, _)) = csi.iter().find(|(_, socket)| socket.is_some()) {
-        anyhow::bail!("{key}: this agent does not serve the CSI driver yet; remove the key");
+    if let Some((key, _)) = csi_node.iter().find(|(_, socket)| socket.is_some()) {
+        anyhow::bail!(
+            "{key}: this agent does not serve the CSI node service yet; serve the controller alone with \
+             endpoints.csi_controller"
+        );
     }
     Ok(())
 }
@@ -80,16 +83,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             config.data_dir.display()
         )
     })?;
-    let store: Arc<dyn Store> = match &config.cluster {
-        ClusterConfig::Embedded => {
-            let dir = config.data_dir.join("store");
-            crate::store::embedded::EmbeddedStore::open(&dir)
-                .with_context(|| format!("opening the embedded cluster store in {}", dir.display()))?
-        }
-        ClusterConfig::Etcd(_) => anyhow::bail!(
-            "cluster: etcd is not supported by this agent yet; use `cluster: embedded` (one host)"
-        ),
-    };
+    let store = open_store(&config)?;
     let metrics = Arc::new(AgentMetrics::new());
 
     // Bind the API first: a port already taken fails the start before the
@@ -103,6 +97,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         })?),
         None => None,
     };
+    let csi_listeners = crate::csi::serve::bind_configured(&config.endpoints)?;
 
     register(store.as_ref(), &node_record(&config)?).await?;
     let lease = grant_alive(store.as_ref(), &config).await?;
@@ -165,6 +160,20 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     if let Some(api) = &config.endpoints.api {
         tracing::info!(api = %api.listen, "agent serving");
     }
+    let csi_tasks: Vec<_> = csi_listeners
+        .into_iter()
+        .map(|(listener, path, role)| {
+            let ctx = crate::api::ApiContext {
+                store: store.clone(),
+                node: config.node.name.clone(),
+                controllers: Arc::new(crate::api::GrpcConnector),
+                // The socket's permissions guard it; the CO's sidecars carry no token.
+                token: None,
+                agent_metrics: None,
+            };
+            tokio::spawn(crate::csi::serve::serve(listener, path, role, ctx, tasks.clone()))
+        })
+        .collect();
 
     cancel.cancelled().await;
     tracing::info!("stopping the agent; the volumes' services keep running");
@@ -174,10 +183,29 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     if let Some(t) = api_task {
         let _ = t.await;
     }
+    for t in csi_tasks {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %format!("{e:#}"), "the CSI server stopped with an error");
+        }
+    }
     if let Err(e) = store.revoke(lease).await {
         tracing::warn!(error = %e, "could not revoke the node's lease; it lapses by itself");
     }
     Ok(())
+}
+
+/// The cluster store the config names.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.cluster {
+        ClusterConfig::Embedded => {
+            let dir = config.data_dir.join("store");
+            crate::store::embedded::EmbeddedStore::open(&dir)
+                .with_context(|| format!("opening the embedded cluster store in {}", dir.display()))?
+        }
+        ClusterConfig::Etcd(_) => anyhow::bail!(
+            "cluster: etcd is not supported by this agent yet; use `cluster: embedded` (one host)"
+        ),
+    })
 }
 
 /// The API's bearer token from its file (never logged; the error names the file only).
@@ -396,6 +424,10 @@ mod tests {
         csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
         let e = refuse_unbuilt(&csi).unwrap_err().to_string();
         assert!(e.contains("endpoints.csi"), "{e}");
+
+        let mut controller = defaults.clone();
+        controller.endpoints.csi_controller = Some(PathBuf::from("/run/basalt/csi-controller.sock"));
+        refuse_unbuilt(&controller).unwrap();
 
         let mut node = defaults;
         node.endpoints.csi_node = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/node.sock"));

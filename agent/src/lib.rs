@@ -23,11 +23,13 @@
 //!   (pure functions);
 //! * [`runtime`]: starting and stopping the services of one host;
 //! * [`reconcile`]: making this host's services match the store;
-//! * [`api`] and [`client`]: the REST API and its client.
+//! * [`api`] and [`client`]: the REST API and its client;
+//! * [`csi`]: the CSI driver's services, over the API's functions.
 
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod failover;
 pub mod metrics;
