@@ -277,9 +277,13 @@ fn the_nodes_labels_become_the_agents_topology() {
     std::fs::create_dir_all(root.join("base")).unwrap();
     std::fs::create_dir_all(root.join("agent")).unwrap();
     std::fs::create_dir_all(root.join("bin")).unwrap();
+    // The pod's files (the API token Secret) under the same directory.
+    std::fs::create_dir_all(root.join("api-token")).unwrap();
+    std::fs::write(root.join("api-token/token"), "0123456789abcdef0123456789abcdef").unwrap();
+    let moved = |text: &str| text.replace("/etc/basalt/", &format!("{}/", root.display()));
     std::fs::write(
         root.join("base/agent.yaml"),
-        cm["data"]["agent.yaml"].as_str().unwrap(),
+        moved(cm["data"]["agent.yaml"].as_str().unwrap()),
     )
     .unwrap();
     // The stand-in: `kubectl get node NAME -o jsonpath='{.metadata.labels.KEY}'` for a node in zone
@@ -291,7 +295,7 @@ fn the_nodes_labels_become_the_agents_topology() {
     )
     .unwrap();
     std::fs::set_permissions(&kubectl, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let script = script.replace("/etc/basalt/", &format!("{}/", root.display()));
+    let script = moved(&script);
     let out = Command::new("/bin/sh")
         .args(["-ec", &script])
         .env("PATH", format!("{}:/usr/bin:/bin", root.join("bin").display()))

@@ -533,6 +533,10 @@ impl ControllerService {
             .await
             .map_err(from_store)?;
         for (key, src) in sources.iter().filter(|(_, s)| s.value.snapshot.volume == name) {
+            if self.snapshot_message(&src.value.snapshot).await?.is_none() {
+                let _ = self.store().delete(key, Expect::Revision(src.revision)).await;
+                continue;
+            }
             match snapshots::delete(&self.api, &name, &src.value.snapshot.snapshot).await {
                 Ok(_) => {}
                 Err(e) if is_not_found(&e) => {}
@@ -868,7 +872,16 @@ impl ControllerService {
         let Some(snapshot) = parse_snapshot_id(&req.snapshot_id) else {
             return Ok(pb::DeleteSnapshotResponse {});
         };
-        match snapshots::delete(&self.api, &snapshot.volume, &snapshot.snapshot).await {
+        // A snapshot that is gone is deleted (the controller refuses to delete what it does not have).
+        let exists = self.snapshot_message(&snapshot).await?.is_some();
+        let deleted = if exists {
+            snapshots::delete(&self.api, &snapshot.volume, &snapshot.snapshot)
+                .await
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        match deleted {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) if e.status == StatusCode::CONFLICT => {
