@@ -198,6 +198,8 @@ impl Cluster {
                 spread_key: "zone".into(),
                 qos: QosSpec::default(),
                 source: None,
+                topology: Default::default(),
+                access: Default::default(),
             },
             placement: Placement {
                 replicas: replicas

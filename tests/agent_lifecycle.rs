@@ -6,33 +6,20 @@
 //! data directories gone. Twice: with the services as child processes, and as containers on the real Docker
 //! engine (the `docker` runtime, image from images/build.sh).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use basalt_agent::runtime::process::{process_start_time, RunRecord};
 use basalt_tests::volume::qemu_io;
-use basalt_tests::{basalt_binary, free_port, wait_for, Daemon, IscsiUrl, StopPolicy};
+use basalt_tests::{basalt_binary, free_port, free_port_range, wait_for, Daemon, IscsiUrl, StopPolicy};
 use serde_json::Value;
 
 /// Starting the agent, three replicas and a controller on two cores shared with builds.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Ports the node's services may use: three replicas and a controller's two need five.
 const SERVICE_PORTS: u16 = 16;
-
-/// `n` consecutive ports that are free now, below the kernel's ephemeral range (which outgoing
-/// connections use), picked at random so that concurrent tests rarely meet.
-fn free_port_range(n: u16) -> (u16, u16) {
-    for _ in 0..1000 {
-        let first = 20000 + rand::random::<u16>() % 10000;
-        let all_free = (first..first + n).all(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
-        if all_free {
-            return (first, first + n - 1);
-        }
-    }
-    panic!("no {n} consecutive free ports between 20000 and 30000");
-}
 
 /// Kills the process group of an agent that was killed with SIGKILL: its services (in its group) outlive
 /// it by design, and are adopted by the next agent; whatever the test's outcome, none may stay behind.
@@ -227,14 +214,7 @@ fn url_of(view: &Value) -> IscsiUrl {
     let text = view["iscsi_url"]
         .as_str()
         .expect("a ready volume has an iSCSI URL");
-    // iscsi://ADDR:PORT/IQN/LUN
-    let rest = text.strip_prefix("iscsi://").unwrap();
-    let mut parts = rest.splitn(3, '/');
-    IscsiUrl {
-        portal: parts.next().unwrap().parse().unwrap(),
-        iqn: parts.next().unwrap().to_string(),
-        lun: parts.next().unwrap().parse().unwrap(),
-    }
+    IscsiUrl::parse(text)
 }
 
 /// kill -9 the agent, and reap it before its guard drops: a guard that found it still running would

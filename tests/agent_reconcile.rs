@@ -227,6 +227,8 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
             spread_key: "zone".into(),
             qos: QosSpec::default(),
             source: None,
+            topology: Default::default(),
+            access: Default::default(),
         },
         placement: Placement {
             next_replica_id: 0,

@@ -6,53 +6,11 @@
 //! strictly (a duplicated YAML key is an error, as in the API server). A missing Python module is a test
 //! failure that says to run ./tests/setup.sh, never a skip.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
+use basalt_tests::helm::{assert_lints_clean, helm, strings, workspace};
 use serde_json::{json, Value};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
 
 fn chart_dir() -> String {
     workspace().join("charts/basalt-volume").display().to_string()
-}
-
-/// One request to the checker; its JSON answer. Panics (fails the test) if the checker cannot run.
-fn helm(request: Value) -> Value {
-    let python = std::env::var("BASALT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = workspace().join("charts/helm_check.py");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {python} (set BASALT_PYTHON, run ./tests/setup.sh): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(request.to_string().as_bytes())
-        .expect("writing the request to helm_check.py");
-    let out = child.wait_with_output().expect("waiting for helm_check.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let answer: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "helm_check.py answered no JSON ({e}); status {}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    if let Some(setup) = answer.get("setup_error") {
-        panic!("the Helm checker cannot run: {setup}");
-    }
-    answer
 }
 
 /// The rendered objects of a release `name` in namespace `ns` with `values`; fails the test on any error.
@@ -150,12 +108,6 @@ fn container(workload: &Value) -> &Value {
     &containers[0]
 }
 
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
-        .unwrap_or_default()
-}
-
 /// Whether every `selector` label is among `labels`.
 fn selects(selector: &Value, labels: &Value) -> bool {
     let selector = selector.as_object().expect("a selector map");
@@ -183,23 +135,7 @@ fn chart_lints_clean_with_default_and_custom_values() {
                "blockDevice": {"source": "hostPath", "path": "/dev/sdb", "format": true}}}}),
     ] {
         with_auth(&mut values);
-        let answer =
-            helm(json!({"op": "lint", "chart": chart_dir(), "values": values, "namespace": "storage"}));
-        assert_eq!(answer["ok"], true, "{answer}");
-        let lint = &answer["lint"];
-        assert_eq!(lint["total_charts_linted"], 1, "{lint}");
-        assert!(
-            lint["errors"].as_array().is_none_or(|e| e.is_empty()),
-            "lint errors: {lint}"
-        );
-        // Severity 2 = warning, 3 = error; 1 (info, e.g. "icon is recommended") is allowed.
-        let serious: Vec<_> = lint["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|m| m["severity"].as_i64() >= Some(2))
-            .collect();
-        assert!(serious.is_empty(), "lint findings: {serious:?}");
+        assert_lints_clean(&chart_dir(), &values, "storage");
     }
 }
 

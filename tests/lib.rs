@@ -42,6 +42,8 @@ pub mod cunit;
 pub mod fault;
 #[path = "harness/fio.rs"]
 pub mod fio;
+#[path = "harness/helm.rs"]
+pub mod helm;
 #[path = "harness/host.rs"]
 pub mod host;
 #[path = "harness/netns.rs"]
@@ -221,6 +223,20 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// A free 127.0.0.1 address.
+/// `n` consecutive ports that are free now, below the kernel's ephemeral range (which outgoing
+/// connections use), picked at random so that concurrent tests rarely meet.
+pub fn free_port_range(n: u16) -> (u16, u16) {
+    for _ in 0..1000 {
+        let first = 20000 + rand::random::<u16>() % 10000;
+        let all_free = (first..first + n)
+            .all(|p| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, p)).is_ok());
+        if all_free {
+            return (first, first + n - 1);
+        }
+    }
+    panic!("no {n} consecutive free ports between 20000 and 30000");
+}
+
 pub fn free_local_addr() -> Result<SocketAddr> {
     Ok(SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::LOCALHOST,
@@ -526,6 +542,28 @@ pub struct IscsiUrl {
 }
 
 impl IscsiUrl {
+    /// `iscsi://ADDR:PORT/IQN/LUN`, as `volume inspect` shows it; panics (fails the test) on anything else.
+    pub fn parse(text: &str) -> IscsiUrl {
+        let rest = text
+            .strip_prefix("iscsi://")
+            .unwrap_or_else(|| panic!("{text:?} is not an iSCSI URL"));
+        let mut parts = rest.splitn(3, '/');
+        let mut next = || {
+            parts
+                .next()
+                .unwrap_or_else(|| panic!("{text:?} is not iscsi://PORTAL/IQN/LUN"))
+        };
+        IscsiUrl {
+            portal: next()
+                .parse()
+                .unwrap_or_else(|e| panic!("{text:?}: bad portal: {e}")),
+            iqn: next().to_string(),
+            lun: next()
+                .parse()
+                .unwrap_or_else(|e| panic!("{text:?}: bad LUN: {e}")),
+        }
+    }
+
     /// The form fio's libiscsi engine wants: colons escaped, since fio splits `--filename` on ':'.
     pub fn fio_filename(&self) -> String {
         self.to_string().replace(':', "\\:")

@@ -52,13 +52,16 @@ const REGISTER_ATTEMPTS: usize = 5;
 /// yet, rather than starting without it: an operator who configured an
 /// endpoint must not find out from a client that it is not there.
 pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
-    let csi = [
+    // The CSI controller is served; the node service (attaching volumes on this host) is not built yet.
+    let csi_node = [
         ("endpoints.csi", &config.endpoints.csi),
-        ("endpoints.csi_controller", &config.endpoints.csi_controller),
         ("endpoints.csi_node", &config.endpoints.csi_node),
     ];
-    if let Some((key, _)) = csi.iter().find(|(_, socket)| socket.is_some()) {
-        anyhow::bail!("{key}: this agent does not serve the CSI driver yet; remove the key");
+    if let Some((key, _)) = csi_node.iter().find(|(_, socket)| socket.is_some()) {
+        anyhow::bail!(
+            "{key}: this agent does not serve the CSI node service yet; serve the controller alone with \
+             endpoints.csi_controller"
+        );
     }
     Ok(())
 }
@@ -72,14 +75,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             config.data_dir.display()
         )
     })?;
-    let store: Arc<dyn Store> = match &config.cluster {
-        ClusterConfig::Embedded => {
-            let dir = config.data_dir.join("store");
-            crate::store::embedded::EmbeddedStore::open(&dir)
-                .with_context(|| format!("opening the embedded cluster store in {}", dir.display()))?
-        }
-        ClusterConfig::Etcd(etcd) => open_etcd(etcd).await?,
-    };
+    let store = open_store(&config).await?;
     let metrics = Arc::new(AgentMetrics::new());
 
     // Bind the API and read its token and TLS files first: a port already
@@ -88,6 +84,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         Some(api) => Some(prepare_api(api, &config.data_dir).await?),
         None => None,
     };
+    let csi_listeners = crate::csi::serve::bind_configured(&config.endpoints)?;
 
     let runtime: Arc<dyn Runtime> = match &config.runtime {
         RuntimeConfig::Process { binary } => {
@@ -137,8 +134,27 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             },
             "agent serving; clients need the token in token_file"
         );
-        tokio::spawn(crate::api::serve(api.listener, ctx, api.transport, tasks.clone()))
+        tokio::spawn(crate::api::serve(
+            api.listener,
+            ctx.clone(),
+            api.transport,
+            tasks.clone(),
+        ))
     });
+    // The CSI sockets' permissions guard them (the CO's sidecars carry no
+    // token); they share the API's context, so its token is never asked.
+    let csi_tasks: Vec<_> = csi_listeners
+        .into_iter()
+        .map(|(listener, path, role)| {
+            tokio::spawn(crate::csi::serve::serve(
+                listener,
+                path,
+                role,
+                ctx.clone(),
+                tasks.clone(),
+            ))
+        })
+        .collect();
 
     cancel.cancelled().await;
     tracing::info!("stopping the agent; the volumes' services keep running");
@@ -148,6 +164,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     }
     if let Some(t) = docker_task {
         let _ = t.await;
+    }
+    for t in csi_tasks {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %format!("{e:#}"), "the CSI server stopped with an error");
+        }
     }
     node.stop(store.as_ref()).await;
     Ok(())
@@ -305,6 +326,18 @@ impl RunningNode {
         let _ = self.reconcile.await;
         self.keep_alive.await.unwrap_or_else(|_| self.lease.get())
     }
+}
+
+/// The cluster store the config names (etcd: once a member answers).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.cluster {
+        ClusterConfig::Embedded => {
+            let dir = config.data_dir.join("store");
+            crate::store::embedded::EmbeddedStore::open(&dir)
+                .with_context(|| format!("opening the embedded cluster store in {}", dir.display()))?
+        }
+        ClusterConfig::Etcd(etcd) => open_etcd(etcd).await?,
+    })
 }
 
 /// The API endpoint, ready to serve: bound, its token read or generated, its TLS files loaded.
@@ -544,6 +577,10 @@ mod tests {
         csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
         let e = refuse_unbuilt(&csi).unwrap_err().to_string();
         assert!(e.contains("endpoints.csi"), "{e}");
+
+        let mut controller = defaults.clone();
+        controller.endpoints.csi_controller = Some(PathBuf::from("/run/basalt/csi-controller.sock"));
+        refuse_unbuilt(&controller).unwrap();
 
         let mut node = defaults;
         node.endpoints.csi_node = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/node.sock"));

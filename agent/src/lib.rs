@@ -26,10 +26,12 @@
 //! * [`reconcile`]: making this host's services match the store;
 //! * [`api`] and [`client`]: the REST API and its client;
 //! * [`docker`]: the Docker volume plugin (an endpoint over the API and [`host`]).
+//! * [`csi`]: the CSI driver's services, over the API's functions.
 
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod docker;
 pub mod failover;

@@ -199,6 +199,83 @@ pub struct VolumeSpec {
     pub qos: QosSpec,
     /// The snapshot this volume was cloned from.
     pub source: Option<SnapshotRef>,
+    /// Where its replicas may and would rather live (CSI's accessibility requirements); kept so that a
+    /// replacement replica obeys it too.
+    #[serde(default, skip_serializing_if = "TopologyRule::is_any")]
+    pub topology: TopologyRule,
+    /// Which initiators may log in to its target.
+    #[serde(default, skip_serializing_if = "TargetAccess::is_any")]
+    pub access: TargetAccess,
+}
+
+/// Who may log in to a volume's iSCSI target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetAccess {
+    /// Every initiator (a volume used by hand through its iSCSI URL).
+    #[default]
+    Any,
+    /// Only the initiator of the node it is attached to ([`initiator_iqn`]), nobody while it is
+    /// detached: the CSI spec's authorized access, so a node it was never published to cannot log in.
+    AttachedNode,
+}
+
+impl TargetAccess {
+    pub fn is_any(&self) -> bool {
+        *self == TargetAccess::Any
+    }
+}
+
+/// The initiator name a node logs in to targets with (its attach code uses it; the target's allow-list
+/// names it).
+pub fn initiator_iqn(node: &NodeName) -> String {
+    format!("iqn.2026-11.io.basalt.node:{node}")
+}
+
+/// The initiators `volume`'s target should let in now: `None` for any.
+pub fn allowed_initiators(volume: &VolumeRecord) -> Option<Vec<String>> {
+    match volume.spec.access {
+        TargetAccess::Any => None,
+        TargetAccess::AttachedNode => Some(volume.attached_to.iter().map(initiator_iqn).collect()),
+    }
+}
+
+/// Node labels a volume's replicas must and would rather have, beyond the selector: CSI's
+/// `accessibility_requirements` (requisite and preferred topologies) in the nodes' own label names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopologyRule {
+    /// Every replica's node carries all the labels of at least one of these (empty: any node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requisite: Vec<BTreeMap<String, String>>,
+    /// Nodes matching an earlier one of these are chosen first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred: Vec<BTreeMap<String, String>>,
+}
+
+impl TopologyRule {
+    /// No constraint and no preference.
+    pub fn is_any(&self) -> bool {
+        self.requisite.is_empty() && self.preferred.is_empty()
+    }
+
+    /// Whether a node with `labels` may hold a replica.
+    pub fn admits(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requisite.is_empty() || self.requisite.iter().any(|term| matches_term(term, labels))
+    }
+
+    /// The rank of a node with `labels`: the index of the first preferred term it matches, or the
+    /// number of terms (after every preferred node).
+    pub fn preference(&self, labels: &BTreeMap<String, String>) -> usize {
+        self.preferred
+            .iter()
+            .position(|term| matches_term(term, labels))
+            .unwrap_or(self.preferred.len())
+    }
+}
+
+/// Whether `labels` hold every label of `term`.
+pub fn matches_term(term: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    term.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// QoS limits as the API takes them (`None`: unlimited); checked against the

@@ -4,7 +4,8 @@
 //! 1. **Distinct nodes.** A replica shares nothing with its siblings but the
 //!    network: two replicas on one host are one failure, not two.
 //! 2. **Only nodes fit for it**: up (its liveness key exists), neither
-//!    cordoned nor draining, carrying every label of the selector, with a
+//!    cordoned nor draining, carrying every label of the selector (and of one
+//!    of the requisite topologies, when the request names some), with a
 //!    pool that has room for the volume's size (its capacity minus what
 //!    placement has already given out there; a block device holds one
 //!    replica) and a free port of its range.
@@ -12,7 +13,8 @@
 //!    nodes allow: first one node from as many values as there are, then the
 //!    rest. A node without the label is a domain of its own (nothing says it
 //!    shares a zone with anyone).
-//! 4. **Least used first**, then by name: the bytes given out on a node, and
+//! 4. **Preferred topologies first** (CSI's `preferred`, in its order), then
+//!    **least used first**, then by name: the bytes given out on a node, and
 //!    within it on a pool. Ties are broken by name so that the same input
 //!    always gives the same placement (an API retry, a test, two agents
 //!    computing it at once).
@@ -35,7 +37,7 @@ use basalt_engine::units::format_size;
 
 use crate::model::{
     ControllerSlot, NodeName, NodeRecord, Placement, PoolKind, PoolRecord, PortRange, ReplicaSlot,
-    VolumeRecord, VolumeSpec,
+    TopologyRule, VolumeRecord, VolumeSpec,
 };
 
 /// A node as placement sees it.
@@ -122,6 +124,8 @@ pub struct Request {
     pub exclude: BTreeSet<NodeName>,
     /// The first replica id to give out.
     pub first_id: u32,
+    /// Labels the replicas' nodes must (requisite) and would rather (preferred) have.
+    pub topology: TopologyRule,
 }
 
 impl Request {
@@ -134,6 +138,7 @@ impl Request {
             spread_key: spec.spread_key.clone(),
             exclude: BTreeSet::new(),
             first_id: 0,
+            topology: spec.topology.clone(),
         }
     }
 }
@@ -189,6 +194,8 @@ enum Unfit {
         largest_free: u64,
     },
     NoPort,
+    /// Outside every requisite topology.
+    Topology,
 }
 
 impl Unfit {
@@ -222,6 +229,7 @@ impl Unfit {
                 "node {name} has no free port in {}-{}",
                 node.ports.first, node.ports.last
             ),
+            Unfit::Topology => format!("node {name} is in none of the requisite topologies"),
         }
     }
 }
@@ -263,6 +271,8 @@ struct Candidate<'a> {
     /// The spread domain: the spread key's value, or the node itself when
     /// the label is missing.
     domain: Domain<'a>,
+    /// Its rank among the preferred topologies (0 first).
+    preference: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -277,6 +287,9 @@ fn check_node<'a>(request: &Request, view: &'a NodeView, usage: &Usage) -> Resul
         return Err(Unfit::Excluded);
     }
     open_for_services(view)?;
+    if !request.topology.admits(&node.labels) {
+        return Err(Unfit::Topology);
+    }
     for (key, want) in &request.selector {
         let have = node.labels.get(key);
         if have != Some(want) {
@@ -330,6 +343,7 @@ fn check_node<'a>(request: &Request, view: &'a NodeView, usage: &Usage) -> Resul
         best_pool,
         port,
         domain,
+        preference: request.topology.preference(&node.labels),
     })
 }
 
@@ -365,7 +379,8 @@ pub fn place(request: &Request, nodes: &[NodeView], usage: &Usage) -> Result<Pla
             Err(why) => unfit.push(why.describe(&view.record)),
         }
     }
-    candidates.sort_by(|a, b| (a.used, &a.node.name).cmp(&(b.used, &b.node.name)));
+    candidates
+        .sort_by(|a, b| (a.preference, a.used, &a.node.name).cmp(&(b.preference, b.used, &b.node.name)));
 
     if nodes.len() == 1 && request.replicas > 1 {
         return place_on_one_host(request, candidates.first(), &unfit, usage);

@@ -160,6 +160,8 @@ pub struct ControllerView {
     pub epoch: u64,
     /// Every replica it knows, removed ones included.
     pub replicas: Vec<ViewedReplica>,
+    /// The initiators its target lets in (lower case, sorted); `None`: any.
+    pub allowed: Option<Vec<String>>,
 }
 
 /// One step of a pass. Actions of one volume run in order; the first that
@@ -219,6 +221,11 @@ pub enum Action {
         volume: VolumeName,
         qos: QosSpec,
     },
+    /// Replace the initiators its target lets in (`None`: any).
+    SetAllowList {
+        volume: VolumeName,
+        allowed: Option<Vec<String>>,
+    },
     RemoveSecretFiles {
         volume: VolumeName,
     },
@@ -263,6 +270,7 @@ impl Action {
             | Action::SetPhase { volume, .. }
             | Action::Expand { volume, .. }
             | Action::SetQos { volume, .. }
+            | Action::SetAllowList { volume, .. }
             | Action::RemoveSecretFiles { volume }
             | Action::TakeLease { volume, .. }
             | Action::ReleaseLease { volume, .. }
@@ -589,6 +597,14 @@ fn plan_controller(
             phase,
         });
     }
+    // Access follows the attachment whether or not I/O is served: an unpublished node is shut out now.
+    let allowed = normalized(crate::model::allowed_initiators(v));
+    if allowed != view.allowed {
+        actions.push(Action::SetAllowList {
+            volume: name.clone(),
+            allowed,
+        });
+    }
     if !view.serving {
         return;
     }
@@ -604,6 +620,16 @@ fn plan_controller(
             qos: v.spec.qos.clone(),
         });
     }
+}
+
+/// Initiator names as compared: lower case (iSCSI names compare case-insensitively), sorted.
+pub fn normalized(names: Option<Vec<String>>) -> Option<Vec<String>> {
+    names.map(|mut n| {
+        n.iter_mut().for_each(|s| *s = s.to_lowercase());
+        n.sort();
+        n.dedup();
+        n
+    })
 }
 
 fn plan_deletion(
@@ -825,6 +851,7 @@ fn service_spec(
                     qos: v.spec.qos.clone(),
                     secret_file: local.peer_secret_file(name),
                     api_token_file: local.api_token_file(name),
+                    closed: !v.spec.access.is_any(),
                 }),
                 vec![name.clone()],
             ))
@@ -910,6 +937,7 @@ pub fn view_from_reply(reply: &pb::VolumeInfoReply) -> ControllerView {
                 }
             })
             .collect(),
+        allowed: normalized(reply.allow_restricted.then(|| reply.allowed_initiators.clone())),
     }
 }
 
@@ -1292,6 +1320,20 @@ impl Reconciler {
                     .map_err(|_| anyhow::anyhow!("the controller did not answer VolumeSetQos in time"))?
                     .map_err(|s| anyhow::anyhow!("setting the QoS limits: {}", s.message()))?;
                 tracing::info!(volume = %volume, ?qos, "QoS limits applied");
+                Ok(())
+            }
+            Action::SetAllowList { volume, allowed } => {
+                let mut client = self.controller_client(desired, &volume).await?;
+                let request = pb::TargetAllowListRequest {
+                    any: allowed.is_none(),
+                    initiators: allowed.clone().unwrap_or_default(),
+                };
+                let reply = tokio::time::timeout(CONTROLLER_TIMEOUT, client.target_set_allow_list(request))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the controller did not answer TargetSetAllowList in time"))?
+                    .map_err(|s| anyhow::anyhow!("setting the target's allow-list: {}", s.message()))?;
+                tracing::info!(volume = %volume, ?allowed, closed = reply.get_ref().sessions_closed,
+                    "initiator allow-list applied");
                 Ok(())
             }
             Action::RemoveSecretFiles { volume } => {

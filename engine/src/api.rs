@@ -9,6 +9,7 @@ use basalt_proto::pb::controller::controller_service_server::{ControllerService,
 use tonic::{Request, Response, Status};
 
 use basalt_proto::pb::replica as rpb;
+use basalt_target::iscsi::AllowList;
 use prost::Message as _;
 
 use crate::volume::core::{ControlOp, ReplicaMode, VolumeError};
@@ -20,11 +21,28 @@ use crate::volume::{ExpandError, Expansion, Volume};
 /// Reports sessions logged in to the volume's iSCSI target.
 pub type SessionCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
+/// The volume's iSCSI target, as far as the API changes who may log in to it.
+pub trait InitiatorAccess: Send + Sync + 'static {
+    fn allow_list(&self) -> AllowList;
+    /// Replace who may log in; answers how many sessions it closed.
+    fn set_allow(&self, allow: AllowList) -> usize;
+}
+
+impl InitiatorAccess for basalt_target::iscsi::portal::Target {
+    fn allow_list(&self) -> AllowList {
+        basalt_target::iscsi::portal::Target::allow_list(self)
+    }
+    fn set_allow(&self, allow: AllowList) -> usize {
+        basalt_target::iscsi::portal::Target::set_allow(self, allow)
+    }
+}
+
 pub struct Api {
     volume: Volume,
     iqn: String,
     sessions: SessionCount,
     rebuilder: Arc<Rebuilder>,
+    access: Option<Arc<dyn InitiatorAccess>>,
 }
 
 impl Api {
@@ -34,13 +52,48 @@ impl Api {
         sessions: SessionCount,
         rebuilder: Arc<Rebuilder>,
     ) -> ControllerServiceServer<Api> {
+        Api::serving_target(volume, iqn, sessions, rebuilder, None)
+    }
+
+    /// The API of a controller whose target's allow-list it may change (`TargetSetAllowList`).
+    pub fn serving_target(
+        volume: Volume,
+        iqn: String,
+        sessions: SessionCount,
+        rebuilder: Arc<Rebuilder>,
+        access: Option<Arc<dyn InitiatorAccess>>,
+    ) -> ControllerServiceServer<Api> {
         ControllerServiceServer::new(Api {
             volume,
             iqn,
             rebuilder,
             sessions,
+            access,
         })
     }
+}
+
+/// An allow-list request checked: every name a valid iSCSI name, `any` alone.
+pub fn allow_list(req: &pb::TargetAllowListRequest) -> Result<AllowList, Status> {
+    if req.any {
+        if !req.initiators.is_empty() {
+            return Err(Status::invalid_argument(
+                "any and initiators exclude each other: send any=true alone, or the initiator names alone",
+            ));
+        }
+        return Ok(AllowList::Any);
+    }
+    for name in &req.initiators {
+        let valid = ["iqn.", "eui.", "naa."].iter().any(|p| name.starts_with(p))
+            && name.len() <= 223
+            && !name.contains(|c: char| c.is_whitespace() || c == '\0' || c == ',');
+        if !valid {
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not an iSCSI initiator name (iqn., eui. or naa., at most 223 characters, no spaces)"
+            )));
+        }
+    }
+    Ok(AllowList::Only(req.initiators.clone()))
 }
 
 /// Snapshot names travel to every replica and name files there: keep them
@@ -228,6 +281,21 @@ fn shape(chain: &[rpb::SnapshotInfo]) -> Vec<(&str, &str)> {
 
 #[tonic::async_trait]
 impl ControllerService for Api {
+    async fn target_set_allow_list(
+        &self,
+        request: Request<pb::TargetAllowListRequest>,
+    ) -> Result<Response<pb::TargetAllowListReply>, Status> {
+        let list = allow_list(request.get_ref())?;
+        let access = self.access.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this controller's target allow-list cannot be changed at run time")
+        })?;
+        let closed = access.set_allow(list.clone());
+        tracing::info!(target_name = %self.iqn, allow = ?list, closed, "initiator allow-list replaced");
+        Ok(Response::new(pb::TargetAllowListReply {
+            sessions_closed: closed as u32,
+        }))
+    }
+
     async fn replica_add(
         &self,
         request: Request<pb::ReplicaRequest>,
@@ -451,6 +519,7 @@ impl ControllerService for Api {
         } else {
             "degraded"
         };
+        let allowed = self.access.as_ref().map(|a| a.allow_list());
         Ok(Response::new(pb::VolumeInfoReply {
             name: spec.name.to_string(),
             iqn: self.iqn.clone(),
@@ -478,6 +547,11 @@ impl ControllerService for Api {
             hydrated: clones.values().all(|c| c.hydrated),
             qos: self.volume.qos().await.map(|l| qos_to_pb(&l)),
             qos_stats: Some(qos_stats(m)),
+            allow_restricted: matches!(allowed, Some(AllowList::Only(_))),
+            allowed_initiators: match allowed {
+                Some(AllowList::Only(names)) => names,
+                _ => Vec::new(),
+            },
         }))
     }
 

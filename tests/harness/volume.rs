@@ -370,8 +370,27 @@ pub fn replica_mode(info: &Value, addr: SocketAddr) -> Option<String> {
 /// Runs `qemu-io` commands (e.g. `write -P 0xaa 0 64k`) against the LUN through qemu's iSCSI driver.
 /// Returns whether every command succeeded, and qemu-io's output.
 pub fn qemu_io(url: &IscsiUrl, commands: &[&str]) -> Result<(bool, String)> {
+    run_qemu_io(&["-f", "raw", "--cache", "none"], commands, &url.to_string())
+}
+
+/// [`qemu_io`] logging in as initiator `initiator` (libiscsi's `initiator-name`), as a given node does.
+pub fn qemu_io_as(url: &IscsiUrl, initiator: &str, commands: &[&str]) -> Result<(bool, String)> {
+    let image = format!(
+        "driver=iscsi,transport=tcp,portal={},target={},lun={},initiator-name={initiator},cache.direct=on",
+        url.portal, url.iqn, url.lun
+    );
+    run_qemu_io(&["--image-opts"], commands, &image)
+}
+
+fn run_qemu_io(options: &[&str], commands: &[&str], image: &str) -> Result<(bool, String)> {
     let qemu_io = crate::require_tool("qemu-io")?;
-    qemu_io_with(Command::new(qemu_io), &url.to_string(), commands)
+    let mut cmd = Command::new(qemu_io);
+    cmd.args(options);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(image);
+    finish_qemu_io(cmd)
 }
 
 /// [`qemu_io`] run by `cmd` (qemu-io itself, or a command that runs it elsewhere, such as inside a network
@@ -382,6 +401,10 @@ pub fn qemu_io_with(mut cmd: Command, url: &str, commands: &[&str]) -> Result<(b
         cmd.args(["-c", c]);
     }
     cmd.arg(url);
+    finish_qemu_io(cmd)
+}
+
+fn finish_qemu_io(mut cmd: Command) -> Result<(bool, String)> {
     let out = cmd.output().map_err(io("run qemu-io"))?;
     let text = format!(
         "{}{}",

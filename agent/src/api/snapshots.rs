@@ -85,7 +85,7 @@ pub fn check_snapshot_name(name: &str) -> ApiResult<()> {
 }
 
 /// A connected client of `name`'s controller, or why there is none.
-pub(super) async fn controller(ctx: &ApiContext, name: &VolumeName) -> ApiResult<ControllerClient> {
+pub async fn controller(ctx: &ApiContext, name: &VolumeName) -> ApiResult<ControllerClient> {
     let store = &*ctx.store;
     let record = load_volume(store, name).await?.value;
     let not_serving = |why: String| {

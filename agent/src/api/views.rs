@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    NodeName, Placement, PoolKind, PortRange, QosSpec, ServiceStatus, SnapshotRef, VolumePhase,
+    NodeName, Placement, PoolKind, PortRange, QosSpec, ServiceStatus, SnapshotRef, TargetAccess,
+    TopologyRule, VolumePhase,
 };
 
 /// `POST /v1/volumes`.
@@ -32,6 +33,14 @@ pub struct CreateVolume {
     /// `VOLUME/SNAPSHOT`: make this volume a clone of that snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_snapshot: Option<String>,
+    /// Node labels the replicas' nodes must (`requisite`: one of the sets) and would rather
+    /// (`preferred`, in order) carry: the CSI driver's accessibility requirements.
+    #[serde(default, skip_serializing_if = "TopologyRule::is_any")]
+    pub topology: TopologyRule,
+    /// Who may log in to its target: `any` (default), or `attached_node` (only the node it is attached
+    /// to, nobody while detached).
+    #[serde(default, skip_serializing_if = "TargetAccess::is_any")]
+    pub access: TargetAccess,
 }
 
 /// QoS limits in a request (`PUT /v1/volumes/{name}/qos`, or at create): [`QosSpec`]'s fields, each

@@ -20,7 +20,7 @@ use super::views::{
 use super::ApiContext;
 use crate::model::{
     keys, NodeAlive, NodeName, NodeRecord, Placement, QosSpec, ServiceId, ServiceStatus, SnapshotRef,
-    VolumePhase, VolumeRecord, VolumeSecrets, VolumeSpec,
+    TargetAccess, TopologyRule, VolumePhase, VolumeRecord, VolumeSecrets, VolumeSpec,
 };
 use crate::placement;
 use crate::store::{self, Expect, Store, StoreError, Versioned};
@@ -182,6 +182,8 @@ struct CheckedCreate {
     spread_key: String,
     qos: QosSpec,
     source: Option<SnapshotRef>,
+    topology: TopologyRule,
+    access: TargetAccess,
 }
 
 fn check_create(req: CreateVolume) -> ApiResult<CheckedCreate> {
@@ -217,6 +219,19 @@ fn check_create(req: CreateVolume) -> ApiResult<CheckedCreate> {
     let qos = req.qos.0;
     check_qos(&qos)?;
     let source = req.from_snapshot.as_deref().map(parse_snapshot_ref).transpose()?;
+    for (field, terms) in [
+        ("requisite", &req.topology.requisite),
+        ("preferred", &req.topology.preferred),
+    ] {
+        for (i, term) in terms.iter().enumerate() {
+            if term.is_empty() || term.iter().any(|(k, v)| k.is_empty() || v.is_empty()) {
+                return Err(ApiError::bad_request(format!(
+                    "topology.{field}[{i}]: each topology is a non-empty set of node labels, each label and \
+                     value non-empty"
+                )));
+            }
+        }
+    }
     if size_bytes.is_none() && source.is_none() {
         return Err(ApiError::bad_request(
             "size_bytes is required (a non-zero multiple of 4096), unless from_snapshot names a snapshot to clone",
@@ -231,6 +246,8 @@ fn check_create(req: CreateVolume) -> ApiResult<CheckedCreate> {
         spread_key,
         qos,
         source,
+        topology: req.topology,
+        access: req.access,
     })
 }
 
@@ -295,6 +312,7 @@ pub async fn create(ctx: &ApiContext, req: CreateVolume) -> ApiResult<(StatusCod
         spread_key: req.spread_key.clone(),
         exclude: BTreeSet::new(),
         first_id: 1,
+        topology: req.topology.clone(),
     };
     let placed = placement::place(&request, &nodes, &usage).map_err(|e| {
         ApiError::unplaceable(format!("volume {:?} cannot be placed: {e}", req.name.as_str()))
@@ -310,6 +328,8 @@ pub async fn create(ctx: &ApiContext, req: CreateVolume) -> ApiResult<(StatusCod
             spread_key: req.spread_key,
             qos: req.qos,
             source: req.source,
+            topology: req.topology,
+            access: req.access,
         },
         placement: Placement {
             next_replica_id: placed.replicas.iter().map(|r| r.id + 1).max().unwrap_or(0),
@@ -797,6 +817,8 @@ mod tests {
                 spread_key: "zone".into(),
                 qos: QosSpec::default(),
                 source: None,
+                topology: Default::default(),
+                access: Default::default(),
             },
             placement: Placement {
                 next_replica_id: 0,

@@ -72,6 +72,7 @@ fn request(replicas: u8, size_bytes: u64) -> Request {
         spread_key: "zone".to_string(),
         exclude: BTreeSet::new(),
         first_id: 0,
+        topology: Default::default(),
     }
 }
 
@@ -328,6 +329,8 @@ pub(crate) fn volume(n: &str, size_bytes: u64, placement: Placement) -> VolumeRe
             spread_key: "zone".to_string(),
             qos: QosSpec::default(),
             source: None,
+            topology: Default::default(),
+            access: Default::default(),
         },
         placement,
         phase: VolumePhase::Ready,
@@ -739,6 +742,77 @@ proptest! {
                 }
             }
             Err(_) => prop_assert!(!case.nodes.iter().any(open)),
+        }
+    }
+}
+
+fn zone_term(z: &str) -> BTreeMap<String, String> {
+    [("zone".to_string(), z.to_string())].into()
+}
+
+#[test]
+fn requisite_topologies_keep_other_nodes_out_and_say_so() {
+    let nodes = vec![
+        node("a1", Some("a")),
+        node("b1", Some("b")),
+        node("c1", Some("c")),
+    ];
+    let mut req = request(2, GIB);
+    req.topology.requisite = vec![zone_term("a"), zone_term("c")];
+    let placed = place(&req, &nodes, &Usage::default()).unwrap();
+    assert_eq!(nodes_of(&placed), ["a1", "c1"]);
+    req.replicas = 3;
+    let e = unsatisfiable(place(&req, &nodes, &Usage::default()));
+    assert!(
+        e.contains("node b1 is in none of the requisite topologies"),
+        "{e}"
+    );
+}
+
+#[test]
+fn preferred_topologies_come_first() {
+    let nodes = vec![
+        node("a1", Some("a")),
+        node("b1", Some("b")),
+        node("c1", Some("c")),
+    ];
+    let mut req = request(1, GIB);
+    req.topology.preferred = vec![zone_term("c"), zone_term("b")];
+    assert_eq!(nodes_of(&place(&req, &nodes, &Usage::default()).unwrap()), ["c1"]);
+    req.replicas = 2;
+    assert_eq!(
+        nodes_of(&place(&req, &nodes, &Usage::default()).unwrap()),
+        ["c1", "b1"]
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Across hosts, every replica's node is in a requisite topology; when a preferred node could take
+    /// a replica, one does.
+    #[test]
+    fn topology_is_honoured(case in arb_case(), want in 0..3u8, prefer in 0..3u8) {
+        prop_assume!(case.nodes.len() > 1);
+        let mut case = case;
+        case.request.topology.requisite = vec![zone_term(&format!("z{want}")), zone_term(&format!("z{prefer}"))];
+        case.request.topology.preferred = vec![zone_term(&format!("z{prefer}"))];
+        if let Ok(placed) = place(&case.request, &case.nodes, &case.usage) {
+            for slot in &placed.replicas {
+                let labels = &case.nodes.iter().find(|n| n.record.name == slot.node).unwrap().record.labels;
+                prop_assert!(case.request.topology.admits(labels), "{} outside the requisite zones", slot.node);
+            }
+            let preferred_fits = case.nodes.iter().any(|n| {
+                case.request.topology.preference(&n.record.labels) == 0
+                    && check_node(&case.request, n, &case.usage).is_ok()
+            });
+            if preferred_fits {
+                let preferred_used = placed.replicas.iter().any(|slot| {
+                    let n = case.nodes.iter().find(|n| n.record.name == slot.node).unwrap();
+                    case.request.topology.preference(&n.record.labels) == 0
+                });
+                prop_assert!(preferred_used, "no replica in the preferred zone though one fits");
+            }
         }
     }
 }

@@ -107,6 +107,8 @@ mod tests {
                 spread_key: "zone".into(),
                 qos: QosSpec::default(),
                 source: None,
+                topology: Default::default(),
+                access: Default::default(),
             },
             placement: Placement {
                 replicas: replicas

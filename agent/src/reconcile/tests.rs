@@ -62,6 +62,8 @@ fn volume(
                 spread_key: "zone".into(),
                 qos: QosSpec::default(),
                 source: None,
+                topology: Default::default(),
+                access: Default::default(),
             },
             placement: Placement {
                 next_replica_id: 0,
@@ -146,6 +148,7 @@ fn view(serving: bool, rw: usize) -> ControllerView {
         qos: QosSpec::default(),
         epoch: 1,
         replicas: Vec::new(),
+        allowed: None,
     }
 }
 
@@ -327,6 +330,45 @@ fn qos_limits_that_differ_from_the_spec_are_applied() {
     assert!(!plan(&local(), &d, &seen, 9)
         .iter()
         .any(|a| matches!(a, Action::SetQos { .. })));
+}
+
+#[test]
+fn the_target_lets_in_the_attached_node_only_when_access_says_so() {
+    use crate::model::{initiator_iqn, TargetAccess};
+    let allow_lists = |actions: &[Action]| -> Vec<Option<Vec<String>>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SetAllowList { allowed, .. } => Some(allowed.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // A volume open to any initiator, seen open: nothing to do.
+    let mut v = volume("v1", ["a", "a", "a"], "a", VolumePhase::Ready);
+    let mut seen = Seen::default();
+    seen.controllers.insert(vol("v1"), view(true, 3));
+    assert!(allow_lists(&plan(&local(), &desired(vec![v.clone()]), &seen, 9)).is_empty());
+    // Restricted and detached: nobody; the controller starts closed.
+    v.value.spec.access = TargetAccess::AttachedNode;
+    let actions = plan(&local(), &desired(vec![v.clone()]), &seen, 9);
+    assert_eq!(allow_lists(&actions), vec![Some(vec![])]);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Ensure { spec: ServiceSpec::Controller(c), .. } if c.closed)));
+    // Attached to node b: only b's initiator, and nothing more once the controller serves that.
+    v.value.attached_to = Some(NodeName::new("b").unwrap());
+    let want = vec![initiator_iqn(&NodeName::new("b").unwrap())];
+    assert_eq!(
+        allow_lists(&plan(&local(), &desired(vec![v.clone()]), &seen, 9)),
+        vec![Some(want.clone())]
+    );
+    seen.controllers.get_mut(&vol("v1")).unwrap().allowed =
+        normalized(Some(want.iter().map(|n| n.to_uppercase()).collect()));
+    assert!(
+        allow_lists(&plan(&local(), &desired(vec![v]), &seen, 9)).is_empty(),
+        "initiator names compare case-insensitively"
+    );
 }
 
 #[test]

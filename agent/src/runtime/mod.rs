@@ -70,6 +70,9 @@ pub struct ControllerSpec {
     pub qos: QosSpec,
     pub secret_file: PathBuf,
     pub api_token_file: PathBuf,
+    /// Start with a target nobody may log in to: the reconciler then lets in the node the volume is
+    /// attached to (the same for the life of the volume, so an attach never restarts the controller).
+    pub closed: bool,
 }
 
 /// What a runtime sees of one service.

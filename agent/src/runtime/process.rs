@@ -677,6 +677,9 @@ fn controller_args(a: &mut Args, c: &ControllerSpec) {
     a.opt("--qos-read-bps", q.read_bytes_per_sec);
     a.opt("--qos-write-bps", q.write_bytes_per_sec);
     a.opt("--qos-bps", q.total_bytes_per_sec);
+    if c.closed {
+        a.0.push("--allow-none".into());
+    }
 }
 
 #[cfg(test)]
@@ -700,6 +703,7 @@ mod tests {
             qos: QosSpec::default(),
             secret_file: "/d/secrets/vol-a/peer-secret".into(),
             api_token_file: "/d/secrets/vol-a/api-token".into(),
+            closed: false,
         })
     }
 

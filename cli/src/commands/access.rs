@@ -24,6 +24,11 @@ pub struct Access {
     /// Only these initiator names may log in (repeatable). Default: any.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
+    /// Nobody may log in until the management API names who may
+    /// (`TargetSetAllowList`): a volume used only by the node it is
+    /// attached to starts closed.
+    #[arg(long, conflicts_with = "allow")]
+    pub allow_none: bool,
 }
 
 impl Access {
@@ -44,7 +49,9 @@ impl Access {
     }
 
     pub fn allow_list(&self) -> AllowList {
-        if self.allow.is_empty() {
+        if self.allow_none {
+            AllowList::Only(Vec::new())
+        } else if self.allow.is_empty() {
             AllowList::Any
         } else {
             AllowList::Only(self.allow.clone())

@@ -27,6 +27,11 @@ pub struct Args {
     /// Print the default config, every key commented, and exit.
     #[arg(long, conflicts_with = "config")]
     print_default_config: bool,
+    /// Serve only the CSI controller (`endpoints.csi_controller`), as the
+    /// CSI controller pod of a cluster does: no node is registered, no
+    /// volume runs here.
+    #[arg(long)]
+    csi_controller_only: bool,
 }
 
 /// Worker threads of the agent: it mostly waits on the store, its services
@@ -46,6 +51,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async {
         // shutdown_signal() spawns its watcher task, so it must run inside the runtime.
-        basalt_agent::daemon::run(config, super::shutdown_signal()).await
+        if args.csi_controller_only {
+            basalt_agent::csi::serve::run_controller_only(config, super::shutdown_signal()).await
+        } else {
+            basalt_agent::daemon::run(config, super::shutdown_signal()).await
+        }
     })
 }

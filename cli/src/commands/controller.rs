@@ -181,14 +181,16 @@ pub async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()
         ..TargetConfig::new(iqn.clone(), Arc::new(lu))
     })
     .map_err(|e| anyhow::anyhow!("volume {}: {e}", args.name))?;
+    let access_target = target.clone();
     let portal = Portal::new(PortalConfig::default(), [target]);
 
     let sessions_portal = portal.clone();
-    let api = basalt_engine::api::Api::new(
+    let api = basalt_engine::api::Api::serving_target(
         volume.clone(),
         iqn.clone(),
         Arc::new(move || sessions_portal.session_count()),
         rebuilder,
+        Some(access_target as Arc<dyn basalt_engine::api::InitiatorAccess>),
     );
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

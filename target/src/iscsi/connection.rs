@@ -174,7 +174,7 @@ struct PortalEnv<'a>(&'a Portal);
 
 impl LoginEnv for PortalEnv<'_> {
     fn target(&self, name: &str) -> Option<Arc<TargetPolicy>> {
-        self.0.target(name).map(|t| t.policy.clone())
+        self.0.target(name).map(|t| t.policy())
     }
     fn session_exists(&self, tsih: u16) -> bool {
         self.0.tsih_live(tsih)
@@ -1198,7 +1198,7 @@ impl Session<'_> {
     /// SendTargets (RFC 7143 §13.3): the targets this initiator may see, at
     /// the portal address it connected to.
     fn send_targets(&self, value: &str) -> Vec<(String, String)> {
-        let visible = |t: &&Arc<Target>| t.policy.allow.allows(&self.initiator_name);
+        let visible = |t: &&Arc<Target>| t.policy().allow.allows(&self.initiator_name);
         let targets: Vec<&Arc<Target>> = match (value, self.session_type) {
             ("All", SessionType::Discovery) => {
                 let mut all: Vec<_> = self.portal.targets.values().filter(visible).collect();

@@ -100,7 +100,10 @@ pub(crate) struct SessionHandle {
 
 /// One iSCSI target: a name, LUN 0, and its logged-in sessions.
 pub struct Target {
-    pub(crate) policy: Arc<TargetPolicy>,
+    name: String,
+    /// Who may log in. Replaced whole at run time ([`Target::set_allow`]); a login takes a snapshot of
+    /// it, so a change never meets a half-updated policy.
+    policy: std::sync::RwLock<Arc<TargetPolicy>>,
     pub(crate) lun0: Arc<dyn DynLogicalUnit>,
     sessions: Mutex<HashMap<u16, Arc<SessionHandle>>>,
 }
@@ -108,7 +111,7 @@ pub struct Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
-            .field("name", &self.policy.name)
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
@@ -126,19 +129,52 @@ impl Target {
             return Err(ConfigError::BadTargetName(config.name));
         }
         Ok(Arc::new(Target {
-            policy: Arc::new(TargetPolicy {
+            name: config.name.clone(),
+            policy: std::sync::RwLock::new(Arc::new(TargetPolicy {
                 name: config.name,
                 alias: config.alias,
                 auth: config.auth,
                 allow: config.allow,
-            }),
+            })),
             lun0: config.lun0,
             sessions: Mutex::new(HashMap::new()),
         }))
     }
 
     pub fn name(&self) -> &str {
-        &self.policy.name
+        &self.name
+    }
+
+    /// The login policy in force now.
+    pub(crate) fn policy(&self) -> Arc<TargetPolicy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Who may log in now.
+    pub fn allow_list(&self) -> AllowList {
+        self.policy().allow.clone()
+    }
+
+    /// Replace who may log in, at run time (a CSI publication moving to another node). Sessions of
+    /// initiators the new list leaves out are dropped at once: an initiator that lost access must not
+    /// keep writing through a session it opened before. Returns how many were dropped.
+    pub fn set_allow(&self, allow: AllowList) -> usize {
+        {
+            let mut policy = self.policy.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = TargetPolicy::clone(&policy);
+            next.allow = allow.clone();
+            *policy = Arc::new(next);
+        }
+        let mut dropped = 0;
+        for session in self.sessions() {
+            if !allow.allows(&session.nexus.initiator_name) {
+                tracing::info!(target_name = %self.name, initiator = %session.nexus.initiator_name,
+                    "closing a session of an initiator no longer allowed");
+                session.cancel.cancel();
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// How many sessions are logged in to this target now.

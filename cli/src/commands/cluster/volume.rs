@@ -122,6 +122,9 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
             total_bytes_per_sec: q.qos_bps,
         }),
         from_snapshot: args.from_snapshot.clone(),
+        // Open to any initiator at its URL, anywhere: the CLI's volumes are used by hand.
+        topology: Default::default(),
+        access: Default::default(),
     };
     block_on(async move {
         let v = args.agent.client()?.create_volume(&req).await?;
