@@ -97,7 +97,8 @@ def main():
                     phases["fio"].append(t - last_response)
                 current = {"cmd": t, "req": {}, "rep": {}}
         elif sport == iscsi:
-            if current is not None and len(current["rep"]) == len(replicas):
+            # Complete when every replica sent a request answered (a write goes to all, a read to one).
+            if current is not None and (not replicas or (current["req"] and current["rep"].keys() == current["req"].keys())):
                 c = current
                 phases["target"].append(t - c["cmd"])
                 if replicas:
@@ -108,7 +109,7 @@ def main():
                     phases["fan-out"].append(last_req - first_req)
                     phases["replicas"].append(last_rep - first_req)
                     phases["outbound"].append(t - last_rep)
-                    for p in replicas:
+                    for p in c["req"]:
                         rtt = c["rep"][p] - c["req"][p]
                         per_replica[p].append(rtt)
                         phases["replica"].append(rtt)
@@ -137,6 +138,8 @@ def main():
             print(f"{label:<64} {sum(v) / len(v):7.1f} {percentile(v, 0.5):7.1f} {percentile(v, 0.99):7.1f}")
     for i, p in enumerate(replicas):
         v = per_replica[p]
+        if not v:
+            continue
         print(f"  replica {i + 1} (port {p}) round trip{'':<33} {sum(v) / len(v):7.1f} "
               f"{percentile(v, 0.5):7.1f} {percentile(v, 0.99):7.1f}")
     if sched:
