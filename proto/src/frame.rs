@@ -94,7 +94,7 @@ use crate::{Epoch, Revision, VolumeId};
 
 pub use codec::{decode_all, DecodeError, EncodeError, FrameCodec};
 pub use header::{payload_crc, EncodedFrame, HEADER_LEN, MAGIC};
-pub use io::FrameBatchWriter;
+pub use io::{frame_sender, FrameBatchWriter, FrameFlusher, FrameSender, SendError};
 
 /// Largest payload one frame may carry: 16 MiB.
 ///

@@ -2,15 +2,18 @@
 //! our Auth: see `basalt_proto::auth`), then two tasks.
 //!
 //! ```text
-//!   driver ──(JobId, ReplicaRequest)──► writer task ──frames, batched writev──► replica
+//!   driver ──(JobId, ReplicaRequest)── one writev per turn ─────────────────► replica
+//!            └─ what the socket did not take ─► flusher task ──writev──────►
 //!   driver ◄──────── Event::Reply / Event::Lost ◄──── reader task ◄──frames──── replica
 //! ```
 //!
-//! The writer drains everything queued before each vectored write, so a burst
-//! of 32 writes costs one syscall; payloads are the guest's `Bytes`, never
-//! copied. The reader maps each reply to an [`Event`] for the volume core and
-//! reports [`Event::Lost`] the moment the connection breaks, so a dead replica
-//! is dropped at once rather than after a timeout.
+//! The driver writes everything it produced for a replica in one turn with
+//! one vectored write on its own task (`basalt_proto::frame::FrameSender`), so
+//! a burst of 32 writes costs one syscall and a single write no task hop;
+//! payloads are the guest's `Bytes`, never copied. The reader maps each reply
+//! to an [`Event`] for the volume core and reports [`Event::Lost`] the moment
+//! the connection breaks, so a dead replica is dropped at once rather than
+//! after a timeout.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +21,8 @@ use std::time::Duration;
 
 use basalt_proto::auth::{ClientHandshake, HandshakeError, VolumeSecret};
 use basalt_proto::frame::{
-    payload_crc, Frame, FrameBatchWriter, FrameCodec, Message, ReplicaIdentity, ReplyError, RequestId,
+    frame_sender, payload_crc, Frame, FrameBatchWriter, FrameCodec, FrameSender, Message, ReplicaIdentity,
+    ReplyError, RequestId,
 };
 use basalt_proto::{Epoch, VolumeId};
 use futures::StreamExt;
@@ -31,10 +35,6 @@ use basalt_proto::pb::replica as pb;
 use prost::Message as _;
 
 use super::core::{ClientId, ControlOp, Event, JobId, ReplicaReply, ReplicaRequest};
-
-/// Stop batching and write once this much is queued (bounds the writer's
-/// memory; far above one burst of small writes).
-const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// Longest wait for the answer to one control or metadata request (a
 /// checksum listing of 2^16 blocks, a page of a layer, a flush): far above
@@ -241,10 +241,26 @@ impl Handshaken {
         revision: Arc<AtomicU64>,
     ) -> Link {
         revision.store(self.identity.revision.0, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_loop(client, epoch, self.writer, rx, events.clone()));
-        let reader = tokio::spawn(read_loop(client, self.reader, events, revision));
-        Link { tx, writer, reader }
+        let (sender, flusher) = frame_sender(self.writer.into_inner());
+        let lost = events.clone();
+        let writer = tokio::spawn(async move {
+            if let Err(e) = flusher.run().await {
+                let _ = lost.send(Event::Lost {
+                    client,
+                    cause: format!("connection lost while sending: {e}"),
+                });
+            }
+        });
+        let reader = tokio::spawn(read_loop(client, self.reader, events.clone(), revision));
+        Link {
+            client,
+            epoch,
+            sender,
+            broken: std::cell::Cell::new(false),
+            events,
+            writer,
+            reader,
+        }
     }
 }
 
@@ -266,19 +282,51 @@ pub struct Outgoing {
 /// The running I/O tasks of one replica connection. Dropping it closes the
 /// connection.
 pub struct Link {
-    /// Requests go to the writer task a batch at a time: everything the
-    /// owner task produced for this replica in one turn, so a burst costs one
-    /// wake-up of the writer and goes out in one vectored write.
-    tx: mpsc::UnboundedSender<Vec<Outgoing>>,
+    client: ClientId,
+    epoch: Epoch,
+    /// Requests are written by the owner task itself, everything it produced
+    /// for this replica in one turn in one vectored write; only what the
+    /// socket does not take at once goes through the flusher task (`writer`).
+    /// At queue depth 1 that saves a wake-up and a poll of a writer task per
+    /// replica between the owner and the socket.
+    sender: FrameSender,
+    /// A request could not be encoded: nothing more is sent on this link
+    /// (it would arrive with a gap), and the replica is being dropped.
+    broken: std::cell::Cell<bool>,
+    events: mpsc::UnboundedSender<Event>,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
 }
 
 impl Link {
-    /// Queue requests, sent in order. If the writer is gone the connection
-    /// is already lost, and the reader or writer has reported it.
+    /// Send requests, in order after every request sent before. If the
+    /// connection failed, the flusher has reported it (the replica is being
+    /// dropped) and the requests go nowhere.
     pub fn send(&self, batch: Vec<Outgoing>) {
-        let _ = self.tx.send(batch);
+        if self.broken.get() {
+            return;
+        }
+        let mut frames = Vec::with_capacity(batch.len());
+        for out in batch {
+            let frame = Frame::new(RequestId(out.job.0), self.epoch, to_message(out.request));
+            let encoded = match out.payload_crc {
+                Some(crc) => frame.encode_with_payload_crc(crc),
+                None => frame.encode(),
+            };
+            match encoded {
+                Ok(f) => frames.push(f),
+                Err(e) => {
+                    self.broken.set(true);
+                    let _ = self.events.send(Event::Lost {
+                        client: self.client,
+                        cause: format!("cannot encode a request: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+        // An error means an earlier write failed; the flusher reports it.
+        let _ = self.sender.send(frames);
     }
 }
 
@@ -326,49 +374,6 @@ fn to_message(request: ReplicaRequest) -> Message {
         ReplicaRequest::ReadV { extents } => Message::ReadV { extents },
         ReplicaRequest::WriteV { extents, data } => Message::WriteV { extents, data },
         ReplicaRequest::BlockCrcs { start_lba, count } => Message::BlockCrcs { start_lba, count },
-    }
-}
-
-async fn write_loop(
-    client: ClientId,
-    epoch: Epoch,
-    mut writer: FrameBatchWriter<OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<Vec<Outgoing>>,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    let encode = |out: Outgoing| {
-        let frame = Frame::new(RequestId(out.job.0), epoch, to_message(out.request));
-        match out.payload_crc {
-            Some(crc) => frame.encode_with_payload_crc(crc),
-            None => frame.encode(),
-        }
-    };
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(batch) = next.take() {
-            for out in batch {
-                match encode(out) {
-                    Ok(frame) => writer.push(frame),
-                    Err(e) => {
-                        let _ = events.send(Event::Lost {
-                            client,
-                            cause: format!("cannot encode a request: {e}"),
-                        });
-                        return;
-                    }
-                }
-            }
-            if writer.pending_bytes() < MAX_BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if let Err(e) = writer.flush().await {
-            let _ = events.send(Event::Lost {
-                client,
-                cause: format!("connection lost while sending: {e}"),
-            });
-            return;
-        }
     }
 }
 

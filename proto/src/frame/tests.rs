@@ -575,6 +575,101 @@ async fn batch_writer_writes_many_frames_that_decode_in_order() {
     assert_eq!(decoded, frames);
 }
 
+fn write_frame(i: u64, len: usize) -> Frame {
+    Frame::new(
+        RequestId(i),
+        Epoch(1),
+        Message::Write {
+            offset: i * 4096,
+            data: Bytes::from(vec![i as u8; len]),
+            fua: false,
+        },
+    )
+}
+
+/// A [`FrameSender`] on a loopback connection, its flusher running, and the peer's stream.
+async fn sender_and_peer() -> (
+    FrameSender,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::net::TcpStream,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connected, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (_, write) = connected.unwrap().into_split();
+    let (sender, flusher) = frame_sender(write);
+    (sender, tokio::spawn(flusher.run()), accepted.unwrap().0)
+}
+
+/// Reads frames from `peer` until EOF.
+async fn read_all(mut peer: tokio::net::TcpStream) -> Vec<Frame> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    peer.read_to_end(&mut bytes).await.unwrap();
+    let (frames, err) = decode_all(&bytes);
+    assert!(err.is_none(), "{err:?}");
+    frames
+}
+
+#[tokio::test]
+async fn frame_sender_keeps_order_when_the_socket_pushes_back() {
+    let (sender, flusher, peer) = sender_and_peer().await;
+    // 64 MiB while the peer reads nothing: far past any socket buffer, so most of it is queued for the
+    // flusher while later sends keep arriving, from the sender and from a clone of it.
+    let frames: Vec<Frame> = (0..256).map(|i| write_frame(i, 256 << 10)).collect();
+    let clone = sender.clone();
+    for (i, f) in frames.iter().enumerate() {
+        let by = if i % 2 == 0 { &sender } else { &clone };
+        by.send([f.encode().unwrap()]).unwrap();
+    }
+    let reader = tokio::spawn(read_all(peer));
+    drop((sender, clone));
+    flusher.await.unwrap().unwrap();
+    assert_eq!(reader.await.unwrap(), frames);
+}
+
+#[tokio::test]
+async fn frame_sender_bounded_send_waits_for_the_peer() {
+    let (sender, flusher, peer) = sender_and_peer().await;
+    let frames: Vec<Frame> = (0..64).map(|i| write_frame(i, 1 << 20)).collect();
+    let producer = {
+        let frames = frames.clone();
+        tokio::spawn(async move {
+            for f in &frames {
+                sender.send_bounded([f.encode().unwrap()], 2 << 20).await.unwrap();
+            }
+        })
+    };
+    // The peer does not read: the producer must stop with a bounded queue, not finish.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !producer.is_finished(),
+        "64 MiB were accepted while the peer read nothing"
+    );
+    let reader = tokio::spawn(read_all(peer));
+    producer.await.unwrap();
+    flusher.await.unwrap().unwrap();
+    assert_eq!(reader.await.unwrap(), frames);
+}
+
+#[tokio::test]
+async fn frame_sender_refuses_after_the_peer_is_gone() {
+    let (sender, flusher, peer) = sender_and_peer().await;
+    drop(peer);
+    // The first writes may still land in the socket buffer before the reset comes back; within a few
+    // sends the connection reports the failure, and the flusher returns it.
+    let mut refused = false;
+    for i in 0..1000 {
+        if sender.send([write_frame(i, 64 << 10).encode().unwrap()]).is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert!(refused, "sends to a closed peer kept succeeding");
+    assert!(flusher.await.unwrap().is_err());
+}
+
 #[test]
 fn magic_is_ascii_bslt() {
     assert_eq!(&MAGIC, b"BSLT");

@@ -14,15 +14,13 @@ use std::time::Instant;
 
 use basalt_proto::auth::{Challenge, Nonce, Prover};
 use basalt_proto::frame::{
-    BlockCrc, BlockRun, DecodeError, Extent, Frame, FrameBatchWriter, FrameCodec, Message, Op,
+    frame_sender, BlockCrc, BlockRun, DecodeError, Extent, Frame, FrameCodec, FrameSender, Message, Op,
     ProtocolVersion, ReplicaIdentity, ReplyError, RequestId, MAX_CRC_RUNS,
 };
 use basalt_proto::pb::replica as pb;
 use basalt_proto::Epoch;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
@@ -120,8 +118,14 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     shared.metrics.connection_opened();
     tracing::info!(%peer, "controller connected");
     let (rx, tx) = stream.into_split();
+    let (direct, flusher) = frame_sender(tx);
+    let flusher = tokio::spawn(async move {
+        if let Err(e) = flusher.run().await {
+            tracing::info!(%peer, error = %e, "cannot send replies; the controller went away");
+        }
+    });
     let (reply_tx, reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
-    let writer = tokio::spawn(write_replies(tx, reply_rx, peer));
+    let writer = tokio::spawn(write_replies(direct.clone(), reply_rx, peer));
 
     let (lane_tx, lane_rx) = mpsc::channel::<Job>(ORDERED_QUEUE);
     let lane_pending = Arc::new(AtomicUsize::new(0));
@@ -138,6 +142,7 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             peer,
             shared: &shared,
             reply_tx: &reply_tx,
+            direct: &direct,
             lane_tx: &lane_tx,
             lane_pending: &lane_pending,
             reads: &reads,
@@ -167,6 +172,11 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     if let Err(e) = writer.await {
         tracing::error!(%peer, error = %e, "reply writer of the connection panicked");
     }
+    // The socket closes once the last reply is written and every sender is gone.
+    drop(direct);
+    if let Err(e) = flusher.await {
+        tracing::error!(%peer, error = %e, "reply flusher of the connection panicked");
+    }
     shared.metrics.connection_closed();
 }
 
@@ -174,7 +184,12 @@ pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 struct Dispatch<'a> {
     peer: SocketAddr,
     shared: &'a Arc<Shared>,
+    /// Replies from tasks and threads other than the reader: they go through
+    /// the writer task.
     reply_tx: &'a mpsc::Sender<Frame>,
+    /// Replies from the reader task itself: written on this task, without
+    /// the hop to the writer task (see [`FrameSender`]).
+    direct: &'a FrameSender,
     lane_tx: &'a mpsc::Sender<Job>,
     /// Jobs handed to the lane and not yet executed there. Zero means the
     /// lane is idle, so a plain write may run on the reader task (see
@@ -394,18 +409,34 @@ impl Dispatch<'_> {
         if jobs.is_empty() {
             return;
         }
-        for reply in execute_writes(self.shared, jobs) {
-            // Fails only when the writer is gone; the writes are done anyway.
-            let _ = self.reply_tx.send(reply).await;
-        }
+        // Fails only when the socket is gone; the writes are done anyway.
+        self.send_direct(execute_writes(self.shared, jobs)).await;
+    }
+
+    /// Sends replies from the reader task: written at once when nothing is
+    /// queued ahead of them; waits while the controller is not reading
+    /// (more than [`WRITE_BATCH_BYTES`] queued), as the bounded reply
+    /// channel makes the other producers wait.
+    async fn send_direct(&self, replies: Vec<Frame>) {
+        let peer = self.peer;
+        let encoded = replies.into_iter().filter_map(|frame| match frame.encode() {
+            Ok(encoded) => Some(encoded),
+            // Replies are built here and are within limits; if one is not,
+            // the controller will time the request out.
+            Err(e) => {
+                tracing::error!(%peer, request = frame.id.0, error = %e, "reply not encodable");
+                None
+            }
+        });
+        // Fails only when the socket broke: nobody can be told anything, and
+        // the reader will see EOF shortly.
+        let _ = self.direct.send_bounded(encoded, WRITE_BATCH_BYTES).await;
     }
 
     /// Queues the reply to request `id`.
     async fn answer(&self, id: RequestId, op: Op, received: Instant, result: Result<Message, Refusal>) {
-        let frame = reply_frame(self.shared, id, op, received, result);
-        // Fails only when the writer is gone (the socket broke): then nobody
-        // can be told anything, and the reader will see EOF shortly.
-        let _ = self.reply_tx.send(frame).await;
+        self.send_direct(vec![reply_frame(self.shared, id, op, received, result)])
+            .await;
     }
 
     fn spawn_read(&self, job: Job) {
@@ -1131,28 +1162,36 @@ fn reply_frame(
     Frame::new(id, shared.store.epoch(), message)
 }
 
-/// The writer task: batches queued replies into vectored writes.
-async fn write_replies(tx: OwnedWriteHalf, mut replies: mpsc::Receiver<Frame>, peer: SocketAddr) {
-    let mut writer = FrameBatchWriter::new(tx);
+/// The writer task: batches the replies of the lane, the read tasks and the
+/// blocking pool into vectored writes, in the order they were queued.
+async fn write_replies(sender: FrameSender, mut replies: mpsc::Receiver<Frame>, peer: SocketAddr) {
+    let mut batch = Vec::new();
     while let Some(first) = replies.recv().await {
+        let mut bytes = 0;
         let mut next = Some(first);
         while let Some(frame) = next.take() {
             match frame.encode() {
-                Ok(encoded) => writer.push(encoded),
+                Ok(encoded) => {
+                    bytes += encoded.remaining();
+                    batch.push(encoded);
+                }
                 // Replies are built here and are within limits; if one is
                 // not, the controller will time the request out.
                 Err(e) => tracing::error!(%peer, request = frame.id.0, error = %e, "reply not encodable"),
             }
-            if writer.pending_bytes() < WRITE_BATCH_BYTES {
+            if bytes < WRITE_BATCH_BYTES {
                 next = replies.try_recv().ok();
             }
         }
-        if let Err(e) = writer.flush().await {
-            tracing::info!(%peer, error = %e, "cannot send replies; the controller went away");
-            // Keep draining so that producers never block on a dead socket.
+        if sender
+            .send_bounded(batch.drain(..), WRITE_BATCH_BYTES)
+            .await
+            .is_err()
+        {
+            // The flusher logs why. Keep draining so that producers never
+            // block on a dead socket.
             while replies.recv().await.is_some() {}
             return;
         }
     }
-    let _ = writer.get_mut().shutdown().await;
 }

@@ -6,14 +6,16 @@
 //! ```text
 //!                 +-------------------- one connection ------------------------------+
 //!  socket rx ---> | reader task: decode, check Hello, take an in-flight budget       |
-//!                 |   |-- Ping ------------------------------------------------------+--> reply channel
-//!                 |   |-- Read/ReadV, cached --> store on the reader task ----------+--> reply channel
+//!                 |   |-- Ping ------------------------------------------------------+--> written at once
+//!                 |   |-- Read/ReadV, cached --> store on the reader task ----------+--> written at once
 //!                 |   |-- Read/ReadV, not cached --> spawn_blocking (concurrently) -+--> reply channel
-//!                 |   |-- plain Write/WriteV, lane idle --> batched, on the reader -+--> reply channel
+//!                 |   |-- plain Write/WriteV, lane idle --> batched, on the reader -+--> written at once
 //!                 |   '-- Unmap/FUA write/Flush/Snapshot*/Info/SetEpoch, or a       |
 //!                 |       write behind one --> ordered lane: ONE blocking thread ---+--> reply channel
 //!                 |                                                                  |
-//!  socket tx <--- | writer task: drain reply channel, one vectored write/batch       |
+//!                 | writer task: drain reply channel, one vectored write/batch       |
+//!  socket tx <--- | "written at once": one vectored write on the reader task, unless |
+//!                 | replies are queued ahead (then behind them, by the flusher task) |
 //!                 +------------------------------------------------------------------+
 //! ```
 //!
