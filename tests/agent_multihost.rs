@@ -14,7 +14,9 @@
 //! writing and flushing slot after slot through qemu-io and recording every acknowledged write:
 //! * the controller's host cut off: the controller moves to a host with a replica (generation and epoch
 //!   up), the partitioned one acknowledges nothing, the writer follows the URL `volume inspect` gives; the
-//!   link back, the old host's controller stops; every acknowledged write reads back.
+//!   link back, the old host's controller stops; every acknowledged write reads back;
+//! * a replica's host cut past the grace period: a replacement on the free host is rebuilt and the
+//!   membership updated (not before the grace); the host back deletes its retired replica's data.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -325,6 +327,24 @@ impl Cluster {
     }
 }
 
+/// Ready, with every placed replica read-write on its node and a member of the controller's volume,
+/// and nothing else a member.
+fn whole(view: &Value) -> bool {
+    let slots = view["placement"]["replicas"].as_array().unwrap();
+    let mut placed: Vec<u64> = slots.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let rw = slots.iter().all(|r| {
+        let status = &view["statuses"][format!("replica-{}", r["id"])];
+        status["node"] == r["node"] && status["mode"] == "rw"
+    });
+    let Some(members) = view["statuses"]["controller"]["report"]["replicas"].as_array() else {
+        return false;
+    };
+    let mut members: Vec<u64> = members.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    placed.sort();
+    members.sort();
+    view["phase"] == "ready" && rw && placed == members
+}
+
 /// `hostN` → N.
 fn host_index(node: &Value) -> usize {
     node.as_str()
@@ -591,5 +611,84 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         slots.len(),
         acked.at(&new_url),
         acked.failed
+    );
+
+    // Episode 2: a replica's host (not the controller's) cut past the grace period, the writer on.
+    let view = cluster.wait_view(writer, "moving", "whole again", whole);
+    let controller = host_index(&view["placement"]["controller"]["node"]);
+    let slot = view["placement"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| host_index(&r["node"]) != controller)
+        .unwrap()
+        .clone();
+    let victim = host_index(&slot["node"]);
+    let victim_dir = cluster
+        .dir
+        .path()
+        .join(format!("host{victim}/pool0"))
+        .join(view["uuid"].as_str().unwrap())
+        .join(format!("replica-{}", slot["id"]));
+    assert!(victim_dir.is_dir(), "{victim_dir:?}");
+    let first = slots.iter().max().unwrap() + 1;
+    let stop = AtomicBool::new(false);
+    let log = Mutex::new(Acked::default());
+    let mut replaced = Value::Null;
+    std::thread::scope(|s| {
+        let w = s.spawn(|| cluster.write_until(writer, "moving", first, &stop, &log));
+        wait_for("writes before the cut", READY_TIMEOUT, || {
+            log.lock().unwrap().slots.len() >= 10
+        })
+        .unwrap();
+        cluster.network.cut(victim).unwrap();
+        let cut_at = Instant::now();
+        let victim_name = slot["node"].clone();
+        let spare = format!("host{writer}");
+        replaced = cluster.wait_view(writer, "moving", "to replace the cut host's replica", |v| {
+            let nodes = v["placement"]["replicas"].as_array().unwrap();
+            whole(v)
+                && nodes.iter().all(|r| r["node"] != victim_name)
+                && nodes.iter().any(|r| r["node"] == spare.as_str())
+        });
+        assert!(
+            cut_at.elapsed() >= GRACE,
+            "replaced after {:?}, before the grace period",
+            cut_at.elapsed()
+        );
+        let ids: Vec<&Value> = replaced["placement"]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["id"])
+            .collect();
+        assert!(!ids.contains(&&slot["id"]), "{replaced:#}");
+        assert!(victim_dir.is_dir(), "the cut host's data went while it was away");
+
+        // The host back: it finds its replica retired, and deletes its data (the volume is whole).
+        cluster.network.restore(victim).unwrap();
+        let deleted = wait_for("the retired replica's data deleted", READY_TIMEOUT, || {
+            !victim_dir.exists()
+        });
+        if let Err(e) = deleted {
+            panic!("{e}\n{}", cluster.logs());
+        }
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap();
+    });
+    let acked = log.into_inner().unwrap();
+    let url = replaced["iscsi_url"].as_str().unwrap();
+    let all: Vec<u64> = slots
+        .iter()
+        .copied()
+        .chain(acked.slots.iter().map(|(s, _)| *s))
+        .collect();
+    let lost = cluster.lost(writer, url, &all);
+    assert!(lost.is_empty(), "acknowledged writes lost: slots {lost:?}");
+    eprintln!(
+        "episode 2: {} writes acknowledged, {} failed, lost 0 of {} checked",
+        acked.slots.len(),
+        acked.failed,
+        all.len()
     );
 }
