@@ -16,7 +16,8 @@
 //!   up), the partitioned one acknowledges nothing, the writer follows the URL `volume inspect` gives; the
 //!   link back, the old host's controller stops; every acknowledged write reads back;
 //! * a replica's host cut past the grace period: a replacement on the free host is rebuilt and the
-//!   membership updated (not before the grace); the host back deletes its retired replica's data.
+//!   membership updated (not before the grace); the host back deletes its retired replica's data;
+//! * every agent SIGKILLed and started again: the volume whole again, every acknowledged write there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -513,7 +514,7 @@ const GRACE: Duration = Duration::from_secs(60);
 
 #[test]
 fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_write() {
-    let cluster = Cluster::start(4, GRACE);
+    let mut cluster = Cluster::start(4, GRACE);
     cluster.wait_nodes_up(0, &["host0", "host1", "host2", "host3"]);
     let (ok, _, err) = cluster.cli(
         0,
@@ -689,6 +690,31 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         "episode 2: {} writes acknowledged, {} failed, lost 0 of {} checked",
         acked.slots.len(),
         acked.failed,
+        all.len()
+    );
+
+    // Episode 3: every agent SIGKILLed (its services are left running, as after an agent crash) and
+    // started again: the volume is served again, whole, with the same data, nobody stepping in.
+    for i in 0..4 {
+        let mut agent = cluster.agents[i].take().unwrap();
+        // SAFETY: plain syscall on the agent process this test started.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
+        // Dropping the guard would kill its process group, and with it the services the agent
+        // started; `Cluster::drop` kills the group at the end.
+        std::mem::forget(agent);
+    }
+    for i in 0..4 {
+        let config = cluster.dir.path().join(format!("host{i}/agent.yaml"));
+        cluster.start_agent(i, &config);
+    }
+    cluster.wait_nodes_up(0, &["host0", "host1", "host2", "host3"]);
+    let view = cluster.wait_view(0, "moving", "whole after the agents' restart", whole);
+    let url = view["iscsi_url"].as_str().unwrap().to_string();
+    let lost = cluster.lost(writer, &url, &all);
+    assert!(lost.is_empty(), "lost after the agents' restart: slots {lost:?}");
+    eprintln!(
+        "episode 3: {} acknowledged writes read back after the restart, lost 0",
         all.len()
     );
 }
