@@ -252,6 +252,16 @@ struct Acked {
     failed: u64,
 }
 
+/// Sets the writer's stop flag when dropped, so that a failed assertion (unwinding out of the scope that
+/// joins the writer) does not leave the writer writing until it runs out of slots.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Acked {
     fn at(&self, url: &str) -> usize {
         self.slots.iter().filter(|(_, u)| u == url).count()
@@ -539,6 +549,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
     let log = Mutex::new(Acked::default());
     let mut new_url = String::new();
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         let w = s.spawn(|| cluster.write_until(writer, "moving", 0, &stop, &log));
         wait_for("writes before the cut", READY_TIMEOUT, || {
             log.lock().unwrap().slots.len() >= 10
@@ -637,6 +648,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
     let log = Mutex::new(Acked::default());
     let mut replaced = Value::Null;
     std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         let w = s.spawn(|| cluster.write_until(writer, "moving", first, &stop, &log));
         wait_for("writes before the cut", READY_TIMEOUT, || {
             log.lock().unwrap().slots.len() >= 10
