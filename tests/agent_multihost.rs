@@ -9,9 +9,20 @@
 //! * bad input: an agent configured with unreachable etcd endpoints exits with an error naming them; three
 //!   replicas asked of a cluster with two nodes up, and a cordon of an unknown node, are refused clearly and
 //!   change nothing.
+//!
+//! Four hosts (each agent with a short `failover.replica_grace`), a writer on the host without a replica
+//! writing and flushing slot after slot through qemu-io and recording every acknowledged write:
+//! * the controller's host cut off: the controller moves to a host with a replica (generation and epoch
+//!   up), the partitioned one acknowledges nothing, the writer follows the URL `volume inspect` gives; the
+//!   link back, the old host's controller stops; every acknowledged write reads back;
+//! * a replica's host cut past the grace period: a replacement on the free host is rebuilt and the
+//!   membership updated (not before the grace); the host back deletes its retired replica's data;
+//! * every agent SIGKILLed and started again: the volume whole again, every acknowledged write there.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use basalt_tests::netns::{EtcdCluster, Network, ETCD_CLIENT_PORT};
@@ -21,7 +32,6 @@ use serde_json::Value;
 
 /// Starting etcd, three agents and a volume's services on two cores shared with builds.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
-const HOSTS: usize = 3;
 const API_PORT: u16 = 9700;
 
 /// The hosts, their etcd members and agents; dropped agents first, the network last.
@@ -33,6 +43,8 @@ struct Cluster {
     network: Network,
     dir: tempfile::TempDir,
     token_file: PathBuf,
+    /// `failover.replica_grace` of every agent.
+    grace: Duration,
 }
 
 impl Drop for Cluster {
@@ -46,22 +58,24 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    /// `hosts` hosts, each with an etcd member and an agent whose replicas are replaced after `grace`.
+    fn start(hosts: usize, grace: Duration) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let network = Network::new(HOSTS).unwrap();
+        let network = Network::new(hosts).unwrap();
         let etcd = EtcdCluster::start(&network, dir.path()).unwrap();
         let token_file = dir.path().join("api-token");
         std::fs::write(&token_file, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();
         std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let mut cluster = Cluster {
-            agents: (0..HOSTS).map(|_| None).collect(),
+            agents: (0..hosts).map(|_| None).collect(),
             groups: Vec::new(),
             etcd,
             network,
             dir,
             token_file,
+            grace,
         };
-        for i in 0..HOSTS {
+        for i in 0..hosts {
             let config = cluster.write_config(i, &EtcdCluster::endpoints(&cluster.network));
             cluster.start_agent(i, &config);
         }
@@ -82,11 +96,13 @@ impl Cluster {
                  pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n\
                  cluster:\n  store: etcd\n  etcd:\n    endpoints: [{endpoints}]\n    lease_ttl: 5s\n\
                  endpoints:\n  api:\n    listen: {addr}:{API_PORT}\n    token_file: {token}\n\
-                 runtime:\n  kind: process\n  binary: {bin}\n",
+                 runtime:\n  kind: process\n  binary: {bin}\n\
+                 failover:\n  replica_grace: {grace}ms\n",
                 addr = host.address,
                 d = d.display(),
                 token = self.token_file.display(),
                 bin = basalt_binary().unwrap().display(),
+                grace = self.grace.as_millis(),
             ),
         )
         .unwrap();
@@ -125,7 +141,7 @@ impl Cluster {
             .args(args)
             .arg("--agent")
             .arg(self.api(i))
-            .arg("--token-file")
+            .arg("--agent-token-file")
             .arg(&self.token_file)
             .output()
             .unwrap();
@@ -158,11 +174,14 @@ impl Cluster {
     /// Waits until `node ls` (asked of host `i`) shows each of `names` up, and the others down.
     fn wait_nodes_up(&self, i: usize, names: &[&str]) -> Value {
         let mut last = None;
+        let mut error = String::new();
         let result = wait_for("the nodes' states", READY_TIMEOUT, || {
-            last = self.json(i, &["node", "ls"]);
+            let (ok, out, err) = self.cli(i, &["node", "ls", "--json"]);
+            error = err;
+            last = ok.then(|| serde_json::from_str::<Value>(&out).unwrap());
             last.as_ref().is_some_and(|v| {
                 let nodes = v["nodes"].as_array().unwrap();
-                nodes.len() == HOSTS
+                nodes.len() == self.network.hosts().len()
                     && nodes.iter().all(|n| {
                         let name = n["name"].as_str().unwrap();
                         n["up"].as_bool() == Some(names.contains(&name))
@@ -170,18 +189,23 @@ impl Cluster {
             })
         });
         if let Err(e) = result {
-            panic!("{e}: last seen {last:#?}\n{}", self.logs());
+            panic!("{e}: last seen {last:#?} ({error})\n{}", self.logs());
         }
         last.unwrap()
     }
 
     fn wait_ready(&self, i: usize, volume: &str) -> Value {
+        self.wait_view(i, volume, "to be ready", |v| v["phase"] == "ready")
+    }
+
+    /// Waits until `volume inspect` (asked of host `i`) shows what `done` wants, and returns it.
+    fn wait_view(&self, i: usize, volume: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let mut last = None;
-        let ready = wait_for(&format!("volume {volume} to be ready"), READY_TIMEOUT, || {
+        let result = wait_for(&format!("volume {volume} {what}"), READY_TIMEOUT, || {
             last = self.json(i, &["volume", "inspect", volume]);
-            last.as_ref().is_some_and(|v| v["phase"] == "ready")
+            last.as_ref().is_some_and(&done)
         });
-        if let Err(e) = ready {
+        if let Err(e) = result {
             panic!("{e}: last seen {last:#?}\n{}", self.logs());
         }
         last.unwrap()
@@ -212,6 +236,136 @@ impl Cluster {
     }
 }
 
+/// Bytes of each of the writer's writes: slot `k` is written once, at `k * SLOT`, with [`pattern`]`(k)`.
+const SLOT: u64 = 32 * 1024;
+
+fn pattern(slot: u64) -> u64 {
+    slot % 251 + 1
+}
+
+/// What the writer did.
+#[derive(Default)]
+struct Acked {
+    /// The slots whose write and the flush after it were acknowledged, with the URL that acknowledged them.
+    slots: Vec<(u64, String)>,
+    /// Writes that failed or timed out (their slots are never checked: they may or may not hold the data).
+    failed: u64,
+}
+
+/// Sets the writer's stop flag when dropped, so that a failed assertion (unwinding out of the scope that
+/// joins the writer) does not leave the writer writing until it runs out of slots.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Acked {
+    fn at(&self, url: &str) -> usize {
+        self.slots.iter().filter(|(_, u)| u == url).count()
+    }
+}
+
+impl Cluster {
+    fn iscsi_url(&self, i: usize, volume: &str) -> Option<String> {
+        let view = self.json(i, &["volume", "inspect", volume])?;
+        view["iscsi_url"].as_str().map(String::from)
+    }
+
+    /// [`Cluster::io`], killed after 20 s: a cut host's portal swallows packets and would hang a login.
+    fn io_bounded(&self, i: usize, url: &str, commands: &[&str]) -> (bool, String) {
+        let mut cmd = self.network.command(i, "timeout");
+        cmd.args(["-s", "KILL", "20", "qemu-io"]);
+        qemu_io_with(cmd, url, commands).unwrap()
+    }
+
+    /// Until `stop`, from inside host `i`: writes slot after slot from `first`, each followed by a flush,
+    /// recording the acknowledged ones in `log`. After a failure it asks its agent for the volume's URL
+    /// again, as an initiator following a moved controller does.
+    fn write_until(&self, i: usize, volume: &str, first: u64, stop: &AtomicBool, log: &Mutex<Acked>) {
+        let mut url = self.iscsi_url(i, volume).expect("the volume's URL");
+        let slots = self.json(i, &["volume", "inspect", volume]).unwrap()["size_bytes"]
+            .as_u64()
+            .unwrap()
+            / SLOT;
+        for slot in first..slots {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let write = format!("write -P {} {} {SLOT}", pattern(slot), slot * SLOT);
+            let (ok, _) = self.io_bounded(i, &url, &[&write, "flush"]);
+            let mut acked = log.lock().unwrap();
+            if ok {
+                acked.slots.push((slot, url.clone()));
+            } else {
+                acked.failed += 1;
+                drop(acked);
+                std::thread::sleep(Duration::from_millis(500));
+                url = self.iscsi_url(i, volume).unwrap_or(url);
+            }
+        }
+        panic!("the writer ran out of slots ({slots})");
+    }
+
+    /// The acknowledged slots that do not read back with their write, read from inside host `i`.
+    fn lost(&self, i: usize, url: &str, slots: &[u64]) -> Vec<u64> {
+        let read = |s: &u64| format!("read -P {} {} {SLOT}", pattern(*s), s * SLOT);
+        let mut lost = Vec::new();
+        for chunk in slots.chunks(128) {
+            let reads: Vec<String> = chunk.iter().map(read).collect();
+            let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+            if self.io(i, url, &reads).0 {
+                continue;
+            }
+            // Which of them: one by one.
+            lost.extend(chunk.iter().filter(|s| !self.io(i, url, &[&read(s)]).0));
+        }
+        lost
+    }
+
+    /// Whether something listens on TCP `port` inside host `i`.
+    fn listening(&self, i: usize, port: u64) -> bool {
+        let out = self
+            .network
+            .command(i, "ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        !out.stdout.is_empty()
+    }
+}
+
+/// Ready, with every placed replica read-write on its node and a member of the controller's volume,
+/// and nothing else a member.
+fn whole(view: &Value) -> bool {
+    let slots = view["placement"]["replicas"].as_array().unwrap();
+    let mut placed: Vec<u64> = slots.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let rw = slots.iter().all(|r| {
+        let status = &view["statuses"][format!("replica-{}", r["id"])];
+        status["node"] == r["node"] && status["mode"] == "rw"
+    });
+    let Some(members) = view["statuses"]["controller"]["report"]["replicas"].as_array() else {
+        return false;
+    };
+    let mut members: Vec<u64> = members.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    placed.sort();
+    members.sort();
+    view["phase"] == "ready" && rw && placed == members
+}
+
+/// `hostN` → N.
+fn host_index(node: &Value) -> usize {
+    node.as_str()
+        .unwrap()
+        .strip_prefix("host")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 fn replica_nodes(view: &Value) -> Vec<String> {
     let mut nodes: Vec<String> = view["placement"]["replicas"]
         .as_array()
@@ -225,7 +379,7 @@ fn replica_nodes(view: &Value) -> Vec<String> {
 
 #[test]
 fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(3, Duration::from_secs(300));
     let all = ["host0", "host1", "host2"];
 
     // Three nodes up, each with its zone.
@@ -271,7 +425,7 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
     cluster.etcd.start_member(&cluster.network, 2).unwrap();
 
     // Every member down: the volume serves, the API refuses what needs the store, health says so.
-    for i in 0..HOSTS {
+    for i in 0..3 {
         cluster.etcd.kill_member(i);
     }
     let (ok, out) = cluster.io(
@@ -301,7 +455,7 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
     }
 
     // etcd back: control operations work again, without restarting anything.
-    for i in 0..HOSTS {
+    for i in 0..3 {
         cluster.etcd.start_member(&cluster.network, i).unwrap();
     }
     wait_for("health ok again", READY_TIMEOUT, || {
@@ -361,5 +515,218 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
             .iter()
             .all(|n| n["cordoned"] == false),
         "{nodes:#}"
+    );
+}
+
+/// Short enough that episode 2 sees a replacement soon; long enough that episode 1 (the controller moves at
+/// once, its host comes back) ends before the lost replica is given up.
+const GRACE: Duration = Duration::from_secs(60);
+
+#[test]
+fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_write() {
+    let mut cluster = Cluster::start(4, GRACE);
+    cluster.wait_nodes_up(0, &["host0", "host1", "host2", "host3"]);
+    let (ok, _, err) = cluster.cli(
+        0,
+        &["volume", "create", "moving", "--size", "256M", "--replicas", "3"],
+    );
+    assert!(ok, "{err}");
+    let before = cluster.wait_ready(0, "moving");
+    let replicas = replica_nodes(&before);
+    let old = &before["placement"]["controller"];
+    let old_host = host_index(&old["node"]);
+    let old_port = old["iscsi_port"].as_u64().unwrap();
+    let old_generation = old["generation"].as_u64().unwrap();
+    let old_url = before["iscsi_url"].as_str().unwrap().to_string();
+    let old_epoch = before["statuses"]["controller"]["report"]["epoch"]
+        .as_u64()
+        .unwrap();
+    // The writer runs on the host without a replica: all its I/O crosses the network.
+    let writer = (0..4).find(|i| !replicas.contains(&format!("host{i}"))).unwrap();
+
+    // Episode 1: the controller's host is cut off while the writer writes and flushes.
+    let stop = AtomicBool::new(false);
+    let log = Mutex::new(Acked::default());
+    let mut new_url = String::new();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let w = s.spawn(|| cluster.write_until(writer, "moving", 0, &stop, &log));
+        wait_for("writes before the cut", READY_TIMEOUT, || {
+            log.lock().unwrap().slots.len() >= 10
+        })
+        .unwrap();
+        cluster.network.cut(old_host).unwrap();
+        let cut_at = Instant::now();
+
+        // The controller moves to another host with a replica, with a higher generation and epoch.
+        let moved = cluster.wait_view(writer, "moving", "to move off the cut host", |v| {
+            let report = &v["statuses"]["controller"]["report"];
+            host_index(&v["placement"]["controller"]["node"]) != old_host
+                && report["serving"] == true
+                && report["epoch"].as_u64().unwrap() > old_epoch
+        });
+        let controller = &moved["placement"]["controller"];
+        assert_eq!(
+            controller["generation"].as_u64(),
+            Some(old_generation + 1),
+            "{moved:#}"
+        );
+        assert!(
+            replicas.contains(&controller["node"].as_str().unwrap().to_string()),
+            "{moved:#}"
+        );
+        new_url = moved["iscsi_url"].as_str().unwrap().to_string();
+        assert_ne!(new_url, old_url);
+
+        // The old controller, alone with its host's replica behind the cut, acknowledges nothing.
+        let (ok, out) = cluster.io_bounded(old_host, &old_url, &["write -P 0xee 255M 1M", "flush"]);
+        assert!(!ok, "the partitioned controller acknowledged a write: {out}");
+
+        // The writer found the new URL and its writes are acknowledged there.
+        wait_for("writes acknowledged at the new URL", READY_TIMEOUT, || {
+            log.lock().unwrap().at(&new_url) >= 10
+        })
+        .unwrap();
+        assert!(
+            cut_at.elapsed() < GRACE,
+            "episode 1 outlasted the replica grace period ({:?})",
+            cut_at.elapsed()
+        );
+
+        // The link back: the old host's agent sees the controller placed elsewhere and stops its own.
+        cluster.network.restore(old_host).unwrap();
+        let stopped = wait_for("the old controller to stop", READY_TIMEOUT, || {
+            !cluster.listening(old_host, old_port)
+        });
+        if let Err(e) = stopped {
+            panic!("{e}\n{}", cluster.logs());
+        }
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap();
+    });
+    let acked = log.into_inner().unwrap();
+    let slots: Vec<u64> = acked.slots.iter().map(|(s, _)| *s).collect();
+    assert!(acked.at(&old_url) >= 10 && acked.at(&new_url) >= 10);
+    let lost = cluster.lost(writer, &new_url, &slots);
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost ({} failed): slots {lost:?}",
+        lost.len(),
+        slots.len(),
+        acked.failed
+    );
+    // The write the fenced controller refused is nowhere.
+    let (ok, out) = cluster.io(writer, &new_url, &["read -P 0 255M 1M"]);
+    assert!(ok, "the fenced controller's write reached the volume: {out}");
+    eprintln!(
+        "episode 1: {} writes acknowledged ({} at the new controller), {} failed, lost 0",
+        slots.len(),
+        acked.at(&new_url),
+        acked.failed
+    );
+
+    // Episode 2: a replica's host (not the controller's) cut past the grace period, the writer on.
+    let view = cluster.wait_view(writer, "moving", "whole again", whole);
+    let controller = host_index(&view["placement"]["controller"]["node"]);
+    let slot = view["placement"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| host_index(&r["node"]) != controller)
+        .unwrap()
+        .clone();
+    let victim = host_index(&slot["node"]);
+    let victim_dir = cluster
+        .dir
+        .path()
+        .join(format!("host{victim}/pool0"))
+        .join(view["uuid"].as_str().unwrap())
+        .join(format!("replica-{}", slot["id"]));
+    assert!(victim_dir.is_dir(), "{victim_dir:?}");
+    let first = slots.iter().max().unwrap() + 1;
+    let stop = AtomicBool::new(false);
+    let log = Mutex::new(Acked::default());
+    let mut replaced = Value::Null;
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let w = s.spawn(|| cluster.write_until(writer, "moving", first, &stop, &log));
+        wait_for("writes before the cut", READY_TIMEOUT, || {
+            log.lock().unwrap().slots.len() >= 10
+        })
+        .unwrap();
+        cluster.network.cut(victim).unwrap();
+        let cut_at = Instant::now();
+        let victim_name = slot["node"].clone();
+        let spare = format!("host{writer}");
+        replaced = cluster.wait_view(writer, "moving", "to replace the cut host's replica", |v| {
+            let nodes = v["placement"]["replicas"].as_array().unwrap();
+            whole(v)
+                && nodes.iter().all(|r| r["node"] != victim_name)
+                && nodes.iter().any(|r| r["node"] == spare.as_str())
+        });
+        assert!(
+            cut_at.elapsed() >= GRACE,
+            "replaced after {:?}, before the grace period",
+            cut_at.elapsed()
+        );
+        let ids: Vec<&Value> = replaced["placement"]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["id"])
+            .collect();
+        assert!(!ids.contains(&&slot["id"]), "{replaced:#}");
+        assert!(victim_dir.is_dir(), "the cut host's data went while it was away");
+
+        // The host back: it finds its replica retired, and deletes its data (the volume is whole).
+        cluster.network.restore(victim).unwrap();
+        let deleted = wait_for("the retired replica's data deleted", READY_TIMEOUT, || {
+            !victim_dir.exists()
+        });
+        if let Err(e) = deleted {
+            panic!("{e}\n{}", cluster.logs());
+        }
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap();
+    });
+    let acked = log.into_inner().unwrap();
+    let url = replaced["iscsi_url"].as_str().unwrap();
+    let all: Vec<u64> = slots
+        .iter()
+        .copied()
+        .chain(acked.slots.iter().map(|(s, _)| *s))
+        .collect();
+    let lost = cluster.lost(writer, url, &all);
+    assert!(lost.is_empty(), "acknowledged writes lost: slots {lost:?}");
+    eprintln!(
+        "episode 2: {} writes acknowledged, {} failed, lost 0 of {} checked",
+        acked.slots.len(),
+        acked.failed,
+        all.len()
+    );
+
+    // Episode 3: every agent SIGKILLed (its services are left running, as after an agent crash) and
+    // started again: the volume is served again, whole, with the same data, nobody stepping in.
+    for i in 0..4 {
+        let mut agent = cluster.agents[i].take().unwrap();
+        // SAFETY: plain syscall on the agent process this test started.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
+        // Dropping the guard would kill its process group, and with it the services the agent
+        // started; `Cluster::drop` kills the group at the end.
+        std::mem::forget(agent);
+    }
+    for i in 0..4 {
+        let config = cluster.dir.path().join(format!("host{i}/agent.yaml"));
+        cluster.start_agent(i, &config);
+    }
+    cluster.wait_nodes_up(0, &["host0", "host1", "host2", "host3"]);
+    let view = cluster.wait_view(0, "moving", "whole after the agents' restart", whole);
+    let url = view["iscsi_url"].as_str().unwrap().to_string();
+    let lost = cluster.lost(writer, &url, &all);
+    assert!(lost.is_empty(), "lost after the agents' restart: slots {lost:?}");
+    eprintln!(
+        "episode 3: {} acknowledged writes read back after the restart, lost 0",
+        all.len()
     );
 }

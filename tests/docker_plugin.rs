@@ -199,7 +199,7 @@ impl Env {
         let out = Command::new(basalt_binary().unwrap())
             .args(["volume", "inspect", volume, "--json", "--agent"])
             .arg(format!("http://{}", self.api))
-            .arg("--token-file")
+            .arg("--agent-token-file")
             .arg(&self.token_file)
             .output()
             .unwrap();
