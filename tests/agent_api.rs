@@ -276,6 +276,48 @@ type Refused = (
     &'static str,
 );
 
+/// A client still sending an oversized body when the agent refuses it gets the 413, not a broken pipe:
+/// the agent reads and discards what it is sent before answering (see `basalt_agent::body`). The body
+/// goes out in slices with pauses, so the refusal always comes before the client has finished.
+#[tokio::test]
+async fn an_oversized_body_sent_slowly_still_gets_its_413() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Api::start(1).await?;
+    let mut stream = tokio::net::TcpStream::connect(api.addr).await?;
+    let size = 2 * api::MAX_BODY_BYTES;
+    stream
+        .write_all(
+            format!(
+                "POST /v1/volumes HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let slice = vec![b' '; size / 16];
+    for _ in 0..16 {
+        stream.write_all(&slice).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("over 1048576 bytes") {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("over 1048576 bytes"), "{answer}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_requests_say_why_and_change_nothing() -> TestResult {
     let api = Api::start(3).await?;

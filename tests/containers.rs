@@ -85,6 +85,43 @@ fn require_engine() {
     }
 }
 
+/// What the engine was doing when a compose command failed: what the machine's load was, how long a volume
+/// lookup takes (a legacy plugin socket left in /run/docker/plugins by a killed plugin makes every lookup
+/// wait ~15 s while dockerd retries it), and the end of dockerd's log.
+fn engine_diagnostics() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let plugins = std::fs::read_dir("/run/docker/plugins")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|e| format!("({e})"));
+    let started = Instant::now();
+    let lookup = docker(&["volume", "ls", "-q"])
+        .map(|_| "answered")
+        .unwrap_or("failed");
+    let lookup_took = started.elapsed();
+    let log = [
+        "/var/log/basalt-dockerd.log",
+        "/var/log/dockerd.log",
+        "/var/log/docker.log",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .map(|text| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    })
+    .unwrap_or_else(|| "(no dockerd log found)".to_string());
+    format!(
+        "engine diagnostics: load average {}; /run/docker/plugins: [{plugins}]; `docker volume ls` {lookup} \
+         in {lookup_took:.1?}; dockerd's log ends:\n{log}",
+        load.trim()
+    )
+}
+
 /// `docker compose` (v2) where it exists, else `docker-compose` (v1).
 fn compose_program() -> &'static [&'static str] {
     static PROGRAM: OnceLock<&'static [&'static str]> = OnceLock::new();
@@ -207,8 +244,13 @@ impl VolumeSet {
             .env("BASALT_NAME", &self.name)
             .env("BASALT_SIZE", VOLUME_SIZE.to_string())
             .env("BASALT_ISCSI_PORT", self.iscsi_port.to_string())
-            .env("BASALT_API_PORT", self.api_port.to_string());
-        run(&mut cmd).map(stdout)
+            .env("BASALT_API_PORT", self.api_port.to_string())
+            // compose v1 gives up on a request after 60 s; a busy 2-core CI machine creating four containers
+            // for each of two concurrent tests can take longer than that without anything being wrong.
+            .env("COMPOSE_HTTP_TIMEOUT", "300");
+        run(&mut cmd)
+            .map(stdout)
+            .map_err(|e| e.context(engine_diagnostics()))
     }
 
     /// The container id of a compose service.

@@ -194,15 +194,21 @@ impl Env {
         self.agent.as_ref().map(Daemon::log).unwrap_or_default()
     }
 
-    /// `basalt volume inspect NAME --json` through the agent's API.
-    fn inspect(&self, volume: &str) -> Option<Value> {
-        let out = Command::new(basalt_binary().unwrap())
-            .args(["volume", "inspect", volume, "--json", "--agent"])
+    /// `basalt ARGS...` against this test's agent.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(basalt_binary().unwrap())
+            .args(args)
+            .arg("--agent")
             .arg(format!("http://{}", self.api))
             .arg("--agent-token-file")
             .arg(&self.token_file)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `basalt volume inspect NAME --json` through the agent's API.
+    fn inspect(&self, volume: &str) -> Option<Value> {
+        let out = self.cli(&["volume", "inspect", volume, "--json"]);
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).unwrap())
@@ -571,6 +577,102 @@ fn a_restarted_agent_still_answers_get_and_list_so_docker_never_makes_a_local_vo
     assert_eq!(inspect.as_array().unwrap().len(), 1);
     assert_eq!(inspect[0]["Driver"], env.driver(), "no local volume of that name");
     env.wait_released(&v);
+}
+
+/// `basalt volume expand` on a volume a running container uses: the plugin grows the device and, where
+/// the host allows it, the filesystem under the container; a filesystem that cannot grow while mounted
+/// (ext4 when the agent lacks CAP_SYS_RESOURCE, as on this project's machines) is grown at the next
+/// mount, and the agent says why in its log. Either way the files stay and the new space is usable.
+fn grow_under_a_container(fs: &str, size_mib: u64, grown_mib: u64, online: bool, fill_mib: u64) {
+    let env = Env::new();
+    let v = env.volume(&format!("grow{fs}"));
+    let (ok, out, err) = env.create(
+        &v,
+        &[&format!("size={size_mib}M"), "replicas=2", &format!("fs={fs}")],
+    );
+    assert!(ok, "{out}{err}");
+    let script = "echo kept > /data/mark && sync && while true; do sleep 1; done";
+    let c = env.run_detached("grower", &v, script);
+    let df_kib = |c: &str| -> u64 {
+        // busybox df -k: a header line, then "FILESYSTEM 1K-BLOCKS USED AVAILABLE USE% MOUNTED-ON".
+        let out = docker_ok(&["exec", c, "df", "-k", "/data"]);
+        let line = out.lines().last().unwrap_or_default().to_string();
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("df -k /data: {out}"))
+    };
+    wait_for("the container to see its file", TIMEOUT, || {
+        docker(&["exec", &c, "cat", "/data/mark"]).1 == "kept"
+    })
+    .unwrap();
+    let before = df_kib(&c);
+    assert!(
+        before <= size_mib << 10,
+        "a {size_mib} MiB volume shows {before} KiB"
+    );
+    // The filesystem counts as grown once it holds more than the old volume could.
+    let grown = |kib: u64| kib > size_mib << 10;
+
+    let out = env.cli(&["volume", "expand", &v, "--size", &format!("{grown_mib}M")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fill = format!("dd if=/dev/zero of=/data/big bs=1M count={fill_mib} 2>&1 && sync && cat /data/mark");
+    if online {
+        if let Err(e) = wait_for("the container's filesystem to grow", TIMEOUT, || {
+            grown(df_kib(&c))
+        }) {
+            panic!(
+                "{e}: df shows {} KiB\nagent log:\n{}",
+                df_kib(&c),
+                env.agent_log()
+            );
+        }
+        assert!(
+            env.agent_log().contains("volume grown online"),
+            "{}",
+            env.agent_log()
+        );
+        let (ok, out, err) = docker(&["exec", &c, "sh", "-c", &fill]);
+        assert!(ok, "writing past the old size: {out}{err}");
+        assert!(out.ends_with("kept"), "{out}");
+    } else {
+        let said = wait_for("the agent to say why the filesystem cannot grow", TIMEOUT, || {
+            env.agent_log().contains("CAP_SYS_RESOURCE")
+        });
+        if let Err(e) = said {
+            panic!("{e}\nagent log:\n{}", env.agent_log());
+        }
+        assert_eq!(df_kib(&c), before, "the mounted filesystem kept its size");
+    }
+    let record = env.attachment(&v).expect("still attached");
+    assert_eq!(record.size_bytes, grown_mib << 20, "the device grew");
+
+    docker_ok(&["rm", "-f", &c]);
+    env.wait_released(&v);
+    let c = env.run_detached("reader", &v, "while true; do sleep 1; done");
+    assert!(grown(df_kib(&c)), "grown at the next mount: {} KiB", df_kib(&c));
+    if !online {
+        let (ok, out, err) = docker(&["exec", &c, "sh", "-c", &fill]);
+        assert!(ok, "writing past the old size: {out}{err}");
+    }
+    let (ok, out, err) = docker(&["exec", &c, "sh", "-c", "stat -c %s /data/big && cat /data/mark"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{}\nkept", fill_mib << 20));
+    docker_ok(&["rm", "-f", &c]);
+    env.wait_released(&v);
+}
+
+#[test]
+fn an_ext4_volume_grows_under_its_container_or_at_its_next_mount() {
+    let online = basalt_agent::host::mount::may_grow_ext4_online();
+    grow_under_a_container("ext4", 64, 256, online, 100);
+}
+
+/// xfs grows online with CAP_SYS_ADMIN alone (which mounting needs anyway); mkfs.xfs makes nothing
+/// under 300 MiB.
+#[test]
+fn an_xfs_volume_grows_online_under_its_container() {
+    grow_under_a_container("xfs", 320, 512, true, 16);
 }
 
 /// Swarm: a service's task mounts a volume the plugin creates from the service's options, writes; the

@@ -18,10 +18,12 @@ cargo test --workspace --all-targets --no-fail-fast "$@" || status=$?
 # instead of passing without running them. CI runs as root: there they run, and must.
 if [ "$(id -u)" = 0 ]; then
     cargo test -p basalt-tests --test blockdev --no-fail-fast -- --ignored || status=$?
+    cargo test -p basalt-tests --test agent_lifecycle --no-fail-fast -- --ignored \
+        deleting_a_volume_wipes_its_replica_on_a_block_device_pool || status=$?
 elif [ -n "${CI:-}" ]; then
-    echo "tests/run.sh: CI must run as root: tests/blockdev.rs needs loop devices" >&2
+    echo "tests/run.sh: CI must run as root: tests/blockdev.rs and a test of agent_lifecycle.rs need loop devices" >&2
     status=1
 else
-    echo "tests/run.sh: SKIPPED tests/blockdev.rs (needs root for loop devices; run this script as root)" >&2
+    echo "tests/run.sh: SKIPPED tests/blockdev.rs and agent_lifecycle's block-device test (need root for loop devices; run this script as root)" >&2
 fi
 exit "$status"

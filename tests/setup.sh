@@ -13,7 +13,7 @@
 #                           iSCSI driver), so all three packages are pinned to ONE bookworm version, downgrading.
 #   fio + libiscsi engine   Debian's fio is built without libiscsi; we rebuild Debian's own fio source with
 #                           --enable-libiscsi and install it as $FIO_LIBISCSI (not the system fio).
-#   e2fsprogs, util-linux, fuse3   mkfs/fsck, losetup/mount, FUSE export of qemu-storage-daemon.
+#   e2fsprogs, xfsprogs, util-linux, fuse3   mkfs/fsck/resize, losetup/mount, FUSE export of qemu-storage-daemon.
 #   docker.io, docker-compose      the container tests; dockerd is started if not running.
 #   busybox-static          the Docker plugin tests' container image (FROM scratch: no registry here).
 #   etcd-server, etcd-client       the agents' cluster store on several hosts (the packaged service is stopped).
@@ -52,7 +52,7 @@ if [ $# -gt 0 ]; then
   exit 0
 fi
 
-install_missing libiscsi-bin tgt e2fsprogs util-linux fuse3 libiscsi-dev libaio-dev zlib1g-dev \
+install_missing libiscsi-bin tgt e2fsprogs xfsprogs util-linux fuse3 libiscsi-dev libaio-dev zlib1g-dev \
   dpkg-dev build-essential pkg-config busybox-static
 
 # --- qemu 7.2 with the iSCSI driver -------------------------------------------------------------------------

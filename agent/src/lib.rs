@@ -24,11 +24,12 @@
 //! * [`runtime`]: starting and stopping the services of one host;
 //! * [`host`]: attaching a volume on this host (a block device, a filesystem, mounts);
 //! * [`reconcile`]: making this host's services match the store;
-//! * [`api`] and [`client`]: the REST API and its client;
+//! * [`api`] and [`client`]: the REST API and its client ([`body`]: bounded request bodies);
 //! * [`docker`]: the Docker volume plugin (an endpoint over the API and [`host`]).
 //! * [`csi`]: the CSI driver's services, over the API's functions.
 
 pub mod api;
+pub mod body;
 pub mod client;
 pub mod config;
 pub mod csi;

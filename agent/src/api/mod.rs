@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use basalt_engine::api_auth::ApiToken;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,7 +53,7 @@ use routes::{Matched, Operation};
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// Largest request body accepted: every request of this API is a small JSON object; anything larger
-/// is a mistake or an attack, refused with 413 before it is read whole.
+/// is a mistake or an attack, refused with 413 without being kept (see [`crate::body`]).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// What the handlers need: the store, who we are, how to reach a controller, the token to check.
@@ -276,26 +276,15 @@ impl Server {
                 format!("the request body is over {MAX_BODY_BYTES} bytes; every request of this API is a small JSON object"),
             )
         };
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-            return Err(too_large());
-        }
         let (parts, body) = req.into_parts();
-        let body = Limited::new(body, MAX_BODY_BYTES)
-            .collect()
+        let body = crate::body::read_limited(&parts.headers, body, MAX_BODY_BYTES)
             .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    too_large()
-                } else {
+            .map_err(|e| match e {
+                crate::body::BodyError::TooLarge => too_large(),
+                crate::body::BodyError::Read(e) => {
                     ApiError::bad_request(format!("the request body could not be read: {e}"))
                 }
-            })?
-            .to_bytes();
+            })?;
         Ok(ApiRequest {
             method: parts.method,
             path: parts.uri.path().to_string(),

@@ -12,6 +12,9 @@
 //!   (flushing the device) and marks the volume detached.
 //! * `Remove` is refused while a container holds the volume here or it is attached elsewhere.
 //! * `Get`, `List` answer from the store; `Capabilities` says `global` on a shared cluster store.
+//! * Online expansion: Docker has no call for it, so [`Driver::follow_growth`] watches the volumes
+//!   mounted here and grows the device and filesystem under the running containers once a volume grew
+//!   (`basalt volume expand`).
 //!
 //! Calls for one volume are serialized (a lock per name); calls for different volumes run in parallel.
 
@@ -44,6 +47,11 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(90);
 /// ready when `docker volume create` returns makes the first `docker run` quick; one that is not yet is
 /// waited for by `Mount`.
 const CREATE_WAIT: Duration = Duration::from_secs(60);
+/// How often the plugin looks for mounted volumes that grew.
+const GROW_POLL: Duration = Duration::from_secs(2);
+/// A growth that keeps failing this long is logged as a warning (before, it is the LUN not showing its
+/// new size yet: the volume's controller grows it a moment after the record changes).
+const GROW_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Whether a volume is the same on every host (a shared cluster store) or only this one's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +69,12 @@ pub struct DockerVolume {
 /// `/basalt/docker/volumes/NAME`.
 pub fn docker_key(name: &VolumeName) -> String {
     format!("{}docker/volumes/{name}", keys::ROOT)
+}
+
+/// A mounted volume whose growth failed: since when, and whether that was logged.
+struct GrowFailure {
+    since: Instant,
+    warned: bool,
 }
 
 /// A call's body: the fields the protocol's requests carry (absent ones default).
@@ -439,6 +453,94 @@ impl Driver {
             tracing::info!(volume = %name, "docker: volume unmounted and detached");
         }
         Ok(json!({}))
+    }
+
+    /// Until `cancel`: grows the device and filesystem of every volume this plugin has mounted whose
+    /// size grew, while its containers keep using it (see [`Host::grow`]). The record grows first and
+    /// the volume's controller a moment later, so a growth the LUN does not show yet is tried again on
+    /// the next round; one still failing after [`GROW_PATIENCE`] is logged with its cause, once.
+    pub async fn follow_growth(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut failing: BTreeMap<VolumeName, GrowFailure> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(GROW_POLL) => {}
+            }
+            let host = self.host.clone();
+            let records = match tokio::task::spawn_blocking(move || host.attachments()).await {
+                Ok(Ok(records)) => records,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "docker: reading this host's attachments failed");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for record in records.into_iter().filter(|r| r.holder == HOLDER) {
+                // The store unreachable or the volume being deleted: nothing to grow now.
+                let Ok(view) = self.view(&record.volume).await else {
+                    continue;
+                };
+                if view.size_bytes <= record.size_bytes {
+                    failing.remove(&record.volume);
+                    continue;
+                }
+                match self.grow(&record.volume, view.size_bytes).await {
+                    Ok(true) => {
+                        failing.remove(&record.volume);
+                        tracing::info!(
+                            volume = %record.volume,
+                            size = %format_size(view.size_bytes),
+                            "docker: volume grown online (device and filesystem)"
+                        );
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        let f = failing.entry(record.volume.clone()).or_insert(GrowFailure {
+                            since: Instant::now(),
+                            warned: false,
+                        });
+                        // A device that grew under a filesystem that could not is final until
+                        // the next mount: say so now (it is not tried again).
+                        let device_grew = self.attached_size(&record.volume).await >= Some(view.size_bytes);
+                        if !f.warned && (device_grew || f.since.elapsed() >= GROW_PATIENCE) {
+                            f.warned = true;
+                            tracing::warn!(
+                                volume = %record.volume,
+                                size = %format_size(view.size_bytes),
+                                error = %e,
+                                "docker: a mounted volume grew but its device or filesystem could not follow"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The size this host's attachment of `name` shows, if attached.
+    async fn attached_size(&self, name: &VolumeName) -> Option<u64> {
+        let host = self.host.clone();
+        let volume = name.clone();
+        tokio::task::spawn_blocking(move || host.attachment(&volume))
+            .await
+            .ok()?
+            .ok()?
+            .map(|r| r.size_bytes)
+    }
+
+    /// Grows `name`'s device and filesystem to `size_bytes` if it is still attached here and smaller;
+    /// whether it grew.
+    async fn grow(&self, name: &VolumeName, size_bytes: u64) -> Result<bool, String> {
+        let _held = self.lock(name).await;
+        let host = self.host.clone();
+        let volume = name.clone();
+        tokio::task::spawn_blocking(move || match host.attachment(&volume)? {
+            Some(r) if r.size_bytes < size_bytes => host.grow(&volume, size_bytes).map(|()| true),
+            _ => Ok(false),
+        })
+        .await
+        .map_err(|e| format!("growing failed: {e}"))?
+        .map_err(|e| e.to_string())
     }
 
     /// Unmount (flushing the filesystem), detach (flushing the device), and mark the volume detached in

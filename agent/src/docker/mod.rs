@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::UnixListener;
@@ -67,13 +67,15 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves the plugin protocol on `listener` until `cancel`, then removes the socket file (dockerd then
-/// waits for the plugin to come back rather than talking to a dead socket).
+/// waits for the plugin to come back rather than talking to a dead socket). Beside it, the mounted
+/// volumes' online growth is followed ([`Driver::follow_growth`]).
 pub async fn serve(
     listener: UnixListener,
     socket: std::path::PathBuf,
     driver: Arc<Driver>,
     cancel: CancellationToken,
 ) {
+    let growth = tokio::spawn(driver.clone().follow_growth(cancel.clone()));
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
@@ -106,6 +108,7 @@ pub async fn serve(
         });
     }
     let _ = std::fs::remove_file(&socket);
+    let _ = growth.await;
 }
 
 async fn handle(driver: Arc<Driver>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
@@ -116,11 +119,14 @@ async fn handle(driver: Arc<Driver>, req: Request<hyper::body::Incoming>) -> Res
             req.method()
         ))
     } else {
-        match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
-            Err(e) => Err(format!("the request body could not be read: {e}")),
+        let (parts, body) = req.into_parts();
+        match crate::body::read_limited(&parts.headers, body, MAX_BODY_BYTES).await {
+            Err(crate::body::BodyError::TooLarge) => Err(format!(
+                "the request body is over {MAX_BODY_BYTES} bytes; every call of the plugin protocol is a small JSON object"
+            )),
+            Err(crate::body::BodyError::Read(e)) => Err(format!("the request body could not be read: {e}")),
             // The handler runs in its own task: a bug that panics answers an error, not a dropped call.
             Ok(body) => {
-                let body = body.to_bytes();
                 let p = path.clone();
                 match tokio::spawn(async move { driver.call(&p, &body).await }).await {
                     Ok(answer) => answer,

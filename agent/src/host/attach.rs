@@ -656,7 +656,8 @@ fn file_size(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
-fn device_size(device: &Path) -> std::io::Result<u64> {
+/// A block device's size in bytes (seeking to its end needs no ioctl).
+pub fn device_size(device: &Path) -> std::io::Result<u64> {
     use std::io::Seek;
     std::fs::File::open(device)?.seek(std::io::SeekFrom::End(0))
 }

@@ -225,10 +225,20 @@ impl Host {
         let _held = lock(&guard);
         let mut record = self.attached(volume)?;
         let device = record.device.clone().unwrap_or_default();
+        // The first read-write mount of the device grows its filesystem to it if the volume grew while
+        // it was not mounted (or while an agent could not grow it online).
+        let first = !read_only && !record.mounts.iter().any(|m| mount::is_mounted(&m.target));
         if !read_only {
             mount::make_filesystem_if_blank(&device, fs)?;
         }
+        if first {
+            mount::grow_unmounted(&device, fs)?;
+        }
+        let was_mounted = mount::is_mounted(target);
         mount::mount(&device, target, fs, options, read_only)?;
+        if first && !was_mounted {
+            mount::grow_after_mount(target, fs)?;
+        }
         if !record.mounts.iter().any(|m| m.target == target) {
             record.mounts.push(MountRecord {
                 target: target.to_path_buf(),
@@ -272,7 +282,10 @@ impl Host {
         self.state.remove(volume)
     }
 
-    /// Online expansion: make the device show the LUN's new size, then grow every mounted filesystem.
+    /// Online expansion: make the device show the LUN's new size (recorded), then grow its read-write
+    /// mounted filesystem. A filesystem that cannot grow while mounted (ext4 without CAP_SYS_RESOURCE)
+    /// is an error naming why; the device has grown regardless, and the filesystem grows at its next
+    /// first mount ([`Host::mount`]).
     pub fn grow(&self, volume: &VolumeName, size_bytes: u64) -> HostResult<()> {
         let guard = self.volume_lock(volume);
         let _held = lock(&guard);

@@ -302,13 +302,114 @@ pub fn unmount_lazy(target: &Path) -> HostResult<()> {
     .map(|_| ())
 }
 
-/// Grows the filesystem mounted at `target` from `device` to the device's size (online).
+/// The capability the kernel's online ext4 resize (`EXT4_IOC_RESIZE_FS`) requires.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether `/proc/PID/status` text shows `bit` in the effective capability set. Pure, tested.
+pub fn status_has_capability(status: &str, bit: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| (mask >> bit) & 1 == 1)
+}
+
+/// Whether this process may grow a mounted ext4 filesystem. Containers often run without
+/// CAP_SYS_RESOURCE (this project's CI machine does), even as root.
+pub fn may_grow_ext4_online() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| status_has_capability(&s, CAP_SYS_RESOURCE))
+}
+
+/// Grows the filesystem mounted at `target` from `device` to the device's size, online. `xfs_growfs`
+/// needs CAP_SYS_ADMIN, which mounting needs anyway; ext4 needs CAP_SYS_RESOURCE too, and without it
+/// the growth is refused with that reason: the filesystem then grows at its next mount
+/// ([`grow_unmounted`], which needs no capability).
 pub fn grow_filesystem(device: &Path, target: &Path, fs: Filesystem) -> HostResult<()> {
     let what = format!("growing the filesystem at {}", target.display());
     match fs {
+        Filesystem::Ext4 if !may_grow_ext4_online() => {
+            return Err(HostError::Refused(format!(
+                "the ext4 filesystem at {} cannot grow while mounted: the kernel's online ext4 resize needs \
+                 CAP_SYS_RESOURCE, which this agent does not have (give it that capability, e.g. `docker run \
+                 --cap-add SYS_RESOURCE` or the pod's securityContext); the volume did grow, and its filesystem \
+                 grows when it is next mounted",
+                target.display()
+            )))
+        }
         Filesystem::Ext4 => run(&what, Command::new("resize2fs").arg(device))?,
         Filesystem::Xfs => run(&what, Command::new("xfs_growfs").arg(target))?,
     };
+    Ok(())
+}
+
+/// An ext4 filesystem's size from `dumpe2fs -h`: its block count times its block size. Pure, tested.
+pub fn parse_dumpe2fs_size(out: &str) -> Option<u64> {
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    field("Block count:")?.checked_mul(field("Block size:")?)
+}
+
+/// Before a first read-write mount: an ext4 filesystem smaller than its device (the volume grew while
+/// unmounted, or while mounted by an agent that could not grow it online) is checked (`e2fsck -f -p`,
+/// which resize2fs demands first) and grown offline. xfs only grows mounted: see [`grow_after_mount`].
+/// Whether it grew.
+pub fn grow_unmounted(device: &Path, fs: Filesystem) -> HostResult<bool> {
+    if fs != Filesystem::Ext4 {
+        return Ok(false);
+    }
+    let header = run(
+        &format!("reading the ext4 superblock of {}", device.display()),
+        Command::new("dumpe2fs").arg("-h").arg(device),
+    )?;
+    let device_bytes = super::attach::device_size(device)
+        .map_err(HostError::io(format!("measuring {}", device.display())))?;
+    let Some(fs_bytes) = parse_dumpe2fs_size(&header) else {
+        return Err(HostError::Refused(format!(
+            "dumpe2fs -h {} printed no block count and size; is it ext4?",
+            device.display()
+        )));
+    };
+    if fs_bytes >= device_bytes {
+        return Ok(false);
+    }
+    let check = format!(
+        "checking the ext4 filesystem on {} before growing it",
+        device.display()
+    );
+    let status = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(HostError::io(check.clone()))?;
+    // e2fsck: 0 clean, 1 errors corrected; anything else needs a person.
+    if !matches!(status.status.code(), Some(0 | 1)) {
+        return Err(HostError::Command {
+            what: check,
+            command: format!("e2fsck -f -p {}", device.display()),
+            status: status.status.to_string(),
+            stderr: String::from_utf8_lossy(&status.stderr).trim().to_string(),
+        });
+    }
+    run(
+        &format!("growing the ext4 filesystem on {}", device.display()),
+        Command::new("resize2fs").arg(device),
+    )?;
+    tracing::info!(device = %device.display(), from = fs_bytes, to = device_bytes, "ext4 filesystem grown to its device before mounting");
+    Ok(true)
+}
+
+/// After a first read-write mount: an xfs filesystem grows to its device (a no-op when it fills it).
+pub fn grow_after_mount(target: &Path, fs: Filesystem) -> HostResult<()> {
+    if fs == Filesystem::Xfs {
+        run(
+            &format!("growing the xfs filesystem at {}", target.display()),
+            Command::new("xfs_growfs").arg(target),
+        )?;
+    }
     Ok(())
 }
 
@@ -348,6 +449,29 @@ pub fn stats(path: &Path) -> std::io::Result<FsStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_are_read_from_the_effective_set() {
+        let without = "Name:\tx\nCapPrm:\t000001ffffffffff\nCapEff:\t000001fffeffffff\n";
+        let with = "CapEff:\t000001ffffffffff\n";
+        assert!(!status_has_capability(without, CAP_SYS_RESOURCE));
+        assert!(status_has_capability(with, CAP_SYS_RESOURCE));
+        assert!(status_has_capability(without, 21), "CAP_SYS_ADMIN is there");
+        assert!(!status_has_capability("no such line", 0));
+        assert!(!status_has_capability("CapEff:\tnot-hex", 0));
+    }
+
+    #[test]
+    fn dumpe2fs_gives_the_filesystem_size() {
+        let out = "Filesystem volume name:   <none>\nBlock count:              65536\nReserved block count:     3276\nBlock size:               1024\n";
+        assert_eq!(parse_dumpe2fs_size(out), Some(64 << 20));
+        assert_eq!(parse_dumpe2fs_size("Block count: 10\n"), None);
+        assert_eq!(parse_dumpe2fs_size("Block count: x\nBlock size: 4096\n"), None);
+        assert_eq!(
+            parse_dumpe2fs_size("Block count: 18446744073709551615\nBlock size: 4096\n"),
+            None
+        );
+    }
 
     #[test]
     fn blkid_output_tells_filesystems_from_other_data() {
