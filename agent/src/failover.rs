@@ -4,6 +4,10 @@
 //! [`decide`] for each volume with a service there, and writes what
 //! [`apply`] returns with a revision check: when two agents decide at once,
 //! one write wins and the other re-reads and finds nothing left to do.
+//! Every agent decides from the same store facts, so it does not matter
+//! which one wins: when a node went down is the
+//! [`NodeDown`](crate::model::NodeDown) mark the first agent to see it down
+//! put in the store, not a time each agent remembers.
 //!
 //! ```text
 //!   controller's node down ──────────────► MoveController (generation + 1)
@@ -25,7 +29,11 @@
 //!   at the replicas by the epoch it can no longer raise.
 //! * **A replica is replaced only after the grace period.** A replacement is a
 //!   full copy of the volume and removes the lost replica from the membership
-//!   for good; a node that reboots must not cost that.
+//!   for good; a node that reboots must not cost that. The grace counts from
+//!   the node's down mark, which its agent overwrites when it comes back: a
+//!   node that went down before, came back and went down again gets a whole
+//!   grace from its latest lapse, even if the deciding agent never saw it up
+//!   in between (an agent's memory of its first sighting would not).
 //! * **Never below what the volume needs to serve.** The lost replica may hold
 //!   the only copy of recent writes if the others are also behind, so it is
 //!   given up only while the replicas that are running (on up nodes) are at
@@ -59,9 +67,11 @@ use crate::placement::{self, NodeView, Request, Usage};
 #[derive(Clone, Copy, Debug)]
 pub struct Observed<'a> {
     pub nodes: &'a [NodeView],
-    /// When each down node was first seen down (unix seconds). A down node
-    /// missing here is taken as down since `now_unix`: its grace starts now,
-    /// never earlier.
+    /// When each down node went down (unix seconds): its
+    /// [`NodeDown`](crate::model::NodeDown) mark in the store, put by the
+    /// first agent that found its liveness key gone. A down node missing
+    /// here (not marked yet) is taken as down since `now_unix`: its grace
+    /// starts now, never earlier.
     pub down_since: &'a BTreeMap<NodeName, u64>,
     /// The statuses of this volume's services.
     pub statuses: &'a BTreeMap<ServiceId, ServiceStatus>,

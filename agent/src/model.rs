@@ -3,9 +3,12 @@
 //! Desired state and observed state are kept apart so that the writer of each
 //! record is always the same party:
 //! * a [`NodeRecord`] is written by that node's agent (registration);
-//! * a node is *up* while its liveness key ([`keys::node_alive`]) exists: the
-//!   key is attached to a lease that the agent keeps alive, so it disappears
-//!   on its own when the agent stops renewing it;
+//! * a node is *up* while its liveness key ([`keys::node_alive`]) holds its
+//!   [`NodeAlive`]: the key is attached to a lease that the agent keeps alive,
+//!   so it disappears on its own when the agent stops renewing it. The first
+//!   agent to find it gone puts a [`NodeDown`] mark there (create-only, no
+//!   lease): when the node went down, one fact every agent reads, which the
+//!   node's agent overwrites when it comes back ([`Liveness`]);
 //! * a [`VolumeRecord`] (the volume's spec and where its services are placed)
 //!   is written by the API and by the agents that move services (failover,
 //!   replica replacement), always with a revision check;
@@ -170,6 +173,46 @@ pub struct PortRange {
 pub struct NodeAlive {
     /// Unix seconds when the agent started.
     pub since_unix: u64,
+}
+
+/// A down node's mark, under its [`keys::node_alive`], with no lease.
+///
+/// Failover's grace period counts from here. It is kept in the store, not in
+/// each agent's memory, so that every agent agrees on it whoever decides, and
+/// so that it cannot outlive the outage it marks:
+/// * it is created only where the key is absent (the node's lease lapsed or
+///   was revoked): the first agent to see the node down sets the time, the
+///   others' creates fail, and none can be made while the node is up;
+/// * the node's agent, back, puts its [`NodeAlive`] over it unconditionally,
+///   in the same write that makes it up again. A node that comes back and
+///   goes down again between two passes of every other agent therefore gets
+///   a new mark, never the earlier one (an agent's own memory of "seen down"
+///   would still hold the earlier time: it never saw the node up).
+///
+/// The time is the marking agent's clock; agents compare it with their own,
+/// so clock skew between hosts shifts the grace by as much (keep hosts on
+/// NTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDown {
+    /// Unix seconds when an agent first found the node's liveness key gone.
+    pub down_since_unix: u64,
+}
+
+/// What a node's liveness key holds: the node's own [`NodeAlive`] (up), or
+/// another agent's [`NodeDown`] mark. No key at all is a node down and not
+/// yet marked.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Liveness {
+    /// Tried first: a [`NodeAlive`] lacks `down_since_unix`.
+    Down(NodeDown),
+    Up(NodeAlive),
+}
+
+impl Liveness {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Liveness::Up(_))
+    }
 }
 
 /// A volume: what was asked for, and where its services are.

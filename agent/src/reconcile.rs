@@ -60,8 +60,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::AgentMetrics;
 use crate::model::{
-    keys, ControllerReport, NodeName, NodeRecord, PoolKind, Progress, QosSpec, ReplicaMode, ReportedReplica,
-    ServiceId, ServiceState, ServiceStatus, VolumeLease, VolumePhase, VolumeRecord, VolumeSecrets,
+    keys, ControllerReport, Liveness, NodeDown, NodeName, NodeRecord, PoolKind, Progress, QosSpec,
+    ReplicaMode, ReportedReplica, ServiceId, ServiceState, ServiceStatus, VolumeLease, VolumePhase,
+    VolumeRecord, VolumeSecrets,
 };
 use crate::runtime::{
     CloneSource, ControllerSpec, Observed, ReplicaSpec, ReplicaStorage, Runtime, ServiceKey, ServiceSpec,
@@ -111,8 +112,12 @@ impl Local {
 pub struct Desired {
     pub volumes: BTreeMap<VolumeName, Versioned<VolumeRecord>>,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
-    /// Nodes whose liveness key exists.
+    /// Nodes whose liveness key holds their [`crate::model::NodeAlive`].
     pub up: BTreeSet<NodeName>,
+    /// Down nodes an agent marked ([`NodeDown`]): since when (unix seconds).
+    /// A registered node in neither `up` nor here is down and not marked yet
+    /// ([`unmarked_down`]).
+    pub down_since: BTreeMap<NodeName, u64>,
     /// Replica statuses carry the mode and progress their controller
     /// reported ([`ServiceStatus::with_report`]).
     pub statuses: BTreeMap<(VolumeName, ServiceId), ServiceStatus>,
@@ -969,17 +974,48 @@ pub struct Reconciler {
     pub lease: NodeLease,
     /// How long a node may be down before its replicas are replaced.
     pub replica_grace: Duration,
-    /// When this agent first saw each down node down (unix seconds).
-    pub down_since: std::sync::Mutex<BTreeMap<NodeName, u64>>,
+}
+
+/// The registered nodes that are down with no [`NodeDown`] mark yet: this
+/// agent marks them (create-only) before it decides failover.
+pub fn unmarked_down(desired: &Desired) -> Vec<NodeName> {
+    desired
+        .nodes
+        .keys()
+        .filter(|name| !desired.up.contains(*name) && !desired.down_since.contains_key(*name))
+        .cloned()
+        .collect()
+}
+
+/// Puts a [`NodeDown`] mark at `now_unix` on each node [`unmarked_down`]
+/// finds in `desired`, create-only: a node another agent marked first, or
+/// one back since `desired` was read, is left as it is (the next pass reads
+/// which; meanwhile it counts as down since now, which only starts its
+/// grace later).
+pub async fn mark_down(store: &dyn Store, desired: &Desired, now_unix: u64) -> anyhow::Result<()> {
+    for node in unmarked_down(desired) {
+        let mark = NodeDown {
+            down_since_unix: now_unix,
+        };
+        match store::put_json(store, &keys::node_alive(&node), &mark, Expect::Absent, None).await {
+            Ok(_) => tracing::info!(
+                node = %node,
+                "node is down (its liveness lapsed): marked; failover.replica_grace counts from now"
+            ),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e).context(format!("marking node {node} down")),
+        }
+    }
+    Ok(())
 }
 
 /// The failover decisions of every volume that is not being deleted
 /// ([`crate::failover::decide`]), with the record to write for each that
-/// changes something. `down_since` is updated: nodes seen down for the
-/// first time are recorded at `now_unix`, nodes up again forgotten.
+/// changes something: a pure function of what the store holds, the down
+/// nodes' marks included, so every agent decides alike. A down node not
+/// marked yet is down since `now_unix` (its grace starts now, never earlier).
 pub fn failover_plans(
     desired: &Desired,
-    down_since: &mut BTreeMap<NodeName, u64>,
     now_unix: u64,
     replica_grace: Duration,
 ) -> Vec<(VolumeName, store::Revision, crate::failover::Plan, VolumeRecord)> {
@@ -992,13 +1028,6 @@ pub fn failover_plans(
             up: desired.up.contains(&record.name),
         })
         .collect();
-    for view in &nodes {
-        if view.up {
-            down_since.remove(&view.record.name);
-        } else {
-            down_since.entry(view.record.name.clone()).or_insert(now_unix);
-        }
-    }
     let records: Vec<VolumeRecord> = desired.volumes.values().map(|v| v.value.clone()).collect();
     let usage = crate::placement::usage(&records);
     let mut out = Vec::new();
@@ -1009,7 +1038,7 @@ pub fn failover_plans(
         let statuses = desired.statuses_of(name);
         let observed = crate::failover::Observed {
             nodes: &nodes,
-            down_since,
+            down_since: &desired.down_since,
             statuses: &statuses,
             usage: &usage,
             now_unix,
@@ -1044,18 +1073,16 @@ impl Reconciler {
             metrics,
             lease,
             replica_grace,
-            down_since: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Failover: moves controllers off down nodes and replaces replicas lost
-    /// past the grace period, each record written with a revision check (an
-    /// agent that loses the race finds nothing left to do at its next pass).
+    /// Failover: marks the down nodes nobody marked yet ([`NodeDown`]), then
+    /// moves controllers off down nodes and replaces replicas lost past the
+    /// grace period, each record written with a revision check (an agent
+    /// that loses the race finds nothing left to do at its next pass).
     async fn failover(&self, desired: &Desired, now_unix: u64) -> anyhow::Result<bool> {
-        let plans = {
-            let mut down = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
-            failover_plans(desired, &mut down, now_unix, self.replica_grace)
-        };
+        mark_down(self.store.as_ref(), desired, now_unix).await?;
+        let plans = failover_plans(desired, now_unix, self.replica_grace);
         let mut wrote = false;
         for (name, revision, plan, next) in plans {
             for hold in &plan.holds {
@@ -1527,11 +1554,7 @@ pub async fn read_desired(store: &dyn Store) -> anyhow::Result<Desired> {
             d.leases.insert(volume, lease);
         }
     }
-    for kv in alive {
-        if let Some(Ok(n)) = kv.key.strip_prefix(keys::NODES_ALIVE).map(NodeName::new) {
-            d.up.insert(n);
-        }
-    }
+    (d.up, d.down_since) = read_liveness(&alive);
     for (_, v) in volumes {
         d.volumes.insert(v.value.spec.name.clone(), v);
     }
@@ -1557,6 +1580,34 @@ pub async fn read_desired(store: &dyn Store) -> anyhow::Result<Desired> {
     }
     overlay_reports(&mut d);
     Ok(d)
+}
+
+/// The liveness keys ([`keys::NODES_ALIVE`]) read: the nodes up, and the
+/// down nodes' marks ([`NodeDown`]).
+pub fn read_liveness(alive: &[store::KeyValue]) -> (BTreeSet<NodeName>, BTreeMap<NodeName, u64>) {
+    let mut up = BTreeSet::new();
+    let mut down_since = BTreeMap::new();
+    for kv in alive {
+        let Some(Ok(node)) = kv.key.strip_prefix(keys::NODES_ALIVE).map(NodeName::new) else {
+            continue;
+        };
+        match store::decode::<Liveness>(kv).map(|v| v.value) {
+            Ok(Liveness::Down(mark)) => {
+                down_since.insert(node, mark.down_since_unix);
+            }
+            Ok(Liveness::Up(_)) => {
+                up.insert(node);
+            }
+            // Only a node's agent and its down mark write here; anything
+            // else counts as the key's existence always did: up (nothing of
+            // it is replaced).
+            Err(e) => {
+                tracing::warn!(error = %e, "a liveness key this agent cannot read; taking its node as up");
+                up.insert(node);
+            }
+        }
+    }
+    (up, down_since)
 }
 
 /// Lays each controller's report over its replicas' statuses.

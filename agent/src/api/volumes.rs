@@ -19,8 +19,8 @@ use super::views::{
 };
 use super::ApiContext;
 use crate::model::{
-    keys, NodeAlive, NodeName, NodeRecord, Placement, QosSpec, ServiceId, ServiceStatus, SnapshotRef,
-    TargetAccess, TopologyRule, VolumePhase, VolumeRecord, VolumeSecrets, VolumeSpec,
+    keys, NodeName, NodeRecord, Placement, QosSpec, ServiceId, ServiceStatus, SnapshotRef, TargetAccess,
+    TopologyRule, VolumePhase, VolumeRecord, VolumeSecrets, VolumeSpec,
 };
 use crate::placement;
 use crate::store::{self, Expect, Store, StoreError, Versioned};
@@ -82,18 +82,16 @@ pub async fn update_volume(
     )))
 }
 
-/// Every registered node as placement sees it (up: its liveness key exists).
+/// Every registered node as placement sees it (up: its liveness key holds
+/// its `NodeAlive`, not another agent's down mark).
 pub async fn node_views(store: &dyn Store) -> ApiResult<Vec<placement::NodeView>> {
     let (nodes, _) = store::list_json::<NodeRecord>(store, keys::NODES).await?;
-    let (alive, _) = store::list_json::<NodeAlive>(store, keys::NODES_ALIVE).await?;
-    let alive: BTreeSet<&str> = alive
-        .iter()
-        .filter_map(|(k, _)| k.strip_prefix(keys::NODES_ALIVE))
-        .collect();
+    let (alive, _) = store.list(keys::NODES_ALIVE).await?;
+    let (up, _) = crate::reconcile::read_liveness(&alive);
     Ok(nodes
         .into_iter()
         .map(|(_, v)| placement::NodeView {
-            up: alive.contains(v.value.name.as_str()),
+            up: up.contains(&v.value.name),
             record: v.value,
         })
         .collect())

@@ -565,13 +565,26 @@ fn the_controllers_view_is_read_from_volume_info() {
     assert_eq!(qos_from_reply(qos_request(&v.qos).limits.as_ref()), v.qos);
 }
 
+type FailoverPlans = [(VolumeName, store::Revision, crate::failover::Plan, VolumeRecord)];
+
+/// The first volume's plan holds `replica` on `on` in its grace period until `until_unix`.
+fn assert_in_grace(plans: &FailoverPlans, replica: u32, on: &str, until_unix: u64) {
+    let hold = crate::failover::Hold::ReplicaInGrace {
+        replica,
+        node: node(on),
+        until_unix,
+    };
+    assert!(plans[0].2.holds.contains(&hold), "{plans:?}");
+}
+
 #[test]
-fn a_controller_on_a_down_node_moves_to_an_up_node_holding_a_replica_and_down_nodes_are_remembered() {
+fn a_controller_on_a_down_node_moves_to_an_up_node_holding_a_replica_and_its_replicas_wait_for_the_grace() {
+    let grace = Duration::from_secs(300);
     let mut d = desired(vec![volume("v1", ["a", "b", "b"], "b", VolumePhase::Ready)]);
     d.up.insert(node("a"));
-    let mut down = BTreeMap::new();
-    let plans = failover_plans(&d, &mut down, 1000, Duration::from_secs(300));
-    assert_eq!(down.get(&node("b")), Some(&1000));
+    // b is down and nobody marked it yet: this agent marks it before deciding.
+    assert_eq!(unmarked_down(&d), vec![node("b")]);
+    let plans = failover_plans(&d, 1000, grace);
     let (name, revision, plan, next) = &plans[0];
     assert_eq!((name, *revision), (&vol("v1"), 42));
     assert!(
@@ -586,14 +599,113 @@ fn a_controller_on_a_down_node_moves_to_an_up_node_holding_a_replica_and_down_no
         d.volumes[&vol("v1")].value.placement.replicas
     );
 
-    // Seen down earlier: the first sighting is kept; up again: forgotten.
-    let plans = failover_plans(&d, &mut down, 2000, Duration::from_secs(300));
-    assert_eq!(down.get(&node("b")), Some(&1000));
-    assert!(!plans.is_empty());
+    // Marked at 1000: the grace counts from the mark, whoever reads it.
+    d.down_since.insert(node("b"), 1000);
+    assert!(unmarked_down(&d).is_empty());
+    let plans = failover_plans(&d, 1299, grace);
+    assert_in_grace(&plans, 2, "b", 1300);
+    // Up again (its agent's NodeAlive put over the mark), the controller back on b: nothing to do.
+    d.down_since.clear();
     d.up.insert(node("b"));
-    let plans = failover_plans(&d, &mut down, 3000, Duration::from_secs(300));
-    assert!(down.is_empty());
+    assert!(unmarked_down(&d).is_empty());
+    let plans = failover_plans(&d, 3000, grace);
     assert!(plans.is_empty(), "{plans:?}");
+}
+
+/// A node that comes back and goes down again while this agent is not looking (its passes slow, or
+/// another agent deciding): its replicas are replaced only a full grace period after the *latest*
+/// lapse of its lease, by whichever agent decides. An agent that kept its own memory of when it first
+/// saw a node down replaced them one grace after the earlier outage: in the four-host test, ~45 s
+/// after the cut for a 60 s grace, when the cut host had been cut once before and was up again for
+/// only a few seconds in between.
+#[tokio::test]
+async fn a_replica_is_replaced_a_full_grace_after_its_nodes_latest_lapse_whoever_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+    let store: &dyn Store = store.as_ref();
+    let grace = Duration::from_secs(300);
+    // What a node's agent does to be up (daemon's grant_alive): a NodeAlive on a fresh lease, put
+    // over whatever the key holds.
+    let come_up = |name: &'static str| async move {
+        let lease = store.grant_lease(Duration::from_secs(3600)).await.unwrap();
+        store::put_json(
+            store,
+            &keys::node_alive(&node(name)),
+            &crate::model::NodeAlive { since_unix: 0 },
+            Expect::Any,
+            Some(lease),
+        )
+        .await
+        .unwrap();
+        lease
+    };
+    for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let record = node_record(name, i as u8 + 1);
+        store::put_json(store, &keys::node(&node(name)), &record, Expect::Absent, None)
+            .await
+            .unwrap();
+    }
+    for name in ["a", "b", "d"] {
+        come_up(name).await;
+    }
+    let c_lease = come_up("c").await;
+    let v = volume("v1", ["a", "b", "c"], "a", VolumePhase::Ready).value;
+    store::put_json(store, &keys::volume(&vol("v1")), &v, Expect::Absent, None)
+        .await
+        .unwrap();
+    // What a pass reads, with every replica in sync (as their controller reports them).
+    let read = || async {
+        let mut d = read_desired(store).await.unwrap();
+        for (id, on) in [(1, "a"), (2, "b"), (3, "c")] {
+            let mut s = status(on);
+            s.mode = Some(ReplicaMode::Rw);
+            d.statuses.insert((vol("v1"), ServiceId::Replica(id)), s);
+        }
+        d
+    };
+    let replaced = |plans: &FailoverPlans| {
+        plans.iter().find_map(|(_, _, plan, _)| {
+            plan.actions.iter().find_map(|a| match a {
+                crate::failover::Action::ReplaceReplica {
+                    lost,
+                    replacement,
+                    down_since_unix,
+                } => Some((lost.node.clone(), replacement.node.clone(), *down_since_unix)),
+                _ => None,
+            })
+        })
+    };
+
+    // c's lease lapses; agent A sees it at 1000 and marks it.
+    store.revoke(c_lease).await.unwrap();
+    let d = read().await;
+    assert_eq!(unmarked_down(&d), vec![node("c")]);
+    mark_down(store, &d, 1000).await.unwrap();
+    assert_eq!(read().await.down_since.get(&node("c")), Some(&1000));
+
+    // c comes back (its NodeAlive over the mark), and its lease lapses again; agent B marks it at 1200.
+    // Agent A's stale read of c as down cannot mark it while it is up.
+    let c_lease = come_up("c").await;
+    mark_down(store, &d, 1100).await.unwrap();
+    let back = read().await;
+    assert!(back.up.contains(&node("c")) && back.down_since.is_empty());
+    store.revoke(c_lease).await.unwrap();
+    mark_down(store, &read().await, 1200).await.unwrap();
+    // A later mark attempt keeps the first time.
+    mark_down(store, &read().await, 1250).await.unwrap();
+
+    // Agent A decides at 1301, a grace after the first lapse: c's replica waits (until 1500).
+    let d = read().await;
+    assert_eq!(d.down_since.get(&node("c")), Some(&1200));
+    let plans = failover_plans(&d, 1301, grace);
+    assert_eq!(replaced(&plans), None, "{plans:?}");
+    assert_in_grace(&plans, 3, "c", 1500);
+    assert_eq!(replaced(&failover_plans(&d, 1499, grace)), None);
+    // A full grace after the latest lapse: replaced on the free node, with the mark's time.
+    assert_eq!(
+        replaced(&failover_plans(&d, 1500, grace)),
+        Some((node("c"), node("d"), 1200))
+    );
 }
 
 fn arb_phase() -> impl Strategy<Value = VolumePhase> {
