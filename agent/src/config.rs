@@ -157,9 +157,12 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// The tag `images/build.sh` always gives the image it builds.
 pub const DEFAULT_IMAGE: &str = "basalt:latest";
 /// A node is down this long after its agent stops renewing: long enough to
-/// ride out a busy host's late renewal (renewals run at a third of it),
-/// short enough that a controller moves within seconds.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// ride out a busy host's late renewal (renewals run at a third of it), and
+/// long enough that a controller cut off by a partition has stopped serving
+/// reads before its successor starts: its lease lapses at the earliest two
+/// thirds of this after the cut, and the controller drops unreachable
+/// replicas within 10 s (README, "Failover and maintenance").
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 /// Replacing a replica copies the whole volume, so a node gets time to come
 /// back (a reboot, an agent upgrade) before its replicas are given up.
 pub const DEFAULT_REPLICA_GRACE: Duration = Duration::from_secs(5 * 60);
