@@ -5,168 +5,17 @@
 //! unpublish, delete), then every error case the spec names, RPC by RPC, from one table.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use basalt_agent::csi::pb::controller_client::ControllerClient;
 use basalt_agent::csi::pb::identity_client::IdentityClient;
 use basalt_agent::csi::pb::{self, volume_capability, volume_content_source};
 use basalt_agent::model::{initiator_iqn, NodeName};
+use basalt_tests::csi::{assert_codes, block_cap, case, mount_cap, CsiAgent, Socket, READY_TIMEOUT};
 use basalt_tests::volume::{qemu_io, qemu_io_as};
-use basalt_tests::{basalt_binary, free_port, free_port_range, wait_for, Daemon, IscsiUrl, StopPolicy};
-use tonic::transport::Channel;
+use basalt_tests::wait_for;
 use tonic::Code;
 
-/// Starting the agent, three replicas and a controller on two cores shared with builds.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const MIB: i64 = 1 << 20;
-
-/// Kills the agent's process group (its services outlive it by design) whatever the test's outcome.
-struct KillGroup(i32);
-
-impl Drop for KillGroup {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall on the process group of an agent this test started.
-        unsafe { libc::kill(-self.0, libc::SIGKILL) };
-    }
-}
-
-struct Agent {
-    node: String,
-    socket: PathBuf,
-    api: SocketAddr,
-    token_file: PathBuf,
-    daemon: Daemon,
-    _group: KillGroup,
-    // Last: the agent and its services stop before their directory goes.
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let node = format!("csi{:08x}", rand::random::<u32>());
-        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
-        let (first, last) = free_port_range(24);
-        let token_file = dir.path().join("api-token");
-        std::fs::write(&token_file, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();
-        let socket = dir.path().join("csi/controller.sock");
-        let d = dir.path().display();
-        let config = dir.path().join("agent.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "node:\n  name: {node}\n  address: 127.0.0.1\n  ports: {first}-{last}\n  labels: {{zone: a}}\n\
-                 data_dir: {d}/data\n\
-                 pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n  - name: p1\n    path: {d}/pool1\n    capacity: 4G\n  - name: p2\n    path: {d}/pool2\n    capacity: 4G\n\
-                 cluster:\n  store: embedded\n\
-                 endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n  csi_controller: {}\n\
-                 runtime:\n  kind: process\n  binary: {}\n",
-                token_file.display(),
-                socket.display(),
-                basalt_binary().unwrap().display(),
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(basalt_binary().unwrap());
-        cmd.arg("agent").arg("--config").arg(&config);
-        // Its own process group, so that the guard can stop its services with it.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut daemon = Daemon::spawn(
-            "agent",
-            cmd,
-            dir.path(),
-            StopPolicy::Terminate {
-                grace: Duration::from_secs(30),
-            },
-        )
-        .unwrap();
-        let group = KillGroup(daemon.pid() as i32);
-        daemon.wait_for_port(api, READY_TIMEOUT).unwrap();
-        let path = socket.clone();
-        daemon
-            .wait_until("the CSI socket", READY_TIMEOUT, || path.exists())
-            .unwrap();
-        Agent {
-            node,
-            socket,
-            api,
-            token_file,
-            daemon,
-            _group: group,
-            _dir: dir,
-        }
-    }
-
-    /// `basalt volume inspect NAME --json` through the agent's API.
-    fn inspect(&self, volume: &str) -> Option<serde_json::Value> {
-        let out = Command::new(basalt_binary().unwrap())
-            .args(["volume", "inspect", volume, "--json", "--agent"])
-            .arg(format!("http://{}", self.api))
-            .arg("--agent-token-file")
-            .arg(&self.token_file)
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn wait_ready(&self, volume: &str) -> IscsiUrl {
-        let mut last = None;
-        if let Err(e) = wait_for(&format!("volume {volume} to be ready"), READY_TIMEOUT, || {
-            last = self.inspect(volume);
-            last.as_ref().is_some_and(|v| v["phase"] == "ready")
-        }) {
-            panic!("{e}: last seen {last:#?}");
-        }
-        IscsiUrl::parse(last.unwrap()["iscsi_url"].as_str().unwrap())
-    }
-
-    async fn channel(&self) -> Channel {
-        connect(&self.socket).await
-    }
-}
-
-/// A gRPC channel over the unix socket at `path` (the URI is a placeholder tonic requires).
-async fn connect(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://csi.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .expect("connecting to the CSI socket")
-}
-
-fn mount_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
-                fs_type: "ext4".into(),
-                ..Default::default()
-            },
-        )),
-        access_mode: Some(volume_capability::AccessMode {
-            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
-
-fn block_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Block(
-            volume_capability::BlockVolume {},
-        )),
-        ..mount_cap()
-    }
-}
 
 fn zone(z: &str) -> pb::Topology {
     pb::Topology {
@@ -200,8 +49,8 @@ fn create_request(name: &str, size: i64) -> pb::CreateVolumeRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_lives_its_csi_life_under_a_real_agent() {
-    let agent = Agent::start();
-    let channel = agent.channel().await;
+    let agent = CsiAgent::start(&[Socket::Controller]);
+    let channel = agent.channel(Socket::Controller).await;
     let mut identity = IdentityClient::new(channel.clone());
     let mut csi = ControllerClient::new(channel);
 
@@ -562,26 +411,10 @@ async fn a_volume_lives_its_csi_life_under_a_real_agent() {
 }
 
 /// One row of the error table: the RPC, the case the spec names, the code it requires.
-struct Case {
-    rpc: &'static str,
-    case: &'static str,
-    want: Code,
-    got: Result<(), tonic::Status>,
-}
-
-fn case<T>(rpc: &'static str, case: &'static str, want: Code, got: Result<T, tonic::Status>) -> Case {
-    Case {
-        rpc,
-        case,
-        want,
-        got: got.map(|_| ()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_answers_the_specs_error_codes() {
-    let agent = Agent::start();
-    let mut csi = ControllerClient::new(agent.channel().await);
+    let agent = CsiAgent::start(&[Socket::Controller]);
+    let mut csi = ControllerClient::new(agent.channel(Socket::Controller).await);
     let volume = "pvc-errors";
     csi.create_volume(pb::CreateVolumeRequest {
         name: volume.into(),
@@ -1057,23 +890,7 @@ async fn every_rpc_answers_the_specs_error_codes() {
             .await,
         ),
     ];
-    let mut wrong = Vec::new();
-    for c in &cases {
-        let got = c.got.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-        if got != c.want {
-            wrong.push(format!(
-                "{} / {}: want {:?}, got {:?} ({:?})",
-                c.rpc, c.case, c.want, got, c.got
-            ));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} of {} cases wrong:\n{}",
-        wrong.len(),
-        cases.len(),
-        wrong.join("\n")
-    );
+    assert_codes(&cases);
 
     // An unsupported capability is not confirmed (not an error).
     let v = csi
@@ -1138,7 +955,7 @@ async fn every_rpc_answers_the_specs_error_codes() {
             secrets: [("password".to_string(), secret.to_string())].into(),
         })
         .await;
-    let log = agent.daemon.plain_log();
+    let log = agent.log();
     assert!(
         log.contains("DeleteVolume") && log.contains("elapsed_ms"),
         "the calls are logged"

@@ -36,6 +36,8 @@ use tempfile::TempDir;
 
 // The harness's parts live under harness/ so they are not mistaken for test targets (the files next to
 // this one are the end-to-end tests themselves).
+#[path = "harness/csi.rs"]
+pub mod csi;
 #[path = "harness/cunit.rs"]
 pub mod cunit;
 #[path = "harness/fault/mod.rs"]

@@ -48,27 +48,42 @@ const POOL_REFRESH: Duration = Duration::from_secs(30);
 /// it) writes its record at the same moment.
 const REGISTER_ATTEMPTS: usize = 5;
 
-/// Refuses a configuration that asks for something this agent does not do
-/// yet, rather than starting without it: an operator who configured an
-/// endpoint must not find out from a client that it is not there.
-pub fn refuse_unbuilt(config: &Config) -> anyhow::Result<()> {
-    // The CSI controller is served; the node service (attaching volumes on this host) is not built yet.
-    let csi_node = [
-        ("endpoints.csi", &config.endpoints.csi),
-        ("endpoints.csi_node", &config.endpoints.csi_node),
-    ];
-    if let Some((key, _)) = csi_node.iter().find(|(_, socket)| socket.is_some()) {
-        anyhow::bail!(
-            "{key}: this agent does not serve the CSI node service yet; serve the controller alone with \
-             endpoints.csi_controller"
-        );
+/// Which endpoints attach volumes on this host (the Docker plugin, the CSI node service): they share
+/// one [`crate::host::Host`], whose per-volume locks keep two endpoints from interleaving the steps of
+/// one volume, and whose recovery at start runs once.
+pub fn host_users(config: &Config) -> Vec<&'static str> {
+    [
+        ("endpoints.docker", config.endpoints.docker.is_some()),
+        ("endpoints.csi", config.endpoints.csi.is_some()),
+        ("endpoints.csi_node", config.endpoints.csi_node.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect()
+}
+
+/// This host's attachments, opened once for every endpoint that attaches volumes (none: `None`). What
+/// an earlier agent left is recovered first: reused where it still works, undone where it does not.
+async fn open_host(config: &Config) -> anyhow::Result<Option<Arc<crate::host::Host>>> {
+    let users = host_users(config);
+    if users.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    let data_dir = config.data_dir.clone();
+    let initiator = crate::model::initiator_iqn(&config.node.name);
+    let users = users.join(", ");
+    let host = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<crate::host::Host>> {
+        let host = crate::host::Host::open(&data_dir, Some(initiator))
+            .with_context(|| format!("{users}: attaching volumes on this host"))?;
+        host.recover().context("recovering this host's attachments")?;
+        Ok(Arc::new(host))
+    })
+    .await??;
+    Ok(Some(host))
 }
 
 /// Runs the agent until `cancel`.
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
-    refuse_unbuilt(&config)?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "creating the agent's data directory {}",
@@ -119,9 +134,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .map_or_else(basalt_engine::api_auth::ApiToken::generate, |a| a.token.clone()),
         agent_metrics: Some(metrics.clone()),
     };
-    let docker_task = match &config.endpoints.docker {
-        Some(socket) => Some(start_docker(&config, socket, ctx.clone(), tasks.clone()).await?),
-        None => None,
+    let host = open_host(&config).await?;
+    let docker_task = match (&config.endpoints.docker, &host) {
+        (Some(socket), Some(host)) => {
+            Some(start_docker(&config, socket, host.clone(), ctx.clone(), tasks.clone()).await?)
+        }
+        _ => None,
+    };
+    let csi_node = match &host {
+        Some(host) if csi_listeners.iter().any(|(_, _, role)| role.serves_node()) => Some(Arc::new(
+            crate::csi::node::NodeService::new(ctx.clone(), host.clone(), &config.data_dir)?,
+        )),
+        _ => None,
     };
     let api_task = api.map(|api| {
         tracing::info!(
@@ -151,6 +175,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 path,
                 role,
                 ctx.clone(),
+                csi_node.clone(),
                 tasks.clone(),
             ))
         })
@@ -174,22 +199,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     Ok(())
 }
 
-/// The Docker volume plugin on `socket`: this host's attachments recovered first (what an earlier agent
-/// left is reused or undone), then the socket bound (a failure stops the start, naming the key).
+/// The Docker volume plugin on `socket`, over this host's attachments (recovered already); the socket
+/// bound (a failure stops the start, naming the key).
 async fn start_docker(
     config: &Config,
     socket: &Path,
+    host: Arc<crate::host::Host>,
     api: crate::api::ApiContext,
     cancel: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let data_dir = config.data_dir.clone();
-    let host = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<crate::host::Host>> {
-        let host =
-            crate::host::Host::open(&data_dir).context("endpoints.docker: attaching volumes on this host")?;
-        host.recover().context("recovering this host's attachments")?;
-        Ok(Arc::new(host))
-    })
-    .await??;
     let scope = match config.cluster {
         ClusterConfig::Embedded => crate::docker::Scope::Local,
         ClusterConfig::Etcd(_) => crate::docker::Scope::Global,
@@ -558,33 +576,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_this_agent_does_not_serve_are_refused_by_name() {
+    fn the_docker_plugin_and_the_csi_node_share_the_host_and_the_controller_needs_none() {
         let defaults = Config::defaults().unwrap();
-        refuse_unbuilt(&defaults).unwrap();
-
-        let mut tls = defaults.clone();
-        if let Some(api) = tls.endpoints.api.as_mut() {
-            api.tls_cert_file = Some(PathBuf::from("/etc/basalt/tls.pem"));
-            api.tls_key_file = Some(PathBuf::from("/etc/basalt/tls-key.pem"));
-        }
-        refuse_unbuilt(&tls).unwrap();
-
-        let mut docker = defaults.clone();
-        docker.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));
-        refuse_unbuilt(&docker).unwrap();
-
-        let mut csi = defaults.clone();
-        csi.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
-        let e = refuse_unbuilt(&csi).unwrap_err().to_string();
-        assert!(e.contains("endpoints.csi"), "{e}");
+        assert!(host_users(&defaults).is_empty());
 
         let mut controller = defaults.clone();
         controller.endpoints.csi_controller = Some(PathBuf::from("/run/basalt/csi-controller.sock"));
-        refuse_unbuilt(&controller).unwrap();
+        assert!(host_users(&controller).is_empty());
 
-        let mut node = defaults;
-        node.endpoints.csi_node = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/node.sock"));
-        let e = refuse_unbuilt(&node).unwrap_err().to_string();
-        assert!(e.contains("endpoints.csi_node"), "{e}");
+        let mut all = controller;
+        all.endpoints.docker = Some(PathBuf::from("/run/docker/plugins/basalt.sock"));
+        all.endpoints.csi = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/csi.sock"));
+        all.endpoints.csi_node = Some(PathBuf::from("/var/lib/kubelet/plugins/basalt/node.sock"));
+        assert_eq!(
+            host_users(&all),
+            ["endpoints.docker", "endpoints.csi", "endpoints.csi_node"]
+        );
     }
 }

@@ -22,9 +22,11 @@
 pub mod controller;
 pub mod identity;
 pub mod ids;
+pub mod node;
 pub mod params;
 pub mod records;
 pub mod serve;
+pub mod staged;
 pub mod status;
 pub mod topology;
 

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::UnixListener;
@@ -10,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::controller::ControllerService;
 use super::identity::IdentityService;
+use super::node::NodeService;
 use super::pb::controller_server::ControllerServer;
 use super::pb::identity_server::IdentityServer;
+use super::pb::node_server::NodeServer;
 use crate::api::ApiContext;
 
 /// Which services one socket serves (Identity always).
@@ -61,14 +64,31 @@ pub fn bind(path: &Path, role: Role) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve `role`'s services on `listener` until `cancel`; the socket file is removed at the end.
+impl Role {
+    pub fn serves_node(self) -> bool {
+        matches!(self, Role::All | Role::Node)
+    }
+}
+
+/// Serve `role`'s services on `listener` until `cancel`; the socket file is removed at the end. `node`
+/// is this host's node service (one for every socket serving it: it serializes calls per volume), which
+/// a role serving the node needs.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     role: Role,
     api: ApiContext,
+    node: Option<Arc<NodeService>>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let node = match (role.serves_node(), node) {
+        (true, Some(n)) => Some(NodeServer::from_arc(n)),
+        (true, None) => anyhow::bail!(
+            "{}: the CSI node service needs this host's attachments, which were not opened",
+            role.config_key()
+        ),
+        (false, _) => None,
+    };
     let identity = IdentityServer::new(IdentityService {
         store: api.store.clone(),
         node: api.node.clone(),
@@ -79,6 +99,7 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(identity)
         .add_optional_service(controller)
+        .add_optional_service(node)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             cancel.cancelled(),
@@ -141,5 +162,5 @@ pub async fn run_controller_only(
         token: basalt_engine::api_auth::ApiToken::generate(),
         agent_metrics: None,
     };
-    serve(listener, path, Role::Controller, ctx, cancel).await
+    serve(listener, path, Role::Controller, ctx, None, cancel).await
 }

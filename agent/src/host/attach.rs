@@ -395,15 +395,24 @@ impl Attacher for KernelIscsi {
 pub struct UserSpace {
     /// `DATA_DIR/host`: each volume's export file, QMP socket and daemon log live in `VOLUME/` here.
     dir: PathBuf,
+    /// The iSCSI initiator name the daemon logs in as (the node's: a target that lets in only the
+    /// node a volume is published to checks it); `None`: libiscsi's default.
+    initiator: Option<String>,
 }
 
 /// The arguments of qemu-storage-daemon exporting `target` at `fuse_file`, with its monitor on
-/// `qmp_socket` (for online resizes). A pure function, tested.
-pub fn daemon_args(target: &IscsiTarget, fuse_file: &Path, qmp_socket: &Path) -> Vec<String> {
+/// `qmp_socket` (for online resizes), logging in as `initiator` when given. A pure function, tested.
+pub fn daemon_args(
+    target: &IscsiTarget,
+    fuse_file: &Path,
+    qmp_socket: &Path,
+    initiator: Option<&str>,
+) -> Vec<String> {
+    let initiator = initiator.map_or_else(String::new, |i| format!(",initiator-name={i}"));
     vec![
         "--blockdev".into(),
         format!(
-            "driver=iscsi,transport=tcp,portal={},target={},lun={},node-name=lun,cache.direct=on",
+            "driver=iscsi,transport=tcp,portal={},target={},lun={}{initiator},node-name=lun,cache.direct=on",
             target.portal, target.iqn, target.lun
         ),
         "--export".into(),
@@ -419,8 +428,11 @@ pub fn daemon_args(target: &IscsiTarget, fuse_file: &Path, qmp_socket: &Path) ->
 }
 
 impl UserSpace {
-    pub fn new(host_dir: PathBuf) -> UserSpace {
-        UserSpace { dir: host_dir }
+    pub fn new(host_dir: PathBuf, initiator: Option<String>) -> UserSpace {
+        UserSpace {
+            dir: host_dir,
+            initiator,
+        }
     }
 
     fn volume_dir(&self, req: &AttachRequest) -> PathBuf {
@@ -466,7 +478,12 @@ impl Attacher for UserSpace {
             .try_clone()
             .map_err(HostError::io("duplicating a log descriptor"))?;
         let mut child = Command::new("qemu-storage-daemon")
-            .args(daemon_args(&req.target, &fuse_file, &qmp_socket))
+            .args(daemon_args(
+                &req.target,
+                &fuse_file,
+                &qmp_socket,
+                self.initiator.as_deref(),
+            ))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -616,8 +633,43 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe { libc::kill(pid, sig) };
 }
 
+/// A read-only loop device over `device`: a read-only view of an attached volume (a bind mount's `ro`
+/// does not stop writes to a device node, the device's own read-only flag does).
+pub fn read_only_loop(device: &Path) -> HostResult<PathBuf> {
+    let out = run(
+        &format!("making a read-only loop device over {}", device.display()),
+        Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg("--read-only")
+            .arg(device),
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// Detaches the loop device `device` (already gone: no error).
+pub fn detach_loop(device: &Path) -> HostResult<()> {
+    if !device.exists() {
+        return Ok(());
+    }
+    match run(
+        "detaching a loop device",
+        Command::new("losetup").arg("--detach").arg(device),
+    ) {
+        Err(_) if !loop_in_use(device) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Whether a loop device has a backing file (`/sys/block/loopN/loop/backing_file` exists).
+fn loop_in_use(device: &Path) -> bool {
+    device
+        .file_name()
+        .is_some_and(|n| Path::new("/sys/block").join(n).join("loop/backing_file").exists())
+}
+
 /// Loop devices whose backing file is `file` (`losetup -j`).
-fn loops_over(file: &Path) -> HostResult<Vec<PathBuf>> {
+pub fn loops_over(file: &Path) -> HostResult<Vec<PathBuf>> {
     let out = run(
         "listing loop devices",
         Command::new("losetup").arg("-j").arg(file),
@@ -819,11 +871,22 @@ mod tests {
 
     #[test]
     fn the_daemon_exports_the_lun_writable_with_a_monitor() {
-        let args = daemon_args(&target(), Path::new("/d/lun"), Path::new("/d/qmp.sock"));
+        let args = daemon_args(&target(), Path::new("/d/lun"), Path::new("/d/qmp.sock"), None);
         assert_eq!(
             args[1],
             "driver=iscsi,transport=tcp,portal=127.0.0.1:7101,target=iqn.2026-11.io.basalt:v1,lun=0,node-name=lun,\
              cache.direct=on"
+        );
+        let named = daemon_args(
+            &target(),
+            Path::new("/d/lun"),
+            Path::new("/d/qmp.sock"),
+            Some("iqn.2026-11.io.basalt.node:n1"),
+        );
+        assert_eq!(
+            named[1],
+            "driver=iscsi,transport=tcp,portal=127.0.0.1:7101,target=iqn.2026-11.io.basalt:v1,lun=0,\
+             initiator-name=iqn.2026-11.io.basalt.node:n1,node-name=lun,cache.direct=on"
         );
         assert_eq!(
             args[3],

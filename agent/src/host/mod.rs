@@ -97,7 +97,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Host {
     /// The host under `data_dir` (records in `DATA_DIR/host/`), with the attacher this host supports:
     /// the kernel initiator where it has one, the user-space path otherwise. The choice is logged.
-    pub fn open(data_dir: &Path) -> HostResult<Host> {
+    /// `initiator` is the iSCSI initiator name the user-space path logs in as (the node's, which a
+    /// volume published to this node lets in); the kernel initiator logs in under the host's own name
+    /// (`/etc/iscsi/initiatorname.iscsi`), which the operator sets to the node's.
+    pub fn open(data_dir: &Path, initiator: Option<String>) -> HostResult<Host> {
         let probe = HostProbe::this_host();
         let method = attach::choose(&probe).map_err(HostError::Refused)?;
         tracing::info!(
@@ -106,17 +109,34 @@ impl Host {
             "volumes attach on this host through {}",
             method.as_str()
         );
-        Host::with_method(data_dir, method)
+        Host::with_method_as(data_dir, method, initiator)
     }
 
     /// The host with a given attach method (tests; an operator's override).
     pub fn with_method(data_dir: &Path, method: AttachMethod) -> HostResult<Host> {
+        Host::with_method_as(data_dir, method, None)
+    }
+
+    /// The same, logging in as `initiator` on the user-space path (see [`Host::open`]).
+    pub fn with_method_as(
+        data_dir: &Path,
+        method: AttachMethod,
+        initiator: Option<String>,
+    ) -> HostResult<Host> {
+        if let Some(bad) = initiator
+            .as_ref()
+            .filter(|i| i.is_empty() || i.contains([',', '=']) || i.chars().any(char::is_whitespace))
+        {
+            return Err(HostError::Refused(format!(
+                "iSCSI initiator name {bad:?} is not valid: an IQN holds no comma, '=' or whitespace"
+            )));
+        }
         let dir =
             std::path::absolute(data_dir.join("host")).map_err(HostError::io("resolving DATA_DIR/host"))?;
         let state = state::StateDir::open(&dir)?;
         let attacher: Box<dyn Attacher> = match method {
             AttachMethod::KernelIscsi => Box::new(attach::KernelIscsi),
-            AttachMethod::UserSpace => Box::new(attach::UserSpace::new(dir)),
+            AttachMethod::UserSpace => Box::new(attach::UserSpace::new(dir, initiator)),
         };
         Ok(Host {
             state,

@@ -274,6 +274,23 @@ pub fn mount(
     Ok(())
 }
 
+/// Bind-mounts `source` (a mounted directory, or a block device) at `target`, which must exist (a
+/// directory for a directory, a file for a device); read-only when asked (util-linux remounts the
+/// bind read-only itself). Already mounted there: nothing to do.
+pub fn bind_mount(source: &Path, target: &Path, read_only: bool) -> HostResult<()> {
+    if is_mounted(target) {
+        return Ok(());
+    }
+    let mut cmd = Command::new("mount");
+    cmd.arg("-o").arg(if read_only { "bind,ro" } else { "bind" });
+    cmd.arg(source).arg(target);
+    run(
+        &format!("bind-mounting {} at {}", source.display(), target.display()),
+        &mut cmd,
+    )?;
+    Ok(())
+}
+
 /// Unmounts `target` (not mounted: nothing to do), retrying for [`UNMOUNT_BUSY_WAIT`] while it is busy.
 /// A mount still busy after that is an error, never a lazy unmount: the data on it is still in use.
 pub fn unmount(target: &Path) -> HostResult<()> {

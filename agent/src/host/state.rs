@@ -89,14 +89,7 @@ impl StateDir {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| {
             HostError::Refused(format!("encoding the attach record of {}: {e}", record.volume))
         })?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(HostError::io(format!("writing {}", path.display())))
+        write_durably(&path, &tmp, &bytes).map_err(HostError::io(format!("writing {}", path.display())))
     }
 
     pub fn remove(&self, volume: &VolumeName) -> HostResult<()> {
@@ -129,6 +122,20 @@ impl StateDir {
         out.sort_by(|a, b| a.volume.as_str().cmp(b.volume.as_str()));
         Ok(out)
     }
+}
+
+/// Writes `bytes` to `path` whole: through `tmp` (same directory), fsynced, renamed, the directory
+/// fsynced; after a crash at any point `path` holds the old bytes or the new ones, never a mix.
+pub fn write_durably(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn read_record(path: &Path) -> HostResult<Option<AttachRecord>> {
