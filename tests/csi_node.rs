@@ -523,9 +523,38 @@ async fn a_node_plugin_killed_between_stage_and_unstage_undoes_exactly_what_it_d
         .into_inner();
     assert!(bytes_usage(&stats).used > 0);
 
+    // Through a symlink (kubelet's directory often is one): published, then unpublished, there.
+    let real = agent.scratch("pods/f");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = agent.scratch("pods/link-to-f");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let linked = link.join("volume");
+    node.node_publish_volume(publish_request(&name, &staging, &linked, mount_cap(), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(linked.join("kept.txt")).unwrap(),
+        b"across the restart"
+    );
+    node.node_unpublish_volume(unpublish_request(&name, &linked))
+        .await
+        .unwrap();
+    assert!(!is_mounted(&real.join("volume")) && !real.join("volume").exists());
+
     node.node_unpublish_volume(unpublish_request(&name, &target))
         .await
         .unwrap();
+    // The staging mount gone (as when the agent's recovery undoes a broken attachment): a publication
+    // is refused, never a bind of the empty staging directory, where a pod's writes would be lost.
+    assert!(Command::new("umount").arg(&staging).status().unwrap().success());
+    let other = agent.scratch("pods/g/volume");
+    let refused = node
+        .node_publish_volume(publish_request(&name, &staging, &other, mount_cap(), false))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("staging path"), "{refused:?}");
+    assert!(!is_mounted(&other));
     node.node_unstage_volume(unstage_request(&name, &staging))
         .await
         .unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Body;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{CONTENT_LENGTH, EXPECT};
 use hyper::HeaderMap;
 
 /// The most a refused body is read for before the connection is closed.
@@ -47,7 +47,11 @@ where
     B::Error: std::fmt::Display,
 {
     if declared_length(headers).is_some_and(|n| n > limit as u64) {
-        drain(&mut body, 0).await;
+        // A client that waits for `100 Continue` before sending has nothing in flight: reading would
+        // only invite the upload.
+        if !headers.contains_key(EXPECT) {
+            drain(&mut body, 0).await;
+        }
         return Err(BodyError::TooLarge);
     }
     let mut out = BytesMut::new();
@@ -128,6 +132,16 @@ mod tests {
             Err(BodyError::TooLarge)
         ));
         assert!(body.frame().await.is_none(), "the body was read and discarded");
+        headers.insert(EXPECT, HeaderValue::from_static("100-continue"));
+        let mut body = chunks(1, 10);
+        assert!(matches!(
+            read_limited(&headers, &mut body, 40).await,
+            Err(BodyError::TooLarge)
+        ));
+        assert!(
+            body.frame().await.is_some(),
+            "a client waiting for 100 Continue is not asked to send"
+        );
     }
 
     #[tokio::test]

@@ -197,8 +197,8 @@ fn undo_publication(publication: &Publication) -> Result<(), Status> {
         }
     }
     match &publication.read_only_device {
-        Some(view) => attach::detach_loop(view).map_err(from_host),
-        None => Ok(()),
+        Some(view) if attach::is_read_only_view(view) => attach::detach_loop(view).map_err(from_host),
+        _ => Ok(()),
     }
 }
 
@@ -460,6 +460,16 @@ impl NodeService {
                 )))
             }
         };
+        // The staged volume must still be there: after its attachment broke (its export daemon died,
+        // and the agent's recovery undid it), a bind of the staging directory would give the pod the
+        // node's own disk, where its writes would silently never reach the volume.
+        self.device(&volume).await?;
+        if matches!(access, Access::Mount { .. }) && !mount::is_mounted(&staging_path) {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is no longer mounted at its staging path {}; NodeUnstage and NodeStage it again",
+                staging_path.display()
+            )));
+        }
         let mut publication = Publication {
             target: target.clone(),
             read_only: req.readonly || reader_only || staged.read_only,
@@ -485,11 +495,11 @@ impl NodeService {
             Access::Block => {
                 let device = self.device(&volume).await?;
                 match (&publication.read_only_device, publication.read_only) {
-                    (Some(view), _) => view.clone(),
-                    (None, false) => device,
+                    (Some(view), _) if attach::is_read_only_view(view) => view.clone(),
+                    (_, false) => device,
                     // A read-only view of its own, recorded at once (a leftover of a crash in between is
                     // found over the device at unstage).
-                    (None, true) => {
+                    (_, true) => {
                         let view =
                             blocking(move || attach::read_only_loop(&device).map_err(from_host)).await?;
                         publication.read_only_device = Some(view.clone());

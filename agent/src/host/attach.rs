@@ -668,6 +668,20 @@ fn loop_in_use(device: &Path) -> bool {
         .is_some_and(|n| Path::new("/sys/block").join(n).join("loop/backing_file").exists())
 }
 
+/// Whether `view` is still a read-only loop device over a block device, as [`read_only_loop`] made it.
+/// A recorded path can outlive its device (loop numbers are reused after a reboot, when the user-space
+/// path makes loop devices over its exports): such a path must be neither reused nor detached.
+pub fn is_read_only_view(view: &Path) -> bool {
+    let Some(name) = view.file_name() else {
+        return false;
+    };
+    let sys = Path::new("/sys/block").join(name);
+    let read_only = std::fs::read_to_string(sys.join("ro")).is_ok_and(|v| v.trim() == "1");
+    let over_a_device =
+        std::fs::read_to_string(sys.join("loop/backing_file")).is_ok_and(|b| b.trim().starts_with("/dev/"));
+    read_only && over_a_device
+}
+
 /// Loop devices whose backing file is `file` (`losetup -j`).
 pub fn loops_over(file: &Path) -> HostResult<Vec<PathBuf>> {
     let out = run(

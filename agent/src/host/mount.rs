@@ -225,9 +225,12 @@ pub fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Whether `path` is a mount point now.
+/// Whether `path` is a mount point now. The kernel shows mount points resolved, so the path is too (a
+/// CO's paths may run through a symlink, `/var/lib/kubelet` often does); a path that cannot be resolved
+/// (a dead FUSE mount answers ENOTCONN) is compared as given.
 pub fn is_mounted(path: &Path) -> bool {
-    let want = path.to_string_lossy();
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let want = resolved.to_string_lossy();
     mount_points().iter().any(|m| *m == want)
 }
 
@@ -359,14 +362,18 @@ pub fn grow_filesystem(device: &Path, target: &Path, fs: Filesystem) -> HostResu
     Ok(())
 }
 
-/// An ext4 filesystem's size from `dumpe2fs -h`: its block count times its block size. Pure, tested.
-pub fn parse_dumpe2fs_size(out: &str) -> Option<u64> {
+/// An ext4 filesystem's size and the size of one of its block groups, from `dumpe2fs -h`. Pure, tested.
+pub fn parse_dumpe2fs_size(out: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
-    field("Block count:")?.checked_mul(field("Block size:")?)
+    let block = field("Block size:")?;
+    Some((
+        field("Block count:")?.checked_mul(block)?,
+        field("Blocks per group:")?.checked_mul(block)?,
+    ))
 }
 
 /// Before a first read-write mount: an ext4 filesystem smaller than its device (the volume grew while
@@ -383,13 +390,15 @@ pub fn grow_unmounted(device: &Path, fs: Filesystem) -> HostResult<bool> {
     )?;
     let device_bytes = super::attach::device_size(device)
         .map_err(HostError::io(format!("measuring {}", device.display())))?;
-    let Some(fs_bytes) = parse_dumpe2fs_size(&header) else {
+    let Some((fs_bytes, group_bytes)) = parse_dumpe2fs_size(&header) else {
         return Err(HostError::Refused(format!(
-            "dumpe2fs -h {} printed no block count and size; is it ext4?",
+            "dumpe2fs -h {} printed no block count, block size and blocks per group; is it ext4?",
             device.display()
         )));
     };
-    if fs_bytes >= device_bytes {
+    // mke2fs and resize2fs leave off a last block group too small to be worth its metadata: a
+    // filesystem less than a group short of its device is as large as it gets.
+    if fs_bytes.saturating_add(group_bytes) > device_bytes {
         return Ok(false);
     }
     let check = format!(
@@ -480,12 +489,15 @@ mod tests {
 
     #[test]
     fn dumpe2fs_gives_the_filesystem_size() {
-        let out = "Filesystem volume name:   <none>\nBlock count:              65536\nReserved block count:     3276\nBlock size:               1024\n";
-        assert_eq!(parse_dumpe2fs_size(out), Some(64 << 20));
-        assert_eq!(parse_dumpe2fs_size("Block count: 10\n"), None);
-        assert_eq!(parse_dumpe2fs_size("Block count: x\nBlock size: 4096\n"), None);
+        let out = "Filesystem volume name:   <none>\nBlock count:              65536\nReserved block count:     3276\nBlock size:               1024\nBlocks per group:         8192\n";
+        assert_eq!(parse_dumpe2fs_size(out), Some((64 << 20, 8 << 20)));
+        assert_eq!(parse_dumpe2fs_size("Block count: 10\nBlock size: 4096\n"), None);
         assert_eq!(
-            parse_dumpe2fs_size("Block count: 18446744073709551615\nBlock size: 4096\n"),
+            parse_dumpe2fs_size("Block count: x\nBlock size: 4096\nBlocks per group: 1\n"),
+            None
+        );
+        assert_eq!(
+            parse_dumpe2fs_size("Block count: 18446744073709551615\nBlock size: 4096\nBlocks per group: 1\n"),
             None
         );
     }
