@@ -86,8 +86,9 @@ fn require_engine() {
 }
 
 /// What the engine was doing when a compose command failed: what the machine's load was, how long a volume
-/// lookup takes (a legacy plugin socket left in /run/docker/plugins by a killed plugin makes every lookup
-/// wait ~15 s while dockerd retries it), and the end of dockerd's log.
+/// lookup takes (dockerd keeps every legacy volume plugin it has used until it restarts, and retries one
+/// whose socket is gone for ~15 s on every lookup: tests/setup.sh restarts a dockerd in that state), and
+/// the end of dockerd's log.
 fn engine_diagnostics() -> String {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let plugins = std::fs::read_dir("/run/docker/plugins")

@@ -125,6 +125,24 @@ if ! docker info >/dev/null 2>&1; then
   for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/basalt-dockerd.log" >&2; exit 1; }
 fi
+# dockerd keeps every legacy volume plugin it has used until it restarts (tests/docker_plugin.rs serves one per
+# test); once a plugin's socket is gone, every volume lookup retries it for ~15 s, and docker-compose's requests
+# time out (tests/containers.rs). A dockerd in that state is restarted before the tests: its log names the dead
+# plugins, and `docker volume ls` takes seconds instead of milliseconds.
+lookup_start=$(date +%s)
+docker volume ls >/dev/null 2>&1 || true
+if [ $(( $(date +%s) - lookup_start )) -ge 5 ]; then
+  echo "setup: dockerd answers volume lookups slowly (legacy volume plugins whose sockets are gone): restarting it"
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] && systemctl is-active --quiet docker; then
+    $SUDO systemctl restart docker
+  else
+    $SUDO pkill -TERM -x dockerd || true
+    for _ in $(seq 1 60); do pgrep -x dockerd >/dev/null || break; sleep 0.5; done
+    $SUDO sh -c 'nohup dockerd >/var/log/basalt-dockerd.log 2>&1 &'
+  fi
+  for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not restart; see /var/log/basalt-dockerd.log" >&2; exit 1; }
+fi
 
 # --- etcd 3.4, the agents' shared cluster store (agent/tests/store_contract.rs, tests/agent_multihost.rs) --------
 # iproute2 and iptables: the multi-host tests make their hosts as network namespaces and cut their links.
