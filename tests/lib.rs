@@ -213,15 +213,25 @@ pub fn describe(cmd: &Command) -> String {
 // Ports and processes
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A free TCP port on 127.0.0.1, chosen by the kernel. Tests run concurrently (and other engineers' tests
-/// run on the same machine): the kernel's ephemeral allocator hands out distinct ports, so collisions need
-/// another process to bind the same port in the instant between our probe and the daemon's bind.
+/// A free TCP port on 127.0.0.1, chosen by the kernel, and never the same one twice in one test process:
+/// the kernel may hand a just-released port out again, and the tests of one binary run side by side, each
+/// binding its ports only later (a daemon started after the pick, a container's published port). Between
+/// processes (other test binaries, other engineers' tests) a collision needs another process to bind the
+/// same port in the instant between our probe and our daemon's bind.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("bind 127.0.0.1:0"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io("read a listener's address"))?
-        .port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("bind 127.0.0.1:0"))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("read a listener's address"))?
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 /// A free 127.0.0.1 address.
