@@ -221,6 +221,12 @@ impl CsiAgent {
                 for m in r.mounts.iter().filter(|m| crate::host::is_mounted(&m.target)) {
                     let _ = Command::new("umount").arg("-l").arg(&m.target).status();
                 }
+                // A read-only block publication's loop device over the volume's device (a test that
+                // failed before unpublishing leaves it, and it would keep the device busy for good).
+                let views = r.device.as_deref().map(basalt_agent::host::attach::loops_over);
+                for view in views.and_then(Result::ok).unwrap_or_default() {
+                    let _ = basalt_agent::host::attach::detach_loop(&view);
+                }
                 if let Err(e) = host.detach(&r.volume) {
                     eprintln!("cleanup: detaching {}: {e}", r.volume);
                 }
