@@ -1,7 +1,8 @@
 //! A volume's life under a real `basalt agent` process (embedded store, `process` runtime, three pools in
 //! temporary directories, service ports from a free range), driven through the CLI as a user would:
 //! create a 3-replica volume, wait until it is ready, write and read it with qemu-io at the iSCSI URL
-//! `volume inspect` gives, kill -9 the agent and start it again (the services keep running and are adopted:
+//! `volume inspect` gives and through the agent's iSCSI login redirector (which refuses an unknown target by
+//! name), kill -9 the agent and start it again (the services keep running and are adopted:
 //! the data reads back, the controller process is the same), expand it online, delete it, and find its
 //! data directories gone. Twice: with the services as child processes, and as containers on the real Docker
 //! engine (the `docker` runtime, image from images/build.sh).
@@ -62,6 +63,8 @@ struct Setup {
     dir: tempfile::TempDir,
     config: PathBuf,
     api: SocketAddr,
+    /// `endpoints.iscsi_redirector` (the embedded store has none by default; set here to test it).
+    redirector: SocketAddr,
     token_file: PathBuf,
 }
 
@@ -85,6 +88,7 @@ impl Setup {
             ),
         };
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+        let redirector = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
         let (first, last) = free_port_range(SERVICE_PORTS);
         let token_file = dir.path().join("api-token");
         std::fs::write(&token_file, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();
@@ -98,7 +102,7 @@ impl Setup {
                  data_dir: {d}/data\n\
                  pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n  - name: p1\n    path: {d}/pool1\n    capacity: 4G\n  - name: p2\n    {third}\n\
                  cluster:\n  store: embedded\n\
-                 endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n\
+                 endpoints:\n  api:\n    listen: {api}\n    token_file: {}\n  iscsi_redirector: {redirector}\n\
                  runtime:\n{runtime}",
                 token_file.display(),
                 third = match device {
@@ -114,6 +118,7 @@ impl Setup {
             dir,
             config,
             api,
+            redirector,
             token_file,
         }
     }
@@ -266,6 +271,19 @@ fn life_cycle(kind: Kind) {
     let uuid = view["uuid"].as_str().unwrap().to_string();
     let url = url_of(&view);
     io(&url, &["write -P 0xa5 0 1M", "write -P 0x3c 63M 1M"]);
+    // The same LUN through the agent's iSCSI redirector, which sends the login on to the controller.
+    let redirected = IscsiUrl {
+        portal: setup.redirector,
+        ..url.clone()
+    };
+    io(&redirected, &["read -P 0xa5 0 1M", "write -P 0x5a 2M 1M"]);
+    let unknown = IscsiUrl {
+        portal: setup.redirector,
+        iqn: "iqn.2026-11.io.basalt:no-such-volume".to_string(),
+        lun: 0,
+    };
+    let (ok, out) = qemu_io(&unknown, &["read 0 4k"]).unwrap();
+    assert!(!ok && out.contains("Target not found"), "{out}");
     // Three pools on one node: one replica in each.
     for i in 0..3 {
         let pool = setup.dir.path().join(format!("pool{i}")).join(&uuid);
@@ -290,6 +308,7 @@ fn life_cycle(kind: Kind) {
     let view = setup.wait_ready("life");
     assert_eq!(url_of(&view), url);
     io(&url, &["read -P 0xa5 0 1M", "read -P 0x3c 63M 1M"]);
+    io(&redirected, &["read -P 0x5a 2M 1M"]);
     assert_eq!(
         setup.controller("life").as_ref(),
         Some(&controller),

@@ -15,14 +15,19 @@
 //! * the controller's host cut off: the controller moves to a host with a replica (generation and epoch
 //!   up), the partitioned one acknowledges nothing, the writer follows the URL `volume inspect` gives; the
 //!   link back, the old host's controller stops; every acknowledged write reads back;
+//! * meanwhile a second writer on the same host keeps one initiator session for the whole episode, logged
+//!   in through its host's iSCSI redirector (`endpoints.iscsi_redirector`, on by default with etcd), as the
+//!   Docker plugin's and the CSI node's attachments are: it goes on writing after the move in the same
+//!   process, nobody telling it where the controller went;
 //! * a replica's host cut past the grace period: a replacement on the free host is rebuilt and the
 //!   membership updated (not before the grace); the host back deletes its retired replica's data;
 //! * every agent SIGKILLed and started again: the volume whole again, every acknowledged write there.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use basalt_tests::netns::{EtcdCluster, Network, ETCD_CLIENT_PORT};
@@ -268,6 +273,69 @@ impl Acked {
     }
 }
 
+/// One long-lived initiator: qemu-io reading commands on its stdin, from inside a host. Its libiscsi
+/// session lives as long as the process and reconnects on its own to the portal it was opened with, as
+/// an attached volume's initiator (qemu-storage-daemon, open-iscsi) does.
+///
+/// One command at a time, each answered before the next is sent: qemu-io reads its input through stdio,
+/// so lines that arrive together wait in stdio's buffer, unseen by its event loop, until more input comes.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Session {
+    fn open(mut cmd: Command, url: &str) -> Session {
+        // stdbuf: qemu-io's output is a pipe here, which stdio would buffer whole.
+        let mut child = cmd
+            .args(["stdbuf", "-oL", "qemu-io", "-f", "raw", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Each command's output follows a prompt with no newline of its own.
+                let line = line.replace("qemu-io> ", "");
+                if !line.is_empty() && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Session { child, stdin, lines }
+    }
+
+    /// Sends one read or write command and waits for its answer: Ok when it succeeded, Err with what qemu-io
+    /// said when it failed, or after `timeout`.
+    fn run(&mut self, command: &str, timeout: Duration) -> Result<(), String> {
+        writeln!(self.stdin, "{command}").map_err(|e| format!("qemu-io is gone: {e}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with("wrote ") || line.starts_with("read ") => return Ok(()),
+                Ok(line) if line.contains("failed") || line.contains("error") => return Err(line),
+                // The statistics line after each answer.
+                Ok(_) => {}
+                Err(e) => return Err(format!("no answer to {command:?}: {e:?}")),
+            }
+        }
+    }
+}
+
 impl Cluster {
     fn iscsi_url(&self, i: usize, volume: &str) -> Option<String> {
         let view = self.json(i, &["volume", "inspect", volume])?;
@@ -307,6 +375,50 @@ impl Cluster {
             }
         }
         panic!("the writer ran out of slots ({slots})");
+    }
+
+    /// Until `stop`, from inside host `i`: one [`Session`] logged in through the host's iSCSI redirector
+    /// writes slot after slot from `first` to the volume's end and round again, each with FUA, recording each acknowledged slot with
+    /// the time of its acknowledgement. It never reopens the session: a write that fails is counted and the
+    /// next one goes through the same process.
+    fn write_through_redirector(
+        &self,
+        i: usize,
+        volume: &str,
+        first: u64,
+        stop: &AtomicBool,
+        log: &Mutex<Vec<(u64, Instant)>>,
+    ) -> u64 {
+        let url = format!(
+            "iscsi://{}:3260/iqn.2026-11.io.basalt:{volume}/0",
+            self.network.host(i).address
+        );
+        let slots = self.json(i, &["volume", "inspect", volume]).unwrap()["size_bytes"]
+            .as_u64()
+            .unwrap()
+            / SLOT;
+        let mut session = Session::open(self.network.command(i, "env"), &url);
+        let mut failed = 0;
+        // Round the volume's end: a slot written again gets the same pattern.
+        for slot in (first..slots).cycle() {
+            if stop.load(Ordering::Relaxed) {
+                return failed;
+            }
+            // FUA: acknowledged only once durable, like a write followed by a flush.
+            let write = format!("write -f -P {} {} {SLOT}", pattern(slot), slot * SLOT);
+            match session.run(&write, Duration::from_secs(180)) {
+                Ok(()) => log.lock().unwrap().push((slot, Instant::now())),
+                Err(e) => {
+                    assert!(
+                        session.child.try_wait().unwrap().is_none(),
+                        "the redirector's session ended: {e}"
+                    );
+                    eprintln!("a write through the redirector failed: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        unreachable!()
     }
 
     /// The acknowledged slots that do not read back with their write, read from inside host `i`.
@@ -547,12 +659,19 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
     // Episode 1: the controller's host is cut off while the writer writes and flushes.
     let stop = AtomicBool::new(false);
     let log = Mutex::new(Acked::default());
+    // The redirector's writer takes the second half of the volume.
+    let session_first = before["size_bytes"].as_u64().unwrap() / SLOT / 2;
+    let session_log = Mutex::new(Vec::new());
+    let mut session_failed = 0;
+    let mut moved_at = Instant::now();
     let mut new_url = String::new();
     std::thread::scope(|s| {
         let _stop = StopOnDrop(&stop);
         let w = s.spawn(|| cluster.write_until(writer, "moving", 0, &stop, &log));
+        let r = s
+            .spawn(|| cluster.write_through_redirector(writer, "moving", session_first, &stop, &session_log));
         wait_for("writes before the cut", READY_TIMEOUT, || {
-            log.lock().unwrap().slots.len() >= 10
+            log.lock().unwrap().slots.len() >= 10 && session_log.lock().unwrap().len() >= 10
         })
         .unwrap();
         cluster.network.cut(old_host).unwrap();
@@ -577,6 +696,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         );
         new_url = moved["iscsi_url"].as_str().unwrap().to_string();
         assert_ne!(new_url, old_url);
+        moved_at = Instant::now();
 
         // The old controller, alone with its host's replica behind the cut, acknowledges nothing.
         let (ok, out) = cluster.io_bounded(old_host, &old_url, &["write -P 0xee 255M 1M", "flush"]);
@@ -587,6 +707,23 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
             log.lock().unwrap().at(&new_url) >= 10
         })
         .unwrap();
+        // The session through the redirector found the new controller by itself.
+        let followed = wait_for(
+            "writes through the redirector after the move",
+            READY_TIMEOUT,
+            || {
+                session_log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, t)| *t > moved_at)
+                    .count()
+                    >= 10
+            },
+        );
+        if let Err(e) = followed {
+            panic!("{e}\n{}", cluster.logs());
+        }
         assert!(
             cut_at.elapsed() < GRACE,
             "episode 1 outlasted the replica grace period ({:?})",
@@ -603,9 +740,17 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         }
         stop.store(true, Ordering::Relaxed);
         w.join().unwrap();
+        session_failed = r.join().unwrap();
     });
     let acked = log.into_inner().unwrap();
-    let slots: Vec<u64> = acked.slots.iter().map(|(s, _)| *s).collect();
+    let session_acked = session_log.into_inner().unwrap();
+    let session_after_move = session_acked.iter().filter(|(_, t)| *t > moved_at).count();
+    let slots: Vec<u64> = acked
+        .slots
+        .iter()
+        .map(|(s, _)| *s)
+        .chain(session_acked.iter().map(|(s, _)| *s))
+        .collect();
     assert!(acked.at(&old_url) >= 10 && acked.at(&new_url) >= 10);
     let lost = cluster.lost(writer, &new_url, &slots);
     assert!(
@@ -619,10 +764,12 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
     let (ok, out) = cluster.io(writer, &new_url, &["read -P 0 255M 1M"]);
     assert!(ok, "the fenced controller's write reached the volume: {out}");
     eprintln!(
-        "episode 1: {} writes acknowledged ({} at the new controller), {} failed, lost 0",
+        "episode 1: {} writes acknowledged ({} at the new controller), {} failed; through the redirector, \
+         one session: {} acknowledged ({session_after_move} after the move), {session_failed} failed; lost 0",
         slots.len(),
         acked.at(&new_url),
-        acked.failed
+        acked.failed,
+        session_acked.len(),
     );
 
     // Episode 2: a replica's host (not the controller's) cut past the grace period, the writer on.
@@ -643,7 +790,8 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         .join(view["uuid"].as_str().unwrap())
         .join(format!("replica-{}", slot["id"]));
     assert!(victim_dir.is_dir(), "{victim_dir:?}");
-    let first = slots.iter().max().unwrap() + 1;
+    // Past the first writer's slots (the session's took the second half).
+    let first = acked.slots.iter().map(|(s, _)| *s).max().unwrap() + 1;
     let stop = AtomicBool::new(false);
     let log = Mutex::new(Acked::default());
     let mut replaced = Value::Null;

@@ -96,6 +96,13 @@ pub struct EndpointsConfig {
     pub csi_controller: Option<PathBuf>,
     /// A socket serving the CSI node service alone.
     pub csi_node: Option<PathBuf>,
+    /// Where this agent's iSCSI login redirector listens
+    /// ([`basalt_target::iscsi::redirect`]). The volumes this host attaches
+    /// (Docker plugin, CSI node) log in through it, so their initiators find
+    /// a controller that moved to another host on their next reconnect.
+    /// Default: `node.address:3260` with `store: etcd` (controllers move
+    /// between hosts), none with the embedded store (they never leave it).
+    pub iscsi_redirector: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +160,9 @@ pub const DEFAULT_POOL: &str = "default";
 /// The API's address: loopback, so that a first try is not reachable from
 /// other hosts (the token is required either way).
 pub const DEFAULT_API_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9700);
+/// The iSCSI redirector's port by default: iSCSI's well-known port, since
+/// initiators are configured with it.
+pub const DEFAULT_REDIRECTOR_PORT: u16 = 3260;
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// The tag `images/build.sh` always gives the image it builds.
 pub const DEFAULT_IMAGE: &str = "basalt:latest";
@@ -358,7 +368,37 @@ impl Config {
             csi: socket(raw_endpoints.csi),
             csi_controller: socket(raw_endpoints.csi_controller),
             csi_node: socket(raw_endpoints.csi_node),
+            iscsi_redirector: match (raw_endpoints.iscsi_redirector, &cluster) {
+                (Some(Leaf(raw::RedirectorSetting::At(addr))), _) => Some(addr),
+                (Some(Leaf(raw::RedirectorSetting::Off)), _) => None,
+                (None, ClusterConfig::Etcd(_)) => Some(SocketAddr::new(address, DEFAULT_REDIRECTOR_PORT)),
+                (None, ClusterConfig::Embedded) => None,
+            },
         };
+        if let Some(redirector) = endpoints.iscsi_redirector {
+            let ports = node.ports.as_ref().map_or(DEFAULT_PORTS, |Leaf(p)| *p);
+            let clash = if (ports.first..=ports.last).contains(&redirector.port()) {
+                Some(format!(
+                    "port {} is in node.ports {}-{}, which this host gives to volume services; pick a port outside that range",
+                    redirector.port(),
+                    ports.first,
+                    ports.last
+                ))
+            } else if endpoints.api.as_ref().is_some_and(|api| api.listen == redirector) {
+                Some(format!(
+                    "{redirector} is also endpoints.api.listen; give each its own port"
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = clash {
+                return Err(ConfigError::Rule {
+                    file: file.to_string(),
+                    key: "endpoints.iscsi_redirector".to_string(),
+                    message,
+                });
+            }
+        }
         let Checked(runtime) = raw.runtime;
         let runtime = match runtime.kind {
             raw::RuntimeKind::Process => RuntimeConfig::Process {
@@ -451,6 +491,10 @@ endpoints:
   # csi: /var/lib/kubelet/plugins/basalt/csi.sock # the CSI driver (controller and node)
   # csi_controller: /run/basalt/csi-controller.sock  # the CSI controller service alone
   # csi_node: /var/lib/kubelet/plugins/basalt/csi-node.sock  # the CSI node service alone
+  # The iSCSI login redirector the volumes this host attaches log in through, so
+  # that they follow a controller that moves to another host; `off` turns it off.
+  # Default: node.address:{redirector_port} with store: etcd, off with the embedded store.
+  # iscsi_redirector: 10.0.0.1:{redirector_port}
 
 runtime:
   # `process`: child processes of the agent; `docker`: a container per service.
@@ -471,6 +515,7 @@ failover:
             pool = DEFAULT_POOL,
             lease_ttl = format_duration(DEFAULT_LEASE_TTL),
             listen = DEFAULT_API_LISTEN,
+            redirector_port = DEFAULT_REDIRECTOR_PORT,
             docker_socket = DEFAULT_DOCKER_SOCKET,
             image = DEFAULT_IMAGE,
             grace = format_duration(DEFAULT_REPLICA_GRACE),

@@ -10,6 +10,8 @@
 //!   ├─ start the runtime (process or docker) and the reconciler
 //!   ├─ serve the REST API on endpoints.api (its token from token_file or
 //!   │  generated into DATA_DIR/api-token; HTTPS with tls_cert/key_file)
+//!   ├─ serve the iSCSI login redirector on endpoints.iscsi_redirector
+//!   │  (crate::redirect) and the Docker and CSI endpoints
 //!   └─ on cancel: stop the reconciler, revoke the lease (the node is down
 //!      at once, not after the TTL); the services keep running (see below)
 //!
@@ -70,11 +72,13 @@ async fn open_host(config: &Config) -> anyhow::Result<Option<Arc<crate::host::Ho
         return Ok(None);
     }
     let data_dir = config.data_dir.clone();
+    let redirector = config.endpoints.iscsi_redirector;
     let initiator = crate::model::initiator_iqn(&config.node.name);
     let users = users.join(", ");
     let host = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<crate::host::Host>> {
         let host = crate::host::Host::open(&data_dir, Some(initiator))
-            .with_context(|| format!("{users}: attaching volumes on this host"))?;
+            .with_context(|| format!("{users}: attaching volumes on this host"))?
+            .redirecting_through(redirector);
         host.recover().context("recovering this host's attachments")?;
         Ok(Arc::new(host))
     })
@@ -100,6 +104,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         None => None,
     };
     let csi_listeners = crate::csi::serve::bind_configured(&config.endpoints)?;
+    let redirector = match config.endpoints.iscsi_redirector {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen for iSCSI logins on {addr} (endpoints.iscsi_redirector; `off` turns it off)"
+            )
+        })?),
+        None => None,
+    };
 
     let runtime: Arc<dyn Runtime> = match &config.runtime {
         RuntimeConfig::Process { binary } => {
@@ -147,6 +159,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         )),
         _ => None,
     };
+    let redirector_task = redirector.map(|listener| {
+        tracing::info!(
+            listen = %config.endpoints.iscsi_redirector.map(|a| a.to_string()).unwrap_or_default(),
+            "iSCSI logins to this host's volumes go through the redirector, which sends them to each volume's controller"
+        );
+        let resolver = Arc::new(crate::redirect::StoreResolver { store: store.clone() });
+        tokio::spawn(basalt_target::iscsi::redirect::serve(listener, resolver, tasks.clone()))
+    });
     let api_task = api.map(|api| {
         tracing::info!(
             api = %api.url,
@@ -188,6 +208,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         let _ = t.await;
     }
     if let Some(t) = docker_task {
+        let _ = t.await;
+    }
+    if let Some(t) = redirector_task {
         let _ = t.await;
     }
     for t in csi_tasks {

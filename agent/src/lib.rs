@@ -26,7 +26,8 @@
 //! * [`reconcile`]: making this host's services match the store;
 //! * [`api`] and [`client`]: the REST API and its client ([`body`]: bounded request bodies);
 //! * [`docker`]: the Docker volume plugin (an endpoint over the API and [`host`]).
-//! * [`csi`]: the CSI driver's services, over the API's functions.
+//! * [`csi`]: the CSI driver's services, over the API's functions;
+//! * [`redirect`]: where this host's initiators log in, so they follow a controller that moves.
 
 pub mod api;
 pub mod body;
@@ -37,9 +38,11 @@ pub mod daemon;
 pub mod docker;
 pub mod failover;
 pub mod host;
+pub mod locks;
 pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod reconcile;
+pub mod redirect;
 pub mod runtime;
 pub mod store;

@@ -143,6 +143,25 @@ impl Scalar for SocketAddr {
     }
 }
 
+/// `endpoints.iscsi_redirector`: an address and port, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RedirectorSetting {
+    At(SocketAddr),
+    Off,
+}
+
+impl Scalar for RedirectorSetting {
+    const EXPECTED: &'static str = "an address and port like 10.0.0.1:3260, or off";
+    fn parse(text: &str) -> Result<Self, String> {
+        if text == "off" {
+            return Ok(RedirectorSetting::Off);
+        }
+        text.parse().map(RedirectorSetting::At).map_err(|_| {
+            format!("`{text}` is not an address and port; expected one like 10.0.0.1:3260, or `off`")
+        })
+    }
+}
+
 impl Scalar for PortRange {
     const EXPECTED: &'static str = "a port range like 7100-7999";
     fn parse(text: &str) -> Result<Self, String> {
@@ -646,6 +665,8 @@ pub(super) struct RawEndpoints {
     pub csi_controller: Option<Leaf<AnyPath>>,
     /// The CSI node service alone (every host that mounts volumes).
     pub csi_node: Option<Leaf<AnyPath>>,
+    /// The iSCSI login redirector this host's initiators log in through.
+    pub iscsi_redirector: Option<Leaf<RedirectorSetting>>,
 }
 
 impl Section for RawEndpoints {

@@ -92,6 +92,7 @@ fn no_file_means_every_default() {
             csi: None,
             csi_controller: None,
             csi_node: None,
+            iscsi_redirector: None,
         }
     );
     assert_eq!(config.runtime, RuntimeConfig::Process { binary: None });
@@ -159,6 +160,7 @@ endpoints:
   csi: csi.sock
   csi_controller: /run/basalt/csi-controller.sock
   csi_node: csi-node.sock
+  iscsi_redirector: 10.0.0.1:3260
 runtime:
   kind: docker
   docker_socket: /run/docker.sock
@@ -199,6 +201,10 @@ failover:
     assert_eq!(
         config.endpoints.csi_node,
         Some(PathBuf::from("/srv/agent/csi-node.sock"))
+    );
+    assert_eq!(
+        config.endpoints.iscsi_redirector,
+        Some("10.0.0.1:3260".parse().unwrap())
     );
     assert_eq!(
         config.runtime,
@@ -613,6 +619,49 @@ fn csi_sockets_are_endpoints_of_their_own() {
         2,
         &["csi and csi_node both use the socket /run/c.sock"],
     );
+}
+
+#[test]
+fn the_iscsi_redirector_is_on_with_etcd_off_alone_and_never_on_a_service_port() {
+    let etcd =
+        "cluster:\n  store: etcd\n  etcd:\n    endpoints: [10.0.0.1:2379]\nnode:\n  address: 10.0.0.9\n";
+    let on = parse(etcd).expect("valid");
+    assert_eq!(
+        on.endpoints.iscsi_redirector,
+        Some("10.0.0.9:3260".parse().unwrap())
+    );
+    assert_eq!(parse("").expect("embedded").endpoints.iscsi_redirector, None);
+    let off = parse(&format!("{etcd}endpoints:\n  iscsi_redirector: off\n")).expect("valid");
+    assert_eq!(off.endpoints.iscsi_redirector, None);
+    let set = parse("endpoints:\n  iscsi_redirector: 127.0.0.1:13260\n").expect("valid");
+    assert_eq!(
+        set.endpoints.iscsi_redirector,
+        Some("127.0.0.1:13260".parse().unwrap())
+    );
+    refused(
+        "endpoints:\n  iscsi_redirector: 3260\n",
+        "endpoints.iscsi_redirector",
+        2,
+        &["not an address and port", "or `off`"],
+    );
+    for (text, part) in [
+        (
+            "endpoints:\n  iscsi_redirector: 127.0.0.1:7150\n",
+            "is in node.ports 7100-7999",
+        ),
+        (
+            "endpoints:\n  iscsi_redirector: 127.0.0.1:9700\n",
+            "also endpoints.api.listen",
+        ),
+    ] {
+        match parse(text) {
+            Err(ConfigError::Rule { key, message, .. }) => {
+                assert_eq!(key, "endpoints.iscsi_redirector");
+                assert!(message.contains(part), "{message}");
+            }
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
 }
 
 #[test]

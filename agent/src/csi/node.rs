@@ -15,7 +15,6 @@
 //! after a timeout must not race the call it retries). Host operations block: they run on tokio's
 //! blocking pool.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,7 +43,7 @@ pub struct NodeService {
     api: ApiContext,
     host: Arc<Host>,
     staged: StagedDir,
-    locks: std::sync::Mutex<BTreeMap<VolumeName, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::locks::VolumeLocks,
 }
 
 fn volume_not_found(id: &str) -> Status {
@@ -213,14 +212,7 @@ impl NodeService {
     }
 
     async fn lock(&self, volume: &VolumeName) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(volume.clone())
-            .or_default()
-            .clone();
-        lock.lock_owned().await
+        self.locks.lock(volume).await
     }
 
     /// The volume `id` names, from the cluster store, or NOT_FOUND.
@@ -275,7 +267,7 @@ impl NodeService {
         match (&view.iscsi_url, view.phase) {
             (Some(url), VolumePhase::Ready | VolumePhase::Degraded) => {
                 let target = IscsiTarget::parse_url(url).map_err(Status::internal)?;
-                Ok((target, view.size_bytes))
+                Ok((self.host.login_portal(target), view.size_bytes))
             }
             _ => Err(Status::unavailable(format!(
                 "volume {name} does not serve yet (phase {:?}); retry",

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use basalt_engine::name::VolumeName;
@@ -95,7 +95,7 @@ pub struct Driver {
     mount_root: PathBuf,
     scope: Scope,
     refs: tokio::sync::Mutex<MountRefs>,
-    locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::locks::VolumeLocks,
 }
 
 fn message(e: ApiError) -> String {
@@ -113,7 +113,7 @@ impl Driver {
             mount_root: dir.join("mounts"),
             scope,
             refs: tokio::sync::Mutex::new(refs),
-            locks: Mutex::new(BTreeMap::new()),
+            locks: Default::default(),
         })
     }
 
@@ -183,14 +183,7 @@ impl Driver {
     }
 
     async fn lock(&self, name: &VolumeName) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_string())
-            .or_default()
-            .clone();
-        lock.lock_owned().await
+        self.locks.lock(name).await
     }
 
     async fn create(&self, call: &Call) -> Result<Value, String> {
@@ -425,7 +418,7 @@ impl Driver {
             if let (true, Some(url)) = (serving, &view.iscsi_url) {
                 let target = IscsiTarget::parse_url(url)?;
                 if tokio::net::TcpStream::connect(target.portal).await.is_ok() {
-                    return Ok((target, view.size_bytes));
+                    return Ok((self.host.login_portal(target), view.size_bytes));
                 }
             }
             if start.elapsed() > timeout {

@@ -26,6 +26,7 @@ pub mod mount;
 pub mod state;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -88,6 +89,9 @@ pub struct Host {
     attacher: Box<dyn Attacher>,
     /// One lock per volume: two calls for one volume never interleave their steps.
     locks: Mutex<BTreeMap<VolumeName, Arc<Mutex<()>>>>,
+    /// The iSCSI login redirector this host's initiators log in through
+    /// (`endpoints.iscsi_redirector`): see [`Host::login_portal`].
+    redirector: Option<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,7 +146,26 @@ impl Host {
             state,
             attacher,
             locks: Mutex::new(BTreeMap::new()),
+            redirector: None,
         })
+    }
+
+    /// Logs in through the redirector at `redirector` from now on (`None`: at each controller's own
+    /// address). The agent's redirector must listen there before the first attach.
+    pub fn redirecting_through(mut self, redirector: Option<SocketAddr>) -> Host {
+        self.redirector = redirector;
+        self
+    }
+
+    /// Where this host logs in to `target`, served now at `target.portal`: through the redirector
+    /// when there is one. The initiator keeps that address and goes back to it whenever its session
+    /// drops, so a controller that moved to another host is found again (the redirector sends the
+    /// login on to wherever the controller runs then) without this host doing anything.
+    pub fn login_portal(&self, target: IscsiTarget) -> IscsiTarget {
+        match self.redirector {
+            Some(portal) => IscsiTarget { portal, ..target },
+            None => target,
+        }
     }
 
     pub fn method(&self) -> AttachMethod {

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -161,8 +161,8 @@ async fn read_frame(
     }
 }
 
-/// Write one PDU directly (login phase, before the writer task exists).
-async fn write_pdu(wr: &mut OwnedWriteHalf, pdu: &TargetPdu) -> std::io::Result<()> {
+/// Write one PDU directly (login phase, before the writer task exists; the redirector).
+pub(crate) async fn write_pdu<W: AsyncWrite + Unpin>(wr: &mut W, pdu: &TargetPdu) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(BHS_LEN + pdu.data.len() + 8);
     pdu.encode_header(false, &mut out);
     out.extend_from_slice(&pdu.data);

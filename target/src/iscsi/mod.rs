@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   portal.rs      listener, targets, session registry (how many are logged in)
+//!   redirect.rs    a portal that only answers logins with "moved to ADDRESS"
 //!   connection.rs  one TCP connection: reader task + writer task, R2T, Data-In
 //!   session.rs     CmdSN window, running-task table, result → PDUs   (pure)
 //!   login.rs       login state machine, CHAP                         (pure)
@@ -36,6 +37,7 @@ pub mod fuzz;
 pub mod login;
 pub mod pdu;
 pub mod portal;
+pub mod redirect;
 pub mod session;
 pub mod text;
 

@@ -1032,6 +1032,10 @@ pub fn reject(reason: RejectReason, rejected: &Bhs) -> TargetPdu {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoginStatus {
     Success,
+    /// 0x0101: the target is at the TargetAddress the response carries, for
+    /// now; the initiator logs in there and comes back here when it next
+    /// reconnects ([`crate::iscsi::redirect`]).
+    TargetMovedTemporarily,
     /// 0x0200: the request was malformed.
     InitiatorError,
     /// 0x0201: CHAP failed.
@@ -1046,18 +1050,23 @@ pub enum LoginStatus {
     TooManyConnections,
     /// 0x0207: a required key was absent.
     MissingParameter,
+    /// 0x0209: this portal does not serve this SessionType.
+    SessionTypeNotSupported,
     /// 0x020a: a TSIH naming no session.
     SessionDoesNotExist,
     /// 0x020b: the request is valid but not at this stage.
     InvalidDuringLogin,
     /// 0x0300: the target failed.
     TargetError,
+    /// 0x0301: the target is not available now; the initiator retries later.
+    ServiceUnavailable,
 }
 
 impl LoginStatus {
     pub fn code(self) -> (u8, u8) {
         match self {
             LoginStatus::Success => (0, 0),
+            LoginStatus::TargetMovedTemporarily => (1, 0x01),
             LoginStatus::InitiatorError => (2, 0x00),
             LoginStatus::AuthenticationFailure => (2, 0x01),
             LoginStatus::AuthorizationFailure => (2, 0x02),
@@ -1065,9 +1074,11 @@ impl LoginStatus {
             LoginStatus::UnsupportedVersion => (2, 0x05),
             LoginStatus::TooManyConnections => (2, 0x06),
             LoginStatus::MissingParameter => (2, 0x07),
+            LoginStatus::SessionTypeNotSupported => (2, 0x09),
             LoginStatus::SessionDoesNotExist => (2, 0x0a),
             LoginStatus::InvalidDuringLogin => (2, 0x0b),
             LoginStatus::TargetError => (3, 0x00),
+            LoginStatus::ServiceUnavailable => (3, 0x01),
         }
     }
 }
