@@ -6,6 +6,8 @@
 //! * SIGKILL one etcd member: the cluster still creates volumes;
 //! * every etcd member down: the volume keeps serving I/O, the API refuses control operations and reads with
 //!   503 `store_unavailable`, health says `degraded`; etcd back: everything works again, no restart;
+//! * etcd over TLS with client certificates: two agents given the CA and a client certificate serve a
+//!   2-replica volume; one without a client certificate is refused and names the endpoints;
 //! * bad input: an agent configured with unreachable etcd endpoints exits with an error naming them; three
 //!   replicas asked of a cluster with two nodes up, and a cordon of an unknown node, are refused clearly and
 //!   change nothing.
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
-use basalt_tests::netns::{EtcdCluster, Network, ETCD_CLIENT_PORT};
+use basalt_tests::netns::{EtcdCluster, EtcdTls, Network, ETCD_CLIENT_PORT};
 use basalt_tests::volume::qemu_io_with;
 use basalt_tests::{basalt_binary, wait_for, Daemon, StopPolicy};
 use serde_json::Value;
@@ -50,6 +52,8 @@ struct Cluster {
     token_file: PathBuf,
     /// `failover.replica_grace` of every agent.
     grace: Duration,
+    /// etcd serves TLS and checks client certificates; the agents get the CA and a client certificate.
+    tls: Option<EtcdTls>,
 }
 
 impl Drop for Cluster {
@@ -65,9 +69,15 @@ impl Drop for Cluster {
 impl Cluster {
     /// `hosts` hosts, each with an etcd member and an agent whose replicas are replaced after `grace`.
     fn start(hosts: usize, grace: Duration) -> Cluster {
+        Cluster::start_with(hosts, grace, false)
+    }
+
+    /// With `tls`, etcd serves its clients over TLS and checks their certificates.
+    fn start_with(hosts: usize, grace: Duration, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let network = Network::new(hosts).unwrap();
-        let etcd = EtcdCluster::start(&network, dir.path()).unwrap();
+        let tls = tls.then(|| EtcdTls::generate(&network, dir.path()).unwrap());
+        let etcd = EtcdCluster::start_with(&network, dir.path(), tls.clone()).unwrap();
         let token_file = dir.path().join("api-token");
         std::fs::write(&token_file, basalt_proto::auth::hex(&rand::random::<[u8; 32]>())).unwrap();
         std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -79,12 +89,31 @@ impl Cluster {
             dir,
             token_file,
             grace,
+            tls,
         };
         for i in 0..hosts {
-            let config = cluster.write_config(i, &EtcdCluster::endpoints(&cluster.network));
+            let config = cluster.write_config(i, &cluster.etcd_endpoints());
             cluster.start_agent(i, &config);
         }
         cluster
+    }
+
+    fn etcd_endpoints(&self) -> Vec<String> {
+        EtcdCluster::endpoints_with(&self.network, if self.tls.is_some() { "https" } else { "http" })
+    }
+
+    /// The `cluster.etcd` keys naming the TLS files, indented for the config.
+    fn etcd_tls_keys(&self, client_certificate: bool) -> String {
+        match &self.tls {
+            None => String::new(),
+            Some(tls) if client_certificate => format!(
+                "    ca_file: {}\n    cert_file: {}\n    key_file: {}\n",
+                tls.ca.display(),
+                tls.client_cert.display(),
+                tls.client_key.display()
+            ),
+            Some(tls) => format!("    ca_file: {}\n", tls.ca.display()),
+        }
     }
 
     fn write_config(&self, i: usize, endpoints: &[String]) -> PathBuf {
@@ -99,10 +128,11 @@ impl Cluster {
                 "node:\n  name: host{i}\n  address: {addr}\n  labels:\n    zone: zone-{i}\n  ports: 20000-20100\n\
                  data_dir: {d}/data\n\
                  pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n\
-                 cluster:\n  store: etcd\n  etcd:\n    endpoints: [{endpoints}]\n    lease_ttl: 5s\n\
+                 cluster:\n  store: etcd\n  etcd:\n    endpoints: [{endpoints}]\n    lease_ttl: 5s\n{tls}\
                  endpoints:\n  api:\n    listen: {addr}:{API_PORT}\n    token_file: {token}\n\
                  runtime:\n  kind: process\n  binary: {bin}\n\
                  failover:\n  replica_grace: {grace}ms\n",
+                tls = self.etcd_tls_keys(true),
                 addr = host.address,
                 d = d.display(),
                 token = self.token_file.display(),
@@ -628,6 +658,49 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
             .all(|n| n["cordoned"] == false),
         "{nodes:#}"
     );
+}
+
+/// etcd serving its clients over TLS and checking their certificates (`--client-cert-auth`): agents given the
+/// CA and a client certificate (`cluster.etcd.ca_file`, `cert_file`, `key_file`) form the cluster and serve a
+/// replicated volume; an agent with the CA but no client certificate is refused by etcd and says so.
+#[test]
+fn agents_use_an_etcd_that_serves_tls_and_checks_client_certificates() {
+    let cluster = Cluster::start_with(2, GRACE, true);
+    cluster.wait_nodes_up(0, &["host0", "host1"]);
+    let (ok, _, err) = cluster.cli(
+        1,
+        &["volume", "create", "sealed", "--size", "64M", "--replicas", "2"],
+    );
+    assert!(ok, "{err}");
+    let view = cluster.wait_ready(0, "sealed");
+    assert_eq!(replica_nodes(&view), ["host0", "host1"]);
+    let url = view["iscsi_url"].as_str().unwrap().to_string();
+    let (ok, out) = cluster.io(1, &url, &["write -P 0x5e 0 1M", "flush", "read -P 0x5e 0 1M"]);
+    assert!(ok, "{out}");
+
+    // Bad input: the CA but no client certificate. etcd ends the handshake; the agent names the endpoints.
+    let good = cluster.dir.path().join("host0/agent.yaml");
+    let text = std::fs::read_to_string(&good).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("cert_file:") && !l.contains("key_file:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, text);
+    let config = cluster.dir.path().join("host0/no-client-cert.yaml");
+    std::fs::write(&config, without).unwrap();
+    let out = cluster.agent_command(0, &config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an agent without a client certificate started"
+    );
+    let address = cluster.network.host(0).address;
+    assert!(
+        err.contains(&format!("https://{address}:{ETCD_CLIENT_PORT}")),
+        "{err}"
+    );
+    eprintln!("{err}");
 }
 
 /// Short enough that episode 2 sees a replacement soon; long enough that episode 1 (the controller moves at

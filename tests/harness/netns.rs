@@ -202,6 +202,113 @@ pub struct EtcdCluster {
     members: Vec<Option<crate::Daemon>>,
     dir: std::path::PathBuf,
     initial_cluster: String,
+    /// Clients reach the members over TLS and present a certificate signed by this CA.
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files for an etcd cluster that serves clients over TLS and checks their certificates
+/// (`--client-cert-auth`), made with the `openssl` tool: a CA, the members' certificate (every host's
+/// address as a subject alternative name) and a client certificate, all signed by the CA.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl EtcdTls {
+    /// Makes the files in `dir` for the hosts of `network`.
+    pub fn generate(network: &Network, dir: &std::path::Path) -> Result<EtcdTls> {
+        let file = |name: &str| dir.join(name);
+        let tls = EtcdTls {
+            ca: file("etcd-ca.pem"),
+            server_cert: file("etcd-server.pem"),
+            server_key: file("etcd-server-key.pem"),
+            client_cert: file("etcd-client.pem"),
+            client_key: file("etcd-client-key.pem"),
+        };
+        let ca_key = file("etcd-ca-key.pem");
+        let openssl = |args: &[&std::ffi::OsStr]| run(Command::new("openssl").args(args));
+        let os = |s: &str| std::ffi::OsString::from(s);
+        openssl(&[
+            &os("req"),
+            &os("-x509"),
+            &os("-newkey"),
+            &os("ec"),
+            &os("-pkeyopt"),
+            &os("ec_paramgen_curve:prime256v1"),
+            &os("-nodes"),
+            &os("-days"),
+            &os("2"),
+            &os("-subj"),
+            &os("/CN=basalt-test-etcd-ca"),
+            &os("-keyout"),
+            ca_key.as_os_str(),
+            &os("-out"),
+            tls.ca.as_os_str(),
+        ])?;
+        let sans = network
+            .hosts()
+            .iter()
+            .map(|h| format!("IP:{}", h.address))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (cert, key, name, extensions) in [
+            (
+                &tls.server_cert,
+                &tls.server_key,
+                "etcd",
+                format!("subjectAltName={sans}\nextendedKeyUsage=serverAuth\n"),
+            ),
+            (
+                &tls.client_cert,
+                &tls.client_key,
+                "basalt-agent",
+                "extendedKeyUsage=clientAuth\n".to_string(),
+            ),
+        ] {
+            let csr = dir.join(format!("{name}.csr"));
+            let ext = dir.join(format!("{name}.ext"));
+            std::fs::write(&ext, extensions).map_err(|source| HarnessError::Io {
+                action: format!("write {}", ext.display()),
+                source,
+            })?;
+            openssl(&[
+                &os("req"),
+                &os("-newkey"),
+                &os("ec"),
+                &os("-pkeyopt"),
+                &os("ec_paramgen_curve:prime256v1"),
+                &os("-nodes"),
+                &os("-subj"),
+                &os(&format!("/CN={name}")),
+                &os("-keyout"),
+                key.as_os_str(),
+                &os("-out"),
+                csr.as_os_str(),
+            ])?;
+            openssl(&[
+                &os("x509"),
+                &os("-req"),
+                &os("-in"),
+                csr.as_os_str(),
+                &os("-CA"),
+                tls.ca.as_os_str(),
+                &os("-CAkey"),
+                ca_key.as_os_str(),
+                &os("-CAcreateserial"),
+                &os("-days"),
+                &os("2"),
+                &os("-extfile"),
+                ext.as_os_str(),
+                &os("-out"),
+                cert.as_os_str(),
+            ])?;
+        }
+        Ok(tls)
+    }
 }
 
 /// etcd's client port on every host.
@@ -211,6 +318,11 @@ const ETCD_PEER_PORT: u16 = 2380;
 impl EtcdCluster {
     /// Starts a member on every host of `network`.
     pub fn start(network: &Network, dir: &std::path::Path) -> Result<EtcdCluster> {
+        EtcdCluster::start_with(network, dir, None)
+    }
+
+    /// The same, serving clients over TLS and checking their certificates when `tls` is given.
+    pub fn start_with(network: &Network, dir: &std::path::Path, tls: Option<EtcdTls>) -> Result<EtcdCluster> {
         let initial_cluster = network
             .hosts()
             .iter()
@@ -222,6 +334,7 @@ impl EtcdCluster {
             members: network.hosts().iter().map(|_| None).collect(),
             dir: dir.to_path_buf(),
             initial_cluster,
+            tls,
         };
         for i in 0..network.hosts().len() {
             cluster.start_member(network, i)?;
@@ -231,17 +344,23 @@ impl EtcdCluster {
 
     /// The client URLs of every member (what an agent's `cluster.etcd.endpoints` lists).
     pub fn endpoints(network: &Network) -> Vec<String> {
+        EtcdCluster::endpoints_with(network, "http")
+    }
+
+    /// The same with `scheme` (`https` for a cluster started with TLS).
+    pub fn endpoints_with(network: &Network, scheme: &str) -> Vec<String> {
         network
             .hosts()
             .iter()
-            .map(|h| format!("http://{}:{ETCD_CLIENT_PORT}", h.address))
+            .map(|h| format!("{scheme}://{}:{ETCD_CLIENT_PORT}", h.address))
             .collect()
     }
 
     /// Starts (again) the member of host `i`, on its data directory.
     pub fn start_member(&mut self, network: &Network, i: usize) -> Result<()> {
         let host = network.host(i);
-        let client = format!("http://{}:{ETCD_CLIENT_PORT}", host.address);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}:{ETCD_CLIENT_PORT}", host.address);
         let peer = format!("http://{}:{ETCD_PEER_PORT}", host.address);
         let mut cmd = network.command(i, "etcd");
         cmd.arg("--name")
@@ -267,6 +386,15 @@ impl EtcdCluster {
                 "--initial-cluster-token",
                 "basalt-test",
             ]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         let member = crate::Daemon::spawn(&format!("etcd-m{i}"), cmd, &self.dir, crate::StopPolicy::Kill)?;
         self.members[i] = Some(member);
         Ok(())
