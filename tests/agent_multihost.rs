@@ -23,7 +23,9 @@
 //!   process, nobody telling it where the controller went;
 //! * a replica's host cut past the grace period: a replacement on the free host is rebuilt and the
 //!   membership updated (not before the grace); the host back deletes its retired replica's data;
-//! * every agent SIGKILLed and started again: the volume whole again, every acknowledged write there.
+//! * every agent SIGKILLed and started again: the volume whole again, every acknowledged write there;
+//! * `basalt node drain` of the controller's host while a session through a redirector writes: the replica
+//!   rebuilt on the free host, the controller moved, the session following it; every acknowledged write there.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -388,7 +390,8 @@ impl Cluster {
             .as_u64()
             .unwrap()
             / SLOT;
-        for slot in first..slots {
+        // Round the volume's end: a slot written again gets the same pattern.
+        for slot in (first..slots).cycle() {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -404,7 +407,7 @@ impl Cluster {
                 url = self.iscsi_url(i, volume).unwrap_or(url);
             }
         }
-        panic!("the writer ran out of slots ({slots})");
+        panic!("the writer has no slots between {first} and the volume's end ({slots})");
     }
 
     /// Until `stop`, from inside host `i`: one [`Session`] logged in through the host's iSCSI redirector
@@ -453,6 +456,9 @@ impl Cluster {
 
     /// The acknowledged slots that do not read back with their write, read from inside host `i`.
     fn lost(&self, i: usize, url: &str, slots: &[u64]) -> Vec<u64> {
+        let mut slots = slots.to_vec();
+        slots.sort_unstable();
+        slots.dedup();
         let read = |s: &u64| format!("read -P {} {} {SLOT}", pattern(*s), s * SLOT);
         let mut lost = Vec::new();
         for chunk in slots.chunks(128) {
@@ -952,6 +958,81 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
     assert!(lost.is_empty(), "lost after the agents' restart: slots {lost:?}");
     eprintln!(
         "episode 3: {} acknowledged writes read back after the restart, lost 0",
+        all.len()
+    );
+
+    // Episode 4: `basalt node drain` of the controller's host while a session through a redirector writes:
+    // its replica is rebuilt on the host without one, its controller moves, the session follows it.
+    let controller = host_index(&view["placement"]["controller"]["node"]);
+    let spare = (0..4)
+        .find(|i| !replica_nodes(&view).contains(&format!("host{i}")))
+        .unwrap();
+    let client = (0..4).find(|i| *i != controller).unwrap();
+    let first = all.iter().max().unwrap() + 1;
+    let stop = AtomicBool::new(false);
+    let session_log = Mutex::new(Vec::new());
+    let mut session_failed = 0;
+    let mut drained_at = Instant::now();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let r = s.spawn(|| cluster.write_through_redirector(client, "moving", first, &stop, &session_log));
+        wait_for("writes before the drain", READY_TIMEOUT, || {
+            session_log.lock().unwrap().len() >= 10
+        })
+        .unwrap();
+        let drained = format!("host{controller}");
+        let (ok, _, err) = cluster.cli(client, &["node", "drain", &drained]);
+        assert!(ok, "{err}");
+        let moved = cluster.wait_view(client, "moving", "drained off its controller's host", |v| {
+            let nodes = replica_nodes(v);
+            whole(v)
+                && v["placement"]["controller"]["node"] != drained.as_str()
+                && !nodes.contains(&drained)
+                && nodes.contains(&format!("host{spare}"))
+        });
+        drained_at = Instant::now();
+        let followed = wait_for(
+            "writes through the redirector after the drain",
+            READY_TIMEOUT,
+            || {
+                session_log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, t)| *t > drained_at)
+                    .count()
+                    >= 10
+            },
+        );
+        if let Err(e) = followed {
+            panic!("{e}: {moved:#}\n{}", cluster.logs());
+        }
+        let nodes = cluster.json(client, &["node", "ls"]).unwrap();
+        let node = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == drained.as_str())
+            .unwrap()
+            .clone();
+        assert!(node["draining"] == true && node["cordoned"] == true, "{node:#}");
+        stop.store(true, Ordering::Relaxed);
+        session_failed = r.join().unwrap();
+    });
+    let session_acked = session_log.into_inner().unwrap();
+    let view = cluster.wait_view(client, "moving", "whole after the drain", whole);
+    let url = view["iscsi_url"].as_str().unwrap().to_string();
+    let all: Vec<u64> = all
+        .into_iter()
+        .chain(session_acked.iter().map(|(s, _)| *s))
+        .collect();
+    let lost = cluster.lost(client, &url, &all);
+    assert!(lost.is_empty(), "lost across the drain: slots {lost:?}");
+    eprintln!(
+        "episode 4: drained; through the redirector, one session: {} acknowledged ({} after the drain), \
+         {session_failed} failed; lost 0 of {} checked",
+        session_acked.len(),
+        session_acked.iter().filter(|(_, t)| *t > drained_at).count(),
         all.len()
     );
 }
