@@ -8,6 +8,7 @@
 //!   503 `store_unavailable`, health says `degraded`; etcd back: everything works again, no restart;
 //! * etcd over TLS with client certificates: two agents given the CA and a client certificate serve a
 //!   2-replica volume; one without a client certificate is refused and names the endpoints;
+//! * an agent stopped: its node is down in `node ls`, with the time the others marked it down;
 //! * bad input: an agent configured with unreachable etcd endpoints exits with an error naming them; three
 //!   replicas asked of a cluster with two nodes up, and a cordon of an unknown node, are refused clearly and
 //!   change nothing.
@@ -639,8 +640,32 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
     );
 
     // Two nodes up (host2's agent stopped: its lease is revoked), three replicas asked: refused, nothing made.
+    let stopped_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     cluster.agents[2] = None;
     cluster.wait_nodes_up(0, &["host0", "host1"]);
+    // The other agents mark it down; `node ls` says since when.
+    let mut since = None;
+    wait_for("host2's down mark", READY_TIMEOUT, || {
+        let nodes = cluster.json(0, &["node", "ls"]).unwrap();
+        since = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "host2")
+            .and_then(|n| n["down_since_unix"].as_u64());
+        since.is_some()
+    })
+    .unwrap();
+    let since = since.unwrap();
+    assert!(
+        (stopped_unix..stopped_unix + 60).contains(&since),
+        "down since {since}, stopped at {stopped_unix}"
+    );
+    let (ok, table, _) = cluster.cli(0, &["node", "ls"]);
+    assert!(ok && table.contains("down("), "{table}");
     let (ok, _, err) = cluster.cli(
         0,
         &["volume", "create", "three", "--size", "64M", "--replicas", "3"],

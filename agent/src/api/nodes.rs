@@ -18,8 +18,13 @@ use crate::store::{self, Expect, StoreError};
 /// See `volumes::UPDATE_ATTEMPTS`: the node's own agent may be re-registering at the same moment.
 const UPDATE_ATTEMPTS: usize = 5;
 
-/// The view of one node, from what placement has given out (a pure function).
-pub fn view_of(node: &placement::NodeView, volumes: &[VolumeRecord], usage: &Usage) -> NodeView {
+/// The view of one node, from what placement has given out and its down mark (a pure function).
+pub fn view_of(
+    node: &placement::NodeView,
+    volumes: &[VolumeRecord],
+    usage: &Usage,
+    down_since_unix: Option<u64>,
+) -> NodeView {
     let r = &node.record;
     let pools = r
         .pools
@@ -63,6 +68,7 @@ pub fn view_of(node: &placement::NodeView, volumes: &[VolumeRecord], usage: &Usa
         pools,
         ports: r.ports,
         up: node.up,
+        down_since_unix: down_since_unix.filter(|_| !node.up),
         cordoned: r.cordoned,
         draining: r.draining,
         replicas,
@@ -75,8 +81,12 @@ pub async fn list(ctx: &ApiContext) -> ApiResult<NodeList> {
     let nodes = node_views(&*ctx.store).await?;
     let volumes = all_volumes(&*ctx.store).await?;
     let usage = placement::usage(&volumes);
+    let down = down_marks(&*ctx.store).await?;
     Ok(NodeList {
-        nodes: nodes.iter().map(|n| view_of(n, &volumes, &usage)).collect(),
+        nodes: nodes
+            .iter()
+            .map(|n| view_of(n, &volumes, &usage, down.get(&n.record.name).copied()))
+            .collect(),
     })
 }
 
@@ -96,7 +106,19 @@ pub async fn inspect(ctx: &ApiContext, name: &str) -> ApiResult<NodeView> {
         .find(|n| n.record.name == name)
         .ok_or_else(|| no_such_node(&name))?;
     let volumes = all_volumes(&*ctx.store).await?;
-    Ok(view_of(node, &volumes, &placement::usage(&volumes)))
+    let down = down_marks(&*ctx.store).await?;
+    Ok(view_of(
+        node,
+        &volumes,
+        &placement::usage(&volumes),
+        down.get(&name).copied(),
+    ))
+}
+
+/// Every node's down mark: when it was found down, in Unix seconds.
+async fn down_marks(store: &dyn store::Store) -> ApiResult<std::collections::BTreeMap<NodeName, u64>> {
+    let (alive, _) = store.list(keys::NODES_ALIVE).await?;
+    Ok(crate::reconcile::read_liveness(&alive).1)
 }
 
 /// What an operator asks of a node.

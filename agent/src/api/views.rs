@@ -174,6 +174,11 @@ pub struct NodeView {
     pub ports: PortRange,
     /// Its lease is alive.
     pub up: bool,
+    /// When the node was found down (Unix seconds): the down mark the first agent to see its lease
+    /// lapse wrote, from which `failover.replica_grace` counts. Absent while it is up, and until an
+    /// agent has marked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_since_unix: Option<u64>,
     pub cordoned: bool,
     pub draining: bool,
     pub replicas: Vec<HeldReplica>,

@@ -42,13 +42,31 @@ pub enum NodeCommand {
 }
 
 fn state(n: &basalt_agent::api::views::NodeView) -> String {
-    let mut s = if n.up { "up" } else { "down" }.to_string();
+    let mut s = match (n.up, n.down_since_unix) {
+        (true, _) => "up".to_string(),
+        (false, None) => "down".to_string(),
+        (false, Some(since)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("down({})", elapsed(now.saturating_sub(since)))
+        }
+    };
     if n.draining {
         s.push_str(",draining");
     } else if n.cordoned {
         s.push_str(",cordoned");
     }
     s
+}
+
+/// `42s`, `5m12s`, `3h05m`: how long a node has been down, as `node ls` shows it.
+fn elapsed(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
 }
 
 fn print_node(n: &basalt_agent::api::views::NodeView) {
@@ -163,4 +181,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("node {} is now {}", node.name, state(&node));
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::elapsed;
+
+    #[test]
+    fn down_times_read_at_a_glance() {
+        assert_eq!(elapsed(0), "0s");
+        assert_eq!(elapsed(59), "59s");
+        assert_eq!(elapsed(312), "5m12s");
+        assert_eq!(elapsed(3600 + 5 * 60 + 59), "1h05m");
+        assert_eq!(elapsed(50 * 3600), "50h00m");
+    }
 }
