@@ -219,6 +219,7 @@ impl Cluster {
                     generation: 1,
                 }),
                 next_replica_id: 4,
+                retired: Vec::new(),
             },
             phase: VolumePhase::Creating,
             attached_to: None,

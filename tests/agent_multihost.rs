@@ -154,7 +154,13 @@ impl Cluster {
     }
 
     fn start_agent(&mut self, i: usize, config: &Path) {
-        let agent = Daemon::spawn(
+        let agent = self.spawn_agent(i, config);
+        self.groups.push(agent.pid() as i32);
+        self.agents[i] = Some(agent);
+    }
+
+    fn spawn_agent(&self, i: usize, config: &Path) -> Daemon {
+        Daemon::spawn(
             &format!("agent-host{i}"),
             self.agent_command(i, config),
             self.dir.path(),
@@ -162,9 +168,7 @@ impl Cluster {
                 grace: Duration::from_secs(30),
             },
         )
-        .unwrap();
-        self.groups.push(agent.pid() as i32);
-        self.agents[i] = Some(agent);
+        .unwrap()
     }
 
     fn api(&self, i: usize) -> String {
@@ -411,10 +415,7 @@ impl Cluster {
         panic!("the writer has no slots between {first} and the volume's end ({slots})");
     }
 
-    /// Until `stop`, from inside host `i`: one [`Session`] logged in through the host's iSCSI redirector
-    /// writes slot after slot from `first` to the volume's end and round again, each with FUA, recording each acknowledged slot with
-    /// the time of its acknowledgement. It never reopens the session: a write that fails is counted and the
-    /// next one goes through the same process.
+    /// [`write_session`] on host `i`, over the whole volume.
     fn write_through_redirector(
         &self,
         i: usize,
@@ -423,36 +424,11 @@ impl Cluster {
         stop: &AtomicBool,
         log: &Mutex<Vec<(u64, Instant)>>,
     ) -> u64 {
-        let url = format!(
-            "iscsi://{}:3260/iqn.2026-11.io.basalt:{volume}/0",
-            self.network.host(i).address
-        );
         let slots = self.json(i, &["volume", "inspect", volume]).unwrap()["size_bytes"]
             .as_u64()
             .unwrap()
             / SLOT;
-        let mut session = Session::open(self.network.command(i, "env"), &url);
-        let mut failed = 0;
-        // Round the volume's end: a slot written again gets the same pattern.
-        for slot in (first..slots).cycle() {
-            if stop.load(Ordering::Relaxed) {
-                return failed;
-            }
-            // FUA: acknowledged only once durable, like a write followed by a flush.
-            let write = format!("write -f -P {} {} {SLOT}", pattern(slot), slot * SLOT);
-            match session.run(&write, Duration::from_secs(180)) {
-                Ok(()) => log.lock().unwrap().push((slot, Instant::now())),
-                Err(e) => {
-                    assert!(
-                        session.child.try_wait().unwrap().is_none(),
-                        "the redirector's session ended: {e}"
-                    );
-                    eprintln!("a write through the redirector failed: {e}");
-                    failed += 1;
-                }
-            }
-        }
-        unreachable!()
+        write_session(&self.network, i, volume, first..slots, stop, log)
     }
 
     /// The acknowledged slots that do not read back with their write, read from inside host `i`.
@@ -485,6 +461,46 @@ impl Cluster {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         !out.stdout.is_empty()
     }
+}
+
+/// Until `stop`, from inside host `i`: one [`Session`] logged in through the host's iSCSI redirector writes
+/// slot after slot of `slots` and round again (a slot written again gets the same pattern), each with FUA,
+/// recording each acknowledged slot with the time of its acknowledgement. It never reopens the session: a
+/// write that fails is counted (the count is returned) and the next one goes through the same process.
+/// A function of the network alone, so the test can restart agents and etcd members meanwhile.
+fn write_session(
+    network: &Network,
+    i: usize,
+    volume: &str,
+    slots: std::ops::Range<u64>,
+    stop: &AtomicBool,
+    log: &Mutex<Vec<(u64, Instant)>>,
+) -> u64 {
+    let url = format!(
+        "iscsi://{}:3260/iqn.2026-11.io.basalt:{volume}/0",
+        network.host(i).address
+    );
+    let mut session = Session::open(network.command(i, "env"), &url);
+    let mut failed = 0;
+    for slot in slots.clone().cycle() {
+        if stop.load(Ordering::Relaxed) {
+            return failed;
+        }
+        // FUA: acknowledged only once durable, like a write followed by a flush.
+        let write = format!("write -f -P {} {} {SLOT}", pattern(slot), slot * SLOT);
+        match session.run(&write, Duration::from_secs(180)) {
+            Ok(()) => log.lock().unwrap().push((slot, Instant::now())),
+            Err(e) => {
+                assert!(
+                    session.child.try_wait().unwrap().is_none(),
+                    "the redirector's session ended: {e}"
+                );
+                eprintln!("a write through the redirector failed: {e}");
+                failed += 1;
+            }
+        }
+    }
+    panic!("no slots to write in {slots:?}");
 }
 
 /// Ready, with every placed replica read-write on its node and a member of the controller's volume,
@@ -1060,4 +1076,207 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         session_acked.iter().filter(|(_, t)| *t > drained_at).count(),
         all.len()
     );
+}
+
+/// What the soak does to the cluster in one episode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Episode {
+    /// Cut the controller's host off until the controller has moved, then restore it.
+    CutController,
+    /// Cut a replica's host (not the controller's) off for 15 s, well inside the grace period.
+    CutReplica,
+    /// SIGKILL an etcd member, use the cluster, start the member again.
+    KillEtcdMember,
+    /// SIGKILL every agent (the services keep running) and start them all again.
+    RestartAgents,
+    /// `basalt node drain` a replica's host, then `uncordon` it.
+    Drain,
+}
+
+const EPISODES: [Episode; 5] = [
+    Episode::CutController,
+    Episode::CutReplica,
+    Episode::KillEtcdMember,
+    Episode::RestartAgents,
+    Episode::Drain,
+];
+
+/// The four-host episodes, chosen from a seed, on one 3-replica volume, while one initiator session logged
+/// in through its host's redirector writes with FUA all along; at the end every acknowledged write reads
+/// back. `BASALT_MULTIHOST_SEED=0x...` replays a schedule, `BASALT_MULTIHOST_EPISODES` sets its length.
+#[test]
+#[ignore = "a soak of several minutes: cargo test -p basalt-tests --test agent_multihost -- --ignored soak --nocapture"]
+fn soak_multihost_episodes_from_a_seed() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("BASALT_MULTIHOST_SEED")
+        .ok()
+        .map(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("BASALT_MULTIHOST_SEED is hex"))
+        .unwrap_or(0x5eed);
+    let count: usize = std::env::var("BASALT_MULTIHOST_EPISODES")
+        .ok()
+        .map(|s| s.parse().expect("BASALT_MULTIHOST_EPISODES is a number"))
+        .unwrap_or(8);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    // A grace period longer than any episode: cuts here are outages, not losses of a host.
+    let mut cluster = Cluster::start(4, Duration::from_secs(600));
+    cluster.wait_nodes_up(0, &["host0", "host1", "host2", "host3"]);
+    let (ok, _, err) = cluster.cli(
+        0,
+        &["volume", "create", "soak", "--size", "64M", "--replicas", "3"],
+    );
+    assert!(ok, "{err}");
+    let view = cluster.wait_ready(0, "soak");
+    // The client is never cut off: it runs the session and asks every question.
+    let client = (0..4)
+        .find(|i| !replica_nodes(&view).contains(&format!("host{i}")))
+        .unwrap();
+    let slots = view["size_bytes"].as_u64().unwrap() / SLOT;
+    let stop = AtomicBool::new(false);
+    let session_log = Mutex::new(Vec::new());
+    let mut failed = 0;
+    let mut done: Vec<(Episode, Duration)> = Vec::new();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let network = &cluster.network;
+        let writer = s.spawn(|| write_session(network, client, "soak", 0..slots, &stop, &session_log));
+        let acked_since = |t: Instant| session_log.lock().unwrap().iter().filter(|(_, a)| *a > t).count();
+        wait_for("writes before the first episode", READY_TIMEOUT, || {
+            acked_since(started) >= 10
+        })
+        .unwrap();
+        for n in 0..count {
+            let view = cluster.wait_view(client, "soak", "whole before an episode", whole);
+            let controller = host_index(&view["placement"]["controller"]["node"]);
+            let replicas: Vec<usize> = view["placement"]["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| host_index(&r["node"]))
+                .collect();
+            let mut episode = EPISODES[rng.random_range(0..EPISODES.len())];
+            // The client is not cut off: its controller leaves by a drain instead.
+            if episode == Episode::CutController && controller == client {
+                episode = Episode::Drain;
+            }
+            let others: Vec<usize> = replicas
+                .iter()
+                .copied()
+                .filter(|r| *r != controller && *r != client)
+                .collect();
+            if episode == Episode::CutReplica && others.is_empty() {
+                episode = Episode::KillEtcdMember;
+            }
+            eprintln!("episode {n}: {episode:?} (controller on host{controller}, replicas on {replicas:?})");
+            let begun = Instant::now();
+            match episode {
+                Episode::CutController => {
+                    let epoch = view["statuses"]["controller"]["report"]["epoch"]
+                        .as_u64()
+                        .unwrap();
+                    cluster.network.cut(controller).unwrap();
+                    cluster.wait_view(client, "soak", "to move off the cut host", |v| {
+                        host_index(&v["placement"]["controller"]["node"]) != controller
+                            && v["statuses"]["controller"]["report"]["serving"] == true
+                            && v["statuses"]["controller"]["report"]["epoch"].as_u64().unwrap() > epoch
+                    });
+                    cluster.network.restore(controller).unwrap();
+                }
+                Episode::CutReplica => {
+                    let victim = others[rng.random_range(0..others.len())];
+                    cluster.network.cut(victim).unwrap();
+                    std::thread::sleep(Duration::from_secs(15));
+                    cluster.network.restore(victim).unwrap();
+                }
+                Episode::KillEtcdMember => {
+                    let member = rng.random_range(0..4);
+                    cluster.etcd.kill_member(member);
+                    std::thread::sleep(Duration::from_secs(5));
+                    let (ok, _, err) = cluster.cli(client, &["volume", "inspect", "soak"]);
+                    assert!(ok, "three of four etcd members up, and the API fails: {err}");
+                    cluster.etcd.start_member(&cluster.network, member).unwrap();
+                }
+                Episode::RestartAgents => {
+                    for i in 0..4 {
+                        let mut agent = cluster.agents[i].take().unwrap();
+                        // SAFETY: plain syscall on the agent process this test started.
+                        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+                        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
+                        // Its process group holds the services; `Cluster::drop` kills it at the end.
+                        std::mem::forget(agent);
+                    }
+                    for i in 0..4 {
+                        let config = cluster.dir.path().join(format!("host{i}/agent.yaml"));
+                        let agent = cluster.spawn_agent(i, &config);
+                        cluster.groups.push(agent.pid() as i32);
+                        cluster.agents[i] = Some(agent);
+                    }
+                    cluster.wait_nodes_up(client, &["host0", "host1", "host2", "host3"]);
+                }
+                Episode::Drain => {
+                    let drained = if controller == client {
+                        controller
+                    } else {
+                        replicas[rng.random_range(0..replicas.len())]
+                    };
+                    let name = format!("host{drained}");
+                    let (ok, _, err) = cluster.cli(client, &["node", "drain", &name]);
+                    assert!(ok, "{err}");
+                    cluster.wait_view(client, "soak", "drained", |v| {
+                        whole(v)
+                            && v["placement"]["controller"]["node"] != name.as_str()
+                            && !replica_nodes(v).contains(&name)
+                    });
+                    let (ok, _, err) = cluster.cli(client, &["node", "uncordon", &name]);
+                    assert!(ok, "{err}");
+                }
+            }
+            cluster.wait_view(client, "soak", "whole after the episode", whole);
+            let ended = Instant::now();
+            let resumed = wait_for("writes after the episode", READY_TIMEOUT, || {
+                acked_since(ended) >= 5
+            });
+            if let Err(e) = resumed {
+                panic!("{e} ({episode:?})\n{}", cluster.logs());
+            }
+            done.push((episode, begun.elapsed()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        failed = writer.join().unwrap();
+    });
+    let acked = session_log.into_inner().unwrap();
+    let slots: Vec<u64> = acked.iter().map(|(s, _)| *s).collect();
+    let view = cluster.wait_view(client, "soak", "whole at the end", whole);
+    let lost = cluster.lost(client, view["iscsi_url"].as_str().unwrap(), &slots);
+    let mut kinds: Vec<(Episode, usize)> = Vec::new();
+    for (e, _) in &done {
+        match kinds.iter_mut().find(|(k, _)| k == e) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((*e, 1)),
+        }
+    }
+    kinds.sort();
+    eprintln!(
+        "multi-host soak, seed {seed:#x}, {:.0} s: {} episodes ({}); one session through a redirector: {} writes \
+         acknowledged (FUA), {failed} failed, {} distinct slots read back, lost {}",
+        started.elapsed().as_secs_f64(),
+        done.len(),
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{k:?} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        acked.len(),
+        {
+            let mut d = slots.clone();
+            d.sort_unstable();
+            d.dedup();
+            d.len()
+        },
+        lost.len()
+    );
+    for (e, took) in &done {
+        eprintln!("  {e:?}: {:.1} s", took.as_secs_f64());
+    }
+    assert!(lost.is_empty(), "acknowledged writes lost: slots {lost:?}");
 }

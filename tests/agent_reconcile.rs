@@ -232,6 +232,7 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
         },
         placement: Placement {
             next_replica_id: 0,
+            retired: Vec::new(),
             replicas: (0..3)
                 .map(|i| ReplicaSlot {
                     id: i + 1,

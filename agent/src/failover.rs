@@ -58,8 +58,8 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::model::{
-    ControllerSlot, NodeName, ReplicaMode, ReplicaSlot, ServiceId, ServiceState, ServiceStatus, VolumePhase,
-    VolumeRecord,
+    ControllerSlot, NodeName, Placement, ReplicaMode, ReplicaSlot, RetiredAddress, ServiceId, ServiceState,
+    ServiceStatus, VolumePhase, VolumeRecord,
 };
 use crate::placement::{self, NodeView, Request, Usage};
 
@@ -563,9 +563,20 @@ fn place_one(
         })
         .cloned()
         .collect();
+    let usage = &with_retired(usage, &volume.placement);
     placement::place(request, &spreading, usage)
         .or_else(|_| placement::place(request, observed.nodes, usage))
         .map(|placed| placed.replicas.into_iter().next())
+}
+
+/// `usage` with the ports of `placement`'s retired replicas taken too: a new replica of that volume
+/// never gets an address its controller removed for good (it would refuse the new replica).
+pub fn with_retired(usage: &Usage, placement: &Placement) -> Usage {
+    let mut usage = usage.clone();
+    for r in &placement.retired {
+        usage.ports.entry(r.node.clone()).or_default().insert(r.port);
+    }
+    usage
 }
 
 fn spread_value(nodes: &[NodeView], node: &NodeName, key: &str) -> Option<String> {
@@ -597,6 +608,15 @@ pub fn apply(volume: &VolumeRecord, plan: &Plan) -> VolumeRecord {
                 membership_changed = true;
             }
             Action::RemoveReplica { .. } => membership_changed = true,
+        }
+        if let Action::ReplaceReplica { lost: gone, .. } | Action::RemoveReplica { slot: gone } = action {
+            let address = RetiredAddress {
+                node: gone.node.clone(),
+                port: gone.port,
+            };
+            if !next.placement.retired.contains(&address) {
+                next.placement.retired.push(address);
+            }
         }
     }
     next.placement.replicas = apply_replica_actions(next.placement.replicas, &plan.actions);

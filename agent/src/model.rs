@@ -352,6 +352,19 @@ pub struct Placement {
     /// ids takes the larger of it and one past the highest id present.
     #[serde(default)]
     pub next_replica_id: u32,
+    /// Where this volume's replicas removed for good lived. The controller never takes a member
+    /// back at an address it removed (a returning replica could hold stale data), so a later
+    /// replica of the volume on the same node must not get one of these ports. Records written
+    /// before it existed read as empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<RetiredAddress>,
+}
+
+/// A replica address a volume's controller removed for good ([`Placement::retired`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredAddress {
+    pub node: NodeName,
+    pub port: u16,
 }
 
 impl Placement {

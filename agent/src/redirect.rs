@@ -135,6 +135,7 @@ mod tests {
             },
             placement: Placement {
                 next_replica_id: 0,
+                retired: Vec::new(),
                 replicas: Vec::new(),
                 controller: controller.map(|(n, generation)| ControllerSlot {
                     node: NodeName::new(n).unwrap(),

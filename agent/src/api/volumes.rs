@@ -331,6 +331,7 @@ pub async fn create(ctx: &ApiContext, req: CreateVolume) -> ApiResult<(StatusCod
         },
         placement: Placement {
             next_replica_id: placed.replicas.iter().map(|r| r.id + 1).max().unwrap_or(0),
+            retired: Vec::new(),
             replicas: placed.replicas,
             controller: None,
         },
@@ -820,6 +821,7 @@ mod tests {
             },
             placement: Placement {
                 next_replica_id: 0,
+                retired: Vec::new(),
                 replicas: nodes
                     .iter()
                     .enumerate()

@@ -36,6 +36,7 @@ fn three_way(controller_on: &str) -> VolumeRecord {
             ],
             controller: Some(controller(controller_on, 3)),
             next_replica_id: 3,
+            retired: Vec::new(),
         },
     )
 }
@@ -429,6 +430,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                         replicas,
                         controller: Some(controller(&format!("n{controller_on}"), 5)),
                         next_replica_id: 0,
+                        retired: Vec::new(),
                     },
                 );
                 vol.spec.min_healthy = min_healthy;
@@ -608,6 +610,45 @@ fn a_draining_nodes_replica_is_copied_first_and_removed_once_in_sync() {
     let ids: Vec<u32> = done.placement.replicas.iter().map(|r| r.id).collect();
     assert_eq!(ids, [1, 2, 3]);
     assert_eq!(done.placement.next_replica_id, 4);
+}
+
+/// Found by the multi-host soak: a node drained (its replica removed for good at port 7100), then
+/// uncordoned, then chosen for a later replica of the same volume was given port 7100 again, an
+/// address the controller refuses to take back, and the second drain never finished.
+#[test]
+fn a_new_replica_never_gets_an_address_the_volume_retired() {
+    let vol = three_way("b");
+    let mut draining = node("a", None);
+    draining.record.draining = true;
+    let nodes = vec![draining, node("b", None), node("c", None), node("d", None)];
+    let statuses = running_on(&[(0, "a"), (1, "b"), (2, "c"), (3, "d")]);
+    // The first drain: replica 0 on a moved to d, then removed for good.
+    let growing = apply(
+        &vol,
+        &World::new(&vol, nodes.clone(), statuses.clone()).decide(&vol),
+    );
+    let plan = World::new(&growing, nodes, statuses).decide(&growing);
+    let drained = apply(&growing, &plan);
+    assert_eq!(
+        drained.placement.retired,
+        [RetiredAddress {
+            node: name("a"),
+            port: 7100
+        }]
+    );
+    // a uncordoned, c drained: the replica goes to a, the only node without one, on another port.
+    let mut c = node("c", None);
+    c.record.draining = true;
+    let nodes = vec![node("a", None), node("b", None), c, node("d", None)];
+    let plan = World::new(&drained, nodes, running_on(&[(1, "b"), (2, "c"), (3, "d")])).decide(&drained);
+    let [Action::AddReplica { replacement, .. }] = plan.actions.as_slice() else {
+        panic!("one added replica expected: {plan:?}")
+    };
+    assert_eq!(replacement.node.as_str(), "a");
+    assert_ne!(replacement.port, 7100, "{replacement:?}");
+    // Retired addresses are kept once each, across later changes.
+    let next = apply(&drained, &plan);
+    assert_eq!(next.placement.retired, drained.placement.retired);
 }
 
 #[test]

@@ -370,11 +370,13 @@ fn usage_counts_every_replica_and_controller() {
             generation: 1,
         }),
         next_replica_id: 2,
+        retired: Vec::new(),
     };
     let other = Placement {
         replicas: vec![slot(0, "a", "p", 7103)],
         controller: None,
         next_replica_id: 1,
+        retired: Vec::new(),
     };
     let usage = usage(&[volume("v1", 10 * GIB, placement), volume("v2", GIB, other)]);
     assert_eq!(usage.pool_bytes(&name("a"), "p"), 11 * GIB);

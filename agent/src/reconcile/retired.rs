@@ -127,6 +127,7 @@ mod tests {
                     generation: 2,
                 }),
                 next_replica_id: 5,
+                retired: Vec::new(),
             },
             phase: VolumePhase::Ready,
             attached_to: None,

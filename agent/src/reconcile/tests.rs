@@ -67,6 +67,7 @@ fn volume(
             },
             placement: Placement {
                 next_replica_id: 0,
+                retired: Vec::new(),
                 replicas: replica_nodes
                     .iter()
                     .enumerate()
