@@ -17,6 +17,7 @@
 #   docker.io, docker-compose      the container tests; dockerd is started if not running.
 #   busybox-static          the Docker plugin tests' container image (FROM scratch: no registry here).
 #   etcd-server, etcd-client       the agents' cluster store on several hosts (the packaged service is stopped).
+#   openssl                        a CA and certificates for the test of etcd over TLS with client certificates.
 #   iproute2, iptables             hosts as network namespaces, and cutting their links (multi-host tests).
 set -euo pipefail
 
@@ -146,7 +147,7 @@ fi
 
 # --- etcd 3.4, the agents' shared cluster store (agent/tests/store_contract.rs, tests/agent_multihost.rs) --------
 # iproute2 and iptables: the multi-host tests make their hosts as network namespaces and cut their links.
-install_missing etcd-server etcd-client iproute2 iptables
+install_missing etcd-server etcd-client iproute2 iptables openssl
 # The package runs a member as a service on the default ports; the tests start their own members on free ports
 # with their own data directories, so the packaged one is stopped and kept from starting at boot.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
