@@ -318,6 +318,11 @@ fn the_nodes_labels_become_the_agents_topology() {
         .into()
     );
     assert!(config.endpoints.csi_node.is_some());
+    // The node's initiators log in through its agent's redirector, on the node's address.
+    assert_eq!(
+        config.endpoints.iscsi_redirector,
+        Some("10.0.0.13:3260".parse().unwrap())
+    );
     assert!(matches!(
         config.cluster,
         basalt_agent::config::ClusterConfig::Etcd(_)
