@@ -129,6 +129,7 @@ impl EtcdStore {
     /// (hosts booting together) are asked again soon after they have one.
     pub async fn wait_until_reachable(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
+        let mut seen: Vec<String> = Vec::new();
         loop {
             let last = match tokio::time::timeout(PROBE_ATTEMPT, self.get(super::PROBE_KEY)).await {
                 Ok(Ok(_)) => return Ok(()),
@@ -139,11 +140,15 @@ impl EtcdStore {
                     PROBE_ATTEMPT.as_secs()
                 ),
             };
+            if !seen.contains(&last) {
+                seen.push(last.clone());
+            }
             if Instant::now() >= deadline {
                 return Err(StoreError::Unavailable(format!(
-                    "etcd at {} did not answer within {}s: {last}",
+                    "etcd at {} did not answer within {}s: {}",
                     self.connection.names(),
-                    within.as_secs()
+                    within.as_secs(),
+                    reasons(&seen)
                 )));
             }
             tracing::debug!(error = %last, "waiting for etcd");
@@ -588,9 +593,34 @@ impl Store for EtcdStore {
     }
 }
 
+/// The distinct reasons the attempts failed, latest first: the latest alone may hide the telling one
+/// (a member that refused the client's certificate closes the connection, and the next attempt only
+/// sees it closed). At most four are named.
+fn reasons(seen: &[String]) -> String {
+    let latest_first: Vec<&str> = seen.iter().rev().take(4).map(String::as_str).collect();
+    match latest_first.split_first() {
+        None => "no attempt finished".to_string(),
+        Some((last, [])) => last.to_string(),
+        Some((last, earlier)) => format!("{last}; before that: {}", earlier.join("; ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_cluster_is_explained_by_every_distinct_reason_latest_first() {
+        let seen = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(reasons(&[]), "no attempt finished");
+        assert_eq!(reasons(&seen(&["refused"])), "refused");
+        assert_eq!(
+            reasons(&seen(&["BadCertificate", "connection closed"])),
+            "connection closed; before that: BadCertificate"
+        );
+        let many = reasons(&seen(&["a", "b", "c", "d", "e"]));
+        assert_eq!(many, "e; before that: d; c; b");
+    }
 
     #[test]
     fn a_prefix_covers_exactly_its_keys() {
