@@ -503,6 +503,23 @@ fn write_session(
     panic!("no slots to write in {slots:?}");
 }
 
+/// How many of `log`'s writes were acknowledged after `t`.
+fn acked_since(log: &Mutex<Vec<(u64, Instant)>>, t: Instant) -> usize {
+    log.lock().unwrap().iter().filter(|(_, at)| *at > t).count()
+}
+
+/// SIGKILLs every agent, as a crash would: their services keep running. Each guard is forgotten, since
+/// dropping it would kill its process group and the services with it; `Cluster::drop` kills the groups.
+fn kill_agents(agents: &mut [Option<Daemon>]) {
+    for slot in agents {
+        let mut agent = slot.take().unwrap();
+        // SAFETY: plain syscall on the agent process this test started.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
+        std::mem::forget(agent);
+    }
+}
+
 /// Ready, with every placed replica read-write on its node and a member of the controller's volume,
 /// and nothing else a member.
 fn whole(view: &Value) -> bool {
@@ -832,15 +849,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         let followed = wait_for(
             "writes through the redirector after the move",
             READY_TIMEOUT,
-            || {
-                session_log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(_, t)| *t > moved_at)
-                    .count()
-                    >= 10
-            },
+            || acked_since(&session_log, moved_at) >= 10,
         );
         if let Err(e) = followed {
             panic!("{e}\n{}", cluster.logs());
@@ -980,15 +989,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
 
     // Episode 3: every agent SIGKILLed (its services are left running, as after an agent crash) and
     // started again: the volume is served again, whole, with the same data, nobody stepping in.
-    for i in 0..4 {
-        let mut agent = cluster.agents[i].take().unwrap();
-        // SAFETY: plain syscall on the agent process this test started.
-        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
-        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
-        // Dropping the guard would kill its process group, and with it the services the agent
-        // started; `Cluster::drop` kills the group at the end.
-        std::mem::forget(agent);
-    }
+    kill_agents(&mut cluster.agents);
     for i in 0..4 {
         let config = cluster.dir.path().join(format!("host{i}/agent.yaml"));
         cluster.start_agent(i, &config);
@@ -1036,15 +1037,7 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
         let followed = wait_for(
             "writes through the redirector after the drain",
             READY_TIMEOUT,
-            || {
-                session_log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(_, t)| *t > drained_at)
-                    .count()
-                    >= 10
-            },
+            || acked_since(&session_log, drained_at) >= 10,
         );
         if let Err(e) = followed {
             panic!("{e}: {moved:#}\n{}", cluster.logs());
@@ -1141,9 +1134,8 @@ fn soak_multihost_episodes_from_a_seed() {
         let _stop = StopOnDrop(&stop);
         let network = &cluster.network;
         let writer = s.spawn(|| write_session(network, client, "soak", 0..slots, &stop, &session_log));
-        let acked_since = |t: Instant| session_log.lock().unwrap().iter().filter(|(_, a)| *a > t).count();
         wait_for("writes before the first episode", READY_TIMEOUT, || {
-            acked_since(started) >= 10
+            acked_since(&session_log, started) >= 10
         })
         .unwrap();
         for n in 0..count {
@@ -1198,14 +1190,7 @@ fn soak_multihost_episodes_from_a_seed() {
                     cluster.etcd.start_member(&cluster.network, member).unwrap();
                 }
                 Episode::RestartAgents => {
-                    for i in 0..4 {
-                        let mut agent = cluster.agents[i].take().unwrap();
-                        // SAFETY: plain syscall on the agent process this test started.
-                        unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
-                        agent.wait_for_exit(Duration::from_secs(30)).unwrap();
-                        // Its process group holds the services; `Cluster::drop` kills it at the end.
-                        std::mem::forget(agent);
-                    }
+                    kill_agents(&mut cluster.agents);
                     for i in 0..4 {
                         let config = cluster.dir.path().join(format!("host{i}/agent.yaml"));
                         let agent = cluster.spawn_agent(i, &config);
@@ -1235,7 +1220,7 @@ fn soak_multihost_episodes_from_a_seed() {
             cluster.wait_view(client, "soak", "whole after the episode", whole);
             let ended = Instant::now();
             let resumed = wait_for("writes after the episode", READY_TIMEOUT, || {
-                acked_since(ended) >= 5
+                acked_since(&session_log, ended) >= 5
             });
             if let Err(e) = resumed {
                 panic!("{e} ({episode:?})\n{}", cluster.logs());
