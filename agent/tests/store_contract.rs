@@ -542,6 +542,7 @@ async fn a_lapsed_lease_makes_its_node_down(s: &Subject) {
             },
             cordoned: false,
             draining: false,
+            initiator: None,
         };
         basalt_agent::daemon::register(store, &rec).await.unwrap();
         let lease = store.grant_lease(Duration::from_secs(ttl)).await.unwrap();
@@ -668,14 +669,7 @@ async fn etcd_down_is_unavailable_naming_the_endpoint_and_up_again_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_dead_endpoint_in_the_list_is_skipped() {
     let member = EtcdMember::start();
-    let dead = format!(
-        "http://127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
+    let dead = format!("http://127.0.0.1:{}", support::etcd::free_port());
     let store = EtcdStore::new(&basalt_agent::store::etcd::EtcdOptions {
         endpoints: vec![dead, member.client_url.clone()],
         tls: None,
@@ -694,11 +688,7 @@ async fn etcd_a_dead_endpoint_in_the_list_is_skipped() {
 
 #[tokio::test]
 async fn etcd_unreachable_at_start_is_a_bounded_wait_naming_the_endpoints() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::etcd::free_port();
     let store = EtcdStore::new(&basalt_agent::store::etcd::EtcdOptions {
         endpoints: vec![format!("127.0.0.1:{port}")],
         tls: None,
