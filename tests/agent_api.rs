@@ -125,6 +125,7 @@ async fn register(store: &dyn Store, i: usize, dir: &Path) -> TestResult {
         },
         cordoned: false,
         draining: false,
+        initiator: None,
     };
     store::put_json(store, &keys::node(&name), &record, Expect::Any, None).await?;
     store::put_json(

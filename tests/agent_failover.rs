@@ -154,6 +154,7 @@ impl Cluster {
             &node.config,
             Arc::new(runtime),
             Arc::new(AgentMetrics::new()),
+            None,
         )
         .await
         .unwrap();

@@ -57,10 +57,18 @@ struct Cluster {
     grace: Duration,
     /// etcd serves TLS and checks client certificates; the agents get the CA and a client certificate.
     tls: Option<EtcdTls>,
+    /// Every agent serves CSI on `hostN/csi.sock`, and mounts in this machine's mount namespace.
+    csi: bool,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.csi {
+            for i in 0..self.agents.len() {
+                let d = self.host_dir(i);
+                basalt_tests::csi::undo_node(&d, &d.join("data"));
+            }
+        }
         self.agents.clear();
         for g in &self.groups {
             // SAFETY: plain syscall on the process group of an agent this test started.
@@ -72,11 +80,12 @@ impl Drop for Cluster {
 impl Cluster {
     /// `hosts` hosts, each with an etcd member and an agent whose replicas are replaced after `grace`.
     fn start(hosts: usize, grace: Duration) -> Cluster {
-        Cluster::start_with(hosts, grace, false)
+        Cluster::start_with(hosts, grace, false, false)
     }
 
-    /// With `tls`, etcd serves its clients over TLS and checks their certificates.
-    fn start_with(hosts: usize, grace: Duration, tls: bool) -> Cluster {
+    /// With `tls`, etcd serves its clients over TLS and checks their certificates; with `csi`, every
+    /// agent serves CSI (see [`Cluster::csi_socket`]).
+    fn start_with(hosts: usize, grace: Duration, tls: bool, csi: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let network = Network::new(hosts).unwrap();
         let tls = tls.then(|| EtcdTls::generate(&network, dir.path()).unwrap());
@@ -93,6 +102,7 @@ impl Cluster {
             token_file,
             grace,
             tls,
+            csi,
         };
         for i in 0..hosts {
             let config = cluster.write_config(i, &cluster.etcd_endpoints());
@@ -119,9 +129,18 @@ impl Cluster {
         }
     }
 
+    /// Host `i`'s directory: its agent's config, data, pool and (with CSI) socket and kubelet paths.
+    fn host_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("host{i}"))
+    }
+
+    fn csi_socket(&self, i: usize) -> PathBuf {
+        self.host_dir(i).join("csi.sock")
+    }
+
     fn write_config(&self, i: usize, endpoints: &[String]) -> PathBuf {
         let host = self.network.host(i);
-        let d = self.dir.path().join(format!("host{i}"));
+        let d = self.host_dir(i);
         std::fs::create_dir_all(&d).unwrap();
         let config = d.join("agent.yaml");
         let endpoints = endpoints.join(", ");
@@ -132,10 +151,15 @@ impl Cluster {
                  data_dir: {d}/data\n\
                  pools:\n  - name: p0\n    path: {d}/pool0\n    capacity: 4G\n\
                  cluster:\n  store: etcd\n  etcd:\n    endpoints: [{endpoints}]\n    lease_ttl: 5s\n{tls}\
-                 endpoints:\n  api:\n    listen: {addr}:{API_PORT}\n    token_file: {token}\n\
+                 endpoints:\n  api:\n    listen: {addr}:{API_PORT}\n    token_file: {token}\n{csi}\
                  runtime:\n  kind: process\n  binary: {bin}\n\
                  failover:\n  replica_grace: {grace}ms\n",
                 tls = self.etcd_tls_keys(true),
+                csi = if self.csi {
+                    format!("  csi: {}\n", self.csi_socket(i).display())
+                } else {
+                    String::new()
+                },
                 addr = host.address,
                 d = d.display(),
                 token = self.token_file.display(),
@@ -148,7 +172,11 @@ impl Cluster {
     }
 
     fn agent_command(&self, i: usize, config: &Path) -> Command {
-        let mut cmd = self.network.command(i, basalt_binary().unwrap());
+        let mut cmd = if self.csi {
+            self.network.command_sharing_mounts(i, basalt_binary().unwrap())
+        } else {
+            self.network.command(i, basalt_binary().unwrap())
+        };
         cmd.arg("agent").arg("--config").arg(config);
         cmd
     }
@@ -724,12 +752,229 @@ fn three_hosts_share_etcd_spread_replicas_and_survive_etcd_failures() {
     );
 }
 
+/// The CSI life cycle across hosts, as Kubernetes runs it: the CSI controller asked on one host creates a
+/// 2-replica volume within two zones (requisite topology), publishes it to the node (host B) that holds
+/// one replica but not the controller, and host B's node service stages and publishes it (ext4 over its
+/// user-space attachment, logged in through B's iSCSI redirector). A pod's writes on B go on while the
+/// controller's host is cut off: the controller moves to B, the staged mount follows it with nobody
+/// telling it where it went, and every file whose fsync returned reads back after an unstage and a new
+/// stage. A host that was never published cannot log in. Unpublish, unstage and delete leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_staged_volume_keeps_its_files_while_the_controller_fails_over_to_the_node() {
+    use basalt_agent::csi::pb;
+    use basalt_agent::csi::pb::controller_client::ControllerClient;
+    use basalt_agent::csi::pb::node_client::NodeClient;
+    use basalt_agent::host::mount::is_mounted;
+    use basalt_tests::csi::{connect, mount_cap, unpublish_and_delete};
+
+    const KEY: &str = "topology.basalt.csi.io/zone";
+    const MIB: i64 = 1 << 20;
+    let zone = |z: &str| pb::Topology {
+        segments: [(KEY.to_string(), z.to_string())].into(),
+    };
+    let cluster = Cluster::start_with(3, GRACE, false, true);
+    cluster.wait_nodes_up(0, &["host0", "host1", "host2"]);
+    for i in 0..3 {
+        let socket = cluster.csi_socket(i);
+        wait_for("the CSI socket", READY_TIMEOUT, || socket.exists()).unwrap();
+    }
+    let mut controller = ControllerClient::new(connect(&cluster.csi_socket(0)).await);
+
+    // Created within zones 1 and 2: one replica in each, and those zones are where it is accessible.
+    let name = "pvc-roaming";
+    let created = controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap()],
+            parameters: [("replicas", "2"), ("minHealthy", "1")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            accessibility_requirements: Some(pb::TopologyRequirement {
+                requisite: vec![zone("zone-1"), zone("zone-2")],
+                preferred: vec![zone("zone-2")],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut zones: Vec<&str> = created
+        .accessible_topology
+        .iter()
+        .map(|t| t.segments[KEY].as_str())
+        .collect();
+    zones.sort();
+    assert_eq!(zones, ["zone-1", "zone-2"]);
+    let view = cluster.wait_ready(0, name);
+    assert_eq!(replica_nodes(&view), ["host1", "host2"]);
+    let a = host_index(&view["placement"]["controller"]["node"]);
+    let b = 3 - a;
+    let old_epoch = view["statuses"]["controller"]["report"]["epoch"]
+        .as_u64()
+        .unwrap();
+
+    // Host B's node service: its id and topology are its agent's.
+    let mut node = NodeClient::new(connect(&cluster.csi_socket(b)).await);
+    let info = node
+        .node_get_info(pb::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, format!("host{b}"));
+    assert_eq!(
+        info.accessible_topology.unwrap().segments[KEY],
+        format!("zone-{b}")
+    );
+    controller
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: name.into(),
+            node_id: info.node_id.clone(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kubelet = cluster.host_dir(b).join("kubelet");
+    let staging = kubelet.join("globalmount");
+    let target = kubelet.join("pods/writer/volume");
+    let stage = pb::NodeStageVolumeRequest {
+        volume_id: name.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    let publish = pb::NodePublishVolumeRequest {
+        volume_id: name.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    let unpublish = pb::NodeUnpublishVolumeRequest {
+        volume_id: name.into(),
+        target_path: target.display().to_string(),
+    };
+    let unstage = pb::NodeUnstageVolumeRequest {
+        volume_id: name.into(),
+        staging_target_path: staging.display().to_string(),
+    };
+    node.node_stage_volume(stage.clone()).await.unwrap();
+    node.node_publish_volume(publish.clone()).await.unwrap();
+    assert!(is_mounted(&target), "the publication is not mounted");
+
+    // Host 0 was never published: its initiator is refused (the controller's allow-list follows the
+    // publication).
+    let url = view["iscsi_url"].as_str().unwrap().to_string();
+    let (ok, out) = cluster.io_bounded(0, &url, &["read 0 4k"]);
+    assert!(!ok, "an unpublished host read the volume: {out}");
+
+    // A pod on B writes file after file, each synced; the controller's host is cut meanwhile.
+    let file = |k: u64| target.join(format!("f{k:05}"));
+    let content = |k: u64| vec![(k % 251) as u8 + 1; 256 * 1024];
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::<(u64, Instant)>::new());
+    let mut moved_at = Instant::now();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let writer = s.spawn(|| {
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let f = std::fs::File::create(file(k)).and_then(|mut f| {
+                    f.write_all(&content(k))?;
+                    f.sync_all()
+                });
+                if let Err(e) = f {
+                    return Err(format!("file {k}: {e}"));
+                }
+                acked.lock().unwrap().push((k, Instant::now()));
+                k += 1;
+            }
+            Ok(())
+        });
+        wait_for("files before the cut", READY_TIMEOUT, || {
+            acked.lock().unwrap().len() >= 5
+        })
+        .unwrap();
+        cluster.network.cut(a).unwrap();
+        let moved = cluster.wait_view(b, name, "to move to the node", |v| {
+            let report = &v["statuses"]["controller"]["report"];
+            host_index(&v["placement"]["controller"]["node"]) == b
+                && report["serving"] == true
+                && report["epoch"].as_u64().unwrap() > old_epoch
+        });
+        assert_ne!(moved["iscsi_url"].as_str(), Some(url.as_str()));
+        moved_at = Instant::now();
+        let followed = wait_for("files synced after the move", READY_TIMEOUT, || {
+            acked_since(&acked, moved_at) >= 5
+        });
+        if let Err(e) = followed {
+            panic!("{e}\n{}", cluster.logs());
+        }
+        cluster.network.restore(a).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        if let Err(e) = writer.join().unwrap() {
+            panic!("the pod's write failed: {e}\n{}", cluster.logs());
+        }
+    });
+    let acked = acked.into_inner().unwrap();
+    let after_move = acked.iter().filter(|(_, t)| *t > moved_at).count();
+
+    // Unstaged (unmounted, flushed, detached) and staged again: every synced file reads back.
+    node.node_unpublish_volume(unpublish.clone()).await.unwrap();
+    node.node_unstage_volume(unstage.clone()).await.unwrap();
+    assert!(!is_mounted(&staging), "the staging path is still mounted");
+    node.node_stage_volume(stage).await.unwrap();
+    node.node_publish_volume(publish).await.unwrap();
+    let lost: Vec<u64> = acked
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| std::fs::read(file(*k)).ok() != Some(content(*k)))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} synced files lost or changed: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    eprintln!(
+        "CSI across hosts: {} files synced ({after_move} after the controller moved to host{b}), lost 0",
+        acked.len()
+    );
+
+    // Released: nothing mounted, nothing attached on B; the volume unpublished and deleted.
+    node.node_unpublish_volume(unpublish).await.unwrap();
+    node.node_unstage_volume(unstage).await.unwrap();
+    assert!(!is_mounted(&staging) && !is_mounted(&target));
+    let host = basalt_agent::host::Host::with_method(
+        &cluster.host_dir(b).join("data"),
+        basalt_agent::host::AttachMethod::UserSpace,
+    )
+    .unwrap();
+    assert!(
+        host.attachments().unwrap().is_empty(),
+        "host{b} still records an attachment"
+    );
+    unpublish_and_delete(&mut controller, &info.node_id, name).await;
+    let gone = wait_for("the volume to be deleted", READY_TIMEOUT, || {
+        cluster.json(0, &["volume", "inspect", name]).is_none()
+    });
+    if let Err(e) = gone {
+        panic!("{e}\n{}", cluster.logs());
+    }
+}
+
 /// etcd serving its clients over TLS and checking their certificates (`--client-cert-auth`): agents given the
 /// CA and a client certificate (`cluster.etcd.ca_file`, `cert_file`, `key_file`) form the cluster and serve a
 /// replicated volume; an agent with the CA but no client certificate is refused by etcd and says so.
 #[test]
 fn agents_use_an_etcd_that_serves_tls_and_checks_client_certificates() {
-    let cluster = Cluster::start_with(2, GRACE, true);
+    let cluster = Cluster::start_with(2, GRACE, true, false);
     cluster.wait_nodes_up(0, &["host0", "host1"]);
     let (ok, _, err) = cluster.cli(
         1,

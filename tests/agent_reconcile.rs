@@ -184,6 +184,7 @@ async fn a_volume_record_is_served_survives_a_reconciler_restart_grows_and_is_de
         },
         cordoned: false,
         draining: false,
+        initiator: None,
     };
     store::put_json(store.as_ref(), &keys::node(&me), &node, Expect::Absent, None)
         .await

@@ -10,7 +10,9 @@ use basalt_agent::csi::pb::controller_client::ControllerClient;
 use basalt_agent::csi::pb::identity_client::IdentityClient;
 use basalt_agent::csi::pb::{self, volume_capability, volume_content_source};
 use basalt_agent::model::{initiator_iqn, NodeName};
-use basalt_tests::csi::{assert_codes, block_cap, case, mount_cap, CsiAgent, Socket, READY_TIMEOUT};
+use basalt_tests::csi::{
+    assert_codes, block_cap, case, delete_snapshot_once_released, mount_cap, CsiAgent, Socket, READY_TIMEOUT,
+};
 use basalt_tests::volume::{qemu_io, qemu_io_as};
 use basalt_tests::wait_for;
 use tonic::Code;
@@ -372,23 +374,7 @@ async fn a_volume_lives_its_csi_life_under_a_real_agent() {
         .unwrap();
     }
     for id in [format!("{name}/snapshot-1"), format!("{name}/snapshot-2")] {
-        let mut last = None;
-        wait_for(&format!("snapshot {id} to be deleted"), READY_TIMEOUT, || {
-            let rt = tokio::runtime::Handle::current();
-            let mut c = csi.clone();
-            let id = id.clone();
-            last = Some(tokio::task::block_in_place(|| {
-                rt.block_on(async move {
-                    c.delete_snapshot(pb::DeleteSnapshotRequest {
-                        snapshot_id: id,
-                        ..Default::default()
-                    })
-                    .await
-                })
-            }));
-            matches!(last, Some(Ok(_)))
-        })
-        .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+        delete_snapshot_once_released(&csi, &id).await;
     }
     for _ in 0..2 {
         csi.delete_volume(pb::DeleteVolumeRequest {

@@ -2,7 +2,8 @@
 //! kubelet would: a volume created and published by the Controller service, then staged on this host
 //! (attached through qemu-storage-daemon's FUSE export under a loop device: this machine has no kernel
 //! iSCSI; a filesystem made, mounted at the staging path), published (bind mounts, read-only honoured,
-//! or the block device itself), measured, grown online, unpublished and unstaged; the agent SIGKILLed
+//! or the block device itself), measured, snapshotted and cloned (the clone staged beside its source),
+//! grown online, unpublished and unstaged; the agent SIGKILLed
 //! between stage and unstage and restarted, then undoing exactly what it did; controller and node on
 //! one socket and on two; and every error case the spec names for the node RPCs.
 //!
@@ -19,7 +20,10 @@ use basalt_agent::csi::pb::node_client::NodeClient;
 use basalt_agent::csi::pb::{self, volume_usage};
 use basalt_agent::host::mount::is_mounted;
 use basalt_agent::host::AttachRecord;
-use basalt_tests::csi::{assert_codes, block_cap, case, mount_cap, CsiAgent, Socket};
+use basalt_tests::csi::{
+    assert_codes, block_cap, case, delete_snapshot_once_released, mount_cap, unpublish_and_delete, CsiAgent,
+    Socket,
+};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -66,25 +70,6 @@ async fn published_volume(
         .await
         .unwrap();
     name
-}
-
-/// ControllerUnpublish, then DeleteVolume.
-async fn unpublish_and_delete(agent: &CsiAgent, controller: &mut ControllerClient<Channel>, name: &str) {
-    controller
-        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: name.into(),
-            node_id: agent.node.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    controller
-        .delete_volume(pb::DeleteVolumeRequest {
-            volume_id: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 fn stage_request(volume: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
@@ -143,9 +128,20 @@ fn attachment(agent: &CsiAgent, volume: &str) -> AttachRecord {
         .unwrap_or_else(|| panic!("volume {volume} is not attached on the host"))
 }
 
+/// Checks nothing of `record`'s attachment is left (see [`assert_nothing_left_of`]), and no record of
+/// the node service's at all.
+fn assert_nothing_left(agent: &CsiAgent, record: &AttachRecord, paths: &[&Path]) {
+    assert_nothing_left_of(agent, record, paths);
+    let node_state = agent.data_dir().join("csi/node");
+    let left: Vec<PathBuf> = std::fs::read_dir(&node_state)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the node's records are left: {left:?}");
+}
+
 /// Checks nothing of `record`'s attachment is left: its record, the loop device over its export file,
 /// the qemu-storage-daemon, and no mount at `paths` or at the export file.
-fn assert_nothing_left(agent: &CsiAgent, record: &AttachRecord, paths: &[&Path]) {
+fn assert_nothing_left_of(agent: &CsiAgent, record: &AttachRecord, paths: &[&Path]) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     for p in paths {
         assert!(!is_mounted(p), "{} is still mounted:\n{mounts}", p.display());
@@ -175,11 +171,13 @@ fn assert_nothing_left(agent: &CsiAgent, record: &AttachRecord, paths: &[&Path])
         "qemu-storage-daemon (pid {}) still runs",
         us.daemon.pid
     );
-    let node_state = agent.data_dir().join("csi/node");
-    let left: Vec<PathBuf> = std::fs::read_dir(&node_state)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "the node's records are left: {left:?}");
+}
+
+/// `sync -f PATH`: the filesystem holding `path` written out (syncfs), as a snapshot of a volume in
+/// use wants first.
+fn sync_filesystem(path: &Path) {
+    let status = Command::new("sync").arg("-f").arg(path).status().unwrap();
+    assert!(status.success(), "sync -f {} failed", path.display());
 }
 
 /// `df -B1 --output=size PATH`: the filesystem's size as df shows it.
@@ -234,7 +232,7 @@ fn write_file(path: &Path, len: i64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_volume_is_staged_published_grown_and_released_on_one_socket() {
+async fn a_volume_is_staged_published_snapshotted_cloned_grown_and_released_on_one_socket() {
     let agent = CsiAgent::start(&[Socket::All]);
     let channel = agent.channel(Socket::All).await;
     let mut controller = ControllerClient::new(channel.clone());
@@ -322,6 +320,84 @@ async fn a_volume_is_staged_published_grown_and_released_on_one_socket() {
         .unwrap_err();
     assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
 
+    // A snapshot of the staged volume, cloned into a new volume that this node stages and publishes
+    // beside its source (XFS: the clone has its source's filesystem UUID): the clone holds what was
+    // synced before the snapshot, and nothing written after it.
+    sync_filesystem(&target);
+    let snapshot = controller
+        .create_snapshot(pb::CreateSnapshotRequest {
+            source_volume_id: name.clone(),
+            name: format!("{name}-snap"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.ready_to_use, "{snapshot:?}");
+    std::fs::write(target.join("after.txt"), b"written after the snapshot").unwrap();
+    sync_filesystem(&target);
+    let clone = unique("pvc-life-clone");
+    let mut clone_req = create_request(&clone, SIZE);
+    clone_req.volume_capabilities = vec![xfs_cap()];
+    clone_req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(
+            pb::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.snapshot_id.clone(),
+            },
+        )),
+    });
+    controller.create_volume(clone_req).await.unwrap();
+    agent.wait_ready(&clone);
+    controller
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: clone.clone(),
+            node_id: agent.node.clone(),
+            volume_capability: Some(xfs_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let clone_staging = agent.scratch("clone-globalmount");
+    let clone_target = agent.scratch("pods/c/volume");
+    node.node_stage_volume(stage_request(&clone, &clone_staging, xfs_cap()))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_request(
+        &clone,
+        &clone_staging,
+        &clone_target,
+        xfs_cap(),
+        false,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read(clone_target.join("hello.txt")).unwrap(),
+        b"written through the publication",
+        "the clone lacks what was synced before the snapshot"
+    );
+    assert!(
+        !clone_target.join("after.txt").exists(),
+        "the clone holds a file written after the snapshot"
+    );
+    // The clone is a volume of its own: what is written there stays there.
+    std::fs::write(clone_target.join("clone-only.txt"), b"the clone's").unwrap();
+    assert!(!target.join("clone-only.txt").exists());
+    let clone_record = attachment(&agent, &clone);
+    node.node_unpublish_volume(unpublish_request(&clone, &clone_target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_request(&clone, &clone_staging))
+        .await
+        .unwrap();
+    assert_nothing_left_of(&agent, &clone_record, &[&clone_staging, &clone_target]);
+    unpublish_and_delete(&mut controller, &agent.node, &clone).await;
+    // The snapshot goes once the clone no longer holds it (the clone's deletion finishes in the
+    // background).
+    delete_snapshot_once_released(&controller, &snapshot.snapshot_id).await;
+
     // A read-only publication refuses writes (and still reads).
     let readonly = agent.scratch("pods/b/volume");
     node.node_publish_volume(publish_request(&name, &staging, &readonly, xfs_cap(), true))
@@ -391,7 +467,7 @@ async fn a_volume_is_staged_published_grown_and_released_on_one_socket() {
         .await
         .unwrap();
     assert_nothing_left(&agent, &record, &[&staging, &target]);
-    unpublish_and_delete(&agent, &mut controller, &name).await;
+    unpublish_and_delete(&mut controller, &agent.node, &name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,7 +556,7 @@ async fn a_block_volume_is_published_as_its_device_with_controller_and_node_on_t
         .await
         .unwrap();
     assert_nothing_left(&agent, &record, &[&target, &readonly]);
-    unpublish_and_delete(&agent, &mut controller, &name).await;
+    unpublish_and_delete(&mut controller, &agent.node, &name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,7 +636,7 @@ async fn a_node_plugin_killed_between_stage_and_unstage_undoes_exactly_what_it_d
         .unwrap();
     assert_nothing_left(&agent, &record, &[&staging, &target]);
     assert!(!target.exists());
-    unpublish_and_delete(&agent, &mut controller, &name).await;
+    unpublish_and_delete(&mut controller, &agent.node, &name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

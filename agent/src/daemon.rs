@@ -131,7 +131,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         )),
     };
 
-    let node = start_node(store.clone(), &config, runtime, metrics.clone()).await?;
+    // The host first: the node's record names the initiator its attachments log in as.
+    let host = open_host(&config).await?;
+    let initiator = host.as_ref().and_then(|h| h.initiator().map(str::to_string));
+    let node = start_node(store.clone(), &config, runtime, metrics.clone(), initiator).await?;
     let tasks = cancel.child_token();
     // One context for every endpoint: the Docker plugin calls the same
     // operations as the REST API (one place for each check).
@@ -146,7 +149,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .map_or_else(basalt_engine::api_auth::ApiToken::generate, |a| a.token.clone()),
         agent_metrics: Some(metrics.clone()),
     };
-    let host = open_host(&config).await?;
     let docker_task = match (&config.endpoints.docker, &host) {
         (Some(socket), Some(host)) => {
             Some(start_docker(&config, socket, host.clone(), ctx.clone(), tasks.clone()).await?)
@@ -313,13 +315,18 @@ pub struct RunningNode {
 
 /// Registers `config`'s node in `store`, grants its lease and starts its
 /// reconciler over `runtime` and the task that keeps the lease alive.
+/// `initiator`: the iSCSI initiator name this host's attachments log in as ([`Host::initiator`]), none
+/// when it attaches nothing.
+///
+/// [`Host::initiator`]: crate::host::Host::initiator
 pub async fn start_node(
     store: Arc<dyn Store>,
     config: &Config,
     runtime: Arc<dyn Runtime>,
     metrics: Arc<AgentMetrics>,
+    initiator: Option<String>,
 ) -> anyhow::Result<RunningNode> {
-    register(store.as_ref(), &node_record(config)?).await?;
+    register(store.as_ref(), &node_record(config, initiator.as_deref())?).await?;
     let lease = NodeLease::new(grant_alive(store.as_ref(), config).await?);
     tracing::info!(node = %config.node.name, "node registered");
     let cancel = CancellationToken::new();
@@ -338,6 +345,7 @@ pub async fn start_node(
     let keep_alive = tokio::spawn(keep_alive(
         store,
         config.clone(),
+        initiator,
         lease.clone(),
         metrics,
         cancel.clone(),
@@ -427,7 +435,7 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// This node as the config describes it, its pools measured now.
-pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
+pub fn node_record(config: &Config, initiator: Option<&str>) -> anyhow::Result<NodeRecord> {
     let mut pools = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
         let (kind, size, free) = match &pool.kind {
@@ -462,6 +470,7 @@ pub fn node_record(config: &Config) -> anyhow::Result<NodeRecord> {
         ports: config.node.ports,
         cordoned: false,
         draining: false,
+        initiator: initiator.map(str::to_string),
     })
 }
 
@@ -539,6 +548,7 @@ async fn grant_alive(store: &dyn Store, config: &Config) -> anyhow::Result<Lease
 async fn keep_alive(
     store: Arc<dyn Store>,
     config: Config,
+    initiator: Option<String>,
     shared: NodeLease,
     metrics: Arc<AgentMetrics>,
     cancel: CancellationToken,
@@ -583,7 +593,7 @@ async fn keep_alive(
         }
         if measured.elapsed() >= POOL_REFRESH {
             measured = Instant::now();
-            let result = match node_record(&config) {
+            let result = match node_record(&config, initiator.as_deref()) {
                 Ok(rec) => register(store.as_ref(), &rec).await,
                 Err(e) => Err(e),
             };

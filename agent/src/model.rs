@@ -138,6 +138,21 @@ pub struct NodeRecord {
     pub cordoned: bool,
     /// Replicas move away from here (implies cordoned).
     pub draining: bool,
+    /// The iSCSI initiator name this host's attachments log in as: the kernel initiator's own
+    /// (`/etc/iscsi/initiatorname.iscsi`) or, on the user-space path, [`initiator_iqn`]. A target that
+    /// lets in only the node a volume is published to lets in this name. Absent: the host attaches
+    /// nothing (no Docker or CSI node endpoint), or its agent predates the field; [`initiator_iqn`] then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiator: Option<String>,
+}
+
+impl NodeRecord {
+    /// The initiator name this node logs in as (see [`NodeRecord::initiator`]).
+    pub fn initiator_name(&self) -> String {
+        self.initiator
+            .clone()
+            .unwrap_or_else(|| initiator_iqn(&self.name))
+    }
 }
 
 /// Where replicas may live on a node.
@@ -269,17 +284,31 @@ impl TargetAccess {
     }
 }
 
-/// The initiator name a node logs in to targets with (its attach code uses it; the target's allow-list
-/// names it).
+/// The initiator name a node's user-space attachments log in with (a kernel initiator has a name of its
+/// own: [`NodeRecord::initiator`]).
 pub fn initiator_iqn(node: &NodeName) -> String {
     format!("iqn.2026-11.io.basalt.node:{node}")
 }
 
-/// The initiators `volume`'s target should let in now: `None` for any.
-pub fn allowed_initiators(volume: &VolumeRecord) -> Option<Vec<String>> {
+/// The initiators `volume`'s target should let in now (`None` for any): the names the nodes it is
+/// attached to registered, [`initiator_iqn`] for a node not registered.
+pub fn allowed_initiators(
+    volume: &VolumeRecord,
+    nodes: &BTreeMap<NodeName, NodeRecord>,
+) -> Option<Vec<String>> {
     match volume.spec.access {
         TargetAccess::Any => None,
-        TargetAccess::AttachedNode => Some(volume.attached_to.iter().map(initiator_iqn).collect()),
+        TargetAccess::AttachedNode => Some(
+            volume
+                .attached_to
+                .iter()
+                .map(|n| {
+                    nodes
+                        .get(n)
+                        .map_or_else(|| initiator_iqn(n), NodeRecord::initiator_name)
+                })
+                .collect(),
+        ),
     }
 }
 

@@ -603,7 +603,7 @@ fn plan_controller(
         });
     }
     // Access follows the attachment whether or not I/O is served: an unpublished node is shut out now.
-    let allowed = normalized(crate::model::allowed_initiators(v));
+    let allowed = normalized(crate::model::allowed_initiators(v, &desired.nodes));
     if allowed != view.allowed {
         actions.push(Action::SetAllowList {
             volume: name.clone(),

@@ -115,6 +115,7 @@ mod tests {
             },
             cordoned: false,
             draining: false,
+            initiator: None,
         }
     }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use basalt_agent::csi::pb::controller_client::ControllerClient;
 use basalt_agent::csi::pb::{self, volume_capability};
 use basalt_agent::host::{AttachMethod, Host};
 use tonic::transport::Channel;
@@ -201,37 +202,9 @@ impl CsiAgent {
         IscsiUrl::parse(last.unwrap()["iscsi_url"].as_str().unwrap())
     }
 
-    /// Undo what the node service left: every mount under the test's directory (publications first:
-    /// they are bind mounts of the staging mounts), then every attachment.
+    /// Undo what the node service left (see [`undo_node`]).
     fn undo_host(&self) {
-        let root = self.dir.path().to_string_lossy().into_owned();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&root) && !m.ends_with("/lun"))
-            .collect();
-        // Deepest first, and the last made first (a publication after its staging mount).
-        ours.reverse();
-        for m in ours {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-        if let Ok(host) = Host::with_method(&self.data_dir(), AttachMethod::UserSpace) {
-            for r in host.attachments().unwrap_or_default() {
-                for m in r.mounts.iter().filter(|m| crate::host::is_mounted(&m.target)) {
-                    let _ = Command::new("umount").arg("-l").arg(&m.target).status();
-                }
-                // A read-only block publication's loop device over the volume's device (a test that
-                // failed before unpublishing leaves it, and it would keep the device busy for good).
-                let views = r.device.as_deref().map(basalt_agent::host::attach::loops_over);
-                for view in views.and_then(Result::ok).unwrap_or_default() {
-                    let _ = basalt_agent::host::attach::detach_loop(&view);
-                }
-                if let Err(e) = host.detach(&r.volume) {
-                    eprintln!("cleanup: detaching {}: {e}", r.volume);
-                }
-            }
-        }
+        undo_node(self.dir.path(), &self.data_dir());
     }
 }
 
@@ -243,6 +216,83 @@ impl Drop for CsiAgent {
             // SAFETY: plain syscall on a process group of an agent this test started (its services).
             unsafe { libc::kill(-group, libc::SIGKILL) };
         }
+    }
+}
+
+/// Undo what a node service left on this machine: every mount under `root` (publications first: they
+/// are bind mounts of the staging mounts), then every attachment recorded under the agent's `data_dir`.
+/// For a test's drop: a failed test must leave nothing mounted or attached behind.
+pub fn undo_node(root: &Path, data_dir: &Path) {
+    let root = root.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut ours: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&root) && !m.ends_with("/lun"))
+        .collect();
+    // Deepest first, and the last made first (a publication after its staging mount).
+    ours.reverse();
+    for m in ours {
+        let _ = Command::new("umount").arg("-l").arg(m).status();
+    }
+    if let Ok(host) = Host::with_method(data_dir, AttachMethod::UserSpace) {
+        for r in host.attachments().unwrap_or_default() {
+            for m in r.mounts.iter().filter(|m| crate::host::is_mounted(&m.target)) {
+                let _ = Command::new("umount").arg("-l").arg(&m.target).status();
+            }
+            // A read-only block publication's loop device over the volume's device (a test that
+            // failed before unpublishing leaves it, and it would keep the device busy for good).
+            let views = r.device.as_deref().map(basalt_agent::host::attach::loops_over);
+            for view in views.and_then(Result::ok).unwrap_or_default() {
+                let _ = basalt_agent::host::attach::detach_loop(&view);
+            }
+            if let Err(e) = host.detach(&r.volume) {
+                eprintln!("cleanup: detaching {}: {e}", r.volume);
+            }
+        }
+    }
+}
+
+/// ControllerUnpublish from `node`, then DeleteVolume: the end of a volume's life cycle.
+pub async fn unpublish_and_delete(controller: &mut ControllerClient<Channel>, node: &str, volume: &str) {
+    controller
+        .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    controller
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: volume.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// DeleteSnapshot of `id`, retried until it succeeds: a clone of the snapshot that was just deleted
+/// still holds it until its deletion finishes in the background.
+pub async fn delete_snapshot_once_released(controller: &ControllerClient<Channel>, id: &str) {
+    let mut last = None;
+    let deleted = wait_for(&format!("snapshot {id} to be deleted"), READY_TIMEOUT, || {
+        let rt = tokio::runtime::Handle::current();
+        let mut c = controller.clone();
+        let id = id.to_string();
+        last = Some(tokio::task::block_in_place(|| {
+            rt.block_on(async move {
+                c.delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: id,
+                    ..Default::default()
+                })
+                .await
+            })
+        }));
+        matches!(last, Some(Ok(_)))
+    });
+    if let Err(e) = deleted {
+        panic!("{e}: {last:?}");
     }
 }
 

@@ -170,6 +170,18 @@ impl Network {
         cmd
     }
 
+    /// Like [`Network::command`], but the program keeps this machine's mount namespace (`ip netns exec`
+    /// gives each command a mount namespace of its own): what it mounts (a CSI node's staging and
+    /// publication mounts, its FUSE exports) the test sees, checks and cleans up. Only the network is
+    /// the host's own.
+    pub fn command_sharing_mounts(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.hosts[i].namespace))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
     /// Cuts host `i` off the others, as a pulled cable: its packets go nowhere, nothing is refused.
     pub fn cut(&self, i: usize) -> Result<()> {
         ip(&["link", "set", &self.hosts[i].link, "down"])

@@ -71,6 +71,7 @@ pub fn view_of(
         down_since_unix: down_since_unix.filter(|_| !node.up),
         cordoned: r.cordoned,
         draining: r.draining,
+        initiator: r.initiator_name(),
         replicas,
         controllers,
     }
@@ -230,6 +231,7 @@ mod tests {
             ports: PortRange { first: 1, last: 2 },
             cordoned: false,
             draining: false,
+            initiator: None,
         }
     }
 

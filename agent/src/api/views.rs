@@ -181,6 +181,10 @@ pub struct NodeView {
     pub down_since_unix: Option<u64>,
     pub cordoned: bool,
     pub draining: bool,
+    /// The iSCSI initiator name its attachments log in as ([`NodeRecord::initiator_name`]).
+    ///
+    /// [`NodeRecord::initiator_name`]: crate::model::NodeRecord::initiator_name
+    pub initiator: String,
     pub replicas: Vec<HeldReplica>,
     /// Volumes whose controller runs here.
     pub controllers: Vec<String>,

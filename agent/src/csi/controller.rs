@@ -23,7 +23,7 @@ use super::{logged, topology};
 use crate::api::views::{AttachVolume, CreateSnapshot, CreateVolume, ExpandVolume, Qos, VolumeView};
 use crate::api::{snapshots, volumes, ApiContext, ApiError};
 use crate::model::{
-    initiator_iqn, keys, NodeName, SnapshotRef, TargetAccess, TopologyRule, VolumePhase, VolumeRecord,
+    keys, NodeName, NodeRecord, SnapshotRef, TargetAccess, TopologyRule, VolumePhase, VolumeRecord,
 };
 use crate::placement;
 use crate::store::{self, Expect, StoreError};
@@ -604,18 +604,15 @@ impl ControllerService {
         let record = self.load(&req.volume_id).await?;
         let node = NodeName::new(&req.node_id)
             .map_err(|_| Status::not_found(format!("no node with id {:?}", req.node_id)))?;
-        if self
-            .store()
-            .get(&keys::node(&node))
+        let Some(node_record) = store::get_json::<NodeRecord>(self.store(), &keys::node(&node))
             .await
             .map_err(from_store)?
-            .is_none()
-        {
+        else {
             return Err(Status::not_found(format!(
                 "no node with id {:?} is registered (its agent never started)",
                 req.node_id
             )));
-        }
+        };
         if let Some(other) = record.attached_to.as_ref().filter(|n| **n != node) {
             return Err(Status::failed_precondition(format!(
                 "volume {} is published to node {other}; unpublish it there first (one node at a time)",
@@ -638,7 +635,7 @@ impl ControllerService {
         Ok(pb::ControllerPublishVolumeResponse {
             publish_context: [
                 ("node".to_string(), node.to_string()),
-                ("initiator".to_string(), initiator_iqn(&node)),
+                ("initiator".to_string(), node_record.value.initiator_name()),
             ]
             .into(),
         })
@@ -1024,7 +1021,14 @@ impl ControllerService {
                 .await
                 .map_err(from_api)?
                 .value;
-            let want = crate::reconcile::normalized(crate::model::allowed_initiators(&record));
+            let (nodes, _) = store::list_json::<NodeRecord>(self.store(), keys::NODES)
+                .await
+                .map_err(from_store)?;
+            let nodes = nodes
+                .into_iter()
+                .map(|(_, n)| (n.value.name.clone(), n.value))
+                .collect();
+            let want = crate::reconcile::normalized(crate::model::allowed_initiators(&record, &nodes));
             let served = match snapshots::controller(&self.api, name).await {
                 Ok(mut c) => c
                     .volume_info(basalt_proto::pb::controller::VolumeInfoRequest {})

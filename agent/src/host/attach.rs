@@ -260,6 +260,45 @@ fn wait_until(
 /// The kernel's iSCSI initiator through `iscsiadm` (open-iscsi's iscsid must run).
 pub struct KernelIscsi;
 
+/// Where open-iscsi keeps the name the kernel initiator logs in as (`InitiatorName=iqn...`).
+pub const KERNEL_INITIATOR_NAME_FILE: &str = "/etc/iscsi/initiatorname.iscsi";
+
+/// The initiator name in the text of [`KERNEL_INITIATOR_NAME_FILE`]: the value of its
+/// `InitiatorName=` line (comments and blank lines skipped). Every iSCSI name is an `iqn.`, `eui.` or
+/// `naa.` name (RFC 3720 3.2.6.3); anything else, or no such line, is an error saying what to write.
+pub fn parse_initiator_name(text: &str) -> Result<String, String> {
+    let value = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix("InitiatorName="))
+        .map(str::trim)
+        .ok_or_else(|| "it has no InitiatorName= line".to_string())?;
+    let lower = value.to_ascii_lowercase();
+    let well_formed = ["iqn.", "eui.", "naa."].iter().any(|p| lower.starts_with(p))
+        && value.len() <= 223
+        && !value.contains([',', '='])
+        && !value.chars().any(char::is_whitespace);
+    if !well_formed {
+        return Err(format!(
+            "its InitiatorName {value:?} is not an iSCSI name (iqn.YYYY-MM.reversed.domain:unique, at most 223 characters, no commas or spaces)"
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// The kernel initiator's name, read from [`KERNEL_INITIATOR_NAME_FILE`]. Targets that let in only the
+/// node a volume is published to check this name, so a host without one cannot attach.
+pub fn kernel_initiator_name() -> Result<String, String> {
+    let text = std::fs::read_to_string(KERNEL_INITIATOR_NAME_FILE)
+        .map_err(|e| format!("cannot read {KERNEL_INITIATOR_NAME_FILE}: {e}"))?;
+    parse_initiator_name(&text).map_err(|why| {
+        format!(
+            "{KERNEL_INITIATOR_NAME_FILE}: {why}; open-iscsi's package writes one (or write `InitiatorName=iqn.2004-10.com.example:HOST` there and restart iscsid)"
+        )
+    })
+}
+
 /// The arguments of `iscsiadm` for each step, as pure functions (tested without an initiator).
 pub mod iscsiadm {
     use super::IscsiTarget;
@@ -788,6 +827,34 @@ impl FromStr for AttachMethod {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kernel_initiators_name_is_read_from_open_iscsis_file() {
+        let debian = "## DO NOT EDIT OR REMOVE THIS FILE!\n## If you remove this file, the iSCSI daemon will not start.\n\
+                      InitiatorName=iqn.1993-08.org.debian:01:5eedc0ffee\n";
+        assert_eq!(
+            super::parse_initiator_name(debian).unwrap(),
+            "iqn.1993-08.org.debian:01:5eedc0ffee"
+        );
+        assert_eq!(
+            super::parse_initiator_name("  InitiatorName= eui.02004567A425678D \n").unwrap(),
+            "eui.02004567A425678D"
+        );
+        // Commented out, absent, or not an iSCSI name: an error naming what is wrong.
+        for (text, says) in [
+            (
+                "#InitiatorName=iqn.2004-10.com.example:a\n",
+                "no InitiatorName= line",
+            ),
+            ("", "no InitiatorName= line"),
+            ("InitiatorName=host-a\n", "not an iSCSI name"),
+            ("InitiatorName=iqn.2004-10.com.example:a b\n", "not an iSCSI name"),
+            ("InitiatorName=iqn.2004-10.com.example:a,b\n", "not an iSCSI name"),
+        ] {
+            let err = super::parse_initiator_name(text).unwrap_err();
+            assert!(err.contains(says), "{text:?}: {err}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

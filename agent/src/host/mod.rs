@@ -92,6 +92,8 @@ pub struct Host {
     /// The iSCSI login redirector this host's initiators log in through
     /// (`endpoints.iscsi_redirector`): see [`Host::login_portal`].
     redirector: Option<SocketAddr>,
+    /// The initiator name its logins carry: see [`Host::initiator`].
+    initiator: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,19 +103,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Host {
     /// The host under `data_dir` (records in `DATA_DIR/host/`), with the attacher this host supports:
     /// the kernel initiator where it has one, the user-space path otherwise. The choice is logged.
-    /// `initiator` is the iSCSI initiator name the user-space path logs in as (the node's, which a
-    /// volume published to this node lets in); the kernel initiator logs in under the host's own name
-    /// (`/etc/iscsi/initiatorname.iscsi`), which the operator sets to the node's.
+    /// `initiator` is the iSCSI initiator name the user-space path logs in as; the kernel initiator
+    /// logs in under the host's own name (`/etc/iscsi/initiatorname.iscsi`), read here. Either is
+    /// [`Host::initiator`], which the node registers so that a volume published to it lets that name in.
     pub fn open(data_dir: &Path, initiator: Option<String>) -> HostResult<Host> {
         let probe = HostProbe::this_host();
         let method = attach::choose(&probe).map_err(HostError::Refused)?;
+        let initiator = match method {
+            AttachMethod::KernelIscsi => Some(attach::kernel_initiator_name().map_err(HostError::Refused)?),
+            AttachMethod::UserSpace => initiator,
+        };
         tracing::info!(
             method = method.as_str(),
             why = attach::why(&probe, method),
+            initiator = initiator.as_deref().unwrap_or("libiscsi's default"),
             "volumes attach on this host through {}",
             method.as_str()
         );
         Host::with_method_as(data_dir, method, initiator)
+    }
+
+    /// The iSCSI initiator name this host's logins carry: the kernel initiator's own, or the name given
+    /// to the user-space path (`None`: libiscsi's default, which no restricted target lets in).
+    pub fn initiator(&self) -> Option<&str> {
+        self.initiator.as_deref()
     }
 
     /// The host with a given attach method (tests; an operator's override).
@@ -140,13 +153,14 @@ impl Host {
         let state = state::StateDir::open(&dir)?;
         let attacher: Box<dyn Attacher> = match method {
             AttachMethod::KernelIscsi => Box::new(attach::KernelIscsi),
-            AttachMethod::UserSpace => Box::new(attach::UserSpace::new(dir, initiator)),
+            AttachMethod::UserSpace => Box::new(attach::UserSpace::new(dir, initiator.clone())),
         };
         Ok(Host {
             state,
             attacher,
             locks: Mutex::new(BTreeMap::new()),
             redirector: None,
+            initiator,
         })
     }
 

@@ -247,6 +247,21 @@ pub fn check_options(options: &[String]) -> HostResult<()> {
     Ok(())
 }
 
+/// The `-o` list for mounting `fs`: the caller's options, `ro` when asked, and for XFS `nouuid`. A clone
+/// or a restored snapshot carries its source's filesystem UUID, and XFS refuses to mount a second
+/// filesystem with a UUID that is already mounted on the host: without `nouuid` a clone could never be
+/// used on the node where its source is mounted. (ext4 does not check UUIDs.)
+pub fn mount_options(fs: Filesystem, options: &[String], read_only: bool) -> Vec<String> {
+    let mut opts: Vec<String> = options.to_vec();
+    if read_only && !opts.iter().any(|o| o == "ro") {
+        opts.push("ro".into());
+    }
+    if fs == Filesystem::Xfs && !opts.iter().any(|o| o == "nouuid") {
+        opts.push("nouuid".into());
+    }
+    opts
+}
+
 /// Mounts `device` (holding `fs`) at `target`, created if absent. Already mounted there: nothing to do.
 pub fn mount(
     device: &Path,
@@ -263,10 +278,7 @@ pub fn mount(
     if is_mounted(target) {
         return Ok(());
     }
-    let mut opts: Vec<String> = options.to_vec();
-    if read_only {
-        opts.push("ro".into());
-    }
+    let opts = mount_options(fs, options, read_only);
     let mut cmd = Command::new("mount");
     cmd.arg("-t").arg(fs.as_str());
     if !opts.is_empty() {
@@ -527,6 +539,18 @@ mod tests {
             Filesystem::Ext4.mkfs_args(Path::new("/dev/loop1")),
             ["-q", "-E", "nodiscard", "/dev/loop1"]
         );
+    }
+
+    #[test]
+    fn xfs_mounts_ignore_duplicate_uuids_so_a_clone_mounts_beside_its_source() {
+        let given = vec!["noatime".to_string()];
+        assert_eq!(
+            mount_options(Filesystem::Xfs, &given, true),
+            ["noatime", "ro", "nouuid"]
+        );
+        assert_eq!(mount_options(Filesystem::Ext4, &given, false), ["noatime"]);
+        let already = vec!["nouuid".to_string(), "ro".to_string()];
+        assert_eq!(mount_options(Filesystem::Xfs, &already, true), ["nouuid", "ro"]);
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub(crate) fn node_with(n: &str, zone: Option<&str>, pools: Vec<PoolRecord>) -> 
             },
             cordoned: false,
             draining: false,
+            initiator: None,
         },
         up: true,
     }

@@ -40,6 +40,7 @@ fn node_record(name: &str, last_octet: u8) -> NodeRecord {
         },
         cordoned: false,
         draining: false,
+        initiator: None,
     }
 }
 
@@ -367,8 +368,17 @@ fn the_target_lets_in_the_attached_node_only_when_access_says_so() {
     seen.controllers.get_mut(&vol("v1")).unwrap().allowed =
         normalized(Some(want.iter().map(|n| n.to_uppercase()).collect()));
     assert!(
-        allow_lists(&plan(&local(), &desired(vec![v]), &seen, 9)).is_empty(),
+        allow_lists(&plan(&local(), &desired(vec![v.clone()]), &seen, 9)).is_empty(),
         "initiator names compare case-insensitively"
+    );
+    // Node b attaches through its kernel initiator, under the name it registered: that name is let in.
+    let mut d = desired(vec![v]);
+    let mut b = node_record("b", 2);
+    b.initiator = Some("iqn.1993-08.org.debian:01:5eed".into());
+    d.nodes.insert(b.name.clone(), b);
+    assert_eq!(
+        allow_lists(&plan(&local(), &d, &seen, 9)),
+        vec![Some(vec!["iqn.1993-08.org.debian:01:5eed".to_string()])]
     );
 }
 

@@ -84,6 +84,7 @@ fn print_node(n: &basalt_agent::api::views::NodeView) {
         }
     );
     println!("ports:       {}-{}", n.ports.first, n.ports.last);
+    println!("initiator:   {}", n.initiator);
     println!();
     let pools: Vec<Vec<String>> = n
         .pools
