@@ -13,7 +13,8 @@
 //! is taken, so that a node plugin killed and restarted between Stage and Unstage still undoes exactly
 //! what Stage did. Calls for one volume are serialized (the CO should not overlap them, and a retry
 //! after a timeout must not race the call it retries). Host operations block: they run on tokio's
-//! blocking pool.
+//! blocking pool, each holding the volume's lock until it ends, even when the CO has given up on its
+//! call ([`crate::locks`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use super::status::{from_api, from_store, required};
 use super::{logged, topology};
 use crate::api::{volumes, ApiContext};
 use crate::host::{attach, mount, AttachRequest, Filesystem, Host, HostError, IscsiTarget};
+use crate::locks::Held;
 use crate::model::{keys, NodeRecord, VolumePhase, VolumeRecord};
 use crate::store;
 
@@ -147,13 +149,24 @@ pub fn usage(stats: &mount::FsStats) -> Vec<pb::VolumeUsage> {
     ]
 }
 
-/// Runs a blocking host step on the blocking pool.
+/// Runs a blocking host step that reads only (no lock needed) on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("a host operation panicked or was cancelled: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(host_step_failed)?
+}
+
+/// Runs a blocking host step on the blocking pool, the volume's lock held until it ends even if the
+/// CO gives up on the call first (see [`crate::locks`]).
+async fn step<T: Send + 'static>(
+    held: &Held,
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    held.blocking(f).await.map_err(host_step_failed)?
+}
+
+fn host_step_failed(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("a host operation panicked or was cancelled: {e}"))
 }
 
 /// Creates the publication's target: a directory for a mount, a file for a block device.
@@ -211,7 +224,7 @@ impl NodeService {
         })
     }
 
-    async fn lock(&self, volume: &VolumeName) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, volume: &VolumeName) -> Held {
         self.locks.lock(volume).await
     }
 
@@ -287,7 +300,7 @@ impl NodeService {
         let (access, read_only) = access_of(req.volume_capability.as_ref(), &req.volume_context)?;
         let record = self.load(&req.volume_id).await?;
         let volume = record.spec.name.clone();
-        let _held = self.lock(&volume).await;
+        let held = self.lock(&volume).await;
         let before = self.staged(&volume)?;
         let staged = match &before {
             Some(s) => match staged::restage(s, &staging_path, &access, read_only) {
@@ -313,11 +326,11 @@ impl NodeService {
             size_bytes,
             holder: HOLDER.into(),
         };
-        let step = staged.clone();
-        let done = blocking(move || {
+        let wanted = staged.clone();
+        let done = step(&held, move || {
             host.attach(&attach).map_err(from_host)?;
-            if let Access::Mount { fs, flags } = &step.access {
-                host.mount(&step.volume, &step.staging_path, *fs, flags, step.read_only)
+            if let Access::Mount { fs, flags } = &wanted.access {
+                host.mount(&wanted.volume, &wanted.staging_path, *fs, flags, wanted.read_only)
                     .map_err(from_host)?;
             }
             Ok(())
@@ -327,7 +340,7 @@ impl NodeService {
             // A first stage that failed leaves nothing behind (the CO may never call Unstage for it);
             // a repeated one keeps what the earlier success made.
             if before.is_none() {
-                if let Err(undo) = self.unstage_steps(&staged).await {
+                if let Err(undo) = self.unstage_steps(&held, &staged).await {
                     tracing::warn!(volume = %volume, error = %undo.message(), "undoing a failed NodeStage failed too");
                 }
             }
@@ -337,16 +350,16 @@ impl NodeService {
     }
 
     /// Undo a stage: unmount the staging path, detach, forget the record.
-    async fn unstage_steps(&self, staged: &Staged) -> Result<(), Status> {
+    async fn unstage_steps(&self, held: &Held, staged: &Staged) -> Result<(), Status> {
         let host = self.host.clone();
-        let step = staged.clone();
-        blocking(move || {
-            if matches!(step.access, Access::Mount { .. }) {
-                host.unmount(&step.volume, &step.staging_path).map_err(from_host)?;
+        let undone = staged.clone();
+        step(held, move || {
+            if matches!(undone.access, Access::Mount { .. }) {
+                host.unmount(&undone.volume, &undone.staging_path).map_err(from_host)?;
             }
-            match host.attachment(&step.volume).map_err(from_host)? {
+            match host.attachment(&undone.volume).map_err(from_host)? {
                 Some(a) if a.holder != HOLDER => {
-                    tracing::warn!(volume = %step.volume, holder = a.holder, "the volume's attachment is another endpoint's; leaving it");
+                    tracing::warn!(volume = %undone.volume, holder = a.holder, "the volume's attachment is another endpoint's; leaving it");
                     Ok(())
                 }
                 Some(a) => {
@@ -356,7 +369,7 @@ impl NodeService {
                             attach::detach_loop(&view).map_err(from_host)?;
                         }
                     }
-                    host.detach(&step.volume).map_err(from_host)
+                    host.detach(&undone.volume).map_err(from_host)
                 }
                 None => Ok(()),
             }
@@ -374,7 +387,7 @@ impl NodeService {
         }
         let staging_path = path_field("staging_target_path", &req.staging_target_path)?;
         let volume = parse_volume_id(&req.volume_id).ok_or_else(|| volume_not_found(&req.volume_id))?;
-        let _held = self.lock(&volume).await;
+        let held = self.lock(&volume).await;
         let Some(mut staged) = self.staged(&volume)? else {
             // Not staged here: done already, if the volume exists at all.
             self.load(&req.volume_id).await?;
@@ -392,8 +405,8 @@ impl NodeService {
             )));
         }
         let leftovers = std::mem::take(&mut staged.publications);
-        blocking(move || leftovers.iter().try_for_each(undo_publication)).await?;
-        self.unstage_steps(&staged).await?;
+        step(&held, move || leftovers.iter().try_for_each(undo_publication)).await?;
+        self.unstage_steps(&held, &staged).await?;
         Ok(pb::NodeUnstageVolumeResponse {})
     }
 
@@ -414,7 +427,7 @@ impl NodeService {
         }
         let staging_path = path_field("staging_target_path", &req.staging_target_path)?;
         let volume = parse_volume_id(&req.volume_id).ok_or_else(|| volume_not_found(&req.volume_id))?;
-        let _held = self.lock(&volume).await;
+        let held = self.lock(&volume).await;
         let mut staged = match self.staged(&volume)? {
             Some(s) if s.staging_path == staging_path => s,
             _ => {
@@ -455,7 +468,7 @@ impl NodeService {
         // The staged volume must still be there: after its attachment broke (its export daemon died,
         // and the agent's recovery undid it), a bind of the staging directory would give the pod the
         // node's own disk, where its writes would silently never reach the volume.
-        self.device(&volume).await?;
+        self.device(&held, &volume).await?;
         if matches!(access, Access::Mount { .. }) && !mount::is_mounted(&staging_path) {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is no longer mounted at its staging path {}; NodeUnstage and NodeStage it again",
@@ -485,7 +498,7 @@ impl NodeService {
         let source = match publication.access {
             Access::Mount { .. } => staged.staging_path.clone(),
             Access::Block => {
-                let device = self.device(&volume).await?;
+                let device = self.device(&held, &volume).await?;
                 match (&publication.read_only_device, publication.read_only) {
                     (Some(view), _) if attach::is_read_only_view(view) => view.clone(),
                     (_, false) => device,
@@ -493,7 +506,7 @@ impl NodeService {
                     // found over the device at unstage).
                     (_, true) => {
                         let view =
-                            blocking(move || attach::read_only_loop(&device).map_err(from_host)).await?;
+                            step(&held, move || attach::read_only_loop(&device).map_err(from_host)).await?;
                         publication.read_only_device = Some(view.clone());
                         if let Some(p) = staged.publications.iter_mut().find(|p| p.target == target) {
                             *p = publication.clone();
@@ -504,16 +517,16 @@ impl NodeService {
                 }
             }
         };
-        let step = publication.clone();
-        let done = blocking(move || {
-            make_target(&step.target, &step.access)?;
-            mount::bind_mount(&source, &step.target, step.read_only).map_err(from_host)
+        let wanted = publication.clone();
+        let done = step(&held, move || {
+            make_target(&wanted.target, &wanted.access)?;
+            mount::bind_mount(&source, &wanted.target, wanted.read_only).map_err(from_host)
         })
         .await;
         if let Err(e) = done {
             if fresh {
                 let undo = publication.clone();
-                if blocking(move || undo_publication(&undo)).await.is_ok() {
+                if step(&held, move || undo_publication(&undo)).await.is_ok() {
                     staged.publications.retain(|p| p.target != target);
                     self.save(&staged)?;
                 }
@@ -524,10 +537,10 @@ impl NodeService {
     }
 
     /// The block device of a volume attached here.
-    async fn device(&self, volume: &VolumeName) -> Result<PathBuf, Status> {
+    async fn device(&self, held: &Held, volume: &VolumeName) -> Result<PathBuf, Status> {
         let host = self.host.clone();
         let v = volume.clone();
-        blocking(move || host.attachment(&v).map_err(from_host))
+        step(held, move || host.attachment(&v).map_err(from_host))
             .await?
             .and_then(|a| a.device)
             .ok_or_else(|| {
@@ -546,7 +559,7 @@ impl NodeService {
         }
         let target = path_field("target_path", &req.target_path)?;
         let volume = parse_volume_id(&req.volume_id).ok_or_else(|| volume_not_found(&req.volume_id))?;
-        let _held = self.lock(&volume).await;
+        let held = self.lock(&volume).await;
         let staged = self.staged(&volume)?;
         let Some((mut staged, publication)) = staged.and_then(|s| {
             let p = s.publications.iter().find(|p| p.target == target).cloned();
@@ -556,7 +569,7 @@ impl NodeService {
             self.load(&req.volume_id).await?;
             return Ok(pb::NodeUnpublishVolumeResponse {});
         };
-        blocking(move || undo_publication(&publication)).await?;
+        step(&held, move || undo_publication(&publication)).await?;
         staged.publications.retain(|p| p.target != target);
         self.save(&staged)?;
         Ok(pb::NodeUnpublishVolumeResponse {})
@@ -652,7 +665,7 @@ impl NodeService {
                 path.display()
             )));
         }
-        let _held = self.lock(&staged.volume).await;
+        let held = self.lock(&staged.volume).await;
         let record = self.load(&req.volume_id).await?;
         let size = record.spec.size_bytes;
         if let Some(range) = &req.capacity_range {
@@ -670,7 +683,7 @@ impl NodeService {
         }
         let host = self.host.clone();
         let v = staged.volume.clone();
-        blocking(move || host.grow(&v, size).map_err(from_host)).await?;
+        step(&held, move || host.grow(&v, size).map_err(from_host)).await?;
         Ok(pb::NodeExpandVolumeResponse {
             capacity_bytes: size.min(i64::MAX as u64) as i64,
         })

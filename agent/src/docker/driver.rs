@@ -34,6 +34,7 @@ use super::refs::MountRefs;
 use crate::api::views::{AttachVolume, VolumeView};
 use crate::api::{volumes, ApiContext, ApiError};
 use crate::host::{mount, AttachRequest, Filesystem, Host, IscsiTarget};
+use crate::locks::Held;
 use crate::model::{keys, VolumePhase};
 use crate::store::{self, Expect};
 
@@ -131,7 +132,10 @@ impl Driver {
             let held = self.refs.lock().await.holders(record.volume.as_str());
             if held == 0 {
                 tracing::info!(volume = %record.volume, "no container holds this volume any more: unmounting and detaching it");
-                self.release(&record.volume).await.map_err(anyhow::Error::msg)?;
+                let locked = self.lock(&record.volume).await;
+                self.release(&locked, &record.volume)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
             }
         }
         let refs = self.refs.lock().await;
@@ -182,7 +186,7 @@ impl Driver {
             .map_err(|e| format!("{e} (Basalt volume names: a-z, 0-9, - and ., 1 to 63)"))
     }
 
-    async fn lock(&self, name: &VolumeName) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, name: &VolumeName) -> Held {
         self.locks.lock(name).await
     }
 
@@ -353,7 +357,7 @@ impl Driver {
         if call.id.is_empty() {
             return Err("VolumeDriver.Mount needs the caller's ID".into());
         }
-        let _held = self.lock(&name).await;
+        let locked = self.lock(&name).await;
         let mountpoint = self.mountpoint(&name);
         let held = self.refs.lock().await.holders(name.as_str());
         if held == 0 || !mount::is_mounted(&mountpoint) {
@@ -367,9 +371,9 @@ impl Driver {
             )
             .await
             .map_err(|e| format!("volume {name} cannot be mounted on this host: {}", e.message))?;
-            if let Err(e) = self.attach_and_mount(&name, &mountpoint).await {
+            if let Err(e) = self.attach_and_mount(&locked, &name, &mountpoint).await {
                 if held == 0 {
-                    if let Err(undo) = self.release(&name).await {
+                    if let Err(undo) = self.release(&locked, &name).await {
                         tracing::warn!(volume = %name, error = %undo, "undoing a failed mount failed too");
                     }
                 }
@@ -385,7 +389,12 @@ impl Driver {
         Ok(json!({ "Mountpoint": mountpoint.display().to_string() }))
     }
 
-    async fn attach_and_mount(&self, name: &VolumeName, mountpoint: &Path) -> Result<(), String> {
+    async fn attach_and_mount(
+        &self,
+        locked: &Held,
+        name: &VolumeName,
+        mountpoint: &Path,
+    ) -> Result<(), String> {
         let (target, size_bytes) = self.wait_serving(name, SERVE_TIMEOUT).await?;
         let fs = store::get_json::<DockerVolume>(&*self.api.store, &docker_key(name))
             .await
@@ -399,13 +408,14 @@ impl Driver {
             holder: HOLDER.into(),
         };
         let mountpoint = mountpoint.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            host.attach(&req)?;
-            host.mount(&req.volume, &mountpoint, fs, &[], false)
-        })
-        .await
-        .map_err(|e| format!("attaching failed: {e}"))?
-        .map_err(|e| format!("volume {name}: {e}"))
+        locked
+            .blocking(move || {
+                host.attach(&req)?;
+                host.mount(&req.volume, &mountpoint, fs, &[], false)
+            })
+            .await
+            .map_err(|e| format!("attaching failed: {e}"))?
+            .map_err(|e| format!("volume {name}: {e}"))
     }
 
     /// Waits until the volume's controller serves (phase ready or degraded, its iSCSI portal accepting
@@ -434,7 +444,7 @@ impl Driver {
 
     async fn unmount(&self, call: &Call) -> Result<Value, String> {
         let name = Self::name(call)?;
-        let _held = self.lock(&name).await;
+        let locked = self.lock(&name).await;
         let left = self
             .refs
             .lock()
@@ -442,7 +452,7 @@ impl Driver {
             .remove(name.as_str(), &call.id)
             .map_err(|e| format!("{e:#}"))?;
         if left == 0 {
-            self.release(&name).await?;
+            self.release(&locked, &name).await?;
             tracing::info!(volume = %name, "docker: volume unmounted and detached");
         }
         Ok(json!({}))
@@ -524,31 +534,33 @@ impl Driver {
     /// Grows `name`'s device and filesystem to `size_bytes` if it is still attached here and smaller;
     /// whether it grew.
     async fn grow(&self, name: &VolumeName, size_bytes: u64) -> Result<bool, String> {
-        let _held = self.lock(name).await;
+        let locked = self.lock(name).await;
         let host = self.host.clone();
         let volume = name.clone();
-        tokio::task::spawn_blocking(move || match host.attachment(&volume)? {
-            Some(r) if r.size_bytes < size_bytes => host.grow(&volume, size_bytes).map(|()| true),
-            _ => Ok(false),
-        })
-        .await
-        .map_err(|e| format!("growing failed: {e}"))?
-        .map_err(|e| e.to_string())
+        locked
+            .blocking(move || match host.attachment(&volume)? {
+                Some(r) if r.size_bytes < size_bytes => host.grow(&volume, size_bytes).map(|()| true),
+                _ => Ok(false),
+            })
+            .await
+            .map_err(|e| format!("growing failed: {e}"))?
+            .map_err(|e| e.to_string())
     }
 
     /// Unmount (flushing the filesystem), detach (flushing the device), and mark the volume detached in
     /// the store if it is attached to this node.
-    async fn release(&self, name: &VolumeName) -> Result<(), String> {
+    async fn release(&self, locked: &Held, name: &VolumeName) -> Result<(), String> {
         let host = self.host.clone();
         let volume = name.clone();
         let mountpoint = self.mountpoint(name);
-        tokio::task::spawn_blocking(move || {
-            host.unmount(&volume, &mountpoint)?;
-            host.detach(&volume)
-        })
-        .await
-        .map_err(|e| format!("detaching failed: {e}"))?
-        .map_err(|e| format!("volume {name}: {e}"))?;
+        locked
+            .blocking(move || {
+                host.unmount(&volume, &mountpoint)?;
+                host.detach(&volume)
+            })
+            .await
+            .map_err(|e| format!("detaching failed: {e}"))?
+            .map_err(|e| format!("volume {name}: {e}"))?;
         match volumes::load_volume(&*self.api.store, name).await {
             Ok(v) if v.value.attached_to.as_ref() == Some(&self.api.node) => {
                 volumes::detach(&self.api, name).await.map_err(message)?;
