@@ -627,11 +627,11 @@ fn grow_under_a_container(fs: &str, size_mib: u64, grown_mib: u64, online: bool,
                 env.agent_log()
             );
         }
-        assert!(
-            env.agent_log().contains("volume grown online"),
-            "{}",
-            env.agent_log()
-        );
+        // The agent logs the growth once its grow step returns, a moment after df can see it.
+        let said = wait_for("the agent to log the online growth", TIMEOUT, || {
+            env.agent_log().contains("volume grown online")
+        });
+        assert!(said.is_ok(), "{}", env.agent_log());
         let (ok, out, err) = docker(&["exec", &c, "sh", "-c", &fill]);
         assert!(ok, "writing past the old size: {out}{err}");
         assert!(out.ends_with("kept"), "{out}");

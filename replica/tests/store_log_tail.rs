@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use basalt_replica::store::{LayerId, Store};
+use basalt_replica::store::{LayerId, Store, StoreError};
 
 const CHILD_DIR: &str = "BASALT_STORE_LOG_TAIL_CHILD_DIR";
 const DONE: &str = "@@ done";
@@ -30,6 +30,22 @@ fn block(lba: u64, version: u64) -> Vec<u8> {
     out[8..16].copy_from_slice(&version.to_le_bytes());
     out[16..].fill(version as u8 ^ lba as u8);
     out
+}
+
+/// Opens the store in `dir` again after this process dropped it. The directory's `flock` belongs to the
+/// open file description, and a sibling test that forks a child at that moment shares it until the
+/// child's exec closes it (close-on-exec): for that instant the directory still looks in use. Waits that
+/// out (a few seconds at most) instead of failing on it; any other error fails at once.
+fn reopen(dir: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
 }
 
 /// Runs `workload` in a child process on `dir`, then kills it with SIGKILL once it is done.
@@ -124,7 +140,7 @@ fn a_log_killed_after_its_flush_reopens_in_place_and_appends_inside_its_prealloc
         (before.ino(), before.len()),
         "the new records went into the same file's tail"
     );
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     assert_blocks(&store, |_| 3, "after the second reopen");
 }
 
@@ -154,7 +170,7 @@ fn kill_9_after_writes_across_two_log_windows_keeps_every_completed_write() {
     let store = Store::open(dir.path()).unwrap();
     assert_blocks(&store, last, "after the kill");
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     assert_blocks(&store, last, "after a second reopen");
 }
 
@@ -187,6 +203,6 @@ fn a_snapshot_of_a_head_whose_log_is_not_mostly_superseded_appends_its_marker_an
         "ends in a flush marker"
     );
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     assert_blocks(&store, |_| 1, "after reopening the snapshot's appended log");
 }
