@@ -26,6 +26,7 @@ agent_pid=""
 cleanup() {
   docker rm -f "fio-$id" >/dev/null 2>&1 || true
   docker volume rm -f "bv-$id" "lv-$id" "iv-$id" "tv-$id" "tl-$id" >/dev/null 2>&1 || true
+  [ -n "${image:-}" ] && docker rmi -f "$image" >/dev/null 2>&1 || true
   if [ -n "$agent_pid" ]; then kill -TERM -- "-$agent_pid" 2>/dev/null || true; sleep 2; kill -KILL -- "-$agent_pid" 2>/dev/null || true; fi
   for m in $(awk '{print $2}' /proc/self/mounts | grep "^$work/" | sort -r); do umount -l "$m" 2>/dev/null || true; done
   for l in $(losetup -a | grep "$work/" | cut -d: -f1); do losetup -d "$l" 2>/dev/null || true; done
