@@ -793,7 +793,10 @@ async fn csi_across_hosts() {
     use basalt_agent::csi::pb::controller_client::ControllerClient;
     use basalt_agent::csi::pb::node_client::NodeClient;
     use basalt_agent::host::mount::is_mounted;
-    use basalt_tests::csi::{connect, mount_cap, unpublish_and_delete};
+    use basalt_tests::csi::{
+        connect, mount_cap, publish_request, stage_request, unpublish_and_delete, unpublish_request,
+        unstage_request,
+    };
 
     const KEY: &str = "topology.basalt.csi.io/zone";
     const MIB: i64 = 1 << 20;
@@ -871,27 +874,10 @@ async fn csi_across_hosts() {
     let kubelet = cluster.host_dir(b).join("kubelet");
     let staging = kubelet.join("globalmount");
     let target = kubelet.join("pods/writer/volume");
-    let stage = pb::NodeStageVolumeRequest {
-        volume_id: name.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(mount_cap()),
-        ..Default::default()
-    };
-    let publish = pb::NodePublishVolumeRequest {
-        volume_id: name.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(mount_cap()),
-        ..Default::default()
-    };
-    let unpublish = pb::NodeUnpublishVolumeRequest {
-        volume_id: name.into(),
-        target_path: target.display().to_string(),
-    };
-    let unstage = pb::NodeUnstageVolumeRequest {
-        volume_id: name.into(),
-        staging_target_path: staging.display().to_string(),
-    };
+    let stage = stage_request(name, &staging, mount_cap());
+    let publish = publish_request(name, &staging, &target, mount_cap(), false);
+    let unpublish = unpublish_request(name, &target);
+    let unstage = unstage_request(name, &staging);
     node.node_stage_volume(stage.clone()).await.unwrap();
     node.node_publish_volume(publish.clone()).await.unwrap();
     assert!(is_mounted(&target), "the publication is not mounted");

@@ -21,8 +21,8 @@ use basalt_agent::csi::pb::{self, volume_usage};
 use basalt_agent::host::mount::is_mounted;
 use basalt_agent::host::AttachRecord;
 use basalt_tests::csi::{
-    assert_codes, block_cap, case, delete_snapshot_once_released, mount_cap, unpublish_and_delete, CsiAgent,
-    Socket,
+    assert_codes, block_cap, case, delete_snapshot_once_released, mount_cap, publish_request, stage_request,
+    unpublish_and_delete, unpublish_request, unstage_request, CsiAgent, Socket,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -70,46 +70,6 @@ async fn published_volume(
         .await
         .unwrap();
     name
-}
-
-fn stage_request(volume: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn publish_request(
-    volume: &str,
-    staging: &Path,
-    target: &Path,
-    cap: pb::VolumeCapability,
-    readonly: bool,
-) -> pb::NodePublishVolumeRequest {
-    pb::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap),
-        readonly,
-        ..Default::default()
-    }
-}
-
-fn unpublish_request(volume: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
-    pb::NodeUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-fn unstage_request(volume: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
-    pb::NodeUnstageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.display().to_string(),
-    }
 }
 
 fn stats_request(volume: &str, path: &Path) -> pb::NodeGetVolumeStatsRequest {

@@ -253,6 +253,50 @@ pub fn undo_node(root: &Path, data_dir: &Path) {
     }
 }
 
+/// NodeStageVolume of `volume` at `staging`.
+pub fn stage_request(volume: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+/// NodePublishVolume of `volume`, staged at `staging`, at `target`.
+pub fn publish_request(
+    volume: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    readonly: bool,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+/// NodeUnpublishVolume of `volume` at `target`.
+pub fn unpublish_request(volume: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+/// NodeUnstageVolume of `volume` at `staging`.
+pub fn unstage_request(volume: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
+    pb::NodeUnstageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
 /// ControllerUnpublish from `node`, then DeleteVolume: the end of a volume's life cycle.
 pub async fn unpublish_and_delete(controller: &mut ControllerClient<Channel>, node: &str, volume: &str) {
     controller
