@@ -17,6 +17,11 @@
 //!
 //! The floor of a 3-replica QD1 write is then `round trip` + `fan-out to 3 + pwrite` (the controller's own work
 //! and fio's are on top); of a 1-replica write, `round trip` + `round trip + pwrite`.
+//!
+//! Every case runs twice: with processes that sleep in a blocking `read` until their message arrives, and with
+//! processes that poll for it (a non-blocking `read`, then `sched_yield`, again and again), as Basalt's
+//! data-path processes do while their volume is busy (`basalt_poll`). On a virtual machine the difference is
+//! the cost of waking a process on another vCPU.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -35,24 +40,42 @@ const FILE_SIZE: u64 = 64 << 20;
 const RUN: Duration = Duration::from_secs(3);
 /// The environment variable that turns this binary into an echo peer (its value: pwrite or not).
 const PEER_ENV: &str = "BASALT_FLOOR_PEER";
+/// Set (to anything) for a peer that polls for its requests instead of sleeping.
+const POLL_ENV: &str = "BASALT_FLOOR_POLL";
+
+/// How a process waits for its next message.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    /// A blocking `read`: the process sleeps, and the sender's write wakes it.
+    Sleep,
+    /// Non-blocking `read`s with a `sched_yield` between them: the process stays awake.
+    Poll,
+}
 
 fn main() {
     if let Ok(mode) = std::env::var(PEER_ENV) {
-        peer(mode == "pwrite");
+        let wait = if std::env::var_os(POLL_ENV).is_some() {
+            Wait::Poll
+        } else {
+            Wait::Sleep
+        };
+        peer(mode == "pwrite", wait);
         return;
     }
     // cargo bench passes `--bench`; a filter may follow. Nothing to filter here.
     let dir = tempfile::tempdir().expect("a temp dir");
     println!(
-        "{:<28} {:>8} {:>8} {:>8} {:>9}",
+        "{:<36} {:>8} {:>8} {:>8} {:>9}",
         "case", "mean µs", "p50 µs", "p99 µs", "ops"
     );
-    let (mut one, _c1) = peers(1, false);
-    report("round trip", &mut one);
-    let (mut one_w, _c2) = peers(1, true);
-    report("round trip + pwrite", &mut one_w);
-    let (mut three, _c3) = peers(3, true);
-    report("fan-out to 3 + pwrite", &mut three);
+    for (wait, how) in [(Wait::Sleep, "sleeping"), (Wait::Poll, "polling")] {
+        let (mut one, _c1) = peers(1, false, wait);
+        report(&format!("round trip, {how}"), &mut one, wait);
+        let (mut one_w, _c2) = peers(1, true, wait);
+        report(&format!("round trip + pwrite, {how}"), &mut one_w, wait);
+        let (mut three, _c3) = peers(3, true, wait);
+        report(&format!("fan-out to 3 + pwrite, {how}"), &mut three, wait);
+    }
     let file = prefilled(&dir.path().join("pwrite"));
     let block = vec![0x5au8; 4096];
     let mut n = 0u64;
@@ -68,17 +91,18 @@ fn main() {
     print_row("pwrite 4 KiB", &mut samples);
 }
 
-/// Starts `n` peer processes and connects to each.
-fn peers(n: usize, pwrite: bool) -> (Vec<TcpStream>, Vec<Child>) {
+/// Starts `n` peer processes that wait for requests as `wait` says and connects to each.
+fn peers(n: usize, pwrite: bool, wait: Wait) -> (Vec<TcpStream>, Vec<Child>) {
     let exe = std::env::current_exe().expect("this binary's path");
     let mut streams = Vec::new();
     let mut children = Vec::new();
     for _ in 0..n {
-        let mut child = Command::new(&exe)
-            .env(PEER_ENV, if pwrite { "pwrite" } else { "echo" })
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a peer");
+        let mut command = Command::new(&exe);
+        command.env(PEER_ENV, if pwrite { "pwrite" } else { "echo" });
+        if wait == Wait::Poll {
+            command.env(POLL_ENV, "1");
+        }
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("start a peer");
         let mut port = String::new();
         let mut out = child.stdout.take().expect("piped stdout");
         let mut byte = [0u8; 1];
@@ -88,6 +112,7 @@ fn peers(n: usize, pwrite: bool) -> (Vec<TcpStream>, Vec<Child>) {
         let stream =
             TcpStream::connect(("127.0.0.1", port.parse::<u16>().expect("a port number"))).expect("connect");
         stream.set_nodelay(true).expect("TCP_NODELAY");
+        stream.set_nonblocking(wait == Wait::Poll).expect("O_NONBLOCK");
         streams.push(stream);
         children.push(child);
     }
@@ -95,7 +120,7 @@ fn peers(n: usize, pwrite: bool) -> (Vec<TcpStream>, Vec<Child>) {
 }
 
 /// Round trips to every stream at once (sent to all, then every reply read) for [`RUN`].
-fn report(name: &str, streams: &mut [TcpStream]) {
+fn report(name: &str, streams: &mut [TcpStream], wait: Wait) {
     let request = vec![0xa5u8; REQUEST];
     let mut reply = [0u8; REPLY];
     let mut samples = Vec::new();
@@ -103,10 +128,10 @@ fn report(name: &str, streams: &mut [TcpStream]) {
     while start.elapsed() < RUN {
         let t = Instant::now();
         for s in streams.iter_mut() {
-            s.write_all(&request).expect("send");
+            write_all(s, &request, wait).expect("send");
         }
         for s in streams.iter_mut() {
-            s.read_exact(&mut reply).expect("reply");
+            read_exact(s, &mut reply, wait).expect("reply");
         }
         samples.push(t.elapsed());
     }
@@ -119,7 +144,7 @@ fn print_row(name: &str, samples: &mut [Duration]) {
     let mean = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
     let p = |q: f64| us(samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)]);
     println!(
-        "{name:<28} {mean:>8.1} {:>8.1} {:>8.1} {:>9}",
+        "{name:<36} {mean:>8.1} {:>8.1} {:>8.1} {:>9}",
         p(0.5),
         p(0.99),
         samples.len()
@@ -144,7 +169,7 @@ fn prefilled(path: &std::path::Path) -> File {
 
 /// The echo peer: prints its port, then answers every request of its one connection with a reply, after
 /// writing the request's block into its file if `pwrite`.
-fn peer(pwrite: bool) {
+fn peer(pwrite: bool, wait: Wait) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = pwrite.then(|| prefilled(&dir.path().join("data")));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -152,17 +177,58 @@ fn peer(pwrite: bool) {
     std::io::stdout().flush().expect("flush stdout");
     let (mut stream, _) = listener.accept().expect("accept");
     stream.set_nodelay(true).expect("TCP_NODELAY");
+    stream.set_nonblocking(wait == Wait::Poll).expect("O_NONBLOCK");
     let mut request = vec![0u8; REQUEST];
     let reply = [0u8; REPLY];
     let mut n = 0u64;
-    while stream.read_exact(&mut request).is_ok() {
+    while read_exact(&mut stream, &mut request, wait).is_ok() {
         if let Some(file) = &file {
             let offset = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % (FILE_SIZE / 4096)) * 4096;
             file.write_all_at(&request[52..], offset).expect("pwrite");
         }
         n += 1;
-        if stream.write_all(&reply).is_err() {
+        if write_all(&mut stream, &reply, wait).is_err() {
             break;
         }
     }
+}
+
+/// `read_exact`, sleeping in `read` or polling (see [`Wait`]; the socket is non-blocking when polling).
+fn read_exact(s: &mut TcpStream, buf: &mut [u8], wait: Wait) -> std::io::Result<()> {
+    match wait {
+        Wait::Sleep => s.read_exact(buf),
+        Wait::Poll => polled(buf.len(), std::io::ErrorKind::UnexpectedEof, |at| {
+            s.read(&mut buf[at..])
+        }),
+    }
+}
+
+/// `write_all`, the same way (a full send buffer is waited out by polling too).
+fn write_all(s: &mut TcpStream, buf: &[u8], wait: Wait) -> std::io::Result<()> {
+    match wait {
+        Wait::Sleep => s.write_all(buf),
+        Wait::Poll => polled(buf.len(), std::io::ErrorKind::WriteZero, |at| s.write(&buf[at..])),
+    }
+}
+
+/// Moves `len` bytes with `op` (given how many are done) on a non-blocking socket, yielding the CPU whenever
+/// the socket is not ready; `op` moving nothing is the error `zero`.
+fn polled(
+    len: usize,
+    zero: std::io::ErrorKind,
+    mut op: impl FnMut(usize) -> std::io::Result<usize>,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match op(done) {
+            Ok(0) => return Err(zero.into()),
+            Ok(n) => done += n,
+            // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => unsafe {
+                libc::sched_yield();
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the time of one queue-depth-1 command goes, from a packet capture on the loopback interface.
 
-Usage: breakdown.py [--sched BEFORE AFTER] CAPTURE.pcap ISCSI_PORT [REPLICA_PORT ...]
+Usage: breakdown.py [--fio FIO.json] [--sched BEFORE AFTER] [CAPTURE.pcap ISCSI_PORT [REPLICA_PORT ...]]
 
 The capture (tcpdump -i lo) timestamps every segment when its sender's syscall puts it on the loopback
 device, so the gaps between the segments of one command split its latency between the processes: fio (the
@@ -15,8 +15,12 @@ Printed per phase: mean, median and 99th percentile over every complete command,
 --sched, two snapshots of each process's scheduler statistics (lines "ROLE RUN_NS WAIT_NS TIMESLICES", the
 sums of /proc/PID/task/*/schedstat, taken around the job): per command, the CPU time of each process, the
 time it was runnable but waited for a CPU, and how often it was scheduled in. Those do not depend on how the
-machine's other load shared the wall clock, as the phases above do.
+machine's other load shared the wall clock, as the phases above do. With --fio, fio's JSON output of the job:
+its completion latency (mean, median, p99) and its command count, which divides the scheduler statistics when
+there is no capture (a capture slows every loopback send, so CPU per command is best read without one).
 """
+
+import json
 
 import struct
 import sys
@@ -71,11 +75,48 @@ def percentile(values, p):
     return s[min(len(s) - 1, int(len(s) * p))]
 
 
+def fio_job(path):
+    """(commands, completion latency mean, median, p99 in µs) of the one job in fio's JSON output."""
+    job = json.load(open(path))["jobs"][0]
+    side = max((job["read"], job["write"]), key=lambda s: s["total_ios"])
+    clat = side["clat_ns"]
+    pct = clat.get("percentile", {})
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] * 1000 / max(side["total_ios"], 1)
+    tail = {p: pct.get(f"{p:.6f}", 0) / 1000 for p in (90.0, 95.0, 99.0, 99.9)}
+    return side["total_ios"], clat["mean"] / 1000, pct.get("50.000000", 0) / 1000, tail, cpu
+
+
+def print_sched(sched, commands):
+    before, after = (
+        {line.split()[0]: [int(x) for x in line.split()[1:]] for line in open(path)} for path in sched
+    )
+    print("per command, by process: CPU µs, µs runnable but waiting for a CPU, times scheduled in")
+    total = 0
+    for role, (run, wait, slices) in after.items():
+        r0, w0, s0 = before[role]
+        total += run - r0
+        print(f"  {role:<12} {(run - r0) / commands / 1000:7.1f} {(wait - w0) / commands / 1000:7.1f} "
+              f"{(slices - s0) / commands:6.2f}")
+    print(f"  {'all':<12} {total / commands / 1000:7.1f}")
+
+
 def main():
     args = sys.argv[1:]
     sched = None
-    if args[:1] == ["--sched"]:
-        sched, args = args[1:3], args[3:]
+    fio = None
+    while args[:1] in (["--sched"], ["--fio"]):
+        if args[0] == "--sched":
+            sched, args = args[1:3], args[3:]
+        else:
+            fio, args = fio_job(args[1]), args[2:]
+    if fio:
+        n, mean, median, tail, cpu = fio
+        print(f"fio: {n} commands, completion latency {mean:.1f} / {median:.1f} / {tail[99.0]:.1f} µs (mean / median / p99), "
+              f"{cpu:.1f} µs of fio's CPU per command")
+        print("  tail: " + ", ".join(f"p{p:g} {v:.0f} µs" for p, v in tail.items()))
+    if not args and fio and sched:
+        print_sched(sched, fio[0])
+        return
     if len(args) < 2:
         sys.exit(__doc__)
     capture = args[0]
@@ -145,14 +186,7 @@ def main():
     if sched:
         # Every command the job ran, including those the capture missed at its edges: fio's commands are
         # the iSCSI port's command PDUs, counted over the same window as the snapshots.
-        before, after = (
-            {line.split()[0]: [int(x) for x in line.split()[1:]] for line in open(path)} for path in sched
-        )
-        print(f"per command, by process: CPU µs, µs runnable but waiting for a CPU, times scheduled in")
-        for role, (run, wait, slices) in after.items():
-            r0, w0, s0 = before[role]
-            print(f"  {role:<12} {(run - r0) / commands / 1000:7.1f} {(wait - w0) / commands / 1000:7.1f} "
-                  f"{(slices - s0) / commands:6.2f}")
+        print_sched(sched, fio[0] if fio else commands)
 
 
 if __name__ == "__main__":

@@ -79,12 +79,8 @@ const DURATION_UNITS: [(u64, &str); 4] = [(3_600_000, "h"), (60_000, "m"), (1_00
 /// timeout flags take them; readers where a bare number is ambiguous (the
 /// agent's configuration) refuse it first with [`has_duration_unit`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits_end);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration: use e.g. 500ms, 5s, 2m or 1h"))?;
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("`{text}` is not a duration: use e.g. 500ms, 5s, 2m or 1h"))?;
     let millis_per_unit: u64 = match unit {
         "" => 1,
         other => match DURATION_UNITS.iter().find(|(_, name)| *name == other) {
@@ -102,6 +98,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 MAX_DURATION.as_secs() / 60
             )
         })
+}
+
+/// `text` (trimmed) split into its leading whole number and what follows it (the unit, maybe empty);
+/// `None` if it does not start with a number that fits a u64.
+pub fn number_and_unit(text: &str) -> Option<(u64, &str)> {
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits_end);
+    Some((number.parse().ok()?, unit))
 }
 
 /// Whether `text` ends in a unit (anything after its digits), rather than

@@ -78,6 +78,8 @@ pub struct Args {
     /// it only for a volume that needs more than one core of controller CPU.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
+    #[command(flatten)]
+    pub busy_poll: super::args::BusyPoll,
     /// At start, wait this long for every replica to answer.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub startup_wait: Duration,
@@ -87,16 +89,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = match args.io_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.into())
-            .enable_all()
-            .build(),
-    }
-    .context("starting the runtime")?;
+    let runtime =
+        basalt_poll::runtime(args.io_threads, "basalt-controller").context("starting the runtime")?;
     // shutdown_signal() spawns its watcher task, so it must run inside the runtime.
-    runtime.block_on(async { serve(args, super::shutdown_signal()).await })
+    runtime.block_on(async {
+        args.busy_poll.start();
+        serve(args, super::shutdown_signal()).await
+    })
 }
 
 /// Run a controller until `shutdown` is cancelled.

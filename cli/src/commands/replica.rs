@@ -74,6 +74,8 @@ pub struct Args {
     /// wake-ups; raise it only for a replica that needs more than one core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     io_threads: u16,
+    #[command(flatten)]
+    busy_poll: super::args::BusyPoll,
     /// Make a new store a clone of a snapshot of another volume: the address
     /// (host:port) of a replica of the source volume. Repeat it for every
     /// source replica: each holds the snapshot until the clone is hydrated,
@@ -161,16 +163,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Before anything else: a replica that would serve anyone is not started at all.
     let secret = args.secret.load()?;
     let source_secret = args.clone_source_secret.load()?;
-    let runtime = match args.io_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.into())
-            .enable_all()
-            .thread_name("basalt-replica")
-            .build(),
-    }
-    .context("starting the async runtime")?;
-    runtime.block_on(serve(args, secret, source_secret))
+    let runtime =
+        basalt_poll::runtime(args.io_threads, "basalt-replica").context("starting the async runtime")?;
+    runtime.block_on(async {
+        args.busy_poll.start();
+        serve(args, secret, source_secret).await
+    })
 }
 
 async fn serve(args: Args, secret: VolumeSecret, source_secret: Option<VolumeSecret>) -> anyhow::Result<()> {

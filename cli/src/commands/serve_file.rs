@@ -38,6 +38,13 @@ pub struct Args {
     pub size: Option<u64>,
     #[command(flatten)]
     pub access: super::access::Access,
+    /// Threads that run the iSCSI sessions and the page-cache I/O (FUA writes, flushes and large
+    /// transfers run on a separate blocking pool). One keeps a command's receive, I/O and response on
+    /// one thread; raise it only for a target that needs more than one core.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: u16,
+    #[command(flatten)]
+    pub busy_poll: super::args::BusyPoll,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -71,8 +78,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let portal = Portal::new(PortalConfig::default(), [target]);
 
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let runtime =
+        basalt_poll::runtime(args.io_threads, "basalt-serve-file").context("starting the tokio runtime")?;
     runtime.block_on(async move {
+        args.busy_poll.start();
         let listener = tokio::net::TcpListener::bind(args.iscsi)
             .await
             .with_context(|| format!("binding the iSCSI portal to {} (in use? try --iscsi)", args.iscsi))?;

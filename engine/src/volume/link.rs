@@ -389,6 +389,7 @@ async fn read_loop(
             Some(Err(e)) => break format!("protocol error from replica: {e}"),
             None => break "connection closed by the replica".to_string(),
         };
+        basalt_poll::activity();
         let reply = match frame.message {
             Message::ReadOk { data } | Message::ReadVOk { data } => ReplicaReply::Ok(data),
             Message::FlushOk { revision: r } => {

@@ -230,7 +230,10 @@ async fn read_requests(
             }
         };
         let frame = match next {
-            Some(Ok(frame)) => frame,
+            Some(Ok(frame)) => {
+                basalt_poll::activity();
+                frame
+            }
             end => {
                 // Accepted writes are executed and answered whatever comes next.
                 dispatch.execute_writes_inline(std::mem::take(&mut writes)).await;

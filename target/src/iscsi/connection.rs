@@ -722,6 +722,7 @@ impl Session<'_> {
                     if n? == 0 {
                         return Err(ConnectionError::PeerClosed);
                     }
+                    basalt_poll::activity();
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if ping_deadline.is_some() {
