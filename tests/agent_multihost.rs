@@ -1089,9 +1089,13 @@ fn four_hosts_fail_over_a_controller_replace_a_replica_and_lose_no_acknowledged_
             Some(old_generation + 1),
             "{moved:#}"
         );
+        // A node the controller skipped was not up for services when failover chose (its lease lapsed, or
+        // it drained): `node ls` and the agents' logs say which and why.
         assert!(
             replicas.contains(&controller["node"].as_str().unwrap().to_string()),
-            "{moved:#}"
+            "the controller moved to a host without a replica: {moved:#}\nnodes: {:#}\n{}",
+            cluster.json(writer, &["node", "ls"]).unwrap_or_default(),
+            cluster.logs()
         );
         new_url = moved["iscsi_url"].as_str().unwrap().to_string();
         assert_ne!(new_url, old_url);
