@@ -15,8 +15,15 @@ pub struct BusyPoll {
     /// (e.g. 200us, 1ms; 0 never polls). A wake-up costs a process on a virtual machine 20-30 µs, more
     /// than a 4 KiB write; a volume under steady I/O stays awake between its messages instead, yielding
     /// the CPU at every turn to anything else that wants it. An idle volume sleeps: the poll stops this
-    /// long after the last message.
-    #[arg(long, value_name = "DURATION", default_value = "500us", value_parser = parse_busy_poll)]
+    /// long after the last message. The agent's environment carries it to the services it runs as
+    /// processes.
+    #[arg(
+        long,
+        env = "BASALT_BUSY_POLL",
+        value_name = "DURATION",
+        default_value = "500us",
+        value_parser = parse_busy_poll
+    )]
     pub busy_poll: Duration,
 }
 
