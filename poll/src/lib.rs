@@ -4,8 +4,7 @@
 //! controller, the controller to each replica, each replica back, the controller back. Each hand-off to a
 //! process that sleeps is a wake-up, and on a virtual machine a wake-up that crosses CPUs is an
 //! inter-processor interrupt and, when the other vCPU halted, a trip through the hypervisor to run it again:
-//! on the 2-vCPU VM our benchmarks run on, 20-30 µs per hop, more than everything the hop carries costs
-//! (`benches/README.md`, "Where a QD1 write's time goes"). A process that is still awake when the message
+//! more than everything the hop carries costs (`benches/README.md`, "Polling instead of sleeping"). A process that is still awake when the message
 //! arrives costs none of it: the sender only queues the bytes, and the receiver finds them at its next look.
 //!
 //! So the data-path processes (controller, replica, `serve-file`) do what Linux's `haltpoll` idle governor
@@ -13,8 +12,8 @@
 //! default, `--busy-poll`), looking for the next one, and sleep only when the budget passes with nothing to
 //! do. Two rules keep that cheap:
 //!
-//! * **It only polls while the volume is busy.** The data path calls [`activity`] for every batch of
-//!   messages it handles; the poller stops [`Poller::budget`] after the last one and costs nothing after
+//! * **It only polls while the volume is busy.** The data path calls [`activity`] for every message (or
+//!   socket read) it handles; the poller stops its budget after the last one and costs nothing after
 //!   that. An idle volume sleeps exactly as before.
 //! * **It never takes a CPU from anyone who wants it.** Each turn of the poll is one `sched_yield` (any
 //!   runnable thread on this CPU goes first) and one non-blocking look at the runtime's sockets and timers
@@ -65,7 +64,7 @@ fn now_ns() -> u64 {
 
 /// The data path handled a message: keep polling for the next one for the budget from now.
 ///
-/// Cheap enough for every batch a socket read yields: a clock read and a store, and a wake-up of the
+/// Cheap enough for every message: a clock read and two atomic operations, and a wake-up of the
 /// poller only on the first activity after it went to sleep. Does nothing in a process without a poller
 /// (tests, the agent, a volume started with `--busy-poll 0`).
 pub fn activity() {
@@ -79,35 +78,17 @@ pub fn activity() {
     }
 }
 
-/// The poller of this process (see the module docs).
-#[derive(Clone, Copy, Debug)]
-pub struct Poller {
-    budget: Duration,
-}
-
-impl Poller {
-    /// A poller that stays awake `budget` after the last activity; zero never polls.
-    pub fn new(budget: Duration) -> Poller {
-        Poller { budget }
+/// Start this process's poller on the current runtime: it stays awake `budget` after the last
+/// [`activity`]. Call it once, from inside the runtime the data path runs on; a second call, or a zero
+/// budget, starts nothing and changes nothing.
+pub fn start(budget: Duration) {
+    if budget.is_zero() || STATE.enabled.swap(true, Ordering::SeqCst) {
+        return;
     }
-
-    pub fn budget(&self) -> Duration {
-        self.budget
-    }
-
-    /// Start polling on the current runtime. Call it once, from inside the runtime the data path runs on;
-    /// a second call, or a zero budget, starts nothing.
-    pub fn start(self) {
-        if self.budget.is_zero() {
-            return;
-        }
-        let budget = u64::try_from(self.budget.as_nanos()).unwrap_or(u64::MAX);
-        STATE.budget.store(budget, Ordering::Relaxed);
-        if STATE.enabled.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        tokio::spawn(poll());
-    }
+    // An activity between the swap and this store polls for no time at all: harmless, and only at start.
+    let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+    STATE.budget.store(budget, Ordering::Relaxed);
+    tokio::spawn(poll());
 }
 
 /// Sleep until the data path is active, then look for work until its budget passes, yielding the CPU at
@@ -135,7 +116,7 @@ async fn poll() {
 
 /// Build the runtime a data-path process runs on: `threads` I/O threads (one: a current-thread runtime, on
 /// which every hand-off between the process's tasks stays on one thread), with its poller started by
-/// [`Poller::start`] from inside it.
+/// [`start`] from inside it.
 pub fn runtime(threads: u16, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
         0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -161,7 +142,7 @@ mod tests {
             let metrics = tokio::runtime::Handle::current().metrics();
             let parks = || metrics.worker_park_count(0);
             activity(); // before a poller exists: nothing happens
-            Poller::new(budget).start();
+            start(budget);
 
             // Idle: the runtime sleeps while it waits for a timer, as without a poller.
             let before = parks();

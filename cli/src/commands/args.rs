@@ -12,8 +12,8 @@ const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct BusyPoll {
     /// After each message, stay awake this long looking for the next one before the process sleeps
-    /// (e.g. 200us, 1ms; 0 never polls). A wake-up costs a process on a virtual machine 20-30 µs, more
-    /// than a 4 KiB write; a volume under steady I/O stays awake between its messages instead, yielding
+    /// (e.g. 200us, 1ms; 0 never polls). On a virtual machine a wake-up costs a process more than a
+    /// 4 KiB write; a volume under steady I/O stays awake between its messages instead, yielding
     /// the CPU at every turn to anything else that wants it. An idle volume sleeps: the poll stops this
     /// long after the last message. The agent's environment carries it to the services it runs as
     /// processes.
@@ -30,7 +30,7 @@ pub struct BusyPoll {
 impl BusyPoll {
     /// Start the poller on the current runtime (a zero budget starts nothing).
     pub fn start(&self) {
-        basalt_poll::Poller::new(self.busy_poll).start();
+        basalt_poll::start(self.busy_poll);
     }
 }
 
